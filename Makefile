@@ -1,0 +1,37 @@
+# Mailroom: `make run` starts the whole suite, `make test` runs every test.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+VAR    := ./var
+DOMAIN ?= example.org
+
+.PHONY: run test lint typecheck peers bench chaos clean venv
+
+venv: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml
+	@$(PYTHON) -m venv $(VENV) || { echo "python3 -m venv failed: on Debian, apt-get install python3-venv"; exit 1; }
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+$(VAR)/mailroom.toml: | venv
+	$(BIN)/mailroom init --dir $(VAR) --domain $(DOMAIN) --hostname localhost
+
+run: venv $(VAR)/mailroom.toml
+	$(BIN)/mailroom --config $(VAR)/mailroom.toml run
+
+# Real peers (Postfix, Dovecot, swaks, msmtp, dnsmasq) come from Debian; as root
+# they are installed when missing.  Without them the interop tests fail (never skip).
+peers:
+	@if [ "$$(id -u)" = 0 ]; then ./.ci/install-peers; else echo "not root: not installing peers"; fi
+
+test: venv peers
+	$(BIN)/pytest
+
+lint: venv
+	$(BIN)/ruff check common msa mta mda cli tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

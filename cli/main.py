@@ -1,0 +1,257 @@
+"""`mailroom`: the operator's command (init, run, status, user, alias, queue, trace, config).
+
+Every command takes --config FILE (default $MAILROOM_CONFIG or ./var/mailroom.toml).
+User, alias, queue and trace commands work on the database directly, so they
+work whether or not the daemons are running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from pathlib import Path
+
+from sqlalchemy import delete, select
+
+from cli import queue as queuecmd
+from cli import supervise, trace
+from common import config as configmod
+from common.db import Database
+from common.models import Alias, Domain, User
+from common.tls import make_self_signed
+from common.users import find_user, hash_password, mailbox_name
+
+
+def _db(cfg: configmod.Config) -> Database:
+    db = Database(cfg.database_url, threads=1)
+    db.create_schema()
+    return db
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    base = Path(args.dir).absolute()
+    conf = base / "mailroom.toml"
+    if conf.exists():
+        print(f"{conf} exists; not overwriting it", file=sys.stderr)
+        return 1
+    base.mkdir(parents=True, exist_ok=True)
+    conf.write_text(configmod.render_default(args.domain.lower(), args.hostname))
+    cfg = configmod.load(conf)
+    cfg.mail_root.mkdir(parents=True, exist_ok=True)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    make_self_signed(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key), args.hostname)
+    db = _db(cfg)
+    with db.write() as s:
+        s.merge(Domain(name=args.domain.lower()))
+        s.commit()
+    print(f"created {conf}, database, and a self-signed certificate for {args.hostname}")
+    return 0
+
+
+def cmd_user(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    db = _db(cfg)
+    if args.action == "list":
+        with db.read() as s:
+            for u in s.scalars(select(User).order_by(User.address)):
+                quota = f" quota={u.quota}" if u.quota else ""
+                print(f"{u.address}  {u.store}  {cfg.mail_root / u.mailbox}{quota}")
+        return 0
+    address = args.address.lower()
+    if "@" not in address or not cfg.is_local_domain(address.rsplit("@", 1)[1]):
+        print(f"{address}: not in a local domain ({', '.join(cfg.mailroom.domains)})", file=sys.stderr)
+        return 1
+    with db.write() as s:
+        user = find_user(s, address)
+        if args.action == "add":
+            if user is not None:
+                print(f"{address} exists", file=sys.stderr)
+                return 1
+            store = args.store or cfg.mda.default_store
+            name = mailbox_name(address) + (".mbox" if store == "mbox" else "")
+            s.add(User(address=address, password_hash=hash_password(_password(args)),
+                       store=store, mailbox=name, quota=args.quota))
+            print(f"added {address} ({store} at {cfg.mail_root / name})")
+        elif user is None:
+            print(f"{address}: no such user", file=sys.stderr)
+            return 1
+        elif args.action == "passwd":
+            user.password_hash = hash_password(_password(args))
+            print(f"password changed for {address}")
+        elif args.action == "del":
+            s.delete(user)
+            print(f"deleted {address} (the mailbox files are kept)")
+        s.commit()
+    return 0
+
+
+def _password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        pw = sys.stdin.readline().rstrip("\r\n")
+    else:
+        pw = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != pw:
+            raise SystemExit("passwords differ")
+    if not pw:
+        raise SystemExit("empty password")
+    return pw
+
+
+def cmd_alias(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    db = _db(cfg)
+    with db.write() as s:
+        if args.action == "list":
+            for a in s.scalars(select(Alias).order_by(Alias.source, Alias.id)):
+                print(f"{a.source} -> {a.target}")
+            return 0
+        source = args.source.lower()
+        if args.action == "add":
+            if not args.targets:
+                print("alias add needs at least one target", file=sys.stderr)
+                return 1
+            for t in args.targets:
+                s.add(Alias(source=source, target=t.lower()))
+        else:
+            q = delete(Alias).where(Alias.source == source)
+            if args.targets:
+                q = q.where(Alias.target.in_([t.lower() for t in args.targets]))
+            s.execute(q)
+        s.commit()
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    found = trace.find(_db(cfg), args.id)
+    if found is None:
+        print(f"{args.id}: no such message", file=sys.stderr)
+        return 1
+    print(trace.to_json(found) if args.json else trace.render_text(found))
+    return 0
+
+
+def cmd_queue(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    db = _db(cfg)
+    action, ident = args.action or "list", args.id
+    if action in ("list", "show"):
+        items = queuecmd.listing(db, ident if action == "show" else None)
+        if action == "show" and not items:
+            print(f"{ident}: not in the queue", file=sys.stderr)
+            return 1
+        print(json.dumps(items, indent=2) if args.json else queuecmd.render_text(items))
+        return 0
+    if action == "flush":
+        print(f"{queuecmd.flush(cfg, db, ident)} recipient(s) due now")
+        return 0
+    if not ident:
+        print(f"queue {action} needs a message id", file=sys.stderr)
+        return 1
+    if action in ("hold", "release"):
+        ok = queuecmd.set_held(cfg, db, ident, action == "hold")
+    elif action == "delete":
+        ok = queuecmd.delete(db, ident) > 0
+    else:
+        ok = queuecmd.bounce_now(cfg, db, ident) > 0
+    if not ok:
+        print(f"{ident}: not in the queue", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    data = cfg.as_dict()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    for section, values in data.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                print(f"{section}.{key} = {json.dumps(value)}")
+        else:
+            print(f"{section} = {values}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mailroom", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="config file (default $MAILROOM_CONFIG or ./var/mailroom.toml)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    init = sub.add_parser("init", help="create a config, database and TLS certificate")
+    init.add_argument("--dir", default="./var")
+    init.add_argument("--domain", required=True)
+    init.add_argument("--hostname", default="localhost")
+
+    sub.add_parser("run", help="run every daemon under supervisord, in the foreground")
+    sub.add_parser("status", help="each daemon's state")
+    for name in ("stop", "start", "restart"):
+        sp = sub.add_parser(name, help=f"{name} a daemon (or all)")
+        sp.add_argument("program", nargs="?", default="all", choices=(*supervise.PROGRAMS, "all"))
+
+    user = sub.add_parser("user", help="mail users")
+    uact = user.add_subparsers(dest="action", required=True)
+    for name in ("add", "passwd", "del"):
+        u = uact.add_parser(name)
+        u.add_argument("address")
+        if name != "del":
+            u.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+        if name == "add":
+            u.add_argument("--store", choices=("maildir", "mbox"))
+            u.add_argument("--quota", type=int, default=0, help="bytes; 0 is unlimited")
+    uact.add_parser("list")
+
+    alias = sub.add_parser("alias", help="aliases and forwarding (SOURCE may be @domain)")
+    aact = alias.add_subparsers(dest="action", required=True)
+    for name in ("add", "del"):
+        a = aact.add_parser(name)
+        a.add_argument("source")
+        a.add_argument("targets", nargs="*")
+    aact.add_parser("list")
+
+    q = sub.add_parser("queue", help="list and steer the queue")
+    q.add_argument("action", nargs="?", choices=("list", "show", "flush", "hold", "release", "delete", "bounce"))
+    q.add_argument("id", nargs="?")
+    q.add_argument("--json", action="store_true")
+
+    t = sub.add_parser("trace", help="one message's journey (trace id or Message-ID)")
+    t.add_argument("id")
+    t.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("config", help="the effective configuration")
+    c.add_argument("action", choices=("show",))
+    c.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "init":
+        return cmd_init(args)
+    try:
+        cfg = configmod.load(args.config)
+    except configmod.ConfigError as exc:
+        print(f"mailroom: config error: {exc}", file=sys.stderr)
+        return 2
+    match args.command:
+        case "run":
+            supervise.run(cfg)
+            return 0
+        case "status":
+            return supervise.ctl(cfg, "status")
+        case "stop" | "start" | "restart":
+            return supervise.ctl(cfg, args.command, args.program)
+        case "user":
+            return cmd_user(args, cfg)
+        case "alias":
+            return cmd_alias(args, cfg)
+        case "queue":
+            return cmd_queue(args, cfg)
+        case "trace":
+            return cmd_trace(args, cfg)
+        case "config":
+            return cmd_config(args, cfg)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

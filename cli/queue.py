@@ -1,0 +1,134 @@
+"""`mailroom queue`: see and steer the queue (Postfix's postqueue and postsuper jobs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select, update
+
+from common.clock import SystemClock
+from common.config import Config
+from common.db import Database
+from common.models import BOUNCED, DELETED, FINAL_STATES, QUEUED, Message, Recipient, add_event
+from common.reply import Reply
+from mta import bounce, queue
+
+
+def _pending(s: Any, ident: str | None = None) -> list[Message]:
+    q = select(Message).join(Recipient).where(Recipient.state.not_in(FINAL_STATES))
+    if ident:
+        q = q.where(Message.id == ident.upper())
+    return list(s.scalars(q.distinct().order_by(Message.received)))
+
+
+def listing(db: Database, ident: str | None = None) -> list[dict[str, Any]]:
+    now = SystemClock().now()
+    with db.read() as s:
+        return [
+            {
+                "id": m.id,
+                "sender": m.sender,
+                "size": m.size,
+                "age": int((now - m.received).total_seconds()),
+                "held": m.held,
+                "received": m.received.isoformat(timespec="seconds"),
+                "recipients": [
+                    {
+                        "address": r.address,
+                        "state": r.state,
+                        "attempts": r.attempts,
+                        "next_attempt": r.next_attempt.isoformat(timespec="seconds"),
+                        "last_reply": r.last_reply,
+                    }
+                    for r in m.recipients
+                    if r.state not in FINAL_STATES
+                ],
+            }
+            for m in _pending(s, ident)
+        ]
+
+
+def render_text(items: list[dict[str, Any]]) -> str:
+    if not items:
+        return "Mail queue is empty"
+    out = []
+    for m in items:
+        held = " (held)" if m["held"] else ""
+        out.append(f"{m['id']}{held}  {m['size']:>8}  {m['received']}  <{m['sender']}>")
+        for r in m["recipients"]:
+            out.append(f"    {r['address']}  {r['state']}  tries={r['attempts']}  next={r['next_attempt']}")
+            if r["last_reply"]:
+                out.append(f"        ({r['last_reply']})")
+    out.append(f"-- {len(items)} message(s)")
+    return "\n".join(out)
+
+
+def flush(cfg: Config, db: Database, ident: str | None) -> int:
+    """Make queued recipients due now and wake the queue manager."""
+    now = SystemClock().now()
+    with db.write() as s:
+        q = update(Recipient).where(Recipient.state == QUEUED)
+        if ident:
+            q = q.where(Recipient.message_id == ident.upper())
+        n = s.execute(q.values(next_attempt=now)).rowcount  # type: ignore[attr-defined]
+        s.commit()
+    queue.wake_qmgr(cfg.qmgr_socket)
+    return int(n)
+
+
+def set_held(cfg: Config, db: Database, ident: str, held: bool) -> bool:
+    with db.write() as s:
+        n = s.execute(update(Message).where(Message.id == ident.upper()).values(held=held)).rowcount  # type: ignore[attr-defined]
+        add_event(s, ident.upper(), "admin", "held" if held else "released")
+        s.commit()
+    if not held:
+        queue.wake_qmgr(cfg.qmgr_socket)
+    return bool(n)
+
+
+def delete(db: Database, ident: str) -> int:
+    """Drop a message without telling anyone (postsuper -d)."""
+    with db.write() as s:
+        n = _finish(s, ident, DELETED)
+        add_event(s, ident.upper(), "admin", "deleted", detail="deleted by the administrator")
+        queue.drop_body_if_done(s, ident.upper())
+        s.commit()
+    return n
+
+
+def bounce_now(cfg: Config, db: Database, ident: str) -> int:
+    """Return a message to its sender now, with a DSN."""
+    reply = Reply(550, "5.0.0", "Returned to sender by the mail administrator")
+    now = SystemClock().now()
+    with db.write() as s:
+        msg = s.get(Message, ident.upper())
+        if msg is None or msg.body is None:
+            return 0
+        failures = [
+            bounce.Failure(r.address, r.original, reply)
+            for r in msg.recipients
+            if r.state not in FINAL_STATES
+        ]
+        n = _finish(s, ident, BOUNCED, str(reply))
+        if failures and msg.sender and not msg.is_bounce:
+            queue.enqueue_dsn(
+                s, hostname=cfg.mailroom.hostname, trace=msg.id, sender=msg.sender,
+                original=msg.body, received=msg.received, failures=failures, now=now, hop="admin",
+            )
+        queue.drop_body_if_done(s, msg.id)
+        s.commit()
+    queue.wake_qmgr(cfg.qmgr_socket)
+    return n
+
+
+def _finish(s: Any, ident: str, state: str, reply: str = "") -> int:
+    values: dict[str, object] = {"state": state, "owner": ""}
+    if reply:
+        values["last_reply"] = reply
+    result = s.execute(
+        update(Recipient)
+        .where(Recipient.message_id == ident.upper(), Recipient.state.not_in(FINAL_STATES))
+        .values(**values)
+    )
+    return int(result.rowcount)
+

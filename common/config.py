@@ -1,0 +1,392 @@
+"""The one TOML configuration file, loaded once and validated at start.
+
+The dataclasses below are the schema *and* its documentation: every field says
+what it does.  A bad value stops the program with a message that names the key
+(`mta.max_hops: expected a whole number, got "ten"`), the way `postfix check`
+would.  Relative paths are taken from the config file's folder, so a whole
+installation can live in one directory (`./var` in development).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+DEFAULT_PATH = "./var/mailroom.toml"
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or wrong; the message names the key."""
+
+
+def _meta(kind: str, doc: str) -> dict[str, str]:
+    return {"kind": kind, "doc": doc}
+
+
+@dataclass(frozen=True)
+class MailroomSection:
+    hostname: str = field(default="localhost", metadata=_meta("str", "This host's name in greetings, Received headers and Message-IDs"))
+    domains: list[str] = field(default_factory=list, metadata=_meta("domains", "Mail domains delivered here (local domains)"))
+    database: str = field(default="sqlite:///mailroom.db", metadata=_meta("dburl", "SQLAlchemy URL of the shared database"))
+    mail_root: str = field(default="mail", metadata=_meta("path", "Folder under which every mailbox lives"))
+    run_dir: str = field(default="run", metadata=_meta("path", "Folder for sockets, pid files and process logs"))
+    log_level: str = field(default="info", metadata=_meta("loglevel", "debug shows every SMTP/LMTP line (AUTH redacted)"))
+    user: str = field(default="", metadata=_meta("str", "When started as root: the user to run as after binding ports"))
+
+
+@dataclass(frozen=True)
+class TLSSection:
+    cert: str = field(default="tls/cert.pem", metadata=_meta("path", "PEM certificate chain"))
+    key: str = field(default="tls/key.pem", metadata=_meta("path", "PEM private key"))
+
+
+@dataclass(frozen=True)
+class SMTPSection:
+    """Limits shared by every listener (MSA, MTA, MDA)."""
+
+    idle_timeout: float = field(default=300.0, metadata=_meta("duration", "Close a silent client after this long (421 4.4.2)"))
+    session_timeout: float = field(default=1800.0, metadata=_meta("duration", "Close any session after this long, however busy"))
+    max_message_size: int = field(default=35 * 1024 * 1024, metadata=_meta("size", "Largest message accepted (SIZE, 552 5.3.4)"))
+    max_recipients: int = field(default=100, metadata=_meta("int", "Recipients per message; more get 452 4.5.3"))
+    max_connections: int = field(default=1000, metadata=_meta("int", "Connections per listener; more get 421 4.7.0"))
+    max_connections_per_client: int = field(default=50, metadata=_meta("int", "Connections per client address; more get 421 4.7.0"))
+    max_errors: int = field(default=20, metadata=_meta("int", "Errors in one session before disconnecting"))
+
+
+@dataclass(frozen=True)
+class MSASection:
+    submission: str = field(default="127.0.0.1:2587", metadata=_meta("listen", "Submission listener, STARTTLS required (the 587 role)"))
+    submissions: str = field(default="127.0.0.1:2465", metadata=_meta("listen", "Submission listener with implicit TLS (the 465 role)"))
+    max_auth_failures: int = field(default=5, metadata=_meta("int", "Failed logins per client address within auth_failure_window before lockout"))
+    auth_failure_window: float = field(default=600.0, metadata=_meta("duration", "Window over which failed logins are counted"))
+    auth_lockout: float = field(default=600.0, metadata=_meta("duration", "How long a locked-out address is refused (421 4.7.0)"))
+    max_connections_per_client: int = field(default=20, metadata=_meta("int", "Submission connections per client address"))
+    max_messages_per_hour: int = field(default=500, metadata=_meta("int", "Messages one user may send per hour (451 4.7.1)"))
+    max_recipients_per_hour: int = field(default=2000, metadata=_meta("int", "Recipients one user may send to per hour (451 4.7.1)"))
+
+
+@dataclass(frozen=True)
+class MTASection:
+    smtp: str = field(default="127.0.0.1:2525", metadata=_meta("listen", "Public listener (the port 25 role)"))
+    internal: str = field(default="127.0.0.1:10025", metadata=_meta("listen", "Internal listener for the MSA; loopback or unix:/path only"))
+    trusted_networks: list[str] = field(default_factory=list, metadata=_meta("networks", "Client networks allowed to relay through the public listener"))
+    max_hops: int = field(default=50, metadata=_meta("int", "More Received headers than this is a mail loop (554 5.4.6)"))
+    min_free_disk: int = field(default=100 * 1024 * 1024, metadata=_meta("size", "Below this much free space, MAIL gets 452 4.3.1"))
+    retry_schedule: list[float] = field(default_factory=lambda: [300.0, 600.0, 1200.0, 2400.0, 3600.0], metadata=_meta("durations", "Waits between delivery attempts; the last one repeats"))
+    max_queue_lifetime: float = field(default=5 * 86400.0, metadata=_meta("duration", "Bounce a message still undelivered after this long"))
+    delay_warning: float = field(default=4 * 3600.0, metadata=_meta("duration", "Warn the sender once when a message is this late (0: never)"))
+    relayhost: str = field(default="", metadata=_meta("hostport?", "Send all remote mail through this smart host (host:port)"))
+    relayhost_username: str = field(default="", metadata=_meta("str", "AUTH user at the relayhost (only over TLS)"))
+    relayhost_password: str = field(default="", metadata=_meta("str", "AUTH password at the relayhost"))
+    transport: dict[str, str] = field(default_factory=dict, metadata=_meta("transport", "domain = host:port, overriding MX for that domain"))
+    remote_port: int = field(default=25, metadata=_meta("int", "Port of remote MX hosts (change only in a lab)"))
+    poll_interval: float = field(default=1.0, metadata=_meta("duration", "How often qmgr looks for due mail without being woken"))
+    connect_timeout: float = field(default=30.0, metadata=_meta("duration", "Timeout for connecting to a next hop"))
+    concurrency_per_destination: int = field(default=10, metadata=_meta("int", "Parallel deliveries to one destination"))
+    lmtp_sessions: int = field(default=10, metadata=_meta("int", "Parallel LMTP sessions to the MDA"))
+
+
+@dataclass(frozen=True)
+class MDASection:
+    lmtp: str = field(default="127.0.0.1:2424", metadata=_meta("listen", "LMTP listener; loopback or unix:/path only"))
+    recipient_delimiter: str = field(default="+", metadata=_meta("str", "user+tag@domain is delivered to user (empty: off)"))
+    default_store: str = field(default="maildir", metadata=_meta("store", "Store for new users: maildir or mbox"))
+    lock_timeout: float = field(default=30.0, metadata=_meta("duration", "How long to wait for an mbox lock (then 451 4.2.0)"))
+
+
+@dataclass(frozen=True)
+class DNSSection:
+    nameservers: list[str] = field(default_factory=list, metadata=_meta("hostports", "host:port of DNS servers; empty: the system's"))
+    timeout: float = field(default=10.0, metadata=_meta("duration", "Lifetime of one DNS lookup"))
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    mailroom: MailroomSection = field(default_factory=MailroomSection)
+    tls: TLSSection = field(default_factory=TLSSection)
+    smtp: SMTPSection = field(default_factory=SMTPSection)
+    msa: MSASection = field(default_factory=MSASection)
+    mta: MTASection = field(default_factory=MTASection)
+    mda: MDASection = field(default_factory=MDASection)
+    dns: DNSSection = field(default_factory=DNSSection)
+
+    @property
+    def base(self) -> Path:
+        return self.path.parent
+
+    def resolve(self, p: str) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        path = Path(p)
+        return path if path.is_absolute() else (self.base / path)
+
+    @property
+    def database_url(self) -> str:
+        url = self.mailroom.database
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
+            return prefix + str(self.resolve(url[len(prefix):]).resolve())
+        return url
+
+    @property
+    def mail_root(self) -> Path:
+        return self.resolve(self.mailroom.mail_root)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.resolve(self.mailroom.run_dir)
+
+    @property
+    def qmgr_socket(self) -> Path:
+        """Datagram socket on which the queue manager is woken after a commit."""
+        return self.run_dir / "qmgr.sock"
+
+    def is_local_domain(self, domain: str) -> bool:
+        return domain.lower() in self.mailroom.domains
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["path"] = str(self.path)
+        return out
+
+
+# --- value parsing ---------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.I)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_duration(value: object) -> float:
+    """'5m' -> 300.0; numbers are seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 30s, 5m, 1h or 5d")
+    if isinstance(value, int | float):
+        return float(value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ValueError(f"expected a duration like 30s, 5m, 1h or 5d, got {value!r}")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def parse_size(value: object) -> int:
+    """'10MiB' / '10m' -> bytes; numbers are bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"expected a size like 10485760, 512k or 10MiB, got {value!r}")
+    unit = (m.group(2) or "").lower()[:1]
+    return int(m.group(1)) * _SIZE_UNITS[unit]
+
+
+def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
+    """'127.0.0.1:25' / '[::1]:25' / 'mx.example:25' -> (host, port)."""
+    v = value.strip()
+    if v.startswith("["):
+        host, _, rest = v[1:].partition("]")
+        port_text = rest.lstrip(":")
+    elif v.count(":") == 1:
+        host, _, port_text = v.partition(":")
+    else:
+        host, port_text = v, ""
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"expected host:port, got {value!r}")
+        return host, default_port
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"bad port in {value!r}")
+    if not host:
+        raise ValueError(f"missing host in {value!r}")
+    return host, int(port_text)
+
+
+def _convert(kind: str, value: object) -> object:
+    def need(t: type | tuple[type, ...], what: str) -> None:
+        if not isinstance(value, t) or isinstance(value, bool) and t is not bool:
+            raise ValueError(f"expected {what}, got {value!r}")
+
+    match kind:
+        case "str":
+            need(str, "a string")
+            return value
+        case "int":
+            need(int, "a whole number")
+            assert isinstance(value, int)
+            if value < 0:
+                raise ValueError(f"must not be negative, got {value}")
+            return value
+        case "duration":
+            return parse_duration(value)
+        case "durations":
+            need(list, "a list of durations")
+            assert isinstance(value, list)
+            out = [parse_duration(v) for v in value]
+            if not out:
+                raise ValueError("must not be empty")
+            return out
+        case "size":
+            return parse_size(value)
+        case "path" | "dburl":
+            need(str, "a string")
+            return value
+        case "loglevel":
+            need(str, "a string")
+            assert isinstance(value, str)
+            if value.lower() not in ("debug", "info", "warning", "error"):
+                raise ValueError(f"expected debug, info, warning or error, got {value!r}")
+            return value.lower()
+        case "store":
+            if value not in ("maildir", "mbox"):
+                raise ValueError(f"expected maildir or mbox, got {value!r}")
+            return value
+        case "domains":
+            need(list, "a list of domain names")
+            assert isinstance(value, list)
+            for d in value:
+                if not isinstance(d, str) or not re.fullmatch(r"[A-Za-z0-9.-]+", d):
+                    raise ValueError(f"not a domain name: {d!r}")
+            return [d.lower().rstrip(".") for d in value]
+        case "listen":
+            need(str, "host:port or unix:/path")
+            assert isinstance(value, str)
+            if not value.startswith("unix:"):
+                parse_hostport(value)
+            return value
+        case "hostport?":
+            need(str, "host:port")
+            assert isinstance(value, str)
+            if value:
+                parse_hostport(value, 25)
+            return value
+        case "hostports":
+            need(list, "a list of host:port")
+            assert isinstance(value, list)
+            for v in value:
+                parse_hostport(str(v), 53)
+            return [str(v) for v in value]
+        case "networks":
+            import ipaddress
+
+            need(list, "a list of networks like 192.0.2.0/24")
+            assert isinstance(value, list)
+            for v in value:
+                ipaddress.ip_network(str(v), strict=False)
+            return [str(v) for v in value]
+        case "transport":
+            need(dict, "a table of domain = host:port")
+            assert isinstance(value, dict)
+            for v in value.values():
+                parse_hostport(str(v), 25)
+            return {str(k).lower(): str(v) for k, v in value.items()}
+    raise AssertionError(kind)
+
+
+def _build_section(cls: type[Any], name: str, data: object) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: expected a table [{name}]")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, object] = {}
+    for key, value in data.items():
+        f = fields.get(key)
+        if f is None:
+            raise ConfigError(f"{name}.{key}: unknown setting")
+        try:
+            values[key] = _convert(f.metadata["kind"], value)
+        except ValueError as exc:
+            raise ConfigError(f"{name}.{key}: {exc}") from None
+    return cls(**values)
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate the config; raises ConfigError naming the bad key."""
+    p = Path(path or os.environ.get("MAILROOM_CONFIG") or DEFAULT_PATH).absolute()
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such config file (create one with `mailroom init`)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return from_dict(raw, p)
+
+
+def from_dict(raw: dict[str, Any], path: Path) -> Config:
+    hints = get_type_hints(Config)
+    sections: dict[str, Any] = {}
+    for key, value in raw.items():
+        cls = hints.get(key)
+        if key == "path" or cls is None:
+            raise ConfigError(f"{key}: unknown section")
+        if get_origin(cls) in (Union, types.UnionType):
+            cls = get_args(cls)[0]
+        sections[key] = _build_section(cls, key, value)
+    cfg = Config(path=path, **sections)
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: Config) -> None:
+    """Rules that involve more than one key."""
+    if not cfg.mailroom.domains:
+        raise ConfigError("mailroom.domains: at least one local domain is needed")
+    for key, value in (("mta.internal", cfg.mta.internal), ("mda.lmtp", cfg.mda.lmtp)):
+        if value.startswith("unix:"):
+            continue
+        host, _ = parse_hostport(value)
+        if host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("127."):
+            # These listeners trust what they are told (relaying, trace ids):
+            # only this host may reach them.
+            raise ConfigError(f"{key}: must be a loopback address or unix:/path, got {value!r}")
+    if cfg.smtp.max_recipients < 1:
+        raise ConfigError("smtp.max_recipients: must be at least 1")
+
+
+def render_default(domain: str, hostname: str) -> str:
+    """The config `mailroom init` writes: development ports, everything under one folder."""
+    return f"""\
+# Mailroom configuration. `mailroom config show` prints every setting with its value.
+# Relative paths are relative to this file's folder.
+
+[mailroom]
+hostname = "{hostname}"
+domains = ["{domain}"]
+database = "sqlite:///mailroom.db"
+mail_root = "mail"
+run_dir = "run"
+log_level = "info"
+
+[tls]
+cert = "tls/cert.pem"
+key = "tls/key.pem"
+
+[msa]
+submission = "127.0.0.1:2587"
+submissions = "127.0.0.1:2465"
+
+[mta]
+smtp = "127.0.0.1:2525"
+internal = "127.0.0.1:10025"
+trusted_networks = []
+max_hops = 50
+retry_schedule = ["5m", "10m", "20m", "40m", "1h"]
+max_queue_lifetime = "5d"
+delay_warning = "4h"
+relayhost = ""
+
+[mta.transport]
+# "example.net" = "127.0.0.1:2626"
+
+[mda]
+lmtp = "127.0.0.1:2424"
+recipient_delimiter = "+"
+
+[dns]
+nameservers = []
+"""

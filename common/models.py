@@ -1,0 +1,136 @@
+"""The shared database: what every process knows about every message.
+
+One row per message (its body too, while it is queued), one row per recipient
+with its own delivery state, and one `events` row per thing that happened to it
+at any hop.  `mailroom trace` is just a query over `events`.  Users, aliases and
+domains live here too, so the MSA, MTA and MDA agree on who exists.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Domain(Base):
+    __tablename__ = "domains"
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    address: Mapped[str] = mapped_column(String(320), unique=True)  # lower-case
+    password_hash: Mapped[str] = mapped_column(String(200), default="")
+    store: Mapped[str] = mapped_column(String(10), default="maildir")  # maildir | mbox
+    # Relative to the mail root; chosen by `mailroom user add`, never derived
+    # from an address at delivery time.
+    mailbox: Mapped[str] = mapped_column(String(255))
+    quota: Mapped[int] = mapped_column(Integer, default=0)  # bytes, 0 = unlimited
+    created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Alias(Base):
+    __tablename__ = "aliases"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(320), index=True)  # addr or "@domain"
+    target: Mapped[str] = mapped_column(String(320))
+
+
+class Message(Base):
+    __tablename__ = "messages"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # the trace id
+    message_id: Mapped[str] = mapped_column(String(998), default="", index=True)
+    sender: Mapped[str] = mapped_column(String(320), default="")  # "" is <>
+    size: Mapped[int] = mapped_column(Integer, default=0)
+    # The queued copy; dropped once every recipient reached a final state.
+    body: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    received: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    client: Mapped[str] = mapped_column(String(300), default="")
+    held: Mapped[bool] = mapped_column(Boolean, default=False)
+    warned: Mapped[bool] = mapped_column(Boolean, default=False)  # delay DSN sent
+    is_bounce: Mapped[bool] = mapped_column(Boolean, default=False)
+    recipients: Mapped[list[Recipient]] = relationship(
+        back_populates="message", cascade="all, delete-orphan", order_by="Recipient.id"
+    )
+
+
+# Recipient states.  queued -> active -> delivered | bounced | expired | queued (deferred)
+QUEUED = "queued"
+ACTIVE = "active"
+DELIVERED = "delivered"
+BOUNCED = "bounced"
+EXPIRED = "expired"
+DELETED = "deleted"
+FINAL_STATES = (DELIVERED, BOUNCED, EXPIRED, DELETED)
+
+
+class Recipient(Base):
+    __tablename__ = "recipients"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    message_id: Mapped[str] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
+    address: Mapped[str] = mapped_column(String(320))
+    original: Mapped[str] = mapped_column(String(320), default="")  # before alias expansion
+    state: Mapped[str] = mapped_column(String(12), default=QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_reply: Mapped[str] = mapped_column(Text, default="")
+    owner: Mapped[str] = mapped_column(String(100), default="")  # qmgr holding it (active)
+    message: Mapped[Message] = relationship(back_populates="recipients")
+
+    __table_args__ = (Index("ix_recipients_due", "state", "next_attempt"),)
+
+
+class Event(Base):
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trace_id: Mapped[str] = mapped_column(String(32), index=True)
+    time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=False), default=utcnow)
+    hop: Mapped[str] = mapped_column(String(8))  # msa | mta | qmgr | mda
+    event: Mapped[str] = mapped_column(String(16))
+    recipient: Mapped[str] = mapped_column(String(320), default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
+    path: Mapped[str] = mapped_column(Text, default="")
+
+
+def add_event(
+    session: Session,
+    trace_id: str,
+    hop: str,
+    event: str,
+    *,
+    recipient: str = "",
+    detail: str = "",
+    path: str = "",
+    time: dt.datetime | None = None,
+) -> None:
+    session.add(
+        Event(
+            trace_id=trace_id,
+            hop=hop,
+            event=event,
+            recipient=recipient,
+            detail=detail,
+            path=path,
+            time=time or utcnow(),
+        )
+    )

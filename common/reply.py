@@ -1,0 +1,95 @@
+"""SMTP/LMTP replies as values: a code, an enhanced status code and a text.
+
+Handlers raise `SMTPError(reply)`; one place (the listener) turns it into the
+line on the wire.  Keeping the replies here, named and with the RFC that
+defines them, means a reader can check every answer Mailroom gives in one page.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    status: str  # enhanced status code, RFC 3463, e.g. "5.1.1"
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.status} {self.text}"
+
+    @property
+    def is_ok(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def is_temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    def with_text(self, text: str) -> Reply:
+        return Reply(self.code, self.status, text)
+
+
+class SMTPError(Exception):
+    """Raised by a handler to refuse a command with a specific reply."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+def parse_reply(code: int, lines: list[str]) -> Reply:
+    """Build a Reply from a peer's answer, taking its enhanced code if it sent one."""
+    text = " ".join(line.strip() for line in lines)
+    first, _, rest = text.partition(" ")
+    parts = first.split(".")
+    if len(parts) == 3 and all(p.isdigit() for p in parts) and first[0] == str(code)[0]:
+        return Reply(code, first, rest)
+    default = {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "5.0.0")
+    return Reply(code, default, text)
+
+
+# RFC 5321 4.2.2 and RFC 3463 / RFC 5248 for the enhanced codes.
+OK = Reply(250, "2.0.0", "Ok")
+SENDER_OK = Reply(250, "2.1.0", "Sender ok")
+RECIPIENT_OK = Reply(250, "2.1.5", "Recipient ok")
+DATA_GO_AHEAD = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")  # RFC 4954 6
+
+# 4xx: temporary, the client keeps the message and tries again.
+SERVICE_SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, try later")
+MAILBOX_LOCKED = Reply(451, "4.2.0", "Mailbox busy, try again later")
+LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
+NEXT_HOP_UNAVAILABLE = Reply(451, "4.4.1", "Next hop unavailable, try again later")
+RATE_LIMITED = Reply(451, "4.7.1", "Sending rate limit exceeded, try again later")
+DISK_LOW = Reply(452, "4.3.1", "Insufficient system storage")  # RFC 5321 4.5.3.1.10
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")  # RFC 5321 4.5.3.1.8
+
+# 5xx: permanent.
+SYNTAX_ERROR = Reply(500, "5.5.2", "Syntax error, command unrecognized")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")  # RFC 5321 4.5.3.1.4/6
+PARAM_SYNTAX = Reply(501, "5.5.4", "Syntax error in parameters")
+BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax")
+BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+NO_VALID_RECIPIENTS = Reply(503, "5.5.1", "No valid recipients")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")  # RFC 4954 6
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")  # RFC 4954 6
+ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for authentication")
+UNKNOWN_USER = Reply(550, "5.1.1", "Recipient address rejected: user unknown")
+BARE_LINE_ENDING = Reply(550, "5.5.2", "Bare CR or LF not allowed, use CRLF")
+OVER_QUOTA = Reply(552, "5.2.2", "Mailbox full")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+HEADER_SENDER_DENIED = Reply(550, "5.7.1", "From: header address not owned by you")
+SENDER_DENIED = Reply(553, "5.7.1", "Sender address not owned by you")
+RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+MAIL_LOOP = Reply(554, "5.4.6", "Too many hops, mail loop detected")
+TRANSACTION_FAILED = Reply(554, "5.0.0", "Transaction failed")

@@ -1,0 +1,265 @@
+"""Our SMTP and LMTP client: one small class for every hop we make.
+
+The MSA uses it to hand a submission to the MTA, the queue manager to hand mail
+to the MDA (LMTP) and to remote hosts (SMTP).  LMTP differs from SMTP in one
+important way (RFC 2033 4.2): after DATA the server answers once *per accepted
+recipient*, so a message can be delivered to one mailbox and deferred for
+another.  `send()` therefore always returns one reply per recipient.
+
+What leaves through here is clean: every line ends in CRLF (a stray CR or LF in
+a stored body is turned into CRLF, so we never emit the ambiguous line endings
+that SMTP smuggling relies on), dots are stuffed, and lines are never split.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import re
+import ssl
+from dataclasses import dataclass, field
+
+from common.reply import Reply, parse_reply
+
+log = logging.getLogger("smtp_client")
+
+_LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
+
+
+class NextHopError(Exception):
+    """The session failed as a whole (connect, greeting, TLS, dropped connection)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+def encode_body(content: bytes) -> bytes:
+    """CRLF line endings, dot-stuffed (RFC 5321 4.5.2), ending in CRLF.CRLF."""
+    lines = _LINE_ENDINGS.split(content)
+    if lines and lines[-1] == b"":
+        lines.pop()
+    out = [b"." + line if line.startswith(b".") else line for line in lines]
+    return b"\r\n".join(out) + (b"\r\n" if out else b"") + b".\r\n"
+
+
+@dataclass
+class Client:
+    """One SMTP or LMTP session with a next hop.  Use `async with Client.connect(...)`."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    lmtp: bool
+    timeout: float
+    peer: str
+    extensions: dict[str, str] = field(default_factory=dict)
+    tls: bool = False
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int = 25,
+        *,
+        lmtp: bool = False,
+        helo: str = "localhost",
+        timeout: float = 60.0,
+        connect_timeout: float = 30.0,
+        tls: ssl.SSLContext | None = None,
+        require_tls: bool = False,
+        implicit_tls: bool = False,
+    ) -> Client:
+        """Connect, read the greeting, say EHLO/LHLO and start TLS when offered.
+
+        `host` may be 'unix:/path'.  Raises NextHopError with a 4xx reply when
+        the hop cannot be reached, so callers defer rather than bounce.
+        """
+        peer = host if host.startswith("unix:") else f"{host}:{port}"
+        try:
+            if host.startswith("unix:"):
+                opened = asyncio.open_unix_connection(host[5:], limit=1 << 20)
+            else:
+                opened = asyncio.open_connection(
+                    host, port, limit=1 << 20, ssl=tls if implicit_tls else None,
+                    server_hostname=host if implicit_tls else None,
+                )
+            reader, writer = await asyncio.wait_for(opened, connect_timeout)
+        except (OSError, TimeoutError) as exc:
+            raise NextHopError(Reply(451, "4.4.1", f"Cannot connect to {peer}: {exc}")) from exc
+        client = cls(reader, writer, lmtp, timeout, peer, tls=implicit_tls)
+        try:
+            greeting = await client.read_reply()
+            if greeting.code != 220:
+                raise NextHopError(_prefixed(greeting, f"{peer} greeted with"))
+            await client.hello(helo)
+            if tls is not None and not client.tls and "STARTTLS" in client.extensions:
+                await client.starttls(tls, host)
+                await client.hello(helo)
+            elif require_tls and not client.tls:
+                raise NextHopError(Reply(451, "4.7.5", f"{peer} does not offer STARTTLS"))
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.quit()
+
+    # --- the wire --------------------------------------------------------------
+
+    async def read_reply(self) -> Reply:
+        code, lines = await self.read_lines()
+        return parse_reply(code, lines)
+
+    async def read_lines(self) -> tuple[int, list[str]]:
+        """One reply: its code and the text of each of its lines."""
+        lines: list[str] = []
+        code = 0
+        while True:
+            try:
+                raw = await asyncio.wait_for(self.reader.readline(), self.timeout)
+            except TimeoutError as exc:
+                raise NextHopError(Reply(451, "4.4.2", f"Timeout waiting for {self.peer}")) from exc
+            except (OSError, ValueError) as exc:
+                raise NextHopError(Reply(451, "4.4.2", f"Lost {self.peer}: {exc}")) from exc
+            if not raw:
+                raise NextHopError(Reply(451, "4.4.2", f"{self.peer} closed the connection"))
+            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if len(text) < 3 or not text[:3].isdigit():
+                raise NextHopError(Reply(451, "4.5.0", f"{self.peer} sent garbage: {text[:60]!r}"))
+            code = int(text[:3])
+            lines.append(text[4:])
+            if text[3:4] != "-":
+                break
+        return code, lines
+
+    async def command(self, line: str) -> Reply:
+        await self._write(line.encode("utf-8") + b"\r\n")
+        return await self.read_reply()
+
+    async def _write(self, data: bytes) -> None:
+        try:
+            self.writer.write(data)
+            await asyncio.wait_for(self.writer.drain(), self.timeout)
+        except (OSError, TimeoutError) as exc:
+            raise NextHopError(Reply(451, "4.4.2", f"Lost {self.peer}: {exc}")) from exc
+
+    async def hello(self, name: str) -> None:
+        await self._write(f"{'LHLO' if self.lmtp else 'EHLO'} {name}\r\n".encode())
+        code, lines = await self.read_lines()
+        if code != 250 and not self.lmtp:
+            code, lines = 250, []
+            reply = await self.command(f"HELO {name}")
+            code = reply.code
+        if code != 250:
+            reply = parse_reply(code, lines)
+            raise NextHopError(_prefixed(reply, f"{self.peer} refused EHLO:"))
+        # EHLO keywords, e.g. {'SIZE': '10240000', 'PIPELINING': ''}; line 1 is the name.
+        self.extensions = {}
+        for line in lines[1:]:
+            key, _, value = line.partition(" ")
+            self.extensions[key.upper()] = value
+
+    async def starttls(self, ctx: ssl.SSLContext, host: str) -> None:
+        reply = await self.command("STARTTLS")
+        if reply.code != 220:
+            raise NextHopError(_prefixed(reply, f"{self.peer} refused STARTTLS:"))
+        try:
+            await self.writer.start_tls(ctx, server_hostname=host)
+        except (OSError, ssl.SSLError) as exc:
+            raise NextHopError(Reply(451, "4.7.5", f"TLS with {self.peer} failed: {exc}")) from exc
+        self.tls = True
+
+    async def auth_plain(self, user: str, password: str) -> Reply:
+        if not self.tls:
+            return Reply(530, "5.7.0", "Refusing to send a password without TLS")
+        token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+        await self._write(f"AUTH PLAIN {token}\r\n".encode())
+        return await self.read_reply()
+
+    async def send(
+        self,
+        sender: str,
+        recipients: list[str],
+        content: bytes,
+        *,
+        mail_params: tuple[str, ...] = (),
+    ) -> list[Reply]:
+        """One transaction; returns one reply per recipient, in order.
+
+        A recipient refused at RCPT gets that reply; the others get the reply
+        after DATA (SMTP: the one reply; LMTP: their own).  If the session
+        breaks part-way, NextHopError is raised and nothing may be assumed
+        delivered.
+        """
+        params = list(mail_params)
+        if "SIZE" in self.extensions:
+            params.append(f"SIZE={len(content)}")
+        mail = f"MAIL FROM:<{sender}>" + "".join(f" {p}" for p in params)
+        commands = [mail] + [f"RCPT TO:<{r}>" for r in recipients]
+        if "PIPELINING" in self.extensions:
+            # RFC 2920: send the whole envelope, then read the replies in order.
+            await self._write("".join(c + "\r\n" for c in commands).encode("utf-8"))
+            replies = [await self.read_reply() for _ in commands]
+        else:
+            replies = []
+            for c in commands:
+                replies.append(await self.command(c))
+                if replies[0].code != 250:
+                    break
+        mail_reply = replies[0]
+        if mail_reply.code != 250:
+            if len(replies) > 1:
+                await self.command("RSET")
+            return [mail_reply] * len(recipients)
+        rcpt_replies = replies[1:]
+        accepted = [i for i, r in enumerate(rcpt_replies) if r.code in (250, 251)]
+        if not accepted:
+            await self.command("RSET")
+            return rcpt_replies
+        reply = await self.command("DATA")
+        if reply.code != 354:
+            return [reply if i in accepted else r for i, r in enumerate(rcpt_replies)]
+        await self._write(encode_body(content))
+        results = list(rcpt_replies)
+        if self.lmtp:
+            for i in accepted:
+                results[i] = await self.read_reply()
+        else:
+            final = await self.read_reply()
+            for i in accepted:
+                results[i] = final
+        return results
+
+    # The steps of one transaction, for a proxy that passes each reply on (the MSA).
+
+    async def mail(self, sender: str, params: tuple[str, ...] = ()) -> Reply:
+        return await self.command(f"MAIL FROM:<{sender}>" + "".join(f" {p}" for p in params))
+
+    async def rcpt(self, recipient: str) -> Reply:
+        return await self.command(f"RCPT TO:<{recipient}>")
+
+    async def data(self, content: bytes) -> Reply:
+        reply = await self.command("DATA")
+        if reply.code != 354:
+            return reply
+        await self._write(encode_body(content))
+        return await self.read_reply()
+
+    async def quit(self) -> None:
+        with contextlib.suppress(NextHopError, TimeoutError, OSError):
+            await asyncio.wait_for(self.command("QUIT"), 5)
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # a broken transport: nothing left to close
+            self.writer.close()
+
+
+def _prefixed(reply: Reply, what: str) -> Reply:
+    return Reply(reply.code, reply.status, f"{what} {reply.code} {reply.text}")

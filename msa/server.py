@@ -1,0 +1,185 @@
+"""The MSA: authenticated submission on the 587 role (STARTTLS) and the 465 role (TLS).
+
+It keeps no queue.  It works as a before-queue proxy: at the first RCPT it
+opens a session with the MTA's internal listener and passes each RCPT on,
+so the user sees the MTA's own verdict; after DATA it fixes the message
+(RFC 6409), hands it to the MTA and answers the client with the MTA's reply
+(`250 2.0.0 Ok: queued as <TRACE-ID>`).  So the 250 is only ever said once
+the MTA has the message on disk; if the MTA cannot be reached the client
+hears 451 4.4.1 and keeps the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from common import reply as R
+from common.config import parse_hostport
+from common.daemon import Context, serve_until_stopped
+from common.listener import Handler, MailEnvelope, MailSession, limits_from, serve
+from common.log import new_trace_id, trace_id
+from common.models import add_event
+from common.reply import Reply
+from common.smtp_client import Client, NextHopError
+from common.tls import server_context
+from common.users import addresses_of, check_password, find_user
+from msa import submission
+from msa.auth import FailureTracker, RateLimiter
+
+log = logging.getLogger("msa")
+
+
+class Limiters:
+    """State shared by all sessions of the MSA process."""
+
+    def __init__(self, ctx: Context) -> None:
+        c = ctx.config.msa
+        self.failures = FailureTracker(
+            max_failures=c.max_auth_failures, window=c.auth_failure_window, lockout=c.auth_lockout
+        )
+        self.messages = RateLimiter(c.max_messages_per_hour)
+        self.recipients = RateLimiter(c.max_recipients_per_hour)
+
+
+class SubmissionHandler(Handler):
+    offers_auth = True
+
+    def __init__(self, ctx: Context, limiters: Limiters) -> None:
+        self.ctx = ctx
+        self.limiters = limiters
+        self.upstream: Client | None = None
+        self.owned: set[str] = set()
+
+    def reset(self, session: MailSession) -> None:
+        if self.upstream is not None:
+            client, self.upstream = self.upstream, None
+            asyncio.get_running_loop().create_task(client.quit())
+
+    async def connect(self, session: MailSession) -> None:
+        if self.limiters.failures.is_locked(session.client_ip):
+            raise R.SMTPError(R.TOO_MANY_AUTH_FAILURES)
+
+    async def authenticate(self, session: MailSession, login: str, password: str) -> Reply:
+        ip = session.client_ip
+        if self.limiters.failures.is_locked(ip):
+            return R.TOO_MANY_AUTH_FAILURES
+        ok, owned = await self.ctx.db.run(self._check, login, password)
+        if ok:
+            self.owned = owned
+            log.info("authenticated %s from %s", login, ip)
+            return R.AUTH_OK
+        count = self.limiters.failures.failed(ip)
+        log.warning("authentication failed for %r from %s (%d)", login[:64], ip, count)
+        if self.limiters.failures.is_locked(ip):
+            return R.TOO_MANY_AUTH_FAILURES
+        await asyncio.sleep(self.limiters.failures.delay(count))
+        return R.AUTH_FAILED
+
+    def _check(self, login: str, password: str) -> tuple[bool, set[str]]:
+        with self.ctx.db.read() as s:
+            user = find_user(s, login) if "@" in login else None
+            if not check_password(user, password):
+                return False, set()
+            assert user is not None
+            return True, addresses_of(s, user.address)
+
+    async def mail(self, session: MailSession, envelope: MailEnvelope, sender: str) -> Reply:
+        if session.user is None:
+            return R.AUTH_REQUIRED
+        if sender.lower() not in self.owned:
+            log.warning("user %s may not send as <%s>", session.user, sender)
+            return R.SENDER_DENIED
+        if not self.limiters.messages.allow(session.user):
+            return R.RATE_LIMITED
+        envelope.trace_id = new_trace_id()
+        trace_id.set(envelope.trace_id)
+        return R.SENDER_OK
+
+    async def rcpt(self, session: MailSession, envelope: MailEnvelope, recipient: str) -> Reply:
+        assert session.user is not None and envelope.mail_from is not None
+        if not self.limiters.recipients.allow(session.user):
+            return R.RATE_LIMITED
+        try:
+            if self.upstream is None:
+                self.upstream = await self._open_upstream(envelope)
+            return await self.upstream.rcpt(recipient)
+        except NextHopError as exc:
+            log.error("MTA unavailable: %s", exc.reply)
+            self._drop_upstream()
+            return R.NEXT_HOP_UNAVAILABLE
+
+    async def _open_upstream(self, envelope: MailEnvelope) -> Client:
+        cfg = self.ctx.config
+        where = cfg.mta.internal
+        host, port = (where, 0) if where.startswith("unix:") else parse_hostport(where)
+        client = await Client.connect(
+            host, port, helo=cfg.mailroom.hostname, timeout=cfg.smtp.idle_timeout,
+            connect_timeout=10,
+        )
+        params = [f"XTRACE={envelope.trace_id}"]
+        if envelope.smtp_utf8:
+            params.append("SMTPUTF8")
+        reply = await client.mail(envelope.mail_from or "", tuple(params))
+        if reply.code != 250:
+            await client.quit()
+            raise NextHopError(reply if reply.is_temporary else R.NEXT_HOP_UNAVAILABLE)
+        return client
+
+    def _drop_upstream(self) -> None:
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
+
+    async def data(self, session: MailSession, envelope: MailEnvelope) -> Reply:
+        assert isinstance(envelope.content, bytes) and session.user is not None
+        cfg = self.ctx.config
+        header, _ = submission.split_message(envelope.content)
+        for a in submission.from_addresses(header):
+            if a not in self.owned:
+                log.warning("user %s may not send with From: %s", session.user, a)
+                return R.HEADER_SENDER_DENIED
+        now = self.ctx.clock.now()
+        received = submission.received_header(
+            helo=session.host_name or "unknown", client_ip=session.client_ip,
+            hostname=cfg.mailroom.hostname, user=session.user, trace=envelope.trace_id, now=now,
+        )
+        content = submission.fix(envelope.content, hostname=cfg.mailroom.hostname, received=received, now=now)
+        if self.upstream is None:
+            return R.NEXT_HOP_UNAVAILABLE
+        try:
+            reply = await self.upstream.data(content)
+        except NextHopError as exc:
+            log.error("MTA lost during DATA: %s", exc.reply)
+            self._drop_upstream()
+            return R.NEXT_HOP_UNAVAILABLE
+        await self.ctx.db.run(self._record, envelope, session, len(content), reply, now)
+        log.info("relayed from=<%s> user=%s nrcpt=%d: %s", envelope.mail_from, session.user,
+                 len(envelope.rcpt_tos), reply)
+        return reply
+
+    def _record(self, envelope: MailEnvelope, session: MailSession, size: int, reply: Reply, now: object) -> None:
+        with self.ctx.db.write() as s:
+            add_event(
+                s, envelope.trace_id, "msa", "received", time=now,  # type: ignore[arg-type]
+                detail=f"from=<{envelope.mail_from}> user={session.user} client={session.client_ip} size={size}",
+            )
+            add_event(s, envelope.trace_id, "msa", "relayed", detail=str(reply))
+            s.commit()
+
+
+async def run(ctx: Context) -> None:
+    cfg = ctx.config
+    tls = server_context(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key))
+    limits = limits_from(cfg.smtp, max_connections_per_client=cfg.msa.max_connections_per_client)
+    limiters = Limiters(ctx)
+
+    def make() -> SubmissionHandler:
+        return SubmissionHandler(ctx, limiters)
+
+    common = dict(hostname=cfg.mailroom.hostname, limits=limits, tls_context=tls)
+    submission_server = await serve(cfg.msa.submission, make, require_starttls=True, **common)  # type: ignore[arg-type]
+    submissions_server = await serve(cfg.msa.submissions, make, implicit_tls=True, **common)  # type: ignore[arg-type]
+    ctx.drop_privileges()
+    log.info("submission on %s (STARTTLS), %s (TLS)", cfg.msa.submission, cfg.msa.submissions)
+    await serve_until_stopped(ctx, [submission_server, submissions_server])

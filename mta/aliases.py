@@ -1,0 +1,81 @@
+"""Alias expansion, done when a message is queued (as Postfix's virtual_alias_maps).
+
+An address in a local domain expands to the users and outside addresses it
+stands for; forwarded mail is then queued and retried like any other.  Lookup
+order for each address: an alias for the exact address, the user itself, a
+catch-all alias `@domain`.  A target equal to its source keeps a local copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from common.address import domain_of, lookup_key
+from common.models import Alias
+from common.users import find_user
+
+MAX_DEPTH = 20
+
+
+class AliasLoop(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Expansion:
+    local: list[str]  # users of local domains
+    remote: list[str]  # outside addresses (forwarding)
+
+
+def expand(
+    session: Session, address: str, *, local_domains: list[str], delimiter: str = ""
+) -> Expansion | None:
+    """What `address` (in a local domain) delivers to; None when nobody is there."""
+    local: list[str] = []
+    remote: list[str] = []
+    seen: set[str] = set()
+
+    def visit(addr: str, depth: int) -> bool:
+        if depth > MAX_DEPTH:
+            raise AliasLoop(address)
+        if domain_of(addr) not in local_domains:
+            if addr not in remote:
+                remote.append(addr)
+            return True
+        key = lookup_key(addr, delimiter)
+        if key in seen:
+            raise AliasLoop(address)
+        seen.add(key)
+        targets = _targets(session, key)
+        user = find_user(session, key)
+        if not targets and user is None:
+            targets = _targets(session, "@" + domain_of(key))
+        if targets:
+            found = False
+            for t in targets:
+                if t == key and user is not None:
+                    found |= _add(local, user.address)
+                else:
+                    found |= visit(t, depth + 1)
+            seen.discard(key)  # two branches may lead to one user; that is not a loop
+            return found
+        if user is not None:
+            return _add(local, user.address)
+        return False
+
+    if not visit(address, 0):
+        return None
+    return Expansion(local, remote)
+
+
+def _targets(session: Session, source: str) -> list[str]:
+    return list(session.scalars(select(Alias.target).where(Alias.source == source)))
+
+
+def _add(items: list[str], item: str) -> bool:
+    if item not in items:
+        items.append(item)
+    return True

@@ -1,0 +1,277 @@
+"""The queue manager: takes due recipients from the queue and delivers them.
+
+Each round it claims due recipients, groups them per message and next hop
+(local domains: one LMTP transaction to the MDA; remote domains: SMTP per
+domain), and settles every outcome in one transaction per message:
+
+    2xx -> delivered      5xx -> bounced (DSN to the sender)
+    4xx -> queued again after the retry schedule, or expired (DSN) when the
+           message is older than max_queue_lifetime; a delay warning DSN is
+           sent once when it is older than delay_warning.
+
+It is woken by a datagram on run/qmgr.sock when mail arrives (Postfix's qmgr
+trigger) and polls every poll_interval anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import socket
+from collections import defaultdict
+from dataclasses import dataclass
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from common.address import domain_of
+from common.clock import Clock
+from common.daemon import Context
+from common.db import Database
+from common.log import trace_id
+from common.models import BOUNCED, DELIVERED, EXPIRED, QUEUED, Message, Recipient, add_event
+from common.reply import Reply
+from mta import bounce, queue
+from mta.delivery import LocalDelivery, RemoteDelivery
+from mta.routing import make_resolver
+
+log = logging.getLogger("qmgr")
+
+
+@dataclass(frozen=True)
+class Policy:
+    retry_schedule: list[float]
+    max_queue_lifetime: float
+    delay_warning: float
+
+    def next_wait(self, attempts: int) -> float:
+        """Seconds to wait after the `attempts`-th failed try (1-based)."""
+        return self.retry_schedule[min(attempts, len(self.retry_schedule)) - 1]
+
+
+@dataclass
+class Result:
+    recipient_id: int
+    address: str
+    reply: Reply
+    remote: str = ""
+
+
+class QueueManager:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        clock: Clock,
+        policy: Policy,
+        local_domains: list[str],
+        hostname: str,
+        local: LocalDelivery,
+        remote: RemoteDelivery,
+        max_in_flight: int = 100,
+    ) -> None:
+        self.db = db
+        self.clock = clock
+        self.policy = policy
+        self.local_domains = local_domains
+        self.hostname = hostname
+        self.local = local
+        self.remote = remote
+        self.owner_prefix = f"{socket.gethostname()}:"
+        self.owner = f"{self.owner_prefix}{os.getpid()}"
+        self.in_flight = asyncio.Semaphore(max_in_flight)
+        self.wake = asyncio.Event()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def run_once(self) -> int:
+        """Claim what is due and start delivering it; returns how many messages."""
+        async with self.in_flight:
+            pass  # wait for room before claiming more
+        jobs = await self.db.run(self._claim)
+        for job in jobs:
+            await self.in_flight.acquire()
+            task = asyncio.create_task(self._process(job))
+            self.tasks.add(task)
+            task.add_done_callback(self._done)
+        return len(jobs)
+
+    def _claim(self) -> list[queue.Job]:
+        with self.db.write() as s:
+            return queue.claim(s, self.owner, self.clock.now())
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.in_flight.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery task failed", exc_info=task.exception())
+
+    async def drain(self) -> None:
+        """Wait for every delivery in progress (tests and shutdown)."""
+        while self.tasks:
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+
+    async def _process(self, job: queue.Job) -> None:
+        trace_id.set(job.trace)
+        local = [(rid, a) for rid, a, _ in job.recipients if domain_of(a) in self.local_domains]
+        remote: defaultdict[str, list[tuple[int, str]]] = defaultdict(list)
+        for rid, a, _ in job.recipients:
+            if domain_of(a) not in self.local_domains:
+                remote[domain_of(a)].append((rid, a))
+        calls = []
+        if local:
+            calls.append(self._deliver_local(job, local))
+        calls.extend(self._deliver_remote(job, d, rs) for d, rs in remote.items())
+        results: list[Result] = []
+        for part in await asyncio.gather(*calls):
+            results.extend(part)
+        await self.db.run(self._settle, job, results)
+
+    async def _deliver_local(self, job: queue.Job, rcpts: list[tuple[int, str]]) -> list[Result]:
+        replies = await self.local.deliver(job.trace, job.sender, [a for _, a in rcpts], job.body)
+        return [Result(rid, a, r) for (rid, a), r in zip(rcpts, replies, strict=True)]
+
+    async def _deliver_remote(
+        self, job: queue.Job, domain: str, rcpts: list[tuple[int, str]]
+    ) -> list[Result]:
+        replies, host = await self.remote.deliver(
+            domain, job.trace, job.sender, [a for _, a in rcpts], job.body
+        )
+        return [Result(rid, a, r, host) for (rid, a), r in zip(rcpts, replies, strict=True)]
+
+    def _settle(self, job: queue.Job, results: list[Result]) -> None:
+        """Record every outcome, send DSNs, in one transaction."""
+        now = self.clock.now()
+        attempts = {rid: n for rid, _, n in job.recipients}
+        age = (now - job.received).total_seconds()
+        failures: list[bounce.Failure] = []
+        delayed: list[bounce.Failure] = []
+        with self.db.write() as s:
+            originals = {
+                r.id: r.original
+                for r in s.query(Recipient).where(Recipient.message_id == job.trace)
+            }
+            for res in results:
+                reply, n = res.reply, attempts[res.recipient_id] + 1
+                values: dict[str, object] = {"attempts": n, "last_reply": str(reply), "owner": ""}
+                if reply.code < 400:
+                    values["state"], event = DELIVERED, "delivered"
+                elif reply.code >= 500:
+                    values["state"], event = BOUNCED, "bounced"
+                elif age >= self.policy.max_queue_lifetime:
+                    values["state"], event = EXPIRED, "expired"
+                else:
+                    wait = self.policy.next_wait(n)
+                    values["state"], event = QUEUED, "deferred"
+                    values["next_attempt"] = now + dt.timedelta(seconds=wait)
+                s.execute(
+                    update(Recipient).where(Recipient.id == res.recipient_id).values(**values)
+                )
+                detail = str(reply) + (f" (via {res.remote})" if res.remote else "")
+                add_event(s, job.trace, "qmgr", event, recipient=res.address, detail=detail, time=now)
+                log.info("%s to=<%s> attempts=%d: %s", event, res.address, n, detail)
+                failure = bounce.Failure(res.address, originals.get(res.recipient_id, ""), reply, res.remote)
+                if event in ("bounced", "expired"):
+                    failures.append(failure)
+                elif event == "deferred":
+                    delayed.append(failure)
+            may_notify = job.sender != "" and not job.is_bounce
+            if failures and may_notify:
+                self._send_dsn(s, job, failures, now, delayed=False)
+            warn = self.policy.delay_warning
+            if delayed and may_notify and not job.warned and warn > 0 and age >= warn:
+                self._send_dsn(s, job, delayed, now, delayed=True)
+                s.execute(update(Message).where(Message.id == job.trace).values(warned=True))
+            queue.drop_body_if_done(s, job.trace)
+            s.commit()
+
+    def _send_dsn(
+        self, s: Session, job: queue.Job, failures: list[bounce.Failure], now: dt.datetime,
+        *, delayed: bool,
+    ) -> None:
+        dsn = queue.enqueue_dsn(
+            s, hostname=self.hostname, trace=job.trace, sender=job.sender, original=job.body,
+            received=job.received, failures=failures, now=now, delayed=delayed,
+        )
+        log.info("%s to=<%s> queued as %s", "delay warning" if delayed else "bounce", job.sender, dsn)
+
+
+class _Wakeup(asyncio.DatagramProtocol):
+    def __init__(self, event: asyncio.Event) -> None:
+        self.event = event
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        self.event.set()
+
+
+async def run(ctx: Context) -> None:
+    cfg = ctx.config
+    mta = cfg.mta
+    local = LocalDelivery(
+        cfg.mda.lmtp, hostname=cfg.mailroom.hostname, sessions=mta.lmtp_sessions,
+        timeout=cfg.smtp.idle_timeout,
+    )
+    remote = RemoteDelivery(
+        hostname=cfg.mailroom.hostname,
+        resolver=make_resolver(cfg.dns.nameservers, cfg.dns.timeout),
+        relayhost=mta.relayhost,
+        relayhost_auth=(mta.relayhost_username, mta.relayhost_password)
+        if mta.relayhost_username else None,
+        transport=mta.transport,
+        remote_port=mta.remote_port,
+        per_destination=mta.concurrency_per_destination,
+        connect_timeout=mta.connect_timeout,
+    )
+    qm = QueueManager(
+        db=ctx.db, clock=ctx.clock,
+        policy=Policy(mta.retry_schedule, mta.max_queue_lifetime, mta.delay_warning),
+        local_domains=cfg.mailroom.domains, hostname=cfg.mailroom.hostname,
+        local=local, remote=remote,
+    )
+    released = await ctx.db.run(_release, ctx.db, qm.owner_prefix)
+    if released:
+        log.info("put back %d recipients left active by an earlier run", released)
+    sock_path = cfg.qmgr_socket
+    with contextlib.suppress(FileNotFoundError):
+        sock_path.unlink()
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: _Wakeup(qm.wake), local_addr=str(sock_path), family=socket.AF_UNIX
+    )
+    ctx.drop_privileges()
+    log.info("queue manager running")
+    last_checkpoint = loop.time()
+    try:
+        while not ctx.stop.is_set():
+            qm.wake.clear()
+            busy = await qm.run_once()
+            if loop.time() - last_checkpoint > 60:
+                await ctx.db.run(ctx.db.checkpoint)
+                last_checkpoint = loop.time()
+            if busy:
+                continue
+            stop_wait = asyncio.create_task(ctx.stop.wait())
+            wake_wait = asyncio.create_task(qm.wake.wait())
+            await asyncio.wait(
+                [stop_wait, wake_wait], timeout=mta.poll_interval,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            stop_wait.cancel()
+            wake_wait.cancel()
+        await qm.drain()
+    finally:
+        transport.close()
+        await local.close()
+
+
+def _release(db: Database, prefix: str) -> int:
+    with db.write() as s:
+        return queue.release_stale(s, prefix)
+
+
+if __name__ == "__main__":
+    from common.daemon import main
+
+    main("qmgr", run)

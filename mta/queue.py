@@ -1,0 +1,174 @@
+"""The durable queue: messages and their recipients in the shared database.
+
+`enqueue` is the promise behind the MTA's 250: message, recipients and the
+`queued` event go in one transaction, committed with synchronous=FULL, before
+the reply is sent.  The queue manager `claim`s due recipients (state active,
+owned by it), delivers them, and `settle`s each outcome in one transaction per
+message.  A crash between claim and settle leaves recipients active; the next
+queue manager start puts them back (`release_stale`), so at worst a message is
+delivered twice, never lost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+from dataclasses import dataclass, field
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from common.log import new_trace_id
+from common.models import (
+    ACTIVE,
+    FINAL_STATES,
+    QUEUED,
+    Message,
+    Recipient,
+    add_event,
+)
+from mta import bounce
+
+
+@dataclass
+class QueuedRecipient:
+    address: str
+    original: str
+
+
+def enqueue(
+    session: Session,
+    *,
+    trace: str,
+    sender: str,
+    body: bytes,
+    recipients: list[QueuedRecipient],
+    now: dt.datetime,
+    client: str = "",
+    message_id: str = "",
+    hop: str = "mta",
+    is_bounce: bool = False,
+) -> None:
+    """Add a message to the queue (the caller commits)."""
+    msg = Message(
+        id=trace, sender=sender, size=len(body), body=body, received=now, client=client,
+        message_id=message_id, is_bounce=is_bounce,
+    )
+    session.add(msg)
+    for r in recipients:
+        msg.recipients.append(
+            Recipient(address=r.address, original=r.original, state=QUEUED, next_attempt=now)
+        )
+    add_event(
+        session, trace, hop, "queued", time=now,
+        detail=f"from=<{sender}> size={len(body)} nrcpt={len(recipients)}"
+        + (f" client={client}" if client else ""),
+    )
+
+
+@dataclass
+class Job:
+    """One message and the recipients claimed for this delivery round."""
+
+    trace: str
+    sender: str
+    body: bytes
+    received: dt.datetime
+    warned: bool
+    is_bounce: bool
+    message_id: str
+    recipients: list[tuple[int, str, int]] = field(default_factory=list)  # (id, address, attempts)
+
+
+def claim(session: Session, owner: str, now: dt.datetime, limit: int = 200) -> list[Job]:
+    """Take up to `limit` due recipients (grouped per message) and mark them active."""
+    rows = session.execute(
+        select(Recipient.id, Recipient.message_id, Recipient.address, Recipient.attempts)
+        .join(Message)
+        .where(Recipient.state == QUEUED, Recipient.next_attempt <= now, Message.held.is_(False))
+        .order_by(Recipient.next_attempt)
+        .limit(limit)
+    ).all()
+    if not rows:
+        return []
+    ids = [r.id for r in rows]
+    session.execute(
+        update(Recipient)
+        .where(Recipient.id.in_(ids), Recipient.state == QUEUED)
+        .values(state=ACTIVE, owner=owner)
+    )
+    jobs: dict[str, Job] = {}
+    for r in rows:
+        job = jobs.get(r.message_id)
+        if job is None:
+            m = session.get(Message, r.message_id)
+            assert m is not None and m.body is not None
+            job = jobs[r.message_id] = Job(
+                m.id, m.sender, m.body, m.received, m.warned, m.is_bounce, m.message_id
+            )
+        job.recipients.append((r.id, r.address, r.attempts))
+    session.commit()
+    return list(jobs.values())
+
+
+def release_stale(session: Session, owner_prefix: str) -> int:
+    """Put back recipients a crashed queue manager of this host left active."""
+    result = session.execute(
+        update(Recipient)
+        .where(Recipient.state == ACTIVE, Recipient.owner.like(owner_prefix + "%"))
+        .values(state=QUEUED, owner="")
+    )
+    session.commit()
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def enqueue_dsn(
+    session: Session,
+    *,
+    hostname: str,
+    trace: str,
+    sender: str,
+    original: bytes,
+    received: dt.datetime,
+    failures: list[bounce.Failure],
+    now: dt.datetime,
+    delayed: bool = False,
+    hop: str = "qmgr",
+) -> str:
+    """Queue a bounce or delay warning for message `trace` to `sender`; returns its trace id."""
+    dsn_trace = new_trace_id()
+    body = bounce.compose(
+        hostname=hostname, sender=sender, trace=trace, original=original,
+        failures=failures, arrival=received, now=now, delayed=delayed,
+    )
+    enqueue(
+        session, trace=dsn_trace, sender="", body=body, now=now, hop=hop, is_bounce=True,
+        recipients=[QueuedRecipient(sender, sender)],
+    )
+    kind = "delay warning" if delayed else "bounce"
+    add_event(session, trace, hop, "dsn", detail=f"{kind} to <{sender}> as {dsn_trace}", time=now)
+    return dsn_trace
+
+
+def drop_body_if_done(session: Session, trace: str) -> bool:
+    """Once every recipient is final the queued copy is no longer needed."""
+    states = session.scalars(select(Recipient.state).where(Recipient.message_id == trace)).all()
+    if states and all(s in FINAL_STATES for s in states):
+        session.execute(update(Message).where(Message.id == trace).values(body=None))
+        return True
+    return False
+
+
+def wake_qmgr(path: os.PathLike[str] | str) -> None:
+    """Tell the queue manager there is new mail (Postfix's qmgr trigger).
+
+    Best effort: if nobody listens the queue manager still finds the mail on
+    its next poll.
+    """
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)
+            s.sendto(b"w", os.fspath(path))
+    except OSError:
+        pass

@@ -1,0 +1,89 @@
+"""Where a remote domain's mail goes: relayhost, transport map, or MX lookup.
+
+RFC 5321 5.1: MX records in preference order (equal preferences shuffled),
+falling back to the domain's own A/AAAA when there is no MX.  RFC 7505: a
+single `MX 0 .` means the domain accepts no mail (bounce 5.1.10).  A domain
+that does not exist bounces (5.1.2); a DNS failure or timeout defers (4.4.3).
+An MX pointing back at this host would loop (5.4.6).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import dns.asyncresolver
+import dns.exception
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+from common.config import parse_hostport
+from common.reply import Reply
+
+
+@dataclass(frozen=True)
+class Route:
+    hosts: list[tuple[str, int]] = field(default_factory=list)  # try in this order
+    error: Reply | None = None  # set when there is nowhere to go
+    via: str = ""  # "relayhost", "transport" or "mx", for logs
+
+
+def make_resolver(nameservers: list[str], timeout: float) -> dns.asyncresolver.Resolver:
+    if not nameservers:
+        r = dns.asyncresolver.Resolver()
+    else:
+        r = dns.asyncresolver.Resolver(configure=False)
+        servers: list[str | dns.nameserver.Nameserver] = []
+        for ns in nameservers:
+            host, port = parse_hostport(ns, 53)
+            servers.append(dns.nameserver.Do53Nameserver(host, port))
+        r.nameservers = servers
+    r.lifetime = timeout
+    return r
+
+
+async def route(
+    domain: str,
+    *,
+    relayhost: str,
+    transport: dict[str, str],
+    resolver: dns.asyncresolver.Resolver,
+    own_names: set[str],
+    port: int = 25,
+) -> Route:
+    if domain in transport:
+        return Route([parse_hostport(transport[domain], 25)], via="transport")
+    if relayhost:
+        return Route([parse_hostport(relayhost, 25)], via="relayhost")
+    if domain.startswith("["):  # an address literal: deliver to that address
+        return Route([(domain.strip("[]").removeprefix("IPv6:"), port)], via="literal")
+    try:
+        answer = await resolver.resolve(domain, "MX")
+        mxs = sorted((r.preference, random.random(), str(r.exchange).rstrip(".")) for r in answer)
+    except dns.resolver.NXDOMAIN:
+        return Route(error=Reply(550, "5.1.2", f"Host or domain name not found: {domain}"))
+    except dns.resolver.NoAnswer:
+        mxs = [(0, 0.0, domain)]  # RFC 5321 5.1: implicit MX
+    except (dns.resolver.NoNameservers, dns.exception.Timeout) as exc:
+        return Route(error=Reply(451, "4.4.3", f"DNS lookup failed for {domain}: {type(exc).__name__}"))
+    names = [name for _, _, name in mxs]
+    if names == [""] or (len(mxs) == 1 and mxs[0][2] in ("", ".")):
+        return Route(error=Reply(556, "5.1.10", f"Domain {domain} does not accept mail (null MX)"))
+    if any(n.lower() in own_names for n in names):
+        return Route(error=Reply(554, "5.4.6", f"MX for {domain} points back to this host: mail loop"))
+    hosts: list[tuple[str, int]] = []
+    failures = 0
+    for name in names:
+        for rdtype in ("AAAA", "A"):
+            try:
+                hosts.extend((rr.to_text(), port) for rr in await resolver.resolve(name, rdtype))
+            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+                pass
+            except (dns.resolver.NoNameservers, dns.exception.Timeout):
+                failures += 1
+    if not hosts:
+        if failures:
+            return Route(error=Reply(451, "4.4.3", f"DNS lookup failed for the MX of {domain}"))
+        return Route(error=Reply(550, "5.1.2", f"No address for any MX of {domain}"))
+    return Route(hosts, via="mx")

@@ -1,0 +1,225 @@
+"""A throwaway Mailroom installation for tests: config, database, users, processes.
+
+`Installation` runs `mailroom init` in a temporary folder, moves every listener
+to a free loopback port, and can start the real daemons the way `mailroom run`
+does (supervisord with the four programs).  `Installation.context()` gives an
+in-process `Context` for component tests that drive one listener directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cli.main import main as mailroom_main
+from common import config as configmod
+from common.clock import Clock, SystemClock
+from common.daemon import Context
+from common.db import Database
+
+PASSWORD = "correct horse battery staple"
+LISTENERS = {
+    ("msa", "submission"): "127.0.0.1:2587",
+    ("msa", "submissions"): "127.0.0.1:2465",
+    ("mta", "smtp"): "127.0.0.1:2525",
+    ("mta", "internal"): "127.0.0.1:10025",
+    ("mda", "lmtp"): "127.0.0.1:2424",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
+
+
+def tls_client_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the installation's certificate is self-signed
+    return ctx
+
+
+class Installation:
+    def __init__(self, root: Path, *, domain: str = "example.org", extra: str = "") -> None:
+        self.root = root
+        self.domain = domain
+        assert mailroom_main(["init", "--dir", str(root), "--domain", domain, "--hostname", "mail.test"]) == 0
+        self.config_path = root / "mailroom.toml"
+        self.ports: dict[str, int] = {}
+        text = self.config_path.read_text()
+        for (_, key), default in LISTENERS.items():
+            port = free_port()
+            self.ports[key] = port
+            text = text.replace(f'{key} = "{default}"', f'{key} = "127.0.0.1:{port}"')
+        self.config_path.write_text(text + extra)
+        self.supervisor: subprocess.Popen[bytes] | None = None
+        self.log_path = root / "suite.log"
+
+    @property
+    def config(self) -> configmod.Config:
+        return configmod.load(self.config_path)
+
+    def set(self, section: str, key: str, value: str) -> None:
+        """Change one setting (a TOML value) in the config file."""
+        text = self.config_path.read_text()
+        pattern = re.compile(rf"(?ms)^(\[{re.escape(section)}\]\n.*?)^{key} = .*?$")
+        if pattern.search(text):
+            text = pattern.sub(lambda m: f"{m.group(1)}{key} = {value}", text, count=1)
+        else:
+            text = text.replace(f"[{section}]\n", f"[{section}]\n{key} = {value}\n", 1)
+        self.config_path.write_text(text)
+
+    def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run the real `mailroom` command against this installation."""
+        return subprocess.run(
+            [sys.executable, "-m", "cli.main", "--config", str(self.config_path), *args],
+            input=stdin, capture_output=True, text=True, timeout=60,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+
+    def add_user(self, address: str, store: str = "maildir", password: str = PASSWORD) -> None:
+        r = self.cli("user", "add", address, "--password-stdin", "--store", store, stdin=password + "\n")
+        assert r.returncode == 0, r.stderr
+
+    def mailbox(self, address: str) -> Path:
+        r = self.cli("user", "list")
+        for line in r.stdout.splitlines():
+            parts = line.split()
+            if parts and parts[0] == address:
+                return Path(parts[2])
+        raise KeyError(address)
+
+    def db(self) -> Database:
+        db = Database(self.config.database_url, threads=2)
+        db.create_schema()
+        return db
+
+    def context(self, clock: Clock | None = None) -> Context:
+        """For in-process component tests (call inside a running event loop)."""
+        return Context(config=self.config, db=self.db(), clock=clock or SystemClock(), stop=asyncio.Event())
+
+    # --- the real processes ------------------------------------------------------
+
+    def start(self) -> None:
+        """Start supervisord with all four daemons, as `mailroom run` does."""
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.supervisor = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "--config", str(self.config_path), "run"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        self._log = log
+        try:
+            for port in self.ports.values():
+                wait_port(port)
+        except TimeoutError:
+            self.stop()
+            raise AssertionError("the suite did not start:\n" + self.log_path.read_text()[-4000:]) from None
+
+    def stop(self) -> None:
+        if self.supervisor is None:
+            return
+        proc, self.supervisor = self.supervisor, None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        self._log.close()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def program_pid(self, name: str) -> int:
+        r = self.cli("status")
+        m = re.search(rf"^{name}\s+RUNNING\s+pid (\d+)", r.stdout, re.M)
+        assert m, r.stdout
+        return int(m.group(1))
+
+    # --- clients ------------------------------------------------------------------
+
+    def submit(
+        self, sender: str, recipients: list[str], message: bytes, *, password: str = PASSWORD,
+        implicit_tls: bool = False,
+    ) -> tuple[int, bytes]:
+        """Submit with smtplib over STARTTLS (or implicit TLS) + AUTH; returns the final reply."""
+        client: smtplib.SMTP
+        if implicit_tls:
+            client = smtplib.SMTP_SSL(
+                "127.0.0.1", self.ports["submissions"], timeout=30, context=tls_client_context()
+            )
+        else:
+            client = smtplib.SMTP("127.0.0.1", self.ports["submission"], timeout=30)
+            client.starttls(context=tls_client_context())
+        with client:
+            client.login(sender, password)
+            client.mail(sender)
+            for r in recipients:
+                code, text = client.rcpt(r)
+                assert code == 250, (r, code, text)
+            return client.data(message)
+
+    def trace(self, ident: str) -> dict[str, Any]:
+        import json
+
+        r = self.cli("trace", ident, "--json")
+        assert r.returncode == 0, r.stderr
+        return dict(json.loads(r.stdout))
+
+    def wait_for(self, predicate: Any, timeout: float = 20.0, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}\n--- log ---\n{self.log_text()[-3000:]}")
+
+
+def maildir_messages(path: Path) -> list[Path]:
+    return sorted(p for sub in ("new", "cur") if (path / sub).is_dir() for p in (path / sub).iterdir())
+
+
+def running(installation: Installation) -> Iterator[Installation]:
+    installation.start()
+    try:
+        yield installation
+    finally:
+        installation.stop()
+
+
+def mbox_messages(path: Path) -> list[bytes]:
+    """The messages of an mbox file as Python's mailbox module reads them."""
+    import mailbox
+
+    if not path.exists():
+        return []
+    box = mailbox.mbox(path, create=False)
+    try:
+        return [box.get_bytes(key) for key in box.keys()]
+    finally:
+        box.close()
