@@ -13,7 +13,10 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_submission_reaches_maildir_and_mbox_with_a_full_trace(suite: Installation) -> None:
-    body = b"Subject: first light\r\nFrom: alice@example.org\r\nTo: bob@example.org\r\n\r\nFrom here on.\r\n.hidden dot\r\n"
+    body = (
+        b"Subject: first light\r\nFrom: alice@example.org\r\nTo: bob@example.org\r\n\r\n"
+        b"From here on.\r\n.hidden dot\r\n"
+    )
     code, text = suite.submit("alice@example.org", ["alice@example.org", "bob@example.org"], body)
     assert code == 250
     m = re.fullmatch(rb"2\.0\.0 Ok: queued as ([0-9A-F]{18})", text)

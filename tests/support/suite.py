@@ -220,6 +220,6 @@ def mbox_messages(path: Path) -> list[bytes]:
         return []
     box = mailbox.mbox(path, create=False)
     try:
-        return [box.get_bytes(key) for key in box.keys()]
+        return [box.get_bytes(key) for key in box.keys()]  # noqa: SIM118 - mbox order
     finally:
         box.close()
