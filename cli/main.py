@@ -106,17 +106,36 @@ def cmd_alias(args: argparse.Namespace, cfg: configmod.Config) -> int:
                 print(f"{a.source} -> {a.target}")
             return 0
         source = args.source.lower()
+        # Aliases are looked up only for local domains (a catch-all is "@domain").
+        if "@" not in source or not cfg.is_local_domain(source.rsplit("@", 1)[1]) or (
+            source.count("@") > 1
+        ):
+            print(f"{source}: not an address or @domain in a local domain "
+                  f"({', '.join(cfg.mailroom.domains)})", file=sys.stderr)
+            return 1
+        targets = [t.lower() for t in args.targets]
         if args.action == "add":
-            if not args.targets:
+            if not targets:
                 print("alias add needs at least one target", file=sys.stderr)
                 return 1
-            for t in args.targets:
-                s.add(Alias(source=source, target=t.lower()))
+            bad = [t for t in targets if t.count("@") != 1 or t.startswith("@") or t.endswith("@")]
+            if bad:
+                print(f"{bad[0]}: a target must be a full address (user@domain)", file=sys.stderr)
+                return 1
+            have = set(s.scalars(select(Alias.target).where(Alias.source == source)))
+            for t in targets:
+                if t not in have:
+                    s.add(Alias(source=source, target=t))
+                    have.add(t)
+            print(f"{source} -> {', '.join(targets)}")
         else:
             q = delete(Alias).where(Alias.source == source)
-            if args.targets:
-                q = q.where(Alias.target.in_([t.lower() for t in args.targets]))
-            s.execute(q)
+            if targets:
+                q = q.where(Alias.target.in_(targets))
+            if s.execute(q).rowcount == 0:  # type: ignore[attr-defined]
+                print(f"{source}: no such alias", file=sys.stderr)
+                return 1
+            print(f"deleted {source}" + (f" -> {', '.join(targets)}" if targets else ""))
         s.commit()
     return 0
 

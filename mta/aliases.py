@@ -48,23 +48,27 @@ def expand(
         key = lookup_key(addr, delimiter)
         if key in seen:
             raise AliasLoop(address)
+        # `seen` holds the path from the address to here: two branches may
+        # lead to one user, and that is not a loop.
         seen.add(key)
-        targets = _targets(session, key)
-        user = find_user(session, key)
-        if not targets and user is None:
-            targets = _targets(session, "@" + domain_of(key))
-        if targets:
-            found = False
-            for t in targets:
-                if t == key and user is not None:
-                    found |= _add(local, user.address)
-                else:
-                    found |= visit(t, depth + 1)
-            seen.discard(key)  # two branches may lead to one user; that is not a loop
-            return found
-        if user is not None:
-            return _add(local, user.address)
-        return False
+        try:
+            targets = _targets(session, key)
+            user = find_user(session, key)
+            if not targets and user is None:
+                targets = _targets(session, "@" + domain_of(key))
+            if targets:
+                found = False
+                for t in targets:
+                    if t == key and user is not None:
+                        found |= _add(local, user.address)
+                    else:
+                        found |= visit(t, depth + 1)
+                return found
+            if user is not None:
+                return _add(local, user.address)
+            return False
+        finally:
+            seen.discard(key)
 
     if not visit(address, 0):
         return None

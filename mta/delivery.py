@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 
 import dns.asyncresolver
 
@@ -55,7 +56,13 @@ class LocalDelivery:
 
 
 class RemoteDelivery:
-    """SMTP to other mail hosts: route, connect (opportunistic STARTTLS), send."""
+    """SMTP to other mail hosts: route, connect (opportunistic STARTTLS), send.
+
+    A connection is kept open for `reuse_time` seconds after a message and
+    handed to the next message for the same destination (Postfix's
+    connection cache), so a burst to one domain costs one TCP and TLS setup.
+    Before reuse the session is probed with RSET; a dead one is replaced.
+    """
 
     def __init__(
         self,
@@ -69,6 +76,8 @@ class RemoteDelivery:
         per_destination: int,
         connect_timeout: float,
         timeout: float = 300.0,
+        reuse_time: float = 5.0,
+        reuse_limit: int = 100,
     ) -> None:
         self.hostname = hostname
         self.resolver = resolver
@@ -78,10 +87,15 @@ class RemoteDelivery:
         self.remote_port = remote_port
         self.connect_timeout = connect_timeout
         self.timeout = timeout
+        self.reuse_time = reuse_time
+        self.reuse_limit = reuse_limit
         self.limits: defaultdict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(per_destination)
         )
+        self.idle: defaultdict[str, list[_Cached]] = defaultdict(list)
+        self.closing: set[asyncio.Task[None]] = set()
         self.tls = client_context(verify=False)
+        self.connections = 0  # sessions opened so far (for logs and tests)
 
     async def deliver(
         self, domain: str, trace: str, sender: str, recipients: list[str], body: bytes
@@ -93,30 +107,104 @@ class RemoteDelivery:
         )
         if r.error is not None:
             return [r.error] * len(recipients), ""
-        last = Reply(451, "4.4.1", f"No reachable host for {domain}")
-        async with self.limits[r.hosts[0][0] if r.via != "mx" else domain]:
-            for host, port in r.hosts:
+        # The destination is what the concurrency limit and the connection cache
+        # count by: the domain for MX routing, the fixed host otherwise.
+        dest = domain if r.via == "mx" else f"{r.hosts[0][0]}:{r.hosts[0][1]}"
+        async with self.limits[dest]:
+            cached = await self._reuse(dest)
+            if cached is None:
+                opened = await self._open(r, len(recipients))
+                if isinstance(opened, tuple):
+                    return opened
+                cached = opened
+            cached.uses += 1
+            try:
+                replies = await cached.client.send(sender, recipients, body)
+            except NextHopError as exc:
+                cached.client.close()
+                return [exc.reply] * len(recipients), cached.host
+            if any(x.code == 421 for x in replies) or cached.uses >= self.reuse_limit:
+                await cached.client.quit()
+            else:
+                self._park(dest, cached)
+            return replies, cached.host
+
+    async def _open(self, r: routing.Route, n: int) -> _Cached | tuple[list[Reply], str]:
+        """A new session with the first host of the route that answers, or the replies for all."""
+        last = Reply(451, "4.4.1", "No reachable host")
+        for host, port in r.hosts:
+            try:
+                client = await Client.connect(
+                    host, port, helo=self.hostname, tls=self.tls, timeout=self.timeout,
+                    connect_timeout=self.connect_timeout,
+                )
+            except NextHopError as exc:
+                log.info("%s:%d: %s", host, port, exc.reply)
+                last = exc.reply
+                if exc.reply.is_permanent:
+                    return [exc.reply] * n, host
+                continue
+            self.connections += 1
+            if r.via == "relayhost" and self.relayhost_auth:
                 try:
-                    client = await Client.connect(
-                        host, port, helo=self.hostname, tls=self.tls, timeout=self.timeout,
-                        connect_timeout=self.connect_timeout,
-                    )
+                    auth = await client.auth_plain(*self.relayhost_auth)
                 except NextHopError as exc:
-                    log.info("%s:%d: %s", host, port, exc.reply)
-                    last = exc.reply
-                    if exc.reply.is_permanent:
-                        return [exc.reply] * len(recipients), host
-                    continue
-                async with client:
-                    try:
-                        if r.via == "relayhost" and self.relayhost_auth:
-                            auth = await client.auth_plain(*self.relayhost_auth)
-                            if auth.code != 235:
-                                return [_as_temporary(auth)] * len(recipients), host
-                        return await client.send(sender, recipients, body), host
-                    except NextHopError as exc:
-                        return [exc.reply] * len(recipients), host
-        return [last] * len(recipients), ""
+                    client.close()
+                    return [exc.reply] * n, host
+                if auth.code != 235:
+                    await client.quit()
+                    return [_as_temporary(auth)] * n, host
+            return _Cached(client, host)
+        return [last] * n, ""
+
+    async def _reuse(self, dest: str) -> _Cached | None:
+        """An idle session to `dest` that still answers, if there is one."""
+        idle = self.idle[dest]
+        while idle:
+            cached = idle.pop()
+            if cached.expiry is not None:
+                cached.expiry.cancel()
+            try:
+                probe = await asyncio.wait_for(cached.client.command("RSET"), 10)
+            except (NextHopError, TimeoutError):
+                cached.client.close()
+                continue
+            if probe.code == 250:
+                log.debug("reusing the session with %s", cached.host)
+                return cached
+            cached.client.close()
+        return None
+
+    def _park(self, dest: str, cached: _Cached) -> None:
+        loop = asyncio.get_running_loop()
+        cached.expiry = loop.call_later(self.reuse_time, self._expire, dest, cached)
+        self.idle[dest].append(cached)
+
+    def _expire(self, dest: str, cached: _Cached) -> None:
+        if cached in self.idle[dest]:
+            self.idle[dest].remove(cached)
+            task = asyncio.get_running_loop().create_task(cached.client.quit())
+            self.closing.add(task)
+            task.add_done_callback(self.closing.discard)
+
+    async def close(self) -> None:
+        """Say QUIT on every idle session (at shutdown)."""
+        for dest in list(self.idle):
+            while self.idle[dest]:
+                cached = self.idle[dest].pop()
+                if cached.expiry is not None:
+                    cached.expiry.cancel()
+                await cached.client.quit()
+        if self.closing:
+            await asyncio.gather(*self.closing, return_exceptions=True)
+
+
+@dataclass(eq=False)
+class _Cached:
+    client: Client
+    host: str
+    uses: int = 0
+    expiry: asyncio.TimerHandle | None = None
 
 
 def _as_temporary(reply: Reply) -> Reply:

@@ -264,6 +264,7 @@ async def run(ctx: Context) -> None:
     finally:
         transport.close()
         await local.close()
+        await remote.close()
 
 
 def _release(db: Database, prefix: str) -> int:

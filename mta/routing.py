@@ -70,8 +70,13 @@ async def route(
     names = [name for _, _, name in mxs]
     if names == [""] or (len(mxs) == 1 and mxs[0][2] in ("", ".")):
         return Route(error=Reply(556, "5.1.10", f"Domain {domain} does not accept mail (null MX)"))
-    if any(n.lower() in own_names for n in names):
-        return Route(error=Reply(554, "5.4.6", f"MX for {domain} points back to this host: mail loop"))
+    # RFC 5321 5.1: when we are one of the MX hosts, only hosts preferred to us
+    # may be tried (we are their backup); when we are the best, it is a loop.
+    ours = [i for i, n in enumerate(names) if n.lower() in own_names]
+    if ours:
+        names = [n for (pref, _, n) in mxs if pref < mxs[ours[0]][0]]
+        if not names:
+            return Route(error=Reply(554, "5.4.6", f"MX for {domain} points back to this host: mail loop"))
     hosts: list[tuple[str, int]] = []
     failures = 0
     for name in names:
