@@ -5,9 +5,17 @@ new/ (link() fails rather than overwriting), fsync new/, then drop the tmp
 name.  A reader never sees a half-written message, and a crash leaves at worst
 a stale file in tmp/, which `clean_tmp` removes after 36 hours (qmail's rule).
 
-The name in new/ is derived from the trace id and the recipient, so when the
-queue manager redelivers after a crash the second link() finds the first copy
-and the message is not stored twice.
+Names.  The tmp/ name is unique the qmail way: time, microseconds, pid, a
+per-process counter, the device of the Maildir and the host name, and O_EXCL
+makes a clash an error rather than a shared file.  The name in new/ is instead
+a function of the trace id and the recipient, `<sec>.M<usec>R<hash>.<host>`:
+the time is the message's arrival time carried in the trace id, and R (which
+the Maildir spec reserves for a random number) is a hash of (trace id,
+recipient).  Trace ids are unique per message (microseconds plus 20 random
+bits), so the name is unique per delivery without the device and inode that
+qmail's recipe uses, and a redelivery of the same message to the same
+recipient (the queue manager retrying after a crash) finds the first copy:
+link() refuses to overwrite it, so the message is never stored twice.
 """
 
 from __future__ import annotations
@@ -19,46 +27,50 @@ import time
 from pathlib import Path
 
 from common.log import trace_time_us
+from mda import quota
 
 _counter = itertools.count()
 STALE_TMP_SECONDS = 36 * 3600
 
 
 def ensure(maildir: Path) -> None:
+    """Create tmp/, new/ and cur/ (and make their creation durable)."""
+    if all((maildir / sub).is_dir() for sub in ("tmp", "new", "cur")):
+        return
     for sub in ("tmp", "new", "cur"):
         (maildir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+    _fsync_dir(maildir)
+    _fsync_dir(maildir.parent)
+
+
+def _host_part(hostname: str) -> str:
+    # The Maildir spec's escapes: '/' and ':' cannot appear in the name.
+    return hostname.replace("/", "\\057").replace(":", "\\072")
 
 
 def unique_name(trace_id: str, recipient: str, hostname: str) -> str:
     """'<seconds>.M<usec>R<hash>.<host>': the receipt time comes from the trace id."""
     micros = trace_time_us(trace_id)
     digest = hashlib.sha256(f"{trace_id}\0{recipient}".encode()).hexdigest()[:16]
-    host = hostname.replace("/", "\\057").replace(":", "\\072")
-    return f"{micros // 1_000_000}.M{micros % 1_000_000:06d}R{digest}.{host}"
+    return f"{micros // 1_000_000}.M{micros % 1_000_000:06d}R{digest}.{_host_part(hostname)}"
 
 
-def deliver(maildir: Path, content: bytes, name: str) -> tuple[Path, bool]:
+def deliver(maildir: Path, content: bytes, name: str, *, quota_limit: int = 0) -> tuple[Path, bool]:
     """Store `content` as new/<name>; returns (path, stored_now).
 
     stored_now is False when an earlier delivery of the same message already
-    stored it (in new/, or already seen by a reader and moved to cur/).
+    stored it.  Raises quota.QuotaExceeded when it would not fit.
     """
     ensure(maildir)
     new_path = maildir / "new" / name
-    if new_path.exists() or _in_cur(maildir, name):
+    if new_path.exists():
         return new_path, False
-    now = time.time()
-    tmp_name = (
-        f"{int(now)}.M{int(now * 1e6) % 1_000_000:06d}P{os.getpid()}"
-        f"Q{next(_counter)}.{name.rsplit('.', 1)[-1]}"
-    )
-    tmp_path = maildir / "tmp" / tmp_name
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    quota.check_maildir(maildir, quota_limit, len(content))
+    fd, tmp_path = _create_tmp(maildir, name.rsplit(".", 1)[-1])
     try:
         view = memoryview(content)
         while view:
-            written = os.write(fd, view)
-            view = view[written:]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -73,17 +85,22 @@ def deliver(maildir: Path, content: bytes, name: str) -> tuple[Path, bool]:
     finally:
         os.unlink(tmp_path)
     _fsync_dir(maildir / "new")
+    if stored and quota_limit > 0:
+        quota.record(maildir, len(content))
     return new_path, stored
 
 
-def _in_cur(maildir: Path, name: str) -> bool:
-    # Readers move new/NAME to cur/NAME:2,FLAGS (Dovecot may add ,S=size first).
-    prefix = name
-    try:
-        with os.scandir(maildir / "cur") as entries:
-            return any(e.name.startswith(prefix) for e in entries)
-    except FileNotFoundError:
-        return False
+def _create_tmp(maildir: Path, host: str) -> tuple[int, Path]:
+    dev = os.stat(maildir / "tmp").st_dev
+    while True:
+        now = time.time_ns() // 1000
+        tmp_path = maildir / "tmp" / (
+            f"{now // 1_000_000}.M{now % 1_000_000:06d}P{os.getpid()}Q{next(_counter)}V{dev:x}.{host}"
+        )
+        try:
+            return os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp_path
+        except FileExistsError:
+            continue  # cannot happen with a fresh counter value, but never share a file
 
 
 def _fsync_dir(path: Path) -> None:
@@ -95,15 +112,25 @@ def _fsync_dir(path: Path) -> None:
 
 
 def clean_tmp(maildir: Path, now: float | None = None) -> int:
-    """Remove tmp/ files older than 36 hours; returns how many."""
-    limit = (now or time.time()) - STALE_TMP_SECONDS
+    """Remove tmp/ files neither written nor read for 36 hours (qmail's rule); returns how many.
+
+    Covers the Maildir++ subfolders too.  Only plain files are removed (a
+    symlink is unlinked, never followed).
+    """
+    limit = (time.time() if now is None else now) - STALE_TMP_SECONDS
     removed = 0
-    try:
-        with os.scandir(maildir / "tmp") as entries:
-            for e in entries:
-                if e.is_file() and e.stat().st_mtime < limit:
-                    os.unlink(e.path)
-                    removed += 1
-    except FileNotFoundError:
-        pass
+    for folder in quota.folders(maildir):
+        try:
+            with os.scandir(folder / "tmp") as entries:
+                for e in entries:
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                        if e.is_dir(follow_symlinks=False) or max(st.st_mtime, st.st_atime) >= limit:
+                            continue
+                        os.unlink(e.path)
+                        removed += 1
+                    except FileNotFoundError:
+                        pass
+        except (FileNotFoundError, NotADirectoryError):
+            pass
     return removed

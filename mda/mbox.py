@@ -1,11 +1,12 @@
 """mbox delivery the mboxrd way, locked the way Dovecot and mutt expect.
 
-Each message starts with a `From sender date` line; any body line that starts
+Each message starts with a `From sender date` line; any line that starts
 with `>*From ` gets one more `>` (so a reader can undo it exactly), and a blank
 line follows the message.  Locking is a dotlock first, then fcntl, the order
-Dovecot uses (mbox_write_locks = dotlock fcntl).  If anything fails while
-appending, the file is truncated back to its old size, so a failed delivery
-never leaves half a message behind.
+Dovecot uses (mbox_write_locks = dotlock fcntl).  The quota is checked under
+the lock, so concurrent deliveries cannot overshoot it together.  If anything
+fails while appending, the file is truncated back to its old size, so a failed
+delivery never leaves half a message behind.
 """
 
 from __future__ import annotations
@@ -17,12 +18,17 @@ import re
 import time
 from pathlib import Path
 
+from mda.quota import QuotaExceeded
+
 _FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
+_QUOTED_FROM_LINE = re.compile(rb"^>(>*From )", re.MULTILINE)
+# A dotlock untouched this long was left by a crashed writer (Dovecot's
+# dotlock_change_timeout is 2 minutes; we are more patient).
 STALE_DOTLOCK_SECONDS = 300
 
 
 class LockTimeout(Exception):
-    pass
+    """The mailbox stayed locked by someone else for the whole timeout."""
 
 
 def quote(body: bytes) -> bytes:
@@ -31,21 +37,32 @@ def quote(body: bytes) -> bytes:
 
 
 def unquote(body: bytes) -> bytes:
-    return re.sub(rb"^>(>*From )", rb"\1", body, flags=re.MULTILINE)
+    """mboxrd reading: '>+From ' at a line start loses one '>'."""
+    return _QUOTED_FROM_LINE.sub(rb"\1", body)
 
 
 def from_line(sender: str, when: float) -> bytes:
+    """The separator line: `From sender asctime-date`, MAILER-DAEMON for the null sender."""
     who = sender or "MAILER-DAEMON"
     return f"From {who} {time.asctime(time.gmtime(when))}\n".encode()
 
 
-def deliver(path: Path, content: bytes, sender: str, *, lock_timeout: float = 30.0) -> None:
-    """Append one message (LF line endings) to the mbox file at `path`, durably."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    data = from_line(sender, time.time()) + quote(content)
+def entry(content: bytes, sender: str, when: float) -> bytes:
+    """The bytes appended for one message (LF line endings expected)."""
+    data = from_line(sender, when) + quote(content)
     if not data.endswith(b"\n"):
         data += b"\n"
-    data += b"\n"
+    return data + b"\n"
+
+
+def deliver(path: Path, content: bytes, sender: str, *, lock_timeout: float = 30.0, quota_limit: int = 0) -> None:
+    """Append one message to the mbox file at `path`, durably (fsync'd on return).
+
+    Raises LockTimeout, QuotaExceeded, or OSError (after truncating back).
+    """
+    if not path.parent.is_dir():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data = entry(content, sender, time.time())
     deadline = time.monotonic() + lock_timeout
     lock_path = path.with_name(path.name + ".lock")
     _dotlock(lock_path, deadline)
@@ -54,6 +71,8 @@ def deliver(path: Path, content: bytes, sender: str, *, lock_timeout: float = 30
         try:
             _fcntl_lock(fd, deadline)
             size = os.fstat(fd).st_size
+            if quota_limit > 0 and size + len(data) > quota_limit:
+                raise QuotaExceeded(f"{path}: quota {quota_limit} bytes")
             try:
                 view = memoryview(data)
                 while view:
@@ -63,10 +82,20 @@ def deliver(path: Path, content: bytes, sender: str, *, lock_timeout: float = 30
                 os.ftruncate(fd, size)
                 os.fsync(fd)
                 raise
+            if size == 0:
+                _fsync_dir(path.parent)  # a new file: make its name durable too
         finally:
             os.close(fd)  # also releases the fcntl lock
     finally:
         os.unlink(lock_path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _dotlock(lock_path: Path, deadline: float) -> None:
@@ -82,7 +111,7 @@ def _dotlock(lock_path: Path, deadline: float) -> None:
                     os.unlink(lock_path)  # left by a crashed writer
                     continue
             except FileNotFoundError:
-                continue
+                continue  # released meanwhile: try again at once
         if time.monotonic() > deadline:
             raise LockTimeout(str(lock_path))
         time.sleep(0.005)

@@ -5,26 +5,39 @@ passes as XTRACE=), RCPT TO for each recipient (looked up in the database:
 unknown is 550 5.1.1), DATA, then one reply per recipient after the message
 is on disk (fsync'd).  The mailbox path always comes from the users table,
 never from the address, so no address can point outside the mail root.
+
+Each delivery records a `delivered` event with its path, each refusal a
+`refused` event with the reply.  A redelivery of a (trace id, recipient) that
+already has a `delivered` event (the queue manager crashed before it recorded
+our 250) is answered 250 without storing the message again.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import select
+
 from common import reply as R
 from common.daemon import Context, serve_until_stopped
 from common.listener import Handler, MailEnvelope, MailSession, limits_from, serve
 from common.log import is_trace_id, new_trace_id, trace_id
-from common.models import add_event
+from common.models import Event, User, add_event
 from common.reply import Reply, SMTPError
 from common.users import find_user
 from mda import maildir, mbox
+from mda.quota import QuotaExceeded
 
 log = logging.getLogger("mda")
+
+# How often the MDA sweeps stale files out of every Maildir's tmp/ (also once at start).
+TMP_CLEAN_INTERVAL = 3600.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,7 @@ class LMTPHandler(Handler):
         box = await self.ctx.db.run(self._lookup, recipient)
         if box is None:
             log.info("refused to=<%s>: user unknown", recipient)
+            await self.ctx.db.run(self._record, envelope.trace_id, [(recipient, R.UNKNOWN_USER, "")])
             return R.UNKNOWN_USER
         self.mailboxes[recipient] = box
         return R.RECIPIENT_OK
@@ -67,23 +81,39 @@ class LMTPHandler(Handler):
             user = find_user(s, recipient, self.ctx.config.mda.recipient_delimiter)
             if user is None:
                 return None
+            return self._mailbox(user)
+
+    def _mailbox(self, user: User) -> Mailbox | None:
+        """The user's mailbox, or None when its path would leave the mail root."""
+        try:
             path = (self.mail_root / user.mailbox).resolve()
-            if not path.is_relative_to(self.mail_root):
-                log.error("user %s has a mailbox outside the mail root; refusing", user.address)
-                return None
-            return Mailbox(user.address, user.store, path, user.quota)
+        except (ValueError, OSError):  # a NUL in the stored name, a symlink loop
+            path = Path("/")
+        if not user.mailbox or not path.is_relative_to(self.mail_root) or path == self.mail_root:
+            log.error("user %s has a mailbox outside the mail root (%r); refusing", user.address, user.mailbox)
+            return None
+        return Mailbox(user.address, user.store, path, user.quota)
 
     async def data(self, session: MailSession, envelope: MailEnvelope) -> list[Reply]:
         assert isinstance(envelope.content, bytes) and envelope.mail_from is not None
+        # The listener has refused bare CR and LF, so every line ends in CRLF:
+        # store LF, as Postfix's local/virtual agents and Dovecot do.
         body = envelope.content.replace(b"\r\n", b"\n")
-        return await self.ctx.db.run(
-            self._deliver_all, envelope.trace_id, envelope.mail_from, envelope.rcpt_tos, body
-        )
+        try:
+            return await self.ctx.db.run(
+                self._deliver_all, envelope.trace_id, envelope.mail_from, envelope.rcpt_tos, body
+            )
+        except Exception:
+            # Never a single reply in LMTP (the client would wait for the rest).
+            log.exception("delivery failed")
+            return [R.LOCAL_ERROR] * len(envelope.rcpt_tos)
 
     def _deliver_all(self, trace: str, sender: str, recipients: list[str], body: bytes) -> list[Reply]:
         trace_id.set(trace)
-        results: list[tuple[str, Reply, str]] = []
+        results: dict[str, tuple[Reply, str]] = {}
         for rcpt in recipients:
+            if rcpt in results:
+                continue  # the same RCPT twice: one copy, the same answer twice
             box = self.mailboxes[rcpt]
             try:
                 path = self._deliver_one(trace, sender, rcpt, box, body)
@@ -92,25 +122,48 @@ class LMTPHandler(Handler):
             except SMTPError as exc:
                 path, reply = "", exc.reply
                 log.info("refused to=<%s>: %s", rcpt, reply)
-            results.append((rcpt, reply, path))
+            results[rcpt] = (reply, path)
+        try:
+            self._record(trace, [(rcpt, reply, path) for rcpt, (reply, path) in results.items()])
+        except Exception:
+            # The mail is on disk: the 250s stand (saying 451 now would store it twice).
+            log.exception("could not record the delivery events")
+        return [results[rcpt][0] for rcpt in recipients]
+
+    def _record(self, trace: str, outcomes: list[tuple[str, Reply, str]]) -> None:
         with self.ctx.db.write() as s:
-            for rcpt, reply, path in results:
-                event = "delivered" if reply.code == 250 else "refused"
+            for rcpt, reply, path in outcomes:
+                event = "delivered" if reply.is_ok else "refused"
                 add_event(s, trace, "mda", event, recipient=rcpt, detail=str(reply), path=path)
             s.commit()
-        return [reply for _, reply, _ in results]
+
+    def _earlier_delivery(self, trace: str, rcpt: str) -> str | None:
+        with self.ctx.db.read() as s:
+            return s.scalars(
+                select(Event.path).where(
+                    Event.trace_id == trace, Event.hop == "mda", Event.event == "delivered", Event.recipient == rcpt
+                )
+            ).first()
 
     def _deliver_one(self, trace: str, sender: str, rcpt: str, box: Mailbox, body: bytes) -> str:
+        earlier = self._earlier_delivery(trace, rcpt)
+        if earlier is not None:
+            log.info("to=<%s>: already delivered (%s), not storing again", rcpt, earlier)
+            return earlier
         if _delivered_to(body, rcpt):
             raise SMTPError(R.MAIL_LOOP.with_text(f"Mail loop: already delivered to {rcpt}"))
         content = f"Return-Path: <{sender}>\nDelivered-To: {rcpt}\n".encode() + body
         try:
             if box.store == "mbox":
-                mbox.deliver(box.path, content, sender, lock_timeout=self.ctx.config.mda.lock_timeout)
+                mbox.deliver(
+                    box.path, content, sender, lock_timeout=self.ctx.config.mda.lock_timeout, quota_limit=box.quota
+                )
                 return str(box.path)
             name = maildir.unique_name(trace, rcpt, self.ctx.config.mailroom.hostname)
-            path, _ = maildir.deliver(box.path, content, name)
+            path, _ = maildir.deliver(box.path, content, name, quota_limit=box.quota)
             return str(path)
+        except QuotaExceeded as exc:
+            raise SMTPError(R.OVER_QUOTA.with_text(f"Mailbox full: quota of {box.quota} bytes exceeded")) from exc
         except mbox.LockTimeout as exc:
             raise SMTPError(R.MAILBOX_LOCKED) from exc
         except OSError as exc:
@@ -135,6 +188,34 @@ def _delivered_to(body: bytes, rcpt: str) -> bool:
     )
 
 
+def clean_all_tmp(ctx: Context) -> int:
+    """Remove stale tmp/ files from every Maildir user's mailbox; returns how many."""
+    root = ctx.config.mail_root.resolve()
+    with ctx.db.read() as s:
+        names = list(s.scalars(select(User.mailbox).where(User.store == "maildir")))
+    removed = 0
+    for name in names:
+        try:
+            path = (root / name).resolve()
+        except (ValueError, OSError):
+            continue
+        if path.is_relative_to(root) and path != root:
+            removed += maildir.clean_tmp(path)
+    if removed:
+        log.info("removed %d stale file(s) from Maildir tmp/ folders", removed)
+    return removed
+
+
+async def _clean_tmp_periodically(ctx: Context, interval: float = TMP_CLEAN_INTERVAL) -> None:
+    while not ctx.stop.is_set():
+        try:
+            await ctx.db.run(clean_all_tmp, ctx)
+        except Exception:
+            log.exception("cleaning Maildir tmp/ folders failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ctx.stop.wait(), interval)
+
+
 async def run(ctx: Context) -> None:
     cfg = ctx.config
     # Only our own queue manager connects: no per-client cap below the total.
@@ -145,4 +226,8 @@ async def run(ctx: Context) -> None:
     )
     ctx.drop_privileges()
     log.info("LMTP listening on %s", cfg.mda.lmtp)
-    await serve_until_stopped(ctx, [server])
+    cleaner = asyncio.create_task(_clean_tmp_periodically(ctx))
+    try:
+        await serve_until_stopped(ctx, [server])
+    finally:
+        cleaner.cancel()

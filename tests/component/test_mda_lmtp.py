@@ -1,0 +1,544 @@
+"""The MDA's LMTP dialogue (RFC 2033), one in-process listener on a loopback port.
+
+Each test starts the real listener with the real handler on 127.0.0.1:0 with a
+throwaway installation (real SQLite file, real mail root) and talks to it over
+a plain socket, line by line, so every reply can be checked exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from common.daemon import Context
+from common.listener import Limits, serve
+from common.models import Event, User
+from common.users import mailbox_name
+from mda.server import LMTPHandler
+from tests.support.suite import Installation, maildir_messages, mbox_messages
+
+pytestmark = pytest.mark.timeout(30)
+
+TRACE = "0192F3A1B2C3D4E5F6"
+
+
+# --- a listener in a thread, and a line-by-line client ---------------------------------
+
+
+class MDA:
+    """The MDA's LMTP listener and handler, served by an event loop in a thread."""
+
+    def __init__(self, inst: Installation, limits: Limits | None = None) -> None:
+        self.inst = inst
+        self.loop = asyncio.new_event_loop()
+        self.limits = limits or Limits(max_message_size=1024 * 1024)
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server, self.ctx = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        self.port = int(self.server.sockets[0].getsockname()[1])
+
+    async def _start(self) -> tuple[asyncio.Server, Context]:
+        ctx = self.inst.context()
+        server = await serve(
+            "127.0.0.1:0", lambda: LMTPHandler(ctx), hostname="mail.test", limits=self.limits, lmtp=True
+        )
+        return server, ctx
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self.server.close()
+            await self.server.wait_closed()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        self.ctx.db.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+class Client:
+    """A plain LMTP client: send lines, read replies (code, text of the last line)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+        self.file = self.sock.makefile("rb")
+        self.greeting = self.reply()
+
+    def reply(self) -> tuple[int, str]:
+        lines = []
+        while True:
+            line = self.file.readline()
+            assert line.endswith(b"\r\n"), f"connection closed or bad line: {line!r} after {lines}"
+            lines.append(line[:-2].decode("utf-8", "replace"))
+            if line[3:4] != b"-":
+                break
+        return int(lines[-1][:3]), "\n".join(lines)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def cmd(self, line: str) -> tuple[int, str]:
+        self.send(line.encode() + b"\r\n")
+        return self.reply()
+
+    def data(self, message: bytes, replies: int) -> list[tuple[int, str]]:
+        code, text = self.cmd("DATA")
+        assert code == 354, text
+        self.send(stuff(message))
+        return [self.reply() for _ in range(replies)]
+
+    def deliver(
+        self, sender: str, rcpts: list[str], message: bytes, *, trace: str = ""
+    ) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+        """One transaction; returns (RCPT replies, DATA replies)."""
+        xtrace = f" XTRACE={trace}" if trace else ""
+        assert self.cmd(f"MAIL FROM:<{sender}>{xtrace}")[0] == 250
+        rcpt_replies = [self.cmd(f"RCPT TO:<{r}>") for r in rcpts]
+        accepted = sum(1 for code, _ in rcpt_replies if code == 250)
+        if not accepted:
+            return rcpt_replies, [self.cmd("DATA")]
+        return rcpt_replies, self.data(message, accepted)
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(b"QUIT\r\n")
+            self.reply()
+        except (OSError, AssertionError):
+            pass
+        self.file.close()
+        self.sock.close()
+
+
+def stuff(message: bytes) -> bytes:
+    """CRLF lines, dot-stuffed, with the final CRLF.CRLF."""
+    lines = message.split(b"\r\n")
+    if lines[-1] == b"":
+        lines.pop()
+    return b"".join((b"." + ln if ln.startswith(b".") else ln) + b"\r\n" for ln in lines) + b".\r\n"
+
+
+def add_user(inst: Installation, address: str, store: str = "maildir", *, quota: int = 0,
+             mailbox: str | None = None) -> Path:
+    """A user row straight in the database (no password: LMTP needs none)."""
+    name = mailbox if mailbox is not None else mailbox_name(address) + (".mbox" if store == "mbox" else "")
+    db = inst.db()
+    try:
+        with db.write() as s:
+            s.add(User(address=address, store=store, mailbox=name, quota=quota))
+            s.commit()
+    finally:
+        db.close()
+    return inst.config.mail_root / name
+
+
+def events(inst: Installation, trace: str | None = None) -> list[Event]:
+    db = inst.db()
+    try:
+        with db.read() as s:
+            q = select(Event).where(Event.hop == "mda").order_by(Event.id)
+            if trace:
+                q = q.where(Event.trace_id == trace)
+            return list(s.scalars(q))
+    finally:
+        db.close()
+
+
+@pytest.fixture
+def inst(tmp_path: Path) -> Installation:
+    inst = Installation(tmp_path / "mailroom")
+    inst.set("mda", "lock_timeout", '"0.5s"')
+    return inst
+
+
+@pytest.fixture
+def alice(inst: Installation) -> Path:
+    return add_user(inst, "alice@example.org", "maildir")
+
+
+@pytest.fixture
+def bob(inst: Installation) -> Path:
+    return add_user(inst, "bob@example.org", "mbox")
+
+
+@pytest.fixture
+def mda(inst: Installation, alice: Path, bob: Path) -> Iterator[MDA]:
+    server = MDA(inst)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def client(mda: MDA) -> Iterator[Client]:
+    c = Client(mda.port)
+    assert c.greeting[0] == 220 and "LMTP" in c.greeting[1]
+    assert c.cmd("LHLO client.test")[0] == 250
+    yield c
+    c.close()
+
+
+MESSAGE = b"Subject: hello\r\nFrom: carol@example.net\r\n\r\nHello.\r\n"
+
+
+# --- the dialogue --------------------------------------------------------------------------
+
+
+def test_lhlo_advertises_the_extensions_and_helo_ehlo_are_refused(mda: MDA) -> None:
+    c = Client(mda.port)
+    try:
+        for greeting in ("HELO client.test", "EHLO client.test"):
+            code, text = c.cmd(greeting)
+            assert code == 500 and "5.5.2" in text and "LHLO" in text, text
+        assert c.cmd("MAIL FROM:<a@example.net>")[0] == 503  # no LHLO yet
+        code, text = c.cmd("LHLO client.test")
+        assert code == 250
+        keywords = {line[4:].split(" ")[0] for line in text.splitlines()[1:]}
+        assert {"PIPELINING", "ENHANCEDSTATUSCODES", "8BITMIME", "SIZE"} <= keywords, text
+        assert f"SIZE {mda.limits.max_message_size}" in text
+        code, text = c.cmd("NOOP")
+        assert (code, text[4:9]) == (250, "2.0.0")
+    finally:
+        c.close()
+
+
+def test_size_parameter_over_the_limit_is_refused_at_mail(client: Client, mda: MDA) -> None:
+    code, text = client.cmd(f"MAIL FROM:<a@example.net> SIZE={mda.limits.max_message_size + 1}")
+    assert code == 552 and "5.3.4" in text
+    code, text = client.cmd("MAIL FROM:<a@example.net> SIZE=100 BODY=8BITMIME")
+    assert code == 250 and "2.1.0" in text
+
+
+def test_pipelined_transaction_gets_every_reply_in_order(client: Client, alice: Path, bob: Path) -> None:
+    client.send(
+        b"MAIL FROM:<carol@example.net>\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<nobody@example.org>\r\n"
+        b"RCPT TO:<bob@example.org>\r\nDATA\r\n"
+    )
+    replies = [client.reply() for _ in range(5)]
+    assert [code for code, _ in replies] == [250, 250, 550, 250, 354], replies
+    assert "5.1.1" in replies[2][1]
+    client.send(stuff(MESSAGE))
+    after = [client.reply() for _ in range(2)]  # one per accepted recipient: alice, bob
+    assert [code for code, _ in after] == [250, 250]
+    assert all("2.0.0" in t for _, t in after)
+    assert "maildir" in after[0][1] and "mbox" in after[1][1]  # in RCPT order
+    assert len(maildir_messages(alice)) == 1 and len(mbox_messages(bob)) == 1
+
+
+def test_two_recipients_where_one_fails_get_two_replies(inst: Installation, mda: MDA, client: Client,
+                                                         alice: Path) -> None:
+    add_user(inst, "full@example.org", "mbox", quota=100)  # too small for any message
+    rcpts, data = client.deliver("carol@example.net", ["full@example.org", "alice@example.org"], MESSAGE,
+                                 trace=TRACE)
+    assert [c for c, _ in rcpts] == [250, 250]
+    assert [c for c, _ in data] == [552, 250], data
+    assert "5.2.2" in data[0][1]
+    assert client.cmd("NOOP")[0] == 250  # nothing left unread: exactly two replies
+    assert len(maildir_messages(alice)) == 1
+    assert not (inst.config.mail_root / "example.org" / "full.mbox").exists() or mbox_messages(
+        inst.config.mail_root / "example.org" / "full.mbox") == []
+    got = {(e.recipient, e.event, e.detail[:9]) for e in events(inst, TRACE)}
+    assert got == {("full@example.org", "refused", "552 5.2.2"), ("alice@example.org", "delivered", "250 2.0.0")}
+
+
+def test_too_large_message_gets_one_reply_per_recipient(inst: Installation, alice: Path, bob: Path) -> None:
+    server = MDA(inst, Limits(max_message_size=2000))
+    c = Client(server.port)
+    try:
+        c.cmd("LHLO client.test")
+        _, data = c.deliver("carol@example.net", ["alice@example.org", "bob@example.org", "alice+x@example.org"],
+                            MESSAGE + (b"x" * 70 + b"\r\n") * 100)
+        assert [code for code, _ in data] == [552, 552, 552], data
+        assert all("5.3.4" in t for _, t in data)
+        assert c.cmd("NOOP")[0] == 250  # the session carries on, nothing left to read
+        # and the next message in the same session is delivered
+        _, data = c.deliver("carol@example.net", ["alice@example.org"], MESSAGE)
+        assert [code for code, _ in data] == [250]
+    finally:
+        c.close()
+        server.close()
+    assert len(maildir_messages(alice)) == 1 and mbox_messages(bob) == []
+
+
+def test_line_too_long_gets_one_reply_per_recipient(client: Client, alice: Path, bob: Path) -> None:
+    long_line = b"Subject: long\r\n\r\n" + b"y" * 1200 + b"\r\n"
+    _, data = client.deliver("carol@example.net", ["alice@example.org", "bob@example.org"], long_line)
+    assert [code for code, _ in data] == [500, 500], data
+    assert all("5.5.2" in t for _, t in data)
+    assert client.cmd("NOOP")[0] == 250
+    assert maildir_messages(alice) == [] and mbox_messages(bob) == []
+
+
+def test_data_without_an_accepted_recipient_is_503(client: Client, inst: Installation) -> None:
+    code, text = client.cmd("DATA")
+    assert code == 503 and "5.5.1" in text  # no MAIL
+    rcpts, data = client.deliver("carol@example.net", ["nobody@example.org"], MESSAGE)
+    assert rcpts[0][0] == 550 and "5.1.1" in rcpts[0][1]
+    assert data[0][0] == 503 and "5.5.1" in data[0][1]
+    refused = [e for e in events(inst) if e.recipient == "nobody@example.org"]
+    assert [(e.event, e.detail[:9]) for e in refused] == [("refused", "550 5.1.1")]
+
+
+def test_rset_forgets_the_recipients(client: Client) -> None:
+    assert client.cmd("MAIL FROM:<carol@example.net>")[0] == 250
+    assert client.cmd("RCPT TO:<alice@example.org>")[0] == 250
+    assert client.cmd("RSET")[0] == 250
+    assert client.cmd("DATA")[0] == 503
+
+
+# --- where mail goes: the database, never the address ------------------------------------
+
+
+def _files_outside(root: Path, mail_root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if not p.is_relative_to(mail_root)
+            and not p.name.startswith("mailroom.db")}
+
+
+def test_hostile_addresses_never_reach_a_path(inst: Installation, client: Client, tmp_path: Path) -> None:
+    mail_root = inst.config.mail_root
+    before = _files_outside(tmp_path, mail_root)
+    for rcpt in ('"../../etc/x"@example.org', "a/b@example.org", "../alice@example.org",
+                 '"alice/../../x"@example.org', "alice@example.org/../x"):
+        code, text = client.cmd("MAIL FROM:<carol@example.net>")
+        assert code == 250
+        code, text = client.cmd(f"RCPT TO:<{rcpt}>")
+        assert code in (550, 501) and ("5.1.1" in text or "5.1.3" in text), (rcpt, text)
+        client.cmd("RSET")
+    for raw in (b"RCPT TO:<al\x00ice@example.org>\r\n", b"RCPT TO:<\"a\rb\"@example.org>\r\n"):
+        client.cmd("MAIL FROM:<carol@example.net>")
+        client.send(raw)
+        code, text = client.reply()
+        assert code in (501, 521, 500), (raw, text)
+        if code == 521:  # a bare CR closes the session, as it must
+            break
+        client.cmd("RSET")
+    assert _files_outside(tmp_path, mail_root) == before
+    assert not Path("/etc/x").exists()
+    assert not (mail_root / "example.org" / "a").exists()
+
+
+def test_a_stored_mailbox_outside_the_root_is_refused(inst: Installation, mda: MDA, tmp_path: Path) -> None:
+    add_user(inst, "evil@example.org", "maildir", mailbox="../../escaped")
+    add_user(inst, "nul@example.org", "mbox", mailbox="x\x00y")
+    add_user(inst, "root@example.org", "maildir", mailbox=".")
+    c = Client(mda.port)
+    try:
+        c.cmd("LHLO client.test")
+        for rcpt in ("evil@example.org", "nul@example.org", "root@example.org"):
+            assert c.cmd("MAIL FROM:<carol@example.net>")[0] == 250
+            code, text = c.cmd(f"RCPT TO:<{rcpt}>")
+            assert code == 550 and "5.1.1" in text, (rcpt, text)
+            c.cmd("RSET")
+    finally:
+        c.close()
+    assert not (tmp_path / "escaped").exists() and not (tmp_path.parent / "escaped").exists()
+    assert not (inst.config.mail_root / "tmp").exists()
+
+
+def test_the_mailbox_path_comes_from_the_database(inst: Installation, client: Client) -> None:
+    # A real user whose address has a '/': `user add` chose a safe folder name.
+    inst.add_user("a/b@example.org", "maildir")
+    box = inst.mailbox("a/b@example.org")
+    assert box == inst.config.mail_root / "example.org" / "a_b"
+    _, data = client.deliver("carol@example.net", ["a/b@example.org"], MESSAGE)
+    assert data[0][0] == 250
+    assert len(maildir_messages(box)) == 1
+    assert not (inst.config.mail_root / "example.org" / "a").exists()
+
+
+def test_plus_tag_goes_to_the_user_with_the_full_address_in_delivered_to(client: Client, alice: Path) -> None:
+    _, data = client.deliver("carol@example.net", ["Alice+News@example.org"], MESSAGE)
+    assert data[0][0] == 250
+    (stored,) = maildir_messages(alice)
+    assert stored.read_bytes().startswith(b"Return-Path: <carol@example.net>\nDelivered-To: Alice+News@example.org\n")
+
+
+def test_the_delimiter_is_a_setting(inst: Installation, alice: Path) -> None:
+    inst.set("mda", "recipient_delimiter", '"-"')
+    server = MDA(inst)
+    c = Client(server.port)
+    try:
+        c.cmd("LHLO client.test")
+        assert c.cmd("MAIL FROM:<carol@example.net>")[0] == 250
+        assert c.cmd("RCPT TO:<alice+news@example.org>")[0] == 550
+        assert c.cmd("RCPT TO:<alice-news@example.org>")[0] == 250
+    finally:
+        c.close()
+        server.close()
+
+
+# --- what is stored ------------------------------------------------------------------------
+
+
+def test_headers_line_endings_and_bytes(client: Client, alice: Path, bob: Path) -> None:
+    body = (b"Subject: =?utf-8?q?caf=C3=A9?=\r\n\r\n.leading dot\r\n..two dots\r\nFrom me\r\n"
+            b">From you\r\n8-bit: \xc3\xa9\xff\r\ntrailing  \r\n\r\n")
+    _, data = client.deliver("", ["alice@example.org", "bob@example.org"], body)
+    assert [c for c, _ in data] == [250, 250]
+    expected_lf = body.replace(b"\r\n", b"\n")
+    (path,) = maildir_messages(alice)
+    assert path.read_bytes() == b"Return-Path: <>\nDelivered-To: alice@example.org\n" + expected_lf
+    raw = bob.read_bytes()
+    assert raw.startswith(b"From MAILER-DAEMON ")
+    first, rest = raw.split(b"\n", 1)
+    assert time.strptime(first.decode()[len("From MAILER-DAEMON "):], "%a %b %d %H:%M:%S %Y")
+    assert rest == (b"Return-Path: <>\nDelivered-To: bob@example.org\nSubject: =?utf-8?q?caf=C3=A9?=\n\n"
+                    b".leading dot\n..two dots\n>From me\n>>From you\n8-bit: \xc3\xa9\xff\ntrailing  \n\n\n")
+    assert b"\r" not in raw
+
+
+def test_delivered_to_for_the_same_recipient_is_a_loop(client: Client, inst: Installation,
+                                                        alice: Path, bob: Path) -> None:
+    looped = b"Delivered-To: alice@example.org\r\nSubject: loop\r\n\r\nDelivered-To: bob@example.org\r\n"
+    _, data = client.deliver("carol@example.net", ["alice@example.org", "bob@example.org"], looped, trace=TRACE)
+    assert [c for c, _ in data] == [554, 250], data
+    assert "5.4.6" in data[0][1]  # bob's Delivered-To is in the body, not the header: no loop
+    assert maildir_messages(alice) == [] and len(mbox_messages(bob)) == 1
+    assert [(e.recipient, e.event) for e in events(inst, TRACE)] == [
+        ("alice@example.org", "refused"), ("bob@example.org", "delivered")]
+
+
+def test_events_record_each_delivery_with_its_path(client: Client, inst: Installation,
+                                                    alice: Path, bob: Path) -> None:
+    _, data = client.deliver("carol@example.net", ["alice@example.org", "bob@example.org"], MESSAGE, trace=TRACE)
+    assert [c for c, _ in data] == [250, 250]
+    got = {e.recipient: (e.event, e.path, e.detail[:3]) for e in events(inst, TRACE)}
+    assert got == {
+        "alice@example.org": ("delivered", str(maildir_messages(alice)[0]), "250"),
+        "bob@example.org": ("delivered", str(bob), "250"),
+    }
+
+
+def test_redelivery_of_the_same_trace_id_stores_nothing_twice(client: Client, inst: Installation,
+                                                               alice: Path, bob: Path) -> None:
+    for _ in range(3):
+        _, data = client.deliver("carol@example.net", ["alice@example.org", "bob@example.org"], MESSAGE,
+                                 trace=TRACE)
+        assert [c for c, _ in data] == [250, 250]
+    assert len(maildir_messages(alice)) == 1
+    assert len(mbox_messages(bob)) == 1
+    # The MDA crashed after storing but before recording: the Maildir name still finds it.
+    db = inst.db()
+    with db.write() as s:
+        for e in s.scalars(select(Event)):
+            s.delete(e)
+        s.commit()
+    db.close()
+    _, data = client.deliver("carol@example.net", ["alice@example.org"], MESSAGE, trace=TRACE)
+    assert data[0][0] == 250
+    assert len(maildir_messages(alice)) == 1
+    # A reader moved it to cur/: still one copy.
+    (path,) = maildir_messages(alice)
+    path.rename(alice / "cur" / (path.name + ":2,S"))
+    _, data = client.deliver("carol@example.net", ["alice@example.org"], MESSAGE, trace=TRACE)
+    assert len(maildir_messages(alice)) == 1
+    # Another message is another file.
+    client.deliver("carol@example.net", ["alice@example.org"], MESSAGE, trace="0192F3A1B2C3D4E5F7")
+    assert len(maildir_messages(alice)) == 2
+
+
+def test_the_same_recipient_twice_in_one_transaction(client: Client, bob: Path) -> None:
+    _, data = client.deliver("carol@example.net", ["bob@example.org", "bob@example.org"], MESSAGE)
+    assert [c for c, _ in data] == [250, 250]
+    assert len(mbox_messages(bob)) == 1
+
+
+# --- quota ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("store", ["maildir", "mbox"])
+def test_quota_refuses_with_552_5_2_2(inst: Installation, mda: MDA, store: str) -> None:
+    box = add_user(inst, "q@example.org", store, quota=2500)
+    message = b"Subject: q\r\n\r\n" + b"z" * 900 + b"\r\n"  # about 1 KB stored
+    c = Client(mda.port)
+    replies = []
+    try:
+        c.cmd("LHLO client.test")
+        for _ in range(4):
+            _, data = c.deliver("carol@example.net", ["q@example.org"], message)
+            replies.append(data[0])
+    finally:
+        c.close()
+    assert [code for code, _ in replies] == [250, 250, 552, 552], replies
+    assert "5.2.2" in replies[2][1]
+    stored = maildir_messages(box) if store == "maildir" else mbox_messages(box)
+    assert len(stored) == 2
+    if store == "maildir":
+        assert sum(p.stat().st_size for p in stored) <= 2500
+        assert (box / "maildirsize").read_text().splitlines()[0] == "2500S"
+    else:
+        assert box.stat().st_size <= 2500
+
+
+def test_maildir_quota_notices_mail_removed_by_a_reader(inst: Installation, mda: MDA) -> None:
+    box = add_user(inst, "q@example.org", "maildir", quota=2500)
+    message = b"Subject: q\r\n\r\n" + b"z" * 900 + b"\r\n"
+    c = Client(mda.port)
+    try:
+        c.cmd("LHLO client.test")
+        codes = [c.deliver("carol@example.net", ["q@example.org"], message)[1][0][0] for _ in range(3)]
+        assert codes == [250, 250, 552]
+        # A reader (mutt) deletes both without touching maildirsize.  Once the
+        # "over quota" total is older than 15 minutes, it is recounted.
+        for p in maildir_messages(box):
+            p.unlink()
+        old = time.time() - 16 * 60
+        os.utime(box / "maildirsize", (old, old))
+        # first: still believed full (quota 2500, counted 2 x ~950 + new ~950) -> recount -> fits
+        codes = [c.deliver("carol@example.net", ["q@example.org"], message)[1][0][0] for _ in range(2)]
+        assert codes == [250, 250]
+    finally:
+        c.close()
+
+
+# --- mbox locking --------------------------------------------------------------------------
+
+
+def test_a_held_dotlock_gives_451_4_2_0_and_then_delivery(client: Client, bob: Path) -> None:
+    bob.parent.mkdir(parents=True, exist_ok=True)
+    lock = bob.with_name(bob.name + ".lock")
+    lock.write_text("4242\n")
+    started = time.monotonic()
+    _, data = client.deliver("carol@example.net", ["bob@example.org"], MESSAGE)
+    assert data[0][0] == 451 and "4.2.0" in data[0][1], data
+    assert 0.4 < time.monotonic() - started < 5  # waited for mda.lock_timeout (0.5 s)
+    assert lock.read_text() == "4242\n"  # somebody else's lock is left alone
+    lock.unlink()
+    _, data = client.deliver("carol@example.net", ["bob@example.org"], MESSAGE)
+    assert data[0][0] == 250
+    assert len(mbox_messages(bob)) == 1 and not lock.exists()
+
+
+def test_a_held_fcntl_lock_gives_451_4_2_0(client: Client, bob: Path) -> None:
+    bob.parent.mkdir(parents=True, exist_ok=True)
+    bob.write_bytes(b"")
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl,sys,time; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX); "
+         "print('locked', flush=True); time.sleep(30)", str(bob)],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        _, data = client.deliver("carol@example.net", ["bob@example.org"], MESSAGE)
+        assert data[0][0] == 451 and "4.2.0" in data[0][1], data
+        assert not bob.with_name(bob.name + ".lock").exists()  # our dotlock was released
+    finally:
+        holder.kill()
+        holder.wait(10)
+        assert holder.stdout is not None
+        holder.stdout.close()
+    _, data = client.deliver("carol@example.net", ["bob@example.org"], MESSAGE)
+    assert data[0][0] == 250 and len(mbox_messages(bob)) == 1
