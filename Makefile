@@ -29,6 +29,12 @@ peers:
 test: venv peers
 	$(BIN)/pytest
 
+# Mailroom and Postfix side by side under the same loads (issue 7; as root: Postfix
+# runs only as root).  Prints a table, writes bench/results/latest.json, and ends
+# with `e2e_ratio=R p99_ms=L idle1000_mb=M`.  See docs/performance.md.
+bench: venv peers
+	ulimit -n 8192 2>/dev/null || true; $(BIN)/python -m bench
+
 lint: venv
 	$(BIN)/ruff check common msa mta mda cli tests
 	$(BIN)/mypy
