@@ -275,6 +275,7 @@ class Listener(SMTP):
                     continue
                 if self.require_starttls and not session.tls and name not in (
                     "NOOP", "EHLO", "LHLO", "HELO", "STARTTLS", "QUIT", "RSET",
+                    "AUTH",  # smtp_AUTH answers 538 5.7.11 itself (RFC 4954 6)
                 ):  # fmt: skip
                     await self.reply(Reply(530, "5.7.0", "Must issue a STARTTLS command first"))
                     continue
@@ -283,6 +284,10 @@ class Listener(SMTP):
                     await method(arg)
                 except SMTPError as exc:
                     await self.reply(exc.reply)
+                    if exc.reply.code == 421:  # RFC 5321 3.8: 421 means we close
+                        if self.transport is not None:
+                            self.transport.close()
+                        return
         except SMTPError as exc:
             self._write_line(str(exc.reply))
             if self.transport is not None:
@@ -300,6 +305,13 @@ class Listener(SMTP):
             if self._deadline is not None:
                 self._deadline.cancel()
             self._release()
+            # A disconnect ends the transaction too: the handler lets go of what it
+            # holds (the MSA's session with the MTA), or every dropped client
+            # would leave one behind.
+            try:
+                self.handler.reset(self.mail_session)
+            except Exception:
+                log.exception("%s: reset after disconnect failed", session.client_ip)
 
     def _admit(self, ip: str) -> bool:
         c = self.connections
@@ -457,7 +469,9 @@ class Listener(SMTP):
             return AuthResult(success=True, auth_data=session.user, message=str(result))
         if result.code == 421:
             raise SMTPError(result)  # ends the session
-        return AuthResult(success=False, message=str(result))
+        # handled=False: aiosmtpd's AuthResult defaults to handled=True, which
+        # would send no reply at all and leave the client waiting.
+        return AuthResult(success=False, handled=False, message=str(result))
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         session, envelope = self.mail_session, self.mail_envelope
@@ -563,6 +577,8 @@ class Listener(SMTP):
         limit = self.limits.max_message_size
         while True:
             line = await self._read_line(TEXT_LINE_LIMIT + 1)
+            if line is not None and len(line) > TEXT_LINE_LIMIT and line[0:1] != b".":
+                line = None  # the extra octet is only for a stuffed dot
             if line is None:
                 problem = problem or R.LINE_TOO_LONG
                 chunks.clear()
