@@ -1,0 +1,113 @@
+"""Maildir writing (mda/maildir.py) and its Maildir++ quota (mda/quota.py), on real files."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from common.log import new_trace_id, trace_time_us
+from mda import maildir, quota
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def test_unique_name_is_deterministic_per_delivery_and_safe() -> None:
+    trace = new_trace_id()
+    a = maildir.unique_name(trace, "alice@example.org", "mail.test")
+    assert a == maildir.unique_name(trace, "alice@example.org", "mail.test")
+    assert a != maildir.unique_name(trace, "bob@example.org", "mail.test")
+    assert a != maildir.unique_name(new_trace_id(), "alice@example.org", "mail.test")
+    micros = trace_time_us(trace)
+    assert a.startswith(f"{micros // 1_000_000}.M{micros % 1_000_000:06d}R")
+    odd = maildir.unique_name(trace, "a@b", "host/with:colon")
+    assert "/" not in odd and ":" not in odd and odd.endswith(".host\\057with\\072colon")
+
+
+def test_deliver_links_into_new_and_leaves_tmp_empty(tmp_path: Path) -> None:
+    box = tmp_path / "box"
+    path, stored = maildir.deliver(box, b"Subject: x\n\nbody\n", "1.M1R1.host")
+    assert stored and path == box / "new" / "1.M1R1.host"
+    assert path.read_bytes() == b"Subject: x\n\nbody\n"
+    assert list((box / "tmp").iterdir()) == [] and list((box / "cur").iterdir()) == []
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_second_delivery_under_the_same_name_stores_nothing(tmp_path: Path) -> None:
+    box = tmp_path / "box"
+    maildir.deliver(box, b"first\n", "1.M1R1.host")
+    path, stored = maildir.deliver(box, b"second\n", "1.M1R1.host")
+    assert not stored and path.read_bytes() == b"first\n"
+    assert len(list((box / "new").iterdir())) == 1 and list((box / "tmp").iterdir()) == []
+
+
+def test_clean_tmp_removes_only_files_older_than_36_hours(tmp_path: Path) -> None:
+    box = tmp_path / "box"
+    maildir.ensure(box)
+    now = time.time()
+    ages = {"old": 36 * 3600 + 1, "young": 36 * 3600 - 60, "new": 0}
+    for name, age in ages.items():
+        p = box / "tmp" / name
+        p.write_bytes(b"x")
+        os.utime(p, (now - age, now - age))
+    read_recently = box / "tmp" / "read"  # written long ago but read an hour ago: in use
+    read_recently.write_bytes(b"x")
+    os.utime(read_recently, (now - 3600, now - 40 * 3600))
+    (box / "tmp" / "adir").mkdir()
+    os.utime(box / "tmp" / "adir", (now - 40 * 3600, now - 40 * 3600))
+    assert maildir.clean_tmp(box, now) == 1
+    assert sorted(p.name for p in (box / "tmp").iterdir()) == ["adir", "new", "read", "young"]
+    assert maildir.clean_tmp(tmp_path / "missing", now) == 0
+
+
+# --- quota ------------------------------------------------------------------------------
+
+
+def test_no_quota_keeps_no_maildirsize(tmp_path: Path) -> None:
+    box = tmp_path / "box"
+    maildir.deliver(box, b"x" * 100, "1.M1R1.host")
+    assert not (box / quota.SIZE_FILE).exists()
+
+
+def test_quota_counts_without_scanning_and_refuses_what_does_not_fit(tmp_path: Path) -> None:
+    box = tmp_path / "box"
+    for i in range(3):
+        maildir.deliver(box, b"x" * 300, f"{i}.M1R1.host", quota_limit=1000)
+    assert (box / quota.SIZE_FILE).read_text() == "1000S\n0 0\n300 1\n300 1\n300 1\n"
+    # A message planted behind the MDA's back is not seen: the running total is trusted.
+    (box / "cur" / "planted:2,S").write_bytes(b"y" * 500)
+    assert quota.maildir_usage(box, 1000)[0] == 900
+    maildir.deliver(box, b"x" * 100, "3.M1R1.host", quota_limit=1000)  # exactly full
+    with pytest.raises(quota.QuotaExceeded):
+        maildir.deliver(box, b"x", "4.M1R1.host", quota_limit=1000)
+    assert len(list((box / "new").iterdir())) == 4 and list((box / "tmp").iterdir()) == []
+
+
+def test_quota_is_recounted_when_the_limit_changes_or_the_file_grows(tmp_path: Path) -> None:
+    box = tmp_path / "box"
+    maildir.ensure(box)
+    (box / "new" / "a").write_bytes(b"x" * 200)
+    (box / ".Sent" / "cur").mkdir(parents=True)
+    (box / ".Sent" / "cur" / "b:2,S").write_bytes(b"x" * 50)  # Maildir++ folders share the quota
+    (box / quota.SIZE_FILE).write_text("1000S\n999 1\n")
+    assert quota.maildir_usage(box, 1000)[0] == 999
+    assert quota.maildir_usage(box, 2000)[0] == 250  # new limit: recounted
+    assert (box / quota.SIZE_FILE).read_text() == "2000S\n250 2\n"
+    (box / quota.SIZE_FILE).write_text("2000S\n" + "1 1\n" * 1400)  # > 5120 bytes
+    assert quota.maildir_usage(box, 2000)[0] == 250
+    (box / quota.SIZE_FILE).write_text("2000S\nnonsense\n")
+    assert quota.maildir_usage(box, 2000)[0] == 250
+
+
+def test_a_stale_full_total_is_recounted_before_refusing(tmp_path: Path) -> None:
+    box = tmp_path / "box"
+    maildir.ensure(box)
+    (box / quota.SIZE_FILE).write_text("1000S\n900 3\n")  # the reader deleted those three
+    with pytest.raises(quota.QuotaExceeded):
+        quota.check_maildir(box, 1000, 200)  # fresh figure: trusted
+    old = time.time() - quota.STALE_OVER_QUOTA - 5
+    os.utime(box / quota.SIZE_FILE, (old, old))
+    quota.check_maildir(box, 1000, 200)  # old figure: recounted (0 bytes), fits
+    assert (box / quota.SIZE_FILE).read_text() == "1000S\n0 0\n"

@@ -1,0 +1,90 @@
+"""mboxrd writing (mda/mbox.py): quoting, the From_ line, locking and the quota, on real files."""
+
+from __future__ import annotations
+
+import mailbox
+import os
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mda import mbox
+from mda.quota import QuotaExceeded
+
+pytestmark = pytest.mark.timeout(20)
+
+
+@pytest.mark.parametrize(("line", "stored"), [
+    (b"From x", b">From x"),
+    (b">From x", b">>From x"),
+    (b">>>From x", b">>>>From x"),
+    (b"From", b"From"),
+    (b"Fromage", b"Fromage"),
+    (b" From x", b" From x"),
+    (b"X>From x", b"X>From x"),
+    (b">Fro", b">Fro"),
+])
+def test_mboxrd_quotes_from_lines(line: bytes, stored: bytes) -> None:
+    assert mbox.quote(b"a\n" + line + b"\nb\n") == b"a\n" + stored + b"\nb\n"
+    assert mbox.quote(line + b"\n") == stored + b"\n"
+    assert mbox.unquote(stored + b"\n") == line + b"\n"
+
+
+@given(st.lists(st.sampled_from([b"From ", b">", b"x", b" ", b"\n", b">From "]), max_size=30).map(b"".join))
+def test_unquote_undoes_quote(body: bytes) -> None:
+    quoted = mbox.quote(body)
+    assert mbox.unquote(quoted) == body
+    assert not any(line.startswith(b"From ") for line in quoted.split(b"\n"))
+
+
+def test_from_line_uses_asctime_in_utc_and_mailer_daemon_for_the_null_sender() -> None:
+    when = 1700000000.0  # Tue Nov 14 22:13:20 2023 UTC
+    assert mbox.from_line("a@example.org", when) == b"From a@example.org Tue Nov 14 22:13:20 2023\n"
+    assert mbox.from_line("", when) == b"From MAILER-DAEMON Tue Nov 14 22:13:20 2023\n"
+
+
+def test_entries_end_with_a_blank_line_even_without_a_final_newline() -> None:
+    assert mbox.entry(b"Subject: x\n\nbody\n", "a@b", 0).endswith(b"\nbody\n\n")
+    assert mbox.entry(b"Subject: x\n\nbody", "a@b", 0).endswith(b"\nbody\n\n")
+
+
+def test_deliver_appends_and_python_reads_each_message(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "box.mbox"
+    bodies = [b"Subject: 1\n\nFrom a\n", b"Subject: 2\n\n>From b\n\n", b"Subject: 3\n\n"]
+    for b in bodies:
+        mbox.deliver(path, b, "a@example.org")
+    assert not path.with_name("box.mbox.lock").exists()
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    box = mailbox.mbox(path, create=False)
+    try:
+        assert [mbox.unquote(box.get_bytes(k)) for k in box.iterkeys()] == bodies
+    finally:
+        box.close()
+
+
+def test_a_stale_dotlock_is_broken_and_a_fresh_one_waited_for(tmp_path: Path) -> None:
+    path = tmp_path / "box.mbox"
+    lock = tmp_path / "box.mbox.lock"
+    lock.write_text("1\n")
+    with pytest.raises(mbox.LockTimeout):
+        mbox.deliver(path, b"Subject: x\n\n", "a@b", lock_timeout=0.2)
+    assert lock.exists() and not path.exists()
+    old = time.time() - mbox.STALE_DOTLOCK_SECONDS - 10
+    os.utime(lock, (old, old))
+    mbox.deliver(path, b"Subject: x\n\n", "a@b", lock_timeout=0.2)
+    assert not lock.exists() and path.read_bytes().count(b"\nSubject: x\n") == 1
+
+
+def test_the_quota_is_checked_against_the_file_size(tmp_path: Path) -> None:
+    path = tmp_path / "box.mbox"
+    size = len(mbox.entry(b"Subject: x\n\n" + b"x" * 100 + b"\n", "a@b", 0))
+    for _ in range(2):
+        mbox.deliver(path, b"Subject: x\n\n" + b"x" * 100 + b"\n", "a@b", quota_limit=2 * size)
+    before = path.read_bytes()
+    with pytest.raises(QuotaExceeded):
+        mbox.deliver(path, b"Subject: y\n\n", "a@b", quota_limit=2 * size)
+    assert path.read_bytes() == before
+    assert not (tmp_path / "box.mbox.lock").exists()
