@@ -15,6 +15,7 @@ import asyncio
 import logging
 
 from common import reply as R
+from common.address import lookup_key
 from common.config import parse_hostport
 from common.daemon import Context, serve_until_stopped
 from common.listener import Handler, MailEnvelope, MailSession, limits_from, serve
@@ -50,11 +51,24 @@ class SubmissionHandler(Handler):
         self.limiters = limiters
         self.upstream: Client | None = None
         self.owned: set[str] = set()
+        self._closing: set[asyncio.Task[None]] = set()
 
     def reset(self, session: MailSession) -> None:
+        # Also called when the client hangs up mid-transaction: the MTA
+        # session must not linger until its idle timeout.
         if self.upstream is not None:
             client, self.upstream = self.upstream, None
-            asyncio.get_running_loop().create_task(client.quit())
+            task = asyncio.get_running_loop().create_task(client.quit())
+            self._closing.add(task)  # keep a reference until it is done
+            task.add_done_callback(self._closing.discard)
+
+    def owns(self, address: str) -> bool:
+        """The user's own address or alias, also with a +tag (alice+lists@...)."""
+        a = address.lower()
+        if a in self.owned:
+            return True
+        delimiter = self.ctx.config.mda.recipient_delimiter
+        return bool(delimiter) and "@" in a and lookup_key(a, delimiter) in self.owned
 
     async def connect(self, session: MailSession) -> None:
         if self.limiters.failures.is_locked(session.client_ip):
@@ -87,7 +101,7 @@ class SubmissionHandler(Handler):
     async def mail(self, session: MailSession, envelope: MailEnvelope, sender: str) -> Reply:
         if session.user is None:
             return R.AUTH_REQUIRED
-        if sender.lower() not in self.owned:
+        if not self.owns(sender):
             log.warning("user %s may not send as <%s>", session.user, sender)
             return R.SENDER_DENIED
         if not self.limiters.messages.allow(session.user):
@@ -105,9 +119,12 @@ class SubmissionHandler(Handler):
                 self.upstream = await self._open_upstream(envelope)
             return await self.upstream.rcpt(recipient)
         except NextHopError as exc:
-            log.error("MTA unavailable: %s", exc.reply)
             self._drop_upstream()
-            return R.NEXT_HOP_UNAVAILABLE
+            if exc.reply.code == 451 and exc.reply.status.startswith("4.4."):
+                log.error("MTA unavailable: %s", exc.reply)
+                return R.NEXT_HOP_UNAVAILABLE
+            log.warning("MTA refused MAIL: %s", exc.reply)
+            return exc.reply
 
     async def _open_upstream(self, envelope: MailEnvelope) -> Client:
         cfg = self.ctx.config
@@ -123,7 +140,7 @@ class SubmissionHandler(Handler):
         reply = await client.mail(envelope.mail_from or "", tuple(params))
         if reply.code != 250:
             await client.quit()
-            raise NextHopError(reply if reply.is_temporary else R.NEXT_HOP_UNAVAILABLE)
+            raise NextHopError(reply)  # the MTA's own verdict, passed on at this RCPT
         return client
 
     def _drop_upstream(self) -> None:
@@ -135,8 +152,13 @@ class SubmissionHandler(Handler):
         assert isinstance(envelope.content, bytes) and session.user is not None
         cfg = self.ctx.config
         header, _ = submission.split_message(envelope.content)
-        for a in submission.from_addresses(header):
-            if a not in self.owned:
+        try:
+            shown = submission.from_addresses(header)
+        except submission.UnreadableHeader as exc:
+            log.warning("user %s sent an unreadable header: %s", session.user, exc)
+            return R.HEADER_SENDER_DENIED.with_text("From:/Sender: header cannot be read unambiguously")
+        for a in shown:
+            if not self.owns(a):
                 log.warning("user %s may not send with From: %s", session.user, a)
                 return R.HEADER_SENDER_DENIED
         now = self.ctx.clock.now()
@@ -153,7 +175,13 @@ class SubmissionHandler(Handler):
             log.error("MTA lost during DATA: %s", exc.reply)
             self._drop_upstream()
             return R.NEXT_HOP_UNAVAILABLE
-        await self.ctx.db.run(self._record, envelope, session, len(content), reply, now)
+        if reply.code == 250:
+            try:
+                await self.ctx.db.run(self._record, envelope, session, len(content), reply, now)
+            except Exception:
+                # The MTA has the message: answering anything but its 250 now
+                # would make the client send it twice.  Only the trace loses a line.
+                log.exception("could not record the submission events")
         log.info("relayed from=<%s> user=%s nrcpt=%d: %s", envelope.mail_from, session.user,
                  len(envelope.rcpt_tos), reply)
         return reply

@@ -1,10 +1,13 @@
 """What RFC 6409 lets a submission server check and fix in a message.
 
-- 8.1/8.2: add Date and Message-ID when the client left them out;
+- 8.2/8.3: add Date and Message-ID when the client left them out;
 - a Received header saying the message came in authenticated (ESMTPSA,
   RFC 3848) and carrying the trace id;
-- the From: addresses must belong to the authenticated user (6.1 lets us
-  refuse mail the user may not send).
+- the From: (and Sender:) addresses must belong to the authenticated user
+  (6.1 lets us refuse mail the user may not send).  Reading those fields is
+  deliberately strict: a field we cannot parse cleanly, or a display name
+  that itself looks like someone else's address, is refused rather than
+  guessed at, because the recipient's reader may show it differently.
 
 Header work is done on the raw bytes: the body is passed on untouched.
 """
@@ -12,6 +15,8 @@ Header work is done on the raw bytes: the body is passed on untouched.
 from __future__ import annotations
 
 import datetime as dt
+import email.errors
+import email.header
 import email.utils
 import re
 import secrets
@@ -28,20 +33,48 @@ def split_message(content: bytes) -> tuple[bytes, bytes]:
 
 
 def header_values(header: bytes, name: str) -> list[str]:
-    """Unfolded values of every `name:` field."""
+    """Unfolded values of every `name:` field (also `name :`, RFC 5322 4.5's obsolete form)."""
     text = header.decode("utf-8", "surrogateescape")
     unfolded = re.sub(r"\r\n(?=[ \t])", "", text)
-    prefix = name.lower() + ":"
-    return [
-        line[len(prefix) :].strip()
-        for line in unfolded.split("\r\n")
-        if line.lower().startswith(prefix)
-    ]
+    field = re.compile(rf"{re.escape(name)}[ \t]*:", re.I)
+    out = []
+    for line in unfolded.split("\r\n"):
+        m = field.match(line)
+        if m:
+            out.append(line[m.end() :].strip())
+    return out
+
+
+# Anything a reader could take for an address, wherever it stands in the field.
+_ADDRESS_LIKE = re.compile(r"[^\s<>()\[\],;:\"'@]+@[^\s<>()\[\],;:\"'@]+")
+
+
+class UnreadableHeader(ValueError):
+    """A From:/Sender: field whose addresses cannot be told for sure."""
 
 
 def from_addresses(header: bytes) -> list[str]:
-    values = header_values(header, "From")
-    return [a.lower() for _, a in email.utils.getaddresses(values) if a]
+    """Every address the From: and Sender: fields show, lower-cased.
+
+    Raises UnreadableHeader when a field is empty or does not parse into
+    plain addresses, so the caller refuses it instead of letting it through.
+    """
+    found: list[str] = []
+    for name in ("From", "Sender"):
+        for value in header_values(header, name):
+            parsed = [a for _, a in email.utils.getaddresses([value])]
+            if not parsed or any(not a or a.startswith("@") or "@" not in a for a in parsed):
+                raise UnreadableHeader(f"{name}: {value[:80]!r}")
+            try:
+                # What a reader displays: encoded words decoded (RFC 2047).
+                shown = str(email.header.make_header(email.header.decode_header(value)))
+            except (ValueError, LookupError, email.errors.HeaderParseError) as exc:
+                raise UnreadableHeader(f"{name}: {value[:80]!r}") from exc
+            for a in [*parsed, *_ADDRESS_LIKE.findall(shown)]:
+                a = a.lower().rstrip(".")
+                if a not in found:
+                    found.append(a)
+    return found
 
 
 def fix(content: bytes, *, hostname: str, received: str, now: dt.datetime) -> bytes:
