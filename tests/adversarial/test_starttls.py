@@ -1,0 +1,33 @@
+"""STARTTLS command injection (CVE-2011-0411, CVE-2024-34083): what was pipelined after
+STARTTLS in plaintext is thrown away, never answered inside the TLS session."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.adversarial.dialogue import STARTTLS_HANDSHAKE, line, run
+from tests.adversarial.stack import Stack
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.mark.parametrize("key", ["submission", "smtp"])
+@pytest.mark.parametrize("injected", [b"RSET\r\n", b"MAIL FROM:<evil@remote.example>\r\nRCPT TO:<alice@example.org>\r\n"],
+                         ids=["RSET", "envelope"])
+def test_commands_pipelined_after_starttls_are_discarded(stack: Stack, key: str, injected: bytes) -> None:
+    s = run(stack.ports[key], [
+        (None, "220 "), (line("EHLO client.example"), "250 "),
+        (b"STARTTLS\r\n" + injected, "220 "),  # one packet
+        (STARTTLS_HANDSHAKE, None),
+        # The first reply inside TLS must be EHLO's, not an answer to the injected lines.
+        (line("EHLO client.example"), "250 "),
+    ])
+    try:
+        first_tls_reply = s.transcript[s.transcript.index("   <TLS handshake>") + 2]
+        assert first_tls_reply == "S: 250-mail.test", "\n".join(s.transcript)
+        # Nothing is pending either: the next command gets its own answer.
+        s.send(line("HELP"))
+        s.expect("250 2.0.0 Supported commands")
+    finally:
+        s.close()
+    assert stack.queued() == []
