@@ -100,7 +100,9 @@ class LMTPHandler(Handler):
         # store LF, as Postfix's local/virtual agents and Dovecot do.
         body = envelope.content.replace(b"\r\n", b"\n")
         try:
-            return await self.ctx.db.run(
+            # Not in the database pool: a delivery may wait up to lock_timeout
+            # for an mbox lock, and must not hold up other sessions' lookups.
+            return await asyncio.to_thread(
                 self._deliver_all, envelope.trace_id, envelope.mail_from, envelope.rcpt_tos, body
             )
         except Exception:
