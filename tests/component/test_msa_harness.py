@@ -18,6 +18,7 @@ import smtplib
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -87,23 +88,36 @@ class Stack:
             return fn()
         return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(10)
 
-    def start(self, service: Service, *ports: int) -> Context:
+    def start(self, service: Service) -> Context:
         ctx: Context = self.call(self.inst.context)
         self.contexts.append(ctx)
         self.tasks.append(asyncio.run_coroutine_threadsafe(service(ctx), self.loop))  # type: ignore[arg-type]
-        for p in ports:
-            wait_port(p, 10)
         return ctx
 
     def start_msa(self) -> Context:
         from msa.server import run
 
-        return self.start(run, self.inst.ports["submission"], self.inst.ports["submissions"])
+        ctx = self.start(run)
+        wait_port(self.inst.ports["submission"], 10)
+        wait_port(self.inst.ports["submissions"], 10)
+        # wait_port's probes count against the per-client connection cap until
+        # the server has seen them close; a whole session (QUIT, then EOF)
+        # makes sure they are gone before a test counts connections.
+        for port, tls in ((self.inst.ports["submission"], False), (self.inst.ports["submissions"], True)):
+            probe = Raw(port, tls=tls)
+            probe.reply()
+            probe.cmd("QUIT")
+            probe.closed()
+            probe.close()
+        time.sleep(0.05)
+        return ctx
 
     def start_mta(self) -> Context:
         from mta.smtpd import run
 
-        return self.start(run, self.inst.ports["internal"])
+        ctx = self.start(run)
+        wait_port(self.inst.ports["internal"], 10)
+        return ctx
 
     def stop(self, ctx: Context) -> None:
         i = self.contexts.index(ctx)

@@ -478,3 +478,29 @@ def test_mta_lost_during_data_gives_451_441(scripted: tuple[Stack, dict[str, obj
         assert c.noop()[0] == 250  # the client's session carries on
     finally:
         c.close()
+
+
+def _established_to(port: int) -> int:
+    """Open TCP connections whose server side is 127.0.0.1:`port` (from /proc/net/tcp)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].split(":")[1], 16)
+        if local_port == port and fields[3] == "01":  # 01 = ESTABLISHED
+            count += 1
+    return count
+
+
+def test_a_client_hanging_up_mid_transaction_releases_the_mta_session(
+    scripted: tuple[Stack, dict[str, object]], inst: Installation
+) -> None:
+    port = inst.ports["internal"]
+    c = logged_in(inst)
+    assert c.mail("alice@example.org")[0] == 250
+    assert c.rcpt("bob@example.org")[0] == 250
+    assert _established_to(port) == 1  # the MSA holds a session with the MTA
+    c.close()  # gone, without QUIT
+    deadline = time.monotonic() + 5
+    while _established_to(port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _established_to(port) == 0

@@ -1,0 +1,160 @@
+"""The MSA's abuse limits, set to small values in the installation's config file.
+
+Failed logins per client address (slowed, then 421 4.7.0 and locked out for
+auth_lockout), messages and recipients per user per hour (451 4.7.1), and
+connections per client address (421 4.7.0).  Loopback has a whole /8, so
+different client addresses are 127.0.0.x source addresses.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.component.test_msa_harness import (
+    PASSWORD,
+    Raw,
+    auth_plain,
+    logged_in,
+    new_installation,
+    running,
+    submission,
+    submissions,
+)
+from tests.support.suite import Installation
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _inst(tmp_path: Path, **msa: str) -> Installation:
+    return new_installation(tmp_path / "mailroom", msa=msa)
+
+
+def test_failed_logins_are_slowed_then_refused_with_421_and_locked_out(tmp_path: Path) -> None:
+    inst = _inst(tmp_path, max_auth_failures="3", auth_failure_window='"10m"', auth_lockout='"3s"')
+    with running(inst):
+        c = submission(inst, source="127.0.0.2")
+        took = []
+        for _ in range(2):
+            start = time.monotonic()
+            code, text = auth_plain(c, "alice@example.org", "guess")
+            took.append(time.monotonic() - start)
+            assert (code, text[:6]) == (535, b"5.7.8 "), text
+        assert took[0] >= 0.45 and took[1] >= 0.95, took  # 0.5 s, then 1 s: slower each time
+        raw_code, text = auth_plain(c, "alice@example.org", "guess")
+        assert (raw_code, text[:6]) == (421, b"4.7.0 "), text
+        with pytest.raises(OSError):  # smtplib.SMTPServerDisconnected is an OSError
+            c.noop()  # the session is over
+        c.close()
+        locked_at = time.monotonic()
+
+        # The address is now locked out, even with the right password.
+        r = Raw(inst.ports["submission"], source="127.0.0.2")
+        assert r.reply().startswith("421 4.7.0 ")
+        assert r.closed()
+        r.close()
+        r = Raw(inst.ports["submissions"], tls=True, source="127.0.0.2")
+        assert r.reply().startswith("421 4.7.0 ")
+        r.close()
+        # Other addresses are not.
+        other = logged_in(inst, source="127.0.0.3")
+        other.quit()
+
+        # After auth_lockout the address may try again, and logs in.
+        time.sleep(max(0.0, 3.2 - (time.monotonic() - locked_at)))
+        again = logged_in(inst, source="127.0.0.2")
+        again.quit()
+
+
+def test_a_locked_out_address_cannot_log_in_on_an_open_session(tmp_path: Path) -> None:
+    # A client that opened a second session before the lockout gets no use of it.
+    inst = _inst(tmp_path, max_auth_failures="2", auth_lockout='"1h"')
+    with running(inst):
+        spare = submissions(inst, source="127.0.0.4")
+        c = submissions(inst, source="127.0.0.4")
+        assert auth_plain(c, "alice@example.org", "x")[0] == 535
+        assert auth_plain(c, "alice@example.org", "x")[0] == 421
+        c.close()
+        code, text = auth_plain(spare, "alice@example.org", PASSWORD)
+        assert (code, text[:6]) == (421, b"4.7.0 "), text
+        spare.close()
+
+
+def test_failures_outside_the_window_do_not_add_up(tmp_path: Path) -> None:
+    inst = _inst(tmp_path, max_auth_failures="2", auth_failure_window='"1s"', auth_lockout='"1h"')
+    with running(inst):
+        c = submission(inst, source="127.0.0.5")
+        assert auth_plain(c, "alice@example.org", "x")[0] == 535
+        time.sleep(1.1)
+        assert auth_plain(c, "alice@example.org", "x")[0] == 535  # the first one has expired
+        assert auth_plain(c, "alice@example.org", "x")[0] == 421
+        c.close()
+
+
+def test_default_is_five_failures(tmp_path: Path) -> None:
+    inst = _inst(tmp_path)
+    assert (inst.config.msa.max_auth_failures, inst.config.msa.auth_failure_window,
+            inst.config.msa.auth_lockout) == (5, 600.0, 600.0)
+
+
+def test_messages_per_user_per_hour(tmp_path: Path) -> None:
+    inst = _inst(tmp_path, max_messages_per_hour="2")
+    with running(inst):
+        c = logged_in(inst)
+        for _ in range(2):
+            c.sendmail("alice@example.org", ["bob@example.org"], b"From: alice@example.org\r\n\r\nhi\r\n")
+        code, text = c.mail("alice@example.org")
+        assert (code, text[:6]) == (451, b"4.7.1 "), text
+        c.close()
+        # It is per user, not per connection or address...
+        again = logged_in(inst)
+        assert again.mail("alice@example.org")[0] == 451
+        again.close()
+        # ...and other users are not affected.
+        bob = logged_in(inst, "bob@example.org")
+        assert bob.mail("bob@example.org")[0] == 250
+        bob.close()
+
+
+def test_recipients_per_user_per_hour(tmp_path: Path) -> None:
+    inst = _inst(tmp_path, max_recipients_per_hour="3")
+    with running(inst):
+        c = logged_in(inst)
+        assert c.mail("alice@example.org")[0] == 250
+        for r in ("bob@example.org", "alice@example.org", "sales@example.org"):
+            assert c.rcpt(r)[0] == 250
+        code, text = c.rcpt("info@example.org")
+        assert (code, text[:6]) == (451, b"4.7.1 "), text
+        code, reply = c.data(b"From: alice@example.org\r\n\r\nhi\r\n")
+        assert code == 250, reply  # the recipients within the limit still get it
+        assert c.mail("alice@example.org")[0] == 250
+        assert c.rcpt("bob@example.org")[0] == 451
+        c.close()
+
+
+def test_connection_cap_per_client_address(tmp_path: Path) -> None:
+    inst = _inst(tmp_path, max_connections_per_client="2")
+    with running(inst):
+        first, second = Raw(inst.ports["submission"]), Raw(inst.ports["submission"])
+        assert first.reply().startswith("220 ") and second.reply().startswith("220 ")
+        third = Raw(inst.ports["submission"])
+        assert third.reply().startswith("421 4.7.0 ")
+        assert third.closed()
+        third.close()
+        other = Raw(inst.ports["submission"], source="127.0.0.6")  # another address is let in
+        assert other.reply().startswith("220 ")
+        other.close()
+        first.cmd("QUIT")
+        first.close()
+        deadline = time.monotonic() + 5
+        while True:  # the slot is freed once the server has seen the close
+            again = Raw(inst.ports["submission"])
+            greeting = again.reply()
+            again.close()
+            if greeting.startswith("220 ") or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert greeting.startswith("220 "), greeting
+        second.close()
