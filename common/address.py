@@ -59,9 +59,10 @@ def parse_path(arg: str, *, sender: bool, utf8: bool = False) -> tuple[str, list
     Raises SMTPError with 501 5.1.7 (sender) or 501 5.1.3 (recipient).
     """
     bad: Reply = BAD_SENDER_SYNTAX if sender else BAD_RECIPIENT_SYNTAX
-    text = arg.strip()
-    if any(c in text for c in "\x00\r\n"):
+    # Look before stripping: str.strip() would quietly drop a CR or LF at either end.
+    if any(c in arg for c in "\x00\r\n"):
         raise SMTPError(bad.with_text("Bad address syntax: control character"))
+    text = arg.strip(" \t")
     if text.startswith("<"):
         end = _closing_bracket(text)
         if end < 0:

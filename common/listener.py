@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException
 
 from common import address as addr
 from common import reply as R
@@ -406,7 +406,15 @@ class Listener(SMTP):
             await self.reply(Reply(502, "5.5.1", "STARTTLS not available"))
             return
         before = self.mail_session
-        await super().smtp_STARTTLS(arg)
+        try:
+            await super().smtp_STARTTLS(arg)
+        except TLSSetupException as exc:
+            # A client that says STARTTLS and then sends no (or a broken) handshake:
+            # nothing to answer in either protocol, just hang up.
+            log.info("%s: TLS handshake failed: %r", before.client_ip, exc.__cause__)
+            if self.transport is not None:
+                self.transport.close()
+            raise ConnectionResetError("TLS handshake failed") from exc
         # aiosmtpd made a fresh session when TLS came up: RFC 3207 4.2 says to
         # forget everything learned before TLS, EHLO included.  Keep only who
         # the client is.
