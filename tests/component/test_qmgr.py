@@ -1,0 +1,549 @@
+"""The queue manager in process, driven by a FakeClock, delivering to real sockets.
+
+Remote MX hosts are scripted aiosmtpd servers on 127.0.0.x loopback addresses
+(all on one port, `[mta] remote_port`), found through a real DNS server on a
+loopback port (tests/support/dns_server.py).  They answer 250, 4xx or 5xx,
+drop the connection after DATA, or stall.  The local hop is an LMTP server on
+a socket.  Bounces travel back over SMTP to the sender's own scripted MX and
+are parsed with Python's `email` package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import email
+import email.policy
+import socket
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from sqlalchemy import select
+
+from common.clock import FakeClock
+from common.db import Database
+from common.listener import Handler, Limits, MailEnvelope, MailSession, serve
+from common.models import Event, Message, Recipient
+from common.reply import Reply
+from common.tls import make_self_signed, server_context
+from mta import queue
+from mta.delivery import LocalDelivery, RemoteDelivery
+from mta.qmgr import Policy, QueueManager
+from mta.routing import make_resolver
+from tests.support.dns_server import DNSServer
+
+pytestmark = pytest.mark.timeout(30)
+
+IPS = {
+    "ok": "127.0.0.2", "soft": "127.0.0.3", "hard": "127.0.0.4", "drop": "127.0.0.5", "stall": "127.0.0.6",
+    "down": "127.0.0.7", "sender": "127.0.0.8", "backup": "127.0.0.9", "transport": "127.0.0.10",
+}
+RECORDS: dict[str, Any] = {
+    **{f"{name}.test": {"MX": [(10, f"mx.{name}.test")]} for name in IPS},
+    **{f"mx.{name}.test": {"A": [ip]} for name, ip in IPS.items()},
+    "twomx.test": {"MX": [(10, "mx.down.test"), (20, "mx.backup.test")]},
+    "nomx.test": {"A": [IPS["ok"]]},
+    "nullmx.test": {"MX": [(0, ".")]},
+    "servfail.test": "SERVFAIL",
+    "loop.test": {"MX": [(10, "mail.test")]},
+}
+SENDER = "alice@sender.test"
+BODY = b"From: Alice <alice@sender.test>\r\nSubject: the plan\r\nMessage-ID: <p@sender.test>\r\n\r\nhello\r\n"
+
+
+@pytest.fixture(scope="module")
+def dns_server() -> Iterator[DNSServer]:
+    with DNSServer(RECORDS) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def port() -> int:
+    """One port free on every 127.0.0.x we use (the MX hosts all listen on it)."""
+    for _ in range(50):
+        with contextlib.ExitStack() as stack:
+            socks = [stack.enter_context(socket.socket()) for _ in IPS]
+            try:
+                socks[0].bind((IPS["ok"], 0))
+                p = int(socks[0].getsockname()[1])
+                for s, ip in zip(socks[1:], list(IPS.values())[1:], strict=True):
+                    s.bind((ip, p))
+                return p
+            except OSError:
+                continue
+    raise AssertionError("no common free port")
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("tls")
+    make_self_signed(d / "cert.pem", d / "key.pem", "mx.test")
+    return d / "cert.pem", d / "key.pem"
+
+
+# --- scripted remote MX servers --------------------------------------------------------
+
+
+@dataclass
+class Received:
+    sender: str
+    recipients: list[str]
+    content: bytes
+    tls: bool
+    login: str = ""
+
+    def parsed(self) -> EmailMessage:
+        msg = email.message_from_bytes(self.content, policy=email.policy.default)
+        assert isinstance(msg, EmailMessage)
+        return msg
+
+
+@dataclass
+class MX:
+    """An aiosmtpd handler that plays one remote host's part."""
+
+    mode: str = "ok"  # ok | soft | hard | drop | stall
+    refuse: dict[str, str] = field(default_factory=dict)  # RCPT address -> reply
+    delay: float = 0.0
+    received: list[Received] = field(default_factory=list)
+    connections: int = 0
+    in_data: int = 0
+    most_in_data: int = 0
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if address in self.refuse:
+            return self.refuse[address]
+        if self.mode == "soft":
+            return "451 4.3.0 Try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.in_data += 1
+        self.most_in_data = max(self.most_in_data, self.in_data)
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            if self.mode == "stall":
+                await asyncio.sleep(3600)
+            if self.mode == "drop":
+                assert server.transport is not None
+                server.transport.close()
+                return "250 never seen"
+            if self.mode == "hard":
+                return "554 5.6.0 Content refused"
+            assert isinstance(envelope.content, bytes) and envelope.mail_from is not None
+            login = session.auth_data.login.decode() if isinstance(session.auth_data, LoginPassword) else ""
+            self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.content,
+                                          session.ssl is not None, login))
+            return "250 2.0.0 Accepted"
+        finally:
+            self.in_data -= 1
+
+
+def _authenticator(server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:
+    ok = isinstance(data, LoginPassword) and data.login == b"relayuser" and data.password == b"s3cret"
+    return AuthResult(success=ok, handled=False, auth_data=data)
+
+
+@contextlib.asynccontextmanager
+async def mx_server(
+    ip: str, port: int, handler: MX, tls: tuple[Path, Path] | None = None, auth: bool = False
+) -> AsyncIterator[MX]:
+    loop = asyncio.get_running_loop()
+    ctx = server_context(*tls) if tls else None
+
+    def factory() -> SMTP:
+        handler.connections += 1
+        return SMTP(handler, hostname=f"mx-{ip}", tls_context=ctx, authenticator=_authenticator if auth else None,
+                    auth_require_tls=True)
+
+    server = await loop.create_server(factory, ip, port)
+    try:
+        yield handler
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+# --- a scripted LMTP server (the MDA's role) ---------------------------------------------
+
+
+class LMTPScript(Handler):
+    ehlo_keywords = ("XTRACE",)  # the queue manager names the trace id, as to the real MDA
+
+    def __init__(self, outcomes: dict[str, Reply]) -> None:
+        self.outcomes = outcomes
+        self.transactions: list[list[str]] = []
+
+    async def data(self, session: MailSession, envelope: MailEnvelope) -> list[Reply]:
+        self.transactions.append(list(envelope.rcpt_tos))
+        return [self.outcomes.get(r, Reply(250, "2.0.0", "Saved")) for r in envelope.rcpt_tos]
+
+
+# --- the queue manager under test --------------------------------------------------------
+
+
+class Rig:
+    def __init__(self, tmp: Path, dns: DNSServer, port: int, *, lmtp: str = "127.0.0.1:9", policy: Policy | None = None,
+                 **remote: Any) -> None:
+        self.db = Database(f"sqlite:///{tmp / 'q.db'}", threads=2)
+        self.db.create_schema()
+        self.clock = FakeClock(dt.datetime(2030, 1, 1, 12, 0, 0))
+        args: dict[str, Any] = {
+            "hostname": "mail.test", "resolver": make_resolver([dns.address], 1.0), "relayhost": "",
+            "relayhost_auth": None, "transport": {}, "remote_port": port, "per_destination": 10,
+            "connect_timeout": 2.0, "timeout": 2.0,
+        }
+        args.update(remote)
+        self.remote = RemoteDelivery(**args)
+        self.local = LocalDelivery(lmtp, hostname="mail.test", sessions=2, timeout=5)
+        self.qm = QueueManager(
+            db=self.db, clock=self.clock,
+            policy=policy or Policy([300.0, 600.0, 1200.0, 2400.0, 3600.0], 5 * 86400.0, 4 * 3600.0),
+            local_domains=["example.org"], hostname="mail.test", local=self.local, remote=self.remote,
+        )
+
+    def enqueue(self, recipients: list[str], sender: str = SENDER, body: bytes = BODY) -> str:
+        from common.log import new_trace_id
+
+        trace = new_trace_id()
+        with self.db.write() as s:
+            queue.enqueue(s, trace=trace, sender=sender, body=body, now=self.clock.now(),
+                          recipients=[queue.QueuedRecipient(r, r) for r in recipients])
+            s.commit()
+        return trace
+
+    async def run(self) -> int:
+        """One queue manager round, waited for."""
+        n = await self.qm.run_once()
+        await self.qm.drain()
+        return n
+
+    def recipients(self, trace: str) -> dict[str, Recipient]:
+        with self.db.read() as s:
+            return {r.address: r for r in s.scalars(select(Recipient).where(Recipient.message_id == trace))}
+
+    def events(self, trace: str) -> list[Event]:
+        with self.db.read() as s:
+            return list(s.scalars(select(Event).where(Event.trace_id == trace).order_by(Event.id)))
+
+    def dsns(self) -> list[Message]:
+        with self.db.read() as s:
+            return list(s.scalars(select(Message).where(Message.is_bounce.is_(True)).order_by(Message.id)))
+
+    async def close(self) -> None:
+        await self.remote.close()
+        await self.local.close()
+        self.db.close()
+
+
+@pytest.fixture
+def rig_args(tmp_path: Path, dns_server: DNSServer, port: int) -> tuple[Path, DNSServer, int]:
+    return tmp_path, dns_server, port
+
+
+def _status_blocks(msg: EmailMessage) -> list[Any]:
+    assert msg.get_content_type() == "multipart/report" and msg.get_param("report-type") == "delivery-status"
+    parts = list(msg.iter_parts())
+    assert [p.get_content_type() for p in parts] == ["text/plain", "message/delivery-status", "text/rfc822-headers"]
+    return list(parts[1].get_payload())
+
+
+# --- the tests ---------------------------------------------------------------------------------
+
+
+def test_remote_delivery_by_mx_with_starttls(rig_args: Any, tls_files: tuple[Path, Path]) -> None:
+    async def go() -> None:
+        rig = Rig(*rig_args)
+        async with mx_server(IPS["ok"], rig_args[2], MX(), tls=tls_files) as mx:
+            trace = rig.enqueue(["bob@ok.test", "carol@ok.test"])
+            assert await rig.run() == 1
+            await rig.close()
+        assert len(mx.received) == 1  # one transaction for both recipients of the domain
+        got = mx.received[0]
+        assert got.tls  # opportunistic STARTTLS was used
+        assert got.sender == SENDER and got.recipients == ["bob@ok.test", "carol@ok.test"]
+        assert got.content.replace(b"\r\n", b"\n") == BODY.replace(b"\r\n", b"\n")
+        rcpts = rig.recipients(trace)
+        assert {r.state for r in rcpts.values()} == {"delivered"}
+        assert rcpts["bob@ok.test"].last_reply == "250 2.0.0 Accepted"
+        delivered = [e for e in rig.events(trace) if e.event == "delivered"]
+        assert len(delivered) == 2 and all(IPS["ok"] in e.detail for e in delivered)
+
+    asyncio.run(go())
+
+
+def test_one_connection_carries_several_messages_to_one_destination(rig_args: Any) -> None:
+    async def go() -> None:
+        rig = Rig(*rig_args, per_destination=1)
+        async with mx_server(IPS["ok"], rig_args[2], MX()) as mx:
+            traces = [rig.enqueue([f"u{i}@ok.test"]) for i in range(4)]
+            await rig.run()
+            assert len(mx.received) == 4
+            assert mx.connections == 1, mx.connections
+            assert rig.remote.connections == 1
+            # A cached session the server has since dropped is replaced, not a failure.
+            for cached in rig.remote.idle["ok.test"]:
+                cached.client.writer.transport.abort()
+            trace = rig.enqueue(["late@ok.test"])
+            await rig.run()
+            assert len(mx.received) == 5 and mx.connections == 2
+            await rig.close()
+        for t in [*traces, trace]:
+            assert {r.state for r in rig.recipients(t).values()} == {"delivered"}
+
+    asyncio.run(go())
+
+
+def test_concurrency_per_destination_is_limited(rig_args: Any) -> None:
+    async def go() -> None:
+        rig = Rig(*rig_args, per_destination=2)
+        async with mx_server(IPS["ok"], rig_args[2], MX(delay=0.3)) as mx:
+            for i in range(6):
+                rig.enqueue([f"u{i}@ok.test"])
+            await rig.run()
+            await rig.close()
+        assert len(mx.received) == 6
+        assert mx.most_in_data == 2  # parallel, but never more than the limit
+        assert mx.connections == 2
+
+    asyncio.run(go())
+
+
+def test_local_recipients_in_one_lmtp_transaction_with_one_outcome_each(rig_args: Any) -> None:
+    async def go() -> None:
+        script = LMTPScript({
+            "bob@example.org": Reply(452, "4.2.2", "Mailbox full, try later"),
+            "carol@example.org": Reply(550, "5.1.1", "No such mailbox"),
+        })
+        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(), lmtp=True)
+        lmtp_port = lmtp.sockets[0].getsockname()[1]
+        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp_port}")
+        async with mx_server(IPS["sender"], rig_args[2], MX()) as sender_mx:
+            trace = rig.enqueue(["alice@example.org", "bob@example.org", "carol@example.org"])
+            await rig.run()
+            assert script.transactions == [["alice@example.org", "bob@example.org", "carol@example.org"]]
+            rcpts = rig.recipients(trace)
+            assert rcpts["alice@example.org"].state == "delivered"
+            assert rcpts["bob@example.org"].state == "queued"
+            assert rcpts["bob@example.org"].next_attempt == rig.clock.now() + dt.timedelta(seconds=300)
+            assert rcpts["bob@example.org"].last_reply == "452 4.2.2 Mailbox full, try later"
+            assert rcpts["carol@example.org"].state == "bounced"
+            await rig.run()  # the bounce for carol goes out
+            assert len(sender_mx.received) == 1
+            blocks = _status_blocks(sender_mx.received[0].parsed())
+            assert [b["Final-Recipient"] for b in blocks[1:]] == ["rfc822; carol@example.org"]
+            rig.clock.advance(300)
+            script.outcomes.clear()
+            await rig.run()  # bob's retry, alone
+            assert script.transactions[-1] == ["bob@example.org"]
+            assert rig.recipients(trace)["bob@example.org"].state == "delivered"
+            await rig.close()
+        lmtp.close()
+        await lmtp.wait_closed()
+
+    asyncio.run(go())
+
+
+def test_permanent_failures_make_one_bounce_to_the_sender(rig_args: Any) -> None:
+    async def go() -> None:
+        rig = Rig(*rig_args)
+        hard = MX(refuse={"gone@ok.test": "550 5.1.1 <gone@ok.test>: no such user"})
+        async with mx_server(IPS["ok"], rig_args[2], hard), \
+                mx_server(IPS["hard"], rig_args[2], MX(mode="hard")), \
+                mx_server(IPS["sender"], rig_args[2], MX()) as sender_mx:
+            trace = rig.enqueue(["gone@ok.test", "here@ok.test", "x@hard.test"])
+            await rig.run()
+            rcpts = rig.recipients(trace)
+            assert [rcpts[a].state for a in ("gone@ok.test", "here@ok.test", "x@hard.test")] == [
+                "bounced", "delivered", "bounced"]
+            await rig.run()  # the DSN is an ordinary queued message
+            await rig.run()
+            assert len(sender_mx.received) == 1  # one bounce for the message, not one per recipient
+            got = sender_mx.received[0]
+            await rig.close()
+        assert got.sender == "<>" and got.recipients == [SENDER]  # null sender, to the envelope sender
+        msg = got.parsed()
+        assert msg["To"].addresses[0].addr_spec == SENDER
+        assert "Undelivered" in msg["Subject"]
+        per_message, *per_rcpt = _status_blocks(msg)
+        assert per_message["Reporting-MTA"] == "dns; mail.test"
+        by = {b["Final-Recipient"]: b for b in per_rcpt}
+        assert set(by) == {"rfc822; gone@ok.test", "rfc822; x@hard.test"}
+        gone = by["rfc822; gone@ok.test"]
+        assert (gone["Action"], gone["Status"]) == ("failed", "5.1.1")
+        assert gone["Diagnostic-Code"] == "smtp; 550 5.1.1 <gone@ok.test>: no such user"
+        assert gone["Remote-MTA"] == f"dns; {IPS['ok']}"
+        assert by["rfc822; x@hard.test"]["Status"] == "5.6.0"
+        headers = list(msg.iter_parts())[2].get_content()
+        assert "Subject: the plan" in headers and "Message-ID: <p@sender.test>" in headers
+        assert "hello" not in headers
+        with rig.db.read() as s:  # the original's body is gone from the queue once all is final
+            m = s.get(Message, trace)
+            assert m is not None and m.body is None
+
+    asyncio.run(go())
+
+
+def test_a_message_from_the_null_sender_is_never_bounced(rig_args: Any) -> None:
+    async def go() -> None:
+        rig = Rig(*rig_args)
+        async with mx_server(IPS["hard"], rig_args[2], MX(mode="hard")):
+            trace = rig.enqueue(["x@hard.test"], sender="")
+            await rig.run()
+            await rig.close()
+        assert rig.recipients(trace)["x@hard.test"].state == "bounced"
+        assert rig.dsns() == []
+
+    asyncio.run(go())
+
+
+def test_retry_schedule_delay_warning_once_and_expiry(rig_args: Any) -> None:
+    async def go() -> None:
+        policy = Policy([300.0, 600.0, 1200.0], max_queue_lifetime=3600.0, delay_warning=1000.0)
+        rig = Rig(*rig_args, policy=policy)
+        soft = MX(mode="soft")
+        async with mx_server(IPS["soft"], rig_args[2], soft), \
+                mx_server(IPS["sender"], rig_args[2], MX()) as sender_mx:
+            start = rig.clock.now()
+            trace = rig.enqueue(["bob@soft.test"])
+            attempts_at: list[float] = []
+            for _ in range(20):
+                assert await rig.run() == 1  # due now: tried
+                attempts_at.append((rig.clock.now() - start).total_seconds())
+                r = rig.recipients(trace)["bob@soft.test"]
+                if r.state != "queued":
+                    break
+                await rig.run()  # the delay warning, when one was queued
+                # One second before the next attempt nothing is tried; at it, it is.
+                rig.clock.advance((r.next_attempt - rig.clock.now()).total_seconds() - 1)
+                assert await rig.run() == 0
+                assert [e.event for e in rig.events(trace)].count("deferred") == len(attempts_at)
+                rig.clock.advance(1)
+            r = rig.recipients(trace)["bob@soft.test"]
+            assert r.state == "expired"
+            assert r.last_reply == "451 4.3.0 Try again later"
+            await rig.run()  # deliver whatever DSNs are due
+            rig.clock.advance(1)
+            await rig.run()
+            await rig.close()
+        # Tries at 0, +5m, +10m later, +20m, then every 20m (the last wait repeats)
+        # until the message is older than max_queue_lifetime.
+        assert attempts_at == [0, 300, 900, 2100, 3300, 4500], attempts_at
+        assert r.attempts == 6
+        assert len(rig.dsns()) == 2  # exactly one delay warning and one final bounce
+        msgs = [x.parsed() for x in sender_mx.received]
+        assert len(msgs) == 2
+        warning, final = msgs
+        assert "Delayed" in warning["Subject"]
+        wblock = _status_blocks(warning)[1]
+        assert (wblock["Action"], wblock["Status"]) == ("delayed", "4.3.0")
+        fblock = _status_blocks(final)[1]
+        assert (fblock["Action"], fblock["Status"]) == ("failed", "4.3.0")
+        assert fblock["Diagnostic-Code"] == "smtp; 451 4.3.0 Try again later"
+        events = [e.event for e in rig.events(trace)]
+        assert events.count("dsn") == 2 and events[-2:] == ["expired", "dsn"]
+
+    asyncio.run(go())
+
+
+def test_dropped_after_data_and_stalled_servers_defer(rig_args: Any) -> None:
+    async def go() -> None:
+        rig = Rig(*rig_args, timeout=1.0)
+        async with mx_server(IPS["drop"], rig_args[2], MX(mode="drop")), \
+                mx_server(IPS["stall"], rig_args[2], MX(mode="stall")):
+            t1 = rig.enqueue(["x@drop.test"])
+            t2 = rig.enqueue(["x@stall.test"])
+            t3 = rig.enqueue(["x@down.test"])  # nothing listens there
+            await rig.run()
+            await rig.close()
+        for t, text in ((t1, "closed the connection"), (t2, "Timeout"), (t3, "Cannot connect")):
+            r = next(iter(rig.recipients(t).values()))
+            assert r.state == "queued" and r.last_reply.startswith("451 4.4."), r.last_reply
+            assert text in r.last_reply
+        assert rig.dsns() == []
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize(("domain", "state", "reply"), [
+    ("nullmx.test", "bounced", "556 5.1.10"),
+    ("no-such-domain.test", "bounced", "550 5.1.2"),
+    ("servfail.test", "queued", "451 4.4.3"),
+    ("loop.test", "bounced", "554 5.4.6"),
+])
+def test_dns_outcomes(rig_args: Any, domain: str, state: str, reply: str) -> None:
+    async def go() -> None:
+        rig = Rig(*rig_args)
+        trace = rig.enqueue([f"x@{domain}"], sender="")
+        await rig.run()
+        await rig.close()
+        r = rig.recipients(trace)[f"x@{domain}"]
+        assert r.state == state and r.last_reply.startswith(reply), r.last_reply
+
+    asyncio.run(go())
+
+
+def test_next_mx_and_a_record_fallback(rig_args: Any) -> None:
+    async def go() -> None:
+        rig = Rig(*rig_args)
+        async with mx_server(IPS["backup"], rig_args[2], MX()) as backup, \
+                mx_server(IPS["ok"], rig_args[2], MX()) as ok:
+            t1 = rig.enqueue(["x@twomx.test"])  # preference 10 is down, 20 answers
+            t2 = rig.enqueue(["x@nomx.test"])  # no MX: the domain's own A record
+            await rig.run()
+            await rig.close()
+        assert [m.recipients for m in backup.received] == [["x@twomx.test"]]
+        assert [m.recipients for m in ok.received] == [["x@nomx.test"]]
+        assert rig.recipients(t1)["x@twomx.test"].state == "delivered"
+        assert rig.recipients(t2)["x@nomx.test"].state == "delivered"
+
+    asyncio.run(go())
+
+
+def test_transport_map_overrides_mx(rig_args: Any) -> None:
+    async def go() -> None:
+        tmp, dns, port = rig_args
+        rig = Rig(tmp, dns, port, transport={"ok.test": f"{IPS['transport']}:{port}"})
+        async with mx_server(IPS["transport"], port, MX()) as chosen, mx_server(IPS["ok"], port, MX()) as mx:
+            rig.enqueue(["x@ok.test"])
+            dns.clear_queries()
+            await rig.run()
+            await rig.close()
+        assert len(chosen.received) == 1 and mx.received == []
+        assert ("ok.test", "MX") not in dns.queries()
+
+    asyncio.run(go())
+
+
+def test_relayhost_with_auth_over_tls(rig_args: Any, tls_files: tuple[Path, Path]) -> None:
+    async def go() -> None:
+        tmp, dns, port = rig_args
+        relay = f"{IPS['transport']}:{port}"
+        rig = Rig(tmp, dns, port, relayhost=relay, relayhost_auth=("relayuser", "s3cret"))
+        async with mx_server(IPS["transport"], port, MX(), tls=tls_files, auth=True) as smart:
+            trace = rig.enqueue(["x@nullmx.test", "y@ok.test"])  # MX records do not matter
+            await rig.run()
+            await rig.close()
+            assert len(smart.received) == 2
+            assert all(m.tls and m.login == "relayuser" for m in smart.received)
+            assert {r.state for r in rig.recipients(trace).values()} == {"delivered"}
+            # A wrong password keeps the mail (our misconfiguration), it does not bounce it.
+            rig = Rig(tmp, dns, port, relayhost=relay, relayhost_auth=("relayuser", "wrong"))
+            trace = rig.enqueue(["z@ok.test"])
+            await rig.run()
+            await rig.close()
+        r = rig.recipients(trace)["z@ok.test"]
+        assert r.state == "queued" and r.last_reply.startswith("451 4.7.0"), r.last_reply
+        assert len(smart.received) == 2
+
+    asyncio.run(go())
