@@ -54,13 +54,23 @@ def render_text(items: list[dict[str, Any]]) -> str:
     out = []
     for m in items:
         held = " (held)" if m["held"] else ""
-        out.append(f"{m['id']}{held}  {m['size']:>8}  {m['received']}  <{m['sender']}>")
+        out.append(f"{m['id']}{held}  {m['size']:>8}  {m['received']}  age {_age(m['age'])}  <{m['sender']}>")
         for r in m["recipients"]:
             out.append(f"    {r['address']}  {r['state']}  tries={r['attempts']}  next={r['next_attempt']}")
             if r["last_reply"]:
                 out.append(f"        ({r['last_reply']})")
     out.append(f"-- {len(items)} message(s)")
     return "\n".join(out)
+
+
+def _age(seconds: int) -> str:
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 2 * 86400:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"
 
 
 def flush(cfg: Config, db: Database, ident: str | None) -> int:
@@ -78,6 +88,8 @@ def flush(cfg: Config, db: Database, ident: str | None) -> int:
 
 def set_held(cfg: Config, db: Database, ident: str, held: bool) -> bool:
     with db.write() as s:
+        if not _pending(s, ident):
+            return False
         n = s.execute(update(Message).where(Message.id == ident.upper()).values(held=held)).rowcount  # type: ignore[attr-defined]
         add_event(s, ident.upper(), "admin", "held" if held else "released")
         s.commit()
@@ -90,6 +102,8 @@ def delete(db: Database, ident: str) -> int:
     """Drop a message without telling anyone (postsuper -d)."""
     with db.write() as s:
         n = _finish(s, ident, DELETED)
+        if not n:
+            return 0
         add_event(s, ident.upper(), "admin", "deleted", detail="deleted by the administrator")
         queue.drop_body_if_done(s, ident.upper())
         s.commit()
