@@ -564,7 +564,7 @@ class Listener(SMTP):
                 result = await self.handler.data(session, envelope)
             except SMTPError as exc:
                 result = exc.reply
-            replies = result if isinstance(result, list) else [result]
+            replies = result if isinstance(result, list) else [result] * (len(envelope.rcpt_tos) if self.lmtp else 1)
         for r in replies:
             self._write_line(str(r))
             if r.code >= 400:

@@ -542,3 +542,45 @@ def test_a_held_fcntl_lock_gives_451_4_2_0(client: Client, bob: Path) -> None:
         holder.stdout.close()
     _, data = client.deliver("carol@example.net", ["bob@example.org"], MESSAGE)
     assert data[0][0] == 250 and len(mbox_messages(bob)) == 1
+
+
+def test_a_handler_refusing_the_whole_message_still_gives_one_reply_per_recipient() -> None:
+    """RFC 2033 4.2, for any LMTP handler that raises SMTPError from data()."""
+    from common import reply as R
+    from common.listener import Handler, MailEnvelope, MailSession
+    from common.reply import Reply, SMTPError
+
+    class Refusing(Handler):
+        async def data(self, session: MailSession, envelope: MailEnvelope) -> Reply | list[Reply]:
+            raise SMTPError(R.LOCAL_ERROR)
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start() -> asyncio.Server:
+        return await serve("127.0.0.1:0", Refusing, hostname="mail.test", limits=Limits(), lmtp=True)
+
+    server = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    c = Client(int(server.sockets[0].getsockname()[1]))
+    try:
+        c.sock.settimeout(3)
+        c.cmd("LHLO client.test")
+        _, data = c.deliver("carol@example.net", ["a@example.org", "b@example.org", "c@example.org"], MESSAGE)
+        assert [code for code, _ in data] == [451, 451, 451]
+        assert c.cmd("NOOP")[0] == 250
+    finally:
+        c.close()
+
+        async def stop() -> None:
+            server.close()
+            await server.wait_closed()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
