@@ -65,7 +65,10 @@ def deliver(maildir: Path, content: bytes, name: str, *, quota_limit: int = 0) -
     new_path = maildir / "new" / name
     if new_path.exists():
         return new_path, False
-    quota.check_maildir(maildir, quota_limit, len(content))
+    if quota_limit > 0:
+        quota.check_maildir(maildir, quota_limit, len(content))
+    else:
+        quota.forget(maildir)
     fd, tmp_path = _create_tmp(maildir, name.rsplit(".", 1)[-1])
     try:
         view = memoryview(content)

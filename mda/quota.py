@@ -89,6 +89,16 @@ def record(maildir: Path, size: int) -> None:
         os.close(fd)
 
 
+def forget(maildir: Path) -> None:
+    """The mailbox is unlimited now: drop the total, which nobody keeps up to date any more.
+
+    Otherwise a quota set again later would start from a figure that missed
+    every delivery made meanwhile, and let the mailbox grow past it.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(maildir / SIZE_FILE)
+
+
 def recalculate(maildir: Path, limit: int) -> int:
     """Scan the Maildir, write a fresh `maildirsize` (atomically) and return the total."""
     used = count = 0

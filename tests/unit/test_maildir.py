@@ -111,3 +111,14 @@ def test_a_stale_full_total_is_recounted_before_refusing(tmp_path: Path) -> None
     os.utime(box / quota.SIZE_FILE, (old, old))
     quota.check_maildir(box, 1000, 200)  # old figure: recounted (0 bytes), fits
     assert (box / quota.SIZE_FILE).read_text() == "1000S\n0 0\n"
+
+
+def test_a_quota_removed_and_set_again_starts_from_a_fresh_count(tmp_path: Path) -> None:
+    box = tmp_path / "box"
+    maildir.deliver(box, b"x" * 300, "0.M1R1.host", quota_limit=1000)
+    maildir.deliver(box, b"x" * 300, "1.M1R1.host", quota_limit=0)  # unlimited meanwhile
+    assert not (box / quota.SIZE_FILE).exists()
+    maildir.deliver(box, b"x" * 300, "2.M1R1.host", quota_limit=1000)
+    assert quota.maildir_usage(box, 1000)[0] == 900
+    with pytest.raises(quota.QuotaExceeded):
+        maildir.deliver(box, b"x" * 300, "3.M1R1.host", quota_limit=1000)
