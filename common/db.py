@@ -19,7 +19,8 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import sessionmaker
@@ -128,7 +129,7 @@ def _gate_for(path: str) -> _WriteGate | None:
         return gate
 
 
-def _sqlite_engine(url: str, immediate: bool) -> Engine:
+def _sqlite_engine(url: str, immediate: bool, synchronous: str = "FULL") -> Engine:
     path = _sqlite_path(url)
     gate = _gate_for(path) if immediate and path is not None else None
     connect_args: dict[str, Any] = {"factory": _GatedConnection} if gate is not None else {}
@@ -141,7 +142,7 @@ def _sqlite_engine(url: str, immediate: bool) -> Engine:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
@@ -166,10 +167,23 @@ def _sqlite_engine(url: str, immediate: bool) -> Engine:
 
 
 class Database:
-    """Two session factories on one database: `write()` and `read()`.
+    """Session factories on one database: `write()`, `read()` and `write_relaxed()`.
 
     Use them as context managers: ``with db.write() as s: ...; s.commit()``.
     From async code, wrap the blocking function: ``await db.run(fn, args)``.
+
+    `write()` commits are fsync'd (synchronous=FULL): use them for anything a
+    reply promises.  `write_relaxed()` commits (synchronous=NORMAL in WAL mode)
+    are written but not fsync'd; the next fsync'd commit of any process makes
+    them durable too, and a power cut can lose only the last few.  They are
+    for records whose loss no promise depends on (trace events, a claim that
+    a restart releases, a delivery already fsync'd in the mailbox).
+
+    `await db.write_batched(fn, args)` is group commit: fn(session, *args)
+    runs in one write transaction together with whatever other calls arrived
+    while the previous batch was committing, and all of them wait for that one
+    fsync'd commit.  Each call runs under its own SAVEPOINT, so one that raises
+    gets its exception and the rest still commit.
     """
 
     def __init__(self, url: str, *, threads: int = 4) -> None:
@@ -177,12 +191,17 @@ class Database:
         if url.startswith("sqlite"):
             self.engine = _sqlite_engine(url, immediate=True)
             self.read_engine = _sqlite_engine(url, immediate=False)
+            self.relaxed_engine = _sqlite_engine(url, immediate=True, synchronous="NORMAL")
         else:
             self.engine = create_engine(url, pool_pre_ping=True)
             self.read_engine = self.engine
+            self.relaxed_engine = self.engine
         self.write = sessionmaker(self.engine, expire_on_commit=False)
         self.read = sessionmaker(self.read_engine, expire_on_commit=False)
+        self.write_relaxed = sessionmaker(self.relaxed_engine, expire_on_commit=False)
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="db")
+        self._pending: list[_BatchItem] = []
+        self._batching = False
 
     def create_schema(self) -> None:
         """The one home of schema creation (idempotent)."""
@@ -195,6 +214,47 @@ class Database:
         call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
         return await loop.run_in_executor(self._pool, call)
 
+    async def write_batched(self, fn: Callable[..., T], *args: Any) -> T:
+        """Group commit: run fn(session, *args) in a shared, fsync'd write transaction."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append(_BatchItem(fn, args, contextvars.copy_context(), future))
+        if not self._batching:
+            self._batching = True
+            loop.create_task(self._drain_batches())
+        return cast(T, await future)
+
+    async def _drain_batches(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    outcomes = await loop.run_in_executor(self._pool, self._run_batch, batch)
+                except BaseException as exc:  # the commit itself failed: nobody's work is stored
+                    outcomes = [(False, exc)] * len(batch)
+                for item, (ok, value) in zip(batch, outcomes, strict=True):
+                    if item.future.done():
+                        continue
+                    if ok:
+                        item.future.set_result(value)
+                    else:
+                        item.future.set_exception(cast(BaseException, value))
+        finally:
+            self._batching = False
+
+    def _run_batch(self, batch: list[_BatchItem]) -> list[tuple[bool, Any]]:
+        outcomes: list[tuple[bool, Any]] = []
+        with self.write() as s:
+            for item in batch:
+                try:
+                    with s.begin_nested():
+                        outcomes.append((True, item.context.run(item.fn, s, *item.args)))
+                except Exception as exc:  # noqa: BLE001 - handed to that caller alone
+                    outcomes.append((False, exc))
+            s.commit()
+        return outcomes
+
     def checkpoint(self) -> None:
         """Fold the WAL back into the main file so it does not grow without end."""
         if self.url.startswith("sqlite"):
@@ -205,4 +265,13 @@ class Database:
         self._pool.shutdown(wait=True)
         self.engine.dispose()
         self.read_engine.dispose()
+        self.relaxed_engine.dispose()
+
+
+@dataclass
+class _BatchItem:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    context: contextvars.Context
+    future: asyncio.Future[Any]
 

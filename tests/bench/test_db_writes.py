@@ -1,0 +1,124 @@
+"""The database write paths the benchmark work added: the write gate, group commit, relaxed commits.
+
+Real SQLite files in a temporary folder; several threads and a second process
+write at once, as the MTA, queue manager and MDA do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from common.db import Database
+from common.models import Event, add_event
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _count(db: Database, event: str | None = None) -> int:
+    with db.read() as s:
+        q = select(func.count()).select_from(Event)
+        if event is not None:
+            q = q.where(Event.event == event)
+        return int(s.scalar(q) or 0)
+
+
+@pytest.mark.timeout(60)
+def test_writers_in_threads_and_another_process_all_commit(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/q.db"
+    db = Database(url)
+    db.create_schema()
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from common.db import Database; from common.models import add_event\n"
+         "db = Database(sys.argv[1])\n"
+         "for i in range(100):\n"
+         "    with db.write() as s:\n"
+         "        add_event(s, 'P', 'qmgr', 'other'); s.commit()\n", url],
+        cwd=REPO,
+    )
+
+    def write(n: int) -> None:
+        for _ in range(n):
+            with db.write() as s:
+                add_event(s, "T", "mta", "received")
+                s.commit()
+
+    threads = [threading.Thread(target=write, args=(50,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert child.wait(30) == 0
+    assert _count(db, "received") == 200 and _count(db, "other") == 100
+    db.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_transaction_left_without_commit_lets_the_next_writer_in(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path}/q.db")
+    db.create_schema()
+    with db.write() as s:
+        add_event(s, "T", "mta", "lost")  # closed without commit: rolled back
+    with pytest.raises(RuntimeError), db.write() as s:
+        add_event(s, "T", "mta", "lost")
+        s.flush()
+        raise RuntimeError("boom")
+    done = threading.Event()
+
+    def write() -> None:
+        with db.write() as s:
+            add_event(s, "T", "mta", "kept")
+            s.commit()
+        done.set()
+
+    threading.Thread(target=write).start()
+    assert done.wait(10), "the write gate was not released by a rollback"
+    assert _count(db, "lost") == 0 and _count(db, "kept") == 1
+    db.close()
+
+
+@pytest.mark.timeout(30)
+def test_group_commit_stores_every_call_and_isolates_a_failing_one(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path}/q.db")
+    db.create_schema()
+
+    def store(s: Session, n: int) -> int:
+        add_event(s, f"T{n}", "mta", "received")
+        if n == 7:
+            s.flush()
+            raise ValueError("refused")
+        return n
+
+    async def main() -> list[int | BaseException]:
+        return await asyncio.gather(*(db.write_batched(store, n) for n in range(30)), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert isinstance(results[7], ValueError)
+    assert [r for i, r in enumerate(results) if i != 7] == [n for n in range(30) if n != 7]
+    assert _count(db, "received") == 29  # the failing call's row was rolled back alone
+    with db.read() as s:
+        assert s.scalar(select(func.count()).select_from(Event).where(Event.trace_id == "T7")) == 0
+    db.close()
+
+
+@pytest.mark.timeout(30)
+def test_relaxed_commits_are_visible_and_use_synchronous_normal(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path}/q.db")
+    db.create_schema()
+    with db.write_relaxed() as s:
+        assert s.connection().exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+        add_event(s, "T", "mda", "delivered")
+        s.commit()
+    with db.write() as s:
+        assert s.connection().exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        s.rollback()
+    assert _count(db, "delivered") == 1
+    db.close()
