@@ -62,6 +62,17 @@ def cmd_user(args: argparse.Namespace, cfg: configmod.Config) -> int:
     if "@" not in address or not cfg.is_local_domain(address.rsplit("@", 1)[1]):
         print(f"{address}: not in a local domain ({', '.join(cfg.mailroom.domains)})", file=sys.stderr)
         return 1
+    with db.read() as s:
+        exists = find_user(s, address) is not None
+    if exists and args.action == "add":
+        print(f"{address} exists", file=sys.stderr)
+        return 1
+    if not exists and args.action != "add":
+        print(f"{address}: no such user", file=sys.stderr)
+        return 1
+    # Ask (and hash) before opening the write transaction: it holds SQLite's
+    # write lock, and every daemon would wait while the operator types.
+    hashed = hash_password(_password(args)) if args.action in ("add", "passwd") else ""
     with db.write() as s:
         user = find_user(s, address)
         if args.action == "add":
@@ -70,14 +81,13 @@ def cmd_user(args: argparse.Namespace, cfg: configmod.Config) -> int:
                 return 1
             store = args.store or cfg.mda.default_store
             name = mailbox_name(address) + (".mbox" if store == "mbox" else "")
-            s.add(User(address=address, password_hash=hash_password(_password(args)),
-                       store=store, mailbox=name, quota=args.quota))
+            s.add(User(address=address, password_hash=hashed, store=store, mailbox=name, quota=args.quota))
             print(f"added {address} ({store} at {cfg.mail_root / name})")
         elif user is None:
             print(f"{address}: no such user", file=sys.stderr)
             return 1
         elif args.action == "passwd":
-            user.password_hash = hash_password(_password(args))
+            user.password_hash = hashed
             print(f"password changed for {address}")
         elif args.action == "del":
             s.delete(user)
@@ -87,6 +97,8 @@ def cmd_user(args: argparse.Namespace, cfg: configmod.Config) -> int:
 
 
 def _password(args: argparse.Namespace) -> str:
+    """From a prompt (twice, not echoed) or one line of stdin; never from argv,
+    where other local users could read it in `ps` and it would stay in shell history."""
     if args.password_stdin:
         pw = sys.stdin.readline().rstrip("\r\n")
     else:
