@@ -53,8 +53,8 @@ def test_postfix_relays_to_our_public_listener(both: tuple[Installation, Postfix
 
 def test_our_queue_manager_delivers_to_postfix(both: tuple[Installation, PostfixInstance]) -> None:
     inst, postfix = both
-    code, _ = inst.submit("alice@example.org", ["carol@postfix.test"],
-                          b"From: alice@example.org\r\nTo: carol@postfix.test\r\nSubject: to postfix\r\n\r\nhi carol\r\n")
+    body = b"From: alice@example.org\r\nTo: carol@postfix.test\r\nSubject: to postfix\r\n\r\nhi carol\r\n"
+    code, _ = inst.submit("alice@example.org", ["carol@postfix.test"], body)
     assert code == 250
     inst.wait_for(lambda: postfix.maildir_count("carol@postfix.test") == 1, timeout=40,
                   what=f"delivery to Postfix\n{postfix.log_text()[-2000:]}")
