@@ -5,11 +5,12 @@ from __future__ import annotations
 import fcntl
 import os
 import select
+import sqlite3
 import subprocess
 import sys
 import termios
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -107,8 +108,13 @@ def _set_controlling_tty() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
-def _run_on_a_terminal(inst: Installation, *args: str, typed: list[str]) -> tuple[int, str]:
-    """Run `mailroom ARGS` with a pseudo-terminal as its controlling terminal, typing `typed`."""
+def _run_on_a_terminal(
+    inst: Installation, *args: str, typed: list[str], at_prompt: Callable[[], None] = lambda: None
+) -> tuple[int, str]:
+    """Run `mailroom ARGS` with a pseudo-terminal as its controlling terminal, typing `typed`.
+
+    `at_prompt` runs while the command waits at its first prompt.
+    """
     master, slave = os.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli.main", "--config", str(inst.config_path), *args],
@@ -131,6 +137,8 @@ def _run_on_a_terminal(inst: Installation, *args: str, typed: list[str]) -> tupl
     try:
         for prompt, line in zip((b"Password: ", b"Again: "), typed, strict=False):
             wait_for(prompt)
+            if prompt == b"Password: ":
+                at_prompt()
             seen = seen.replace(prompt, b"", 1)
             os.write(master, line.encode() + b"\n")
         code = proc.wait(30)
@@ -151,7 +159,17 @@ def _run_on_a_terminal(inst: Installation, *args: str, typed: list[str]) -> tupl
 
 
 def test_password_from_the_prompt(stack: Stack, inst: Installation) -> None:
-    code, out = _run_on_a_terminal(inst, "user", "add", "grace@example.org", typed=["typed secret", "typed secret"])
+    def others_can_write() -> None:
+        # While the operator types, the daemons must still be able to write.
+        conn = sqlite3.connect(inst.root / "mailroom.db", timeout=1, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    code, out = _run_on_a_terminal(inst, "user", "add", "grace@example.org", typed=["typed secret", "typed secret"],
+                                   at_prompt=others_can_write)
     assert code == 0, out
     assert "typed secret" not in out  # not echoed
     assert can_login(inst, "grace@example.org", "typed secret", "127.0.0.6")
