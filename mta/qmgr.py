@@ -25,6 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from common.address import domain_of
@@ -127,7 +128,16 @@ class QueueManager:
         results: list[Result] = []
         for part in await asyncio.gather(*calls):
             results.extend(part)
-        await self.db.run(self._settle, job, results)
+        while True:
+            # The results must be recorded, or the recipients stay "active" until
+            # a restart (found by the disk-full test): a full disk or a busy
+            # database is temporary, so keep trying.
+            try:
+                await self.db.run(self._settle, job, results)
+                return
+            except OperationalError as exc:
+                log.warning("cannot record delivery results yet, retrying: %s", exc.orig)
+                await asyncio.sleep(1.0)
 
     async def _deliver_local(self, job: queue.Job, rcpts: list[tuple[int, str]]) -> list[Result]:
         replies = await self.local.deliver(job.trace, job.sender, [a for _, a in rcpts], job.body)

@@ -1,0 +1,93 @@
+"""Disk full during traffic: clients hear 451 4.3.0 / 452 4.3.1 (never a 250 for mail that
+was not stored), nothing accepted is lost, and the queue drains once space returns.
+
+The queue database and the mailboxes live on a small tmpfs mounted by the test
+(this needs root, as CI has); a filler file eats the space while a client keeps
+sending through the MTA's public listener to the real daemons.
+"""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.suite import Installation, maildir_messages, running
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    where = tmp_path / "disk"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0755", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    filler = disk / "filler"
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+        f.flush()
+        os.fsync(f.fileno())
+    return filler
+
+
+def pending(inst: Installation) -> int:
+    conn = sqlite3.connect(inst.config.database_url.removeprefix("sqlite:///"), timeout=30)
+    try:
+        return int(conn.execute(
+            "SELECT count(*) FROM recipients WHERE state NOT IN ('delivered', 'bounced', 'expired', 'deleted')"
+        ).fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_disk_full_during_traffic(tmp_path: Path, small_disk: Path) -> None:
+    inst = Installation(tmp_path / "mailroom")
+    inst.set("mailroom", "database", f'"sqlite:///{small_disk}/mailroom.db"')
+    inst.set("mailroom", "mail_root", f'"{small_disk}/mail"')
+    inst.set("mta", "retry_schedule", '["1s"]')
+    inst.set("mta", "poll_interval", '"0.5s"')
+    inst.add_user("alice@example.org", "maildir")
+    body = b"Subject: %d\r\n\r\n" + (b"z" * 76 + b"\r\n") * 1300  # about 100 KB
+    accepted: list[int] = []
+    replies: set[tuple[int, str]] = set()
+    for suite in running(inst):
+        filler = fill(small_disk, leave=3 * 1024 * 1024)
+        for n in range(60):
+            # A connection per message: refusals count as session errors, and a
+            # session with too many of them is closed (max_errors).
+            with smtplib.SMTP("127.0.0.1", suite.ports["smtp"], timeout=30) as client:
+                client.ehlo("client.example")
+                code, text = client.mail("sender@remote.example")
+                if code == 250:
+                    code, text = client.rcpt("alice@example.org")
+                if code == 250:
+                    code, text = client.docmd("DATA")
+                    assert code == 354, text
+                    client.send(body.replace(b"%d", str(n).encode()) + b".\r\n")
+                    code, text = client.getreply()
+            if code == 250:
+                accepted.append(n)
+            else:
+                replies.add((code, text.decode().split(" ", 1)[0]))
+        # Refusals were the storage ones, and the disk did fill up part-way.
+        assert replies and replies <= {(451, "4.3.0"), (452, "4.3.1")}, replies
+        assert 0 < len(accepted) < 60, accepted
+        filler.unlink()  # space returns
+        suite.wait_for(lambda: pending(suite) == 0, timeout=60, what="the queue to drain")
+        box = suite.mailbox("alice@example.org")
+        stored = {int(p.read_bytes().split(b"Subject: ", 1)[1].split(b"\n", 1)[0]) for p in maildir_messages(box)}
+        assert set(accepted) <= stored, f"lost: {sorted(set(accepted) - stored)}"
+        assert stored <= set(accepted), f"refused but delivered: {sorted(stored - set(accepted))}"
