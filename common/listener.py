@@ -183,7 +183,7 @@ class Listener(SMTP):
     def _set_rset_state(self) -> None:
         if self.session is not None and self.envelope is not None:
             self.handler.reset(self.session)  # type: ignore[arg-type]
-        super()._set_rset_state()
+        super()._set_rset_state()  # type: ignore[no-untyped-call]
 
     # Typed views of aiosmtpd's attributes.  No asserts here: aiosmtpd's
     # __init__ reads every attribute (inspect.getmembers) before they exist.

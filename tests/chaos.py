@@ -25,6 +25,7 @@ Exit status 0 when lost == 0 and no refused message was delivered.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import email
 import hashlib
 import itertools
@@ -138,10 +139,8 @@ class Client:
 
     def close(self) -> None:
         if self.smtp is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self.smtp.close()
-            except OSError:
-                pass
             self.smtp = None
 
 

@@ -86,7 +86,7 @@ def test_disk_full_during_traffic(tmp_path: Path, small_disk: Path) -> None:
         assert replies and replies <= {(451, "4.3.0"), (452, "4.3.1")}, replies
         assert 0 < len(accepted) < 60, accepted
         filler.unlink()  # space returns
-        suite.wait_for(lambda: pending(suite) == 0, timeout=60, what="the queue to drain")
+        suite.wait_for(lambda: pending(inst) == 0, timeout=60, what="the queue to drain")
         box = suite.mailbox("alice@example.org")
         stored = {int(p.read_bytes().split(b"Subject: ", 1)[1].split(b"\n", 1)[0]) for p in maildir_messages(box)}
         assert set(accepted) <= stored, f"lost: {sorted(set(accepted) - stored)}"

@@ -12,8 +12,10 @@ pytestmark = pytest.mark.timeout(30)
 
 
 @pytest.mark.parametrize("key", ["submission", "smtp"])
-@pytest.mark.parametrize("injected", [b"RSET\r\n", b"MAIL FROM:<evil@remote.example>\r\nRCPT TO:<alice@example.org>\r\n"],
-                         ids=["RSET", "envelope"])
+@pytest.mark.parametrize(
+    "injected", [b"RSET\r\n", b"MAIL FROM:<evil@remote.example>\r\nRCPT TO:<alice@example.org>\r\n"],
+    ids=["RSET", "envelope"],
+)
 def test_commands_pipelined_after_starttls_are_discarded(stack: Stack, key: str, injected: bytes) -> None:
     s = run(stack.ports[key], [
         (None, "220 "), (line("EHLO client.example"), "250 "),
