@@ -82,13 +82,19 @@ class Job:
 
 
 def claim(session: Session, owner: str, now: dt.datetime, limit: int = 200) -> list[Job]:
-    """Take up to `limit` due recipients (grouped per message) and mark them active."""
+    """Take up to `limit` due recipients (grouped per message) and mark them active.
+
+    Two queue managers never take the same recipient: on SQLite the write
+    transaction (BEGIN IMMEDIATE) excludes every other writer; on PostgreSQL
+    the rows are locked and other queue managers skip them (SKIP LOCKED).
+    """
     rows = session.execute(
         select(Recipient.id, Recipient.message_id, Recipient.address, Recipient.attempts)
         .join(Message)
         .where(Recipient.state == QUEUED, Recipient.next_attempt <= now, Message.held.is_(False))
         .order_by(Recipient.next_attempt)
         .limit(limit)
+        .with_for_update(of=Recipient, skip_locked=True)
     ).all()
     if not rows:
         return []
