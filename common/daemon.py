@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import logging
 import os
 import pwd
@@ -41,6 +42,9 @@ class Context:
         if os.getuid() != 0 or not name:
             return
         pw = pwd.getpwnam(name)
+        # Codecs load lazily from the Python installation, which the new user
+        # may not be able to read (e.g. a pyenv under /root): load them now.
+        codecs.lookup("idna")
         os.setgroups([])
         os.setgid(pw.pw_gid)
         os.setuid(pw.pw_uid)
