@@ -13,6 +13,8 @@ import collections
 import time
 from collections.abc import Callable
 
+SWEEP_EVERY = 1000  # failures between two sweeps of the tables
+
 
 class FailureTracker:
     def __init__(
@@ -29,6 +31,7 @@ class FailureTracker:
         self.now = now
         self.failures: dict[str, collections.deque[float]] = {}
         self.locked_until: dict[str, float] = {}
+        self._since_sweep = 0
 
     def is_locked(self, ip: str) -> bool:
         until = self.locked_until.get(ip)
@@ -42,6 +45,9 @@ class FailureTracker:
     def failed(self, ip: str) -> int:
         """Record a failure; returns how many are in the window now."""
         now = self.now()
+        self._since_sweep += 1
+        if self._since_sweep >= SWEEP_EVERY:
+            self.sweep()
         q = self.failures.setdefault(ip, collections.deque())
         q.append(now)
         while q and q[0] < now - self.window:
@@ -51,6 +57,23 @@ class FailureTracker:
             q.clear()
             return self.max_failures
         return len(q)
+
+    def sweep(self) -> None:
+        """Forget addresses with nothing left in the window and expired lockouts.
+
+        Without it, every address that ever failed once (think of all the
+        IPv6 addresses a guesser can use) would stay in memory for good.
+        """
+        self._since_sweep = 0
+        now = self.now()
+        for ip, q in list(self.failures.items()):
+            while q and q[0] < now - self.window:
+                q.popleft()
+            if not q:
+                del self.failures[ip]
+        for ip, until in list(self.locked_until.items()):
+            if until <= now:
+                del self.locked_until[ip]
 
     def delay(self, count: int) -> float:
         """Seconds to wait before answering the `count`-th failure (0.5 s, 1 s, ... 3 s)."""

@@ -58,3 +58,18 @@ def test_rate_limiter_counts_per_key_over_an_hour() -> None:
     assert r.allow("bob", 3)
     now.t += 3601
     assert r.allow("alice", 3)
+
+
+def test_old_entries_are_swept_so_memory_stays_bounded() -> None:
+    now = Now()
+    t = FailureTracker(max_failures=2, window=60, lockout=60, now=now)
+    for i in range(1500):  # a guesser rotating through addresses, one failure each
+        t.failed(f"2001:db8::{i:x}")
+    t.failed("192.0.2.9")
+    t.failed("192.0.2.9")  # locked
+    now.t += 61
+    for i in range(1000):  # the next automatic sweep comes within SWEEP_EVERY failures
+        t.failed(f"2001:db8:1::{i:x}")
+    assert not any(ip.startswith("2001:db8::") for ip in t.failures)
+    assert "192.0.2.9" not in t.locked_until
+    assert len(t.failures) <= 1000
