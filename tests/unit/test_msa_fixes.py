@@ -17,7 +17,8 @@ NOW = dt.datetime(2026, 11, 28, 22, 3, 1)
     ("header", "expected"),
     [
         (b"From: alice@example.org\r\n", ["alice@example.org"]),
-        (b"From: Alice <Alice@Example.org>\r\nSender: sales@example.org\r\n", ["alice@example.org", "sales@example.org"]),
+        (b"From: Alice <Alice@Example.org>\r\nSender: sales@example.org\r\n",
+         ["alice@example.org", "sales@example.org"]),
         (b"FROM : a@x.org\r\n", ["a@x.org"]),
         (b"From: a@x.org,\r\n b@y.org\r\n", ["a@x.org", "b@y.org"]),
         (b"From: \"b@y.org\" <a@x.org>\r\n", ["a@x.org", "b@y.org"]),
@@ -32,7 +33,8 @@ def test_from_addresses(header: bytes, expected: list[str]) -> None:
 
 @pytest.mark.parametrize(
     "header",
-    [b"From: \r\n", b"From: Undisclosed:;\r\n", b"From: a@x.org b@y.org\r\n", b"From: @y.org\r\n", b"Sender: nobody\r\n"],
+    [b"From: \r\n", b"From: Undisclosed:;\r\n", b"From: a@x.org b@y.org\r\n", b"From: @y.org\r\n",
+     b"Sender: nobody\r\n"],
 )
 def test_unreadable_from_is_an_error(header: bytes) -> None:
     with pytest.raises(sub.UnreadableHeader):
