@@ -258,8 +258,15 @@ class Database:
     def checkpoint(self) -> None:
         """Fold the WAL back into the main file so it does not grow without end."""
         if self.url.startswith("sqlite"):
-            with self.engine.connect() as conn:
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+            # On the raw connection, outside any transaction: SQLAlchemy would
+            # first issue our BEGIN IMMEDIATE, and SQLite refuses to checkpoint
+            # inside a transaction ("database table is locked"), which crashed
+            # the queue manager after its first minute.
+            raw = self.engine.raw_connection()
+            try:
+                raw.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # type: ignore[union-attr]
+            finally:
+                raw.close()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

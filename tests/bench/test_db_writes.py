@@ -122,3 +122,18 @@ def test_relaxed_commits_are_visible_and_use_synchronous_normal(tmp_path: Path) 
         s.rollback()
     assert _count(db, "delivered") == 1
     db.close()
+
+
+@pytest.mark.timeout(30)
+def test_checkpoint_runs_outside_a_transaction(tmp_path: Path) -> None:
+    # The queue manager checkpoints every minute; this used to raise
+    # "database table is locked" (a checkpoint inside BEGIN IMMEDIATE) and crash it.
+    db = Database(f"sqlite:///{tmp_path}/q.db")
+    db.create_schema()
+    with db.write() as s:
+        add_event(s, "T", "mta", "received")
+        s.commit()
+    db.checkpoint()
+    db.checkpoint()
+    assert _count(db) == 1
+    db.close()
