@@ -248,8 +248,11 @@ class Database:
         with self.write() as s:
             for item in batch:
                 try:
+                    # The savepoint's flush happens on leaving the block, and may
+                    # fail there: only then is this caller's work in the batch.
                     with s.begin_nested():
-                        outcomes.append((True, item.context.run(item.fn, s, *item.args)))
+                        value = item.context.run(item.fn, s, *item.args)
+                    outcomes.append((True, value))
                 except Exception as exc:  # noqa: BLE001 - handed to that caller alone
                     outcomes.append((False, exc))
             s.commit()

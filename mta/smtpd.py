@@ -18,6 +18,7 @@ import re
 import shutil
 
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from common import reply as R
 from common.address import domain_of
@@ -104,7 +105,9 @@ class SMTPHandler(Handler):
                 if all(a != r.address for r in recipients):
                     recipients.append(queue.QueuedRecipient(a, rcpt))
         try:
-            await self.ctx.db.run(self._store, envelope, body, recipients, session, header, now)
+            # Group commit: sessions finishing DATA together share one fsync'd
+            # commit, and each 250 still waits for the commit that holds its message.
+            await self.ctx.db.write_batched(self._store, envelope, body, recipients, session, header, now)
         except (OSError, OperationalError) as exc:
             log.error("cannot queue: %s", exc)
             full = "full" in str(exc) or getattr(exc, "errno", None) == 28
@@ -118,6 +121,7 @@ class SMTPHandler(Handler):
 
     def _store(
         self,
+        s: Session,
         envelope: MailEnvelope,
         body: bytes,
         recipients: list[queue.QueuedRecipient],
@@ -125,18 +129,16 @@ class SMTPHandler(Handler):
         header: bytes,
         now: dt.datetime,
     ) -> None:
-        with self.ctx.db.write() as s:
-            add_event(
-                s, envelope.trace_id, "mta", "received", time=now,
-                detail=f"{'internal' if self.internal else 'smtp'} from {session.client_ip}"
-                f" helo={session.host_name}",
-            )
-            queue.enqueue(
-                s, trace=envelope.trace_id, sender=envelope.mail_from or "", body=body,
-                recipients=recipients, now=now, client=session.client_ip,
-                message_id=_message_id(header),
-            )
-            s.commit()
+        add_event(
+            s, envelope.trace_id, "mta", "received", time=now,
+            detail=f"{'internal' if self.internal else 'smtp'} from {session.client_ip}"
+            f" helo={session.host_name}",
+        )
+        queue.enqueue(
+            s, trace=envelope.trace_id, sender=envelope.mail_from or "", body=body,
+            recipients=recipients, now=now, client=session.client_ip,
+            message_id=_message_id(header),
+        )
 
     def _received_header(self, session: MailSession, envelope: MailEnvelope, now: dt.datetime) -> bytes:
         # RFC 5321 4.4: who we heard from, who we are, how, the id, and when.
