@@ -107,7 +107,7 @@ def _dotlock(lock_path: Path, deadline: float) -> None:
             return
         except FileExistsError:
             try:
-                if time.time() - lock_path.stat().st_mtime > STALE_DOTLOCK_SECONDS:
+                if time.time() - lock_path.stat().st_mtime > STALE_DOTLOCK_SECONDS or _holder_gone(lock_path):
                     os.unlink(lock_path)  # left by a crashed writer
                     continue
             except FileNotFoundError:
@@ -115,6 +115,24 @@ def _dotlock(lock_path: Path, deadline: float) -> None:
         if time.monotonic() > deadline:
             raise LockTimeout(str(lock_path))
         time.sleep(0.005)
+
+
+def _holder_gone(lock_path: Path) -> bool:
+    """The dotlock names a process that no longer exists (an MDA killed with SIGKILL):
+    without this check every delivery to the mailbox waits out STALE_DOTLOCK_SECONDS."""
+    try:
+        pid = int(lock_path.read_text().strip() or "0")
+    except (ValueError, OSError):
+        return False
+    if pid <= 0 or pid == os.getpid():
+        return False  # being written right now, or held by another thread of ours
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _fcntl_lock(fd: int, deadline: float) -> None:

@@ -509,12 +509,12 @@ def test_maildir_quota_notices_mail_removed_by_a_reader(inst: Installation, mda:
 def test_a_held_dotlock_gives_451_4_2_0_and_then_delivery(client: Client, bob: Path) -> None:
     bob.parent.mkdir(parents=True, exist_ok=True)
     lock = bob.with_name(bob.name + ".lock")
-    lock.write_text("4242\n")
+    lock.write_text("1\n")  # a live process (init): a lock of a dead pid is stale and broken
     started = time.monotonic()
     _, data = client.deliver("carol@example.net", ["bob@example.org"], MESSAGE)
     assert data[0][0] == 451 and "4.2.0" in data[0][1], data
     assert 0.4 < time.monotonic() - started < 5  # waited for mda.lock_timeout (0.5 s)
-    assert lock.read_text() == "4242\n"  # somebody else's lock is left alone
+    assert lock.read_text() == "1\n"  # somebody else's lock is left alone
     lock.unlink()
     _, data = client.deliver("carol@example.net", ["bob@example.org"], MESSAGE)
     assert data[0][0] == 250
