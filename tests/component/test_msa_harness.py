@@ -130,6 +130,19 @@ class Stack:
     def close(self) -> None:
         for ctx in list(self.contexts):
             self.stop(ctx)
+
+        async def settle() -> None:
+            # End the sessions still open and let closing transports finish, so
+            # nothing is left for the garbage collector to warn about.
+            me = asyncio.current_task()
+            left = [t for t in asyncio.all_tasks() if t is not me]
+            for t in left:
+                t.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
+            for _ in range(3):
+                await asyncio.sleep(0.02)
+
+        asyncio.run_coroutine_threadsafe(settle(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
