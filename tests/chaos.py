@@ -172,16 +172,17 @@ def program_pid(inst: Installation, name: str) -> int | None:
     """The daemon's pid from supervisord, over its XML-RPC socket (what `mailroom status`
     shows, without starting a Python process for each look: the killer must keep pace)."""
     sock = inst.config.run_dir.resolve() / "supervisor.sock"
+    transport = SupervisorTransport(None, None, f"unix://{sock}")
     try:
-        proxy = xmlrpc.client.ServerProxy(
-            "http://127.0.0.1", transport=SupervisorTransport(None, None, f"unix://{sock}")
-        )
+        proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
         info = proxy.supervisor.getProcessInfo(name)
     except (OSError, xmlrpc.client.Fault):
         try:
             return inst.program_pid(name)
         except AssertionError:
             return None
+    finally:
+        transport.close()
     return int(info["pid"]) if info["statename"] == "RUNNING" and info["pid"] else None
 
 
