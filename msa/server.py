@@ -22,7 +22,7 @@ from common import reply as R
 from common.address import lookup_key
 from common.config import parse_hostport
 from common.daemon import Context, serve_until_stopped
-from common.listener import Handler, MailEnvelope, MailSession, limits_from, serve
+from common.listener import Connections, Handler, MailEnvelope, MailSession, limits_from, serve
 from common.log import new_trace_id, trace_id
 from common.models import add_event
 from common.reply import Reply
@@ -260,7 +260,8 @@ async def run(ctx: Context) -> None:
     def make() -> SubmissionHandler:
         return SubmissionHandler(ctx, limiters)
 
-    common = dict(hostname=cfg.mailroom.hostname, limits=limits, tls_context=tls)
+    # One count for both roles: the cap is per client address, not per port.
+    common = dict(hostname=cfg.mailroom.hostname, limits=limits, tls_context=tls, connections=Connections())
     submission_server = await serve(
         cfg.msa.submission, make, require_starttls=True, sock=submission_sock, **common  # type: ignore[arg-type]
     )

@@ -143,7 +143,11 @@ def test_connection_cap_per_client_address(tmp_path: Path) -> None:
         assert third.reply().startswith("421 4.7.0 ")
         assert third.closed()
         third.close()
-        other = Raw(inst.ports["submission"], source="127.0.0.6")  # another address is let in
+        # The cap counts the client's connections on both roles together.
+        implicit = Raw(inst.ports["submissions"], tls=True)
+        assert implicit.reply().startswith("421 4.7.0 ")
+        implicit.close()
+        other = Raw(inst.ports["submissions"], tls=True, source="127.0.0.6")  # another address is let in
         assert other.reply().startswith("220 ")
         other.close()
         first.cmd("QUIT")
