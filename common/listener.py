@@ -644,10 +644,15 @@ async def serve(
     require_starttls: bool = False,
     lmtp: bool = False,
     sock: socket.socket | None = None,
+    connections: Connections | None = None,
 ) -> asyncio.Server:
-    """Start a listener on `where` ('host:port' or 'unix:/path') or on a bound socket."""
+    """Start a listener on `where` ('host:port' or 'unix:/path') or on a bound socket.
+
+    Listeners given the same `connections` share their connection caps (the
+    MSA's 587 and 465 roles count one client's connections together).
+    """
     loop = asyncio.get_running_loop()
-    connections = Connections()
+    connections = connections if connections is not None else Connections()
 
     def factory() -> Listener:
         return Listener(
