@@ -35,6 +35,14 @@ from msa.auth import FailureTracker, RateLimiter
 log = logging.getLogger("msa")
 
 
+class SenderRefused(Exception):
+    """The MTA refused MAIL FROM; its reply is passed on to the client at RCPT."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
 class Limiters:
     """State shared by all sessions of the MSA process."""
 
@@ -56,8 +64,10 @@ class SubmissionHandler(Handler):
         self.upstream: Client | None = None
         self.owned: set[str] = set()
         self._closing: set[asyncio.Task[None]] = set()
+        self.lost = False  # the MTA session broke after accepting recipients
 
     def reset(self, session: MailSession) -> None:
+        self.lost = False
         # Also called when the client hangs up mid-transaction: the MTA
         # session must not linger until its idle timeout.
         if self.upstream is not None:
@@ -118,17 +128,23 @@ class SubmissionHandler(Handler):
         assert session.user is not None and envelope.mail_from is not None
         if not self.limiters.recipients.allow(session.user):
             return R.RATE_LIMITED
+        if self.lost:
+            return R.NEXT_HOP_UNAVAILABLE
         try:
             if self.upstream is None:
                 self.upstream = await self._open_upstream(envelope)
             return await self.upstream.rcpt(recipient)
-        except NextHopError as exc:
-            self._drop_upstream()
-            if exc.reply.code == 451 and exc.reply.status.startswith("4.4."):
-                log.error("MTA unavailable: %s", exc.reply)
-                return R.NEXT_HOP_UNAVAILABLE
+        except SenderRefused as exc:
             log.warning("MTA refused MAIL: %s", exc.reply)
             return exc.reply
+        except NextHopError as exc:
+            log.error("MTA unavailable: %s", exc.reply)
+            self._drop_upstream()
+            if envelope.rcpt_tos:
+                # The recipients the MTA had accepted went with that session:
+                # a new one would deliver to the later recipients only.
+                self.lost = True
+            return R.NEXT_HOP_UNAVAILABLE
 
     async def _open_upstream(self, envelope: MailEnvelope) -> Client:
         cfg = self.ctx.config
@@ -144,7 +160,7 @@ class SubmissionHandler(Handler):
         reply = await client.mail(envelope.mail_from or "", tuple(params))
         if reply.code != 250:
             await client.quit()
-            raise NextHopError(reply)  # the MTA's own verdict, passed on at this RCPT
+            raise SenderRefused(reply)
         return client
 
     def _drop_upstream(self) -> None:
@@ -171,7 +187,7 @@ class SubmissionHandler(Handler):
             hostname=cfg.mailroom.hostname, user=session.user, trace=envelope.trace_id, now=now,
         )
         content = submission.fix(envelope.content, hostname=cfg.mailroom.hostname, received=received, now=now)
-        if self.upstream is None:
+        if self.upstream is None or self.lost:
             return R.NEXT_HOP_UNAVAILABLE
         try:
             reply = await self.upstream.data(content)

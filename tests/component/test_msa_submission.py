@@ -390,7 +390,14 @@ class ScriptedMTA(Handler):
 
     async def mail(self, session: MailSession, envelope: MailEnvelope, sender: str) -> Reply:
         self.script["xtrace"] = envelope.params.get("XTRACE")
-        return R.SENDER_OK
+        self.script["sessions"] = int(self.script.get("sessions", 0)) + 1  # type: ignore[call-overload]
+        refusal = self.script.get("mail_reply")
+        return refusal if isinstance(refusal, Reply) else R.SENDER_OK
+
+    async def rcpt(self, session: MailSession, envelope: MailEnvelope, recipient: str) -> Reply:
+        if recipient == self.script.get("hang_up_at"):
+            raise ConnectionResetError("scripted hang-up")
+        return R.RECIPIENT_OK
 
     async def data(self, session: MailSession, envelope: MailEnvelope) -> Reply:
         gate = self.script.get("gate")
@@ -503,3 +510,45 @@ def test_a_client_hanging_up_mid_transaction_releases_the_mta_session(
     while _established_to(port) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _established_to(port) == 0
+
+
+def test_mta_lost_between_recipients_fails_the_whole_transaction(
+    scripted: tuple[Stack, dict[str, object]], inst: Installation
+) -> None:
+    # bob was accepted by the session that broke; a new session would carry only the
+    # later recipients while the client believes bob is included too.
+    _, script = scripted
+    script.update(hang_up_at="info@example.org", reply=Reply(250, "2.0.0", "Ok: queued as 0123456789ABCDEF01"))
+    c = logged_in(inst)
+    try:
+        assert c.mail("alice@example.org")[0] == 250
+        assert c.rcpt("bob@example.org")[0] == 250
+        code, text = c.rcpt("info@example.org")
+        assert code == 451 and text.startswith(b"4.4.1 "), text
+        code, text = c.rcpt("alice@example.org")
+        assert code == 451 and text.startswith(b"4.4.1 "), text
+        code, text = c.data(b"From: alice@example.org\r\n\r\nhi\r\n")
+        assert code == 451 and text.startswith(b"4.4.1 "), text
+        assert script["sessions"] == 1
+        # The next transaction starts afresh.
+        assert c.mail("alice@example.org")[0] == 250
+        assert c.rcpt("bob@example.org")[0] == 250
+        assert c.data(b"From: alice@example.org\r\n\r\nhi\r\n")[0] == 250
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize(
+    "refusal", [Reply(452, "4.3.1", "Insufficient system storage"), Reply(550, "5.7.1", "Sender refused")]
+)
+def test_an_mta_refusal_at_mail_is_passed_through(scripted: tuple[Stack, dict[str, object]], inst: Installation,
+                                                  refusal: Reply) -> None:
+    _, script = scripted
+    script["mail_reply"] = refusal
+    c = logged_in(inst)
+    try:
+        assert c.mail("alice@example.org")[0] == 250  # the MSA asks the MTA at the first RCPT
+        code, text = c.rcpt("bob@example.org")
+        assert f"{code} {text.decode()}" == str(refusal)
+    finally:
+        c.close()
