@@ -7,6 +7,18 @@ so the user sees the MTA's own verdict; after DATA it fixes the message
 (`250 2.0.0 Ok: queued as <TRACE-ID>`).  So the 250 is only ever said once
 the MTA has the message on disk; if the MTA cannot be reached the client
 hears 451 4.4.1 and keeps the message.
+
+Who may send: only an authenticated user (AUTH over TLS only), and only as
+one of their own addresses (common.users.addresses_of, plus +tags) in the
+envelope (553 5.7.1) and in From:/Sender: (550 5.7.1).  Limits: failed
+logins per client address, messages and recipients per user per hour, and
+connections per client address over both roles together ([msa] settings).
+
+Started as root (production), it reads the TLS key and binds 587/465, then
+becomes `[mailroom] user` before serving anyone.  That user must be able to
+write the database, its -wal/-shm files and its folder (`chown -R USER:`
+on the installation); the MSA checks this at start and stops with a message
+saying so rather than failing at the first submission.
 """
 
 from __future__ import annotations
