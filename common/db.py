@@ -200,8 +200,7 @@ class Database:
         self.read = sessionmaker(self.read_engine, expire_on_commit=False)
         self.write_relaxed = sessionmaker(self.relaxed_engine, expire_on_commit=False)
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="db")
-        self._pending: list[_BatchItem] = []
-        self._batching = False
+        self._batches = {False: _Batcher(self.write, self._pool), True: _Batcher(self.write_relaxed, self._pool)}
 
     def create_schema(self) -> None:
         """The one home of schema creation (idempotent)."""
@@ -214,49 +213,12 @@ class Database:
         call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
         return await loop.run_in_executor(self._pool, call)
 
-    async def write_batched(self, fn: Callable[..., T], *args: Any) -> T:
-        """Group commit: run fn(session, *args) in a shared, fsync'd write transaction."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append(_BatchItem(fn, args, contextvars.copy_context(), future))
-        if not self._batching:
-            self._batching = True
-            loop.create_task(self._drain_batches())
-        return cast(T, await future)
+    async def write_batched(self, fn: Callable[..., T], *args: Any, relaxed: bool = False) -> T:
+        """Group commit: run fn(session, *args) in a shared write transaction.
 
-    async def _drain_batches(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                try:
-                    outcomes = await loop.run_in_executor(self._pool, self._run_batch, batch)
-                except BaseException as exc:  # the commit itself failed: nobody's work is stored
-                    outcomes = [(False, exc)] * len(batch)
-                for item, (ok, value) in zip(batch, outcomes, strict=True):
-                    if item.future.done():
-                        continue
-                    if ok:
-                        item.future.set_result(value)
-                    else:
-                        item.future.set_exception(cast(BaseException, value))
-        finally:
-            self._batching = False
-
-    def _run_batch(self, batch: list[_BatchItem]) -> list[tuple[bool, Any]]:
-        outcomes: list[tuple[bool, Any]] = []
-        with self.write() as s:
-            for item in batch:
-                try:
-                    # The savepoint's flush happens on leaving the block, and may
-                    # fail there: only then is this caller's work in the batch.
-                    with s.begin_nested():
-                        value = item.context.run(item.fn, s, *item.args)
-                    outcomes.append((True, value))
-                except Exception as exc:  # noqa: BLE001 - handed to that caller alone
-                    outcomes.append((False, exc))
-            s.commit()
-        return outcomes
+        With relaxed=True the shared commit is not fsync'd (see write_relaxed).
+        """
+        return cast(T, await self._batches[relaxed].submit(fn, args))
 
     def checkpoint(self) -> None:
         """Fold the WAL back into the main file so it does not grow without end."""
@@ -276,6 +238,59 @@ class Database:
         self.engine.dispose()
         self.read_engine.dispose()
         self.relaxed_engine.dispose()
+
+
+class _Batcher:
+    """Collects write_batched() calls and commits them together, one batch at a time."""
+
+    def __init__(self, factory: sessionmaker[Any], pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        self.factory = factory
+        self.pool = pool
+        self.pending: list[_BatchItem] = []
+        self.draining = False
+
+    async def submit(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self.pending.append(_BatchItem(fn, args, contextvars.copy_context(), future))
+        if not self.draining:
+            self.draining = True
+            loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self.pending:
+                batch, self.pending = self.pending, []
+                try:
+                    outcomes = await loop.run_in_executor(self.pool, self._run, batch)
+                except BaseException as exc:  # the commit itself failed: nobody's work is stored
+                    outcomes = [(False, exc)] * len(batch)
+                for item, (ok, value) in zip(batch, outcomes, strict=True):
+                    if item.future.done():
+                        continue
+                    if ok:
+                        item.future.set_result(value)
+                    else:
+                        item.future.set_exception(cast(BaseException, value))
+        finally:
+            self.draining = False
+
+    def _run(self, batch: list[_BatchItem]) -> list[tuple[bool, Any]]:
+        outcomes: list[tuple[bool, Any]] = []
+        with self.factory() as s:
+            for item in batch:
+                try:
+                    # The savepoint's flush happens on leaving the block, and may
+                    # fail there: only then is this caller's work in the batch.
+                    with s.begin_nested():
+                        value = item.context.run(item.fn, s, *item.args)
+                    outcomes.append((True, value))
+                except Exception as exc:  # noqa: BLE001 - handed to that caller alone
+                    outcomes.append((False, exc))
+            s.commit()
+        return outcomes
 
 
 @dataclass

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def deliver(maildir: Path, content: bytes, name: str, *, quota_limit: int = 0) -
         stored = False  # a concurrent redelivery won the race
     finally:
         os.unlink(tmp_path)
-    _fsync_dir(maildir / "new")
+    _sync_new_entry(maildir / "new")
     if stored and quota_limit > 0:
         quota.record(maildir, len(content))
     return new_path, stored
@@ -104,6 +105,39 @@ def _create_tmp(maildir: Path, host: str) -> tuple[int, Path]:
             return os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp_path
         except FileExistsError:
             continue  # cannot happen with a fresh counter value, but never share a file
+
+
+class _DirSync:
+    """How many links into one directory were made, and how many are known fsync'd."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.linked = 0
+        self.synced = 0
+
+
+_dir_syncs: dict[Path, _DirSync] = {}
+_dir_syncs_lock = threading.Lock()
+
+
+def _sync_new_entry(directory: Path) -> None:
+    """Make our link() in `directory` durable, sharing one fsync among concurrent deliveries.
+
+    An fsync of a directory makes durable every entry added before it started,
+    so deliveries that linked while another thread's fsync was waiting to begin
+    need no fsync of their own (group commit, for directories).
+    """
+    with _dir_syncs_lock:
+        state = _dir_syncs.setdefault(directory, _DirSync())
+        state.linked += 1
+        mine = state.linked
+    with state.lock:
+        if state.synced >= mine:
+            return
+        with _dir_syncs_lock:
+            covered = state.linked  # every one of these links has already returned
+        _fsync_dir(directory)
+        state.synced = covered
 
 
 def _fsync_dir(path: Path) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from common import reply as R
 from common.daemon import Context, serve_until_stopped
@@ -71,7 +72,9 @@ class LMTPHandler(Handler):
         box = await self.ctx.db.run(self._lookup, recipient)
         if box is None:
             log.info("refused to=<%s>: user unknown", recipient)
-            await self.ctx.db.run(self._record, envelope.trace_id, [(recipient, R.UNKNOWN_USER, "")])
+            await self.ctx.db.write_batched(
+                self._record, envelope.trace_id, [(recipient, R.UNKNOWN_USER, "")], relaxed=True
+            )
             return R.UNKNOWN_USER
         self.mailboxes[recipient] = box
         return R.RECIPIENT_OK
@@ -102,15 +105,27 @@ class LMTPHandler(Handler):
         try:
             # Not in the database pool: a delivery may wait up to lock_timeout
             # for an mbox lock, and must not hold up other sessions' lookups.
-            return await asyncio.to_thread(
+            replies, outcomes = await asyncio.to_thread(
                 self._deliver_all, envelope.trace_id, envelope.mail_from, envelope.rcpt_tos, body
             )
         except Exception:
             # Never a single reply in LMTP (the client would wait for the rest).
             log.exception("delivery failed")
             return [R.LOCAL_ERROR] * len(envelope.rcpt_tos)
+        try:
+            # Events of sessions finishing together share one commit, not fsync'd:
+            # the 250 rests on the fsync'd mailbox file, not on this row (the row
+            # survives a killed process; only a power cut could lose it).
+            await self.ctx.db.write_batched(self._record, envelope.trace_id, outcomes, relaxed=True)
+        except Exception:
+            # The mail is on disk: the 250s stand (saying 451 now would store it twice).
+            log.exception("could not record the delivery events")
+        return replies
 
-    def _deliver_all(self, trace: str, sender: str, recipients: list[str], body: bytes) -> list[Reply]:
+    def _deliver_all(
+        self, trace: str, sender: str, recipients: list[str], body: bytes
+    ) -> tuple[list[Reply], list[tuple[str, Reply, str]]]:
+        """Store the message for each recipient; returns the replies and the events to record."""
         trace_id.set(trace)
         results: dict[str, tuple[Reply, str]] = {}
         for rcpt in recipients:
@@ -125,21 +140,14 @@ class LMTPHandler(Handler):
                 path, reply = "", exc.reply
                 log.info("refused to=<%s>: %s", rcpt, reply)
             results[rcpt] = (reply, path)
-        try:
-            self._record(trace, [(rcpt, reply, path) for rcpt, (reply, path) in results.items()])
-        except Exception:
-            # The mail is on disk: the 250s stand (saying 451 now would store it twice).
-            log.exception("could not record the delivery events")
-        return [results[rcpt][0] for rcpt in recipients]
+        outcomes = [(rcpt, reply, path) for rcpt, (reply, path) in results.items()]
+        return [results[rcpt][0] for rcpt in recipients], outcomes
 
-    def _record(self, trace: str, outcomes: list[tuple[str, Reply, str]]) -> None:
-        # Not fsync'd: the 250 rests on the fsync'd mailbox file, not on this row
-        # (the row survives a killed process; only a power cut could lose it).
-        with self.ctx.db.write_relaxed() as s:
-            for rcpt, reply, path in outcomes:
-                event = "delivered" if reply.is_ok else "refused"
-                add_event(s, trace, "mda", event, recipient=rcpt, detail=str(reply), path=path)
-            s.commit()
+    @staticmethod
+    def _record(s: Session, trace: str, outcomes: list[tuple[str, Reply, str]]) -> None:
+        for rcpt, reply, path in outcomes:
+            event = "delivered" if reply.is_ok else "refused"
+            add_event(s, trace, "mda", event, recipient=rcpt, detail=str(reply), path=path)
 
     def _earlier_delivery(self, trace: str, rcpt: str) -> str | None:
         with self.ctx.db.read() as s:
