@@ -20,12 +20,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import sessionmaker
-
-from common.models import Base
 
 T = TypeVar("T")
 
@@ -203,8 +202,18 @@ class Database:
         self._batches = {False: _Batcher(self.write, self._pool), True: _Batcher(self.write_relaxed, self._pool)}
 
     def create_schema(self) -> None:
-        """The one home of schema creation (idempotent)."""
-        Base.metadata.create_all(self.engine)
+        """The one home of schema creation and upgrades: the alembic migrations in
+        common/migrations, brought to the newest revision (a no-op when current).
+        To change the schema: edit common/models.py, then
+        `alembic -x ... revision --autogenerate` (see docs/operations.md)."""
+        from alembic import command
+        from alembic.config import Config as AlembicConfig
+
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(Path(__file__).resolve().parent / "migrations"))
+        with self.engine.connect() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run blocking database (or fsync) work in the pool, keeping the loop free."""

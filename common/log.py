@@ -63,3 +63,4 @@ def setup(process: str, level: str = "info") -> None:
     # at DEBUG with AUTH redacted, so keep its chatter down.
     # (Its deprecation notice about login_data is its own business too.)
     logging.getLogger("mail.log").setLevel(logging.ERROR)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # "Running upgrade ..." at each start
