@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import os
 import pwd
 import socket
+
+from sqlalchemy.orm import Session
 
 from common import reply as R
 from common.address import lookup_key
@@ -36,7 +39,7 @@ from common.config import parse_hostport
 from common.daemon import Context, serve_until_stopped
 from common.listener import Connections, Handler, MailEnvelope, MailSession, limits_from, serve
 from common.log import new_trace_id, trace_id
-from common.models import add_event
+from common.models import Message, add_event
 from common.reply import Reply
 from common.smtp_client import Client, NextHopError
 from common.tls import server_context
@@ -206,10 +209,19 @@ class SubmissionHandler(Handler):
         except NextHopError as exc:
             log.error("MTA lost during DATA: %s", exc.reply)
             self._drop_upstream()
-            return R.NEXT_HOP_UNAVAILABLE
+            # The MTA may have committed the message and died before its 250
+            # reached us.  The queue is in the shared database: if the message
+            # is there, it is the MTA's now, and a 451 would only make the
+            # client send it a second time.
+            if not await self.ctx.db.run(self._was_queued, envelope.trace_id):
+                return R.NEXT_HOP_UNAVAILABLE
+            reply = Reply(250, "2.0.0", f"Ok: queued as {envelope.trace_id}")
+            log.info("the MTA had queued it before the connection broke")
         if reply.code == 250:
             try:
-                await self.ctx.db.run(self._record, envelope, session, len(content), reply, now)
+                await self.ctx.db.write_batched(
+                    self._record, envelope, session, len(content), reply, now, relaxed=True
+                )
             except Exception:
                 # The MTA has the message: answering anything but its 250 now
                 # would make the client send it twice.  Only the trace loses a line.
@@ -218,14 +230,20 @@ class SubmissionHandler(Handler):
                  len(envelope.rcpt_tos), reply)
         return reply
 
-    def _record(self, envelope: MailEnvelope, session: MailSession, size: int, reply: Reply, now: object) -> None:
-        with self.ctx.db.write() as s:
-            add_event(
-                s, envelope.trace_id, "msa", "received", time=now,  # type: ignore[arg-type]
-                detail=f"from=<{envelope.mail_from}> user={session.user} client={session.client_ip} size={size}",
-            )
-            add_event(s, envelope.trace_id, "msa", "relayed", detail=str(reply))
-            s.commit()
+    def _was_queued(self, trace: str) -> bool:
+        with self.ctx.db.read() as s:
+            return s.get(Message, trace) is not None
+
+    @staticmethod
+    def _record(
+        s: Session, envelope: MailEnvelope, session: MailSession, size: int, reply: Reply, now: dt.datetime
+    ) -> None:
+        # Trace events only (the message is the MTA's, durably): no fsync needed.
+        add_event(
+            s, envelope.trace_id, "msa", "received", time=now,
+            detail=f"from=<{envelope.mail_from}> user={session.user} client={session.client_ip} size={size}",
+        )
+        add_event(s, envelope.trace_id, "msa", "relayed", detail=str(reply))
 
 
 def bind(where: str) -> socket.socket:

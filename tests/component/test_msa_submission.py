@@ -13,6 +13,7 @@ import email
 import email.utils
 import re
 import smtplib
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -404,6 +405,13 @@ class ScriptedMTA(Handler):
         if isinstance(gate, threading.Event):
             while not gate.is_set():
                 await asyncio.sleep(0.02)
+        queue_in = self.script.get("queue_then_die")
+        if isinstance(queue_in, str):
+            # Like an MTA killed right after its commit, before the 250 left.
+            with sqlite3.connect(queue_in) as db:
+                db.execute("INSERT INTO messages (id, message_id, sender, size, received, client, held, warned,"
+                           " is_bounce) VALUES (?, '', '', 0, '2026-01-01', '', 0, 0, 0)", (envelope.params["XTRACE"],))
+            raise ConnectionResetError("scripted death after commit")
         if self.script.get("hang_up"):
             raise ConnectionResetError("scripted hang-up")
         reply = self.script["reply"]
@@ -482,6 +490,20 @@ def test_mta_lost_during_data_gives_451_441(scripted: tuple[Stack, dict[str, obj
         code, text = send(c, "alice@example.org", ["bob@example.org"], b"From: alice@example.org\r\n\r\nhi\r\n")
         assert code == 451 and text.startswith("4.4.1 "), text
         assert c.noop()[0] == 250  # the client's session carries on
+    finally:
+        c.close()
+
+
+def test_mta_lost_after_queueing_still_gives_250(scripted: tuple[Stack, dict[str, object]], inst: Installation) -> None:
+    # The MTA committed the message and died before its 250 reached the MSA: the
+    # message is in the shared queue, so a 451 would only make the client send it twice.
+    _, script = scripted
+    script["queue_then_die"] = str(inst.root / "mailroom.db")
+    c = logged_in(inst)
+    try:
+        code, text = send(c, "alice@example.org", ["bob@example.org"], b"From: alice@example.org\r\n\r\nhi\r\n")
+        assert code == 250, text
+        assert text == f"2.0.0 Ok: queued as {script['xtrace']}", text
     finally:
         c.close()
 
