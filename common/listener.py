@@ -129,6 +129,9 @@ class Handler:
     async def authenticate(self, session: MailSession, login: str, password: str) -> Reply:
         return R.AUTH_FAILED
 
+    async def refused(self, session: MailSession, envelope: MailEnvelope, reply: Reply) -> None:
+        """The listener itself refused the message after DATA (too big, line too long)."""
+
     def reset(self, session: MailSession) -> None:
         """The transaction ended (RSET, end of DATA, new EHLO or disconnect)."""
 
@@ -558,6 +561,7 @@ class Listener(SMTP):
         replies: list[Reply]
         if problem is not None:
             replies = [problem] * (len(envelope.rcpt_tos) if self.lmtp else 1)
+            await self.handler.refused(session, envelope, problem)
         else:
             envelope.content = envelope.original_content = content
             try:

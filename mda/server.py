@@ -97,6 +97,14 @@ class LMTPHandler(Handler):
             return None
         return Mailbox(user.address, user.store, path, user.quota)
 
+    async def refused(self, session: MailSession, envelope: MailEnvelope, reply: Reply) -> None:
+        # Too big or a line too long: the trace should say so for each recipient.
+        outcomes = [(rcpt, reply, "") for rcpt in dict.fromkeys(envelope.rcpt_tos)]
+        try:
+            await self.ctx.db.write_batched(self._record, envelope.trace_id, outcomes, relaxed=True)
+        except Exception:
+            log.exception("could not record the refusal events")
+
     async def data(self, session: MailSession, envelope: MailEnvelope) -> list[Reply]:
         assert isinstance(envelope.content, bytes) and envelope.mail_from is not None
         # The listener has refused bare CR and LF, so every line ends in CRLF:

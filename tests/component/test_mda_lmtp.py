@@ -270,15 +270,22 @@ def test_too_large_message_gets_one_reply_per_recipient(inst: Installation, alic
         c.close()
         server.close()
     assert len(maildir_messages(alice)) == 1 and mbox_messages(bob) == []
+    # The trace says why, once per recipient.
+    refused = sorted((e.recipient, e.detail[:9]) for e in events(inst) if e.event == "refused")
+    assert refused == [("alice+x@example.org", "552 5.3.4"), ("alice@example.org", "552 5.3.4"),
+                       ("bob@example.org", "552 5.3.4")]
 
 
-def test_line_too_long_gets_one_reply_per_recipient(client: Client, alice: Path, bob: Path) -> None:
+def test_line_too_long_gets_one_reply_per_recipient(
+    client: Client, inst: Installation, alice: Path, bob: Path
+) -> None:
     long_line = b"Subject: long\r\n\r\n" + b"y" * 1200 + b"\r\n"
     _, data = client.deliver("carol@example.net", ["alice@example.org", "bob@example.org"], long_line)
     assert [code for code, _ in data] == [500, 500], data
     assert all("5.5.2" in t for _, t in data)
     assert client.cmd("NOOP")[0] == 250
     assert maildir_messages(alice) == [] and mbox_messages(bob) == []
+    assert sorted(e.recipient for e in events(inst) if e.event == "refused") == ["alice@example.org", "bob@example.org"]
 
 
 def test_data_without_an_accepted_recipient_is_503(client: Client, inst: Installation) -> None:
