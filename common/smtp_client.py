@@ -153,12 +153,12 @@ class Client:
         await self._write(f"{'LHLO' if self.lmtp else 'EHLO'} {name}\r\n".encode())
         code, lines = await self.read_lines()
         if code != 250 and not self.lmtp:
-            code, lines = 250, []
-            reply = await self.command(f"HELO {name}")
-            code = reply.code
+            # A server without ESMTP (RFC 5321 3.2): plain HELO, and no extensions.
+            await self._write(f"HELO {name}\r\n".encode())
+            code, lines = await self.read_lines()
+            lines = lines[:1]
         if code != 250:
-            reply = parse_reply(code, lines)
-            raise NextHopError(_prefixed(reply, f"{self.peer} refused EHLO:"))
+            raise NextHopError(_prefixed(parse_reply(code, lines), f"{self.peer} refused EHLO:"))
         # EHLO keywords, e.g. {'SIZE': '10240000', 'PIPELINING': ''}; line 1 is the name.
         self.extensions = {}
         for line in lines[1:]:
