@@ -9,7 +9,7 @@ database to compare against.
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import Connection, create_engine
+from sqlalchemy import Connection, create_engine, text
 
 from common.models import Base
 
@@ -22,6 +22,11 @@ def run(connection: Connection) -> None:
         connection=connection, target_metadata=Base.metadata, transactional_ddl=True, render_as_batch=True
     )
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # PostgreSQL lets two transactions run the same CREATE TABLE and fails
+            # the second (UniqueViolation on pg_type): take turns on a lock held
+            # until this transaction ends; the key is b"mailroom" as a bigint.
+            connection.execute(text("SELECT pg_advisory_xact_lock(7881696737372368749)"))
         context.run_migrations()
 
 

@@ -1,0 +1,242 @@
+"""Mailroom on PostgreSQL: the shared database for several hosts (docs/operations.md).
+
+A throwaway PostgreSQL cluster (tests/support/postgres.py) takes the place of
+the SQLite file: the four real daemons carry a message end to end on it,
+several queue managers share its queue without delivering a recipient twice
+(SELECT ... FOR UPDATE SKIP LOCKED in mta/queue.claim), and the `mailroom`
+command's user and queue commands work against it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select, text
+
+from common.clock import SystemClock
+from common.db import Database
+from common.models import DELIVERED, Recipient
+from common.reply import Reply
+from mta import queue
+from mta.delivery import RemoteDelivery
+from mta.qmgr import Policy, QueueManager
+from mta.routing import make_resolver
+from tests.support.postgres import PostgresServer
+from tests.support.suite import Installation, maildir_messages, mbox_messages, running
+
+pytestmark = pytest.mark.interop
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def postgres(tmp_path: Path) -> Iterator[PostgresServer]:
+    with PostgresServer(tmp_path) as server:
+        yield server
+
+
+def on_postgres(root: Path, pg: PostgresServer) -> Installation:
+    """An installation whose shared database is the PostgreSQL cluster (set before any user exists)."""
+    inst = Installation(root / "mailroom")
+    inst.set("mailroom", "database", json.dumps(pg.url))
+    assert inst.config.database_url == pg.url
+    # `mailroom init` made the default SQLite file; nothing may use it from here on.
+    for leftover in inst.root.glob("mailroom.db*"):
+        leftover.unlink()
+    return inst
+
+
+def tables(pg: PostgresServer) -> set[str]:
+    db = Database(pg.url, threads=1)
+    try:
+        with db.read() as s:
+            return set(s.scalars(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")))
+    finally:
+        db.close()
+
+
+@pytest.mark.timeout(60)
+def test_the_pipeline_runs_end_to_end_on_postgresql(tmp_path: Path, postgres: PostgresServer) -> None:
+    inst = on_postgres(tmp_path, postgres)
+    assert "users" not in tables(postgres)  # the schema comes from the CLI's alembic upgrade below
+    inst.add_user("alice@example.org", "maildir")
+    inst.add_user("bob@example.org", "mbox")
+    assert {"alembic_version", "users", "messages", "recipients", "events"} <= tables(postgres)
+    assert not list(inst.root.glob("*.db*"))  # nothing went to a SQLite file
+
+    for suite in running(inst):
+        body = b"Subject: shared\r\nFrom: alice@example.org\r\nTo: bob@example.org\r\n\r\nOn PostgreSQL.\r\n"
+        code, reply = suite.submit("alice@example.org", ["alice@example.org", "bob@example.org"], body)
+        assert code == 250, reply
+        m = re.fullmatch(rb"2\.0\.0 Ok: queued as ([0-9A-F]{18})", reply)
+        assert m, reply
+        trace_id = m.group(1).decode()
+        alice, bob = suite.mailbox("alice@example.org"), suite.mailbox("bob@example.org")
+        suite.wait_for(lambda: len(maildir_messages(alice)) == 1, what="Maildir delivery")
+        suite.wait_for(lambda: len(mbox_messages(bob)) == 1, what="mbox delivery")
+        assert maildir_messages(alice)[0].read_bytes().endswith(b"\n\nOn PostgreSQL.\n")
+        assert mbox_messages(bob)[0].endswith(b"\n\nOn PostgreSQL.\n")
+        suite.wait_for(
+            lambda: sum(e["event"] == "delivered" for e in suite.trace(trace_id)["events"] if e["hop"] == "qmgr") == 2,
+            what="qmgr delivered events",
+        )
+        hops = {e["hop"] for e in suite.trace(trace_id)["events"]}
+        assert {"msa", "mta", "qmgr", "mda"} <= hops
+        assert "Traceback" not in suite.log_text()
+    assert not list(inst.root.glob("*.db*"))
+
+
+@pytest.mark.timeout(30)
+def test_processes_starting_together_on_an_empty_database_create_the_schema_once(
+    postgres: PostgresServer,
+) -> None:
+    # Every daemon runs the migrations at start, all four at once on a new
+    # installation: on PostgreSQL two CREATE TABLEs of one name collide
+    # (UniqueViolation on pg_type) unless the upgrades take turns.
+    # Separate processes, as the daemons are (alembic's context is one per process),
+    # each connected first and then upgrading at the same agreed instant.
+    script = (
+        "import sys, time\n"
+        "from sqlalchemy import text\n"
+        "from common.db import Database\n"
+        "db = Database(sys.argv[1], threads=1)\n"
+        "with db.engine.connect() as c: c.execute(text('SELECT 1'))\n"
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+        "db.create_schema()\n"
+    )
+    at = time.time() + 2.0  # after every interpreter has started and connected
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, postgres.url, str(at)], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(6)
+    ]
+    outcomes = [(p.wait(timeout=20), p.communicate()[0]) for p in procs]
+    failed = [[line for line in out.splitlines() if "Error" in line][-1:] for rc, out in outcomes if rc != 0]
+    assert not failed, failed
+    assert {"alembic_version", "users", "messages", "recipients", "events"} <= tables(postgres)
+
+
+class RecordingLMTP:
+    """Stands in for the MDA: records each recipient handed to it, says 250 for each."""
+
+    def __init__(self) -> None:
+        self.received: collections.Counter[str] = collections.Counter()
+
+    async def deliver(self, trace: str, sender: str, rcpts: list[str], body: bytes) -> list[Reply]:
+        await asyncio.sleep(0.001)  # let the other queue managers run their claims meanwhile
+        self.received.update(rcpts)
+        return [Reply(250, "2.0.0", "Ok") for _ in rcpts]
+
+
+@pytest.mark.timeout(60)
+def test_queue_managers_sharing_one_queue_never_deliver_a_recipient_twice(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    messages, per_message = 200, 2
+    setup = Database(postgres.url, threads=1)
+    setup.create_schema()
+    now = SystemClock().now()
+    expected: list[str] = []
+    with setup.write() as s:
+        for n in range(messages):
+            rcpts = [f"user{n}-{k}@example.org" for k in range(per_message)]
+            expected += rcpts
+            queue.enqueue(
+                s, trace=f"T{n:017d}", sender="carol@example.net", body=b"Subject: x\r\n\r\nhi\r\n",
+                recipients=[queue.QueuedRecipient(a, a) for a in rcpts], now=now,
+            )
+        s.commit()
+
+    lmtp = RecordingLMTP()
+    claimed_by: collections.Counter[str] = collections.Counter()
+
+    async def one_manager(n: int) -> None:
+        # Its own engine and pool, as a separate process would have; its own owner tag.
+        db = Database(postgres.url, threads=4)
+        qm = QueueManager(
+            db=db, clock=SystemClock(), policy=Policy([60.0], 3600.0, 0.0),
+            local_domains=["example.org"], hostname=f"mx{n}.test", local=lmtp,  # type: ignore[arg-type]
+            remote=RemoteDelivery(  # never used: every recipient is local
+                hostname=f"mx{n}.test", resolver=make_resolver([], 1.0), relayhost="", relayhost_auth=None,
+                transport={}, remote_port=25, per_destination=1, connect_timeout=1.0,
+            ),
+            max_in_flight=50,
+        )
+        qm.owner = f"mx{n}.test:{n}"
+        try:
+            while True:
+                got = await qm.run_once()
+                claimed_by[qm.owner] += got
+                if not got:
+                    await qm.drain()
+                    with db.read() as s:
+                        left = s.scalar(select(func.count()).where(Recipient.state != DELIVERED))
+                    if left == 0:
+                        return
+                    await asyncio.sleep(0.02)
+        finally:
+            db.close()
+
+    async def all_managers() -> None:
+        await asyncio.gather(*(one_manager(n) for n in range(3)))
+
+    asyncio.run(all_managers())
+
+    twice = {a: c for a, c in lmtp.received.items() if c != 1}
+    assert not twice, f"recipients handed over more than once: {list(twice.items())[:5]}"
+    assert sorted(lmtp.received) == sorted(expected)
+    # The managers really shared the work (else this proves nothing about locking).
+    assert sum(1 for c in claimed_by.values() if c) >= 2, claimed_by
+    with setup.read() as s:
+        states = collections.Counter(s.scalars(select(Recipient.state)))
+        owners = set(s.scalars(select(Recipient.owner)))
+    assert states == {DELIVERED: messages * per_message}, states
+    assert owners == {""}
+    setup.close()
+
+
+@pytest.mark.timeout(30)
+def test_the_mailroom_command_manages_users_and_queue_on_postgresql(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    inst = on_postgres(tmp_path, postgres)
+    inst.add_user("alice@example.org", "maildir")
+    inst.add_user("bob@example.org", "mbox")
+    r = inst.cli("user", "add", "alice@example.org", "--password-stdin", stdin="x\n")
+    assert r.returncode == 1 and "exists" in r.stderr
+    r = inst.cli("user", "list")
+    assert r.returncode == 0, r.stderr
+    assert [line.split()[:2] for line in r.stdout.splitlines()] == [
+        ["alice@example.org", "maildir"], ["bob@example.org", "mbox"]
+    ]
+
+    r = inst.cli("queue", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == []
+    db = Database(postgres.url, threads=1)
+    try:
+        with db.write() as s:
+            queue.enqueue(
+                s, trace="Q00000000000000001", sender="carol@example.net", body=b"Subject: q\r\n\r\nq\r\n",
+                recipients=[queue.QueuedRecipient("dave@example.net", "dave@example.net")],
+                now=SystemClock().now(),
+            )
+            s.commit()
+    finally:
+        db.close()
+    r = inst.cli("queue", "--json")
+    assert r.returncode == 0, r.stderr
+    items = json.loads(r.stdout)
+    assert [(i["id"], i["sender"], [x["address"] for x in i["recipients"]]) for i in items] == [
+        ("Q00000000000000001", "carol@example.net", ["dave@example.net"])
+    ]
+    assert items[0]["recipients"][0]["state"] == "queued"
