@@ -163,10 +163,6 @@ class QueueManager:
         age = (now - job.received).total_seconds()
         failures: list[bounce.Failure] = []
         delayed: list[bounce.Failure] = []
-        originals = {
-            r.id: r.original
-            for r in s.query(Recipient).where(Recipient.message_id == job.trace)
-        }
         for res in results:
             reply, n = res.reply, attempts[res.recipient_id] + 1
             values: dict[str, object] = {"attempts": n, "last_reply": str(reply), "owner": ""}
@@ -186,7 +182,7 @@ class QueueManager:
             detail = str(reply) + (f" (via {res.remote})" if res.remote else "")
             add_event(s, job.trace, "qmgr", event, recipient=res.address, detail=detail, time=now)
             log.info("%s to=<%s> attempts=%d: %s", event, res.address, n, detail)
-            failure = bounce.Failure(res.address, originals.get(res.recipient_id, ""), reply, res.remote)
+            failure = bounce.Failure(res.address, job.originals.get(res.recipient_id, ""), reply, res.remote)
             if event in ("bounced", "expired"):
                 failures.append(failure)
             elif event == "deferred":
@@ -198,7 +194,8 @@ class QueueManager:
         if delayed and may_notify and not job.warned and warn > 0 and age >= warn:
             self._send_dsn(s, job, delayed, now, delayed=True)
             s.execute(update(Message).where(Message.id == job.trace).values(warned=True))
-        queue.drop_body_if_done(s, job.trace)
+        if not delayed:  # a deferred recipient is still queued: the body must stay
+            queue.drop_body_if_done(s, job.trace)
 
     def _send_dsn(
         self, s: Session, job: queue.Job, failures: list[bounce.Failure], now: dt.datetime,

@@ -16,7 +16,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from sqlalchemy import select, update
+from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session
 
 from common.log import new_trace_id
@@ -79,6 +79,9 @@ class Job:
     is_bounce: bool
     message_id: str
     recipients: list[tuple[int, str, int]] = field(default_factory=list)  # (id, address, attempts)
+    # id -> the address as given at RCPT (for DSNs); read at claim time, so
+    # settling needs no query of its own.
+    originals: dict[int, str] = field(default_factory=dict)
 
 
 def claim(session: Session, owner: str, now: dt.datetime, limit: int = 200) -> list[Job]:
@@ -89,7 +92,7 @@ def claim(session: Session, owner: str, now: dt.datetime, limit: int = 200) -> l
     the rows are locked and other queue managers skip them (SKIP LOCKED).
     """
     rows = session.execute(
-        select(Recipient.id, Recipient.message_id, Recipient.address, Recipient.attempts)
+        select(Recipient.id, Recipient.message_id, Recipient.address, Recipient.attempts, Recipient.original)
         .join(Message)
         .where(Recipient.state == QUEUED, Recipient.next_attempt <= now, Message.held.is_(False))
         .order_by(Recipient.next_attempt)
@@ -104,16 +107,29 @@ def claim(session: Session, owner: str, now: dt.datetime, limit: int = 200) -> l
         .where(Recipient.id.in_(ids), Recipient.state == QUEUED)
         .values(state=ACTIVE, owner=owner)
     )
+    # One query for every claimed message's columns, not session.get() per
+    # message (py-spy: per-message ORM loads were most of the claim's time).
+    message_ids = list(dict.fromkeys(r.message_id for r in rows))
+    messages = {
+        m.id: m
+        for m in session.execute(
+            select(
+                Message.id, Message.sender, Message.body, Message.received, Message.warned,
+                Message.is_bounce, Message.message_id,
+            ).where(Message.id.in_(message_ids))
+        )
+    }
     jobs: dict[str, Job] = {}
     for r in rows:
         job = jobs.get(r.message_id)
         if job is None:
-            m = session.get(Message, r.message_id)
-            assert m is not None and m.body is not None
+            m = messages[r.message_id]
+            assert m.body is not None
             job = jobs[r.message_id] = Job(
                 m.id, m.sender, m.body, m.received, m.warned, m.is_bounce, m.message_id
             )
         job.recipients.append((r.id, r.address, r.attempts))
+        job.originals[r.id] = r.original
     session.commit()
     return list(jobs.values())
 
@@ -159,11 +175,16 @@ def enqueue_dsn(
 
 def drop_body_if_done(session: Session, trace: str) -> bool:
     """Once every recipient is final the queued copy is no longer needed."""
-    states = session.scalars(select(Recipient.state).where(Recipient.message_id == trace)).all()
-    if states and all(s in FINAL_STATES for s in states):
-        session.execute(update(Message).where(Message.id == trace).values(body=None))
-        return True
-    return False
+    # One UPDATE ... WHERE NOT EXISTS rather than reading every recipient's
+    # state and then updating: the queue manager runs this once per message
+    # (py-spy: the read was 14 % of its busy time).
+    pending = exists().where(Recipient.message_id == trace, Recipient.state.not_in(FINAL_STATES))
+    result = session.execute(
+        update(Message)
+        .where(Message.id == trace, exists().where(Recipient.message_id == trace), ~pending)
+        .values(body=None)
+    )
+    return bool(getattr(result, "rowcount", 0))
 
 
 def wake_qmgr(path: os.PathLike[str] | str) -> None:
