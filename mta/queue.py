@@ -16,7 +16,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from common.log import new_trace_id
@@ -175,16 +175,14 @@ def enqueue_dsn(
 
 def drop_body_if_done(session: Session, trace: str) -> bool:
     """Once every recipient is final the queued copy is no longer needed."""
-    # One UPDATE ... WHERE NOT EXISTS rather than reading every recipient's
-    # state and then updating: the queue manager runs this once per message
-    # (py-spy: the read was 14 % of its busy time).
-    pending = exists().where(Recipient.message_id == trace, Recipient.state.not_in(FINAL_STATES))
-    result = session.execute(
-        update(Message)
-        .where(Message.id == trace, exists().where(Recipient.message_id == trace), ~pending)
-        .values(body=None)
-    )
-    return bool(getattr(result, "rowcount", 0))
+    # A plain read, then the update.  An UPDATE ... WHERE NOT EXISTS was tried
+    # and was slower (py-spy: 14 % -> 29 % of the queue manager's samples):
+    # recipients.message_id has no index, so each EXISTS scans the table.
+    states = session.scalars(select(Recipient.state).where(Recipient.message_id == trace)).all()
+    if states and all(s in FINAL_STATES for s in states):
+        session.execute(update(Message).where(Message.id == trace).values(body=None))
+        return True
+    return False
 
 
 def wake_qmgr(path: os.PathLike[str] | str) -> None:
