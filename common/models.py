@@ -97,7 +97,11 @@ class Recipient(Base):
     owner: Mapped[str] = mapped_column(String(100), default="")  # qmgr holding it (active)
     message: Mapped[Message] = relationship(back_populates="recipients")
 
-    __table_args__ = (Index("ix_recipients_due", "state", "next_attempt"),)
+    __table_args__ = (
+        Index("ix_recipients_due", "state", "next_attempt"),
+        # Every settle and `mailroom queue` looks recipients up by message.
+        Index("ix_recipients_message_id", "message_id"),
+    )
 
 
 class Event(Base):

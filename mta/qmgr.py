@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import os
 import socket
 from collections import defaultdict
 from dataclasses import dataclass
@@ -81,8 +80,8 @@ class QueueManager:
         self.hostname = hostname
         self.local = local
         self.remote = remote
-        self.owner_prefix = f"{socket.gethostname()}:"
-        self.owner = f"{self.owner_prefix}{os.getpid()}"
+        self.host = socket.gethostname()
+        self.owner = queue.owner_id(self.host)
         self.in_flight = asyncio.Semaphore(max_in_flight)
         self.wake = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -240,7 +239,7 @@ async def run(ctx: Context) -> None:
         local_domains=cfg.mailroom.domains, hostname=cfg.mailroom.hostname,
         local=local, remote=remote,
     )
-    released = await ctx.db.run(_release, ctx.db, qm.owner_prefix)
+    released = await ctx.db.run(_release, ctx.db, qm.host)
     if released:
         log.info("put back %d recipients left active by an earlier run", released)
     sock_path = cfg.qmgr_socket
@@ -277,9 +276,9 @@ async def run(ctx: Context) -> None:
         await remote.close()
 
 
-def _release(db: Database, prefix: str) -> int:
+def _release(db: Database, host: str) -> int:
     with db.write() as s:
-        return queue.release_stale(s, prefix)
+        return queue.release_stale(s, host)
 
 
 if __name__ == "__main__":

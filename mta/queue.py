@@ -15,6 +15,7 @@ import datetime as dt
 import os
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -134,11 +135,40 @@ def claim(session: Session, owner: str, now: dt.datetime, limit: int = 200) -> l
     return list(jobs.values())
 
 
-def release_stale(session: Session, owner_prefix: str) -> int:
-    """Put back recipients a crashed queue manager of this host left active."""
+def owner_id(host: str) -> str:
+    """Who holds a claim: 'host:pid.start' (the start time tells a reused pid apart)."""
+    return f"{host}:{os.getpid()}.{_start_time(os.getpid())}"
+
+
+def _start_time(pid: int) -> str:
+    # Field 22 of /proc/PID/stat, after the parenthesised command name.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _alive(process: str) -> bool:
+    pid, _, start = process.partition(".")
+    return pid.isdigit() and _start_time(int(pid)) == start != ""
+
+
+def release_stale(session: Session, host: str) -> int:
+    """Put back recipients that a queue manager of this host left active when it died.
+
+    Only dead holders are released: another queue manager on this host that is
+    still delivering keeps its claims.
+    """
+    owners = session.scalars(
+        select(Recipient.owner).where(Recipient.state == ACTIVE, Recipient.owner.like(host + ":%")).distinct()
+    ).all()
+    dead = [o for o in owners if not _alive(o.split(":", 1)[1])]
+    if not dead:
+        session.commit()
+        return 0
     result = session.execute(
         update(Recipient)
-        .where(Recipient.state == ACTIVE, Recipient.owner.like(owner_prefix + "%"))
+        .where(Recipient.state == ACTIVE, Recipient.owner.in_(dead))
         .values(state=QUEUED, owner="")
     )
     session.commit()

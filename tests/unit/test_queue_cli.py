@@ -112,7 +112,7 @@ def test_hold_and_release(inst: Installation) -> None:
         assert _cli(inst, "queue", "release", trace)[0] == 0
         with db.write() as s:
             assert trace in [j.trace for j in queue.claim(s, "test:1", SystemClock().now())]
-            queue.release_stale(s, "test:")
+            queue.release_stale(s, "test")
     finally:
         db.close()
     assert _cli(inst, "queue", "hold", "0" * 18)[0] == 1

@@ -26,4 +26,32 @@ def test_create_schema_is_idempotent_and_versioned(tmp_path: Path) -> None:
     db.create_schema()
     with db.engine.connect() as conn:
         assert set(inspect(conn).get_table_names()) >= {"messages", "recipients", "events", "users", "aliases"}
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0001"
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == head_revision()
+
+
+def head_revision() -> str:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).resolve().parents[2] / "common" / "migrations"))
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    assert head is not None
+    return head
+
+
+def test_an_older_database_is_upgraded(tmp_path: Path) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    db = Database(f"sqlite:///{tmp_path}/old.db", threads=1)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).resolve().parents[2] / "common" / "migrations"))
+    with db.engine.connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")  # as the first release left it
+    db.create_schema()
+    with db.engine.connect() as conn:
+        indexes = {i["name"] for i in inspect(conn).get_indexes("recipients")}
+        assert "ix_recipients_message_id" in indexes
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == head_revision()
