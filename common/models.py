@@ -19,6 +19,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    insert,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
@@ -127,14 +128,10 @@ def add_event(
     path: str = "",
     time: dt.datetime | None = None,
 ) -> None:
-    session.add(
-        Event(
-            trace_id=trace_id,
-            hop=hop,
-            event=event,
-            recipient=recipient,
-            detail=detail,
-            path=path,
+    # A plain INSERT, run at once: cheaper than an ORM object waiting for the flush.
+    session.execute(
+        insert(Event).values(
+            trace_id=trace_id, hop=hop, event=event, recipient=recipient, detail=detail, path=path,
             time=time or utcnow(),
         )
     )

@@ -17,7 +17,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from common.log import new_trace_id
@@ -51,15 +51,25 @@ def enqueue(
     hop: str = "mta",
     is_bounce: bool = False,
 ) -> None:
-    """Add a message to the queue (the caller commits)."""
-    msg = Message(
-        id=trace, sender=sender, size=len(body), body=body, received=now, client=client,
-        message_id=message_id, is_bounce=is_bounce,
+    """Add a message to the queue (the caller commits).
+
+    Plain INSERTs rather than ORM objects: this runs for every message, and the
+    ORM's unit of work cost the MTA about a fifth of its time (py-spy, load 1).
+    """
+    session.execute(
+        insert(Message).values(
+            id=trace, sender=sender, size=len(body), body=body, received=now, client=client,
+            message_id=message_id, is_bounce=is_bounce,
+        )
     )
-    session.add(msg)
-    for r in recipients:
-        msg.recipients.append(
-            Recipient(address=r.address, original=r.original, state=QUEUED, next_attempt=now)
+    if recipients:
+        session.execute(
+            insert(Recipient),
+            [
+                {"message_id": trace, "address": r.address, "original": r.original, "state": QUEUED,
+                 "next_attempt": now}
+                for r in recipients
+            ],
         )
     add_event(
         session, trace, hop, "queued", time=now,
