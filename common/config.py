@@ -88,6 +88,7 @@ class MTASection:
     remote_port: int = field(default=25, metadata=_meta("int", "Port of remote MX hosts (change only in a lab)"))
     poll_interval: float = field(default=1.0, metadata=_meta("duration", "How often qmgr looks for due mail without being woken"))
     connect_timeout: float = field(default=30.0, metadata=_meta("duration", "Timeout for connecting to a next hop"))
+    smtp_timeout: float = field(default=300.0, metadata=_meta("duration", "Timeout for each reply of a remote SMTP server (RFC 5321 4.5.3.2 suggests 5 minutes and more)"))
     concurrency_per_destination: int = field(default=10, metadata=_meta("int", "Parallel deliveries to one destination"))
     lmtp_sessions: int = field(default=10, metadata=_meta("int", "Parallel LMTP sessions to the MDA"))
 
@@ -141,6 +142,14 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return self.resolve(self.mailroom.run_dir)
+
+    @property
+    def queue_dir(self) -> Path:
+        """The folder holding the queue: the SQLite database's, else run_dir."""
+        url = self.database_url
+        if url.startswith("sqlite:///") and ":memory:" not in url:
+            return Path(url[len("sqlite:///"):].split("?", 1)[0]).parent
+        return self.run_dir
 
     @property
     def qmgr_socket(self) -> Path:

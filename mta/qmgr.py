@@ -232,6 +232,7 @@ async def run(ctx: Context) -> None:
         remote_port=mta.remote_port,
         per_destination=mta.concurrency_per_destination,
         connect_timeout=mta.connect_timeout,
+        timeout=mta.smtp_timeout,
     )
     qm = QueueManager(
         db=ctx.db, clock=ctx.clock,

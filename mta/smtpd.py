@@ -50,7 +50,8 @@ class SMTPHandler(Handler):
         return self.internal or in_networks(session.client_ip, self.ctx.config.mta.trusted_networks)
 
     async def mail(self, session: MailSession, envelope: MailEnvelope, sender: str) -> Reply:
-        free = shutil.disk_usage(self.ctx.config.run_dir).free
+        # Measured where the queue is written (the database's disk), not where we run.
+        free = shutil.disk_usage(self.ctx.config.queue_dir).free
         if free < self.ctx.config.mta.min_free_disk:
             log.warning("refusing mail: only %d bytes free", free)
             return R.DISK_LOW

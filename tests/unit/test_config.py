@@ -51,6 +51,8 @@ def test_default_config_from_init_loads_with_the_documented_ports(tmp_path: Path
     # Relative paths are relative to the config file, whatever the working directory.
     assert cfg.mail_root == tmp_path / "mail"
     assert cfg.database_url == f"sqlite:///{tmp_path.resolve()}/mailroom.db"
+    assert cfg.queue_dir == tmp_path.resolve()  # where free disk space is measured
+    assert cfg.mta.smtp_timeout == 300
 
 
 @pytest.mark.parametrize(
