@@ -92,6 +92,10 @@ def cmd_user(args: argparse.Namespace, cfg: configmod.Config) -> int:
         elif args.action == "del":
             s.delete(user)
             print(f"deleted {address} (the mailbox files are kept)")
+            # Left as they are (an alias may still reach other users), but said.
+            for source in s.scalars(select(Alias.source).where(Alias.target == user.address)):
+                print(f"note: alias {source} still points to {user.address}; `mailroom alias del {source} "
+                      f"{user.address}` removes it")
         s.commit()
     return 0
 

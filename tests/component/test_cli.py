@@ -78,3 +78,11 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"  # a zombie has exited; only its parent has not reaped it yet
+
+
+def test_user_del_says_which_aliases_still_point_to_the_user(installation: Installation) -> None:
+    assert installation.cli("alias", "add", "sales@example.org", "alice@example.org", "bob@example.org").returncode == 0
+    r = installation.cli("user", "del", "alice@example.org")
+    assert r.returncode == 0, r.stderr
+    assert "alias sales@example.org still points to alice@example.org" in r.stdout
+    assert "alice@example.org" not in installation.cli("user", "list").stdout
