@@ -78,6 +78,7 @@ class RemoteDelivery:
         timeout: float = 300.0,
         reuse_time: float = 5.0,
         reuse_limit: int = 100,
+        listening: tuple[str, int] | None = None,
     ) -> None:
         self.hostname = hostname
         self.resolver = resolver
@@ -95,6 +96,7 @@ class RemoteDelivery:
         self.idle: defaultdict[str, list[_Cached]] = defaultdict(list)
         self.closing: set[asyncio.Task[None]] = set()
         self.tls = client_context(verify=False)
+        self.listening = listening
         self.connections = 0  # sessions opened so far (for logs and tests)
 
     async def deliver(
@@ -103,7 +105,7 @@ class RemoteDelivery:
         """Returns the replies and the host that gave them ('' if none answered)."""
         r = await routing.route(
             domain, relayhost=self.relayhost, transport=self.transport, resolver=self.resolver,
-            own_names={self.hostname.lower()}, port=self.remote_port,
+            own_names={self.hostname.lower()}, port=self.remote_port, listening=self.listening,
         )
         if r.error is not None:
             return [r.error] * len(recipients), ""

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from common.address import domain_of
 from common.clock import Clock
+from common.config import parse_hostport
 from common.daemon import Context
 from common.db import Database
 from common.log import trace_id
@@ -233,6 +234,8 @@ async def run(ctx: Context) -> None:
         per_destination=mta.concurrency_per_destination,
         connect_timeout=mta.connect_timeout,
         timeout=mta.smtp_timeout,
+        # Our own public listener: an MX leading back to it is a loop, whatever its name.
+        listening=None if mta.smtp.startswith("unix:") else parse_hostport(mta.smtp),
     )
     qm = QueueManager(
         db=ctx.db, clock=ctx.clock,

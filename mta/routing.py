@@ -10,6 +10,7 @@ An MX pointing back at this host would loop (5.4.6).
 from __future__ import annotations
 
 import random
+import socket
 from dataclasses import dataclass, field
 
 import dns.asyncresolver
@@ -27,6 +28,27 @@ class Route:
     hosts: list[tuple[str, int]] = field(default_factory=list)  # try in this order
     error: Reply | None = None  # set when there is nowhere to go
     via: str = ""  # "relayhost", "transport" or "mx", for logs
+
+
+def _is_us(ip: str, port: int, listening: tuple[str, int]) -> bool:
+    """Would connecting to ip:port reach our own listener?"""
+    host, our_port = listening
+    if port != our_port:
+        return False
+    if host in ("0.0.0.0", "::", ""):
+        return _is_local_address(ip)
+    return ip == host
+
+
+def _is_local_address(ip: str) -> bool:
+    # An address is this machine's exactly when a socket can be bound to it.
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((ip, 0))
+        return True
+    except OSError:
+        return False
 
 
 def make_resolver(nameservers: list[str], timeout: float) -> dns.asyncresolver.Resolver:
@@ -51,7 +73,11 @@ async def route(
     resolver: dns.asyncresolver.Resolver,
     own_names: set[str],
     port: int = 25,
+    listening: tuple[str, int] | None = None,
 ) -> Route:
+    """Where mail for `domain` goes.  `listening` is our own public listener
+    (host, port): an MX whose address and port lead back to it is this host,
+    whatever its name."""
     if domain in transport:
         return Route([parse_hostport(transport[domain], 25)], via="transport")
     if relayhost:
@@ -77,16 +103,24 @@ async def route(
         names = [n for (pref, _, n) in mxs if pref < mxs[ours[0]][0]]
         if not names:
             return Route(error=Reply(554, "5.4.6", f"MX for {domain} points back to this host: mail loop"))
-    hosts: list[tuple[str, int]] = []
+    preference = {n: pref for pref, _, n in reversed(mxs)}
+    found: list[tuple[int, str]] = []  # (MX preference, address), in trying order
     failures = 0
     for name in names:
         for rdtype in ("AAAA", "A"):
             try:
-                hosts.extend((rr.to_text(), port) for rr in await resolver.resolve(name, rdtype))
+                found.extend((preference.get(name, 0), rr.to_text()) for rr in await resolver.resolve(name, rdtype))
             except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
                 pass
             except (dns.resolver.NoNameservers, dns.exception.Timeout):
                 failures += 1
+    # The same rule by address: an MX named anything at all may still be us.
+    mine = [pref for pref, ip in found if listening is not None and _is_us(ip, port, listening)]
+    if mine:
+        found = [(pref, ip) for pref, ip in found if pref < min(mine)]
+        if not found:
+            return Route(error=Reply(554, "5.4.6", f"MX for {domain} points back to this host: mail loop"))
+    hosts = [(ip, port) for _, ip in found]
     if not hosts:
         if failures:
             return Route(error=Reply(451, "4.4.3", f"DNS lookup failed for the MX of {domain}"))

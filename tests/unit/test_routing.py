@@ -89,6 +89,18 @@ def test_mx_that_is_this_host_is_a_loop(dns_server: DNSServer) -> None:
     assert r.error is not None and (r.error.code, r.error.status) == (554, "5.4.6")
 
 
+def test_mx_whose_address_is_our_listener_is_a_loop(dns_server: DNSServer) -> None:
+    # Named anything at all, an MX that leads back to our own public listener is us.
+    r = _route(dns_server, "example.test", listening=("127.0.0.13", 2600))  # we are the backup (20)
+    assert r.error is None and sorted(h for h, _ in r.hosts) == ["127.0.0.11", "127.0.0.12"]
+    r = _route(dns_server, "example.test", listening=("127.0.0.12", 2600))  # we are among the best
+    assert r.error is not None and (r.error.code, r.error.status) == (554, "5.4.6")
+    r = _route(dns_server, "example.test", listening=("0.0.0.0", 2600))  # every local address is us
+    assert r.error is not None and (r.error.code, r.error.status) == (554, "5.4.6")
+    r = _route(dns_server, "example.test", listening=("127.0.0.12", 2525))  # another port: not us
+    assert r.error is None and len(r.hosts) == 4
+
+
 def test_as_backup_mx_only_better_hosts_are_tried(dns_server: DNSServer) -> None:
     r = _route(dns_server, "backup.test")
     assert r.error is None and r.hosts == [("127.0.0.11", 2600)]
