@@ -359,7 +359,7 @@ class Listener(SMTP):
     async def _refuse_bare_line_ending(self) -> None:
         """Bare CR/LF: answer and hang up, so nothing after it is ever read as SMTP."""
         log.warning("%s: bare CR or LF, disconnecting", self.mail_session.client_ip)
-        self._write_line("521 5.5.2 Bare CR or LF received, closing connection (use CRLF)")
+        self._write_line(str(R.BARE_LINE_ENDING))
         if self.transport is not None:
             self.transport.close()
 

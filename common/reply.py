@@ -58,11 +58,9 @@ def parse_reply(code: int, lines: list[str]) -> Reply:
 OK = Reply(250, "2.0.0", "Ok")
 SENDER_OK = Reply(250, "2.1.0", "Sender ok")
 RECIPIENT_OK = Reply(250, "2.1.5", "Recipient ok")
-DATA_GO_AHEAD = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")  # RFC 4954 6
 
 # 4xx: temporary, the client keeps the message and tries again.
-SERVICE_SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, try later")
@@ -84,12 +82,12 @@ NO_VALID_RECIPIENTS = Reply(503, "5.5.1", "No valid recipients")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")  # RFC 4954 6
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")  # RFC 4954 6
 ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for authentication")
+# SMTP smuggling defence: said once, then the connection is closed (as Postfix does).
+BARE_LINE_ENDING = Reply(521, "5.5.2", "Bare CR or LF received, closing connection (use CRLF)")
 UNKNOWN_USER = Reply(550, "5.1.1", "Recipient address rejected: user unknown")
-BARE_LINE_ENDING = Reply(550, "5.5.2", "Bare CR or LF not allowed, use CRLF")
 OVER_QUOTA = Reply(552, "5.2.2", "Mailbox full")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 HEADER_SENDER_DENIED = Reply(550, "5.7.1", "From: header address not owned by you")
 SENDER_DENIED = Reply(553, "5.7.1", "Sender address not owned by you")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 MAIL_LOOP = Reply(554, "5.4.6", "Too many hops, mail loop detected")
-TRANSACTION_FAILED = Reply(554, "5.0.0", "Transaction failed")
