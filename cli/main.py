@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from sqlalchemy import delete, select
 
 from cli import queue as queuecmd
 from cli import supervise, trace
+from cli.show import clean, public_config
 from common import config as configmod
 from common.db import Database
 from common.models import Alias, Domain, User
@@ -46,7 +48,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     with db.write() as s:
         s.merge(Domain(name=args.domain.lower()))
         s.commit()
-    print(f"created {conf}, database, and a self-signed certificate for {args.hostname}")
+    print(f"created {clean(conf)}, database, and a self-signed certificate for {clean(args.hostname)}")
     return 0
 
 
@@ -56,19 +58,20 @@ def cmd_user(args: argparse.Namespace, cfg: configmod.Config) -> int:
         with db.read() as s:
             for u in s.scalars(select(User).order_by(User.address)):
                 quota = f" quota={u.quota}" if u.quota else ""
-                print(f"{u.address}  {u.store}  {cfg.mail_root / u.mailbox}{quota}")
+                print(f"{clean(u.address)}  {clean(u.store)}  {clean(cfg.mail_root / u.mailbox)}{quota}")
         return 0
     address = args.address.lower()
+    shown = clean(address)
     if "@" not in address or not cfg.is_local_domain(address.rsplit("@", 1)[1]):
-        print(f"{address}: not in a local domain ({', '.join(cfg.mailroom.domains)})", file=sys.stderr)
+        print(f"{shown}: not in a local domain ({', '.join(cfg.mailroom.domains)})", file=sys.stderr)
         return 1
     with db.read() as s:
         exists = find_user(s, address) is not None
     if exists and args.action == "add":
-        print(f"{address} exists", file=sys.stderr)
+        print(f"{shown} exists", file=sys.stderr)
         return 1
     if not exists and args.action != "add":
-        print(f"{address}: no such user", file=sys.stderr)
+        print(f"{shown}: no such user", file=sys.stderr)
         return 1
     # Ask (and hash) before opening the write transaction: it holds SQLite's
     # write lock, and every daemon would wait while the operator types.
@@ -77,25 +80,25 @@ def cmd_user(args: argparse.Namespace, cfg: configmod.Config) -> int:
         user = find_user(s, address)
         if args.action == "add":
             if user is not None:
-                print(f"{address} exists", file=sys.stderr)
+                print(f"{shown} exists", file=sys.stderr)
                 return 1
             store = args.store or cfg.mda.default_store
             name = mailbox_name(address) + (".mbox" if store == "mbox" else "")
             s.add(User(address=address, password_hash=hashed, store=store, mailbox=name, quota=args.quota))
-            print(f"added {address} ({store} at {cfg.mail_root / name})")
+            print(f"added {shown} ({store} at {clean(cfg.mail_root / name)})")
         elif user is None:
-            print(f"{address}: no such user", file=sys.stderr)
+            print(f"{shown}: no such user", file=sys.stderr)
             return 1
         elif args.action == "passwd":
             user.password_hash = hashed
-            print(f"password changed for {address}")
+            print(f"password changed for {shown}")
         elif args.action == "del":
             s.delete(user)
-            print(f"deleted {address} (the mailbox files are kept)")
+            print(f"deleted {shown} (the mailbox files are kept)")
             # Left as they are (an alias may still reach other users), but said.
             for source in s.scalars(select(Alias.source).where(Alias.target == user.address)):
-                print(f"note: alias {source} still points to {user.address}; `mailroom alias del {source} "
-                      f"{user.address}` removes it")
+                print(f"note: alias {clean(source)} still points to {shown}; `mailroom alias del {clean(source)} "
+                      f"{shown}` removes it")
         s.commit()
     return 0
 
@@ -119,14 +122,14 @@ def cmd_alias(args: argparse.Namespace, cfg: configmod.Config) -> int:
     with db.write() as s:
         if args.action == "list":
             for a in s.scalars(select(Alias).order_by(Alias.source, Alias.id)):
-                print(f"{a.source} -> {a.target}")
+                print(f"{clean(a.source)} -> {clean(a.target)}")
             return 0
         source = args.source.lower()
         # Aliases are looked up only for local domains (a catch-all is "@domain").
         if "@" not in source or not cfg.is_local_domain(source.rsplit("@", 1)[1]) or (
             source.count("@") > 1
         ):
-            print(f"{source}: not an address or @domain in a local domain "
+            print(f"{clean(source)}: not an address or @domain in a local domain "
                   f"({', '.join(cfg.mailroom.domains)})", file=sys.stderr)
             return 1
         targets = [t.lower() for t in args.targets]
@@ -136,22 +139,22 @@ def cmd_alias(args: argparse.Namespace, cfg: configmod.Config) -> int:
                 return 1
             bad = [t for t in targets if t.count("@") != 1 or t.startswith("@") or t.endswith("@")]
             if bad:
-                print(f"{bad[0]}: a target must be a full address (user@domain)", file=sys.stderr)
+                print(f"{clean(bad[0])}: a target must be a full address (user@domain)", file=sys.stderr)
                 return 1
             have = set(s.scalars(select(Alias.target).where(Alias.source == source)))
             for t in targets:
                 if t not in have:
                     s.add(Alias(source=source, target=t))
                     have.add(t)
-            print(f"{source} -> {', '.join(targets)}")
+            print(f"{clean(source)} -> {clean(', '.join(targets))}")
         else:
             q = delete(Alias).where(Alias.source == source)
             if targets:
                 q = q.where(Alias.target.in_(targets))
             if s.execute(q).rowcount == 0:  # type: ignore[attr-defined]
-                print(f"{source}: no such alias", file=sys.stderr)
+                print(f"{clean(source)}: no such alias", file=sys.stderr)
                 return 1
-            print(f"deleted {source}" + (f" -> {', '.join(targets)}" if targets else ""))
+            print(f"deleted {clean(source)}" + (f" -> {clean(', '.join(targets))}" if targets else ""))
         s.commit()
     return 0
 
@@ -159,7 +162,7 @@ def cmd_alias(args: argparse.Namespace, cfg: configmod.Config) -> int:
 def cmd_trace(args: argparse.Namespace, cfg: configmod.Config) -> int:
     found = trace.find(_db(cfg), args.id)
     if found is None:
-        print(f"{args.id}: no such message", file=sys.stderr)
+        print(f"{clean(args.id)}: no such message", file=sys.stderr)
         return 1
     print(trace.to_json(found) if args.json else trace.render_text(found))
     return 0
@@ -171,7 +174,7 @@ def cmd_queue(args: argparse.Namespace, cfg: configmod.Config) -> int:
     if action in ("list", "show"):
         items = queuecmd.listing(db, ident if action == "show" else None)
         if action == "show" and not items:
-            print(f"{ident}: not in the queue", file=sys.stderr)
+            print(f"{clean(ident)}: not in the queue", file=sys.stderr)
             return 1
         print(json.dumps(items, indent=2) if args.json else queuecmd.render_text(items))
         return 0
@@ -188,22 +191,22 @@ def cmd_queue(args: argparse.Namespace, cfg: configmod.Config) -> int:
     else:
         ok = queuecmd.bounce_now(cfg, db, ident) > 0
     if not ok:
-        print(f"{ident}: not in the queue", file=sys.stderr)
+        print(f"{clean(ident)}: not in the queue", file=sys.stderr)
         return 1
     return 0
 
 
 def cmd_config(args: argparse.Namespace, cfg: configmod.Config) -> int:
-    data = cfg.as_dict()
+    data = public_config(cfg)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
     for section, values in data.items():
         if isinstance(values, dict):
             for key, value in values.items():
-                print(f"{section}.{key} = {json.dumps(value)}")
+                print(f"{section}.{key} = {clean(json.dumps(value))}")
         else:
-            print(f"{section} = {values}")
+            print(f"{section} = {clean(values)}")
     return 0
 
 
@@ -259,13 +262,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`mailroom queue | head`): stop quietly, as cat or
+        # grep would.  Later flushes (at exit) go to /dev/null instead of failing again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "init":
         return cmd_init(args)
     try:
         cfg = configmod.load(args.config)
     except configmod.ConfigError as exc:
-        print(f"mailroom: config error: {exc}", file=sys.stderr)
+        print(f"mailroom: config error: {clean(exc)}", file=sys.stderr)
         return 2
     match args.command:
         case "run":

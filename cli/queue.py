@@ -6,6 +6,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from cli.show import clean
 from common.clock import SystemClock
 from common.config import Config
 from common.db import Database
@@ -54,11 +55,15 @@ def render_text(items: list[dict[str, Any]]) -> str:
     out = []
     for m in items:
         held = " (held)" if m["held"] else ""
-        out.append(f"{m['id']}{held}  {m['size']:>8}  {m['received']}  age {_age(m['age'])}  <{m['sender']}>")
+        out.append(
+            f"{clean(m['id'])}{held}  {m['size']:>8}  {m['received']}  age {_age(m['age'])}  <{clean(m['sender'])}>"
+        )
         for r in m["recipients"]:
-            out.append(f"    {r['address']}  {r['state']}  tries={r['attempts']}  next={r['next_attempt']}")
+            out.append(
+                f"    {clean(r['address'])}  {clean(r['state'])}  tries={r['attempts']}  next={r['next_attempt']}"
+            )
             if r["last_reply"]:
-                out.append(f"        ({r['last_reply']})")
+                out.append(f"        ({clean(r['last_reply'])})")
     out.append(f"-- {len(items)} message(s)")
     return "\n".join(out)
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import or_, select
 
+from cli.show import clean
 from common.db import Database
 from common.models import Event, Message
 
@@ -44,7 +45,9 @@ def render_text(trace: dict[str, Any]) -> str:
     """A timeline with the time spent since the first event and since the previous one."""
     import datetime as dt
 
-    lines = [f"trace {trace['id']}  message-id {trace['message_id'] or '-'}  from <{trace['sender']}>"]
+    lines = [
+        f"trace {clean(trace['id'])}  message-id {clean(trace['message_id'] or '-')}  from <{clean(trace['sender'])}>"
+    ]
     first = prev = None
     for e in trace["events"]:
         t = dt.datetime.fromisoformat(e["time"])
@@ -52,14 +55,14 @@ def render_text(trace: dict[str, Any]) -> str:
         since = (t - first).total_seconds() * 1000
         step = (t - prev).total_seconds() * 1000 if prev else 0.0
         prev = t
-        who = f" <{e['recipient']}>" if e["recipient"] else ""
+        who = f" <{clean(e['recipient'])}>" if e["recipient"] else ""
         lines.append(
-            f"{e['time'][11:]}  +{since:9.1f} ms ({step:+8.1f})  {e['hop']:<4} {e['event']:<9}{who}"
+            f"{e['time'][11:]}  +{since:9.1f} ms ({step:+8.1f})  {clean(e['hop']):<4} {clean(e['event']):<9}{who}"
         )
         if e["detail"]:
-            lines.append(f"{'':>44}{e['detail']}")
+            lines.append(f"{'':>44}{clean(e['detail'])}")
         if e["path"]:
-            lines.append(f"{'':>44}-> {e['path']}")
+            lines.append(f"{'':>44}-> {clean(e['path'])}")
     return "\n".join(lines)
 
 

@@ -83,7 +83,9 @@ class MTASection:
     delay_warning: float = field(default=4 * 3600.0, metadata=_meta("duration", "Warn the sender once when a message is this late (0: never)"))
     relayhost: str = field(default="", metadata=_meta("hostport?", "Send all remote mail through this smart host (host:port)"))
     relayhost_username: str = field(default="", metadata=_meta("str", "AUTH user at the relayhost (only over TLS)"))
-    relayhost_password: str = field(default="", metadata=_meta("str", "AUTH password at the relayhost"))
+    relayhost_password: str = field(default="", metadata=_meta("secret", "AUTH password at the relayhost (`config show` prints ********)"))
+    relayhost_tls_verify: bool = field(default=True, metadata=_meta("bool", "Verify the relayhost's certificate and name; false lets anyone in the middle read the mail and the password"))
+    relayhost_ca_file: str = field(default="", metadata=_meta("path", "PEM file of CAs the relayhost's certificate must chain to; empty: the system's CAs"))
     transport: dict[str, str] = field(default_factory=dict, metadata=_meta("transport", "domain = host:port, overriding MX for that domain"))
     remote_port: int = field(default=25, metadata=_meta("int", "Port of remote MX hosts (change only in a lab)"))
     poll_interval: float = field(default=1.0, metadata=_meta("duration", "How often qmgr looks for due mail without being woken"))
@@ -223,8 +225,11 @@ def _convert(kind: str, value: object) -> object:
             raise ValueError(f"expected {what}, got {value!r}")
 
     match kind:
-        case "str":
+        case "str" | "secret":
             need(str, "a string")
+            return value
+        case "bool":
+            need(bool, "true or false")
             return value
         case "int":
             need(int, "a whole number")
