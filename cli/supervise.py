@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 
 from common.config import Config
 
 PROGRAMS = ("mda", "qmgr", "mta", "msa")
-TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "supervisord.conf.in"
+# Package data, so an installed Mailroom (a wheel, not a checkout) finds it too.
+TEMPLATE = "supervisord.conf.in"
 
 _COMMON = """\
 directory = {base}
@@ -30,7 +32,7 @@ def render(cfg: Config, *, log_file: str = "/dev/stdout") -> Path:
     """Write RUN_DIR/supervisord.conf for this config; returns its path."""
     run_dir = cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    template = TEMPLATE.read_text()
+    template = resources.files("cli").joinpath(TEMPLATE).read_text()
     common = _COMMON.format(base=cfg.base, stdout=log_file)
     text = template.format(
         run_dir=run_dir, python=sys.executable, config=cfg.path, common=common
