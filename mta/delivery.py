@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -62,6 +63,12 @@ class RemoteDelivery:
     handed to the next message for the same destination (Postfix's
     connection cache), so a burst to one domain costs one TCP and TLS setup.
     Before reuse the session is probed with RSET; a dead one is replaced.
+
+    TLS with MX hosts is opportunistic (RFC 3207: unverified, still encrypted).
+    The relayhost is different: we send it our password, so its certificate
+    and name are verified (system CAs, or `relayhost_ca_file`) unless the
+    operator turned that off by name (`relayhost_tls_verify = false`); a
+    session that fails the check is not used, and AUTH is sent only over TLS.
     """
 
     def __init__(
@@ -79,6 +86,8 @@ class RemoteDelivery:
         reuse_time: float = 5.0,
         reuse_limit: int = 100,
         listening: tuple[str, int] | None = None,
+        relayhost_tls_verify: bool = True,
+        relayhost_ca_file: str = "",
     ) -> None:
         self.hostname = hostname
         self.resolver = resolver
@@ -96,6 +105,7 @@ class RemoteDelivery:
         self.idle: defaultdict[str, list[_Cached]] = defaultdict(list)
         self.closing: set[asyncio.Task[None]] = set()
         self.tls = client_context(verify=False)
+        self.relay_tls = _relay_context(relayhost_tls_verify, relayhost_ca_file)
         self.listening = listening
         self.connections = 0  # sessions opened so far (for logs and tests)
 
@@ -134,11 +144,14 @@ class RemoteDelivery:
     async def _open(self, r: routing.Route, n: int) -> _Cached | tuple[list[Reply], str]:
         """A new session with the first host of the route that answers, or the replies for all."""
         last = Reply(451, "4.4.1", "No reachable host")
+        relay = r.via == "relayhost"
         for host, port in r.hosts:
             try:
                 client = await Client.connect(
-                    host, port, helo=self.hostname, tls=self.tls, timeout=self.timeout,
-                    connect_timeout=self.connect_timeout,
+                    host, port, helo=self.hostname, tls=self.relay_tls if relay else self.tls,
+                    timeout=self.timeout, connect_timeout=self.connect_timeout,
+                    # Without TLS the password would cross the network in the clear.
+                    require_tls=relay and self.relayhost_auth is not None,
                 )
             except NextHopError as exc:
                 log.info("%s:%d: %s", host, port, exc.reply)
@@ -147,7 +160,7 @@ class RemoteDelivery:
                     return [exc.reply] * n, host
                 continue
             self.connections += 1
-            if r.via == "relayhost" and self.relayhost_auth:
+            if relay and self.relayhost_auth:
                 try:
                     auth = await client.auth_plain(*self.relayhost_auth)
                 except NextHopError as exc:
@@ -199,6 +212,14 @@ class RemoteDelivery:
                 await cached.client.quit()
         if self.closing:
             await asyncio.gather(*self.closing, return_exceptions=True)
+
+
+def _relay_context(verify: bool, ca_file: str) -> ssl.SSLContext:
+    if not verify:
+        return client_context(verify=False)
+    ctx = ssl.create_default_context(cafile=ca_file or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
 
 
 @dataclass(eq=False)

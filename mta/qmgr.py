@@ -229,6 +229,8 @@ async def run(ctx: Context) -> None:
         relayhost=mta.relayhost,
         relayhost_auth=(mta.relayhost_username, mta.relayhost_password)
         if mta.relayhost_username else None,
+        relayhost_tls_verify=mta.relayhost_tls_verify,
+        relayhost_ca_file=str(cfg.resolve(mta.relayhost_ca_file)) if mta.relayhost_ca_file else "",
         transport=mta.transport,
         remote_port=mta.remote_port,
         per_destination=mta.concurrency_per_destination,

@@ -115,6 +115,7 @@ class MX:
     connections: int = 0
     in_data: int = 0
     most_in_data: int = 0
+    logins: list[bytes] = field(default_factory=list)  # every AUTH attempt's user name, good or bad
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -150,6 +151,8 @@ class MX:
 
 
 def _authenticator(server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:
+    if isinstance(server.event_handler, MX) and isinstance(data, LoginPassword):
+        server.event_handler.logins.append(data.login)
     ok = isinstance(data, LoginPassword) and data.login == b"relayuser" and data.password == b"s3cret"
     return AuthResult(success=ok, handled=False, auth_data=data)
 
@@ -525,12 +528,21 @@ def test_transport_map_overrides_mx(rig_args: Any) -> None:
     asyncio.run(go())
 
 
-def test_relayhost_with_auth_over_tls(rig_args: Any, tls_files: tuple[Path, Path]) -> None:
+def _relay_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_relayhost_with_auth_over_verified_tls(rig_args: Any, tls_files: tuple[Path, Path]) -> None:
     async def go() -> None:
         tmp, dns, port = rig_args
-        relay = f"{IPS['transport']}:{port}"
-        rig = Rig(tmp, dns, port, relayhost=relay, relayhost_auth=("relayuser", "s3cret"))
-        async with mx_server(IPS["transport"], port, MX(), tls=tls_files, auth=True) as smart:
+        # The relay's certificate names 127.0.0.1; the CA file is that self-signed certificate.
+        relay_port = _relay_port()
+        relay = f"127.0.0.1:{relay_port}"
+        ca = str(tls_files[0])
+        rig = Rig(tmp, dns, port, relayhost=relay, relayhost_auth=("relayuser", "s3cret"), relayhost_ca_file=ca)
+        async with mx_server("127.0.0.1", relay_port, MX(), tls=tls_files, auth=True) as smart:
             trace = rig.enqueue(["x@nullmx.test", "y@ok.test"])  # MX records do not matter
             await rig.run()
             await rig.close()
@@ -538,12 +550,64 @@ def test_relayhost_with_auth_over_tls(rig_args: Any, tls_files: tuple[Path, Path
             assert all(m.tls and m.login == "relayuser" for m in smart.received)
             assert {r.state for r in rig.recipients(trace).values()} == {"delivered"}
             # A wrong password keeps the mail (our misconfiguration), it does not bounce it.
-            rig = Rig(tmp, dns, port, relayhost=relay, relayhost_auth=("relayuser", "wrong"))
+            rig = Rig(tmp, dns, port, relayhost=relay, relayhost_auth=("relayuser", "wrong"), relayhost_ca_file=ca)
             trace = rig.enqueue(["z@ok.test"])
             await rig.run()
             await rig.close()
         r = rig.recipients(trace)["z@ok.test"]
         assert r.state == "queued" and r.last_reply.startswith("451 4.7.0"), r.last_reply
         assert len(smart.received) == 2
+
+    asyncio.run(go())
+
+
+def test_relayhost_certificate_is_verified_by_default(rig_args: Any, tls_files: tuple[Path, Path]) -> None:
+    """A relay whose certificate no known CA signed (anyone in the middle) gets neither mail nor password."""
+    async def go() -> None:
+        tmp, dns, port = rig_args
+        relay_port = _relay_port()
+        rig = Rig(tmp, dns, port, relayhost=f"127.0.0.1:{relay_port}", relayhost_auth=("relayuser", "s3cret"))
+        async with mx_server("127.0.0.1", relay_port, MX(), tls=tls_files, auth=True) as smart:
+            trace = rig.enqueue(["x@ok.test"])
+            await rig.run()
+            await rig.close()
+        assert smart.logins == [] and smart.received == []
+        r = rig.recipients(trace)["x@ok.test"]
+        assert r.state == "queued", r.state  # deferred, kept for when the operator fixes it
+        assert r.last_reply.startswith("451 4.7.5") and "certificate verify failed" in r.last_reply, r.last_reply
+
+    asyncio.run(go())
+
+
+def test_relayhost_without_starttls_never_gets_the_password(rig_args: Any) -> None:
+    async def go() -> None:
+        tmp, dns, port = rig_args
+        relay_port = _relay_port()
+        rig = Rig(tmp, dns, port, relayhost=f"127.0.0.1:{relay_port}", relayhost_auth=("relayuser", "s3cret"))
+        async with mx_server("127.0.0.1", relay_port, MX(), auth=True) as smart:
+            trace = rig.enqueue(["x@ok.test"])
+            await rig.run()
+            await rig.close()
+        assert smart.logins == [] and smart.received == []
+        r = rig.recipients(trace)["x@ok.test"]
+        assert r.state == "queued" and r.last_reply.startswith("451 4.7."), r.last_reply
+
+    asyncio.run(go())
+
+
+def test_relayhost_verification_is_off_only_when_the_operator_says_so(
+    rig_args: Any, tls_files: tuple[Path, Path]
+) -> None:
+    async def go() -> None:
+        tmp, dns, port = rig_args
+        relay_port = _relay_port()
+        rig = Rig(tmp, dns, port, relayhost=f"127.0.0.1:{relay_port}", relayhost_auth=("relayuser", "s3cret"),
+                  relayhost_tls_verify=False)
+        async with mx_server("127.0.0.1", relay_port, MX(), tls=tls_files, auth=True) as smart:
+            trace = rig.enqueue(["x@ok.test"])
+            await rig.run()
+            await rig.close()
+        assert [m.login for m in smart.received] == ["relayuser"] and smart.received[0].tls
+        assert rig.recipients(trace)["x@ok.test"].state == "delivered"
 
     asyncio.run(go())
