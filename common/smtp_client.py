@@ -56,6 +56,10 @@ class Client:
     peer: str
     extensions: dict[str, str] = field(default_factory=dict)
     tls: bool = False
+    # Whether the last transaction's MAIL got its 250.  Until then the server has
+    # taken on nothing, so a failed reused session can be replaced and the
+    # message sent again at once (`LocalDelivery`, `RemoteDelivery`).
+    mail_accepted: bool = False
 
     @classmethod
     async def connect(
@@ -202,15 +206,19 @@ class Client:
             params.append(f"SIZE={len(content)}")
         mail = f"MAIL FROM:<{sender}>" + "".join(f" {p}" for p in params)
         commands = [mail] + [f"RCPT TO:<{r}>" for r in recipients]
+        self.mail_accepted = False
         if "PIPELINING" in self.extensions:
             # RFC 2920: send the whole envelope, then read the replies in order.
             await self._write("".join(c + "\r\n" for c in commands).encode("utf-8"))
-            replies = [await self.read_reply() for _ in commands]
+            replies = [await self.read_reply()]
+            self.mail_accepted = replies[0].code == 250
+            replies += [await self.read_reply() for _ in commands[1:]]
         else:
             replies = []
             for c in commands:
                 replies.append(await self.command(c))
-                if replies[0].code != 250:
+                self.mail_accepted = replies[0].code == 250
+                if not self.mail_accepted:
                     break
         mail_reply = replies[0]
         if mail_reply.code != 250:
@@ -255,6 +263,10 @@ class Client:
         with contextlib.suppress(NextHopError, TimeoutError, OSError):
             await asyncio.wait_for(self.command("QUIT"), 5)
         self.close()
+
+    def looks_alive(self) -> bool:
+        """False when the server is known to have gone (no round trip: nothing is sent)."""
+        return not self.writer.transport.is_closing() and not self.reader.at_eof()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # a broken transport: nothing left to close

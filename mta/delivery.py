@@ -26,7 +26,14 @@ log = logging.getLogger("delivery")
 
 
 class LocalDelivery:
-    """LMTP to the MDA, over a small pool of reused sessions."""
+    """LMTP to the MDA, over a small pool of reused sessions.
+
+    The MDA closes a session that stays idle longer than its idle timeout, so
+    after a quiet spell every pooled session may be gone.  A pooled session
+    that fails before its MAIL was accepted has taken on nothing: it is
+    dropped and the message goes at once over the next one, or a new one,
+    instead of waiting a whole retry interval.
+    """
 
     def __init__(self, lmtp: str, *, hostname: str, sessions: int, timeout: float) -> None:
         self.host, self.port = (lmtp, 0) if lmtp.startswith("unix:") else parse_hostport(lmtp)
@@ -37,19 +44,39 @@ class LocalDelivery:
 
     async def deliver(self, trace: str, sender: str, recipients: list[str], body: bytes) -> list[Reply]:
         async with self.slots:
-            client = self.idle.pop() if self.idle else None
+            while self.idle:
+                pooled = self.idle.pop()
+                if not pooled.looks_alive():
+                    pooled.close()
+                    continue
+                replies = await self._send(pooled, trace, sender, recipients, body, reused=True)
+                if replies is not None:
+                    return replies
+                log.info("a pooled LMTP session to %s was closed by the MDA; sending on another", pooled.peer)
             try:
-                if client is None:
-                    client = await Client.connect(
-                        self.host, self.port, lmtp=True, helo=self.hostname, timeout=self.timeout
-                    )
-                replies = await client.send(sender, recipients, body, mail_params=(f"XTRACE={trace}",))
+                client = await Client.connect(self.host, self.port, lmtp=True, helo=self.hostname, timeout=self.timeout)
             except NextHopError as exc:
-                if client is not None:
-                    client.close()
                 return [exc.reply] * len(recipients)
-            self.idle.append(client)
+            replies = await self._send(client, trace, sender, recipients, body, reused=False)
+            assert replies is not None
             return replies
+
+    async def _send(
+        self, client: Client, trace: str, sender: str, recipients: list[str], body: bytes, *, reused: bool
+    ) -> list[Reply] | None:
+        """The replies; None when a reused session turned out dead before taking anything on."""
+        try:
+            replies = await client.send(sender, recipients, body, mail_params=(f"XTRACE={trace}",))
+        except NextHopError as exc:
+            client.close()
+            return None if reused and not client.mail_accepted else [exc.reply] * len(recipients)
+        if any(r.code == 421 for r in replies):  # RFC 5321 3.8: the server is closing this session
+            client.close()
+            if reused and not client.mail_accepted:
+                return None
+        else:
+            self.idle.append(client)
+        return replies
 
     async def close(self) -> None:
         while self.idle:

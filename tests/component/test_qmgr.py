@@ -159,7 +159,8 @@ def _authenticator(server: SMTP, session: Session, envelope: Envelope, mechanism
 
 @contextlib.asynccontextmanager
 async def mx_server(
-    ip: str, port: int, handler: MX, tls: tuple[Path, Path] | None = None, auth: bool = False
+    ip: str, port: int, handler: MX, tls: tuple[Path, Path] | None = None, auth: bool = False,
+    idle_timeout: float = 300.0,
 ) -> AsyncIterator[MX]:
     loop = asyncio.get_running_loop()
     ctx = server_context(*tls) if tls else None
@@ -167,7 +168,7 @@ async def mx_server(
     def factory() -> SMTP:
         handler.connections += 1
         return SMTP(handler, hostname=f"mx-{ip}", tls_context=ctx, authenticator=_authenticator if auth else None,
-                    auth_require_tls=True)
+                    auth_require_tls=True, timeout=idle_timeout)
 
     server = await loop.create_server(factory, ip, port)
     try:
@@ -609,5 +610,49 @@ def test_relayhost_verification_is_off_only_when_the_operator_says_so(
             await rig.close()
         assert [m.login for m in smart.received] == ["relayuser"] and smart.received[0].tls
         assert rig.recipients(trace)["x@ok.test"].state == "delivered"
+
+    asyncio.run(go())
+
+
+def test_a_pooled_lmtp_session_the_mda_closed_when_idle_does_not_delay_mail(rig_args: Any) -> None:
+    """After a quiet spell longer than the MDA's idle timeout, the next message goes at once."""
+    async def go() -> None:
+        script = LMTPScript({})
+        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(idle_timeout=0.3),
+                           lmtp=True)
+        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
+        first = rig.enqueue(["alice@example.org"])
+        await rig.run()
+        assert rig.recipients(first)["alice@example.org"].state == "delivered"
+        assert len(rig.local.idle) == 1  # the session is pooled...
+        await asyncio.sleep(1.0)  # ...and the MDA closes it (421 4.4.2 idle timeout)
+        second = rig.enqueue(["bob@example.org"])
+        await rig.run()  # the clock has not moved: a deferral would wait for the next retry
+        r = rig.recipients(second)["bob@example.org"]
+        assert (r.state, r.last_reply) == ("delivered", "250 2.0.0 Saved"), r.last_reply
+        assert script.transactions == [["alice@example.org"], ["bob@example.org"]]
+        assert not any(e.event == "deferred" for e in rig.events(second))
+        await rig.close()
+        lmtp.close()
+        await lmtp.wait_closed()
+
+    asyncio.run(go())
+
+
+def test_a_pooled_smtp_session_the_remote_host_closed_does_not_delay_mail(rig_args: Any) -> None:
+    async def go() -> None:
+        rig = Rig(*rig_args)
+        async with mx_server(IPS["ok"], rig_args[2], MX(), idle_timeout=0.3) as mx:
+            first = rig.enqueue(["a@ok.test"])
+            await rig.run()
+            assert len(rig.remote.idle["ok.test"]) == 1
+            await asyncio.sleep(1.0)  # the remote host's idle timeout closes the cached session
+            second = rig.enqueue(["b@ok.test"])
+            await rig.run()
+            await rig.close()
+        assert [m.recipients for m in mx.received] == [["a@ok.test"], ["b@ok.test"]]
+        assert mx.connections == 2
+        for t in (first, second):
+            assert {r.state for r in rig.recipients(t).values()} == {"delivered"}
 
     asyncio.run(go())
