@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 
 from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
 
+from cli import postmaster, supervise, trace
 from cli import queue as queuecmd
-from cli import supervise, trace
 from cli.show import clean, public_config
 from common import config as configmod
 from common.db import Database
@@ -33,6 +34,9 @@ def _db(cfg: configmod.Config) -> Database:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    if args.postmaster is not None and not _full_address(args.postmaster):
+        print(f"--postmaster {clean(args.postmaster)}: expected a full address (user@domain)", file=sys.stderr)
+        return 1
     base = Path(args.dir).absolute()
     conf = base / "mailroom.toml"
     if conf.exists():
@@ -47,9 +51,17 @@ def cmd_init(args: argparse.Namespace) -> int:
     db = _db(cfg)
     with db.write() as s:
         s.merge(Domain(name=args.domain.lower()))
+        if args.postmaster:
+            postmaster.point_at(s, [args.domain.lower()], args.postmaster.lower())
         s.commit()
     print(f"created {clean(conf)}, database, and a self-signed certificate for {clean(args.hostname)}")
+    roles = " and ".join(postmaster.role_addresses([args.domain.lower()]))
+    print(f"{roles} go to {clean(args.postmaster.lower()) if args.postmaster else 'the first user you add'}")
     return 0
+
+
+def _full_address(text: str) -> bool:
+    return text.count("@") == 1 and not text.startswith("@") and not text.endswith("@")
 
 
 def cmd_user(args: argparse.Namespace, cfg: configmod.Config) -> int:
@@ -82,10 +94,14 @@ def cmd_user(args: argparse.Namespace, cfg: configmod.Config) -> int:
             if user is not None:
                 print(f"{shown} exists", file=sys.stderr)
                 return 1
+            first = s.scalars(select(User.id)).first() is None
             store = args.store or cfg.mda.default_store
             name = mailbox_name(address) + (".mbox" if store == "mbox" else "")
             s.add(User(address=address, password_hash=hashed, store=store, mailbox=name, quota=args.quota))
             print(f"added {shown} ({store} at {clean(cfg.mail_root / name)})")
+            if first:  # the first user is postmaster unless `init --postmaster` named someone
+                for role in postmaster.point_at(s, cfg.mailroom.domains, address, only_missing=True):
+                    print(f"{clean(role)} -> {shown}")
         elif user is None:
             print(f"{shown}: no such user", file=sys.stderr)
             return 1
@@ -93,12 +109,15 @@ def cmd_user(args: argparse.Namespace, cfg: configmod.Config) -> int:
             user.password_hash = hashed
             print(f"password changed for {shown}")
         elif args.action == "del":
+            before = postmaster.reachable(s, cfg.mailroom.domains, cfg.mda.recipient_delimiter)
             s.delete(user)
+            s.flush()
             print(f"deleted {shown} (the mailbox files are kept)")
             # Left as they are (an alias may still reach other users), but said.
             for source in s.scalars(select(Alias.source).where(Alias.target == user.address)):
                 print(f"note: alias {clean(source)} still points to {shown}; `mailroom alias del {clean(source)} "
                       f"{shown}` removes it")
+            _warn_lost_roles(s, cfg, before)
         s.commit()
     return 0
 
@@ -151,12 +170,22 @@ def cmd_alias(args: argparse.Namespace, cfg: configmod.Config) -> int:
             q = delete(Alias).where(Alias.source == source)
             if targets:
                 q = q.where(Alias.target.in_(targets))
+            before = postmaster.reachable(s, cfg.mailroom.domains, cfg.mda.recipient_delimiter)
             if s.execute(q).rowcount == 0:  # type: ignore[attr-defined]
                 print(f"{clean(source)}: no such alias", file=sys.stderr)
                 return 1
             print(f"deleted {clean(source)}" + (f" -> {clean(', '.join(targets))}" if targets else ""))
+            _warn_lost_roles(s, cfg, before)
         s.commit()
     return 0
+
+
+def _warn_lost_roles(s: Session, cfg: configmod.Config, before: set[str]) -> None:
+    """Say which of postmaster and abuse no longer reach anyone (the change is kept)."""
+    lost = before - postmaster.reachable(s, cfg.mailroom.domains, cfg.mda.recipient_delimiter)
+    for role in sorted(lost):
+        print(f"warning: {role} now delivers to nobody, and every mail domain must have it; "
+              f"`mailroom alias add {role} ADDRESS` sets it", file=sys.stderr)
 
 
 def cmd_trace(args: argparse.Namespace, cfg: configmod.Config) -> int:
@@ -219,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--dir", default="./var")
     init.add_argument("--domain", required=True)
     init.add_argument("--hostname", default="localhost")
+    init.add_argument("--postmaster", metavar="ADDRESS",
+                      help="where postmaster@ and abuse@ the domain go (default: the first user added)")
 
     sub.add_parser("run", help="run every daemon under supervisord, in the foreground")
     sub.add_parser("status", help="each daemon's state")

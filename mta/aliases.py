@@ -4,6 +4,8 @@ An address in a local domain expands to the users and outside addresses it
 stands for; forwarded mail is then queued and retried like any other.  Lookup
 order for each address: an alias for the exact address, the user itself, a
 catch-all alias `@domain`.  A target equal to its source keeps a local copy.
+postmaster at any local domain must reach someone (RFC 5321 4.5.1): where a
+domain has none of these for it, it is the first local domain's postmaster.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ def expand(
             user = find_user(session, key)
             if not targets and user is None:
                 targets = _targets(session, "@" + domain_of(key))
+                postmaster = f"postmaster@{local_domains[0]}"
+                if not targets and key.startswith("postmaster@") and key != postmaster:
+                    targets = [postmaster]
             if targets:
                 found = False
                 for t in targets:

@@ -63,6 +63,7 @@ class SMTPHandler(Handler):
 
     async def rcpt(self, session: MailSession, envelope: MailEnvelope, recipient: str) -> Reply:
         cfg = self.ctx.config
+        given = recipient  # the key DATA looks the expansion up by (envelope.rcpt_tos)
         if "@" not in recipient:  # <postmaster>, RFC 5321 4.5.1
             recipient = f"postmaster@{cfg.mailroom.domains[0]}"
         if not cfg.is_local_domain(domain_of(recipient)):
@@ -78,7 +79,7 @@ class SMTPHandler(Handler):
         if found is None:
             log.info("refused to=<%s>: user unknown", recipient)
             return R.UNKNOWN_USER
-        self.expanded[recipient] = found
+        self.expanded[given] = found
         return R.RECIPIENT_OK
 
     def _expand(self, recipient: str) -> aliases.Expansion | None:
