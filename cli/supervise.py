@@ -52,5 +52,11 @@ def ctl(cfg: Config, *args: str) -> int:
     conf = cfg.run_dir.resolve() / "supervisord.conf"
     if not conf.exists():
         conf = render(cfg)
-    proc = subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c", str(conf), *args])
+    # Its output is passed on through our own stdout, so that a reader that goes
+    # away early (`mailroom status | head -1`) ends it quietly (cli/main.py).
+    proc = subprocess.run(
+        [sys.executable, "-m", "supervisor.supervisorctl", "-c", str(conf), *args],
+        stdout=subprocess.PIPE, text=True, errors="replace",
+    )
+    sys.stdout.write(proc.stdout)
     return proc.returncode

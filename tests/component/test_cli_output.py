@@ -151,6 +151,7 @@ def test_every_printing_command_ends_quietly_on_a_closed_pipe(installation: Inst
     commands = [
         ("queue",), ("queue", "--json"), ("queue", "show", trace), ("trace", trace), ("trace", trace, "--json"),
         ("user", "list"), ("alias", "list"), ("config", "show"), ("config", "show", "--json"),
+        ("status",),  # supervisorctl's own output (here: that supervisord is not running)
     ]
     for args in commands:
         r = _closed_pipe_run(installation, *args)
