@@ -151,22 +151,32 @@ class RemoteDelivery:
         dest = domain if r.via == "mx" else f"{r.hosts[0][0]}:{r.hosts[0][1]}"
         async with self.limits[dest]:
             cached = await self._reuse(dest)
-            if cached is None:
-                opened = await self._open(r, len(recipients))
-                if isinstance(opened, tuple):
-                    return opened
-                cached = opened
-            cached.uses += 1
-            try:
-                replies = await cached.client.send(sender, recipients, body)
-            except NextHopError as exc:
-                cached.client.close()
-                return [exc.reply] * len(recipients), cached.host
-            if any(x.code == 421 for x in replies) or cached.uses >= self.reuse_limit:
-                await cached.client.quit()
-            else:
-                self._park(dest, cached)
-            return replies, cached.host
+            reused = cached is not None
+            while True:
+                if cached is None:
+                    opened = await self._open(r, len(recipients))
+                    if isinstance(opened, tuple):
+                        return opened
+                    cached = opened
+                cached.uses += 1
+                try:
+                    replies = await cached.client.send(sender, recipients, body)
+                except NextHopError as exc:
+                    cached.client.close()
+                    if reused and not cached.client.mail_accepted:
+                        # Closed between the probe and MAIL: nothing was taken on; a new session.
+                        cached, reused = None, False
+                        continue
+                    return [exc.reply] * len(recipients), cached.host
+                closing = any(x.code == 421 for x in replies)
+                if closing or cached.uses >= self.reuse_limit:
+                    await cached.client.quit()
+                    if closing and reused and not cached.client.mail_accepted:
+                        cached, reused = None, False
+                        continue
+                else:
+                    self._park(dest, cached)
+                return replies, cached.host
 
     async def _open(self, r: routing.Route, n: int) -> _Cached | tuple[list[Reply], str]:
         """A new session with the first host of the route that answers, or the replies for all."""

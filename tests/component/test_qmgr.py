@@ -656,3 +656,39 @@ def test_a_pooled_smtp_session_the_remote_host_closed_does_not_delay_mail(rig_ar
             assert {r.state for r in rig.recipients(t).values()} == {"delivered"}
 
     asyncio.run(go())
+
+
+@dataclass
+class ClosingAfterProbe(MX):
+    """Answers the reuse probe (RSET), then closes with 421 at the next MAIL: a host shutting down."""
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if getattr(session, "probed", False):
+            assert server.transport is not None
+            server.transport.close()
+            return "421 4.3.2 Shutting down"
+        envelope.mail_from = address
+        return "250 OK"
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        session.probed = True  # type: ignore[attr-defined]
+        return "250 OK"
+
+
+def test_a_pooled_smtp_session_that_fails_before_mail_is_accepted_is_replaced_at_once(rig_args: Any) -> None:
+    async def go() -> None:
+        rig = Rig(*rig_args)
+        async with mx_server(IPS["ok"], rig_args[2], ClosingAfterProbe()) as mx:
+            first = rig.enqueue(["a@ok.test"])
+            await rig.run()
+            second = rig.enqueue(["b@ok.test"])
+            await rig.run()
+            await rig.close()
+        assert [m.recipients for m in mx.received] == [["a@ok.test"], ["b@ok.test"]]
+        assert mx.connections == 2
+        for t in (first, second):
+            assert {r.state for r in rig.recipients(t).values()} == {"delivered"}
+
+    asyncio.run(go())
