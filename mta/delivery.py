@@ -89,7 +89,9 @@ class RemoteDelivery:
     A connection is kept open for `reuse_time` seconds after a message and
     handed to the next message for the same destination (Postfix's
     connection cache), so a burst to one domain costs one TCP and TLS setup.
-    Before reuse the session is probed with RSET; a dead one is replaced.
+    Before reuse the session is probed with RSET; a dead one is replaced, and
+    so is one that fails before its MAIL was accepted (the message goes again
+    at once, on a new session).
 
     TLS with MX hosts is opportunistic (RFC 3207: unverified, still encrypted).
     The relayhost is different: we send it our password, so its certificate
