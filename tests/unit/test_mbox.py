@@ -180,6 +180,7 @@ def test_a_kill_at_any_step_then_a_redelivery_leaves_exactly_one_copy(tmp_path: 
     )
     assert child.returncode == -signal.SIGKILL, child.stderr.decode()
     # The queue manager never saw a 250, so it delivers again.
-    mbox.deliver(path, b"Subject: killed\n\n" + b"x" * 5000 + b"\n", "a@b", delivery_id="k1")
+    killed = b"Subject: killed\n\n" + b"x" * 5000 + b"\n"
+    mbox.deliver(path, killed, "a@b", delivery_id="k1")
     mbox.deliver(path, b"Subject: after\n\n", "a@b", delivery_id="d2")
-    assert _messages(path) == [b"Subject: before\n\n", b"Subject: killed\n\n" + b"x" * 5000 + b"\n", b"Subject: after\n\n"]
+    assert _messages(path) == [b"Subject: before\n\n", killed, b"Subject: after\n\n"]
