@@ -19,7 +19,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from common.log import new_trace_id
@@ -264,6 +264,23 @@ def enqueue_dsn(
     kind = "delay warning" if delayed else "bounce"
     add_event(session, trace, hop, "dsn", detail=f"{kind} to <{sender}> as {dsn_trace}", time=now)
     return dsn_trace
+
+
+def bring_forward(session: Session, domains: list[str], now: dt.datetime) -> int:
+    """Make every waiting recipient in one of our own `domains` due now; returns how many.
+
+    Called when the MDA takes mail again after refusing it for a while, so the
+    mail that waited for it does not wait out the rest of its retry interval.
+    """
+    result = session.execute(
+        update(Recipient)
+        .where(
+            Recipient.state == QUEUED, Recipient.next_attempt > now,
+            or_(*(Recipient.address.like(f"%@{d}") for d in domains)),
+        )
+        .values(next_attempt=now)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def drop_body_if_done(session: Session, trace: str) -> bool:
