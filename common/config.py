@@ -79,7 +79,7 @@ class MTASection:
     max_hops: int = field(default=50, metadata=_meta("int", "More Received headers than this is a mail loop (554 5.4.6)"))
     min_free_disk: int = field(default=100 * 1024 * 1024, metadata=_meta("size", "Below this much free space, MAIL gets 452 4.3.1"))
     retry_schedule: list[float] = field(default_factory=lambda: [300.0, 600.0, 1200.0, 2400.0, 3600.0], metadata=_meta("durations", "Waits between delivery attempts; the last one repeats"))
-    local_retry_schedule: list[float] = field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 30.0, 60.0], metadata=_meta("durations", "Waits between hand-offs to our own MDA while it cannot take mail (it is restarting); the last one repeats"))
+    local_retry_schedule: list[float] = field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 30.0, 60.0], metadata=_meta("durations", "Waits between hand-offs to our own MDA while it cannot be reached (it is restarting); the last one repeats"))
     max_queue_lifetime: float = field(default=5 * 86400.0, metadata=_meta("duration", "Bounce a message still undelivered after this long"))
     resubmission_window: float = field(default=86400.0, metadata=_meta("duration", "The same message (Message-ID, sender, recipients, body) sent again within this long is answered with its first trace id and not queued twice (0: off)"))
     delay_warning: float = field(default=4 * 3600.0, metadata=_meta("duration", "Warn the sender once when a message is this late (0: never)"))

@@ -47,8 +47,8 @@ class Policy:
     retry_schedule: list[float]
     max_queue_lifetime: float
     delay_warning: float
-    # The MDA is our own process: when it cannot take mail it is restarting, and
-    # is back within seconds, so the hand-off to it is retried on its own, short
+    # The MDA is our own process: when it cannot be reached it is restarting, and
+    # is back within seconds, so that hand-off is retried on its own, short
     # schedule rather than the minutes a remote host is given.
     local_retry_schedule: list[float] = field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 30.0, 60.0])
 
@@ -65,6 +65,12 @@ class Result:
     reply: Reply
     remote: str = ""
     local: bool = False  # handed to the MDA over LMTP
+
+    @property
+    def mda_away(self) -> bool:
+        """The hand-off to our MDA itself failed (X.4.x: no connection, or it was lost),
+        as opposed to a temporary refusal the MDA gave (a full mailbox, a lock)."""
+        return self.local and self.reply.is_temporary and self.reply.status.startswith("4.4.")
 
 
 class QueueManager:
@@ -140,12 +146,11 @@ class QueueManager:
         results: list[Result] = []
         for part in await asyncio.gather(*calls):
             results.extend(part)
-        local_codes = [r.reply.code // 100 for r in results if r.local]
-        mda_back = self.local_backlog and 2 in local_codes
-        if 4 in local_codes:
+        mda_back = False
+        if any(r.mda_away for r in results):
             self.local_backlog = True
-        elif mda_back:
-            self.local_backlog = False
+        elif self.local_backlog and any(r.local and r.reply.is_ok for r in results):
+            self.local_backlog, mda_back = False, True
         while True:
             # The results must be recorded, or the recipients stay "active" until
             # a restart (found by the disk-full test): a full disk or a busy
@@ -192,7 +197,7 @@ class QueueManager:
             elif age >= self.policy.max_queue_lifetime:
                 values["state"], event = EXPIRED, "expired"
             else:
-                wait = self.policy.next_wait(n, local=res.local)
+                wait = self.policy.next_wait(n, local=res.mda_away)
                 values["state"], event = QUEUED, "deferred"
                 values["next_attempt"] = now + dt.timedelta(seconds=wait)
             s.execute(
