@@ -70,6 +70,9 @@ class Message(Base):
     held: Mapped[bool] = mapped_column(Boolean, default=False)
     warned: Mapped[bool] = mapped_column(Boolean, default=False)  # delay DSN sent
     is_bounce: Mapped[bool] = mapped_column(Boolean, default=False)
+    # sha256 of the message as its sender wrote it (Received fields left out):
+    # with Message-ID, sender and recipients it recognises a resubmission.
+    digest: Mapped[str] = mapped_column(String(64), default="")
     recipients: Mapped[list[Recipient]] = relationship(
         back_populates="message", cascade="all, delete-orphan", order_by="Recipient.id"
     )

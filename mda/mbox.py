@@ -7,6 +7,19 @@ Dovecot uses (mbox_write_locks = dotlock fcntl).  The quota is checked under
 the lock, so concurrent deliveries cannot overshoot it together.  If anything
 fails while appending, the file is truncated back to its old size, so a failed
 delivery never leaves half a message behind.
+
+Idempotence.  A redelivery of the same message to the same mailbox (the queue
+manager retrying because it never saw our 250) must not store a second copy,
+and the proof must be on disk before the 250, not in a database row that a
+kill may lose.  So each delivery has an id (from the trace id and recipient),
+and under the lock, *before* appending, we append `id offset` to a small
+journal beside the mbox (`.NAME.delivered`, a dot file mail readers ignore)
+and fsync it.  A delivery whose id is in the journal looks at the mbox at the
+recorded offset: if the same entry is there, it is already stored; if only the
+start of it is there (a kill in the middle of the append), the rest of the file
+is exactly that torn entry, so it is cut off and written again; anything else
+(a crash before the append, or a reader rewrote the file since) means it was
+never stored, and it is appended as usual.
 """
 
 from __future__ import annotations
@@ -22,6 +35,9 @@ from mda.quota import QuotaExceeded
 
 _FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
 _QUOTED_FROM_LINE = re.compile(rb"^>(>*From )", re.MULTILINE)
+# The journal keeps the latest deliveries only: redeliveries come within the
+# queue lifetime, and a mailbox receives far fewer than this in that time.
+JOURNAL_KEEP = 5000
 # A dotlock untouched this long was left by a crashed writer (Dovecot's
 # dotlock_change_timeout is 2 minutes; we are more patient).
 STALE_DOTLOCK_SECONDS = 300
@@ -55,10 +71,20 @@ def entry(content: bytes, sender: str, when: float) -> bytes:
     return data + b"\n"
 
 
-def deliver(path: Path, content: bytes, sender: str, *, lock_timeout: float = 30.0, quota_limit: int = 0) -> None:
+def deliver(
+    path: Path,
+    content: bytes,
+    sender: str,
+    *,
+    delivery_id: str = "",
+    lock_timeout: float = 30.0,
+    quota_limit: int = 0,
+) -> bool:
     """Append one message to the mbox file at `path`, durably (fsync'd on return).
 
-    Raises LockTimeout, QuotaExceeded, or OSError (after truncating back).
+    With a `delivery_id`, a second delivery under the same id stores nothing.
+    Returns whether the message was stored now.  Raises LockTimeout,
+    QuotaExceeded, or OSError (after truncating back).
     """
     if not path.parent.is_dir():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -67,12 +93,24 @@ def deliver(path: Path, content: bytes, sender: str, *, lock_timeout: float = 30
     lock_path = path.with_name(path.name + ".lock")
     _dotlock(lock_path, deadline)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             _fcntl_lock(fd, deadline)
             size = os.fstat(fd).st_size
+            journal = _Journal(path)
+            if delivery_id:
+                offset = journal.find(delivery_id)
+                if offset is not None:
+                    found = _stored_at(fd, offset, size, data)
+                    if found == "whole":
+                        return False
+                    if found == "torn":
+                        os.ftruncate(fd, offset)  # the rest of the file is our torn entry
+                        size = offset
             if quota_limit > 0 and size + len(data) > quota_limit:
                 raise QuotaExceeded(f"{path}: quota {quota_limit} bytes")
+            if delivery_id:
+                journal.add(delivery_id, size)
             try:
                 view = memoryview(data)
                 while view:
@@ -84,10 +122,87 @@ def deliver(path: Path, content: bytes, sender: str, *, lock_timeout: float = 30
                 raise
             if size == 0:
                 _fsync_dir(path.parent)  # a new file: make its name durable too
+            return True
         finally:
             os.close(fd)  # also releases the fcntl lock
     finally:
         os.unlink(lock_path)
+
+
+def _stored_at(fd: int, offset: int, size: int, data: bytes) -> str:
+    """Is `data` stored at `offset`: "whole", "torn" (a prefix reaching the end), or "no"?
+
+    The From_ line carries the delivery time, so only the bytes after it are compared.
+    """
+    if offset >= size:
+        return "no"
+    found = os.pread(fd, min(len(data) + 1, size - offset), offset)
+    at_end = offset + len(found) == size
+    head, sep, rest = found.partition(b"\n")
+    if not sep:  # torn inside the From_ line itself?
+        return "torn" if at_end and (head.startswith(b"From ") or b"From ".startswith(head)) else "no"
+    if not head.startswith(b"From "):
+        return "no"
+    expected = data[data.index(b"\n") + 1 :]
+    if rest[: len(expected)] == expected:
+        return "whole"
+    if at_end and expected.startswith(rest):
+        return "torn"
+    return "no"
+
+
+class _Journal:
+    """`.NAME.delivered` beside the mbox: one line `delivery-id offset` per delivery."""
+
+    def __init__(self, mbox_path: Path) -> None:
+        self.path = mbox_path.with_name(f".{mbox_path.name}.delivered")
+
+    def find(self, delivery_id: str) -> int | None:
+        try:
+            text = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        key = delivery_id.encode() + b" "
+        at = text.rfind(b"\n" + key)
+        if at < 0:
+            if not text.startswith(key):
+                return None
+            at = -1
+        line = text[at + 1 :].split(b"\n", 1)[0]
+        try:
+            return int(line[len(key) :])
+        except ValueError:
+            return None  # torn by a crash while it was written: not proof of anything
+
+    def add(self, delivery_id: str, offset: int) -> None:
+        if "\n" in delivery_id or " " in delivery_id:
+            raise ValueError("a delivery id is one word")
+        line = f"{delivery_id} {offset}\n".encode()
+        try:
+            lines = self.path.read_bytes().splitlines(keepends=True)
+        except FileNotFoundError:
+            lines = []
+        if len(lines) >= 2 * JOURNAL_KEEP:
+            # Rewrite with the newest half (a new file renamed over the old one).
+            tmp = self.path.with_name(self.path.name + ".new")
+            _write_durably(tmp, b"".join(lines[-JOURNAL_KEEP:]) + line, os.O_TRUNC)
+            os.replace(tmp, self.path)
+            _fsync_dir(self.path.parent)
+            return
+        _write_durably(self.path, line, os.O_APPEND)
+        if not lines:
+            _fsync_dir(self.path.parent)
+
+
+def _write_durably(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | mode, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -176,7 +177,8 @@ class LMTPHandler(Handler):
         try:
             if box.store == "mbox":
                 mbox.deliver(
-                    box.path, content, sender, lock_timeout=self.ctx.config.mda.lock_timeout, quota_limit=box.quota
+                    box.path, content, sender, delivery_id=_delivery_id(trace, rcpt),
+                    lock_timeout=self.ctx.config.mda.lock_timeout, quota_limit=box.quota,
                 )
                 return str(box.path)
             name = maildir.unique_name(trace, rcpt, self.ctx.config.mailroom.hostname)
@@ -191,6 +193,11 @@ class LMTPHandler(Handler):
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SMTPError(R.DISK_LOW) from exc
             raise SMTPError(R.LOCAL_ERROR) from exc
+
+
+def _delivery_id(trace: str, rcpt: str) -> str:
+    """One word naming this message for this recipient: a redelivery has the same."""
+    return hashlib.sha256(f"{trace}\0{rcpt}".encode()).hexdigest()[:32]
 
 
 _HEADER_END = re.compile(rb"\n\n|\A\n")

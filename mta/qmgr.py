@@ -21,7 +21,7 @@ import datetime as dt
 import logging
 import socket
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
@@ -47,10 +47,15 @@ class Policy:
     retry_schedule: list[float]
     max_queue_lifetime: float
     delay_warning: float
+    # The MDA is our own process: when it cannot be reached it is restarting, and
+    # is back within seconds, so that hand-off is retried on its own, short
+    # schedule rather than the minutes a remote host is given.
+    local_retry_schedule: list[float] = field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 30.0, 60.0])
 
-    def next_wait(self, attempts: int) -> float:
+    def next_wait(self, attempts: int, *, local: bool = False) -> float:
         """Seconds to wait after the `attempts`-th failed try (1-based)."""
-        return self.retry_schedule[min(attempts, len(self.retry_schedule)) - 1]
+        schedule = self.local_retry_schedule if local else self.retry_schedule
+        return schedule[min(attempts, len(schedule)) - 1]
 
 
 @dataclass
@@ -59,6 +64,13 @@ class Result:
     address: str
     reply: Reply
     remote: str = ""
+    local: bool = False  # handed to the MDA over LMTP
+
+    @property
+    def mda_away(self) -> bool:
+        """The hand-off to our MDA itself failed (X.4.x: no connection, or it was lost),
+        as opposed to a temporary refusal the MDA gave (a full mailbox, a lock)."""
+        return self.local and self.reply.is_temporary and self.reply.status.startswith("4.4.")
 
 
 class QueueManager:
@@ -85,6 +97,9 @@ class QueueManager:
         self.owner = queue.owner_id(self.host)
         self.in_flight = asyncio.Semaphore(max_in_flight)
         self.wake = asyncio.Event()
+        # Local hand-offs were deferred (the MDA was away): the first one that
+        # succeeds again brings the others forward.
+        self.local_backlog = False
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def run_once(self) -> int:
@@ -131,6 +146,11 @@ class QueueManager:
         results: list[Result] = []
         for part in await asyncio.gather(*calls):
             results.extend(part)
+        mda_back = False
+        if any(r.mda_away for r in results):
+            self.local_backlog = True
+        elif self.local_backlog and any(r.local and r.reply.is_ok for r in results):
+            self.local_backlog, mda_back = False, True
         while True:
             # The results must be recorded, or the recipients stay "active" until
             # a restart (found by the disk-full test): a full disk or a busy
@@ -138,7 +158,7 @@ class QueueManager:
             try:
                 # Outcomes of messages finishing together share one commit; it is
                 # not fsync'd (no reply rests on it; see _claim).
-                await self.db.write_batched(self._settle, job, results, relaxed=True)
+                await self.db.write_batched(self._settle, job, results, mda_back, relaxed=True)
                 return
             except OperationalError as exc:
                 log.warning("cannot record delivery results yet, retrying: %s", exc.orig)
@@ -146,7 +166,7 @@ class QueueManager:
 
     async def _deliver_local(self, job: queue.Job, rcpts: list[tuple[int, str]]) -> list[Result]:
         replies = await self.local.deliver(job.trace, job.sender, [a for _, a in rcpts], job.body)
-        return [Result(rid, a, r) for (rid, a), r in zip(rcpts, replies, strict=True)]
+        return [Result(rid, a, r, local=True) for (rid, a), r in zip(rcpts, replies, strict=True)]
 
     async def _deliver_remote(
         self, job: queue.Job, domain: str, rcpts: list[tuple[int, str]]
@@ -156,9 +176,13 @@ class QueueManager:
         )
         return [Result(rid, a, r, host) for (rid, a), r in zip(rcpts, replies, strict=True)]
 
-    def _settle(self, s: Session, job: queue.Job, results: list[Result]) -> None:
+    def _settle(self, s: Session, job: queue.Job, results: list[Result], mda_back: bool = False) -> None:
         """Record every outcome and queue the DSNs (run inside a shared relaxed batch)."""
         now = self.clock.now()
+        if mda_back:
+            moved = queue.bring_forward(s, self.local_domains, now)
+            if moved:
+                log.info("the MDA takes mail again: %d waiting local recipients are due now", moved)
         attempts = {rid: n for rid, _, n in job.recipients}
         age = (now - job.received).total_seconds()
         failures: list[bounce.Failure] = []
@@ -173,7 +197,7 @@ class QueueManager:
             elif age >= self.policy.max_queue_lifetime:
                 values["state"], event = EXPIRED, "expired"
             else:
-                wait = self.policy.next_wait(n)
+                wait = self.policy.next_wait(n, local=res.mda_away)
                 values["state"], event = QUEUED, "deferred"
                 values["next_attempt"] = now + dt.timedelta(seconds=wait)
             s.execute(
@@ -241,7 +265,7 @@ async def run(ctx: Context) -> None:
     )
     qm = QueueManager(
         db=ctx.db, clock=ctx.clock,
-        policy=Policy(mta.retry_schedule, mta.max_queue_lifetime, mta.delay_warning),
+        policy=Policy(mta.retry_schedule, mta.max_queue_lifetime, mta.delay_warning, mta.local_retry_schedule),
         local_domains=cfg.mailroom.domains, hostname=cfg.mailroom.hostname,
         local=local, remote=remote,
     )

@@ -12,12 +12,14 @@ delivered twice, never lost.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from common.log import new_trace_id
@@ -50,6 +52,7 @@ def enqueue(
     message_id: str = "",
     hop: str = "mta",
     is_bounce: bool = False,
+    digest: str = "",
 ) -> None:
     """Add a message to the queue (the caller commits).
 
@@ -59,7 +62,7 @@ def enqueue(
     session.execute(
         insert(Message).values(
             id=trace, sender=sender, size=len(body), body=body, received=now, client=client,
-            message_id=message_id, is_bounce=is_bounce,
+            message_id=message_id, is_bounce=is_bounce, digest=digest,
         )
     )
     if recipients:
@@ -76,6 +79,56 @@ def enqueue(
         detail=f"from=<{sender}> size={len(body)} nrcpt={len(recipients)}"
         + (f" client={client}" if client else ""),
     )
+
+
+# A Received field (RFC 5322 3.6.7), folded lines included.
+_RECEIVED = re.compile(rb"(?im)^received:[^\n]*\n(?:[ \t][^\n]*\n)*")
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
+def digest(content: bytes) -> str:
+    """sha256 of a message without its Received fields.
+
+    Each hop (our MSA included) adds a Received field with its own time, so
+    the same message sent twice differs only there; everything the sender
+    wrote, Date and Message-ID included, must be the same.
+    """
+    end = _HEADER_END.search(content)
+    split = end.end() if end else len(content)
+    header = _RECEIVED.sub(b"", content[:split])
+    return hashlib.sha256(header + content[split:]).hexdigest()
+
+
+def find_resubmission(
+    session: Session,
+    *,
+    message_id: str,
+    sender: str,
+    originals: list[str],
+    digest: str,
+    since: dt.datetime,
+) -> str | None:
+    """The trace id of the same message queued since `since`, or None.
+
+    The same message is: the same Message-ID, envelope sender, body digest and
+    set of recipients (as given at RCPT).  A client that never saw our 250
+    sends exactly that again; a different message reusing a Message-ID has
+    another digest and is queued as usual.
+    """
+    if not message_id:
+        return None
+    candidates = session.scalars(
+        select(Message.id).where(
+            Message.message_id == message_id, Message.sender == sender,
+            Message.digest == digest, Message.received >= since,
+        )
+    ).all()
+    wanted = {a.lower() for a in originals}
+    for trace in candidates:
+        had = session.scalars(select(Recipient.original).where(Recipient.message_id == trace)).all()
+        if {a.lower() for a in had} == wanted:
+            return trace
+    return None
 
 
 @dataclass
@@ -211,6 +264,23 @@ def enqueue_dsn(
     kind = "delay warning" if delayed else "bounce"
     add_event(session, trace, hop, "dsn", detail=f"{kind} to <{sender}> as {dsn_trace}", time=now)
     return dsn_trace
+
+
+def bring_forward(session: Session, domains: list[str], now: dt.datetime) -> int:
+    """Make every waiting recipient in one of our own `domains` due now; returns how many.
+
+    Called when the MDA takes mail again after refusing it for a while, so the
+    mail that waited for it does not wait out the rest of its retry interval.
+    """
+    result = session.execute(
+        update(Recipient)
+        .where(
+            Recipient.state == QUEUED, Recipient.next_attempt > now,
+            or_(*(Recipient.address.like(f"%@{d}") for d in domains)),
+        )
+        .values(next_attempt=now)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def drop_body_if_done(session: Session, trace: str) -> bool:

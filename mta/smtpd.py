@@ -109,11 +109,18 @@ class SMTPHandler(Handler):
         try:
             # Group commit: sessions finishing DATA together share one fsync'd
             # commit, and each 250 still waits for the commit that holds its message.
-            await self.ctx.db.write_batched(self._store, envelope, body, recipients, session, header, now)
+            queued = await self.ctx.db.write_batched(
+                self._store, envelope, body, recipients, session, header, now
+            )
         except (OSError, OperationalError) as exc:
             log.error("cannot queue: %s", exc)
             full = "full" in str(exc) or getattr(exc, "errno", None) == 28
             return R.DISK_LOW if full else R.LOCAL_ERROR
+        if queued != envelope.trace_id:
+            # The client never saw our first 250 and sent the same message again:
+            # it gets the same answer, and nothing is queued twice.
+            log.info("resubmission of %s from=<%s> client=%s", queued, envelope.mail_from, session.client_ip)
+            return Reply(250, "2.0.0", f"Ok: queued as {queued}")
         log.info(
             "queued from=<%s> size=%d nrcpt=%d client=%s",
             envelope.mail_from, len(body), len(recipients), session.client_ip,
@@ -130,17 +137,32 @@ class SMTPHandler(Handler):
         session: MailSession,
         header: bytes,
         now: dt.datetime,
-    ) -> None:
+    ) -> str:
+        """Queue the message; returns its trace id, an earlier one for a resubmission."""
+        trace, sender = envelope.trace_id, envelope.mail_from or ""
         add_event(
-            s, envelope.trace_id, "mta", "received", time=now,
+            s, trace, "mta", "received", time=now,
             detail=f"{'internal' if self.internal else 'smtp'} from {session.client_ip}"
             f" helo={session.host_name}",
         )
+        message_id, digest = _message_id(header), queue.digest(body)
+        window = self.ctx.config.mta.resubmission_window
+        earlier = None
+        if window > 0:
+            earlier = queue.find_resubmission(
+                s, message_id=message_id, sender=sender, originals=list(envelope.rcpt_tos),
+                digest=digest, since=now - dt.timedelta(seconds=window),
+            )
+        if earlier is not None:
+            add_event(s, trace, "mta", "resubmitted", time=now, detail=f"the same message as {earlier}: not queued")
+            add_event(s, earlier, "mta", "resubmitted", time=now,
+                      detail=f"sent again from {session.client_ip} as {trace}: answered with this trace id")
+            return earlier
         queue.enqueue(
-            s, trace=envelope.trace_id, sender=envelope.mail_from or "", body=body,
-            recipients=recipients, now=now, client=session.client_ip,
-            message_id=_message_id(header),
+            s, trace=trace, sender=sender, body=body, recipients=recipients, now=now,
+            client=session.client_ip, message_id=message_id, digest=digest,
         )
+        return trace
 
     def _received_header(self, session: MailSession, envelope: MailEnvelope, now: dt.datetime) -> bytes:
         # RFC 5321 4.4: who we heard from, who we are, how, the id, and when.

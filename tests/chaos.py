@@ -1,25 +1,34 @@
-"""Chaos run: submit mail while daemons are killed with SIGKILL, then count what was lost.
+"""Chaos run: submit mail while daemons are killed with SIGKILL, then count what a user would.
 
-    python -m tests.chaos --messages 2000 --clients 20
+    python -m tests.chaos --messages 2000 --clients 20 [--postgresql]
 
-It starts a throwaway installation (four daemons under supervisord), and has
-`--clients` threads submit `--messages` messages, half through the MSA
-(STARTTLS + AUTH) and half through the MTA's public listener, to a Maildir
-user and an mbox user.  Every message carries a unique X-Chaos-Id header and
-the SHA-256 of its body is remembered.  Meanwhile a killer sends SIGKILL to a
-random daemon (msa, mta, qmgr, mda) every `--kill-every` seconds; supervisord
-restarts it.  When the clients are done the killing stops, the queue is left
-to drain, and both mailboxes are scanned:
+It starts a throwaway installation (four daemons under supervisord; SQLite, or
+a throwaway PostgreSQL cluster with --postgresql), and has `--clients` threads
+submit `--messages` messages, half through the MSA (STARTTLS + AUTH) and half
+through the MTA's public listener, to a Maildir user and an mbox user.  Every
+message carries a unique X-Chaos-Id header and Message-ID, and the SHA-256 of
+its body is remembered.  Meanwhile a killer sends SIGKILL to a random daemon
+(msa, mta, qmgr, mda) every `--kill-every` seconds; supervisord restarts it.
 
-- accepted:   the client got 250 after DATA (each must be delivered, body intact)
-- refused:    the client got a 4xx/5xx reply after DATA (each must NOT be delivered);
-              before DATA a client waits and tries again, as real clients do
-- unknown:    the connection broke before the reply (either outcome is allowed)
+The clients behave like a real MTA: a refused connection, a 4xx, or a
+connection lost before the final reply means "the same message again, a
+little later", until a final reply (250 or 5xx) or their patience runs out.
+When the clients are done the killing stops, the queue is left to drain, and
+both mailboxes are scanned:
+
+- accepted:   the client got 250 after DATA (each must be in its mailbox exactly once,
+              body intact)
+- refused:    the client got 5xx after DATA, or only 4xx, and never lost a connection
+              after sending the message (each must NOT be delivered)
+- in doubt:   a connection broke after the message was sent and no 250 ever came
+              (each may be delivered, at most once)
 - lost:       accepted but not delivered (must be 0: the promise)
-- duplicates: extra copies of one message (allowed, counted)
+- duplicates: extra copies of any message (must be 0)
 
-The last line of output is the summary `accepted=N delivered=N lost=N duplicates=N`.
-Exit status 0 when lost == 0 and no refused message was delivered.
+The last line of output is the summary
+`accepted=N delivered=N lost=N duplicates=N indoubt_delivered=K/N`.
+Exit status 0 when nothing was lost, duplicated, damaged or wrongly delivered and
+the queue drained.
 """
 
 from __future__ import annotations
@@ -29,12 +38,12 @@ import contextlib
 import email
 import hashlib
 import itertools
+import json
 import os
 import random
 import re
 import signal
 import smtplib
-import sqlite3
 import sys
 import tempfile
 import threading
@@ -43,8 +52,10 @@ import xmlrpc.client
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy import func, select
 from supervisor.xmlrpc import SupervisorTransport
 
+from common.models import FINAL_STATES, Recipient
 from tests.support.suite import PASSWORD, Installation, maildir_messages, mbox_messages, tls_client_context
 
 PROGRAMS = ("msa", "mta", "qmgr", "mda")
@@ -55,7 +66,7 @@ RECIPIENTS = ("alice@example.org", "bob@example.org")  # Maildir, mbox
 class Outcomes:
     accepted: dict[str, str] = field(default_factory=dict)  # chaos id -> body hash
     refused: dict[str, str] = field(default_factory=dict)
-    unknown: dict[str, str] = field(default_factory=dict)
+    indoubt: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, kind: str, ident: str, digest: str) -> None:
@@ -75,7 +86,8 @@ def make_message(run_id: str, n: int, rcpt: str, rng: random.Random) -> tuple[st
         lines.append(b".a line that needs dot-stuffing")
     body = b"\r\n".join(lines) + b"\r\n"
     header = (
-        f"From: alice@example.org\r\nTo: {rcpt}\r\nSubject: chaos {n}\r\nX-Chaos-Id: {ident}\r\n\r\n"
+        f"From: alice@example.org\r\nTo: {rcpt}\r\nSubject: chaos {n}\r\nX-Chaos-Id: {ident}\r\n"
+        f"Message-ID: <{ident}@chaos.example>\r\nDate: Tue, 01 Dec 2026 12:00:00 +0000\r\n\r\n"
     ).encode()
     return ident, header + body, body_hash(body)
 
@@ -97,21 +109,24 @@ class Client:
             s.ehlo("chaos.example")
         return s
 
-    def deliver(self, rcpt: str, message: bytes, patience: float = 30.0) -> str:
-        """Like a real client: while nothing of the message was sent (the daemon is being
-        restarted, a 4xx before DATA), wait a little and try again."""
+    def deliver(self, rcpt: str, message: bytes, patience: float = 300.0) -> str:
+        """Send until a final reply, as an MTA's queue would: 'accepted', 'refused' or 'indoubt'."""
         deadline = time.monotonic() + patience
+        doubt = False
+        pause = 0.1
         while True:
             outcome = self.send(rcpt, message)
-            if outcome != "retry":
-                return outcome
-            if time.monotonic() > deadline:
-                return "refused"
-            time.sleep(0.1)
+            if outcome == "accepted":
+                return "accepted"
+            doubt = doubt or outcome == "unknown"
+            if outcome == "refused" or time.monotonic() > deadline:
+                return "indoubt" if doubt else "refused"
+            time.sleep(pause)  # later, the same message
+            pause = min(pause * 2, 2.0)
 
     def send(self, rcpt: str, message: bytes) -> str:
-        """'accepted', 'refused' (4xx/5xx after DATA), 'unknown' (the connection broke after
-        the message was sent), or 'retry' (nothing was sent)."""
+        """'accepted' (250 after DATA), 'refused' (5xx after DATA), 'unknown' (the connection
+        broke after the message was sent), or 'retry' (4xx, or nothing was sent)."""
         data_sent = False
         try:
             if self.smtp is None:
@@ -132,7 +147,7 @@ class Client:
             data_sent = True
             s.send(re.sub(rb"(?m)^\.", b"..", message) + b".\r\n")  # dot-stuffed; message ends in CRLF
             code, _ = s.getreply()
-            return "accepted" if code == 250 else "refused"
+            return "accepted" if code == 250 else "refused" if code >= 500 else "retry"
         except (smtplib.SMTPException, OSError):
             self.close()
             return "unknown" if data_sent else "retry"
@@ -144,9 +159,10 @@ class Client:
             self.smtp = None
 
 
-def prepare(root: Path) -> Installation:
+def prepare(root: Path, database: str = "") -> Installation:
     inst = Installation(root)
-    inst.set("mta", "retry_schedule", '["1s"]')  # a killed MDA must not delay delivery by minutes
+    if database:  # before any user exists: the users go to that database
+        inst.set("mailroom", "database", json.dumps(database))
     inst.set("mta", "poll_interval", '"0.5s"')
     inst.set("msa", "max_messages_per_hour", "1000000")
     inst.set("msa", "max_recipients_per_hour", "1000000")
@@ -187,15 +203,15 @@ def program_pid(inst: Installation, name: str) -> int | None:
 
 
 def pending(inst: Installation) -> int:
-    db = inst.config.database_url.removeprefix("sqlite:///")
-    conn = sqlite3.connect(db, timeout=30)
+    """Recipients not yet in a final state (on SQLite or PostgreSQL alike)."""
+    db = inst.db()
     try:
-        row = conn.execute(
-            "SELECT count(*) FROM recipients WHERE state NOT IN ('delivered', 'bounced', 'expired', 'deleted')"
-        ).fetchone()
-        return int(row[0])
+        with db.read() as s:
+            return int(s.scalar(
+                select(func.count()).select_from(Recipient).where(Recipient.state.not_in(FINAL_STATES))
+            ) or 0)
     finally:
-        conn.close()
+        db.close()
 
 
 def delivered(inst: Installation) -> dict[str, list[str]]:
@@ -213,10 +229,13 @@ def delivered(inst: Installation) -> dict[str, list[str]]:
     return found
 
 
-def run(messages: int, clients: int, kill_every: float, drain_timeout: float, root: Path, seed: int) -> int:
+def run(
+    messages: int, clients: int, kill_every: float, drain_timeout: float, root: Path, seed: int,
+    database: str = "",
+) -> int:
     rng = random.Random(seed)
     run_id = f"{seed:x}"
-    inst = prepare(root)
+    inst = prepare(root, database)
     inst.start()
     outcomes = Outcomes()
     kills: list[str] = []
@@ -258,20 +277,24 @@ def run(messages: int, clients: int, kill_every: float, drain_timeout: float, ro
     lost = [i for i in outcomes.accepted if i not in found]
     damaged = [i for i, h in outcomes.accepted.items() if i in found and h not in found[i]]
     wrongly = [i for i in outcomes.refused if i in found]
-    duplicates = sum(len(v) - 1 for v in found.values())
+    doubled = {i: len(v) for i, v in found.items() if len(v) > 1}
+    duplicates = sum(n - 1 for n in doubled.values())
     delivered_accepted = sum(1 for i in outcomes.accepted if i in found)
+    indoubt_delivered = sum(1 for i in outcomes.indoubt if i in found)
     print(f"kills: {len(kills)} ({', '.join(f'{p}={kills.count(p)}' for p in PROGRAMS)}); "
           f"submitted in {submitted:.1f}s; queue left: {left}")
-    print(f"refused={len(outcomes.refused)} unknown={len(outcomes.unknown)} "
-          f"(of those delivered: {sum(1 for i in outcomes.unknown if i in found)}) "
+    print(f"refused={len(outcomes.refused)} indoubt={len(outcomes.indoubt)} "
           f"damaged={len(damaged)} refused_but_delivered={len(wrongly)}")
     if lost:
         print("lost:", " ".join(sorted(lost)[:20]))
     if wrongly:
         print("refused but delivered:", " ".join(sorted(wrongly)[:20]))
+    if doubled:
+        print("duplicated:", " ".join(f"{i}x{n}" for i, n in sorted(doubled.items())[:20]))
     print(f"accepted={len(outcomes.accepted)} delivered={delivered_accepted} "
-          f"lost={len(lost)} duplicates={duplicates}")
-    return 0 if not lost and not wrongly and not damaged and left == 0 else 1
+          f"lost={len(lost)} duplicates={duplicates} "
+          f"indoubt_delivered={indoubt_delivered}/{len(outcomes.indoubt)}")
+    return 0 if not (lost or wrongly or damaged or duplicates or left) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,14 +304,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kill-every", type=float, default=0.5, help="seconds between two SIGKILLs")
     p.add_argument("--drain-timeout", type=float, default=300.0, help="how long to wait for an empty queue")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dir", type=Path, default=None, help="installation folder (default: a temporary one)")
+    p.add_argument("--dir", type=Path, default=None, help="folder for the run (default: a temporary one)")
+    p.add_argument("--postgresql", action="store_true", help="the shared database on a throwaway PostgreSQL cluster")
     args = p.parse_args(argv)
     seed = args.seed if args.seed is not None else random.randrange(1 << 31)
     print(f"seed={seed}", flush=True)
-    if args.dir is not None:
-        return run(args.messages, args.clients, args.kill_every, args.drain_timeout, args.dir, seed)
-    with tempfile.TemporaryDirectory(prefix="mailroom-chaos-") as tmp:
-        return run(args.messages, args.clients, args.kill_every, args.drain_timeout, Path(tmp) / "mailroom", seed)
+    with contextlib.ExitStack() as stack:
+        top = args.dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mailroom-chaos-")))
+        database = ""
+        if args.postgresql:
+            from tests.support.postgres import PostgresServer
+
+            database = stack.enter_context(PostgresServer(top / "postgresql")).url
+        return run(args.messages, args.clients, args.kill_every, args.drain_timeout, top / "mailroom", seed, database)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,9 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Installation:
     inst = Installation(tmp_path_factory.mktemp("mta") / "m")
     inst.add_user("alice@example.org", "maildir")
     inst.add_user("bob@example.org", "mbox")
+    # These tests send the same message again and again on purpose, each expecting
+    # it queued: resubmission is tested in tests/e2e/test_resubmission.py.
+    inst.set("mta", "resubmission_window", "0")
     return inst
 
 

@@ -1,0 +1,26 @@
+"""a digest of each message, to recognise a resubmission
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-12-01 16:00:00
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("messages", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("digest", sa.String(length=64), nullable=False, server_default=""))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("messages", schema=None) as batch_op:
+        batch_op.drop_column("digest")

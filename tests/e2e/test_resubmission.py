@@ -1,0 +1,88 @@
+"""A client that never saw our 250 sends the same message again: it is queued once.
+
+RFC 5321 lets a lost 250 turn into a duplicate.  Mailroom recognises the same
+message (Message-ID, envelope sender, recipients and content, Received fields
+aside) within `[mta] resubmission_window`, answers with the first trace id and
+queues nothing new; a different message that reuses a Message-ID is queued.
+"""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import time
+
+import pytest
+
+from tests.support.suite import Installation, maildir_messages, mbox_messages
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _message(message_id: str, text: str) -> bytes:
+    return (
+        f"From: alice@example.org\r\nTo: alice@example.org, bob@example.org\r\n"
+        f"Date: Tue, 01 Dec 2026 12:00:00 +0000\r\nMessage-ID: {message_id}\r\n"
+        f"Subject: resubmitted\r\n\r\n{text}\r\n"
+    ).encode()
+
+
+def _queued_as(text: bytes) -> str:
+    m = re.fullmatch(rb"2\.0\.0 Ok: queued as ([0-9A-F]{18})", text)
+    assert m, text
+    return m.group(1).decode()
+
+
+def _public(suite: Installation, sender: str, recipients: list[str], message: bytes) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", suite.ports["smtp"], timeout=30) as client:
+        client.ehlo("client.test")
+        client.mail(sender)
+        for r in recipients:
+            assert client.rcpt(r)[0] == 250
+        return client.data(message)
+
+
+def test_a_resubmission_through_the_msa_is_answered_with_the_first_trace_and_stored_once(
+    suite: Installation,
+) -> None:
+    rcpts = ["alice@example.org", "bob@example.org"]
+    message = _message("<once@example.org>", "hello")
+    code, text = suite.submit("alice@example.org", rcpts, message)
+    assert code == 250
+    first = _queued_as(text)
+    code, text = suite.submit("alice@example.org", rcpts, message, implicit_tls=True)
+    assert code == 250 and _queued_as(text) == first
+
+    alice, bob = suite.mailbox("alice@example.org"), suite.mailbox("bob@example.org")
+    suite.wait_for(lambda: len(maildir_messages(alice)) == 1 and len(mbox_messages(bob)) == 1, what="delivery")
+    time.sleep(1.0)  # a second copy, if there were one, would follow within the queue manager's poll
+    assert len(maildir_messages(alice)) == 1 and len(mbox_messages(bob)) == 1
+    events = [(e["hop"], e["event"]) for e in suite.trace(first)["events"]]
+    assert ("mta", "resubmitted") in events
+
+    # Same Message-ID, different content: another message, delivered too.
+    code, text = suite.submit("alice@example.org", rcpts, _message("<once@example.org>", "changed"))
+    assert code == 250 and _queued_as(text) != first
+    suite.wait_for(lambda: len(maildir_messages(alice)) == 2, what="the second message")
+    # Same message to fewer recipients: another message as well.
+    code, text = suite.submit("alice@example.org", rcpts[:1], message)
+    assert code == 250 and _queued_as(text) != first
+    suite.wait_for(lambda: len(maildir_messages(alice)) == 3, what="the third message")
+
+
+def test_a_resubmission_on_the_public_listener_is_queued_once(suite: Installation) -> None:
+    message = _message("<public-once@example.net>", "from outside").replace(
+        b"From: alice@example.org", b"From: carol@example.net"
+    )
+    code, text = _public(suite, "carol@example.net", ["alice@example.org"], message)
+    first = _queued_as(text)
+    code, text = _public(suite, "carol@example.net", ["alice@example.org"], message)
+    assert code == 250 and _queued_as(text) == first
+    alice = suite.mailbox("alice@example.org")
+    suite.wait_for(lambda: len(maildir_messages(alice)) == 1, what="delivery")
+    time.sleep(1.0)
+    assert len(maildir_messages(alice)) == 1
+    # Another envelope sender: not the same message.
+    code, text = _public(suite, "dave@example.net", ["alice@example.org"], message)
+    assert code == 250 and _queued_as(text) != first
+    suite.wait_for(lambda: len(maildir_messages(alice)) == 2, what="the other sender's message")
