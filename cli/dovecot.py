@@ -48,7 +48,7 @@ from common.models import User
 
 # Where Debian and most builds put the binary; not always in a user's PATH.
 SEARCH_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
-QUOTA_ROOT = "User quota"
+QUOTA_ROOT = "Mailbox"  # one word: the users file separates fields with spaces
 # Unix socket paths are limited to 107 bytes; Dovecot puts sockets up to
 # about 30 bytes deep under base_dir.
 MAX_BASE_DIR = 70
