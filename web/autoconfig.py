@@ -70,13 +70,18 @@ def settings(cfg: Config) -> ClientSettings:
 
 def render_text(s: ClientSettings, address: str) -> str:
     """The settings as an operator reads them out to a user."""
-    lines = [f"Account:   {address}", f"User name: {address} (the whole address)", "Password:  the one set with `mailroom user`"]
+    lines = [
+        f"Account:   {address}",
+        f"User name: {address} (the whole address)",
+        "Password:  the one set with `mailroom user`",
+    ]
     names = {"imap": "IMAP", "pop3": "POP3", "smtp": "SMTP"}
     for label, servers in (("Incoming", s.incoming), ("Outgoing", s.outgoing)):
         if not servers:
             lines.append(f"{label}:  none configured")
         for srv in servers:
-            lines.append(f"{label}:  {names[srv.kind]:4} {srv.hostname} port {srv.port} {srv.security}, normal password")
+            kind = names[srv.kind]
+            lines.append(f"{label}:  {kind:4} {srv.hostname} port {srv.port} {srv.security}, normal password")
     return "\n".join(lines) + "\n"
 
 

@@ -45,7 +45,9 @@ async def exchange(cfg: config.Config, request: bytes) -> tuple[int, dict[str, s
     return int(lines[0].split()[1]), headers, body
 
 
-def get(cfg: config.Config, target: str, host: str = "mail.example.org", method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+def get(
+    cfg: config.Config, target: str, host: str = "mail.example.org", method: str = "GET"
+) -> tuple[int, dict[str, str], bytes]:
     return asyncio.run(exchange(cfg, f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()))
 
 

@@ -24,12 +24,12 @@ from __future__ import annotations
 import imaplib
 import itertools
 import json
-import poplib
-import socket
 import os
+import poplib
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 from collections.abc import Sequence

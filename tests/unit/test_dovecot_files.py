@@ -25,7 +25,8 @@ from tests.support import peers
 
 def make_config(tmp_path: Path, imap: str = "") -> config.Config:
     path = tmp_path / "mailroom.toml"
-    path.write_text(f'[mailroom]\ndomains = ["example.org"]\nmail_root = "mail"\nrun_dir = "run"\n[imap]\nenabled = true\n{imap}')
+    path.write_text('[mailroom]\ndomains = ["example.org"]\nmail_root = "mail"\nrun_dir = "run"\n'
+                    f"[imap]\nenabled = true\n{imap}")
     return config.load(path)
 
 
@@ -135,3 +136,31 @@ def test_dovecots_socket_folder_stays_short(tmp_path: Path, length: int) -> None
     base = dovecot._base_dir(cfg)
     assert len(str(base)) <= dovecot.MAX_BASE_DIR
     assert base.is_dir() and base.stat().st_uid == os.geteuid()
+
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "dovecot-mailroom.conf"
+# What the production file and the generated one must agree on (doveconf -n lines).
+# (doveconf -n leaves out values that are Dovecot's defaults.)
+SAME = (
+    "ssl = required", "auth_mechanisms = plain login", "mbox_write_locks = dotlock fcntl",
+    "mail_plugins = \" quota\"", "  mail_plugins = \" quota imap_quota\"", "  driver = passwd-file",
+    "protocols = imap pop3",
+)
+
+
+def test_the_production_file_is_valid_and_says_what_the_generated_one_says(tmp_path: Path) -> None:
+    doveconf = peers.require("doveconf")
+    deploy = subprocess.run([doveconf, "-n", "-c", str(DEPLOY)], capture_output=True, text=True, timeout=30)
+    assert deploy.returncode == 0, deploy.stderr
+    for port in ("143", "993", "995"):
+        assert f"    port = {port}\n" in deploy.stdout
+    cfg = make_config(tmp_path)
+    me = pwd.getpwuid(os.geteuid())
+    generated_file = dovecot.render_config(cfg, dovecot.MailIds(me.pw_uid, me.pw_gid, me.pw_name, as_root=False))
+    generated = subprocess.run([doveconf, "-n", "-c", str(generated_file)], capture_output=True, text=True,
+                               timeout=30)
+    assert generated.returncode == 0, generated.stderr
+    for line in SAME:
+        assert line + "\n" in deploy.stdout, line
+        assert line + "\n" in generated.stdout, line
+    assert "args = scheme=ARGON2ID /srv/mailroom/run/dovecot/users" in deploy.stdout
