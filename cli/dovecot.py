@@ -31,6 +31,7 @@ touch mail as root, so as root without a user it is not started.
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import os
 import pwd
@@ -203,6 +204,12 @@ def render_config(cfg: Config, ids: MailIds) -> Path:
         login_user = pwd.getpwnam("dovenull").pw_name if ids.as_root else ids.name
     except KeyError:
         login_user = ids.name
+    # Dovecot's internal sockets belong to this group: ours when not root (we could
+    # not give them to Dovecot's), the Mailroom user's when root (its processes use them).
+    try:
+        group = grp.getgrgid(ids.gid).gr_name
+    except KeyError:
+        group = str(ids.gid)
     # Not root: no chroot for the login processes, and every service runs as us.
     no_chroot = "" if ids.as_root else "  chroot =\n"
     text = f"""\
@@ -227,6 +234,7 @@ auth_mechanisms = plain login
 auth_username_format = %Lu
 
 default_internal_user = {ids.name}
+default_internal_group = {group}
 default_login_user = {login_user}
 mail_uid = {ids.uid}
 mail_gid = {ids.gid}

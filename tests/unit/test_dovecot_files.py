@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,17 @@ from common.db import Database
 from common.models import User
 from common.users import hash_password
 from tests.support import peers
+
+
+@pytest.fixture(autouse=True)
+def _no_socket_folder_left(tmp_path: Path) -> Iterator[None]:
+    """A long tmp_path sends Dovecot's socket folder to /tmp (see _base_dir): remove it after."""
+    yield
+    for found in tmp_path.rglob("mailroom.toml"):
+        cfg = config.load(found)
+        base = dovecot._base_dir(cfg)
+        if not base.is_relative_to(tmp_path):
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def make_config(tmp_path: Path, imap: str = "") -> config.Config:
