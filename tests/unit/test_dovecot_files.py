@@ -177,3 +177,14 @@ def test_the_production_file_is_valid_and_says_what_the_generated_one_says(tmp_p
         assert line + "\n" in deploy.stdout, line
         assert line + "\n" in generated.stdout, line
     assert "args = scheme=ARGON2ID /srv/mailroom/run/dovecot/users" in deploy.stdout
+
+
+def test_a_mail_root_with_a_space_or_a_missing_user_turns_imap_off_with_one_line(tmp_path: Path) -> None:
+    spaced = tmp_path / "with space"
+    spaced.mkdir()
+    reason = dovecot.why_not(make_config(spaced))
+    assert reason is not None and "has a space" in reason and "\n" not in reason
+    if os.geteuid() == 0:
+        cfg = config.from_dict({"mailroom": {"domains": ["example.org"], "user": "no-such-user-here"},
+                                "imap": {"enabled": True}}, tmp_path / "x.toml")
+        assert "'no-such-user-here' does not exist" in (dovecot.why_not(cfg) or "")
