@@ -98,14 +98,14 @@ def why_not(cfg: Config) -> str | None:
     if find_dovecot(cfg) is None:
         return (f"IMAP and POP3 are off: Dovecot ({cfg.imap.dovecot}) is not installed "
                 "(apt-get install dovecot-imapd dovecot-pop3d)")
+    if any(c.isspace() for c in str(cfg.mail_root.resolve())):
+        # The users file separates its fields with spaces and has no way to quote one.
+        return f"IMAP and POP3 are off: the mail root {cfg.mail_root.resolve()} has a space in its path"
     ids = mail_ids(cfg)
     if os.geteuid() == 0 and cfg.mailroom.user and ids is None:
         return f"IMAP and POP3 are off: [mailroom] user {cfg.mailroom.user!r} does not exist"
     if ids is None or not ids.as_root and os.geteuid() == 0:
         return "IMAP and POP3 are off: Dovecot will not read mail as root; set [mailroom] user"
-    if any(c.isspace() for c in str(cfg.mail_root.resolve())):
-        # The users file separates its fields with spaces and has no way to quote one.
-        return f"IMAP and POP3 are off: the mail root {cfg.mail_root.resolve()} has a space in its path"
     return None
 
 
