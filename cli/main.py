@@ -59,7 +59,12 @@ def cmd_user(args: argparse.Namespace, cfg: configmod.Config) -> int:
     status = 0 if args.action == "sync" else _user(args, cfg)
     if args.action != "list":
         # Dovecot reads its own copy of the users: a change counts at the next login.
-        dovecot.write_users(cfg, _db(cfg))
+        try:
+            dovecot.write_users(cfg, _db(cfg))
+        except OSError as exc:
+            print(f"warning: Dovecot's users file was not rewritten ({exc}); "
+                  "IMAP and POP3 still know the old users until `mailroom user sync`", file=sys.stderr)
+            return status or 1
     return status
 
 
