@@ -260,6 +260,16 @@ def test_logins_are_the_address_as_on_the_msa(suite: Installation) -> None:
     assert _imap_login_ok(suite, "Alice@Example.ORG", PASSWORD)
 
 
+def _storage(client: imaplib.IMAP4) -> tuple[int, int]:
+    """(used, limit) in KiB from GETQUOTAROOT INBOX."""
+    typ, data = client.getquotaroot("INBOX")
+    assert typ == "OK", data
+    text = b" ".join(x for x in data[1] if isinstance(x, bytes)).decode()
+    found = re.search(r"STORAGE (\d+) (\d+)", text)
+    assert found, text
+    return int(found.group(1)), int(found.group(2))
+
+
 def test_dovecot_reports_the_quota_and_usage_the_mda_enforces(suite: Installation) -> None:
     deliver(suite, ALICE, "quota one", ("x" * 78 + "\r\n") * 250)
     deliver(suite, ALICE, "quota two", ("y" * 78 + "\r\n") * 400)
@@ -267,16 +277,24 @@ def test_dovecot_reports_the_quota_and_usage_the_mda_enforces(suite: Installatio
     client = imaps(suite.ports["imaps"])
     try:
         assert client.login(ALICE, PASSWORD)[0] == "OK"
-        typ, data = client.getquotaroot("INBOX")
-        assert typ == "OK", data
-        text = b" ".join(x for x in data[1] if isinstance(x, bytes)).decode()
-        used_k, limit_k = map(int, re.search(r"STORAGE (\d+) (\d+)", text).groups())  # type: ignore[union-attr]
+        used_k, limit_k = _storage(client)
+        used, _ = quota.maildir_usage(maildir, QUOTA)  # what the MDA checks the next delivery against
+        assert used > 50_000
+        assert limit_k == math.ceil(QUOTA / 1024)
+        assert used_k == math.ceil(used / 1024), (used_k, used, (maildir / quota.SIZE_FILE).read_text())
+
+        # An expunge over IMAP gives the space back to the MDA too (one shared maildirsize).
+        assert client.select("INBOX")[0] == "OK"
+        typ, found = client.search(None, "SUBJECT", '"quota two"')
+        assert typ == "OK" and found[0]
+        assert client.store(found[0].decode(), "+FLAGS", r"(\Deleted)")[0] == "OK"
+        assert client.expunge()[0] == "OK"
+        after_k, _ = _storage(client)
     finally:
         client.logout()
-    used, _ = quota.maildir_usage(maildir, QUOTA)  # what the MDA checks the next delivery against
-    assert used > 50_000
-    assert limit_k == math.ceil(QUOTA / 1024)
-    assert used_k == math.ceil(used / 1024), (used_k, used, (maildir / quota.SIZE_FILE).read_text())
+    after, _ = quota.maildir_usage(maildir, QUOTA)
+    assert used - after > 30_000
+    assert after_k == math.ceil(after / 1024), (after_k, after, (maildir / quota.SIZE_FILE).read_text())
 
 
 def test_curl_reads_the_message_over_imaps_and_pop3s(suite: Installation) -> None:
