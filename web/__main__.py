@@ -1,6 +1,5 @@
 """`python -m web --config FILE`: the web program (mail client autoconfig)."""
 
-from common.daemon import main
-from web.server import run
+from web.server import main
 
-main("web", run)
+main()

@@ -10,17 +10,24 @@ the request head and a timeout, so a slow or hostile client costs little.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import codecs
 import contextlib
 import logging
+import os
+import pwd
+import signal
 import socket
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
+from common import config as configmod
+from common import log as logmod
 from common.config import Config, parse_hostport
-from common.daemon import Context, serve_until_stopped
 from web import autoconfig
 
 log = logging.getLogger("web")
@@ -147,9 +154,47 @@ async def serve(cfg: Config, sock: socket.socket, routes: Mapping[str, Handler] 
     return await asyncio.start_server(client, sock=sock, limit=MAX_HEAD)
 
 
-async def run(ctx: Context) -> None:
-    sock = bind(ctx.config.web.listen)
-    ctx.drop_privileges()  # bound (perhaps port 80 as root): serve as [mailroom] user
-    server = await serve(ctx.config, sock)
-    log.info("http on %s", ctx.config.web.listen)
-    await serve_until_stopped(ctx, [server])
+def drop_privileges(user: str) -> None:
+    """After binding (port 80 perhaps) as root, become [mailroom] user, as every daemon does."""
+    if os.getuid() != 0 or not user:
+        return
+    pw = pwd.getpwnam(user)
+    codecs.lookup("idna")  # codecs load lazily, maybe from a folder the user cannot read
+    os.setgroups([])
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    log.info("dropped privileges to %s", user)
+
+
+async def run(cfg: Config, sock: socket.socket) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = await serve(cfg, sock)
+    log.info("http on %s", cfg.web.listen)
+    await stop.wait()
+    server.close()
+    await server.wait_closed()
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m web`: no database yet, so not the daemons' skeleton (which opens
+    and migrates it at start: most of a daemon's start-up time)."""
+    parser = argparse.ArgumentParser(prog="python -m web")
+    parser.add_argument("--config", help="config file (default $MAILROOM_CONFIG or ./var/mailroom.toml)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = configmod.load(args.config)
+    except configmod.ConfigError as exc:
+        print(f"web: config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logmod.setup("web", cfg.mailroom.log_level)
+    try:
+        sock = bind(cfg.web.listen)
+    except OSError as exc:
+        print(f"web: [web] listen = {cfg.web.listen}: {exc.strerror or exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    drop_privileges(cfg.mailroom.user)
+    asyncio.run(run(cfg, sock))
