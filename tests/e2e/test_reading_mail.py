@@ -11,6 +11,7 @@ from __future__ import annotations
 import email
 import imaplib
 import math
+import pwd
 import re
 import smtplib
 import socket
@@ -352,3 +353,37 @@ def test_without_dovecot_mailroom_run_says_so_in_one_line_and_runs_the_rest(tmp_
             assert s.connect_ex(("127.0.0.1", inst.ports["imaps"])) != 0
     finally:
         inst.stop()
+
+
+def _children(pid: int) -> dict[int, tuple[str, int]]:
+    """{pid: (command name, real uid)} of the processes whose parent is `pid`."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = dict(line.split(":\t", 1) for line in (entry / "status").read_text().splitlines()
+                          if ":\t" in line)
+        except OSError:
+            continue
+        if int(status["PPid"]) == pid:
+            found[int(entry.name)] = (status["Name"].strip(), int(status["Uid"].split()[0]))
+    return found
+
+
+def test_dovecot_reads_mail_as_the_mailroom_user_never_as_root(suite: Installation) -> None:
+    user = pwd.getpwnam(suite.config.mailroom.user)
+    master = suite.program_pid("imap")
+    client = imaps(suite.ports["imaps"])
+    try:
+        assert client.login(ALICE, PASSWORD)[0] == "OK"
+        assert client.select("INBOX")[0] == "OK"
+        children = _children(master)
+    finally:
+        client.logout()
+    sessions = [uid for name, uid in children.values() if name == "imap"]
+    assert sessions and set(sessions) == {user.pw_uid}, children
+    auth = [uid for name, uid in children.values() if name == "auth"]
+    assert auth == [user.pw_uid], children
+    logins = [uid for name, uid in children.values() if name == "imap-login"]
+    assert logins and 0 not in logins, children
