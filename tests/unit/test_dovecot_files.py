@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from cli import dovecot
+from cli.main import main
 from common import config
 from common.db import Database
 from common.models import User
@@ -111,6 +112,9 @@ def test_without_dovecot_or_when_off_it_says_why_in_one_line(tmp_path: Path) -> 
 
 
 def test_init_turns_imap_on_when_it_finds_dovecot(tmp_path: Path) -> None:
+    peers.require("dovecot")
+    assert main(["init", "--dir", str(tmp_path / "inst"), "--domain", "example.org"]) == 0
+    assert config.load(tmp_path / "inst" / "mailroom.toml").imap.enabled
     on = config.from_dict(_toml(config.render_default("example.org", "mail.test", imap=True)), tmp_path / "a")
     off = config.from_dict(_toml(config.render_default("example.org", "mail.test")), tmp_path / "b")
     assert on.imap.enabled and not off.imap.enabled
