@@ -36,7 +36,7 @@ bench: venv peers
 	ulimit -n 8192 2>/dev/null || true; $(BIN)/python -m bench
 
 lint: venv
-	$(BIN)/ruff check common msa mta mda cli bench tests
+	$(BIN)/ruff check common msa mta mda cli web bench tests
 	$(BIN)/mypy
 
 # SIGKILL a random daemon every half second while 20 clients submit 2,000 messages,

@@ -1,4 +1,4 @@
-"""`mailroom`: the operator's command (init, run, status, user, alias, queue, trace, config).
+"""`mailroom`: the operator's command (init, run, status, user, alias, queue, trace, config, client-config).
 
 Every command takes --config FILE (default $MAILROOM_CONFIG or ./var/mailroom.toml).
 User, alias, queue and trace commands work on the database directly, so they
@@ -17,7 +17,7 @@ from pathlib import Path
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from cli import postmaster, supervise, trace
+from cli import dovecot, postmaster, supervise, trace
 from cli import queue as queuecmd
 from cli.show import clean, public_config
 from common import config as configmod
@@ -25,6 +25,7 @@ from common.db import Database
 from common.models import Alias, Domain, User
 from common.tls import make_self_signed
 from common.users import find_user, hash_password, mailbox_name
+from web import autoconfig
 
 
 def _db(cfg: configmod.Config) -> Database:
@@ -43,7 +44,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(f"{conf} exists; not overwriting it", file=sys.stderr)
         return 1
     base.mkdir(parents=True, exist_ok=True)
-    conf.write_text(configmod.render_default(args.domain.lower(), args.hostname))
+    conf.write_text(configmod.render_default(args.domain.lower(), args.hostname, imap=_has_dovecot()))
     cfg = configmod.load(conf)
     cfg.mail_root.mkdir(parents=True, exist_ok=True)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -64,7 +65,24 @@ def _full_address(text: str) -> bool:
     return text.count("@") == 1 and not text.startswith("@") and not text.endswith("@")
 
 
+def _has_dovecot() -> bool:
+    return dovecot.find_program(configmod.IMAPSection().dovecot) is not None
+
+
 def cmd_user(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    status = 0 if args.action == "sync" else _user(args, cfg)
+    if args.action != "list":
+        # Dovecot reads its own copy of the users: a change counts at the next login.
+        try:
+            dovecot.write_users(cfg, _db(cfg))
+        except OSError as exc:
+            print(f"warning: Dovecot's users file was not rewritten ({exc}); "
+                  "IMAP and POP3 still know the old users until `mailroom user sync`", file=sys.stderr)
+            return status or 1
+    return status
+
+
+def _user(args: argparse.Namespace, cfg: configmod.Config) -> int:
     db = _db(cfg)
     if args.action == "list":
         with db.read() as s:
@@ -225,6 +243,23 @@ def cmd_queue(args: argparse.Namespace, cfg: configmod.Config) -> int:
     return 0
 
 
+def cmd_client_config(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    address = args.address.lower()
+    domain = address.rsplit("@", 1)[1] if "@" in address else ""
+    if not cfg.is_local_domain(domain):
+        print(f"{address}: not in a local domain ({', '.join(cfg.mailroom.domains)})", file=sys.stderr)
+        return 1
+    settings = autoconfig.settings(cfg)
+    if args.xml:
+        print(autoconfig.render_xml(settings, domain), end="")
+        return 0
+    print(autoconfig.render_text(settings, address), end="")
+    with _db(cfg).read() as s:
+        if find_user(s, address) is None:
+            print(f"note: {address} is not a user yet (`mailroom user add {address}`)")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace, cfg: configmod.Config) -> int:
     data = public_config(cfg)
     if args.json:
@@ -268,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
             u.add_argument("--store", choices=("maildir", "mbox"))
             u.add_argument("--quota", type=int, default=0, help="bytes; 0 is unlimited")
     uact.add_parser("list")
+    uact.add_parser("sync", help="rewrite the users file Dovecot reads (after changing users by other means)")
 
     alias = sub.add_parser("alias", help="aliases and forwarding (SOURCE may be @domain)")
     aact = alias.add_subparsers(dest="action", required=True)
@@ -285,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("trace", help="one message's journey (trace id or Message-ID)")
     t.add_argument("id")
     t.add_argument("--json", action="store_true")
+
+    cc = sub.add_parser("client-config", help="the settings a mail client needs for ADDRESS")
+    cc.add_argument("address")
+    cc.add_argument("--xml", action="store_true", help="the autoconfig XML the web program serves")
 
     c = sub.add_parser("config", help="the effective configuration")
     c.add_argument("action", choices=("show",))
@@ -333,6 +373,8 @@ def _main(argv: list[str] | None) -> int:
             return cmd_trace(args, cfg)
         case "config":
             return cmd_config(args, cfg)
+        case "client-config":
+            return cmd_client_config(args, cfg)
     return 2
 
 

@@ -106,6 +106,22 @@ class MDASection:
 
 
 @dataclass(frozen=True)
+class IMAPSection:
+    """Reading mail: Dovecot, run by `mailroom run` with a configuration generated from this file."""
+
+    enabled: bool = field(default=False, metadata=_meta("bool", "Run Dovecot for IMAP and POP3 (`mailroom init` turns it on when Dovecot is installed)"))
+    imap: str = field(default="127.0.0.1:2143", metadata=_meta("listen?", "IMAP with STARTTLS (the 143 role); empty: off"))
+    imaps: str = field(default="127.0.0.1:2993", metadata=_meta("listen?", "IMAP over implicit TLS (the 993 role); empty: off"))
+    pop3s: str = field(default="127.0.0.1:2995", metadata=_meta("listen?", "POP3 over implicit TLS (the 995 role); empty: off"))
+    dovecot: str = field(default="dovecot", metadata=_meta("str", "The dovecot program: a name looked up in PATH and the sbin folders, or a path"))
+
+
+@dataclass(frozen=True)
+class WebSection:
+    listen: str = field(default="127.0.0.1:8025", metadata=_meta("listen", "HTTP listener of the web program (mail client autoconfig)"))
+
+
+@dataclass(frozen=True)
 class DNSSection:
     nameservers: list[str] = field(default_factory=list, metadata=_meta("hostports", "host:port of DNS servers; empty: the system's"))
     timeout: float = field(default=10.0, metadata=_meta("duration", "Lifetime of one DNS lookup"))
@@ -121,6 +137,8 @@ class Config:
     mta: MTASection = field(default_factory=MTASection)
     mda: MDASection = field(default_factory=MDASection)
     dns: DNSSection = field(default_factory=DNSSection)
+    imap: IMAPSection = field(default_factory=IMAPSection)
+    web: WebSection = field(default_factory=WebSection)
 
     @property
     def base(self) -> Path:
@@ -276,6 +294,12 @@ def _convert(kind: str, value: object) -> object:
             if not value.startswith("unix:"):
                 parse_hostport(value)
             return value
+        case "listen?":
+            need(str, "host:port, or empty for off")
+            assert isinstance(value, str)
+            if value:
+                parse_hostport(value)
+            return value
         case "hostport?":
             need(str, "host:port")
             assert isinstance(value, str)
@@ -364,7 +388,7 @@ def _check(cfg: Config) -> None:
         raise ConfigError("smtp.max_recipients: must be at least 1")
 
 
-def render_default(domain: str, hostname: str) -> str:
+def render_default(domain: str, hostname: str, *, imap: bool = False) -> str:
     """The config `mailroom init` writes: development ports, everything under one folder."""
     return f"""\
 # Mailroom configuration. `mailroom config show` prints every setting with its value.
@@ -402,6 +426,16 @@ relayhost = ""
 [mda]
 lmtp = "127.0.0.1:2424"
 recipient_delimiter = "+"
+
+[imap]
+# Dovecot for IMAP and POP3, run by `mailroom run` (see docs/operations.md).
+enabled = {"true" if imap else "false"}
+imap = "127.0.0.1:2143"
+imaps = "127.0.0.1:2993"
+pop3s = "127.0.0.1:2995"
+
+[web]
+listen = "127.0.0.1:8025"
 
 [dns]
 nameservers = []

@@ -12,16 +12,24 @@ MTA can hand mail to.
 
 Dovecot refuses mail access as root, so mail is read and written as the Debian
 "mail" user (uid 8); the helpers run as root and make the paths reachable.
+
+`reading_installation` prepares a Mailroom installation whose own Dovecot (the
+`imap` program of `mailroom run`) serves IMAP and POP3; `IMAPClient` and
+`POP3Client` are imaplib/poplib with the installation's self-signed
+certificate accepted and, for the plain-text checks, a chosen source address.
 """
 
 from __future__ import annotations
 
+import imaplib
 import itertools
 import json
 import os
+import poplib
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -29,6 +37,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .peers import free_port, make_searchable, reap_session, require, require_root, wait_for_port
+from .suite import PASSWORD, Installation, tls_client_context
 
 MAIL_USER = "mail"
 
@@ -253,3 +262,63 @@ service lmtp {{
             if path.exists():
                 parts.append(path.read_text(errors="replace"))
         return "".join(parts)
+
+
+# -- Mailroom's own Dovecot (the `imap` program) -----------------------------------------
+
+# Who the daemons and Dovecot's mail processes run as in these tests, when the
+# installation names nobody itself (Dovecot will not read mail as root).
+READER_USER = "nobody"
+
+
+def reading_installation(root: Path, users: Sequence[tuple[str, str, int]] = (), extra: str = "") -> Installation:
+    """An installation with IMAP/POP3 on, users (address, store, quota) added, and the
+    folder handed to its `[mailroom] user` as an operator would (chown), the TLS key
+    staying root's."""
+    require("dovecot")
+    inst = Installation(root, extra=extra)
+    inst.set("imap", "enabled", "true")
+    for address, store, quota in users:
+        r = inst.cli("user", "add", address, "--password-stdin", "--store", store, "--quota", str(quota),
+                     stdin=PASSWORD + "\n")
+        assert r.returncode == 0, r.stderr
+    if os.geteuid() == 0:
+        user = inst.config.mailroom.user
+        if not user:
+            user = READER_USER
+            inst.set("mailroom", "user", f'"{user}"')
+        pw = pwd.getpwnam(user)
+        for folder, dirs, files in os.walk(root):
+            if Path(folder).name == "tls":
+                dirs[:] = []
+                continue
+            os.chown(folder, pw.pw_uid, pw.pw_gid)
+            for name in files:
+                os.chown(os.path.join(folder, name), pw.pw_uid, pw.pw_gid)
+        make_searchable(root)  # pytest's tmp_path sits under root-only folders
+    return inst
+
+
+class IMAPClient(imaplib.IMAP4):
+    """imaplib.IMAP4 from a chosen loopback source address (plain, until STARTTLS)."""
+
+    def __init__(self, port: int, source: str = "127.0.0.1") -> None:
+        self.source = source
+        super().__init__("127.0.0.1", port, timeout=30)
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
+
+
+def imaps(port: int) -> imaplib.IMAP4_SSL:
+    return imaplib.IMAP4_SSL("127.0.0.1", port, ssl_context=tls_client_context(), timeout=30)
+
+
+def imap_starttls(port: int, source: str = "127.0.0.1") -> IMAPClient:
+    client = IMAPClient(port, source)
+    client.starttls(ssl_context=tls_client_context())
+    return client
+
+
+def pop3s(port: int) -> poplib.POP3_SSL:
+    return poplib.POP3_SSL("127.0.0.1", port, context=tls_client_context(), timeout=30)

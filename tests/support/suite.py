@@ -35,7 +35,13 @@ LISTENERS = {
     ("mta", "smtp"): "127.0.0.1:2525",
     ("mta", "internal"): "127.0.0.1:10025",
     ("mda", "lmtp"): "127.0.0.1:2424",
+    ("imap", "imap"): "127.0.0.1:2143",
+    ("imap", "imaps"): "127.0.0.1:2993",
+    ("imap", "pop3s"): "127.0.0.1:2995",
+    ("web", "listen"): "127.0.0.1:8025",
 }
+# Served by Dovecot, which `mailroom run` starts only when it can (cli/dovecot.py).
+DOVECOT_PORTS = ("imap", "imaps", "pop3s")
 
 
 def free_port() -> int:
@@ -124,7 +130,7 @@ class Installation:
     # --- the real processes ------------------------------------------------------
 
     def start(self) -> None:
-        """Start supervisord with all four daemons, as `mailroom run` does."""
+        """Start supervisord with every program, as `mailroom run` does."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.supervisor = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "--config", str(self.config_path), "run"],
@@ -132,9 +138,13 @@ class Installation:
             cwd=Path(__file__).resolve().parents[2],
         )
         self._log = log
+        from cli import dovecot
+
+        with_dovecot = dovecot.why_not(self.config) is None
         try:
-            for port in self.ports.values():
-                wait_port(port)
+            for key, port in self.ports.items():
+                if with_dovecot or key not in DOVECOT_PORTS:
+                    wait_port(port)
         except TimeoutError:
             self.stop()
             raise AssertionError("the suite did not start:\n" + self.log_path.read_text()[-4000:]) from None

@@ -1,0 +1,200 @@
+"""The web program: a small HTTP/1.1 server for what mail clients and operators fetch over HTTP.
+
+Today it serves the autoconfig XML (web/autoconfig.py); more pages are added by
+putting a handler in `ROUTES` (or passing a table to `serve`).  It only reads
+the config and, later, the database: it never talks to the MSA, MTA or MDA.
+
+Deliberately tiny: GET and HEAD, one request per connection, a size limit on
+the request head and a timeout, so a slow or hostile client costs little.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import codecs
+import contextlib
+import logging
+import os
+import pwd
+import signal
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from urllib.parse import parse_qs, urlsplit
+
+from common import config as configmod
+from common import log as logmod
+from common.config import Config, parse_hostport
+from web import autoconfig
+
+log = logging.getLogger("web")
+
+MAX_HEAD = 8192  # bytes of request line and headers
+TIMEOUT = 10.0  # seconds to send the request head
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]  # names lower-cased
+
+
+@dataclass(frozen=True)
+class Response:
+    status: HTTPStatus
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+Handler = Callable[[Config, Request], Response]
+
+
+def autoconfig_xml(cfg: Config, request: Request) -> Response:
+    """Mozilla autoconfig for the domain of ?emailaddress=, else of the Host (autoconfig.DOMAIN)."""
+    domain = ""
+    address = (request.query.get("emailaddress") or [""])[0]
+    if "@" in address:
+        domain = address.rsplit("@", 1)[1].lower()
+    if not cfg.is_local_domain(domain):
+        host = request.headers.get("host", "").rsplit(":", 1)[0].lower().removeprefix("autoconfig.")
+        domain = host if cfg.is_local_domain(host) else cfg.mailroom.domains[0]
+    xml = autoconfig.render_xml(autoconfig.settings(cfg), domain)
+    return Response(HTTPStatus.OK, xml.encode(), "application/xml; charset=utf-8")
+
+
+ROUTES: dict[str, Handler] = {
+    "/.well-known/autoconfig/mail/config-v1.1.xml": autoconfig_xml,
+    "/mail/config-v1.1.xml": autoconfig_xml,
+}
+
+
+def parse_head(head: bytes) -> Request:
+    """Request line and headers (ValueError if they are not HTTP/1.x)."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise ValueError("bad request line")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise ValueError("bad header line")
+        headers[name.strip().lower()] = value.strip()
+    url = urlsplit(parts[1])
+    return Request(parts[0], url.path, parse_qs(url.query), headers)
+
+
+def respond(cfg: Config, request: Request, routes: Mapping[str, Handler]) -> Response:
+    handler = routes.get(request.path)
+    if handler is None:
+        return Response(HTTPStatus.NOT_FOUND, b"not found\n")
+    if request.method not in ("GET", "HEAD"):
+        return Response(HTTPStatus.METHOD_NOT_ALLOWED, b"GET or HEAD only\n", headers={"Allow": "GET, HEAD"})
+    return handler(cfg, request)
+
+
+def encode(response: Response, *, head_only: bool = False) -> bytes:
+    status = response.status
+    lines = [
+        f"HTTP/1.1 {status.value} {status.phrase}",
+        f"Content-Type: {response.content_type}",
+        f"Content-Length: {len(response.body)}",
+        "Connection: close",
+        *(f"{k}: {v}" for k, v in response.headers.items()),
+    ]
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + response.body
+
+
+async def handle(
+    cfg: Config, routes: Mapping[str, Handler], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    method = ""
+    try:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+            request = parse_head(head[:-4])
+            method = request.method
+            response = respond(cfg, request, routes)
+        except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, ValueError, TimeoutError):
+            response = Response(HTTPStatus.BAD_REQUEST, b"bad request\n")
+        except Exception:
+            log.exception("error answering a request")
+            response = Response(HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error\n")
+        writer.write(encode(response, head_only=method == "HEAD"))
+        await writer.drain()
+        log.info("%s %s %d", method or "-", response.status.value, len(response.body))
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def bind(listen: str) -> socket.socket:
+    host, port = parse_hostport(listen)
+    sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(cfg: Config, sock: socket.socket, routes: Mapping[str, Handler] = ROUTES) -> asyncio.Server:
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await handle(cfg, routes, reader, writer)
+
+    return await asyncio.start_server(client, sock=sock, limit=MAX_HEAD)
+
+
+def drop_privileges(user: str) -> None:
+    """After binding (port 80 perhaps) as root, become [mailroom] user, as every daemon does."""
+    if os.getuid() != 0 or not user:
+        return
+    pw = pwd.getpwnam(user)
+    codecs.lookup("idna")  # codecs load lazily, maybe from a folder the user cannot read
+    os.setgroups([])
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    log.info("dropped privileges to %s", user)
+
+
+async def run(cfg: Config, sock: socket.socket) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = await serve(cfg, sock)
+    log.info("http on %s", cfg.web.listen)
+    await stop.wait()
+    server.close()
+    await server.wait_closed()
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m web`: no database yet, so not the daemons' skeleton (which opens
+    and migrates it at start: most of a daemon's start-up time)."""
+    parser = argparse.ArgumentParser(prog="python -m web")
+    parser.add_argument("--config", help="config file (default $MAILROOM_CONFIG or ./var/mailroom.toml)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = configmod.load(args.config)
+    except configmod.ConfigError as exc:
+        print(f"web: config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logmod.setup("web", cfg.mailroom.log_level)
+    try:
+        sock = bind(cfg.web.listen)
+    except OSError as exc:
+        print(f"web: [web] listen = {cfg.web.listen}: {exc.strerror or exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    drop_privileges(cfg.mailroom.user)
+    asyncio.run(run(cfg, sock))
