@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.suite import LISTENERS, free_port, maildir_messages, wait_port
+from tests.support.suite import DOVECOT_PORTS, LISTENERS, free_port, maildir_messages, wait_port
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -91,8 +91,9 @@ def test_a_wheel_installed_in_a_fresh_venv_inits_runs_and_delivers(tmp_path: Pat
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         try:
-            for port in ports.values():
-                wait_port(port, timeout=60)
+            for key, port in ports.items():
+                if key not in DOVECOT_PORTS:  # Dovecot runs only where it can (cli/dovecot.py)
+                    wait_port(port, timeout=60)
         except TimeoutError:
             raise AssertionError("mailroom run did not start:\n" + (tmp_path / "run.log").read_text()[-4000:]) \
                 from None
