@@ -27,10 +27,10 @@ from sqlalchemy.orm import Session
 
 from common import reply as R
 from common.daemon import Context, serve_until_stopped
-from common.listener import Handler, MailEnvelope, MailSession, limits_from, serve
 from common.log import is_trace_id, new_trace_id, trace_id
 from common.models import Event, User, add_event
 from common.reply import Reply, SMTPError
+from common.smtp import Handler, MailEnvelope, MailSession, bind, limits_from, serve
 from common.users import find_user
 from mda import maildir, mbox
 from mda.quota import QuotaExceeded
@@ -60,24 +60,22 @@ class LMTPHandler(Handler):
     def reset(self, session: MailSession) -> None:
         self.mailboxes = {}
 
-    async def mail(self, session: MailSession, envelope: MailEnvelope, sender: str) -> Reply:
+    async def mail(self, session: MailSession, envelope: MailEnvelope, sender: str) -> None:
         # The LMTP listener is loopback-only (config check), so the queue
         # manager's trace id is trusted here.
         given = envelope.params.get("XTRACE", "")
         envelope.trace_id = given if is_trace_id(given) else new_trace_id()
         trace_id.set(envelope.trace_id)
-        return R.SENDER_OK
 
-    async def rcpt(self, session: MailSession, envelope: MailEnvelope, recipient: str) -> Reply:
+    async def rcpt(self, session: MailSession, envelope: MailEnvelope, recipient: str) -> None:
         box = await self.ctx.db.run(self._lookup, recipient)
         if box is None:
             log.info("refused to=<%s>: user unknown", recipient)
             await self.ctx.db.write_batched(
                 self._record, envelope.trace_id, [(recipient, R.UNKNOWN_USER, "")], relaxed=True
             )
-            return R.UNKNOWN_USER
+            raise SMTPError(R.UNKNOWN_USER)
         self.mailboxes[recipient] = box
-        return R.RECIPIENT_OK
 
     def _lookup(self, recipient: str) -> Mailbox | None:
         with self.ctx.db.read() as s:
@@ -241,7 +239,7 @@ async def run(ctx: Context) -> None:
     # Only our own queue manager connects: no per-client cap below the total.
     limits = limits_from(cfg.smtp, max_connections_per_client=cfg.smtp.max_connections)
     server = await serve(
-        cfg.mda.lmtp, lambda: LMTPHandler(ctx), hostname=cfg.mailroom.hostname,
+        bind(cfg.mda.lmtp), lambda: LMTPHandler(ctx), hostname=cfg.mailroom.hostname,
         limits=limits, lmtp=True,
     )
     ctx.drop_privileges()

@@ -37,10 +37,10 @@ from common import reply as R
 from common.address import lookup_key
 from common.config import parse_hostport
 from common.daemon import Context, serve_until_stopped
-from common.listener import Connections, Handler, MailEnvelope, MailSession, limits_from, serve
 from common.log import new_trace_id, trace_id
 from common.models import Message, add_event
-from common.reply import Reply
+from common.reply import Reply, SMTPError
+from common.smtp import Connections, Handler, MailEnvelope, MailSession, limits_from, serve
 from common.smtp_client import Client, NextHopError
 from common.tls import server_context
 from common.users import addresses_of, check_password, find_user
@@ -103,21 +103,21 @@ class SubmissionHandler(Handler):
         if self.limiters.failures.is_locked(session.client_ip):
             raise R.SMTPError(R.TOO_MANY_AUTH_FAILURES)
 
-    async def authenticate(self, session: MailSession, login: str, password: str) -> Reply:
+    async def authenticate(self, session: MailSession, login: str, password: str) -> None:
         ip = session.client_ip
         if self.limiters.failures.is_locked(ip):
-            return R.TOO_MANY_AUTH_FAILURES
+            raise SMTPError(R.TOO_MANY_AUTH_FAILURES)
         ok, owned = await self.ctx.db.run(self._check, login, password)
         if ok:
             self.owned = owned
             log.info("authenticated %s from %s", login, ip)
-            return R.AUTH_OK
+            return
         count = self.limiters.failures.failed(ip)
         log.warning("authentication failed for %r from %s (%d)", login[:64], ip, count)
         if self.limiters.failures.is_locked(ip):
-            return R.TOO_MANY_AUTH_FAILURES
+            raise SMTPError(R.TOO_MANY_AUTH_FAILURES)
         await asyncio.sleep(self.limiters.failures.delay(count))
-        return R.AUTH_FAILED
+        raise SMTPError(R.AUTH_FAILED)
 
     def _check(self, login: str, password: str) -> tuple[bool, set[str]]:
         with self.ctx.db.read() as s:
@@ -127,31 +127,30 @@ class SubmissionHandler(Handler):
             assert user is not None
             return True, addresses_of(s, user.address)
 
-    async def mail(self, session: MailSession, envelope: MailEnvelope, sender: str) -> Reply:
+    async def mail(self, session: MailSession, envelope: MailEnvelope, sender: str) -> None:
         if session.user is None:
-            return R.AUTH_REQUIRED
+            raise SMTPError(R.AUTH_REQUIRED)
         if not self.owns(sender):
             log.warning("user %s may not send as <%s>", session.user, sender)
-            return R.SENDER_DENIED
+            raise SMTPError(R.SENDER_DENIED)
         if not self.limiters.messages.allow(session.user):
-            return R.RATE_LIMITED
+            raise SMTPError(R.RATE_LIMITED)
         envelope.trace_id = new_trace_id()
         trace_id.set(envelope.trace_id)
-        return R.SENDER_OK
 
     async def rcpt(self, session: MailSession, envelope: MailEnvelope, recipient: str) -> Reply:
         assert session.user is not None and envelope.mail_from is not None
         if not self.limiters.recipients.allow(session.user):
-            return R.RATE_LIMITED
+            raise SMTPError(R.RATE_LIMITED)
         if self.lost:
-            return R.NEXT_HOP_UNAVAILABLE
+            raise SMTPError(R.NEXT_HOP_UNAVAILABLE)
         try:
             if self.upstream is None:
                 self.upstream = await self._open_upstream(envelope)
-            return await self.upstream.rcpt(recipient)
+            reply = await self.upstream.rcpt(recipient)
         except SenderRefused as exc:
             log.warning("MTA refused MAIL: %s", exc.reply)
-            return exc.reply
+            raise SMTPError(exc.reply) from None
         except NextHopError as exc:
             log.error("MTA unavailable: %s", exc.reply)
             self._drop_upstream()
@@ -159,7 +158,10 @@ class SubmissionHandler(Handler):
                 # The recipients the MTA had accepted went with that session:
                 # a new one would deliver to the later recipients only.
                 self.lost = True
-            return R.NEXT_HOP_UNAVAILABLE
+            raise SMTPError(R.NEXT_HOP_UNAVAILABLE) from None
+        if not reply.is_ok:
+            raise SMTPError(reply)  # the MTA's own verdict, passed on
+        return reply
 
     async def _open_upstream(self, envelope: MailEnvelope) -> Client:
         cfg = self.ctx.config
@@ -191,11 +193,12 @@ class SubmissionHandler(Handler):
             shown = submission.from_addresses(header)
         except submission.UnreadableHeader as exc:
             log.warning("user %s sent an unreadable header: %s", session.user, exc)
-            return R.HEADER_SENDER_DENIED.with_text("From:/Sender: header cannot be read unambiguously")
+            unreadable = R.HEADER_SENDER_DENIED.with_text("From:/Sender: header cannot be read unambiguously")
+            raise SMTPError(unreadable) from None
         for a in shown:
             if not self.owns(a):
                 log.warning("user %s may not send with From: %s", session.user, a)
-                return R.HEADER_SENDER_DENIED
+                raise SMTPError(R.HEADER_SENDER_DENIED)
         now = self.ctx.clock.now()
         received = submission.received_header(
             helo=session.host_name or "unknown", client_ip=session.client_ip,
@@ -203,7 +206,7 @@ class SubmissionHandler(Handler):
         )
         content = submission.fix(envelope.content, hostname=cfg.mailroom.hostname, received=received, now=now)
         if self.upstream is None or self.lost:
-            return R.NEXT_HOP_UNAVAILABLE
+            raise SMTPError(R.NEXT_HOP_UNAVAILABLE)
         try:
             reply = await self.upstream.data(content)
         except NextHopError as exc:
@@ -214,7 +217,7 @@ class SubmissionHandler(Handler):
             # is there, it is the MTA's now, and a 451 would only make the
             # client send it a second time.
             if not await self.ctx.db.run(self._was_queued, envelope.trace_id):
-                return R.NEXT_HOP_UNAVAILABLE
+                raise SMTPError(R.NEXT_HOP_UNAVAILABLE) from None
             reply = Reply(250, "2.0.0", f"Ok: queued as {envelope.trace_id}")
             log.info("the MTA had queued it before the connection broke")
         if reply.code == 250:
@@ -228,6 +231,8 @@ class SubmissionHandler(Handler):
                 log.exception("could not record the submission events")
         log.info("relayed from=<%s> user=%s nrcpt=%d: %s", envelope.mail_from, session.user,
                  len(envelope.rcpt_tos), reply)
+        if not reply.is_ok:
+            raise SMTPError(reply)  # the MTA's refusal, passed on
         return reply
 
     def _was_queued(self, trace: str) -> bool:

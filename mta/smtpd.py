@@ -23,10 +23,10 @@ from sqlalchemy.orm import Session
 from common import reply as R
 from common.address import domain_of
 from common.daemon import Context, serve_until_stopped
-from common.listener import Handler, MailEnvelope, MailSession, in_networks, limits_from, serve
 from common.log import is_trace_id, new_trace_id, trace_id
 from common.models import add_event
-from common.reply import Reply
+from common.reply import Reply, SMTPError
+from common.smtp import Handler, MailEnvelope, MailSession, bind, in_networks, limits_from, serve
 from common.tls import server_context
 from mta import aliases, queue
 
@@ -49,37 +49,35 @@ class SMTPHandler(Handler):
     def may_relay(self, session: MailSession) -> bool:
         return self.internal or in_networks(session.client_ip, self.ctx.config.mta.trusted_networks)
 
-    async def mail(self, session: MailSession, envelope: MailEnvelope, sender: str) -> Reply:
+    async def mail(self, session: MailSession, envelope: MailEnvelope, sender: str) -> None:
         # Measured where the queue is written (the database's disk), not where we run.
         free = shutil.disk_usage(self.ctx.config.queue_dir).free
         if free < self.ctx.config.mta.min_free_disk:
             log.warning("refusing mail: only %d bytes free", free)
-            return R.DISK_LOW
+            raise SMTPError(R.DISK_LOW)
         given = envelope.params.get("XTRACE", "")
         # Only the internal hop may name the trace id; anything else gets a new one.
         envelope.trace_id = given if self.internal and is_trace_id(given) else new_trace_id()
         trace_id.set(envelope.trace_id)
-        return R.SENDER_OK
 
-    async def rcpt(self, session: MailSession, envelope: MailEnvelope, recipient: str) -> Reply:
+    async def rcpt(self, session: MailSession, envelope: MailEnvelope, recipient: str) -> None:
         cfg = self.ctx.config
         if "@" not in recipient:  # <postmaster>, RFC 5321 4.5.1
             recipient = f"postmaster@{cfg.mailroom.domains[0]}"
         if not cfg.is_local_domain(domain_of(recipient)):
             if self.may_relay(session):
                 self.expanded[recipient] = aliases.Expansion([], [recipient])
-                return R.RECIPIENT_OK
+                return
             log.info("relay denied to=<%s> client=%s", recipient, session.client_ip)
-            return R.RELAY_DENIED
+            raise SMTPError(R.RELAY_DENIED)
         try:
             found = await self.ctx.db.run(self._expand, recipient)
         except aliases.AliasLoop:
-            return R.MAIL_LOOP.with_text("Alias loop for this recipient")
+            raise SMTPError(R.MAIL_LOOP.with_text("Alias loop for this recipient")) from None
         if found is None:
             log.info("refused to=<%s>: user unknown", recipient)
-            return R.UNKNOWN_USER
+            raise SMTPError(R.UNKNOWN_USER)
         self.expanded[recipient] = found
-        return R.RECIPIENT_OK
 
     def _expand(self, recipient: str) -> aliases.Expansion | None:
         cfg = self.ctx.config
@@ -96,7 +94,7 @@ class SMTPHandler(Handler):
         hops = len(re.findall(rb"(?im)^received:", header))
         if hops > cfg.mta.max_hops:
             log.warning("mail loop: %d Received headers", hops)
-            return R.MAIL_LOOP
+            raise SMTPError(R.MAIL_LOOP)
         now = self.ctx.clock.now()
         body = self._received_header(session, envelope, now) + envelope.content
         recipients: list[queue.QueuedRecipient] = []
@@ -112,7 +110,7 @@ class SMTPHandler(Handler):
         except (OSError, OperationalError) as exc:
             log.error("cannot queue: %s", exc)
             full = "full" in str(exc) or getattr(exc, "errno", None) == 28
-            return R.DISK_LOW if full else R.LOCAL_ERROR
+            raise SMTPError(R.DISK_LOW if full else R.LOCAL_ERROR) from None
         log.info(
             "queued from=<%s> size=%d nrcpt=%d client=%s",
             envelope.mail_from, len(body), len(recipients), session.client_ip,
@@ -173,11 +171,11 @@ async def run(ctx: Context) -> None:
     tls = server_context(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key))
     limits = limits_from(cfg.smtp)
     public = await serve(
-        cfg.mta.smtp, lambda: SMTPHandler(ctx, internal=False),
+        bind(cfg.mta.smtp), lambda: SMTPHandler(ctx, internal=False),
         hostname=cfg.mailroom.hostname, limits=limits, tls_context=tls,
     )
     internal = await serve(
-        cfg.mta.internal, lambda: SMTPHandler(ctx, internal=True),
+        bind(cfg.mta.internal), lambda: SMTPHandler(ctx, internal=True),
         hostname=cfg.mailroom.hostname,
         limits=limits_from(cfg.smtp, max_connections_per_client=cfg.smtp.max_connections),
     )

@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from cli.main import main as mailroom_main
 from common.daemon import Context
-from common.listener import limits_from, serve
+from common.smtp import limits_from, serve
 from common.models import Event, Message, Recipient
 from common.tls import server_context
 from mta.smtpd import SMTPHandler
