@@ -286,6 +286,12 @@ class Session(asyncio.Protocol):
                 await self._item(item)
         except ConnectionError:
             pass  # the client (or a next hop the handler spoke to) went away
+        except asyncio.CancelledError:
+            # The server is shutting down: leave no transport behind.
+            self._closing = True
+            if self.transport is not None:
+                self.transport.abort()
+            raise
         except Exception:
             log.exception("%s: session failed", ip)
             self._reply(R.LOCAL_ERROR_CLOSING)
