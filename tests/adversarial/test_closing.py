@@ -28,7 +28,6 @@ from common.log import trace_id
 from tests.adversarial.dialogue import CLOSED, STARTTLS_HANDSHAKE, Session, Step, line, play, run
 from tests.adversarial.scripts import auth_plain, lmtp_hello, msa_login, smtp_hello
 from tests.adversarial.stack import Stack
-from tests.support.suite import tls_client_context
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -151,7 +150,9 @@ def test_150_pipelined_recipients_deliver_to_the_first_100(stack: Stack, name: s
         assert list(queued.recipients) == users[:100]
 
 
-@pytest.mark.parametrize("bad", [b"\x00", b"\x1b[31m", b"\x07", b"\x7f", b"\t"], ids=["NUL", "ESC", "BEL", "DEL", "TAB"])
+@pytest.mark.parametrize(
+    "bad", [b"\x00", b"\x1b[31m", b"\x07", b"\x7f", b"\t"], ids=["NUL", "ESC", "BEL", "DEL", "TAB"]
+)
 @pytest.mark.parametrize("key", ["submission", "submissions", "smtp", "internal", "lmtp"])
 def test_hello_names_with_control_characters_get_501(stack: Stack, key: str, bad: bytes) -> None:
     verbs = ["LHLO"] if key == "lmtp" else ["HELO", "EHLO"]
