@@ -23,9 +23,9 @@ import pytest
 from sqlalchemy import select
 
 from common import reply as R
-from common.smtp import Handler, Limits, MailEnvelope, MailSession, serve
 from common.models import Event, Message
 from common.reply import Reply, SMTPError
+from common.smtp import Handler, Limits, MailEnvelope, MailSession, serve
 from tests.component.test_msa_harness import (
     PASSWORD,
     Raw,

@@ -21,8 +21,8 @@ from sqlalchemy import select
 
 from cli.main import main as mailroom_main
 from common.daemon import Context
-from common.smtp import limits_from, serve
 from common.models import Event, Message, Recipient
+from common.smtp import limits_from, serve
 from common.tls import server_context
 from mta.smtpd import SMTPHandler
 from tests.support.suite import Installation
