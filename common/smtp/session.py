@@ -214,7 +214,11 @@ class Session(asyncio.Protocol):
             return
         # Say we are done (FIN after the reply) but keep swallowing what the client
         # still sends until it hangs up, so the kernel never answers it with a reset.
-        transport.write_eof()
+        try:
+            transport.write_eof()
+        except OSError:  # the client is already gone
+            transport.close()
+            return
         if self._paused:
             transport.resume_reading()
         self._linger = self._loop.call_later(_LINGER, transport.abort)
