@@ -102,26 +102,33 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def _load(port: int, messages: int, sessions: int, size: int) -> float:
-    """smtp-source against 127.0.0.1:port; returns messages per second."""
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _load(port: int, pid: int, messages: int, sessions: int, size: int) -> tuple[float, float]:
+    """smtp-source against 127.0.0.1:port; returns (messages per second, sink CPU ms per message)."""
     from tests.support.postfix import smtp_source
 
+    before = _cpu_seconds(pid)
     run = smtp_source(f"127.0.0.1:{port}", count=messages, sessions=sessions, size=size, timeout=600)
-    return messages / run.elapsed
+    return messages / run.elapsed, (_cpu_seconds(pid) - before) * 1000 / messages
 
 
-def measure(name: str, messages: int, sessions: int, size: int) -> float:
+def measure(name: str, messages: int, sessions: int, size: int) -> tuple[float, float]:
     port = _free_port()
     if name == "smtp-sink":
         from tests.support.postfix import smtp_sink
 
-        with smtp_sink(port, backlog=1024):
-            _load(port, min(200, messages), sessions, size)  # warm-up
-            return _load(port, messages, sessions, size)
+        with smtp_sink(port, backlog=1024) as sink:
+            _load(port, sink.pid, min(200, messages), sessions, size)  # warm-up
+            return _load(port, sink.pid, messages, sessions, size)
     proc = _start(name, port)
     try:
-        _load(port, min(200, messages), sessions, size)  # warm-up: imports, caches
-        return _load(port, messages, sessions, size)
+        _load(port, proc.pid, min(200, messages), sessions, size)  # warm-up: imports, caches
+        return _load(port, proc.pid, messages, sessions, size)
     finally:
         _stop(proc)
 
@@ -145,19 +152,25 @@ def main(argv: list[str] | None = None) -> None:
     if not (find("smtp-source") and find("smtp-sink")):
         sys.exit("bench.listener: needs Postfix's smtp-source and smtp-sink (apt-get install postfix)")
     rates: dict[str, list[float]] = {s: [] for s in SINKS}
+    cpu: dict[str, list[float]] = {s: [] for s in SINKS}
     ratios: list[float] = []
     print(f"listener-only load: smtp-source -s {args.sessions} -m {args.messages} -l {args.size},"
           f" a new connection per message; {os.cpu_count()} CPUs")
     for i in range(args.runs):
         for sink in SINKS:
-            rates[sink].append(measure(sink, args.messages, args.sessions, args.size))
+            rate, cpu_ms = measure(sink, args.messages, args.sessions, args.size)
+            rates[sink].append(rate)
+            cpu[sink].append(cpu_ms)
             time.sleep(0.5)
         ratios.append(rates["engine"][-1] / rates["aiosmtpd"][-1])
         print(f"run {i + 1}: " + "  ".join(f"{s} {rates[s][-1]:7.0f}/s" for s in SINKS)
               + f"  engine/aiosmtpd {ratios[-1]:.2f}")
     med = {s: statistics.median(v) for s, v in rates.items()}
     print("median:  " + "  ".join(f"{s} {med[s]:7.0f}/s" for s in SINKS))
-    print(f"engine/smtp-sink {med['engine'] / med['smtp-sink']:.2f}")
+    print("sink CPU per message (median): " + "  ".join(
+        f"{s} {statistics.median(cpu[s]):.2f} ms" for s in SINKS))
+    print(f"engine/smtp-sink {med['engine'] / med['smtp-sink']:.2f}"
+          f"  cpu_aiosmtpd_vs_engine={statistics.median(cpu['aiosmtpd']) / statistics.median(cpu['engine']):.2f}")
     print(f"listener_vs_aiosmtpd={statistics.median(ratios):.2f}")
 
 

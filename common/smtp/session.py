@@ -112,7 +112,8 @@ class Session(asyncio.Protocol):
         self._counted = ""  # the client address counted in `connections`
         self._admitted = False
         self._last_input = self._loop.time()
-        self._timers: list[asyncio.TimerHandle] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._started = 0.0
         self._linger: asyncio.TimerHandle | None = None
         self._on_tls = False
 
@@ -235,8 +236,8 @@ class Session(asyncio.Protocol):
         return True
 
     def _release(self) -> None:
-        for t in self._timers:
-            t.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         if self._linger is not None:
             self._linger.cancel()
         if self._counted:
@@ -247,20 +248,22 @@ class Session(asyncio.Protocol):
                 del c.per_client[self._counted]
             self._counted = ""
 
-    def _start_timers(self) -> None:
+    def _start_timer(self) -> None:
+        self._started = self._loop.time()
         lim = self.limits
-        self._timers.append(self._loop.call_later(lim.session_timeout, self._session_over))
-        self._timers.append(self._loop.call_later(lim.idle_timeout, self._idle_check))
+        self._timer = self._loop.call_later(min(lim.idle_timeout, lim.session_timeout), self._check_time)
 
-    def _idle_check(self) -> None:
-        idle = self._loop.time() - self._last_input
-        if idle >= self.limits.idle_timeout:
+    def _check_time(self) -> None:
+        """One timer for both limits: re-armed for whichever comes first."""
+        now, lim = self._loop.time(), self.limits
+        session_left = lim.session_timeout - (now - self._started)
+        idle_left = lim.idle_timeout - (now - self._last_input)
+        if session_left <= 0:
+            self._reply(R.SESSION_TIMEOUT)
+        elif idle_left <= 0:
             self._reply(R.TIMEOUT)
         else:
-            self._timers.append(self._loop.call_later(self.limits.idle_timeout - idle, self._idle_check))
-
-    def _session_over(self) -> None:
-        self._reply(R.SESSION_TIMEOUT)
+            self._timer = self._loop.call_later(min(session_left, idle_left), self._check_time)
 
     # --- the command loop --------------------------------------------------------------------------
 
@@ -273,7 +276,7 @@ class Session(asyncio.Protocol):
                 log.warning("%s: connection limit reached, refusing", ip)
                 self._reply(R.TOO_MANY_CONNECTIONS)
                 return
-            self._start_timers()
+            self._start_timer()
             try:
                 await self.handler.connect(self.session)
             except SMTPError as exc:
@@ -639,7 +642,11 @@ class Session(asyncio.Protocol):
 
     async def _quit(self, arg: str) -> None:
         self._reply(R.BYE)
-        self._close()
+        if self.reader.buffered or self.transport is None:
+            self._close()  # input after QUIT: swallow it while the 221 leaves
+        else:
+            self._closing = True
+            self.transport.close()
 
     _commands: dict[str, Callable[[Session, str], Awaitable[None]]] = {
         "HELO": _helo, "EHLO": _ehlo, "LHLO": _lhlo, "STARTTLS": _starttls, "AUTH": _auth,
@@ -650,6 +657,8 @@ class Session(asyncio.Protocol):
 
 def client_address(ip: str) -> str:
     """The address as policies see it: an IPv4-mapped IPv6 address becomes plain IPv4."""
+    if ":" not in ip:
+        return ip  # IPv4 already (the common case: no parsing per connection)
     try:
         a = ipaddress.ip_address(ip)
     except ValueError:
