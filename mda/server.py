@@ -20,13 +20,16 @@ import errno
 import logging
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from common import reply as R
+from common.config import Config
 from common.daemon import Context, serve_until_stopped
+from common.db import Database
 from common.log import is_trace_id, new_trace_id, trace_id
 from common.models import Event, User, add_event
 from common.reply import Reply, SMTPError
@@ -49,12 +52,30 @@ class Mailbox:
     quota: int
 
 
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    """What the LMTP handler needs to know: where mailboxes live and how to name and lock them."""
+
+    hostname: str
+    mail_root: Path
+    recipient_delimiter: str
+    lock_timeout: float
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> DeliveryPolicy:
+        return cls(
+            hostname=cfg.mailroom.hostname, mail_root=cfg.mail_root.resolve(),
+            recipient_delimiter=cfg.mda.recipient_delimiter, lock_timeout=cfg.mda.lock_timeout,
+        )
+
+
 class LMTPHandler(Handler):
     ehlo_keywords = ("XTRACE",)
 
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-        self.mail_root = ctx.config.mail_root.resolve()
+    def __init__(self, policy: DeliveryPolicy, db: Database) -> None:
+        self.policy = policy
+        self.db = db
+        self.mail_root = policy.mail_root
         self.mailboxes: dict[str, Mailbox] = {}
 
     def reset(self, session: MailSession) -> None:
@@ -68,18 +89,18 @@ class LMTPHandler(Handler):
         trace_id.set(envelope.trace_id)
 
     async def rcpt(self, session: MailSession, envelope: MailEnvelope, recipient: str) -> None:
-        box = await self.ctx.db.run(self._lookup, recipient)
+        box = await self.db.run(self._lookup, recipient)
         if box is None:
             log.info("refused to=<%s>: user unknown", recipient)
-            await self.ctx.db.write_batched(
+            await self.db.write_batched(
                 self._record, envelope.trace_id, [(recipient, R.UNKNOWN_USER, "")], relaxed=True
             )
             raise SMTPError(R.UNKNOWN_USER)
         self.mailboxes[recipient] = box
 
     def _lookup(self, recipient: str) -> Mailbox | None:
-        with self.ctx.db.read() as s:
-            user = find_user(s, recipient, self.ctx.config.mda.recipient_delimiter)
+        with self.db.read() as s:
+            user = find_user(s, recipient, self.policy.recipient_delimiter)
             if user is None:
                 return None
             return self._mailbox(user)
@@ -99,7 +120,7 @@ class LMTPHandler(Handler):
         # Too big or a line too long: the trace should say so for each recipient.
         outcomes = [(rcpt, reply, "") for rcpt in dict.fromkeys(envelope.rcpt_tos)]
         try:
-            await self.ctx.db.write_batched(self._record, envelope.trace_id, outcomes, relaxed=True)
+            await self.db.write_batched(self._record, envelope.trace_id, outcomes, relaxed=True)
         except Exception:
             log.exception("could not record the refusal events")
 
@@ -122,7 +143,7 @@ class LMTPHandler(Handler):
             # Events of sessions finishing together share one commit, not fsync'd:
             # the 250 rests on the fsync'd mailbox file, not on this row (the row
             # survives a killed process; only a power cut could lose it).
-            await self.ctx.db.write_batched(self._record, envelope.trace_id, outcomes, relaxed=True)
+            await self.db.write_batched(self._record, envelope.trace_id, outcomes, relaxed=True)
         except Exception:
             # The mail is on disk: the 250s stand (saying 451 now would store it twice).
             log.exception("could not record the delivery events")
@@ -156,7 +177,7 @@ class LMTPHandler(Handler):
             add_event(s, trace, "mda", event, recipient=rcpt, detail=str(reply), path=path)
 
     def _earlier_delivery(self, trace: str, rcpt: str) -> str | None:
-        with self.ctx.db.read() as s:
+        with self.db.read() as s:
             return s.scalars(
                 select(Event.path).where(
                     Event.trace_id == trace, Event.hop == "mda", Event.event == "delivered", Event.recipient == rcpt
@@ -174,10 +195,10 @@ class LMTPHandler(Handler):
         try:
             if box.store == "mbox":
                 mbox.deliver(
-                    box.path, content, sender, lock_timeout=self.ctx.config.mda.lock_timeout, quota_limit=box.quota
+                    box.path, content, sender, lock_timeout=self.policy.lock_timeout, quota_limit=box.quota
                 )
                 return str(box.path)
-            name = maildir.unique_name(trace, rcpt, self.ctx.config.mailroom.hostname)
+            name = maildir.unique_name(trace, rcpt, self.policy.hostname)
             path, _ = maildir.deliver(box.path, content, name, quota_limit=box.quota)
             return str(path)
         except QuotaExceeded as exc:
@@ -239,8 +260,8 @@ async def run(ctx: Context) -> None:
     # Only our own queue manager connects: no per-client cap below the total.
     limits = limits_from(cfg.smtp, max_connections_per_client=cfg.smtp.max_connections)
     server = await serve(
-        bind(cfg.mda.lmtp), lambda: LMTPHandler(ctx), hostname=cfg.mailroom.hostname,
-        limits=limits, lmtp=True,
+        bind(cfg.mda.lmtp), partial(LMTPHandler, DeliveryPolicy.from_config(cfg), ctx.db),
+        hostname=cfg.mailroom.hostname, limits=limits, lmtp=True,
     )
     ctx.drop_privileges()
     log.info("LMTP listening on %s", cfg.mda.lmtp)

@@ -16,13 +16,19 @@ import email.utils
 import logging
 import re
 import shutil
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from common import reply as R
 from common.address import domain_of
+from common.clock import Clock
+from common.config import Config
 from common.daemon import Context, serve_until_stopped
+from common.db import Database
 from common.log import is_trace_id, new_trace_id, trace_id
 from common.models import add_event
 from common.reply import Reply, SMTPError
@@ -35,11 +41,37 @@ log = logging.getLogger("smtpd")
 _HEADER_END = re.compile(rb"\r\n\r\n|\A\r\n")
 
 
+@dataclass(frozen=True)
+class ReceivePolicy:
+    """What one MTA listener accepts, and where it queues."""
+
+    hostname: str
+    local_domains: tuple[str, ...]  # lower-case; the first names <postmaster>
+    internal: bool  # the MSA's listener: relays anywhere, keeps the trace id
+    trusted_networks: tuple[str, ...]  # may relay through the public listener
+    recipient_delimiter: str
+    max_hops: int
+    min_free_disk: int
+    queue_dir: Path  # whose disk must have min_free_disk
+    qmgr_socket: Path
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, internal: bool) -> ReceivePolicy:
+        return cls(
+            hostname=cfg.mailroom.hostname, local_domains=tuple(d.lower() for d in cfg.mailroom.domains),
+            internal=internal, trusted_networks=tuple(cfg.mta.trusted_networks),
+            recipient_delimiter=cfg.mda.recipient_delimiter, max_hops=cfg.mta.max_hops,
+            min_free_disk=cfg.mta.min_free_disk, queue_dir=cfg.queue_dir, qmgr_socket=cfg.qmgr_socket,
+        )
+
+
 class SMTPHandler(Handler):
-    def __init__(self, ctx: Context, *, internal: bool) -> None:
-        self.ctx = ctx
-        self.internal = internal
-        self.ehlo_keywords = ("XTRACE",) if internal else ()
+    def __init__(self, policy: ReceivePolicy, db: Database, clock: Clock) -> None:
+        self.policy = policy
+        self.db = db
+        self.clock = clock
+        self.internal = policy.internal
+        self.ehlo_keywords = ("XTRACE",) if policy.internal else ()
         # RCPT address -> what it expands to, for the transaction in progress.
         self.expanded: dict[str, aliases.Expansion] = {}
 
@@ -47,12 +79,12 @@ class SMTPHandler(Handler):
         self.expanded = {}
 
     def may_relay(self, session: MailSession) -> bool:
-        return self.internal or in_networks(session.client_ip, self.ctx.config.mta.trusted_networks)
+        return self.internal or in_networks(session.client_ip, list(self.policy.trusted_networks))
 
     async def mail(self, session: MailSession, envelope: MailEnvelope, sender: str) -> None:
         # Measured where the queue is written (the database's disk), not where we run.
-        free = shutil.disk_usage(self.ctx.config.queue_dir).free
-        if free < self.ctx.config.mta.min_free_disk:
+        free = shutil.disk_usage(self.policy.queue_dir).free
+        if free < self.policy.min_free_disk:
             log.warning("refusing mail: only %d bytes free", free)
             raise SMTPError(R.DISK_LOW)
         given = envelope.params.get("XTRACE", "")
@@ -61,17 +93,17 @@ class SMTPHandler(Handler):
         trace_id.set(envelope.trace_id)
 
     async def rcpt(self, session: MailSession, envelope: MailEnvelope, recipient: str) -> None:
-        cfg = self.ctx.config
+        policy = self.policy
         if "@" not in recipient:  # <postmaster>, RFC 5321 4.5.1
-            recipient = f"postmaster@{cfg.mailroom.domains[0]}"
-        if not cfg.is_local_domain(domain_of(recipient)):
+            recipient = f"postmaster@{policy.local_domains[0]}"
+        if domain_of(recipient) not in policy.local_domains:
             if self.may_relay(session):
                 self.expanded[recipient] = aliases.Expansion([], [recipient])
                 return
             log.info("relay denied to=<%s> client=%s", recipient, session.client_ip)
             raise SMTPError(R.RELAY_DENIED)
         try:
-            found = await self.ctx.db.run(self._expand, recipient)
+            found = await self.db.run(self._expand, recipient)
         except aliases.AliasLoop:
             raise SMTPError(R.MAIL_LOOP.with_text("Alias loop for this recipient")) from None
         if found is None:
@@ -80,22 +112,20 @@ class SMTPHandler(Handler):
         self.expanded[recipient] = found
 
     def _expand(self, recipient: str) -> aliases.Expansion | None:
-        cfg = self.ctx.config
-        with self.ctx.db.read() as s:
+        with self.db.read() as s:
             return aliases.expand(
-                s, recipient, local_domains=cfg.mailroom.domains,
-                delimiter=cfg.mda.recipient_delimiter,
+                s, recipient, local_domains=list(self.policy.local_domains),
+                delimiter=self.policy.recipient_delimiter,
             )
 
     async def data(self, session: MailSession, envelope: MailEnvelope) -> Reply:
         assert isinstance(envelope.content, bytes) and envelope.mail_from is not None
-        cfg = self.ctx.config
         header = _header_of(envelope.content)
         hops = len(re.findall(rb"(?im)^received:", header))
-        if hops > cfg.mta.max_hops:
+        if hops > self.policy.max_hops:
             log.warning("mail loop: %d Received headers", hops)
             raise SMTPError(R.MAIL_LOOP)
-        now = self.ctx.clock.now()
+        now = self.clock.now()
         body = self._received_header(session, envelope, now) + envelope.content
         recipients: list[queue.QueuedRecipient] = []
         for rcpt in envelope.rcpt_tos:
@@ -106,7 +136,7 @@ class SMTPHandler(Handler):
         try:
             # Group commit: sessions finishing DATA together share one fsync'd
             # commit, and each 250 still waits for the commit that holds its message.
-            await self.ctx.db.write_batched(self._store, envelope, body, recipients, session, header, now)
+            await self.db.write_batched(self._store, envelope, body, recipients, session, header, now)
         except (OSError, OperationalError) as exc:
             log.error("cannot queue: %s", exc)
             full = "full" in str(exc) or getattr(exc, "errno", None) == 28
@@ -115,7 +145,7 @@ class SMTPHandler(Handler):
             "queued from=<%s> size=%d nrcpt=%d client=%s",
             envelope.mail_from, len(body), len(recipients), session.client_ip,
         )
-        queue.wake_qmgr(cfg.qmgr_socket)
+        queue.wake_qmgr(self.policy.qmgr_socket)
         return Reply(250, "2.0.0", f"Ok: queued as {envelope.trace_id}")
 
     def _store(
@@ -150,7 +180,7 @@ class SMTPHandler(Handler):
         date = email.utils.format_datetime(now.replace(tzinfo=dt.UTC))
         text = (
             f"Received: from {session.host_name} ([{session.client_ip}])\r\n"
-            f"\tby {self.ctx.config.mailroom.hostname} (Mailroom) with {proto}"
+            f"\tby {self.policy.hostname} (Mailroom) with {proto}"
             f" id {envelope.trace_id}{rcpt};\r\n\t{date}\r\n"
         )
         return text.encode("utf-8", "surrogateescape")
@@ -171,11 +201,11 @@ async def run(ctx: Context) -> None:
     tls = server_context(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key))
     limits = limits_from(cfg.smtp)
     public = await serve(
-        bind(cfg.mta.smtp), lambda: SMTPHandler(ctx, internal=False),
+        bind(cfg.mta.smtp), partial(SMTPHandler, ReceivePolicy.from_config(cfg, internal=False), ctx.db, ctx.clock),
         hostname=cfg.mailroom.hostname, limits=limits, tls_context=tls,
     )
     internal = await serve(
-        bind(cfg.mta.internal), lambda: SMTPHandler(ctx, internal=True),
+        bind(cfg.mta.internal), partial(SMTPHandler, ReceivePolicy.from_config(cfg, internal=True), ctx.db, ctx.clock),
         hostname=cfg.mailroom.hostname,
         limits=limits_from(cfg.smtp, max_connections_per_client=cfg.smtp.max_connections),
     )

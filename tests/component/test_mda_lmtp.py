@@ -24,7 +24,7 @@ from common.daemon import Context
 from common.models import Event, User
 from common.smtp import Limits, serve
 from common.users import mailbox_name
-from mda.server import LMTPHandler
+from mda.server import DeliveryPolicy, LMTPHandler
 from tests.support.suite import Installation, maildir_messages, mbox_messages
 
 pytestmark = pytest.mark.timeout(30)
@@ -50,7 +50,8 @@ class MDA:
     async def _start(self) -> tuple[asyncio.Server, Context]:
         ctx = self.inst.context()
         server = await serve(
-            "127.0.0.1:0", lambda: LMTPHandler(ctx), hostname="mail.test", limits=self.limits, lmtp=True
+            "127.0.0.1:0", lambda: LMTPHandler(DeliveryPolicy.from_config(ctx.config), ctx.db), hostname="mail.test",
+            limits=self.limits, lmtp=True,
         )
         return server, ctx
 
