@@ -172,6 +172,7 @@ class Session(asyncio.Protocol):
             if self._paused and self.transport is not None:
                 self._paused = False
                 self.transport.resume_reading()
+            self._last_input = self._loop.time()  # idle time counts from here
             self._wakeup = self._loop.create_future()
             await self._wakeup
             self._wakeup = None
@@ -257,7 +258,10 @@ class Session(asyncio.Protocol):
         """One timer for both limits: re-armed for whichever comes first."""
         now, lim = self._loop.time(), self.limits
         session_left = lim.session_timeout - (now - self._started)
-        idle_left = lim.idle_timeout - (now - self._last_input)
+        # Idle is the client's silence while we wait for it, not our own time spent
+        # executing its command (a slow disk or next hop must not end the session).
+        waiting = self._wakeup is not None
+        idle_left = lim.idle_timeout - (now - self._last_input) if waiting else lim.idle_timeout
         if session_left <= 0:
             self._reply(R.SESSION_TIMEOUT)
         elif idle_left <= 0:
