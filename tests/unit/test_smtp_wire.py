@@ -151,3 +151,13 @@ def test_any_bytes_give_items_or_wait_and_memory_stays_bounded(chunks: list[byte
             if isinstance(item, BareLineEnding):
                 return  # the session ends here
         assert r.buffered <= max(wire.TEXT_LINE_LIMIT + 1, len(chunk) + wire.TEXT_LINE_LIMIT)
+
+
+def test_ipv4_mapped_client_addresses_are_seen_as_ipv4() -> None:
+    from common.smtp import in_networks
+    from common.smtp.session import client_address
+
+    assert client_address("::ffff:192.0.2.7") == "192.0.2.7"
+    assert client_address("2001:db8::1") == "2001:db8::1" and client_address("192.0.2.7") == "192.0.2.7"
+    assert in_networks("::ffff:10.1.2.3", ["10.0.0.0/8"]) and not in_networks("::ffff:11.1.2.3", ["10.0.0.0/8"])
+    assert in_networks("2001:db8::5", ["2001:db8::/32"]) and not in_networks("local", ["10.0.0.0/8"])
