@@ -282,7 +282,8 @@ class Session(asyncio.Protocol):
                 return
             self._start_timer()
             try:
-                await self.handler.connect(self.session)
+                if type(self.handler).connect is not Handler.connect:  # most handlers need no hook here
+                    await self.handler.connect(self.session)
             except SMTPError as exc:
                 self._reply(exc.reply, greeting=True)
                 if not self._closing:

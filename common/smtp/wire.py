@@ -154,7 +154,8 @@ class Reader:
             return None
         line = bytes(buf[: end + 1])
         del buf[: end + 1]
-        if _bare(line) or not line.endswith(b"\r\n"):
+        # The only LF is the last octet; so the line is clean if its only CR is just before it.
+        if line[-2:-1] != b"\r" or b"\r" in line[:-2]:
             return BareLineEnding()
         if self._skipping:
             self._skipping = False
