@@ -32,8 +32,11 @@ test: venv peers
 # Mailroom and Postfix side by side under the same loads (issue 7; as root: Postfix
 # runs only as root).  Prints a table, writes bench/results/latest.json, and ends
 # with `e2e_ratio=R p99_ms=L idle1000_mb=M`.  See docs/performance.md.
+# Then the listener alone: our engine, a stock aiosmtpd sink and smtp-sink under
+# smtp-source (bench/listener.py); its last line is `listener_vs_aiosmtpd=X`.
 bench: venv peers
 	ulimit -n 8192 2>/dev/null || true; $(BIN)/python -m bench
+	$(BIN)/python -m bench.listener
 
 lint: venv
 	$(BIN)/ruff check common msa mta mda cli web bench tests

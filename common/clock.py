@@ -1,8 +1,9 @@
-"""Time as an interface, so tests can fast-forward retries and expiry."""
+"""Time as an interface, so tests can fast-forward retries, expiry and lockouts."""
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Protocol
 
 
@@ -11,10 +12,17 @@ class Clock(Protocol):
         """Naive UTC, as stored in the database."""
         ...
 
+    def monotonic(self) -> float:
+        """Seconds that only ever go forward (for windows, lockouts, rates)."""
+        ...
+
 
 class SystemClock:
     def now(self) -> dt.datetime:
         return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
 
 
 class FakeClock:
@@ -22,9 +30,14 @@ class FakeClock:
 
     def __init__(self, start: dt.datetime | None = None) -> None:
         self._now = start or SystemClock().now()
+        self._monotonic = 0.0
 
     def now(self) -> dt.datetime:
         return self._now
 
+    def monotonic(self) -> float:
+        return self._monotonic
+
     def advance(self, seconds: float) -> None:
         self._now += dt.timedelta(seconds=seconds)
+        self._monotonic += seconds

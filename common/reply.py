@@ -1,7 +1,7 @@
 """SMTP/LMTP replies as values: a code, an enhanced status code and a text.
 
-Handlers raise `SMTPError(reply)`; one place (the listener) turns it into the
-line on the wire.  Keeping the replies here, named and with the RFC that
+Handlers raise `SMTPError(reply)`; one place (`Session._reply` in
+common/smtp/session.py) turns it into the line on the wire.  Keeping the replies here, named and with the RFC that
 defines them, means a reader can check every answer Mailroom gives in one page.
 """
 
@@ -17,7 +17,8 @@ class Reply:
     text: str
 
     def __str__(self) -> str:
-        return f"{self.code} {self.status} {self.text}"
+        # Replies without an enhanced code: the greeting, EHLO, 334 and 354 (RFC 2034 3).
+        return f"{self.code} {self.status} {self.text}" if self.status else f"{self.code} {self.text}"
 
     @property
     def is_ok(self) -> bool:
@@ -59,22 +60,40 @@ OK = Reply(250, "2.0.0", "Ok")
 SENDER_OK = Reply(250, "2.1.0", "Sender ok")
 RECIPIENT_OK = Reply(250, "2.1.5", "Recipient ok")
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")  # RFC 4954 6
+BYE = Reply(221, "2.0.0", "Bye")  # RFC 5321 4.1.1.10
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")  # RFC 3207 4
+# RFC 5321 4.1.1.8
+HELP = Reply(250, "2.0.0", "Supported commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS AUTH")
+CANNOT_VRFY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message")  # RFC 5321 3.5.3
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")  # RFC 5321 4.1.1.4
 
 # 4xx: temporary, the client keeps the message and tries again.
+# 421 always closes the session (RFC 5321 3.8).
 TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
+SESSION_TIMEOUT = Reply(421, "4.4.2", "Session time limit reached, closing connection")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+LOCAL_ERROR_CLOSING = Reply(421, "4.3.0", "Local error, closing connection")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, try later")
 MAILBOX_LOCKED = Reply(451, "4.2.0", "Mailbox busy, try again later")
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 NEXT_HOP_UNAVAILABLE = Reply(451, "4.4.1", "Next hop unavailable, try again later")
 RATE_LIMITED = Reply(451, "4.7.1", "Sending rate limit exceeded, try again later")
-DISK_LOW = Reply(452, "4.3.1", "Insufficient system storage")  # RFC 5321 4.5.3.1.10
-TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")  # RFC 5321 4.5.3.1.8
+DISK_LOW = Reply(452, "4.3.1", "Insufficient system storage")  # RFC 5321 4.2.2, RFC 3463 X.3.1
+# Not a client error: the recipients accepted so far are kept (RFC 5321 4.5.3.1.10).
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 
 # 5xx: permanent.
 SYNTAX_ERROR = Reply(500, "5.5.2", "Syntax error, command unrecognized")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")  # RFC 5321 4.5.3.1.4/6
 PARAM_SYNTAX = Reply(501, "5.5.4", "Syntax error in parameters")
+BAD_HELLO = Reply(501, "5.5.2", "Invalid characters in the HELO/EHLO name")  # RFC 5321 4.1.1.1
+AUTH_SYNTAX = Reply(501, "5.5.2", "Cannot decode the AUTH response")  # RFC 4954 4
+AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")  # RFC 4954 4
+NOT_AVAILABLE = Reply(502, "5.5.1", "Command not available")  # RFC 5321 4.2.4
+AUTH_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication mechanism")  # RFC 4954 6
+PARAM_NOT_RECOGNIZED = Reply(555, "5.5.4", "Parameter not recognized")  # RFC 5321 4.1.1.11
+STARTTLS_FIRST = Reply(530, "5.7.0", "Must issue a STARTTLS command first")  # RFC 3207 4
 BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax")
 BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
@@ -84,6 +103,10 @@ AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")  # RFC 4
 ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for authentication")
 # SMTP smuggling defence: said once, then the connection is closed (as Postfix does).
 BARE_LINE_ENDING = Reply(521, "5.5.2", "Bare CR or LF received, closing connection (use CRLF)")
+# In a BDAT message the framing is by count, so the session can go on (RFC 3030 2).
+BARE_LINE_IN_MESSAGE = Reply(550, "5.6.0", "Bare CR or LF in message (use CRLF)")
+# Without a size the chunk's end cannot be found, so nothing after it can be read as a command.
+BDAT_SYNTAX = Reply(421, "4.5.0", "Syntax: BDAT size [LAST]; closing connection")  # RFC 3030 2
 UNKNOWN_USER = Reply(550, "5.1.1", "Recipient address rejected: user unknown")
 OVER_QUOTA = Reply(552, "5.2.2", "Mailbox full")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")

@@ -21,17 +21,20 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from common import reply as R
+from common.config import Config
 from common.daemon import Context, serve_until_stopped
-from common.listener import Handler, MailEnvelope, MailSession, limits_from, serve
+from common.db import Database
 from common.log import is_trace_id, new_trace_id, trace_id
 from common.models import Event, User, add_event
 from common.reply import Reply, SMTPError
+from common.smtp import Handler, MailEnvelope, MailSession, bind, limits_from, serve
 from common.users import find_user
 from mda import maildir, mbox
 from mda.quota import QuotaExceeded
@@ -50,39 +53,55 @@ class Mailbox:
     quota: int
 
 
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    """What the LMTP handler needs to know: where mailboxes live and how to name and lock them."""
+
+    hostname: str
+    mail_root: Path
+    recipient_delimiter: str
+    lock_timeout: float
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> DeliveryPolicy:
+        return cls(
+            hostname=cfg.mailroom.hostname, mail_root=cfg.mail_root.resolve(),
+            recipient_delimiter=cfg.mda.recipient_delimiter, lock_timeout=cfg.mda.lock_timeout,
+        )
+
+
 class LMTPHandler(Handler):
     ehlo_keywords = ("XTRACE",)
 
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-        self.mail_root = ctx.config.mail_root.resolve()
+    def __init__(self, policy: DeliveryPolicy, db: Database) -> None:
+        self.policy = policy
+        self.db = db
+        self.mail_root = policy.mail_root
         self.mailboxes: dict[str, Mailbox] = {}
 
     def reset(self, session: MailSession) -> None:
         self.mailboxes = {}
 
-    async def mail(self, session: MailSession, envelope: MailEnvelope, sender: str) -> Reply:
+    async def mail(self, session: MailSession, envelope: MailEnvelope, sender: str) -> None:
         # The LMTP listener is loopback-only (config check), so the queue
         # manager's trace id is trusted here.
         given = envelope.params.get("XTRACE", "")
         envelope.trace_id = given if is_trace_id(given) else new_trace_id()
         trace_id.set(envelope.trace_id)
-        return R.SENDER_OK
 
-    async def rcpt(self, session: MailSession, envelope: MailEnvelope, recipient: str) -> Reply:
-        box = await self.ctx.db.run(self._lookup, recipient)
+    async def rcpt(self, session: MailSession, envelope: MailEnvelope, recipient: str) -> None:
+        box = await self.db.run(self._lookup, recipient)
         if box is None:
             log.info("refused to=<%s>: user unknown", recipient)
-            await self.ctx.db.write_batched(
+            await self.db.write_batched(
                 self._record, envelope.trace_id, [(recipient, R.UNKNOWN_USER, "")], relaxed=True
             )
-            return R.UNKNOWN_USER
+            raise SMTPError(R.UNKNOWN_USER)
         self.mailboxes[recipient] = box
-        return R.RECIPIENT_OK
 
     def _lookup(self, recipient: str) -> Mailbox | None:
-        with self.ctx.db.read() as s:
-            user = find_user(s, recipient, self.ctx.config.mda.recipient_delimiter)
+        with self.db.read() as s:
+            user = find_user(s, recipient, self.policy.recipient_delimiter)
             if user is None:
                 return None
             return self._mailbox(user)
@@ -102,7 +121,7 @@ class LMTPHandler(Handler):
         # Too big or a line too long: the trace should say so for each recipient.
         outcomes = [(rcpt, reply, "") for rcpt in dict.fromkeys(envelope.rcpt_tos)]
         try:
-            await self.ctx.db.write_batched(self._record, envelope.trace_id, outcomes, relaxed=True)
+            await self.db.write_batched(self._record, envelope.trace_id, outcomes, relaxed=True)
         except Exception:
             log.exception("could not record the refusal events")
 
@@ -125,7 +144,7 @@ class LMTPHandler(Handler):
             # Events of sessions finishing together share one commit, not fsync'd:
             # the 250 rests on the fsync'd mailbox file, not on this row (the row
             # survives a killed process; only a power cut could lose it).
-            await self.ctx.db.write_batched(self._record, envelope.trace_id, outcomes, relaxed=True)
+            await self.db.write_batched(self._record, envelope.trace_id, outcomes, relaxed=True)
         except Exception:
             # The mail is on disk: the 250s stand (saying 451 now would store it twice).
             log.exception("could not record the delivery events")
@@ -159,7 +178,7 @@ class LMTPHandler(Handler):
             add_event(s, trace, "mda", event, recipient=rcpt, detail=str(reply), path=path)
 
     def _earlier_delivery(self, trace: str, rcpt: str) -> str | None:
-        with self.ctx.db.read() as s:
+        with self.db.read() as s:
             return s.scalars(
                 select(Event.path).where(
                     Event.trace_id == trace, Event.hop == "mda", Event.event == "delivered", Event.recipient == rcpt
@@ -178,10 +197,10 @@ class LMTPHandler(Handler):
             if box.store == "mbox":
                 mbox.deliver(
                     box.path, content, sender, delivery_id=_delivery_id(trace, rcpt),
-                    lock_timeout=self.ctx.config.mda.lock_timeout, quota_limit=box.quota,
+                    lock_timeout=self.policy.lock_timeout, quota_limit=box.quota,
                 )
                 return str(box.path)
-            name = maildir.unique_name(trace, rcpt, self.ctx.config.mailroom.hostname)
+            name = maildir.unique_name(trace, rcpt, self.policy.hostname)
             path, _ = maildir.deliver(box.path, content, name, quota_limit=box.quota)
             return str(path)
         except QuotaExceeded as exc:
@@ -248,8 +267,8 @@ async def run(ctx: Context) -> None:
     # Only our own queue manager connects: no per-client cap below the total.
     limits = limits_from(cfg.smtp, max_connections_per_client=cfg.smtp.max_connections)
     server = await serve(
-        cfg.mda.lmtp, lambda: LMTPHandler(ctx), hostname=cfg.mailroom.hostname,
-        limits=limits, lmtp=True,
+        bind(cfg.mda.lmtp), partial(LMTPHandler, DeliveryPolicy.from_config(cfg), ctx.db),
+        hostname=cfg.mailroom.hostname, limits=limits, lmtp=True,
     )
     ctx.drop_privileges()
     log.info("LMTP listening on %s", cfg.mda.lmtp)

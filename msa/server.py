@@ -30,17 +30,20 @@ import logging
 import os
 import pwd
 import socket
+from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
 from common import reply as R
 from common.address import lookup_key
-from common.config import parse_hostport
+from common.clock import Clock
+from common.config import Config, parse_hostport
 from common.daemon import Context, serve_until_stopped
-from common.listener import Connections, Handler, MailEnvelope, MailSession, limits_from, serve
+from common.db import Database
 from common.log import new_trace_id, trace_id
 from common.models import Message, add_event
-from common.reply import Reply
+from common.reply import Reply, SMTPError
+from common.smtp import Connections, Handler, MailEnvelope, MailSession, limits_from, serve
 from common.smtp_client import Client, NextHopError
 from common.tls import server_context
 from common.users import addresses_of, check_password, find_user
@@ -58,23 +61,50 @@ class SenderRefused(Exception):
         self.reply = reply
 
 
+@dataclass(frozen=True)
+class SubmissionPolicy:
+    """What the submission handler needs to know: the next hop, the limits, the names."""
+
+    hostname: str
+    next_hop: str  # the MTA's internal listener, 'host:port' or 'unix:/path'
+    next_hop_timeout: float
+    recipient_delimiter: str  # alice+tag@... is alice's own address too
+    max_auth_failures: int
+    auth_failure_window: float
+    auth_lockout: float
+    max_messages_per_hour: int
+    max_recipients_per_hour: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> SubmissionPolicy:
+        c = cfg.msa
+        return cls(
+            hostname=cfg.mailroom.hostname, next_hop=cfg.mta.internal, next_hop_timeout=cfg.smtp.idle_timeout,
+            recipient_delimiter=cfg.mda.recipient_delimiter, max_auth_failures=c.max_auth_failures,
+            auth_failure_window=c.auth_failure_window, auth_lockout=c.auth_lockout,
+            max_messages_per_hour=c.max_messages_per_hour, max_recipients_per_hour=c.max_recipients_per_hour,
+        )
+
+
 class Limiters:
     """State shared by all sessions of the MSA process."""
 
-    def __init__(self, ctx: Context) -> None:
-        c = ctx.config.msa
+    def __init__(self, policy: SubmissionPolicy, clock: Clock) -> None:
         self.failures = FailureTracker(
-            max_failures=c.max_auth_failures, window=c.auth_failure_window, lockout=c.auth_lockout
+            max_failures=policy.max_auth_failures, window=policy.auth_failure_window, lockout=policy.auth_lockout,
+            now=clock.monotonic,
         )
-        self.messages = RateLimiter(c.max_messages_per_hour)
-        self.recipients = RateLimiter(c.max_recipients_per_hour)
+        self.messages = RateLimiter(policy.max_messages_per_hour, now=clock.monotonic)
+        self.recipients = RateLimiter(policy.max_recipients_per_hour, now=clock.monotonic)
 
 
 class SubmissionHandler(Handler):
     offers_auth = True
 
-    def __init__(self, ctx: Context, limiters: Limiters) -> None:
-        self.ctx = ctx
+    def __init__(self, policy: SubmissionPolicy, db: Database, clock: Clock, limiters: Limiters) -> None:
+        self.policy = policy
+        self.db = db
+        self.clock = clock
         self.limiters = limiters
         self.upstream: Client | None = None
         self.owned: set[str] = set()
@@ -96,62 +126,61 @@ class SubmissionHandler(Handler):
         a = address.lower()
         if a in self.owned:
             return True
-        delimiter = self.ctx.config.mda.recipient_delimiter
+        delimiter = self.policy.recipient_delimiter
         return bool(delimiter) and "@" in a and lookup_key(a, delimiter) in self.owned
 
     async def connect(self, session: MailSession) -> None:
         if self.limiters.failures.is_locked(session.client_ip):
             raise R.SMTPError(R.TOO_MANY_AUTH_FAILURES)
 
-    async def authenticate(self, session: MailSession, login: str, password: str) -> Reply:
+    async def authenticate(self, session: MailSession, login: str, password: str) -> None:
         ip = session.client_ip
         if self.limiters.failures.is_locked(ip):
-            return R.TOO_MANY_AUTH_FAILURES
-        ok, owned = await self.ctx.db.run(self._check, login, password)
+            raise SMTPError(R.TOO_MANY_AUTH_FAILURES)
+        ok, owned = await self.db.run(self._check, login, password)
         if ok:
             self.owned = owned
             log.info("authenticated %s from %s", login, ip)
-            return R.AUTH_OK
+            return
         count = self.limiters.failures.failed(ip)
         log.warning("authentication failed for %r from %s (%d)", login[:64], ip, count)
         if self.limiters.failures.is_locked(ip):
-            return R.TOO_MANY_AUTH_FAILURES
+            raise SMTPError(R.TOO_MANY_AUTH_FAILURES)
         await asyncio.sleep(self.limiters.failures.delay(count))
-        return R.AUTH_FAILED
+        raise SMTPError(R.AUTH_FAILED)
 
     def _check(self, login: str, password: str) -> tuple[bool, set[str]]:
-        with self.ctx.db.read() as s:
+        with self.db.read() as s:
             user = find_user(s, login) if "@" in login else None
             if not check_password(user, password):
                 return False, set()
             assert user is not None
             return True, addresses_of(s, user.address)
 
-    async def mail(self, session: MailSession, envelope: MailEnvelope, sender: str) -> Reply:
+    async def mail(self, session: MailSession, envelope: MailEnvelope, sender: str) -> None:
         if session.user is None:
-            return R.AUTH_REQUIRED
+            raise SMTPError(R.AUTH_REQUIRED)
         if not self.owns(sender):
             log.warning("user %s may not send as <%s>", session.user, sender)
-            return R.SENDER_DENIED
+            raise SMTPError(R.SENDER_DENIED)
         if not self.limiters.messages.allow(session.user):
-            return R.RATE_LIMITED
+            raise SMTPError(R.RATE_LIMITED)
         envelope.trace_id = new_trace_id()
         trace_id.set(envelope.trace_id)
-        return R.SENDER_OK
 
     async def rcpt(self, session: MailSession, envelope: MailEnvelope, recipient: str) -> Reply:
         assert session.user is not None and envelope.mail_from is not None
         if not self.limiters.recipients.allow(session.user):
-            return R.RATE_LIMITED
+            raise SMTPError(R.RATE_LIMITED)
         if self.lost:
-            return R.NEXT_HOP_UNAVAILABLE
+            raise SMTPError(R.NEXT_HOP_UNAVAILABLE)
         try:
             if self.upstream is None:
                 self.upstream = await self._open_upstream(envelope)
-            return await self.upstream.rcpt(recipient)
+            reply = await self.upstream.rcpt(recipient)
         except SenderRefused as exc:
             log.warning("MTA refused MAIL: %s", exc.reply)
-            return exc.reply
+            raise SMTPError(exc.reply) from None
         except NextHopError as exc:
             log.error("MTA unavailable: %s", exc.reply)
             self._drop_upstream()
@@ -159,14 +188,16 @@ class SubmissionHandler(Handler):
                 # The recipients the MTA had accepted went with that session:
                 # a new one would deliver to the later recipients only.
                 self.lost = True
-            return R.NEXT_HOP_UNAVAILABLE
+            raise SMTPError(R.NEXT_HOP_UNAVAILABLE) from None
+        if not reply.is_ok:
+            raise SMTPError(reply)  # the MTA's own verdict, passed on
+        return reply
 
     async def _open_upstream(self, envelope: MailEnvelope) -> Client:
-        cfg = self.ctx.config
-        where = cfg.mta.internal
+        where = self.policy.next_hop
         host, port = (where, 0) if where.startswith("unix:") else parse_hostport(where)
         client = await Client.connect(
-            host, port, helo=cfg.mailroom.hostname, timeout=cfg.smtp.idle_timeout,
+            host, port, helo=self.policy.hostname, timeout=self.policy.next_hop_timeout,
             connect_timeout=10,
         )
         params = [f"XTRACE={envelope.trace_id}"]
@@ -185,25 +216,26 @@ class SubmissionHandler(Handler):
 
     async def data(self, session: MailSession, envelope: MailEnvelope) -> Reply:
         assert isinstance(envelope.content, bytes) and session.user is not None
-        cfg = self.ctx.config
+        hostname = self.policy.hostname
         header, _ = submission.split_message(envelope.content)
         try:
             shown = submission.from_addresses(header)
         except submission.UnreadableHeader as exc:
             log.warning("user %s sent an unreadable header: %s", session.user, exc)
-            return R.HEADER_SENDER_DENIED.with_text("From:/Sender: header cannot be read unambiguously")
+            unreadable = R.HEADER_SENDER_DENIED.with_text("From:/Sender: header cannot be read unambiguously")
+            raise SMTPError(unreadable) from None
         for a in shown:
             if not self.owns(a):
                 log.warning("user %s may not send with From: %s", session.user, a)
-                return R.HEADER_SENDER_DENIED
-        now = self.ctx.clock.now()
+                raise SMTPError(R.HEADER_SENDER_DENIED)
+        now = self.clock.now()
         received = submission.received_header(
             helo=session.host_name or "unknown", client_ip=session.client_ip,
-            hostname=cfg.mailroom.hostname, user=session.user, trace=envelope.trace_id, now=now,
+            hostname=hostname, user=session.user, trace=envelope.trace_id, now=now,
         )
-        content = submission.fix(envelope.content, hostname=cfg.mailroom.hostname, received=received, now=now)
+        content = submission.fix(envelope.content, hostname=hostname, received=received, now=now)
         if self.upstream is None or self.lost:
-            return R.NEXT_HOP_UNAVAILABLE
+            raise SMTPError(R.NEXT_HOP_UNAVAILABLE)
         try:
             reply = await self.upstream.data(content)
         except NextHopError as exc:
@@ -213,13 +245,13 @@ class SubmissionHandler(Handler):
             # reached us.  The queue is in the shared database: if the message
             # is there, it is the MTA's now, and a 451 would only make the
             # client send it a second time.
-            if not await self.ctx.db.run(self._was_queued, envelope.trace_id):
-                return R.NEXT_HOP_UNAVAILABLE
+            if not await self.db.run(self._was_queued, envelope.trace_id):
+                raise SMTPError(R.NEXT_HOP_UNAVAILABLE) from None
             reply = Reply(250, "2.0.0", f"Ok: queued as {envelope.trace_id}")
             log.info("the MTA had queued it before the connection broke")
         if reply.code == 250:
             try:
-                await self.ctx.db.write_batched(
+                await self.db.write_batched(
                     self._record, envelope, session, len(content), reply, now, relaxed=True
                 )
             except Exception:
@@ -228,10 +260,12 @@ class SubmissionHandler(Handler):
                 log.exception("could not record the submission events")
         log.info("relayed from=<%s> user=%s nrcpt=%d: %s", envelope.mail_from, session.user,
                  len(envelope.rcpt_tos), reply)
+        if not reply.is_ok:
+            raise SMTPError(reply)  # the MTA's refusal, passed on
         return reply
 
     def _was_queued(self, trace: str) -> bool:
-        with self.ctx.db.read() as s:
+        with self.db.read() as s:
             return s.get(Message, trace) is not None
 
     @staticmethod
@@ -301,10 +335,11 @@ async def run(ctx: Context) -> None:
                   who, problem, who, who)
         raise SystemExit(1)
     limits = limits_from(cfg.smtp, max_connections_per_client=cfg.msa.max_connections_per_client)
-    limiters = Limiters(ctx)
+    policy = SubmissionPolicy.from_config(cfg)
+    limiters = Limiters(policy, ctx.clock)
 
     def make() -> SubmissionHandler:
-        return SubmissionHandler(ctx, limiters)
+        return SubmissionHandler(policy, ctx.db, ctx.clock, limiters)
 
     # One count for both roles: the cap is per client address, not per port.
     common = dict(hostname=cfg.mailroom.hostname, limits=limits, tls_context=tls, connections=Connections())

@@ -16,17 +16,23 @@ import email.utils
 import logging
 import re
 import shutil
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from common import reply as R
 from common.address import domain_of
+from common.clock import Clock
+from common.config import Config
 from common.daemon import Context, serve_until_stopped
-from common.listener import Handler, MailEnvelope, MailSession, in_networks, limits_from, serve
+from common.db import Database
 from common.log import is_trace_id, new_trace_id, trace_id
 from common.models import add_event
-from common.reply import Reply
+from common.reply import Reply, SMTPError
+from common.smtp import Handler, MailEnvelope, MailSession, bind, in_networks, limits_from, serve
 from common.tls import server_context
 from mta import aliases, queue
 
@@ -35,11 +41,39 @@ log = logging.getLogger("smtpd")
 _HEADER_END = re.compile(rb"\r\n\r\n|\A\r\n")
 
 
+@dataclass(frozen=True)
+class ReceivePolicy:
+    """What one MTA listener accepts, and where it queues."""
+
+    hostname: str
+    local_domains: tuple[str, ...]  # lower-case; the first names <postmaster>
+    internal: bool  # the MSA's listener: relays anywhere, keeps the trace id
+    trusted_networks: tuple[str, ...]  # may relay through the public listener
+    recipient_delimiter: str
+    max_hops: int
+    min_free_disk: int
+    queue_dir: Path  # whose disk must have min_free_disk
+    qmgr_socket: Path
+    resubmission_window: float  # seconds; 0: every message is queued, even a repeat
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, internal: bool) -> ReceivePolicy:
+        return cls(
+            hostname=cfg.mailroom.hostname, local_domains=tuple(d.lower() for d in cfg.mailroom.domains),
+            internal=internal, trusted_networks=tuple(cfg.mta.trusted_networks),
+            recipient_delimiter=cfg.mda.recipient_delimiter, max_hops=cfg.mta.max_hops,
+            min_free_disk=cfg.mta.min_free_disk, queue_dir=cfg.queue_dir, qmgr_socket=cfg.qmgr_socket,
+            resubmission_window=cfg.mta.resubmission_window,
+        )
+
+
 class SMTPHandler(Handler):
-    def __init__(self, ctx: Context, *, internal: bool) -> None:
-        self.ctx = ctx
-        self.internal = internal
-        self.ehlo_keywords = ("XTRACE",) if internal else ()
+    def __init__(self, policy: ReceivePolicy, db: Database, clock: Clock) -> None:
+        self.policy = policy
+        self.db = db
+        self.clock = clock
+        self.internal = policy.internal
+        self.ehlo_keywords = ("XTRACE",) if policy.internal else ()
         # RCPT address -> what it expands to, for the transaction in progress.
         self.expanded: dict[str, aliases.Expansion] = {}
 
@@ -47,58 +81,54 @@ class SMTPHandler(Handler):
         self.expanded = {}
 
     def may_relay(self, session: MailSession) -> bool:
-        return self.internal or in_networks(session.client_ip, self.ctx.config.mta.trusted_networks)
+        return self.internal or in_networks(session.client_ip, list(self.policy.trusted_networks))
 
-    async def mail(self, session: MailSession, envelope: MailEnvelope, sender: str) -> Reply:
+    async def mail(self, session: MailSession, envelope: MailEnvelope, sender: str) -> None:
         # Measured where the queue is written (the database's disk), not where we run.
-        free = shutil.disk_usage(self.ctx.config.queue_dir).free
-        if free < self.ctx.config.mta.min_free_disk:
+        free = shutil.disk_usage(self.policy.queue_dir).free
+        if free < self.policy.min_free_disk:
             log.warning("refusing mail: only %d bytes free", free)
-            return R.DISK_LOW
+            raise SMTPError(R.DISK_LOW)
         given = envelope.params.get("XTRACE", "")
         # Only the internal hop may name the trace id; anything else gets a new one.
         envelope.trace_id = given if self.internal and is_trace_id(given) else new_trace_id()
         trace_id.set(envelope.trace_id)
-        return R.SENDER_OK
 
-    async def rcpt(self, session: MailSession, envelope: MailEnvelope, recipient: str) -> Reply:
-        cfg = self.ctx.config
+    async def rcpt(self, session: MailSession, envelope: MailEnvelope, recipient: str) -> None:
+        policy = self.policy
         given = recipient  # the key DATA looks the expansion up by (envelope.rcpt_tos)
         if "@" not in recipient:  # <postmaster>, RFC 5321 4.5.1
-            recipient = f"postmaster@{cfg.mailroom.domains[0]}"
-        if not cfg.is_local_domain(domain_of(recipient)):
+            recipient = f"postmaster@{policy.local_domains[0]}"
+        if domain_of(recipient) not in policy.local_domains:
             if self.may_relay(session):
-                self.expanded[recipient] = aliases.Expansion([], [recipient])
-                return R.RECIPIENT_OK
+                self.expanded[given] = aliases.Expansion([], [recipient])
+                return
             log.info("relay denied to=<%s> client=%s", recipient, session.client_ip)
-            return R.RELAY_DENIED
+            raise SMTPError(R.RELAY_DENIED)
         try:
-            found = await self.ctx.db.run(self._expand, recipient)
+            found = await self.db.run(self._expand, recipient)
         except aliases.AliasLoop:
-            return R.MAIL_LOOP.with_text("Alias loop for this recipient")
+            raise SMTPError(R.MAIL_LOOP.with_text("Alias loop for this recipient")) from None
         if found is None:
             log.info("refused to=<%s>: user unknown", recipient)
-            return R.UNKNOWN_USER
+            raise SMTPError(R.UNKNOWN_USER)
         self.expanded[given] = found
-        return R.RECIPIENT_OK
 
     def _expand(self, recipient: str) -> aliases.Expansion | None:
-        cfg = self.ctx.config
-        with self.ctx.db.read() as s:
+        with self.db.read() as s:
             return aliases.expand(
-                s, recipient, local_domains=cfg.mailroom.domains,
-                delimiter=cfg.mda.recipient_delimiter,
+                s, recipient, local_domains=list(self.policy.local_domains),
+                delimiter=self.policy.recipient_delimiter,
             )
 
     async def data(self, session: MailSession, envelope: MailEnvelope) -> Reply:
         assert isinstance(envelope.content, bytes) and envelope.mail_from is not None
-        cfg = self.ctx.config
         header = _header_of(envelope.content)
         hops = len(re.findall(rb"(?im)^received:", header))
-        if hops > cfg.mta.max_hops:
+        if hops > self.policy.max_hops:
             log.warning("mail loop: %d Received headers", hops)
-            return R.MAIL_LOOP
-        now = self.ctx.clock.now()
+            raise SMTPError(R.MAIL_LOOP)
+        now = self.clock.now()
         body = self._received_header(session, envelope, now) + envelope.content
         recipients: list[queue.QueuedRecipient] = []
         for rcpt in envelope.rcpt_tos:
@@ -109,13 +139,13 @@ class SMTPHandler(Handler):
         try:
             # Group commit: sessions finishing DATA together share one fsync'd
             # commit, and each 250 still waits for the commit that holds its message.
-            queued = await self.ctx.db.write_batched(
+            queued = await self.db.write_batched(
                 self._store, envelope, body, recipients, session, header, now
             )
         except (OSError, OperationalError) as exc:
             log.error("cannot queue: %s", exc)
             full = "full" in str(exc) or getattr(exc, "errno", None) == 28
-            return R.DISK_LOW if full else R.LOCAL_ERROR
+            raise SMTPError(R.DISK_LOW if full else R.LOCAL_ERROR) from None
         if queued != envelope.trace_id:
             # The client never saw our first 250 and sent the same message again:
             # it gets the same answer, and nothing is queued twice.
@@ -125,7 +155,7 @@ class SMTPHandler(Handler):
             "queued from=<%s> size=%d nrcpt=%d client=%s",
             envelope.mail_from, len(body), len(recipients), session.client_ip,
         )
-        queue.wake_qmgr(cfg.qmgr_socket)
+        queue.wake_qmgr(self.policy.qmgr_socket)
         return Reply(250, "2.0.0", f"Ok: queued as {envelope.trace_id}")
 
     def _store(
@@ -146,7 +176,7 @@ class SMTPHandler(Handler):
             f" helo={session.host_name}",
         )
         message_id, digest = _message_id(header), queue.digest(body)
-        window = self.ctx.config.mta.resubmission_window
+        window = self.policy.resubmission_window
         earlier = None
         if window > 0:
             earlier = queue.find_resubmission(
@@ -175,7 +205,7 @@ class SMTPHandler(Handler):
         date = email.utils.format_datetime(now.replace(tzinfo=dt.UTC))
         text = (
             f"Received: from {session.host_name} ([{session.client_ip}])\r\n"
-            f"\tby {self.ctx.config.mailroom.hostname} (Mailroom) with {proto}"
+            f"\tby {self.policy.hostname} (Mailroom) with {proto}"
             f" id {envelope.trace_id}{rcpt};\r\n\t{date}\r\n"
         )
         return text.encode("utf-8", "surrogateescape")
@@ -196,11 +226,11 @@ async def run(ctx: Context) -> None:
     tls = server_context(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key))
     limits = limits_from(cfg.smtp)
     public = await serve(
-        cfg.mta.smtp, lambda: SMTPHandler(ctx, internal=False),
+        bind(cfg.mta.smtp), partial(SMTPHandler, ReceivePolicy.from_config(cfg, internal=False), ctx.db, ctx.clock),
         hostname=cfg.mailroom.hostname, limits=limits, tls_context=tls,
     )
     internal = await serve(
-        cfg.mta.internal, lambda: SMTPHandler(ctx, internal=True),
+        bind(cfg.mta.internal), partial(SMTPHandler, ReceivePolicy.from_config(cfg, internal=True), ctx.db, ctx.clock),
         hostname=cfg.mailroom.hostname,
         limits=limits_from(cfg.smtp, max_connections_per_client=cfg.smtp.max_connections),
     )

@@ -21,10 +21,10 @@ import pytest
 from sqlalchemy import select
 
 from common.daemon import Context
-from common.listener import Limits, serve
 from common.models import Event, User
+from common.smtp import Limits, serve
 from common.users import mailbox_name
-from mda.server import LMTPHandler
+from mda.server import DeliveryPolicy, LMTPHandler
 from tests.support.suite import Installation, maildir_messages, mbox_messages
 
 pytestmark = pytest.mark.timeout(30)
@@ -50,7 +50,8 @@ class MDA:
     async def _start(self) -> tuple[asyncio.Server, Context]:
         ctx = self.inst.context()
         server = await serve(
-            "127.0.0.1:0", lambda: LMTPHandler(ctx), hostname="mail.test", limits=self.limits, lmtp=True
+            "127.0.0.1:0", lambda: LMTPHandler(DeliveryPolicy.from_config(ctx.config), ctx.db), hostname="mail.test",
+            limits=self.limits, lmtp=True,
         )
         return server, ctx
 
@@ -556,8 +557,8 @@ def test_a_held_fcntl_lock_gives_451_4_2_0(client: Client, bob: Path) -> None:
 def test_a_handler_refusing_the_whole_message_still_gives_one_reply_per_recipient() -> None:
     """RFC 2033 4.2, for any LMTP handler that raises SMTPError from data()."""
     from common import reply as R
-    from common.listener import Handler, MailEnvelope, MailSession
     from common.reply import Reply, SMTPError
+    from common.smtp import Handler, MailEnvelope, MailSession
 
     class Refusing(Handler):
         async def data(self, session: MailSession, envelope: MailEnvelope) -> Reply | list[Reply]:

@@ -139,7 +139,8 @@ class Stack:
             for t in left:
                 t.cancel()
             await asyncio.gather(*left, return_exceptions=True)
-            for _ in range(3):
+            # TLS sessions end with a close_notify exchange: a few rounds more.
+            for _ in range(25):
                 await asyncio.sleep(0.02)
 
         asyncio.run_coroutine_threadsafe(settle(), self.loop).result(10)

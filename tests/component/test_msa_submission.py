@@ -23,9 +23,9 @@ import pytest
 from sqlalchemy import select
 
 from common import reply as R
-from common.listener import Handler, Limits, MailEnvelope, MailSession, serve
 from common.models import Event, Message
-from common.reply import Reply
+from common.reply import Reply, SMTPError
+from common.smtp import Handler, Limits, MailEnvelope, MailSession, serve
 from tests.component.test_msa_harness import (
     PASSWORD,
     Raw,
@@ -393,7 +393,9 @@ class ScriptedMTA(Handler):
         self.script["xtrace"] = envelope.params.get("XTRACE")
         self.script["sessions"] = int(self.script.get("sessions", 0)) + 1  # type: ignore[call-overload]
         refusal = self.script.get("mail_reply")
-        return refusal if isinstance(refusal, Reply) else R.SENDER_OK
+        if isinstance(refusal, Reply):
+            raise SMTPError(refusal)
+        return R.SENDER_OK
 
     async def rcpt(self, session: MailSession, envelope: MailEnvelope, recipient: str) -> Reply:
         if recipient == self.script.get("hang_up_at"):
@@ -416,6 +418,8 @@ class ScriptedMTA(Handler):
             raise ConnectionResetError("scripted hang-up")
         reply = self.script["reply"]
         assert isinstance(reply, Reply)
+        if not reply.is_ok:
+            raise SMTPError(reply)
         return reply
 
 

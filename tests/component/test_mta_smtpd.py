@@ -14,6 +14,7 @@ import sqlite3
 import ssl
 import threading
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -21,10 +22,10 @@ from sqlalchemy import select
 
 from cli.main import main as mailroom_main
 from common.daemon import Context
-from common.listener import limits_from, serve
 from common.models import Event, Message, Recipient
+from common.smtp import limits_from, serve
 from common.tls import server_context
-from mta.smtpd import SMTPHandler
+from mta.smtpd import ReceivePolicy, SMTPHandler
 from tests.support.suite import Installation
 
 pytestmark = pytest.mark.timeout(30)
@@ -51,12 +52,14 @@ class MTA:
         cfg = ctx.config
         ctx.config = dataclasses.replace(cfg, mta=dataclasses.replace(cfg.mta, **mta))
         tls = server_context(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key))
+        public_policy = ReceivePolicy.from_config(ctx.config, internal=False)
+        internal_policy = ReceivePolicy.from_config(ctx.config, internal=True)
         public = await serve(
-            "127.0.0.1:0", lambda: SMTPHandler(ctx, internal=False), hostname="mail.test",
+            "127.0.0.1:0", partial(SMTPHandler, public_policy, ctx.db, ctx.clock), hostname="mail.test",
             limits=limits_from(cfg.smtp), tls_context=tls,
         )
         internal = await serve(
-            "127.0.0.1:0", lambda: SMTPHandler(ctx, internal=True), hostname="mail.test",
+            "127.0.0.1:0", partial(SMTPHandler, internal_policy, ctx.db, ctx.clock), hostname="mail.test",
             limits=limits_from(cfg.smtp),
         )
         return ctx, public, internal

@@ -28,9 +28,9 @@ from sqlalchemy import select
 
 from common.clock import FakeClock
 from common.db import Database
-from common.listener import Handler, Limits, MailEnvelope, MailSession, serve
 from common.models import Event, Message, Recipient
 from common.reply import Reply
+from common.smtp import Handler, Limits, MailEnvelope, MailSession, serve
 from common.tls import make_self_signed, server_context
 from mta import queue
 from mta.delivery import LocalDelivery, RemoteDelivery

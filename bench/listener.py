@@ -1,0 +1,178 @@
+"""`python -m bench.listener`: the SMTP listener alone, ours against aiosmtpd and Postfix.
+
+The same load against three sinks that accept and discard every message:
+(a) Mailroom's engine (common.smtp) with a discard handler, (b) a stock
+aiosmtpd SMTP server with a discard handler, (c) Postfix's smtp-sink (C).
+Each sink runs in its own process; the load is smtp-source with 20 sessions,
+2,000 messages of 5 KiB, a new connection per message.  Prints messages per
+second per sink and ends with `listener_vs_aiosmtpd=X` (the engine's rate over
+aiosmtpd's; the median over the runs).
+
+    python -m bench.listener                   # 3 runs of the full load
+    python -m bench.listener --runs 1 --messages 200   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # tests.support lives outside the installed packages
+
+
+# --- the sinks (each run in its own process: `--serve NAME PORT`) -------------------------
+
+
+async def _serve_engine(port: int) -> None:
+    from common.reply import Reply
+    from common.smtp import Handler, Limits, MailEnvelope, MailSession, bind, serve
+
+    accepted = Reply(250, "2.0.0", "Ok: discarded")
+
+    class Discard(Handler):
+        async def data(self, session: MailSession, envelope: MailEnvelope) -> Reply:
+            return accepted
+
+    limits = Limits(max_connections=10_000, max_connections_per_client=10_000)
+    server = await serve(bind(f"127.0.0.1:{port}"), Discard, hostname="engine.bench", limits=limits)
+    async with server:
+        await server.serve_forever()
+
+
+async def _serve_aiosmtpd(port: int) -> None:
+    from aiosmtpd.smtp import SMTP
+
+    class Discard:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            return "250 OK"
+
+    handler = Discard()
+    loop = asyncio.get_running_loop()
+    # Controller(port=0) does not work; a plain server with aiosmtpd's protocol is what it runs.
+    server = await loop.create_server(
+        lambda: SMTP(handler, hostname="aiosmtpd.bench"), host="127.0.0.1", port=port, backlog=1024
+    )
+    async with server:
+        await server.serve_forever()
+
+
+def _serve(name: str, port: int) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("mail.log").setLevel(logging.ERROR)  # aiosmtpd logs every command at INFO
+    asyncio.run(_serve_engine(port) if name == "engine" else _serve_aiosmtpd(port))
+
+
+# --- the load ----------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    from tests.support.suite import free_port
+
+    return free_port()
+
+
+def _start(name: str, port: int) -> subprocess.Popen[bytes]:
+    # Its complaints go to our stderr: a pipe nobody reads would stall the sink when full.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.listener", "--serve", name, str(port)], cwd=REPO, stdout=subprocess.DEVNULL
+    )
+    from tests.support.suite import wait_port
+
+    wait_port(port, timeout=20)
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _load(port: int, pid: int, messages: int, sessions: int, size: int) -> tuple[float, float]:
+    """smtp-source against 127.0.0.1:port; returns (messages per second, sink CPU ms per message)."""
+    from tests.support.postfix import smtp_source
+
+    before = _cpu_seconds(pid)
+    run = smtp_source(f"127.0.0.1:{port}", count=messages, sessions=sessions, size=size, timeout=600)
+    return messages / run.elapsed, (_cpu_seconds(pid) - before) * 1000 / messages
+
+
+def measure(name: str, messages: int, sessions: int, size: int) -> tuple[float, float]:
+    port = _free_port()
+    if name == "smtp-sink":
+        from tests.support.postfix import smtp_sink
+
+        with smtp_sink(port, backlog=1024) as sink:
+            _load(port, sink.pid, min(200, messages), sessions, size)  # warm-up
+            return _load(port, sink.pid, messages, sessions, size)
+    proc = _start(name, port)
+    try:
+        _load(port, proc.pid, min(200, messages), sessions, size)  # warm-up: imports, caches
+        return _load(port, proc.pid, messages, sessions, size)
+    finally:
+        _stop(proc)
+
+
+SINKS = ("engine", "aiosmtpd", "smtp-sink")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.listener")
+    parser.add_argument("--serve", nargs=2, metavar=("SINK", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--size", type=int, default=5120)
+    args = parser.parse_args(argv)
+    if args.serve:
+        _serve(args.serve[0], int(args.serve[1]))
+        return
+    from tests.support.peers import find
+
+    if not (find("smtp-source") and find("smtp-sink")):
+        sys.exit("bench.listener: needs Postfix's smtp-source and smtp-sink (apt-get install postfix)")
+    rates: dict[str, list[float]] = {s: [] for s in SINKS}
+    cpu: dict[str, list[float]] = {s: [] for s in SINKS}
+    ratios: list[float] = []
+    print(f"listener-only load: smtp-source -s {args.sessions} -m {args.messages} -l {args.size},"
+          f" a new connection per message; {os.cpu_count()} CPUs")
+    for i in range(args.runs):
+        for sink in SINKS:
+            rate, cpu_ms = measure(sink, args.messages, args.sessions, args.size)
+            rates[sink].append(rate)
+            cpu[sink].append(cpu_ms)
+            time.sleep(0.5)
+        ratios.append(rates["engine"][-1] / rates["aiosmtpd"][-1])
+        print(f"run {i + 1}: " + "  ".join(f"{s} {rates[s][-1]:7.0f}/s" for s in SINKS)
+              + f"  engine/aiosmtpd {ratios[-1]:.2f}")
+    med = {s: statistics.median(v) for s, v in rates.items()}
+    print("median:  " + "  ".join(f"{s} {med[s]:7.0f}/s" for s in SINKS))
+    print("sink CPU per message (median): " + "  ".join(
+        f"{s} {statistics.median(cpu[s]):.2f} ms" for s in SINKS))
+    print(f"engine/smtp-sink {med['engine'] / med['smtp-sink']:.2f}"
+          f"  cpu_aiosmtpd_vs_engine={statistics.median(cpu['aiosmtpd']) / statistics.median(cpu['engine']):.2f}")
+    print(f"listener_vs_aiosmtpd={statistics.median(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""Mailroom's own SMTP/LMTP engine, used by every listener (MSA, MTA, MDA).
+
+- `wire`: bytes to command lines, DATA messages and BDAT chunks (pure; limits, bare CR/LF);
+- `session`: the state machine from greeting to QUIT, and the one function that writes replies;
+- `handler`: the contract a daemon implements (return data, or raise `SMTPError(Reply)`);
+- `serve`: serving sessions on a bound socket.
+"""
+
+from common.smtp.handler import Handler, MailEnvelope, MailSession
+from common.smtp.serve import bind, in_networks, limits_from, serve
+from common.smtp.session import Connections, Limits
+
+__all__ = [
+    "Connections", "Handler", "Limits", "MailEnvelope", "MailSession",
+    "bind", "in_networks", "limits_from", "serve",
+]  # fmt: skip

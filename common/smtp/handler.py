@@ -1,0 +1,85 @@
+"""The contract between the engine and a daemon: what a `Handler` is given and returns.
+
+The engine owns the protocol (syntax, sequence, limits, TLS, the replies'
+wording); a handler owns the decisions about mail (who may send, who exists,
+where a message goes).  A handler method either returns (the command is
+accepted; a returned `Reply` only changes the wording of the 2xx) or refuses
+by raising `SMTPError(reply)`.  There is no other way to refuse.
+
+After DATA, an SMTP handler returns one 2xx reply; an LMTP handler returns
+one reply per accepted recipient, in order (RFC 2033 4.2): those are the
+outcomes of the deliveries, and may be refusals.  If an LMTP handler raises
+instead, the engine repeats that reply once per recipient.
+
+Nothing here knows about queues, mailboxes or the config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.reply import AUTH_FAILED, Reply, SMTPError
+
+
+@dataclass
+class MailSession:
+    """What is known about the client, for the life of one connection."""
+
+    peer: Any = None  # the socket's peer address (a tuple; "" for a Unix socket)
+    client_ip: str = ""  # "local" on a Unix socket
+    host_name: str | None = None  # the HELO/EHLO/LHLO argument
+    extended_smtp: bool = False  # EHLO/LHLO rather than HELO
+    tls: bool = False  # the connection is encrypted (STARTTLS done, or implicit TLS)
+    user: str | None = None  # the authenticated login, lower-case
+    errors: int = 0  # client errors so far (the engine closes after too many)
+
+
+@dataclass
+class MailEnvelope:
+    """One mail transaction, from MAIL FROM to the end of DATA."""
+
+    mail_from: str | None = None
+    rcpt_tos: list[str] = field(default_factory=list)
+    content: bytes | None = None  # CRLF lines, dots unstuffed; set before data()
+    params: dict[str, str] = field(default_factory=dict)  # the MAIL FROM parameters understood
+    trace_id: str = ""
+    smtp_utf8: bool = False
+    body_type: str = "7BIT"  # 7BIT | 8BITMIME | BINARYMIME (RFC 6152, RFC 3030)
+
+
+class Handler:
+    """What a daemon plugs into a listener.  Every async method may raise SMTPError."""
+
+    #: Extra EHLO keywords, also accepted as MAIL FROM parameters (e.g. XTRACE).
+    ehlo_keywords: tuple[str, ...] = ()
+    #: Whether AUTH PLAIN/LOGIN is offered (only ever over TLS).
+    offers_auth = False
+    #: Whether BDAT (RFC 3030) may be offered: data() stores a BDAT message
+    #: exactly as a DATA one.
+    offers_chunking = True
+
+    async def connect(self, session: MailSession) -> None:
+        """Before the greeting; raise SMTPError to turn the client away."""
+
+    async def mail(self, session: MailSession, envelope: MailEnvelope, sender: str) -> Reply | None:
+        """MAIL FROM; envelope.params holds its parameters."""
+        return None
+
+    async def rcpt(self, session: MailSession, envelope: MailEnvelope, recipient: str) -> Reply | None:
+        """RCPT TO; the engine has already applied the recipient limit."""
+        return None
+
+    async def data(self, session: MailSession, envelope: MailEnvelope) -> Reply | list[Reply]:
+        """The whole message is in envelope.content."""
+        raise NotImplementedError
+
+    async def authenticate(self, session: MailSession, login: str, password: str) -> None:
+        """Check a login (AUTH PLAIN/LOGIN over TLS); raise SMTPError to refuse."""
+        raise SMTPError(AUTH_FAILED)
+
+    async def refused(self, session: MailSession, envelope: MailEnvelope, reply: Reply) -> None:
+        """The engine refused the message itself after DATA (too big, line too long)."""
+
+    def reset(self, session: MailSession) -> None:
+        """The transaction ended (RSET, end of DATA, new EHLO or disconnect)."""

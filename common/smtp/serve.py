@@ -1,0 +1,100 @@
+"""Serving SMTP/LMTP sessions on a listening socket.
+
+The daemon skeleton binds the socket (while it may still be root), loads the
+TLS context and drops privileges; `serve` then only turns each accepted
+connection into a `Session` with a fresh handler.  Admission (connection caps
+per listener and per client address), the idle and whole-session timeouts and
+the TLS handshake (STARTTLS, or implicit TLS on the 465 role, done by the
+session itself so that a failed handshake is one log line) live in the
+session; this module holds what is set once per listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from common.config import SMTPSection, parse_hostport
+from common.smtp.handler import Handler
+from common.smtp.session import Connections, Limits, Listener, Session, client_address
+
+
+def limits_from(smtp: SMTPSection, **overrides: Any) -> Limits:
+    """The [smtp] limits of the config, with per-listener changes."""
+    values = {f: getattr(smtp, f) for f in Limits.__dataclass_fields__ if hasattr(smtp, f)}
+    values.update(overrides)
+    return Limits(**values)
+
+
+def bind(where: str) -> socket.socket:
+    """A listening socket for 'host:port' or 'unix:/path'."""
+    if where.startswith("unix:"):
+        path = where[5:]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+    else:
+        host, port = parse_hostport(where)
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    sock.listen(1024)
+    return sock
+
+
+async def serve(
+    listen: socket.socket | str,
+    make_handler: Callable[[], Handler],
+    *,
+    hostname: str,
+    limits: Limits,
+    tls_context: ssl.SSLContext | None = None,
+    implicit_tls: bool = False,
+    require_starttls: bool = False,
+    lmtp: bool = False,
+    utf8: bool = True,
+    sock: socket.socket | None = None,
+    connections: Connections | None = None,
+) -> asyncio.Server:
+    """Serve sessions on a bound socket (`sock`, or `listen` when it is one).
+
+    A string `listen` ('host:port', 'unix:/path') is bound here, for tests
+    and tools; daemons pass the socket their skeleton bound.  Listeners
+    given the same `connections` share their caps (the MSA's 587 and 465
+    roles count one client's connections together).
+    """
+    if implicit_tls and tls_context is None:
+        raise ValueError("implicit TLS needs a TLS context")
+    listener = Listener(
+        hostname=hostname, limits=limits, connections=connections if connections is not None else Connections(),
+        tls_context=tls_context, implicit_tls=implicit_tls, require_starttls=require_starttls, lmtp=lmtp, utf8=utf8,
+    )
+    bound = sock if sock is not None else listen if isinstance(listen, socket.socket) else bind(listen)
+    bound.setblocking(False)
+
+    def factory() -> Session:
+        return Session(make_handler(), listener)
+
+    loop = asyncio.get_running_loop()
+    if bound.family == socket.AF_UNIX:
+        return await loop.create_unix_server(factory, sock=bound)
+    return await loop.create_server(factory, sock=bound)
+
+
+def in_networks(ip: str, networks: list[str]) -> bool:
+    """True when `ip` is inside one of `networks` (e.g. trusted_networks)."""
+    try:
+        a = ipaddress.ip_address(client_address(ip))
+    except ValueError:
+        return False
+    return any(a in ipaddress.ip_network(n, strict=False) for n in networks)

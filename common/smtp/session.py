@@ -1,0 +1,704 @@
+"""One SMTP or LMTP session, greeting to QUIT: every command, in one place.
+
+The session is an asyncio Protocol.  `data_received` only feeds the wire
+reader (common.smtp.wire) and wakes the session's one task, which pulls
+commands one at a time, asks the handler (common.smtp.handler) what it thinks
+and answers.  So a pipelined batch is executed in order, and nothing after a
+closing reply is ever executed: the reader is emptied and no further command
+is pulled.
+
+`_reply` is the only place a reply reaches the wire.  It counts the client's
+errors, closes after too many (421 4.7.0), and after any reply that ends the
+session (421, 521, 554 at the greeting) it drops the rest of the input and
+closes.  A 452 for the recipient limit is not an error: the client did
+nothing wrong, and the recipients already accepted are kept (RFC 5321
+4.5.3.1.10).
+
+Commands: HELO, EHLO, LHLO (LMTP only), STARTTLS (RFC 3207; input read
+before TLS is thrown away, CVE-2011-0411), AUTH PLAIN and LOGIN (RFC 4954;
+only over TLS), MAIL, RCPT, DATA, BDAT (RFC 3030), RSET, NOOP, VRFY, HELP,
+QUIT.  Extensions advertised: PIPELINING (RFC 2920), SIZE (RFC 1870),
+8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531), ENHANCEDSTATUSCODES (RFC 2034),
+CHUNKING (RFC 3030), STARTTLS, AUTH.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import contextvars
+import ipaddress
+import logging
+import ssl
+from base64 import b64decode
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from common import address as addr
+from common import reply as R
+from common.log import trace_id
+from common.reply import Reply, SMTPError
+from common.smtp import wire
+from common.smtp.handler import Handler, MailEnvelope, MailSession
+
+log = logging.getLogger("smtp")
+
+# Replies that end the session (RFC 5321 3.8 for 421; 521 as Postfix says it for bare LF).
+_CLOSING = frozenset({421, 521})
+# Pause reading a client that sends faster than we execute (memory stays bounded).
+_HIGH_WATER = 256 * 1024
+# After a closing reply, how long we keep swallowing input before dropping the
+# connection (closing with unread input would reset the connection and could
+# destroy the reply on its way to the client).
+_LINGER = 2.0
+# Commands allowed before STARTTLS on a listener that requires it (RFC 3207 4).
+_BEFORE_TLS = frozenset({"NOOP", "EHLO", "HELO", "LHLO", "STARTTLS", "QUIT", "RSET", "AUTH", "HELP"})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one listener allows (the [smtp] settings, changed per listener)."""
+
+    max_message_size: int = 35 * 1024 * 1024
+    max_recipients: int = 100
+    idle_timeout: float = 300.0
+    session_timeout: float = 1800.0
+    max_connections: int = 1000
+    max_connections_per_client: int = 50
+    max_errors: int = 20
+    tls_handshake_timeout: float = 30.0
+
+
+@dataclass
+class Connections:
+    """Open connections of one listener (or of listeners that share a cap)."""
+
+    total: int = 0
+    per_client: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class Listener:
+    """How one listener speaks: what is the same for all of its sessions."""
+
+    hostname: str
+    limits: Limits
+    connections: Connections
+    tls_context: ssl.SSLContext | None = None
+    implicit_tls: bool = False
+    require_starttls: bool = False
+    lmtp: bool = False
+    utf8: bool = True
+
+
+class Session(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, handler: Handler, listener: Listener) -> None:
+        self.handler = handler
+        self.listener = listener
+        self.limits = listener.limits
+        self.session = MailSession()
+        self.envelope = MailEnvelope()
+        self.reader = wire.Reader(max_message_size=listener.limits.max_message_size)
+        self.transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._eof = False  # the client will send no more
+        self._closing = False  # a closing reply was sent: execute nothing more
+        self._paused = False
+        self._counted = ""  # the client address counted in `connections`
+        self._admitted = False
+        self._last_input = self._loop.time()
+        self._timer: asyncio.TimerHandle | None = None
+        self._started = 0.0
+        self._linger: asyncio.TimerHandle | None = None
+        self._on_tls = False
+
+    # --- the Protocol side: bytes in, wake the task ------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.session.peer = peer
+        self.session.client_ip = client_address(peer[0]) if isinstance(peer, tuple) and peer else "local"
+        self._admitted = self._admit(self.session.client_ip)
+        if self.listener.implicit_tls:
+            transport.pause_reading()  # the ClientHello is for start_tls, not for us
+        # A fresh context: the session never inherits a trace id from whoever
+        # accepted the connection, and keeps its own from task to task.
+        self._task = self._loop.create_task(self._run(), context=contextvars.Context())
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return  # after a closing reply, input is dropped unread
+        self._last_input = self._loop.time()
+        self.reader.feed(data)
+        if self.reader.buffered > _HIGH_WATER and self.transport is not None and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        self._wake()
+        if self._closing and self.transport is not None:
+            self.transport.close()
+        # Half-open: the replies to what was sent before the EOF may still be written.
+        return None if self._on_tls else True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._closing = True
+        self.transport = None
+        self._wake()
+        self._release()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def _next(self) -> wire.Item | None:
+        """The next thing the client sent, or None when it is gone (or we closed)."""
+        while not self._closing:
+            item = self.reader.next()
+            if item is not None:
+                return item
+            if self._eof:
+                return None
+            if self._paused and self.transport is not None:
+                self._paused = False
+                self.transport.resume_reading()
+            self._last_input = self._loop.time()  # idle time counts from here
+            self._wakeup = self._loop.create_future()
+            await self._wakeup
+            self._wakeup = None
+        return None
+
+    # --- the one place replies are written ------------------------------------------------
+
+    def _reply(self, reply: Reply, more: tuple[str, ...] = (), *, counts: bool = True, greeting: bool = False) -> None:
+        """Write one reply (with continuation lines `more` before it) and act on what it means."""
+        if self._closing or self.transport is None:
+            return
+        last = f"{reply.code} {reply.status} {reply.text}" if reply.status else f"{reply.code} {reply.text}"
+        if more:
+            lines = [f"{reply.code}-{text}" for text in more]
+            lines.append(last)
+            out = "\r\n".join(lines) + "\r\n"
+        else:
+            out = last + "\r\n"
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s << %s", self.session.client_ip, out.rstrip().replace("\r\n", " | "))
+        self.transport.write(out.encode("utf-8", "surrogateescape"))
+        if reply.code in _CLOSING or (greeting and reply.code == 554):
+            self._close()
+            return
+        # The client's mistakes count; a limit reached (452) or our own trouble (4xx) does not.
+        if counts and reply.code >= 500:
+            self.session.errors += 1
+            if self.session.errors > self.limits.max_errors:
+                self._reply(R.TOO_MANY_ERRORS)
+
+    def _close(self) -> None:
+        """Execute nothing more: drop what is buffered, stop reading, hang up."""
+        self._closing = True
+        self.reader.discard()
+        self._wake()
+        transport = self.transport
+        if transport is None:
+            return
+        if self._eof or self._on_tls or not transport.can_write_eof():
+            transport.close()
+            return
+        # Say we are done (FIN after the reply) but keep swallowing what the client
+        # still sends until it hangs up, so the kernel never answers it with a reset.
+        try:
+            transport.write_eof()
+        except OSError:  # the client is already gone
+            transport.close()
+            return
+        if self._paused:
+            transport.resume_reading()
+        self._linger = self._loop.call_later(_LINGER, transport.abort)
+
+    # --- admission, timeouts ------------------------------------------------------------------
+
+    def _admit(self, ip: str) -> bool:
+        c, lim = self.listener.connections, self.limits
+        if c.total >= lim.max_connections or c.per_client[ip] >= lim.max_connections_per_client:
+            return False
+        c.total += 1
+        c.per_client[ip] += 1
+        self._counted = ip
+        return True
+
+    def _release(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._linger is not None:
+            self._linger.cancel()
+        if self._counted:
+            c = self.listener.connections
+            c.total -= 1
+            c.per_client[self._counted] -= 1
+            if c.per_client[self._counted] <= 0:
+                del c.per_client[self._counted]
+            self._counted = ""
+
+    def _start_timer(self) -> None:
+        self._started = self._loop.time()
+        lim = self.limits
+        self._timer = self._loop.call_later(min(lim.idle_timeout, lim.session_timeout), self._check_time)
+
+    def _check_time(self) -> None:
+        """One timer for both limits: re-armed for whichever comes first."""
+        now, lim = self._loop.time(), self.limits
+        session_left = lim.session_timeout - (now - self._started)
+        # Idle is the client's silence while we wait for it, not our own time spent
+        # executing its command (a slow disk or next hop must not end the session).
+        waiting = self._wakeup is not None
+        idle_left = lim.idle_timeout - (now - self._last_input) if waiting else lim.idle_timeout
+        if session_left <= 0:
+            self._reply(R.SESSION_TIMEOUT)
+        elif idle_left <= 0:
+            self._reply(R.TIMEOUT)
+        else:
+            self._timer = self._loop.call_later(min(session_left, idle_left), self._check_time)
+
+    # --- the command loop --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        ip = self.session.client_ip
+        try:
+            if self.listener.implicit_tls and not await self._start_tls():
+                return
+            if not self._admitted:
+                log.warning("%s: connection limit reached, refusing", ip)
+                self._reply(R.TOO_MANY_CONNECTIONS)
+                return
+            self._start_timer()
+            try:
+                if type(self.handler).connect is not Handler.connect:  # most handlers need no hook here
+                    await self.handler.connect(self.session)
+            except SMTPError as exc:
+                self._reply(exc.reply, greeting=True)
+                if not self._closing:
+                    self._close()
+                return
+            kind = "LMTP" if self.listener.lmtp else "ESMTP"
+            self._reply(Reply(220, "", f"{self.listener.hostname} {kind} Mailroom"))
+            while not self._closing:
+                item = await self._next()
+                if item is None:
+                    break
+                await self._item(item)
+        except ConnectionError:
+            pass  # the client (or a next hop the handler spoke to) went away
+        except asyncio.CancelledError:
+            # The server is shutting down: leave no transport behind.
+            self._closing = True
+            if self.transport is not None:
+                self.transport.abort()
+            raise
+        except Exception:
+            log.exception("%s: session failed", ip)
+            self._reply(R.LOCAL_ERROR_CLOSING)
+        finally:
+            if self.transport is not None and not self._closing:
+                self._closing = True
+                self.transport.close()
+            self.reader.discard()
+            # A disconnect ends the transaction too: the handler lets go of what it holds.
+            try:
+                self.handler.reset(self.session)
+            except Exception:
+                log.exception("%s: reset after disconnect failed", ip)
+
+    async def _item(self, item: wire.Item) -> None:
+        if isinstance(item, wire.BareLineEnding):
+            log.warning("%s: bare CR or LF, disconnecting", self.session.client_ip)
+            self._reply(R.BARE_LINE_ENDING)
+        elif isinstance(item, wire.LineTooLong):
+            self._reply(R.LINE_TOO_LONG)
+        elif isinstance(item, wire.Command):
+            await self._command(item.line)
+        else:  # a message or chunk outside DATA/BDAT cannot happen
+            raise AssertionError(f"unexpected {item!r}")
+
+    async def _command(self, line: bytes) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s >> %s", self.session.client_ip, _redact(line))
+        verb, _, rest = line.partition(b" ")
+        name = verb.upper().decode("ascii", "replace")
+        arg = rest.strip().decode("utf-8", "surrogateescape")
+        method = self._commands.get(name)
+        if method is None:
+            self._reply(R.SYNTAX_ERROR.with_text(f"Command not recognized: {name[:20]!r}"))
+            return
+        if self.listener.require_starttls and not self.session.tls and name not in _BEFORE_TLS:
+            self._reply(R.STARTTLS_FIRST)
+            return
+        if self.reader.in_bdat and name not in ("BDAT", "RSET", "QUIT", "NOOP"):
+            self._reply(R.BAD_SEQUENCE.with_text("Only BDAT, RSET or QUIT during BDAT"))
+            return
+        try:
+            await method(self, arg)
+        except SMTPError as exc:
+            self._reply(exc.reply)
+
+    # --- greeting commands ---------------------------------------------------------------------
+
+    def _hello_name(self, verb: str, arg: str) -> str:
+        if not arg:
+            raise SMTPError(R.PARAM_SYNTAX.with_text(f"Syntax: {verb} hostname"))
+        # A name that reaches Received: headers and terminals: printable text only.
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in arg):
+            raise SMTPError(R.BAD_HELLO)
+        return arg
+
+    async def _helo(self, arg: str) -> None:
+        if self.listener.lmtp:
+            raise SMTPError(R.SYNTAX_ERROR.with_text("This is LMTP: use LHLO"))
+        name = self._hello_name("HELO", arg)
+        self._reset_transaction()
+        self.session.host_name, self.session.extended_smtp = name, False
+        self._reply(Reply(250, "", self.listener.hostname))
+
+    async def _ehlo(self, arg: str) -> None:
+        if self.listener.lmtp:
+            raise SMTPError(R.SYNTAX_ERROR.with_text("This is LMTP: use LHLO"))
+        await self._extended_hello("EHLO", arg)
+
+    async def _lhlo(self, arg: str) -> None:
+        if not self.listener.lmtp:
+            raise SMTPError(R.SYNTAX_ERROR.with_text("Command not recognized: 'LHLO'"))
+        await self._extended_hello("LHLO", arg)
+
+    async def _extended_hello(self, verb: str, arg: str) -> None:
+        name = self._hello_name(verb, arg)
+        self._reset_transaction()
+        self.session.host_name, self.session.extended_smtp = name, True
+        lst, session = self.listener, self.session
+        lines = [lst.hostname, "PIPELINING", f"SIZE {self.limits.max_message_size}", "8BITMIME"]
+        if lst.utf8:
+            lines.append("SMTPUTF8")
+        lines.append("ENHANCEDSTATUSCODES")
+        if self.handler.offers_chunking:
+            lines.append("CHUNKING")
+        if lst.tls_context is not None and not session.tls:
+            lines.append("STARTTLS")
+        if self.handler.offers_auth and session.tls:
+            lines.append("AUTH PLAIN LOGIN")
+        lines.extend(self.handler.ehlo_keywords)
+        self._reply(Reply(250, "", lines[-1]), tuple(lines[:-1]))
+
+    # --- TLS and AUTH -----------------------------------------------------------------------------
+
+    async def _starttls(self, arg: str) -> None:
+        if self.listener.tls_context is None or self.session.tls:
+            raise SMTPError(R.NOT_AVAILABLE.with_text("STARTTLS not available"))
+        if arg:
+            raise SMTPError(R.PARAM_SYNTAX.with_text("Syntax: STARTTLS"))
+        self._reply(R.READY_FOR_TLS)
+        # CVE-2011-0411: whatever came with STARTTLS in plaintext is not a command.
+        self.reader.discard()
+        if await self._start_tls():
+            # RFC 3207 4.2: forget everything learned before TLS, EHLO included.
+            self._reset_transaction()
+            self.session = MailSession(
+                peer=self.session.peer, client_ip=self.session.client_ip, tls=True, errors=self.session.errors
+            )
+
+    async def _start_tls(self) -> bool:
+        """Turn the connection into TLS; False (logged once, connection closed) when that fails."""
+        transport, ctx = self.transport, self.listener.tls_context
+        assert ctx is not None
+        if transport is None:
+            return False
+        try:
+            new = await self._loop.start_tls(
+                transport, self, ctx, server_side=True,
+                ssl_handshake_timeout=self.limits.tls_handshake_timeout,
+            )
+        except OSError as exc:  # ssl.SSLError, resets and handshake timeouts are all OSErrors
+            log.info("%s: TLS handshake failed: %s", self.session.client_ip, _reason(exc))
+            self._closing = True
+            transport.abort()
+            return False
+        if new is None:
+            return False
+        self.transport = new
+        self._on_tls = True
+        self.session.tls = True
+        self._last_input = self._loop.time()
+        return True
+
+    async def _auth(self, arg: str) -> None:
+        session = self.session
+        if not self.handler.offers_auth:
+            raise SMTPError(R.NOT_AVAILABLE.with_text("AUTH not available here"))
+        if not session.tls:
+            raise SMTPError(R.ENCRYPTION_REQUIRED)
+        if not session.extended_smtp:
+            raise SMTPError(R.BAD_SEQUENCE.with_text("Send EHLO first"))
+        if session.user is not None:
+            raise SMTPError(R.BAD_SEQUENCE.with_text("Already authenticated"))
+        if self.envelope.mail_from is not None:
+            raise SMTPError(R.BAD_SEQUENCE.with_text("AUTH not allowed during a transaction"))
+        mechanism, _, initial = arg.partition(" ")
+        mechanism = mechanism.upper()
+        if mechanism == "PLAIN":
+            blob = _b64(initial.strip()) if initial else await self._challenge("")
+            if blob is None:
+                return
+            parts = blob.split(b"\x00")
+            if len(parts) != 3:
+                raise SMTPError(R.AUTH_SYNTAX.with_text("Cannot split AUTH PLAIN value"))
+            login, password = parts[1], parts[2]
+        elif mechanism == "LOGIN":
+            got = _b64(initial.strip()) if initial else await self._challenge("VXNlcm5hbWU6")  # "Username:"
+            if got is None:
+                return
+            login = got
+            got = await self._challenge("UGFzc3dvcmQ6")  # "Password:"
+            if got is None:
+                return
+            password = got
+        elif not mechanism:
+            raise SMTPError(R.PARAM_SYNTAX.with_text("Syntax: AUTH mechanism"))
+        else:
+            raise SMTPError(R.AUTH_MECHANISM)
+        name = login.decode("utf-8", "replace")
+        await self.handler.authenticate(session, name, password.decode("utf-8", "replace"))
+        session.user = name.lower()
+        self._reply(R.AUTH_OK)
+
+    async def _challenge(self, prompt: str) -> bytes | None:
+        """Send a 334 challenge and read the answer; None when the exchange ended."""
+        self._reply(Reply(334, "", prompt))
+        item = await self._next()
+        if item is None:
+            return None
+        if not isinstance(item, wire.Command):
+            await self._item(item)
+            return None
+        if item.line == b"*":
+            raise SMTPError(R.AUTH_CANCELLED)
+        return _b64(item.line.decode("ascii", "replace"))
+
+    # --- the transaction ---------------------------------------------------------------------------
+
+    def _reset_transaction(self) -> None:
+        if self.envelope.mail_from is not None or self.envelope.rcpt_tos or self.reader.in_bdat:
+            self.handler.reset(self.session)
+        self.envelope = MailEnvelope()
+        self.reader.abort_message()
+        trace_id.set("-")
+
+    async def _mail(self, arg: str) -> None:
+        session, envelope = self.session, self.envelope
+        if not session.host_name:
+            raise SMTPError(R.BAD_SEQUENCE.with_text("Send EHLO/LHLO first"))
+        if envelope.mail_from is not None:
+            raise SMTPError(R.BAD_SEQUENCE.with_text("Nested MAIL command"))
+        if arg[:5].upper() != "FROM:":
+            raise SMTPError(R.PARAM_SYNTAX.with_text("Syntax: MAIL FROM:<address>"))
+        sender, params = addr.parse_path(arg[5:], sender=True, utf8=self.listener.utf8)
+        envelope.params = self._mail_params(params)
+        envelope.smtp_utf8 = "SMTPUTF8" in envelope.params
+        envelope.body_type = envelope.params.get("BODY", "7BIT").upper()
+        result = _accepted(await self.handler.mail(session, envelope, sender))
+        envelope.mail_from = sender
+        self._reply(result or R.SENDER_OK)
+
+    def _mail_params(self, params: list[str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for p in params:
+            key, _, value = p.partition("=")
+            key = key.upper()
+            if key == "SIZE":
+                if not value.isdigit():
+                    raise SMTPError(R.PARAM_SYNTAX.with_text("SIZE needs a number"))
+                if int(value) > self.limits.max_message_size:
+                    raise SMTPError(R.MESSAGE_TOO_BIG)
+            elif key == "BODY":
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    raise SMTPError(R.PARAM_SYNTAX.with_text("BODY must be 7BIT or 8BITMIME"))
+            elif key == "SMTPUTF8":
+                if value or not self.listener.utf8:
+                    raise SMTPError(R.PARAM_SYNTAX.with_text("SMTPUTF8 takes no value"))
+            elif key not in self.handler.ehlo_keywords:
+                raise SMTPError(R.PARAM_NOT_RECOGNIZED.with_text(f"Unsupported parameter {key[:30]}"))
+            out[key] = value
+        return out
+
+    async def _rcpt(self, arg: str) -> None:
+        session, envelope = self.session, self.envelope
+        if envelope.mail_from is None:
+            raise SMTPError(R.BAD_SEQUENCE.with_text("Need MAIL command first"))
+        if arg[:3].upper() != "TO:":
+            raise SMTPError(R.PARAM_SYNTAX.with_text("Syntax: RCPT TO:<address>"))
+        recipient, params = addr.parse_path(arg[3:], sender=False, utf8=self.listener.utf8)
+        if params:
+            raise SMTPError(R.PARAM_NOT_RECOGNIZED.with_text("RCPT parameters not supported"))
+        if len(envelope.rcpt_tos) >= self.limits.max_recipients:
+            self._reply(R.TOO_MANY_RECIPIENTS, counts=False)
+            return
+        result = _accepted(await self.handler.rcpt(session, envelope, recipient))
+        envelope.rcpt_tos.append(recipient)
+        self._reply(result or R.RECIPIENT_OK)
+
+    def _ready_for_message(self) -> None:
+        envelope = self.envelope
+        if envelope.mail_from is None:
+            raise SMTPError(R.BAD_SEQUENCE.with_text("Need MAIL command first"))
+        if not envelope.rcpt_tos:
+            raise SMTPError(R.NO_VALID_RECIPIENTS)
+
+    async def _data(self, arg: str) -> None:
+        self._ready_for_message()
+        if arg:
+            raise SMTPError(R.PARAM_SYNTAX.with_text("Syntax: DATA"))
+        self._reply(R.START_DATA)
+        self.reader.start_data()
+        item = await self._next()
+        if item is None:
+            return
+        if not isinstance(item, wire.Message):  # a bare CR or LF
+            await self._item(item)
+            return
+        await self._deliver(item)
+
+    async def _bdat(self, arg: str) -> None:
+        size_text, _, last_text = arg.partition(" ")
+        last = last_text.strip().upper()
+        if not size_text.isdigit() or last not in ("", "LAST"):
+            # RFC 3030 2: the octets that follow cannot be found: end the session.
+            self._reply(R.BDAT_SYNTAX)
+            return
+        size = int(size_text)
+        try:
+            self._ready_for_message()
+        except SMTPError as exc:
+            # The chunk still follows: read it and drop it (RFC 3030 2).
+            self.reader.start_bdat(size, last=True)
+            if await self._next() is not None:
+                self.reader.abort_message()
+                self._reply(exc.reply)
+            return
+        self.reader.start_bdat(size, last=last == "LAST")
+        item = await self._next()
+        if item is None:
+            return
+        if isinstance(item, wire.Chunk):
+            self._reply(R.OK.with_text(f"{size} octets received"))
+            return
+        assert isinstance(item, wire.Message)
+        await self._deliver(item)
+
+    async def _deliver(self, message: wire.Message) -> None:
+        """The end of a message: the handler's verdict, one reply (SMTP) or one per recipient (LMTP)."""
+        session, envelope = self.session, self.envelope
+        count = len(envelope.rcpt_tos) if self.listener.lmtp else 1
+        replies: list[Reply]
+        problem = None
+        if message.too_big:
+            problem = R.MESSAGE_TOO_BIG
+        elif message.line_too_long:
+            problem = R.LINE_TOO_LONG
+        elif message.bare_line_ending:
+            problem = R.BARE_LINE_IN_MESSAGE
+        if problem is not None:
+            replies = [problem] * count
+            await self.handler.refused(session, envelope, problem)
+        else:
+            envelope.content = message.content
+            try:
+                result = await self.handler.data(session, envelope)
+            except SMTPError as exc:
+                result = exc.reply
+            replies = result if isinstance(result, list) else [result] * count
+        for r in replies:
+            self._reply(r, counts=False)
+        self.envelope = MailEnvelope()
+        self.handler.reset(session)
+        trace_id.set("-")
+
+    # --- the small ones ------------------------------------------------------------------------------
+
+    async def _rset(self, arg: str) -> None:
+        self._reset_transaction()
+        self._reply(R.OK)
+
+    async def _noop(self, arg: str) -> None:
+        self._reply(R.OK)
+
+    async def _vrfy(self, arg: str) -> None:
+        if not arg:
+            raise SMTPError(R.PARAM_SYNTAX.with_text("Syntax: VRFY address"))
+        self._reply(R.CANNOT_VRFY)  # RFC 5321 3.5.3: we never reveal who exists
+
+    async def _help(self, arg: str) -> None:
+        self._reply(R.HELP)
+
+    async def _quit(self, arg: str) -> None:
+        self._reply(R.BYE)
+        if self.reader.buffered or self.transport is None:
+            self._close()  # input after QUIT: swallow it while the 221 leaves
+        else:
+            self._closing = True
+            self.transport.close()
+
+    _commands: dict[str, Callable[[Session, str], Awaitable[None]]] = {
+        "HELO": _helo, "EHLO": _ehlo, "LHLO": _lhlo, "STARTTLS": _starttls, "AUTH": _auth,
+        "MAIL": _mail, "RCPT": _rcpt, "DATA": _data, "BDAT": _bdat, "RSET": _rset,
+        "NOOP": _noop, "VRFY": _vrfy, "HELP": _help, "QUIT": _quit,
+    }  # fmt: skip
+
+
+def client_address(ip: str) -> str:
+    """The address as policies see it: an IPv4-mapped IPv6 address becomes plain IPv4."""
+    if ":" not in ip:
+        return ip  # IPv4 already (the common case: no parsing per connection)
+    try:
+        a = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
+        return str(a.ipv4_mapped)
+    return ip
+
+
+def _accepted(result: Reply | None) -> Reply | None:
+    """A handler refuses only by raising; a refusal returned by mistake is refused all the same."""
+    if result is not None and not result.is_ok:
+        log.error("handler returned %s instead of raising SMTPError", result)
+        raise SMTPError(result)
+    return result
+
+
+def _b64(text: str) -> bytes:
+    try:
+        return b64decode(text.encode("ascii", "replace"), validate=True)
+    except (binascii.Error, ValueError):
+        raise SMTPError(R.AUTH_SYNTAX.with_text("Cannot decode base64")) from None
+
+
+def _redact(line: bytes) -> str:
+    text = line.decode("utf-8", "replace")
+    if text[:4].upper() == "AUTH":
+        return " ".join(text.split()[:2]) + " <redacted>"
+    return text
+
+
+def _reason(exc: BaseException) -> str:
+    """One short reason for a failed TLS handshake, for the log line."""
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason)
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,83 @@
+"""The engine with small handlers of its own, on a loopback port: the contract and the timers."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from common import reply as R
+from common.reply import Reply
+from common.smtp import Handler, Limits, MailEnvelope, MailSession, serve
+from tests.adversarial.dialogue import CLOSED, Session, line, play
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Slow(Handler):
+    """Takes longer over a message than the idle timeout allows a silent client."""
+
+    async def data(self, session: MailSession, envelope: MailEnvelope) -> Reply:
+        await asyncio.sleep(1.5)
+        return R.OK.with_text("stored, slowly")
+
+    async def rcpt(self, session: MailSession, envelope: MailEnvelope, recipient: str) -> Reply | None:
+        if recipient.startswith("returned"):
+            return R.UNKNOWN_USER  # wrong: a refusal must be raised; the engine refuses all the same
+        return None
+
+
+@pytest.fixture
+def port() -> Iterator[int]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start() -> asyncio.Server:
+        return await serve("127.0.0.1:0", Slow, hostname="engine.test", limits=Limits(idle_timeout=1.0))
+
+    server = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        async def stop() -> None:
+            server.close()
+            await server.wait_closed()
+            await asyncio.sleep(0.1)
+
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def _open(port: int) -> Session:
+    return Session(socket.create_connection(("127.0.0.1", port), timeout=10))
+
+
+def test_the_idle_timeout_counts_only_the_clients_silence(port: int) -> None:
+    s = _open(port)
+    try:
+        play(s, [
+            (None, "220 "), (line("EHLO c.example"), "250 "),
+            (line("MAIL FROM:<a@b.example>"), "250 2.1.0"), (line("RCPT TO:<x@y.example>"), "250 2.1.5"),
+            (line("DATA"), "354 "), (b"Subject: s\r\n\r\nhi\r\n.\r\n", "250 2.0.0 stored, slowly"),
+            # And a client that stays silent is told so and let go.
+            (None, "421 4.4.2"), (None, CLOSED),
+        ])
+    finally:
+        s.close()
+
+
+def test_a_refusal_returned_instead_of_raised_is_still_a_refusal(port: int) -> None:
+    s = _open(port)
+    try:
+        play(s, [
+            (None, "220 "), (line("EHLO c.example"), "250 "), (line("MAIL FROM:<a@b.example>"), "250 2.1.0"),
+            (line("RCPT TO:<returned@y.example>"), "550 5.1.1"), (line("DATA"), "503 5.5.1"),
+        ])
+    finally:
+        s.close()
