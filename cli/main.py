@@ -15,6 +15,8 @@ from pathlib import Path
 
 from sqlalchemy import delete, select
 
+from cli import dkim as dkimcmd
+from cli import dns as dnscmd
 from cli import queue as queuecmd
 from cli import supervise, trace
 from common import config as configmod
@@ -47,6 +49,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         s.merge(Domain(name=args.domain.lower()))
         s.commit()
     print(f"created {conf}, database, and a self-signed certificate for {args.hostname}")
+    dkimcmd.keygen(cfg, args.domain, None)  # a first DKIM key set; prints its DNS records
     return 0
 
 
@@ -252,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("id")
     t.add_argument("--json", action="store_true")
 
+    dkimcmd.add_parser(sub)
+    dnscmd.add_parser(sub)
+
     c = sub.add_parser("config", help="the effective configuration")
     c.add_argument("action", choices=("show",))
     c.add_argument("--json", action="store_true")
@@ -285,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_trace(args, cfg)
         case "config":
             return cmd_config(args, cfg)
+        case "dkim":
+            return dkimcmd.run(args, cfg)
+        case "dns":
+            return dnscmd.run(args, cfg)
     return 2
 
 

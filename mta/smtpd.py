@@ -28,7 +28,7 @@ from common.log import is_trace_id, new_trace_id, trace_id
 from common.models import add_event
 from common.reply import Reply
 from common.tls import server_context
-from mta import aliases, queue
+from mta import aliases, mailauth, queue
 
 log = logging.getLogger("smtpd")
 
@@ -49,6 +49,10 @@ class SMTPHandler(Handler):
     def may_relay(self, session: MailSession) -> bool:
         return self.internal or in_networks(session.client_ip, self.ctx.config.mta.trusted_networks)
 
+    async def connect(self, session: MailSession) -> None:
+        if not self.may_relay(session) and (refusal := await mailauth.check_connect(self.ctx, session.client_ip)):
+            raise R.SMTPError(refusal)
+
     async def mail(self, session: MailSession, envelope: MailEnvelope, sender: str) -> Reply:
         # Measured where the queue is written (the database's disk), not where we run.
         free = shutil.disk_usage(self.ctx.config.queue_dir).free
@@ -65,6 +69,12 @@ class SMTPHandler(Handler):
         cfg = self.ctx.config
         if "@" not in recipient:  # <postmaster>, RFC 5321 4.5.1
             recipient = f"postmaster@{cfg.mailroom.domains[0]}"
+        srs_target = mailauth.rewrite_recipient(self.ctx, recipient)  # a bounce to an SRS sender
+        if isinstance(srs_target, Reply):
+            return srs_target
+        if srs_target is not None:
+            self.expanded[recipient] = aliases.Expansion([], [srs_target])
+            return R.RECIPIENT_OK
         if not cfg.is_local_domain(domain_of(recipient)):
             if self.may_relay(session):
                 self.expanded[recipient] = aliases.Expansion([], [recipient])
@@ -98,13 +108,26 @@ class SMTPHandler(Handler):
             log.warning("mail loop: %d Received headers", hops)
             return R.MAIL_LOOP
         now = self.ctx.clock.now()
-        body = self._received_header(session, envelope, now) + envelope.content
         recipients: list[queue.QueuedRecipient] = []
         for rcpt in envelope.rcpt_tos:
             exp = self.expanded[rcpt]
             for a in [*exp.local, *exp.remote]:
                 if all(a != r.address for r in recipients):
                     recipients.append(queue.QueuedRecipient(a, rcpt))
+        content, added = envelope.content, b""
+        if self.may_relay(session):  # ours: DKIM-signed once, here, when it leaves our domains
+            added = await mailauth.sign_outgoing(
+                self.ctx, content, trusted=True, recipients=[r.address for r in recipients]
+            )
+        else:  # from the Internet: SPF, DKIM, DMARC, ARC, then the content filter
+            inbound = await mailauth.check_inbound(
+                self.ctx, content, client_ip=session.client_ip, helo=session.host_name or "",
+                mail_from=envelope.mail_from, recipients=list(envelope.rcpt_tos), trace=envelope.trace_id,
+            )
+            if inbound.reply is not None:
+                return inbound.reply
+            content, added = inbound.content, inbound.headers
+        body = self._received_header(session, envelope, now) + added + content
         try:
             # Group commit: sessions finishing DATA together share one fsync'd
             # commit, and each 250 still waits for the commit that holds its message.
