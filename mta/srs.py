@@ -98,7 +98,10 @@ class SRS:
         return f"SRS0={self._hash(stamp, domain, local)}={stamp}={domain}={local}@{self.domain}"
 
     def reverse(self, address: str) -> str:
-        """Where a bounce to `address` (one of our SRS addresses) goes; SRSError if forged or old."""
+        """Where a bounce to `address` (one of our SRS addresses) goes; SRSError if forged or old.
+
+        The hash is compared without case, as libsrs2 does: some MTAs fold local parts.
+        """
         local, _, domain = address.rpartition("@")
         if domain.lower() != self.domain:
             raise SRSError("not our domain")
@@ -108,7 +111,7 @@ class SRS:
             if len(parts) != 4:
                 raise SRSError("malformed SRS0 address")
             h, stamp, odomain, olocal = parts
-            if not hmac.compare_digest(h.encode(), self._hash(stamp, odomain, olocal).encode()):
+            if not hmac.compare_digest(h.lower().encode(), self._hash(stamp, odomain, olocal).lower().encode()):
                 raise SRSError("bad hash")
             if not self._fresh(stamp):
                 raise SRSError("expired")
@@ -118,7 +121,7 @@ class SRS:
             first, sep, rest = tail.partition("==")
             if not sep or not first:
                 raise SRSError("malformed SRS1 address")
-            if not hmac.compare_digest(h.encode(), self._hash(first, rest).encode()):
+            if not hmac.compare_digest(h.lower().encode(), self._hash(first, rest).lower().encode()):
                 raise SRSError("bad hash")
             return f"SRS0={rest}@{first}"
         raise SRSError("not an SRS address")
