@@ -163,6 +163,9 @@ class Signer:
         """The DKIM-Signature headers (RSA first, then Ed25519) for `message`; b"" without keys."""
         return sign(message, self.keys_for(domain))
 
+    def seal(self, message: bytes, domain: str, authserv_id: str) -> bytes:
+        return arc_seal(message, self.keys_for(domain), authserv_id)
+
 
 def sign(message: bytes, keys: list[Key]) -> bytes:
     out = b""
@@ -178,6 +181,27 @@ def sign(message: bytes, keys: list[Key]) -> bytes:
             include_headers=[h.encode() for h in include],
         )
     return out
+
+
+def arc_seal(message: bytes, keys: list[Key], authserv_id: str) -> bytes:
+    """An ARC set (RFC 8617) for a message we forward; b"" without an RSA key.
+
+    `message` must carry our Authentication-Results (authserv-id `authserv_id`):
+    the seal records it, and its arc= result says whether the chain so far held.
+    RSA only: Ed25519 ARC is not yet read by the receivers that matter.
+    """
+    rsa_keys = [k for k in keys if k.algorithm == "rsa"]
+    if not rsa_keys:
+        return b""
+    key = rsa_keys[0]
+    include = [h for h in SIGNED_HEADERS if h in _present_headers(message)]
+    if "from" not in include:
+        return b""
+    headers = dkim.arc_sign(
+        message, key.dns_selector.encode(), key.domain.encode(), key.private, authserv_id.encode(),
+        include_headers=[h.encode() for h in include],
+    )
+    return b"".join(headers)
 
 
 def _present_headers(message: bytes) -> set[str]:

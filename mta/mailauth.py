@@ -91,9 +91,13 @@ class Inbound:
 
 async def check_inbound(
     ctx: _Ctx, content: bytes, *, client_ip: str, helo: str, mail_from: str,
-    recipients: list[str], trace: str,
+    recipients: list[str], trace: str, deliver_to: list[str] | None = None,
 ) -> Inbound:
-    """SPF, DKIM, DMARC and ARC for public mail, then the content filter."""
+    """SPF, DKIM, DMARC and ARC for public mail, then the content filter.
+
+    `deliver_to` (the recipients after alias expansion): when some are outside
+    addresses the message is forwarded, and gets our ARC seal over our results.
+    """
     cfg = ctx.config
     st = _state(cfg)
     headers = b""
@@ -113,6 +117,11 @@ async def check_inbound(
         if decision.reply is not None:
             return Inbound(decision.reply, b"", content)
         headers += decision.headers
+        local = cfg.mailroom.domains
+        if cfg.dkim.sign and any(a.rsplit("@", 1)[-1].lower() not in local for a in deliver_to or []):
+            seal_domain = cfg.mailauth.srs_domain or local[0]
+            sealed = await asyncio.to_thread(st.signer.seal, headers + content, seal_domain, cfg.mailroom.hostname)
+            headers = sealed + headers
     if st.filter is not None:
         for name in contentfilter.VERDICT_HEADERS:
             content = checks.strip_header(content, name)

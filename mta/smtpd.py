@@ -123,6 +123,7 @@ class SMTPHandler(Handler):
             inbound = await mailauth.check_inbound(
                 self.ctx, content, client_ip=session.client_ip, helo=session.host_name or "",
                 mail_from=envelope.mail_from, recipients=list(envelope.rcpt_tos), trace=envelope.trace_id,
+                deliver_to=[r.address for r in recipients],
             )
             if inbound.reply is not None:
                 return inbound.reply

@@ -313,3 +313,42 @@ def test_filter_down(inst: Installation, records: dict[str, Any], tmp_path: Path
             assert b"X-Mailroom-Filter: unscanned" in server.stored(text)[0]
     finally:
         server.close()
+
+
+def test_forwarded_mail_is_arc_sealed_over_our_results(mta: MTA, inst: Installation,
+                                                       outside_keys: list[dkim.Key]) -> None:
+    msg = outside_message().replace(b"To: alice@example.org", b"To: fwd@example.org")
+    signed = dkim.sign(msg, outside_keys) + msg
+    code, text = mta.send(f"alice@{OUTSIDE}", ["fwd@example.org"], signed)
+    assert code == 250, text
+    body, rcpts, _ = mta.stored(text)
+    assert rcpts == ["carol@elsewhere.test"]
+    head = re.sub(rb"\r\n\s+", b" ", body.split(b"\r\n\r\n", 1)[0])
+    assert re.search(rb"(?m)^ARC-Seal: i=1; cv=none; a=rsa-sha256; d=example\.org; s=mr\d{6}-rsa", head), head
+    assert re.search(rb"(?m)^ARC-Authentication-Results: i=1; mail\.test; .*dmarc=pass", head), head
+    resolver = SyncResolver(inst.config.dns.nameservers, 3)
+    assert checks.check_arc(body, resolver) == "pass"
+    # Mail that is not forwarded gets no seal.
+    code, text = mta.send(f"alice@{OUTSIDE}", ["alice@example.org"], dkim.sign(outside_message(), outside_keys)
+                          + outside_message())
+    assert b"ARC-Seal" not in mta.stored(text)[0]
+
+
+def test_expired_signature_counts_as_none(mta: MTA, outside_keys: list[dkim.Key],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import dkim as dkimpy
+
+    gen = dkimpy.DKIM.gen_header
+
+    def with_expiry(self: Any, fields: list[tuple[bytes, bytes]], *a: Any) -> Any:
+        fields = [*fields[:-1], (b"x", str(int(time.time()) - 3600).encode()), fields[-1]]
+        return gen(self, fields, *a)
+
+    monkeypatch.setattr(dkimpy.DKIM, "gen_header", with_expiry)
+    msg = outside_message()
+    signed = dkim.sign(msg, outside_keys) + msg
+    monkeypatch.undo()
+    code, text = mta.send("list@lists.test", ["alice@example.org"], signed)
+    assert (code, text[:5]) == (550, b"5.7.1"), text

@@ -11,8 +11,9 @@ whole suite runs under supervisord.
 - mail signed by opendkim (opendkim-genkey + opendkim-testmsg) is verified by
   Mailroom; modified or wrong-key copies and forged From: get 550 5.7.1;
 - rspamd's verdict becomes the reply (GTUBE: 550 5.7.1) or X-Spam headers;
-- a message forwarded by an alias leaves with an SRS sender, and the bounce to
-  that sender comes back to the original sender.
+- a message forwarded by an alias leaves with an SRS sender (SPF passes at the
+  next hop) and our ARC seal (rspamd validates it), and the bounce to that
+  sender comes back to the original sender.
 """
 
 from __future__ import annotations
@@ -244,13 +245,16 @@ def test_rspamd_verdicts_become_replies_and_headers(
 def test_srs_round_trip_through_an_outside_forward(
     world: tuple[Installation, DNSServer, RspamdServer, dict[str, Any]], sink: tuple[Sink, int]
 ) -> None:
-    inst = world[0]
+    inst, _, rsp, _ = world
     msg = (b"From: Alice <alice@example.net>\r\nTo: fwd@example.org\r\nSubject: please forward\r\n"
            b"Message-ID: <srs1@example.net>\r\n\r\nto Carol.\r\n")
     code, text = _send_public(inst, "alice@example.net", "fwd@example.org", msg)
     assert code == 250, text
     [fwd] = _wait(inst, sink[0], "carol@elsewhere.test")
     assert re.fullmatch(r"SRS0=[^=]{4}=[A-Z2-7]{2}=example\.net=alice@example\.org", fwd.sender), fwd.sender
+    # The next hop (rspamd standing in for it) sees SPF pass for the SRS sender and our ARC seal.
+    seen = rsp.scan(fwd.data, ip="127.0.0.1", helo="mail.test", mail_from=fwd.sender, rcpt="carol@elsewhere.test")
+    assert "R_SPF_ALLOW" in seen["symbols"] and "ARC_ALLOW" in seen["symbols"], sorted(seen["symbols"])
     # elsewhere.test cannot deliver and bounces to the SRS address, as a real MTA does.
     dsn = (b"From: MAILER-DAEMON@elsewhere.test\r\nTo: " + fwd.sender.encode() +
            b"\r\nSubject: Undelivered Mail Returned to Sender\r\nMessage-ID: <dsn1@elsewhere.test>\r\n\r\n"
