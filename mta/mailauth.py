@@ -152,11 +152,14 @@ def rewrite_recipient(ctx: _Ctx, recipient: str) -> str | Reply | None:
     None when `recipient` is no SRS address; a Reply when it is forged or too old.
     """
     cfg = ctx.config
-    local = recipient.rsplit("@", 1)[0]
+    local, _, domain = recipient.rpartition("@")
     if not srs.is_srs(local):
         return None
+    codec = srs_codec(cfg)
+    if domain.lower() != codec.domain:
+        return None  # someone else's SRS address: an ordinary recipient
     try:
-        return srs_codec(cfg).reverse(recipient)
+        return codec.reverse(recipient)
     except srs.SRSError as exc:
         log.info("refused SRS address <%s>: %s", recipient, exc)
         return srs.FORGED

@@ -352,3 +352,10 @@ def test_expired_signature_counts_as_none(mta: MTA, outside_keys: list[dkim.Key]
     monkeypatch.undo()
     code, text = mta.send("list@lists.test", ["alice@example.org"], signed)
     assert (code, text[:5]) == (550, b"5.7.1"), text
+
+
+def test_someone_elses_srs_address_is_an_ordinary_recipient(mta: MTA) -> None:
+    msg = b"From: alice@example.org\r\nSubject: reply\r\n\r\nhi\r\n"
+    code, text = mta.send("alice@example.org", ["SRS0=abcd=AB=example.net=bob@forwarder.test"], msg, internal=True)
+    assert code == 250, text
+    assert mta.stored(text)[1] == ["SRS0=abcd=AB=example.net=bob@forwarder.test"]
