@@ -7,7 +7,7 @@ transport map sends remote.test, elsewhere.test and example.net to it); the
 whole suite runs under supervisord.
 
 - mail Mailroom sends is DKIM-signed (RSA and Ed25519) and rspamd, whose DKIM,
-  SPF and DMARC code owes nothing to dkimpy, says it passes;
+  SPF and DMARC code owes nothing to dkimpy, says it passes; so does opendkim;
 - mail signed by opendkim (opendkim-genkey + opendkim-testmsg) is verified by
   Mailroom; modified or wrong-key copies and forged From: get 550 5.7.1;
 - rspamd's verdict becomes the reply (GTUBE: 550 5.7.1) or X-Spam headers;
@@ -142,8 +142,21 @@ def _send_public(
         return c.data(msg)
 
 
-def test_rspamd_verifies_what_mailroom_signs(
-    world: tuple[Installation, DNSServer, RspamdServer, dict[str, Any]], sink: tuple[Sink, int]
+def _opendkim_verify(inst: Installation, message: bytes, tmp_path: Path) -> str:
+    """opendkim's Authentication-Results for `message`, our public keys read from a file."""
+    opendkim = peers.require("opendkim")
+    keys = tmp_path / "keys.txt"
+    keys.write_text("".join(f"{k.dns_name} {dkim.public_record(k)}\n" for k in dkim.load_keys(inst.root / "dkim")))
+    conf = tmp_path / "opendkim.conf"
+    conf.write_text(f"Mode v\nTestPublicKeys {keys}\nSyslog no\nAuthservID verifier.test\nAlwaysAddARHeader yes\n")
+    (tmp_path / "msg.eml").write_bytes(message)
+    r = subprocess.run([opendkim, "-x", str(conf), "-t", str(tmp_path / "msg.eml"), "-vvv"],
+                       capture_output=True, text=True, timeout=60)
+    return r.stdout + r.stderr
+
+
+def test_rspamd_and_opendkim_verify_what_mailroom_signs(
+    world: tuple[Installation, DNSServer, RspamdServer, dict[str, Any]], sink: tuple[Sink, int], tmp_path: Path,
 ) -> None:
     inst, _, rsp, _ = world
     msg = (b"From: Alice <alice@example.org>\r\nTo: x@remote.test\r\nSubject: signed\r\n\r\n"
@@ -166,6 +179,10 @@ def test_rspamd_verifies_what_mailroom_signs(
         only = b"\r\n".join(f for f in fields if f not in sigs or f == keep) + b"\r\n\r\n" + body
         one = rsp.scan(only, ip="127.0.0.1", helo="mail.test", mail_from="alice@example.org", rcpt="x@remote.test")
         assert "R_DKIM_ALLOW" in one["symbols"], (keep[:80], sorted(one["symbols"]))
+    # opendkim, a second independent verifier (its test mode, keys from a file), agrees on both.
+    verdict = _opendkim_verify(inst, data, tmp_path)
+    assert "dkim=pass (2048-bit key) header.d=example.org" in verdict, verdict
+    assert re.search(r"dkim=pass header\.d=example\.org \S+ header\.a=ed25519-sha256", verdict), verdict
     # And a modified copy fails for rspamd too: the signature covers what we sent.
     bad = rsp.scan(data.replace(b"leaves our domain", b"leaves our domian"), ip="127.0.0.1", helo="mail.test",
                    mail_from="alice@example.org", rcpt="x@remote.test")
