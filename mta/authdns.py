@@ -11,7 +11,6 @@ checks record as `temperror`, never as a pass.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -45,7 +44,6 @@ class SyncResolver:
         else:
             self._r = dns.resolver.Resolver()
         self._r.lifetime = timeout
-        self._lock = threading.Lock()
 
     def query(self, name: str, rdtype: str) -> list[Any]:
         try:

@@ -16,7 +16,7 @@ This module never looks at the network: it signs bytes with files.
 from __future__ import annotations
 
 import base64
-import logging
+import email.utils
 import os
 import re
 import time
@@ -26,8 +26,6 @@ from pathlib import Path
 import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-
-log = logging.getLogger("dkim")
 
 ALGORITHMS = ("rsa", "ed25519")
 _SIGNATURE_ALGORITHM = {"rsa": b"rsa-sha256", "ed25519": b"ed25519-sha256"}
@@ -212,13 +210,11 @@ def _present_headers(message: bytes) -> set[str]:
 
 def from_domain(message: bytes) -> str | None:
     """The domain of the single From: address, or None (none, several, or unparsable)."""
-    import email.utils
-
     end = message.find(b"\r\n\r\n")
     head = message if end < 0 else message[: end + 2]
     values = [
         re.sub(rb"\r\n[ \t]", b" ", m.group(1)).decode("utf-8", "replace")
-        for m in re.finditer(rb"(?im)^from:((?:.*)(?:\r\n[ \t].*)*)", head)
+        for m in re.finditer(rb"(?im)^from:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)", head)
     ]
     if len(values) != 1:
         return None

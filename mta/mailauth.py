@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from common.config import Config
@@ -35,7 +35,6 @@ class _State:
     resolver: SyncResolver
     srs: srs.SRS | None = None
     filter: contentfilter.Rspamd | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 _states: dict[int, _State] = {}
