@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import logging
 import os
 import re
 import time
@@ -26,6 +27,8 @@ from pathlib import Path
 import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+log = logging.getLogger("dkim")
 
 ALGORITHMS = ("rsa", "ed25519")
 _SIGNATURE_ALGORITHM = {"rsa": b"rsa-sha256", "ed25519": b"ed25519-sha256"}
@@ -151,10 +154,14 @@ class Signer:
     def keys_for(self, domain: str) -> list[Key]:
         try:
             stamp = self.key_dir.stat().st_mtime
+            if stamp != self._stamp:
+                self._keys, self._stamp = load_keys(self.key_dir), stamp
         except FileNotFoundError:
             return []
-        if stamp != self._stamp:
-            self._keys, self._stamp = load_keys(self.key_dir), stamp
+        except OSError as exc:
+            # Unsigned mail still goes out (it may be junked); stuck mail would help nobody.
+            log.error("cannot read DKIM keys in %s: %s (they must belong to the mail user)", self.key_dir, exc)
+            return []
         return signing_keys(self._keys, domain, self.selectors)
 
     def sign(self, message: bytes, domain: str) -> bytes:

@@ -13,13 +13,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from common.config import Config
 from common.reply import Reply
-from mta import checks, contentfilter, srs
-from mta import dkim as dkimmod
-from mta.authdns import SyncResolver
+from mta import srs
+
+if TYPE_CHECKING:
+    from mta import contentfilter
+    from mta import dkim as dkimmod
+    from mta.authdns import SyncResolver
+
+# mta.checks, mta.dkim, mta.contentfilter and mta.authdns bring dkimpy, pyspf and
+# dnspython's resolver (a third of a second): imported on first use, so a daemon
+# starts listening as fast as before (supervisord and the tests wait for the port).
 
 log = logging.getLogger("mailauth")
 
@@ -43,6 +50,10 @@ _states: dict[int, _State] = {}
 def _state(config: Config) -> _State:
     st = _states.get(id(config))
     if st is None:
+        from mta import contentfilter
+        from mta import dkim as dkimmod
+        from mta.authdns import SyncResolver
+
         st = _State(
             signer=dkimmod.Signer(config.resolve(config.dkim.key_dir), config.dkim.selectors),
             resolver=SyncResolver(config.dns.nameservers, config.dns.timeout),
@@ -64,6 +75,8 @@ def srs_codec(config: Config) -> srs.SRS:
 
 async def sign_outgoing(ctx: _Ctx, content: bytes, *, trusted: bool, recipients: list[str]) -> bytes:
     """DKIM-Signature headers to put on `content` when it is ours and leaves; else b""."""
+    from mta import dkim as dkimmod
+
     cfg = ctx.config
     if not cfg.dkim.sign:
         return b""
@@ -97,6 +110,8 @@ async def check_inbound(
     `deliver_to` (the recipients after alias expansion): when some are outside
     addresses the message is forwarded, and gets our ARC seal over our results.
     """
+    from mta import checks, contentfilter
+
     cfg = ctx.config
     st = _state(cfg)
     headers = b""
@@ -140,6 +155,8 @@ async def check_connect(ctx: _Ctx, client_ip: str) -> Reply | None:
     cfg = ctx.config
     if not cfg.filter.dnsbl_zones:
         return None
+    from mta import contentfilter
+
     return await asyncio.to_thread(
         contentfilter.dnsbl_check, client_ip, cfg.filter.dnsbl_zones, _state(cfg).resolver
     )
