@@ -44,24 +44,26 @@ class _State:
     filter: contentfilter.Rspamd | None = None
 
 
-_states: dict[int, _State] = {}
+# One config per process (tests make many, one after another): the state of the
+# newest, held with its config so that it is never mistaken for another's.
+_current: tuple[Config, _State] | None = None
 
 
 def _state(config: Config) -> _State:
-    st = _states.get(id(config))
-    if st is None:
-        from mta import contentfilter
-        from mta import dkim as dkimmod
-        from mta.authdns import SyncResolver
+    global _current
+    if _current is not None and _current[0] is config:
+        return _current[1]
+    from mta import contentfilter
+    from mta import dkim as dkimmod
+    from mta.authdns import SyncResolver
 
-        st = _State(
-            signer=dkimmod.Signer(config.resolve(config.dkim.key_dir), config.dkim.selectors),
-            resolver=SyncResolver(config.dns.nameservers, config.dns.timeout),
-        )
-        if config.filter.rspamd:
-            st.filter = contentfilter.Rspamd(config.filter.rspamd, timeout=config.filter.timeout)
-        _states.clear()  # one config per process; tests make many, keep only the newest
-        _states[id(config)] = st
+    st = _State(
+        signer=dkimmod.Signer(config.resolve(config.dkim.key_dir), config.dkim.selectors),
+        resolver=SyncResolver(config.dns.nameservers, config.dns.timeout),
+    )
+    if config.filter.rspamd:
+        st.filter = contentfilter.Rspamd(config.filter.rspamd, timeout=config.filter.timeout)
+    _current = (config, st)
     return st
 
 
