@@ -206,9 +206,9 @@ def check_dmarc(
     if policy not in ("none", "quarantine", "reject"):
         policy = "none"
     aspf, adkim = tags.get("aspf", "r").lower(), tags.get("adkim", "r").lower()
-    spf_ok = spf_result.identity == "mailfrom" and spf_result.result == "pass" and _aligned(
-        spf_result.domain, domain, aspf
-    )
+    # For the null sender SPF's MAIL FROM identity is postmaster@HELO (RFC 7208 2.4),
+    # and that is the identity DMARC aligns (RFC 7489 4.1).
+    spf_ok = spf_result.result == "pass" and _aligned(spf_result.domain, domain, aspf)
     dkim_ok = any(r.result == "pass" and _aligned(r.domain, domain, adkim) for r in dkim_results)
     if spf_ok or dkim_ok:
         return DMARCResult("pass", domain, policy)

@@ -177,8 +177,10 @@ def test_null_sender_checks_the_helo_name(keys: list[dkim.Key]) -> None:
     v = evaluate(MESSAGE, records, mail_from="")
     assert v.spf.identity == "helo" and v.spf.result == "pass"
     assert b"smtp.helo=mx.example.net" in v.header()
-    # A HELO pass is not aligned with the From: domain for DMARC (RFC 7489 3.1.2).
-    assert v.dmarc.result == "fail"
+    # For <> the HELO identity is the one DMARC aligns (RFC 7208 2.4, RFC 7489 4.1).
+    assert v.dmarc.result == "pass"
+    other = evaluate(MESSAGE, records, mail_from="", helo="mx.other.test")
+    assert other.spf.result == "none" and other.dmarc.result == "fail"
 
 
 def test_subdomain_uses_the_organizational_record_and_sp(keys: list[dkim.Key]) -> None:
