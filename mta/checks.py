@@ -1,9 +1,9 @@
-"""Sender authentication of mail from the Internet: SPF, DKIM, DMARC, ARC.
+"""Sender authentication of mail from the Internet: SPF, DKIM, ARC, and the verdict.
 
 Pure functions over plain data: the message bytes, the client's address, its
 HELO name, the envelope sender and a `Resolver` (mta/authdns.py).  `evaluate`
 runs the four checks (RFC 7208 with pyspf, RFC 6376 and RFC 8617 with dkimpy,
-RFC 7489 here on the resolver) and returns a `Verdict`; `decide` turns it into
+RFC 7489 in mta/dmarc.py) and returns a `Verdict`; `decide` turns it into
 an SMTP reply or headers following the configured policy; both are tested
 with a dictionary for DNS.
 
@@ -21,27 +21,15 @@ from typing import Any
 import dkim
 import dkim.util
 import spf
-from publicsuffixlist import PublicSuffixList
 
 from common.reply import Reply
 from mta.authdns import DNSTempError, Resolver, txt
 from mta.dkim import from_domain
+from mta.dmarc import DMARCResult, check_dmarc
 
 # RFC 7489 7.1 / RFC 7372: DMARC refusals and temporary failures.
 DMARC_REJECT = Reply(550, "5.7.1", "Message refused: DMARC policy of the From: domain ({domain}) says reject")
 AUTH_TEMPERROR = Reply(451, "4.7.1", "Temporary DNS failure while checking the sender ({what}), try again later")
-
-_psl: PublicSuffixList | None = None
-
-
-def org_domain(domain: str) -> str:
-    """The organizational domain (RFC 7489 3.2): the public suffix plus one label."""
-    global _psl
-    if _psl is None:
-        _psl = PublicSuffixList()
-    domain = domain.lower().rstrip(".")
-    return str(_psl.privatesuffix(domain) or domain)
-
 
 # --- SPF -----------------------------------------------------------------------
 
@@ -156,68 +144,6 @@ def check_arc(message: bytes, resolver: Resolver) -> str:
     return (cv or b"fail").decode()
 
 
-# --- DMARC ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DMARCResult:
-    result: str  # pass, fail, none, temperror, permerror
-    domain: str  # the From: domain
-    policy: str = "none"  # the policy that applies: none, quarantine, reject
-
-
-def dmarc_record(domain: str, resolver: Resolver) -> tuple[dict[str, str] | None, bool]:
-    """The DMARC record for `domain` (RFC 7489 6.6.3): (tags, found at the organizational domain)."""
-    for name, at_org in ((domain, False), (org_domain(domain), True)):
-        if at_org and name == domain:
-            break
-        records = [t for t in txt(resolver, f"_dmarc.{name}") if t.lower().startswith(b"v=dmarc1")]
-        if len(records) == 1:
-            tags: dict[str, str] = {}
-            for part in records[0].decode("utf-8", "replace").split(";"):
-                k, sep, v = part.partition("=")
-                if sep:
-                    tags[k.strip().lower()] = v.strip()
-            return tags, at_org
-    return None, False
-
-
-def _aligned(a: str, b: str, mode: str) -> bool:
-    a, b = a.lower().rstrip("."), b.lower().rstrip(".")
-    return a == b if mode == "s" else org_domain(a) == org_domain(b)
-
-
-def check_dmarc(
-    message: bytes, spf_result: SPFResult, dkim_results: list[DKIMResult], resolver: Resolver
-) -> DMARCResult:
-    domain = from_domain(message)
-    if domain is None:
-        # No single From: address to check: RFC 7489 6.6.1 lets us refuse, we record it.
-        return DMARCResult("permerror", "")
-    try:
-        tags, at_org = dmarc_record(domain, resolver)
-    except DNSTempError:
-        return DMARCResult("temperror", domain)
-    if tags is None:
-        return DMARCResult("none", domain)
-    policy = tags.get("p", "none").lower()
-    if at_org and "sp" in tags:
-        policy = tags["sp"].lower()
-    if policy not in ("none", "quarantine", "reject"):
-        policy = "none"
-    aspf, adkim = tags.get("aspf", "r").lower(), tags.get("adkim", "r").lower()
-    # For the null sender SPF's MAIL FROM identity is postmaster@HELO (RFC 7208 2.4),
-    # and that is the identity DMARC aligns (RFC 7489 4.1).
-    spf_ok = spf_result.result == "pass" and _aligned(spf_result.domain, domain, aspf)
-    dkim_ok = any(r.result == "pass" and _aligned(r.domain, domain, adkim) for r in dkim_results)
-    if spf_ok or dkim_ok:
-        return DMARCResult("pass", domain, policy)
-    # An answer we could not get might have passed: not a failure (RFC 7489 6.6.2).
-    if spf_result.result == "temperror" or any(r.result == "temperror" for r in dkim_results):
-        return DMARCResult("temperror", domain, policy)
-    return DMARCResult("fail", domain, policy)
-
-
 # --- together -----------------------------------------------------------------------
 
 
@@ -290,7 +216,10 @@ def evaluate(
     """All four checks on one message received from the Internet."""
     spf_result = check_spf(client_ip, mail_from, helo, resolver)
     dkim_results = check_dkim(message, resolver)
-    dmarc_result = check_dmarc(message, spf_result, dkim_results, resolver)
+    dmarc_result = check_dmarc(
+        from_domain(message), spf=(spf_result.result, spf_result.domain),
+        dkim=[(r.result, r.domain) for r in dkim_results], resolver=resolver,
+    )
     arc_result = check_arc(message, resolver)
     return Verdict(hostname, spf_result, dkim_results, dmarc_result, arc_result, mail_from, helo, client_ip)
 

@@ -2,7 +2,7 @@
 
 Each function here is one hook, called with one line from the listener
 (mta/smtpd.py), so the listener keeps its shape and the logic stays in the
-modules that own it: mta/dkim.py (signing), mta/checks.py (SPF, DKIM, DMARC,
+modules that own it: mta/dkim.py (signing), mta/checks.py and mta/dmarc.py (SPF, DKIM, DMARC,
 ARC verdicts), mta/srs.py (sender rewriting) and mta/contentfilter.py
 (rspamd, DNS blocklists).  The process-wide state (keys, resolver, SRS
 secret) is built once per process from the config, on first use.
