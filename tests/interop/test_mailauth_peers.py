@@ -53,10 +53,17 @@ class Received:
 class Sink:
     got: list[Received] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    defer_once: set[str] = field(default_factory=set)  # recipients whose first attempt gets 451
+    deferred: list[bytes] = field(default_factory=list)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content = envelope.original_content or b""
         with self.lock:
+            for r in envelope.rcpt_tos:
+                if r in self.defer_once:
+                    self.defer_once.discard(r)
+                    self.deferred.append(content)
+                    return "451 4.3.0 Try again later"
             self.got.append(Received(envelope.mail_from or "", list(envelope.rcpt_tos), content))
         return "250 2.0.0 Ok: taken"
 
@@ -187,6 +194,20 @@ def test_rspamd_and_opendkim_verify_what_mailroom_signs(
     bad = rsp.scan(data.replace(b"leaves our domain", b"leaves our domian"), ip="127.0.0.1", helo="mail.test",
                    mail_from="alice@example.org", rcpt="x@remote.test")
     assert "R_DKIM_REJECT" in bad["symbols"], sorted(bad["symbols"])
+
+
+def test_a_retry_sends_the_same_signed_bytes(
+    world: tuple[Installation, DNSServer, RspamdServer, dict[str, Any]], sink: tuple[Sink, int]
+) -> None:
+    inst = world[0]
+    sink[0].defer_once.add("retry@remote.test")
+    msg = b"From: alice@example.org\r\nTo: retry@remote.test\r\nSubject: twice\r\n\r\nSecond time lucky.\r\n"
+    code, text = inst.submit("alice@example.org", ["retry@remote.test"], msg)
+    assert code == 250, text
+    [got] = _wait(inst, sink[0], "retry@remote.test")
+    [first] = sink[0].deferred
+    # Signed once, at queue time: the retry carries the very same two signatures.
+    assert got.data == first and got.data.count(b"DKIM-Signature:") == 2
 
 
 def _opendkim_sign(key: Path, msg: bytes) -> bytes:
