@@ -135,6 +135,7 @@ def inst(tmp_path_factory: pytest.TempPathFactory, dns_server: DNSServer,
     inst = Installation(tmp_path_factory.mktemp("auth") / "m")
     inst.set("dns", "nameservers", f'["{dns_server.address}"]')
     inst.set("dns", "timeout", '"3s"')
+    inst.set("mailauth", "check", "true")
     inst.add_user("alice@example.org", "maildir")
     assert mailroom_main(["--config", str(inst.config_path), "alias", "add", "fwd@example.org",
                           "carol@elsewhere.test"]) == 0

@@ -121,6 +121,7 @@ def world(
         with RspamdServer(dns_server.address, actions={"reject": 15, "add_header": 2, "greylist": "null"}) as rsp:
             inst.set("dns", "nameservers", f'["{dns_server.address}"]')
             inst.set("dns", "timeout", '"3s"')
+            inst.set("mailauth", "check", "true")
             inst.set("filter", "rspamd", f'"{rsp.address}"')
             inst.set("mta", "retry_schedule", '["1s"]')
             for domain in ("remote.test", "elsewhere.test", "example.net"):

@@ -67,6 +67,7 @@ def world(tmp_path: Path) -> Iterator[tuple[Installation, PostfixInstance, Sink]
     try:
         with DNSServer(records) as dns_server, postfix:
             inst.set("dns", "nameservers", f'["{dns_server.address}"]')
+            inst.set("mailauth", "check", "true")
             inst.set("mta", "retry_schedule", '["1s"]')
             inst.set("mta.transport", '"elsewhere.test"', f'"{postfix.address}"')
             inst.set("mta.transport", '"example.net"', f'"127.0.0.1:{sink_port}"')
