@@ -17,6 +17,8 @@ from pathlib import Path
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from cli import dkim as dkimcmd
+from cli import dns as dnscmd
 from cli import dovecot, postmaster, supervise, trace
 from cli import queue as queuecmd
 from cli.show import clean, public_config
@@ -58,6 +60,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"created {clean(conf)}, database, and a self-signed certificate for {clean(args.hostname)}")
     roles = " and ".join(postmaster.role_addresses([args.domain.lower()]))
     print(f"{roles} go to {clean(args.postmaster.lower()) if args.postmaster else 'the first user you add'}")
+    dkimcmd.keygen(cfg, args.domain, None)  # a first DKIM key set; prints its DNS records
     return 0
 
 
@@ -325,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     cc = sub.add_parser("client-config", help="the settings a mail client needs for ADDRESS")
     cc.add_argument("address")
     cc.add_argument("--xml", action="store_true", help="the autoconfig XML the web program serves")
+    dkimcmd.add_parser(sub)
+    dnscmd.add_parser(sub)
 
     c = sub.add_parser("config", help="the effective configuration")
     c.add_argument("action", choices=("show",))
@@ -375,6 +380,10 @@ def _main(argv: list[str] | None) -> int:
             return cmd_config(args, cfg)
         case "client-config":
             return cmd_client_config(args, cfg)
+        case "dkim":
+            return dkimcmd.run(args, cfg)
+        case "dns":
+            return dnscmd.run(args, cfg)
     return 2
 
 

@@ -128,6 +128,31 @@ class DNSSection:
 
 
 @dataclass(frozen=True)
+class DKIMSection:
+    sign: bool = field(default=True, metadata=_meta("bool", "Sign mail from our domains leaving for other domains (RSA and Ed25519)"))
+    key_dir: str = field(default="dkim", metadata=_meta("path", "Folder of DOMAIN.SELECTOR.rsa.key / .ed25519.key files (owner-only)"))
+    selectors: dict[str, str] = field(default_factory=dict, metadata=_meta("table", "domain = selector to sign with; a domain not listed uses its newest keys"))
+
+
+@dataclass(frozen=True)
+class MailAuthSection:
+    check: bool = field(default=True, metadata=_meta("bool", "Check SPF, DKIM, DMARC and ARC on mail from the public listener"))
+    dmarc_reject: bool = field(default=True, metadata=_meta("bool", "Refuse (550 5.7.1) a DMARC failure whose domain says p=reject"))
+    quarantine_header: str = field(default="X-Mailroom-Quarantine", metadata=_meta("str", "Header added to DMARC p=quarantine failures, for mail clients to filter on"))
+    dns_error: str = field(default="defer", metadata=_meta("dnserror", "A DNS failure that could change the verdict: defer (451 4.7.x) or accept (recorded as temperror)"))
+    srs_domain: str = field(default="", metadata=_meta("str", "Domain of rewritten (SRS) senders of forwarded mail; empty: the first local domain"))
+    srs_max_age: int = field(default=21, metadata=_meta("int", "Days a bounce to an SRS address is accepted"))
+
+
+@dataclass(frozen=True)
+class FilterSection:
+    rspamd: str = field(default="", metadata=_meta("hostport?", "rspamd's normal worker (host:port) scanning public mail before the 250; empty: off"))
+    timeout: float = field(default=20.0, metadata=_meta("duration", "How long to wait for the filter's verdict"))
+    when_down: str = field(default="accept_unscanned", metadata=_meta("whendown", "When the filter fails: accept_unscanned (with a header saying so) or defer (451 4.7.1)"))
+    dnsbl_zones: list[str] = field(default_factory=list, metadata=_meta("domains", "DNS blocklist zones checked at connect (554 5.7.1 when listed); empty: off"))
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     mailroom: MailroomSection = field(default_factory=MailroomSection)
@@ -139,6 +164,9 @@ class Config:
     dns: DNSSection = field(default_factory=DNSSection)
     imap: IMAPSection = field(default_factory=IMAPSection)
     web: WebSection = field(default_factory=WebSection)
+    dkim: DKIMSection = field(default_factory=DKIMSection)
+    mailauth: MailAuthSection = field(default_factory=MailAuthSection)
+    filter: FilterSection = field(default_factory=FilterSection)
 
     @property
     def base(self) -> Path:
@@ -250,6 +278,15 @@ def _convert(kind: str, value: object) -> object:
             return value
         case "bool":
             need(bool, "true or false")
+            return value
+        case "table":
+            need(dict, "a table of name = text")
+            assert isinstance(value, dict)
+            return {str(k).lower(): str(v) for k, v in value.items()}
+        case "dnserror" | "whendown":
+            choices = ("defer", "accept") if kind == "dnserror" else ("accept_unscanned", "defer")
+            if value not in choices:
+                raise ValueError(f"expected {' or '.join(choices)}, got {value!r}")
             return value
         case "int":
             need(int, "a whole number")
@@ -439,4 +476,18 @@ listen = "127.0.0.1:8025"
 
 [dns]
 nameservers = []
+
+[dkim]
+sign = true
+key_dir = "dkim"
+
+[mailauth]
+check = true
+dmarc_reject = true
+dns_error = "defer"
+
+[filter]
+rspamd = ""
+when_down = "accept_unscanned"
+dnsbl_zones = []
 """

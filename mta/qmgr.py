@@ -21,6 +21,7 @@ import datetime as dt
 import logging
 import socket
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import update
@@ -35,7 +36,7 @@ from common.db import Database
 from common.log import trace_id
 from common.models import BOUNCED, DELIVERED, EXPIRED, QUEUED, Message, Recipient, add_event
 from common.reply import Reply
-from mta import bounce, queue
+from mta import bounce, mailauth, queue
 from mta.delivery import LocalDelivery, RemoteDelivery
 from mta.routing import make_resolver
 
@@ -85,6 +86,7 @@ class QueueManager:
         local: LocalDelivery,
         remote: RemoteDelivery,
         max_in_flight: int = 100,
+        sender_for: Callable[[str, str, str], str] | None = None,
     ) -> None:
         self.db = db
         self.clock = clock
@@ -93,6 +95,8 @@ class QueueManager:
         self.hostname = hostname
         self.local = local
         self.remote = remote
+        # (sender, original recipient, recipient) -> the sender to send as (SRS for forwards).
+        self.sender_for = sender_for or (lambda sender, original, recipient: sender)
         self.host = socket.gethostname()
         self.owner = queue.owner_id(self.host)
         self.in_flight = asyncio.Semaphore(max_in_flight)
@@ -135,14 +139,15 @@ class QueueManager:
     async def _process(self, job: queue.Job) -> None:
         trace_id.set(job.trace)
         local = [(rid, a) for rid, a, _ in job.recipients if domain_of(a) in self.local_domains]
-        remote: defaultdict[str, list[tuple[int, str]]] = defaultdict(list)
+        remote: defaultdict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)
         for rid, a, _ in job.recipients:
             if domain_of(a) not in self.local_domains:
-                remote[domain_of(a)].append((rid, a))
+                sender = self.sender_for(job.sender, job.originals.get(rid, ""), a)
+                remote[(domain_of(a), sender)].append((rid, a))
         calls = []
         if local:
             calls.append(self._deliver_local(job, local))
-        calls.extend(self._deliver_remote(job, d, rs) for d, rs in remote.items())
+        calls.extend(self._deliver_remote(job, d, rs, sender) for (d, sender), rs in remote.items())
         results: list[Result] = []
         for part in await asyncio.gather(*calls):
             results.extend(part)
@@ -169,10 +174,10 @@ class QueueManager:
         return [Result(rid, a, r, local=True) for (rid, a), r in zip(rcpts, replies, strict=True)]
 
     async def _deliver_remote(
-        self, job: queue.Job, domain: str, rcpts: list[tuple[int, str]]
+        self, job: queue.Job, domain: str, rcpts: list[tuple[int, str]], sender: str
     ) -> list[Result]:
         replies, host = await self.remote.deliver(
-            domain, job.trace, job.sender, [a for _, a in rcpts], job.body
+            domain, job.trace, sender, [a for _, a in rcpts], job.body
         )
         return [Result(rid, a, r, host) for (rid, a), r in zip(rcpts, replies, strict=True)]
 
@@ -268,6 +273,9 @@ async def run(ctx: Context) -> None:
         policy=Policy(mta.retry_schedule, mta.max_queue_lifetime, mta.delay_warning, mta.local_retry_schedule),
         local_domains=cfg.mailroom.domains, hostname=cfg.mailroom.hostname,
         local=local, remote=remote,
+        sender_for=lambda sender, original, rcpt: mailauth.forward_sender(
+            ctx, sender, original=original, recipient=rcpt
+        ),
     )
     released = await ctx.db.run(_release, ctx.db, qm.host)
     if released:

@@ -34,7 +34,7 @@ from common.models import add_event
 from common.reply import Reply, SMTPError
 from common.smtp import Handler, MailEnvelope, MailSession, bind, in_networks, limits_from, serve
 from common.tls import server_context
-from mta import aliases, queue
+from mta import aliases, mailauth, queue
 
 log = logging.getLogger("smtpd")
 
@@ -68,8 +68,9 @@ class ReceivePolicy:
 
 
 class SMTPHandler(Handler):
-    def __init__(self, policy: ReceivePolicy, db: Database, clock: Clock) -> None:
+    def __init__(self, policy: ReceivePolicy, db: Database, clock: Clock, auth: mailauth.Settings) -> None:
         self.policy = policy
+        self.auth = auth  # sender authentication, signing, SRS and the filter read their own settings
         self.db = db
         self.clock = clock
         self.internal = policy.internal
@@ -82,6 +83,10 @@ class SMTPHandler(Handler):
 
     def may_relay(self, session: MailSession) -> bool:
         return self.internal or in_networks(session.client_ip, list(self.policy.trusted_networks))
+
+    async def connect(self, session: MailSession) -> None:
+        if not self.may_relay(session) and (refusal := await mailauth.check_connect(self.auth, session.client_ip)):
+            raise SMTPError(refusal)
 
     async def mail(self, session: MailSession, envelope: MailEnvelope, sender: str) -> None:
         # Measured where the queue is written (the database's disk), not where we run.
@@ -99,6 +104,12 @@ class SMTPHandler(Handler):
         given = recipient  # the key DATA looks the expansion up by (envelope.rcpt_tos)
         if "@" not in recipient:  # <postmaster>, RFC 5321 4.5.1
             recipient = f"postmaster@{policy.local_domains[0]}"
+        srs_target = mailauth.rewrite_recipient(self.auth, recipient)  # a bounce to an SRS sender
+        if isinstance(srs_target, Reply):
+            raise SMTPError(srs_target)
+        if srs_target is not None:
+            self.expanded[given] = aliases.Expansion([], [srs_target])
+            return
         if domain_of(recipient) not in policy.local_domains:
             if self.may_relay(session):
                 self.expanded[given] = aliases.Expansion([], [recipient])
@@ -129,13 +140,27 @@ class SMTPHandler(Handler):
             log.warning("mail loop: %d Received headers", hops)
             raise SMTPError(R.MAIL_LOOP)
         now = self.clock.now()
-        body = self._received_header(session, envelope, now) + envelope.content
         recipients: list[queue.QueuedRecipient] = []
         for rcpt in envelope.rcpt_tos:
             exp = self.expanded[rcpt]
             for a in [*exp.local, *exp.remote]:
                 if all(a != r.address for r in recipients):
                     recipients.append(queue.QueuedRecipient(a, rcpt))
+        content, added = envelope.content, b""
+        if self.may_relay(session):  # ours: DKIM-signed once, here, when it leaves our domains
+            added = await mailauth.sign_outgoing(
+                self.auth, content, trusted=True, recipients=[r.address for r in recipients]
+            )
+        else:  # from the Internet: SPF, DKIM, DMARC, ARC, then the content filter
+            inbound = await mailauth.check_inbound(
+                self.auth, content, client_ip=session.client_ip, helo=session.host_name or "",
+                mail_from=envelope.mail_from, recipients=list(envelope.rcpt_tos), trace=envelope.trace_id,
+                deliver_to=[r.address for r in recipients],
+            )
+            if inbound.reply is not None:
+                raise SMTPError(inbound.reply)
+            content, added = inbound.content, inbound.headers
+        body = self._received_header(session, envelope, now) + added + content
         try:
             # Group commit: sessions finishing DATA together share one fsync'd
             # commit, and each 250 still waits for the commit that holds its message.
@@ -175,7 +200,9 @@ class SMTPHandler(Handler):
             detail=f"{'internal' if self.internal else 'smtp'} from {session.client_ip}"
             f" helo={session.host_name}",
         )
-        message_id, digest = _message_id(header), queue.digest(body)
+        # What the sender wrote: the signatures and results we add carry times of their own.
+        assert isinstance(envelope.content, bytes)
+        message_id, digest = _message_id(header), queue.digest(envelope.content)
         window = self.policy.resubmission_window
         earlier = None
         if window > 0:
@@ -225,12 +252,16 @@ async def run(ctx: Context) -> None:
     cfg = ctx.config
     tls = server_context(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key))
     limits = limits_from(cfg.smtp)
+
+    def handler(internal: bool) -> partial[SMTPHandler]:
+        return partial(SMTPHandler, ReceivePolicy.from_config(cfg, internal=internal), ctx.db, ctx.clock, ctx)
+
     public = await serve(
-        bind(cfg.mta.smtp), partial(SMTPHandler, ReceivePolicy.from_config(cfg, internal=False), ctx.db, ctx.clock),
+        bind(cfg.mta.smtp), handler(False),
         hostname=cfg.mailroom.hostname, limits=limits, tls_context=tls,
     )
     internal = await serve(
-        bind(cfg.mta.internal), partial(SMTPHandler, ReceivePolicy.from_config(cfg, internal=True), ctx.db, ctx.clock),
+        bind(cfg.mta.internal), handler(True),
         hostname=cfg.mailroom.hostname,
         limits=limits_from(cfg.smtp, max_connections_per_client=cfg.smtp.max_connections),
     )

@@ -138,7 +138,8 @@ class Stack:
     def files_outside_mail_root(self) -> list[Path]:
         """Files that appeared in the installation folder, but not where they belong."""
         root = self.inst.root
-        allowed = (self.config.mail_root, self.config.run_dir, root / "tls")
+        dkim_keys = self.config.resolve(self.config.dkim.key_dir)
+        allowed = (self.config.mail_root, self.config.run_dir, root / "tls", dkim_keys)
         return [
             p for p in root.rglob("*")
             if p.is_file() and not any(p.is_relative_to(a) for a in allowed)

@@ -55,11 +55,11 @@ class MTA:
         public_policy = ReceivePolicy.from_config(ctx.config, internal=False)
         internal_policy = ReceivePolicy.from_config(ctx.config, internal=True)
         public = await serve(
-            "127.0.0.1:0", partial(SMTPHandler, public_policy, ctx.db, ctx.clock), hostname="mail.test",
+            "127.0.0.1:0", partial(SMTPHandler, public_policy, ctx.db, ctx.clock, ctx), hostname="mail.test",
             limits=limits_from(cfg.smtp), tls_context=tls,
         )
         internal = await serve(
-            "127.0.0.1:0", partial(SMTPHandler, internal_policy, ctx.db, ctx.clock), hostname="mail.test",
+            "127.0.0.1:0", partial(SMTPHandler, internal_policy, ctx.db, ctx.clock, ctx), hostname="mail.test",
             limits=limits_from(cfg.smtp),
         )
         return ctx, public, internal

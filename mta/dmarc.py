@@ -1,0 +1,86 @@
+"""DMARC (RFC 7489): the From: domain's policy, and whether SPF or DKIM passed for it.
+
+Plain data in, a `DMARCResult` out: the From: domain, the SPF result with the
+domain it was for, each DKIM result with its d= domain, and a resolver for the
+`_dmarc` record.  Organizational domains come from the public suffix list
+(publicsuffixlist ships a copy).  Not done: `pct` (the policy is applied to
+every failing message) and aggregate/failure reports (`rua`/`ruf`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from publicsuffixlist import PublicSuffixList
+
+from mta.authdns import DNSTempError, Resolver, txt
+
+_psl: PublicSuffixList | None = None
+
+
+def org_domain(domain: str) -> str:
+    """The organizational domain (RFC 7489 3.2): the public suffix plus one label."""
+    global _psl
+    if _psl is None:
+        _psl = PublicSuffixList()
+    domain = domain.lower().rstrip(".")
+    return str(_psl.privatesuffix(domain) or domain)
+
+
+@dataclass(frozen=True)
+class DMARCResult:
+    result: str  # pass, fail, none, temperror, permerror
+    domain: str  # the From: domain
+    policy: str = "none"  # the policy that applies: none, quarantine, reject
+
+
+def dmarc_record(domain: str, resolver: Resolver) -> tuple[dict[str, str] | None, bool]:
+    """The DMARC record for `domain` (RFC 7489 6.6.3): (tags, found at the organizational domain)."""
+    for name, at_org in ((domain, False), (org_domain(domain), True)):
+        if at_org and name == domain:
+            break
+        records = [t for t in txt(resolver, f"_dmarc.{name}") if t.lower().startswith(b"v=dmarc1")]
+        if len(records) == 1:
+            tags: dict[str, str] = {}
+            for part in records[0].decode("utf-8", "replace").split(";"):
+                k, sep, v = part.partition("=")
+                if sep:
+                    tags[k.strip().lower()] = v.strip()
+            return tags, at_org
+    return None, False
+
+
+def _aligned(a: str, b: str, mode: str) -> bool:
+    a, b = a.lower().rstrip("."), b.lower().rstrip(".")
+    return a == b if mode == "s" else org_domain(a) == org_domain(b)
+
+
+def check_dmarc(
+    domain: str | None, *, spf: tuple[str, str], dkim: list[tuple[str, str]], resolver: Resolver
+) -> DMARCResult:
+    """`spf` is (result, domain checked), `dkim` one (result, d=) per signature."""
+    if domain is None:
+        # No single From: address to check: RFC 7489 6.6.1 lets us refuse, we record it.
+        return DMARCResult("permerror", "")
+    try:
+        tags, at_org = dmarc_record(domain, resolver)
+    except DNSTempError:
+        return DMARCResult("temperror", domain)
+    if tags is None:
+        return DMARCResult("none", domain)
+    policy = tags.get("p", "none").lower()
+    if at_org and "sp" in tags:
+        policy = tags["sp"].lower()
+    if policy not in ("none", "quarantine", "reject"):
+        policy = "none"
+    aspf, adkim = tags.get("aspf", "r").lower(), tags.get("adkim", "r").lower()
+    # For the null sender SPF's MAIL FROM identity is postmaster@HELO (RFC 7208 2.4),
+    # and that is the identity DMARC aligns (RFC 7489 4.1).
+    spf_ok = spf[0] == "pass" and _aligned(spf[1], domain, aspf)
+    dkim_ok = any(result == "pass" and _aligned(d, domain, adkim) for result, d in dkim)
+    if spf_ok or dkim_ok:
+        return DMARCResult("pass", domain, policy)
+    # An answer we could not get might have passed: not a failure (RFC 7489 6.6.2).
+    if spf[0] == "temperror" or any(result == "temperror" for result, _ in dkim):
+        return DMARCResult("temperror", domain, policy)
+    return DMARCResult("fail", domain, policy)
