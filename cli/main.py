@@ -10,14 +10,16 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import sys
 from pathlib import Path
 
 from sqlalchemy import delete, select
 
 from cli import queue as queuecmd
-from cli import supervise, trace
+from cli import setup, supervise, trace
 from common import config as configmod
+from common import privileges
 from common.db import Database
 from common.models import Alias, Domain, User
 from common.tls import make_self_signed
@@ -36,17 +38,37 @@ def cmd_init(args: argparse.Namespace) -> int:
     if conf.exists():
         print(f"{conf} exists; not overwriting it", file=sys.stderr)
         return 1
-    base.mkdir(parents=True, exist_ok=True)
-    conf.write_text(configmod.render_default(args.domain.lower(), args.hostname))
-    cfg = configmod.load(conf)
-    cfg.mail_root.mkdir(parents=True, exist_ok=True)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    make_self_signed(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key), args.hostname)
-    db = _db(cfg)
-    with db.write() as s:
-        s.merge(Domain(name=args.domain.lower()))
-        s.commit()
-    print(f"created {conf}, database, and a self-signed certificate for {args.hostname}")
+    try:
+        acct = setup.mailroom_account(args.user)
+    except setup.SetupError as exc:
+        print(f"mailroom init: {exc}", file=sys.stderr)
+        return 1
+    base.parent.mkdir(parents=True, exist_ok=True)  # folders above it: as the operator's umask says
+    # Everything below is created owner-only: the database holds every queued
+    # message and password hash, the config the relay password, tls/ the key.
+    old_umask = os.umask(privileges.UMASK)
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        os.chmod(base, privileges.PRIVATE_DIR)
+        conf.write_text(configmod.render_default(args.domain.lower(), args.hostname, acct.name))
+        cfg = configmod.load(conf)
+        privileges.private_dir(cfg.mail_root, acct)
+        privileges.private_dir(cfg.run_dir, acct)
+        make_self_signed(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key), args.hostname)
+        db = _db(cfg)
+        with db.write() as s:
+            s.merge(Domain(name=args.domain.lower()))
+            s.commit()
+        db.close()
+        setup.give_installation(cfg, acct)
+    finally:
+        os.umask(old_umask)
+    print(f"created {conf}, database, and a self-signed certificate for {args.hostname}; "
+          f"the daemons will serve as {acct.name}")
+    closed = setup.unreachable(base, acct)
+    if closed:
+        print(f"warning: {acct.name} cannot reach {base}: {closed} is closed to it "
+              f"(chmod o+x {closed}, or choose a folder such as /srv/mailroom)", file=sys.stderr)
     return 0
 
 
@@ -216,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--dir", default="./var")
     init.add_argument("--domain", required=True)
     init.add_argument("--hostname", default="localhost")
+    init.add_argument("--user", default=setup.SYSTEM_USER,
+                      help="as root: the account the daemons serve as, created when missing "
+                      f"(default {setup.SYSTEM_USER}); otherwise the current user")
 
     sub.add_parser("run", help="run every daemon under supervisord, in the foreground")
     sub.add_parser("status", help="each daemon's state")
@@ -269,8 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     match args.command:
         case "run":
-            supervise.run(cfg)
-            return 0
+            return supervise.run(cfg)
         case "status":
             return supervise.ctl(cfg, "status")
         case "stop" | "start" | "restart":

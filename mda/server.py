@@ -236,15 +236,18 @@ async def _clean_tmp_periodically(ctx: Context, interval: float = TMP_CLEAN_INTE
             await asyncio.wait_for(ctx.stop.wait(), interval)
 
 
+# The listener settings this daemon serves; the skeleton binds them before the switch.
+LISTENERS = ("mda.lmtp",)
+
+
 async def run(ctx: Context) -> None:
     cfg = ctx.config
     # Only our own queue manager connects: no per-client cap below the total.
     limits = limits_from(cfg.smtp, max_connections_per_client=cfg.smtp.max_connections)
     server = await serve(
         cfg.mda.lmtp, lambda: LMTPHandler(ctx), hostname=cfg.mailroom.hostname,
-        limits=limits, lmtp=True,
+        limits=limits, lmtp=True, sock=ctx.socket("mda.lmtp"),
     )
-    ctx.drop_privileges()
     log.info("LMTP listening on %s", cfg.mda.lmtp)
     cleaner = asyncio.create_task(_clean_tmp_periodically(ctx))
     try:

@@ -4,6 +4,6 @@ The queue manager is its own process: `python -m mta.qmgr --config FILE`.
 """
 
 from common.daemon import main
-from mta.smtpd import run
+from mta.smtpd import LISTENERS, run
 
-main("mta", run)
+main("mta", run, listeners=LISTENERS, tls=True)

@@ -27,7 +27,6 @@ from common.listener import Handler, MailEnvelope, MailSession, in_networks, lim
 from common.log import is_trace_id, new_trace_id, trace_id
 from common.models import add_event
 from common.reply import Reply
-from common.tls import server_context
 from mta import aliases, queue
 
 log = logging.getLogger("smtpd")
@@ -168,19 +167,22 @@ def _message_id(header: bytes) -> str:
     return m.group(1).decode("utf-8", "replace") if m else ""
 
 
+# The listener settings this daemon serves; the skeleton binds them before the switch.
+LISTENERS = ("mta.smtp", "mta.internal")
+
+
 async def run(ctx: Context) -> None:
     cfg = ctx.config
-    tls = server_context(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key))
     limits = limits_from(cfg.smtp)
     public = await serve(
         cfg.mta.smtp, lambda: SMTPHandler(ctx, internal=False),
-        hostname=cfg.mailroom.hostname, limits=limits, tls_context=tls,
+        hostname=cfg.mailroom.hostname, limits=limits, tls_context=ctx.tls(), sock=ctx.socket("mta.smtp"),
     )
     internal = await serve(
         cfg.mta.internal, lambda: SMTPHandler(ctx, internal=True),
         hostname=cfg.mailroom.hostname,
         limits=limits_from(cfg.smtp, max_connections_per_client=cfg.smtp.max_connections),
+        sock=ctx.socket("mta.internal"),
     )
-    ctx.drop_privileges()
     log.info("SMTP listening on %s, internal on %s", cfg.mta.smtp, cfg.mta.internal)
     await serve_until_stopped(ctx, [public, internal])

@@ -1,7 +1,8 @@
 """A throwaway Mailroom installation for tests: config, database, users, processes.
 
-`Installation` runs `mailroom init` in a temporary folder, moves every listener
-to a free loopback port, and can start the real daemons the way `mailroom run`
+`Installation` runs `mailroom init` in a temporary folder (as root, the daemons
+then serve as the `mailroom` user that init creates, as in production), moves
+every listener to a free loopback port, and can start the real daemons the way `mailroom run`
 does (supervisord with the four programs).  `Installation.context()` gives an
 in-process `Context` for component tests that drive one listener directly.
 """
@@ -9,14 +10,17 @@ in-process `Context` for component tests that drive one listener directly.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import re
+import shutil
 import signal
 import smtplib
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,8 +66,29 @@ def tls_client_context() -> ssl.SSLContext:
     return ctx
 
 
+def _reachable(root: Path) -> Path:
+    """Where the installation really lives: `root` when the Mailroom user can reach it.
+
+    As root, `mailroom init` gives the installation to the `mailroom` user, and
+    the daemons serve as it, as in production.  pytest's tmp_path sits under
+    /tmp/pytest-of-root, which every pytest session started as root on this
+    machine closes again (0700): then the installation goes to a folder of its
+    own under /tmp that only search permission leads to, `root` becomes a link
+    to it, and it is removed when the test process ends.
+    """
+    if os.getuid() != 0 or all(p.stat().st_mode & 0o001 for p in root.parents if p.exists()):
+        return root
+    real = Path(tempfile.mkdtemp(prefix="mailroom-test-"))
+    real.chmod(0o711)
+    atexit.register(shutil.rmtree, str(real), True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    root.symlink_to(real / root.name)
+    return real / root.name
+
+
 class Installation:
     def __init__(self, root: Path, *, domain: str = "example.org", extra: str = "") -> None:
+        root = _reachable(root)
         self.root = root
         self.domain = domain
         assert mailroom_main(["init", "--dir", str(root), "--domain", domain, "--hostname", "mail.test"]) == 0
