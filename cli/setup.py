@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 from common.config import Config
-from common.privileges import Account, current_user, database_files, readable_by
+from common.privileges import Account, current_user, database_files, searchable_by
 
 SYSTEM_USER = "mailroom"
 
@@ -72,7 +72,7 @@ def give_installation(cfg: Config, acct: Account) -> None:
 
 def unreachable(base: Path, acct: Account) -> Path | None:
     """The first folder on the way to `base` that `acct` may not pass, or None."""
-    for p in [*reversed(base.parents), base]:
-        if not readable_by(p, acct):
+    for p in reversed(base.parents):
+        if not searchable_by(p, acct):
             return p
     return None

@@ -8,7 +8,8 @@ One order for every daemon, so no daemon can get it wrong:
 3. parse each listener setting the daemon declares ONCE into an `Endpoint` and
    bind them all (a port that cannot be bound: one line naming the setting);
 4. load the TLS certificate and key (while the key may be root's);
-5. drop privileges for good, umask 077;
+5. drop privileges for good, umask 077; only then listen, so no client can
+   even connect to a process that is still root;
 6. open the database, check it is writable, bring its schema up to date;
 7. run the service (it serves on the bound sockets) until SIGTERM/SIGINT,
    then let it drain.
@@ -149,6 +150,12 @@ def _prepare(cfg: Config, listeners: Sequence[str], *, tls: bool, writes_mail: b
             raise StartError(f"[tls] cert = {cfg.tls.cert}, key = {cfg.tls.key}: {exc}") from None
     mail_group = writes_mail and acct.mail_gid is not None
     privileges.become(acct, umask=privileges.MAIL_UMASK if mail_group else privileges.UMASK)
+    # Only now can a client connect: the first byte it sends reaches the Mailroom user.
+    for key, sock in sockets.items():
+        try:
+            cfg.endpoint(key).listen(sock)
+        except BindError as exc:
+            raise BindError(f"{setting_name(key)} = {exc}") from None
     problem = privileges.writable_problem(cfg, acct)
     if problem:
         raise StartError(problem)

@@ -1,14 +1,14 @@
 """Where a listener listens: a TCP host and port, or a Unix socket path.
 
 A listener setting (`[mta] smtp = "127.0.0.1:2525"`, `"[::1]:25"`,
-`"unix:/run/mailroom/lmtp.sock"`) is parsed once, when the config is
-validated, into an `Endpoint`; everything after that asks the value, never
-the text.  `bind()` makes the listening socket and turns every way that can
-fail into one `BindError` whose text names the address and the reason, so a
-daemon can say it in one line and stop.
+`"unix:/run/mailroom/lmtp.sock"`) is parsed once into an `Endpoint`;
+everything after that asks the value, never the text.  `bind()` makes the
+socket and `listen()` opens it, each turning every way it can fail into one
+`BindError` whose text names the address and the reason, so a daemon can say
+it in one line and stop.
 
-It must never accept a connection: binding happens while a daemon may still be
-root, and serving starts only after the switch to the Mailroom user.
+It never accepts a connection: binding happens while a daemon may still be
+root; listening and serving only after the switch to the Mailroom user.
 """
 
 from __future__ import annotations
@@ -91,17 +91,28 @@ class Endpoint:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
 
-    def bind(self, backlog: int = 1024) -> socket.socket:
-        """A bound, listening socket (not yet accepting); BindError says why not."""
+    def bind(self) -> socket.socket:
+        """A bound socket, not yet listening: nobody can connect before `listen()`.
+        BindError says why it cannot be bound."""
         try:
-            return self._unix(backlog) if self.is_unix else self._tcp(backlog)
+            return self._unix() if self.is_unix else self._tcp()
         except socket.gaierror as exc:
             raise BindError(f"{self}: {exc.strerror or exc}".rstrip()) from None
         except OSError as exc:
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise BindError(f"{self}: {reason[:1].lower()}{reason[1:]}") from None
+            raise self._error(exc) from None
 
-    def _tcp(self, backlog: int) -> socket.socket:
+    def listen(self, sock: socket.socket, backlog: int = 1024) -> None:
+        """Open the bound socket to clients (after the switch to the Mailroom user)."""
+        try:
+            sock.listen(backlog)
+        except OSError as exc:  # another socket bound the same port without listening yet
+            raise self._error(exc) from None
+
+    def _error(self, exc: OSError) -> BindError:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        return BindError(f"{self}: {reason[:1].lower()}{reason[1:]}")
+
+    def _tcp(self) -> socket.socket:
         family, kind, proto, _, address = socket.getaddrinfo(
             self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
@@ -109,13 +120,12 @@ class Endpoint:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(address)
-            sock.listen(backlog)
         except BaseException:
             sock.close()
             raise
         return sock
 
-    def _unix(self, backlog: int) -> socket.socket:
+    def _unix(self) -> socket.socket:
         # A socket file left by an earlier run is ours to replace; anything
         # else at that path is not, and is never removed.
         try:
@@ -131,7 +141,6 @@ class Endpoint:
             sock.bind(self.path)
             # Only the Mailroom user (the owner, after the daemon hands it over) connects.
             os.chmod(self.path, 0o600)
-            sock.listen(backlog)
         except BaseException:
             sock.close()
             raise

@@ -246,6 +246,19 @@ def _audit_import(event: str, args: tuple[object, ...]) -> None:
         log.warning("module %s loaded after the switch", args[0])
 
 
+def searchable_by(path: Path, acct: Account) -> bool:
+    """Can `acct` pass through `path` (search permission on it and every folder above)?"""
+    for p in [*reversed(path.parents), path]:
+        try:
+            st = p.stat()
+        except OSError:
+            return False
+        shift = 6 if st.st_uid == acct.uid else 3 if st.st_gid == acct.gid else 0
+        if not (st.st_mode >> shift) & 0o1:
+            return False
+    return True
+
+
 def readable_by(path: Path, acct: Account) -> bool:
     """Can `acct` read `path` (every folder on the way searchable, the last one listable)?"""
     for p in [*reversed(path.parents), path]:
@@ -263,18 +276,15 @@ def readable_by(path: Path, acct: Account) -> bool:
 def writable_problem(cfg: Config, acct: Account) -> str | None:
     """After the switch: the one line saying which folder or file this process cannot
     write, and the command that fixes it; None when all is well."""
-    folders = [cfg.run_dir]
     files = database_files(cfg)
-    if files:
-        folders.append(files[0].parent)
+    folders = [files[0].parent] if files else []
+    folders += [cfg.run_dir, cfg.mail_root]
     for folder in folders:
         if not os.access(folder, os.W_OK | os.X_OK):
             return _problem(acct, f"cannot create files in {folder}", cfg.base)
     for f in files:
         if f.exists() and not os.access(f, os.R_OK | os.W_OK):
             return _problem(acct, f"cannot write {f}", cfg.base)
-    if cfg.mail_root.exists() and not os.access(cfg.mail_root, os.W_OK | os.X_OK):
-        return _problem(acct, f"cannot create files in {cfg.mail_root}", cfg.base)
     return None
 
 

@@ -150,7 +150,8 @@ class Installation:
 
     def start(self) -> None:
         """Start supervisord with all four daemons, as `mailroom run` does."""
-        log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        # Private like everything else in the installation (what the daemons log names users).
+        log = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         self.supervisor = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "--config", str(self.config_path), "run"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -248,3 +249,48 @@ def mbox_messages(path: Path) -> list[bytes]:
         return [box.get_bytes(key) for key in box.keys()]  # noqa: SIM118 - mbox order
     finally:
         box.close()
+
+
+def ids(pid: int) -> tuple[list[int], list[int], str]:
+    """A process's (real, effective, saved, filesystem) uids and gids and its
+    supplementary groups, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return [int(x) for x in fields["Uid"].split()], [int(x) for x in fields["Gid"].split()], fields["Groups"].strip()
+
+
+class Daemons:
+    """Single daemons of an installation started the way supervisord starts them
+    (`python -m msa --config FILE`), each with its own log file."""
+
+    def __init__(self, inst: Installation) -> None:
+        self.inst = inst
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, module: str) -> subprocess.Popen[bytes]:
+        log = open(self.log_path(module), "ab")  # noqa: SIM115 - the child keeps it
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, "--config", str(self.inst.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
+            start_new_session=True,
+        )
+        log.close()
+        self.procs[module] = proc
+        return proc
+
+    def log_path(self, module: str) -> Path:
+        return self.inst.root.parent / f"{self.inst.root.name}-{module}.log"
+
+    def log(self, module: str) -> str:
+        return self.log_path(module).read_text(errors="replace")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)

@@ -1,0 +1,217 @@
+"""Least privilege, end to end: the daemons never serve as root, and nothing is open to others.
+
+Started as root (as CI and a production host start them), every daemon binds
+its listeners, loads its TLS key, becomes the Mailroom user and only then
+listens; `mailroom init` as root creates that user (`mailroom`) and gives it
+a private installation.  Each test runs the real processes and reads what the
+kernel says: uids from /proc, owners and modes from stat.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import peers
+from tests.support.suite import Daemons, Installation, ids, maildir_messages, wait_port
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parents[2]
+ALICE = "alice@example.org"
+# The daemons with a listener, and the setting each one binds first.
+LISTENING = [("msa", "submission"), ("mta", "smtp"), ("mda", "lmtp")]
+
+
+@pytest.fixture
+def inst(tmp_path: Path) -> Iterator[Installation]:
+    peers.require_root("starting the daemons as root")
+    yield Installation(tmp_path / "mailroom")
+
+
+@pytest.fixture
+def daemons(inst: Installation) -> Iterator[Daemons]:
+    d = Daemons(inst)
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def mailroom_user() -> pwd.struct_passwd:
+    return pwd.getpwnam("mailroom")
+
+
+def test_init_as_root_writes_the_mailroom_system_user_into_the_config(inst: Installation) -> None:
+    pw = mailroom_user()
+    assert pw.pw_shell.endswith("nologin") and pw.pw_dir == "/nonexistent"
+    assert 0 < pw.pw_uid < 1000  # a system account
+    assert inst.config.mailroom.user == "mailroom"
+    assert (inst.root.stat().st_uid, inst.root.stat().st_gid) == (pw.pw_uid, pw.pw_gid)
+
+
+def test_init_as_root_creates_a_missing_user_without_login_or_home(tmp_path: Path) -> None:
+    peers.require_root("creating a system user")
+    name = f"mrtest{os.getpid() % 100000}"
+    subprocess.run(["userdel", name], capture_output=True, check=False)
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "cli.main", "init", "--dir", str(tmp_path / "m"), "--domain", "example.org",
+             "--user", name],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        pw = pwd.getpwnam(name)
+        assert pw.pw_shell.endswith("nologin") and pw.pw_dir == "/nonexistent" and pw.pw_uid < 1000
+        assert f'user = "{name}"' in (tmp_path / "m" / "mailroom.toml").read_text()
+        assert (tmp_path / "m" / "mailroom.db").stat().st_uid == pw.pw_uid
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, check=False)
+
+
+@pytest.mark.parametrize(("module", "key"), LISTENING)
+def test_a_connection_made_as_soon_as_the_port_opens_is_served_by_the_mailroom_user(
+    inst: Installation, daemons: Daemons, module: str, key: str
+) -> None:
+    pw = mailroom_user()
+    for f in inst.root.glob("mailroom.db*"):
+        f.unlink()  # the daemon creates the database itself, after the switch
+    port = inst.ports[key]
+    proc = daemons.start(module)
+    deadline = time.monotonic() + 60
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                # The port has just opened: who is the process behind it?
+                uid, gid, groups = ids(proc.pid)
+                s.settimeout(30)
+                greeting = s.recv(512)
+                break
+        assert proc.poll() is None, daemons.log(module)
+        assert time.monotonic() < deadline, daemons.log(module)
+    assert uid == [pw.pw_uid] * 4, daemons.log(module)
+    assert gid == [pw.pw_gid] * 4
+    assert groups == ""  # root's supplementary groups are gone too
+    assert greeting.startswith(b"220 "), greeting
+    db_files = sorted(inst.root.glob("mailroom.db*"))
+    assert db_files and all(f.stat().st_uid == pw.pw_uid for f in db_files), db_files
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in db_files)
+    assert "dropped privileges to mailroom" in daemons.log(module)
+
+
+def _open_to_others(root: Path) -> list[str]:
+    found = []
+    for folder, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            path = Path(folder, name)
+            st = path.lstat()
+            if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o007:
+                found.append(f"{stat.S_IMODE(st.st_mode):04o} {path}")
+    return found
+
+
+def test_after_init_and_a_delivery_every_daemon_is_the_mailroom_user_and_nothing_is_open_to_others(
+    suite: Installation,
+) -> None:
+    pw = mailroom_user()
+    code, _ = suite.submit(ALICE, [ALICE, "bob@example.org"], b"From: alice@example.org\r\nSubject: x\r\n\r\nhi\r\n")
+    assert code == 250
+    inbox = suite.mailbox(ALICE)
+    suite.wait_for(lambda: len(maildir_messages(inbox)) == 1, what="the delivery")
+    for program in ("msa", "mta", "qmgr", "mda"):
+        uid, gid, _ = ids(suite.program_pid(program))
+        assert uid == [pw.pw_uid] * 4, program
+        assert gid == [pw.pw_gid] * 4, program
+    assert _open_to_others(suite.root) == []
+    # What the daemons wrote (mailboxes, the database, sockets) is the Mailroom user's.
+    written = [inbox, *maildir_messages(inbox), suite.mailbox("bob@example.org"), *suite.root.glob("mailroom.db*"),
+               suite.root / "run" / "qmgr.sock"]
+    assert {p.stat().st_uid for p in written} == {pw.pw_uid}, written
+
+
+@pytest.mark.parametrize("module", ["msa", "mta", "mta.qmgr", "mda"])
+def test_started_as_root_without_a_user_a_daemon_refuses_with_one_line(
+    inst: Installation, daemons: Daemons, module: str
+) -> None:
+    inst.set("mailroom", "user", '""')
+    proc = daemons.start(module)
+    assert proc.wait(60) == 78
+    lines = daemons.log(module).splitlines()
+    assert len(lines) == 1, lines
+    assert "started as root with no [mailroom] user" in lines[0] and 'set user = "mailroom"' in lines[0]
+
+
+def test_started_as_root_without_a_user_mailroom_run_refuses_before_starting_anything(inst: Installation) -> None:
+    inst.set("mailroom", "user", '""')
+    r = inst.cli("run")
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "started as root with no [mailroom] user" in r.stderr, r.stderr
+    assert not (inst.root / "run" / "supervisord.pid").exists()
+
+
+def test_a_world_readable_database_key_and_config_are_made_private_at_start(
+    inst: Installation, daemons: Daemons
+) -> None:
+    private = [inst.root / "mailroom.db", inst.root / "tls" / "key.pem", inst.config_path]
+    for f in private:
+        f.chmod(0o644)
+    os.chown(inst.root / "mailroom.db", 0, 0)  # as if root had made it
+    daemons.start("mda")
+    wait_port(inst.ports["lmtp"], 60)
+    assert [stat.S_IMODE(f.stat().st_mode) for f in private] == [0o600] * 3
+    assert (inst.root / "mailroom.db").stat().st_uid == mailroom_user().pw_uid
+    log = daemons.log("mda")
+    for f in private:
+        assert f"{f} was readable by others (mode 0644): made it 0600" in log, log
+
+
+def test_a_root_owned_installation_is_refused_with_the_fix(inst: Installation, daemons: Daemons) -> None:
+    os.chown(inst.root, 0, 0)  # the folder is root's: SQLite cannot create its journal there
+    proc = daemons.start("msa")
+    assert proc.wait(60) == 78
+    assert f"msa: running as mailroom, cannot create files in {inst.root}: give mailroom the installation's " \
+           f"folder (chown -R mailroom: {inst.root})" in daemons.log("msa")
+
+
+# --- a listener that cannot be bound -----------------------------------------------------
+
+
+def test_a_port_in_use_stops_the_daemon_with_one_line_naming_the_setting(
+    inst: Installation, daemons: Daemons
+) -> None:
+    port = inst.ports["smtp"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen(1)
+        proc = daemons.start("mta")
+        assert proc.wait(60) == 73
+    assert daemons.log("mta") == f"[mta] smtp = 127.0.0.1:{port}: address already in use\n"
+
+
+def test_an_address_not_on_this_host_is_one_line(inst: Installation, daemons: Daemons) -> None:
+    inst.set("msa", "submissions", '"192.0.2.1:2465"')
+    proc = daemons.start("msa")
+    assert proc.wait(60) == 73
+    assert daemons.log("msa") == "[msa] submissions = 192.0.2.1:2465: cannot assign requested address\n"
+
+
+def test_a_port_in_use_stops_mailroom_run_with_that_line(inst: Installation) -> None:
+    port = inst.ports["lmtp"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen(1)
+        started = time.monotonic()
+        r = inst.cli("run")
+    assert r.returncode == 1
+    assert r.stderr == f"mailroom run: [mda] lmtp = 127.0.0.1:{port}: address already in use\n"
+    assert time.monotonic() - started < 30
+    assert not (inst.root / "run" / "supervisord.pid").exists()
