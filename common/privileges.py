@@ -222,8 +222,9 @@ def become(acct: Account, *, umask: int = UMASK) -> None:
         unreadable = not readable_by(Path(stdlib), acct)
         if unreadable:
             preload()
-        groups = [] if acct.mail_gid is None else [acct.mail_gid]
-        os.setgroups(groups)
+        # No supplementary groups: a mail group reaches new mailboxes through the
+        # mail root's setgid bit, not through membership.
+        os.setgroups([])
         os.setgid(acct.gid)
         os.setuid(acct.uid)
         if os.getuid() == 0 or os.geteuid() == 0:  # pragma: no cover - the kernel refused

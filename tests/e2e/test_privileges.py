@@ -215,3 +215,24 @@ def test_a_port_in_use_stops_mailroom_run_with_that_line(inst: Installation) -> 
     assert r.stderr == f"mailroom run: [mda] lmtp = 127.0.0.1:{port}: address already in use\n"
     assert time.monotonic() - started < 30
     assert not (inst.root / "run" / "supervisord.pid").exists()
+
+
+def test_a_mail_group_reads_the_mail_root_and_nothing_else(inst: Installation, daemons: Daemons) -> None:
+    import grp
+    import smtplib
+
+    mail = grp.getgrnam("mail")  # Debian's; Dovecot's group would do the same
+    inst.set("mailroom", "mail_group", '"mail"')
+    inst.add_user(ALICE)
+    daemons.start("mda")
+    wait_port(inst.ports["lmtp"], 60)
+    with smtplib.LMTP("127.0.0.1", inst.ports["lmtp"], timeout=30) as lmtp:
+        assert lmtp.sendmail("bob@example.net", [ALICE], b"Subject: for the reader\r\n\r\nhi\r\n") == {}
+    root = inst.config.mail_root
+    message = maildir_messages(inst.mailbox(ALICE))[0]
+    assert (stat.S_IMODE(root.stat().st_mode), root.stat().st_gid) == (0o2750, mail.gr_gid)
+    for path in (message, message.parent, inst.mailbox(ALICE)):
+        assert path.stat().st_gid == mail.gr_gid, path
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 in (0o040, 0o050), path  # group reads, others nothing
+    assert stat.S_IMODE((inst.root / "mailroom.db").stat().st_mode) == 0o600
+    assert ids(daemons.procs["mda"].pid)[2] == ""  # not through membership: the setgid mail root
