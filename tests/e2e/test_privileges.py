@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +31,7 @@ pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[2]
 ALICE = "alice@example.org"
 # The daemons with a listener, and the setting each one binds first.
+RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
 LISTENING = [("msa", "submission"), ("mta", "smtp"), ("mda", "lmtp")]
 
 
@@ -236,3 +239,104 @@ def test_a_mail_group_reads_the_mail_root_and_nothing_else(inst: Installation, d
         assert stat.S_IMODE(path.stat().st_mode) & 0o077 in (0o040, 0o050), path  # group reads, others nothing
     assert stat.S_IMODE((inst.root / "mailroom.db").stat().st_mode) == 0o600
     assert ids(daemons.procs["mda"].pid)[2] == ""  # not through membership: the setgid mail root
+
+
+# --- started as an ordinary user ------------------------------------------------------------
+
+
+def _python_for(user: str) -> tuple[str, dict[str, str]]:
+    """A Python interpreter `user` can run, with this checkout and its packages importable.
+
+    The test's own interpreter may live where only root can reach it (a pyenv
+    under /root); Debian's /usr/bin/python3 of the same version reads the same
+    installed packages.
+    """
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join([str(ROOT), *site]), "HOME": "/nonexistent"}
+    probe = subprocess.run([RUNUSER, "-u", user, "--", sys.executable, "-c", "pass"], capture_output=True)
+    if probe.returncode == 0:
+        return sys.executable, env
+    system = "/usr/bin/python3"
+    version = subprocess.run([system, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
+                             text=True).stdout.strip()
+    assert version == str(sys.version_info[:2]), f"no Python {sys.version_info[:2]} that {user} can run"
+    return system, env
+
+
+@pytest.fixture
+def ordinary_user() -> Iterator[str]:
+    peers.require_root("creating a throwaway user")
+    name = f"mrdev{os.getpid() % 100000}"
+    subprocess.run(["userdel", name], capture_output=True, check=False)
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, check=False)
+
+
+def test_as_an_ordinary_user_init_and_run_serve_as_that_user(tmp_path: Path, ordinary_user: str) -> None:
+    from tests.support.suite import PASSWORD, free_port, tls_client_context
+
+    pw = pwd.getpwnam(ordinary_user)
+    home = Path(tempfile.mkdtemp(prefix="mailroom-dev-"))
+    try:
+        os.chown(home, pw.pw_uid, pw.pw_gid)
+        home.chmod(0o755)
+        python, env = _python_for(ordinary_user)
+
+        def as_user(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([RUNUSER, "-u", ordinary_user, "--", python, "-m", "cli.main", *args],
+                                  capture_output=True, text=True, env=env, cwd=home, timeout=120, **kw)  # type: ignore[call-overload]
+
+        r = as_user("init", "--dir", str(home / "var"), "--domain", "example.org")
+        assert r.returncode == 0, r.stderr
+        conf = home / "var" / "mailroom.toml"
+        text = conf.read_text()
+        assert f'user = "{ordinary_user}"' in text
+        ports = {key: free_port() for key in ("2587", "2465", "2525", "10025", "2424")}
+        for old, new in ports.items():
+            text = text.replace(f":{old}\"", f":{new}\"")
+        conf.write_text(text)
+        r = as_user("--config", str(conf), "user", "add", ALICE, "--password-stdin", input=PASSWORD + "\n")
+        assert r.returncode == 0, r.stderr
+        # Binding a privileged port is the one thing an ordinary user cannot do: one line, exit 1.
+        conf.write_text(text.replace(f'smtp = "127.0.0.1:{ports["2525"]}"', 'smtp = "127.0.0.1:25"'))
+        r = as_user("--config", str(conf), "run")
+        assert (r.returncode, r.stderr) == (1, "mailroom run: [mta] smtp = 127.0.0.1:25: permission denied\n")
+        conf.write_text(text)
+        log = open(home / "run.log", "wb")  # noqa: SIM115 - closed below
+        # supervisord reopens its stdout by name (/dev/stdout): the file must be the user's, as a terminal is.
+        os.chown(home / "run.log", pw.pw_uid, pw.pw_gid)
+        run = subprocess.Popen([RUNUSER, "-u", ordinary_user, "--", python, "-m", "cli.main", "--config", str(conf),
+                                "run"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=home,
+                               start_new_session=True)
+        try:
+            for port in ports.values():
+                wait_port(port, 60)
+            import smtplib
+
+            with smtplib.SMTP("127.0.0.1", ports["2587"], timeout=30) as client:
+                client.starttls(context=tls_client_context())
+                client.login(ALICE, PASSWORD)
+                assert client.sendmail(ALICE, [ALICE], b"Subject: dev\r\n\r\nhi\r\n") == {}
+            box = home / "var" / "mail" / "example.org" / "alice"
+            deadline = time.monotonic() + 30
+            while not maildir_messages(box):
+                assert time.monotonic() < deadline, (home / "run.log").read_text()[-3000:]
+                time.sleep(0.1)
+            served = [pid for pid in peers.session_members(run.pid) if pid != run.pid]  # runuser stays root
+            assert len(served) == 5  # supervisord and the four daemons
+            for pid in served:
+                assert ids(pid)[0] == [pw.pw_uid] * 4
+            assert _open_to_others(home / "var") == []
+        finally:
+            run.terminate()
+            try:
+                run.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(run.pid, 9)
+                run.wait(10)
+            log.close()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
