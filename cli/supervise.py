@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -79,7 +80,38 @@ def run(cfg: Config) -> int:
         return 1
     os.umask(privileges.UMASK)
     conf = render(cfg)
-    os.execvp(sys.executable, [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)])
+    argv = [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)]
+    if _stdout_reopens():
+        os.execvp(argv[0], argv)
+    return _relay(argv)
+
+
+def _stdout_reopens() -> bool:
+    """Can supervisord reopen our standard output by name (its `/dev/stdout` log)?
+
+    Not when it is a terminal or file of another user: `runuser`/`su` from a
+    root shell leave the terminal root's, and the daemons' output would be
+    refused (EACCES) at every start.
+    """
+    try:
+        os.close(os.open("/dev/stdout", os.O_WRONLY | os.O_APPEND))
+    except OSError:
+        return False
+    return True
+
+
+def _relay(argv: list[str]) -> int:
+    """Run supervisord with its output on a pipe of ours, copied to our standard
+    output, passing on the signals that stop it."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
+    assert proc.stdout is not None
+    out = sys.stdout.fileno()
+    while chunk := os.read(proc.stdout.fileno(), 65536):
+        with contextlib.suppress(BrokenPipeError):
+            os.write(out, chunk)
+    return proc.wait()
 
 
 def ctl(cfg: Config, *args: str) -> int:

@@ -306,8 +306,8 @@ def test_as_an_ordinary_user_init_and_run_serve_as_that_user(tmp_path: Path, ord
         assert (r.returncode, r.stderr) == (1, "mailroom run: [mta] smtp = 127.0.0.1:25: permission denied\n")
         conf.write_text(text)
         log = open(home / "run.log", "wb")  # noqa: SIM115 - closed below
-        # supervisord reopens its stdout by name (/dev/stdout): the file must be the user's, as a terminal is.
-        os.chown(home / "run.log", pw.pw_uid, pw.pw_gid)
+        # The output file is root's, as the terminal is after runuser or su from a root
+        # shell: supervisord cannot reopen it by name, so `mailroom run` relays its output.
         run = subprocess.Popen([RUNUSER, "-u", ordinary_user, "--", python, "-m", "cli.main", "--config", str(conf),
                                 "run"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=home,
                                start_new_session=True)
@@ -326,9 +326,10 @@ def test_as_an_ordinary_user_init_and_run_serve_as_that_user(tmp_path: Path, ord
                 assert time.monotonic() < deadline, (home / "run.log").read_text()[-3000:]
                 time.sleep(0.1)
             served = [pid for pid in peers.session_members(run.pid) if pid != run.pid]  # runuser stays root
-            assert len(served) == 5  # supervisord and the four daemons
+            assert len(served) == 6  # mailroom run (relaying the output), supervisord, the four daemons
             for pid in served:
                 assert ids(pid)[0] == [pw.pw_uid] * 4
+            assert "delivered to=<alice@example.org>" in (home / "run.log").read_text()
             assert _open_to_others(home / "var") == []
         finally:
             run.terminate()
