@@ -185,6 +185,14 @@ def test_a_root_owned_installation_is_refused_with_the_fix(inst: Installation, d
            f"folder (chown -R mailroom: {inst.root})" in daemons.log("msa")
 
 
+def test_a_key_that_cannot_be_loaded_is_one_line(inst: Installation, daemons: Daemons) -> None:
+    (inst.root / "tls" / "key.pem").write_text("not a key\n")
+    proc = daemons.start("mta")
+    assert proc.wait(60) == 78
+    lines = daemons.log("mta").splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mta: [tls] cert = tls/cert.pem, key = tls/key.pem: "), lines
+
+
 # --- a listener that cannot be bound -----------------------------------------------------
 
 
