@@ -38,12 +38,13 @@ class MailroomSystem:
         self._boxes: dict[str, Path] = {}
 
     def start(self) -> None:
-        self.inst.start()
         for u in self.users:
             box = self.inst.mailbox(f"{u}@{DOMAIN}")
             for sub in ("tmp", "new", "cur"):
                 (box / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
             self._boxes[u] = box
+        self.inst.give()  # made here as root: the MDA serves as the Mailroom user
+        self.inst.start()
 
     def stop(self) -> None:
         self.inst.stop()
