@@ -23,12 +23,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 import ssl
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from common import config as configmod
 from common import log as logmod
@@ -124,15 +126,23 @@ def main(
     try:
         ctx = _prepare(cfg, listeners, tls=tls, writes_mail=writes_mail)
     except BindError as exc:
-        print(exc, file=sys.stderr)
-        raise SystemExit(EXIT_BIND) from None
+        _cannot_start(str(exc), EXIT_BIND)
     except StartError as exc:
-        print(f"{process}: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG) from None
+        _cannot_start(f"{process}: {exc}", EXIT_CONFIG)
     try:
         asyncio.run(_run(service, ctx))
     finally:
         ctx.db.close()
+
+
+def _cannot_start(line: str, status: int) -> NoReturn:
+    """Say why in one line and exit.  Under supervisord, a copy goes between its
+    capture tags: supervisord hands it to `mailroom run`'s watcher, not to the log."""
+    print(line, file=sys.stderr, flush=True)
+    if os.environ.get("SUPERVISOR_ENABLED"):
+        sys.stdout.write(f"<!--XSUPERVISOR:BEGIN-->{line}<!--XSUPERVISOR:END-->")
+        sys.stdout.flush()
+    raise SystemExit(status)
 
 
 def _prepare(cfg: Config, listeners: Sequence[str], *, tls: bool, writes_mail: bool) -> Context:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import socket
 import stat
@@ -349,3 +350,19 @@ def test_as_an_ordinary_user_init_and_run_serve_as_that_user(tmp_path: Path, ord
             log.close()
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_daemon_that_cannot_start_under_supervisord_stops_mailroom_run_with_its_line(inst: Installation) -> None:
+    # What the check before supervisord cannot see: the folder is root's, so no
+    # daemon can open the database once it serves as mailroom.
+    os.chown(inst.root, 0, 0)
+    started = time.monotonic()
+    r = inst.cli("run")
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"mailroom run: (msa|mta|qmgr|mda): running as mailroom, cannot create files in {re.escape(str(inst.root))}: "
+        rf"give mailroom the installation's folder \(chown -R mailroom: {re.escape(str(inst.root))}\)", last
+    ), r.stderr
+    assert time.monotonic() - started < 60  # once, not a loop of restarts
+    assert r.stdout.count("could not be started") == 0
