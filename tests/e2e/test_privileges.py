@@ -335,7 +335,7 @@ def test_as_an_ordinary_user_init_and_run_serve_as_that_user(tmp_path: Path, ord
                 assert time.monotonic() < deadline, (home / "run.log").read_text()[-3000:]
                 time.sleep(0.1)
             served = [pid for pid in peers.session_members(run.pid) if pid != run.pid]  # runuser stays root
-            assert len(served) == 6  # mailroom run (relaying the output), supervisord, the four daemons
+            assert len(served) == 7  # mailroom run (relaying the output), supervisord, its watcher, four daemons
             for pid in served:
                 assert ids(pid)[0] == [pw.pw_uid] * 4
             assert "delivered to=<alice@example.org>" in (home / "run.log").read_text()
