@@ -148,7 +148,7 @@ def private_dir(path: Path, acct: Account, *, group: int | None = None) -> None:
     """Create `path` owner-only (0700; 2750 for a reader group) and, as root, give it to the Mailroom user."""
     mode = PRIVATE_DIR if group is None else 0o2750
     if not path.exists():
-        path.mkdir(mode=mode, parents=True)
+        path.mkdir(mode=mode, parents=True, exist_ok=True)  # daemons start together
         os.chmod(path, mode)  # mkdir's mode passes through the umask
     if os.getuid() == 0:
         st = path.stat()
