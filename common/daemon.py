@@ -32,6 +32,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
+from sqlalchemy.engine import make_url
+
 from common import config as configmod
 from common import log as logmod
 from common import privileges
@@ -158,6 +160,9 @@ def _prepare(cfg: Config, listeners: Sequence[str], *, tls: bool, writes_mail: b
             tls_context = server_context(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key))
         except (OSError, ssl.SSLError) as exc:
             raise StartError(f"[tls] cert = {cfg.tls.cert}, key = {cfg.tls.key}: {exc}") from None
+    # The database driver (sqlite3, psycopg) is loaded now: after the switch the
+    # Python installation may be closed to the Mailroom user.
+    make_url(cfg.database_url).get_dialect().import_dbapi()
     mail_group = writes_mail and acct.mail_gid is not None
     privileges.become(acct, umask=privileges.MAIL_UMASK if mail_group else privileges.UMASK)
     # Only now can a client connect: the first byte it sends reaches the Mailroom user.
