@@ -366,3 +366,25 @@ def test_a_daemon_that_cannot_start_under_supervisord_stops_mailroom_run_with_it
     ), r.stderr
     assert time.monotonic() - started < 60  # once, not a loop of restarts
     assert r.stdout.count("could not be started") == 0
+
+
+def test_an_ipv6_listener_setting_is_bound_and_served(inst: Installation, daemons: Daemons) -> None:
+    port = free_port_v6()
+    inst.set("mta", "smtp", f'"[::1]:{port}"')
+    daemons.start("mta")
+    deadline = time.monotonic() + 60
+    while True:
+        with socket.socket(socket.AF_INET6) as s:
+            if s.connect_ex(("::1", port)) == 0:
+                s.settimeout(30)
+                assert s.recv(512).startswith(b"220 ")
+                break
+        assert time.monotonic() < deadline, daemons.log("mta")
+        time.sleep(0.05)
+    assert f"SMTP listening on [::1]:{port}" in daemons.log("mta")
+
+
+def free_port_v6() -> int:
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        return int(s.getsockname()[1])
