@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from cli import watch
+from cli.watch import failure_file
 from common import config as configmod
 from common import privileges
 from common.config import Config
 from common.daemon import setting_name
 from common.endpoint import BindError
 
-PROGRAMS = ("mda", "qmgr", "mta", "msa")
+PROGRAMS = watch.PROGRAMS
 TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "supervisord.conf.in"
 
 _COMMON = """\
@@ -54,46 +55,13 @@ def render(cfg: Config, *, log_file: str = "/dev/stdout") -> Path:
 _WATCH = """
 [eventlistener:watch]
 ; A daemon that could not start stops the whole suite, and `mailroom run` says why.
-command = {python} -m cli.supervise watch {run_dir}
+command = {python} -m cli.watch listen {run_dir}
 events = PROCESS_STATE_EXITED,PROCESS_STATE_FATAL,PROCESS_COMMUNICATION_STDOUT
 priority = 1
 autorestart = true
 stdout_logfile = NONE
 stderr_logfile = NONE
 """
-
-
-def failure_file(run_dir: Path, program: str) -> Path:
-    """Where a daemon that could not start leaves its one line for `mailroom run`."""
-    return run_dir / f"{program}.failed"
-
-
-def watch(run_dir: Path) -> None:
-    """supervisord event listener (its protocol on stdin/stdout): keeps the line each
-    daemon that cannot start sends (RUN_DIR/PROGRAM.failed); when a daemon exits
-    with a status that says it cannot start, or supervisord gives up on it, records
-    which (RUN_DIR/stopped) and shuts supervisord down."""
-    while True:
-        sys.stdout.write("READY\n")
-        sys.stdout.flush()
-        header = dict(f.split(":", 1) for f in sys.stdin.readline().split())
-        payload = sys.stdin.read(int(header["len"]))
-        first, _, data = payload.partition("\n")
-        fields = dict(f.split(":", 1) for f in first.split())
-        event = header["eventname"]
-        if event == "PROCESS_COMMUNICATION_STDOUT" and fields.get("processname") in PROGRAMS:
-            failure_file(run_dir, fields["processname"]).write_text(data.strip() + "\n")
-        gave_up = event == "PROCESS_STATE_FATAL" or (
-            event == "PROCESS_STATE_EXITED" and fields.get("expected") == "1"
-        )
-        if gave_up and fields.get("processname") in PROGRAMS:
-            program = fields["processname"]
-            stop = run_dir / "stopped"
-            if not stop.exists():
-                stop.write_text(program + "\n")
-                os.kill(os.getppid(), signal.SIGTERM)
-        sys.stdout.write("RESULT 2\nOK")
-        sys.stdout.flush()
 
 
 def preflight(cfg: Config) -> str | None:
@@ -134,18 +102,11 @@ def run(cfg: Config) -> int:
     for old in (run_dir / "stopped", *(failure_file(run_dir, p) for p in PROGRAMS)):
         with contextlib.suppress(FileNotFoundError):
             old.unlink()
-    argv = [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)]
-    status = _supervise(argv, relay=not _stdout_reopens())
-    stop = run_dir / "stopped"
-    if stop.exists():
-        program = stop.read_text().strip()
-        try:
-            why = failure_file(run_dir, program).read_text().strip()
-        except OSError:
-            why = f"{program} stopped and could not be started again (its log above says why)"
-        print(f"mailroom run: {why}", file=sys.stderr)
-        return 1
-    return status
+    # The rest of `mailroom run`'s life is spent waiting: a small process of the standard
+    # library only (cli/watch.py) stays as supervisord's parent, not this one.
+    argv = [sys.executable, "-m", "cli.watch", "run", str(run_dir), "relay" if not _stdout_reopens() else "direct",
+            sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)]
+    os.execv(sys.executable, argv)
 
 
 def _stdout_reopens() -> bool:
@@ -160,29 +121,6 @@ def _stdout_reopens() -> bool:
     except OSError:
         return False
     return True
-
-
-def _supervise(argv: list[str], *, relay: bool) -> int:
-    """Run supervisord until it stops, passing on the signals that stop it; with
-    `relay`, its output goes through a pipe of ours to our standard output."""
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE if relay else None,
-                            stderr=subprocess.STDOUT if relay else None)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
-    if proc.stdout is not None:
-        out = sys.stdout.fileno()
-        while chunk := os.read(proc.stdout.fileno(), 65536):
-            with contextlib.suppress(BrokenPipeError):
-                os.write(out, chunk)
-    return proc.wait()
-
-
-if __name__ == "__main__":
-    # `python -m cli.supervise watch RUN_DIR`: the event listener in supervisord.conf.
-    if sys.argv[1:2] == ["watch"] and len(sys.argv) == 3:
-        watch(Path(sys.argv[2]))
-    else:
-        raise SystemExit("usage: python -m cli.supervise watch RUN_DIR")
 
 
 def ctl(cfg: Config, *args: str) -> int:
