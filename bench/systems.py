@@ -63,13 +63,16 @@ class MailroomSystem:
         return {n: self.inst.program_pid(n) for n in ("mta", "qmgr", "mda", "msa")}
 
     def processes(self) -> dict[int, str]:
-        """supervisord and the four daemons, named by program."""
+        """`mailroom run` (what stays of it: cli/watch.py), supervisord, its event listener
+        and the four daemons, named by program."""
         assert self.inst.supervisor is not None
-        sup = self.inst.supervisor.pid
+        run = self.inst.supervisor.pid
         named = {pid: name for name, pid in self._pids_cache().items()}
-        out = {sup: "supervisord"}
-        for pid in procmem.children(sup):
-            out[pid] = named.get(pid, procmem.name_of(pid))
+        out = {run: "mailroom run"}
+        for sup in procmem.children(run):
+            out[sup] = "supervisord"
+            for pid in procmem.children(sup):
+                out[pid] = named.get(pid, procmem.name_of(pid))
         return out
 
     def _pids_cache(self) -> dict[str, int]:
