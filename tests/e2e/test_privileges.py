@@ -388,3 +388,18 @@ def free_port_v6() -> int:
     with socket.socket(socket.AF_INET6) as s:
         s.bind(("::1", 0))
         return int(s.getsockname()[1])
+
+
+def test_init_as_root_says_when_the_mailroom_user_cannot_reach_the_folder(tmp_path: Path) -> None:
+    peers.require_root("mailroom init as root")
+    closed = Path(tempfile.mkdtemp(prefix="mailroom-closed-"))  # 0700, root's: as /root would be
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "cli.main", "init", "--dir", str(closed / "var"), "--domain", "example.org"],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        assert r.stderr == (f"warning: mailroom cannot reach {closed}/var: {closed} is closed to it "
+                            f"(chmod o+x {closed}, or choose a folder such as /srv/mailroom)\n")
+    finally:
+        shutil.rmtree(closed, ignore_errors=True)
