@@ -87,12 +87,12 @@ def setting_name(key: str) -> str:
     return f"[{section}] {name}"
 
 
-def bind_all(cfg: Config, keys: Sequence[str]) -> dict[str, socket.socket]:
-    """Bind every listener in `keys`; BindError (one line naming the setting) if one cannot be."""
+def bind_all(endpoints: dict[str, Endpoint]) -> dict[str, socket.socket]:
+    """Bind every listener (setting key -> endpoint); BindError (one line naming the
+    setting) if one cannot be, and none stays bound."""
     bound: dict[str, socket.socket] = {}
     try:
-        for key in keys:
-            endpoint: Endpoint = cfg.endpoint(key)
+        for key, endpoint in endpoints.items():
             try:
                 bound[key] = endpoint.bind()
             except BindError as exc:
@@ -150,10 +150,11 @@ def _cannot_start(line: str, status: int) -> NoReturn:
 def _prepare(cfg: Config, listeners: Sequence[str], *, tls: bool, writes_mail: bool) -> Context:
     acct = privileges.account(cfg)
     privileges.secure(cfg, acct)
-    sockets = bind_all(cfg, listeners)
-    for key, sock in sockets.items():
-        if sock.family == socket.AF_UNIX:
-            privileges.hand_over(cfg.endpoint(key).path, acct)
+    endpoints = {key: cfg.endpoint(key) for key in listeners}  # each setting parsed once
+    sockets = bind_all(endpoints)
+    for key in sockets:
+        if endpoints[key].is_unix:
+            privileges.hand_over(endpoints[key].path, acct)
     tls_context = None
     if tls:
         try:
@@ -168,7 +169,7 @@ def _prepare(cfg: Config, listeners: Sequence[str], *, tls: bool, writes_mail: b
     # Only now can a client connect: the first byte it sends reaches the Mailroom user.
     for key, sock in sockets.items():
         try:
-            cfg.endpoint(key).listen(sock)
+            endpoints[key].listen(sock)
         except BindError as exc:
             raise BindError(f"{setting_name(key)} = {exc}") from None
     problem = privileges.writable_problem(cfg, acct)

@@ -403,3 +403,23 @@ def test_init_as_root_says_when_the_mailroom_user_cannot_reach_the_folder(tmp_pa
                             f"(chmod o+x {closed}, or choose a folder such as /srv/mailroom)\n")
     finally:
         shutil.rmtree(closed, ignore_errors=True)
+
+
+def test_a_unix_socket_listener_belongs_to_the_mailroom_user(inst: Installation, daemons: Daemons) -> None:
+    path = inst.root / "run" / "lmtp.sock"
+    inst.set("mda", "lmtp", f'"unix:{path}"')
+    daemons.start("mda")
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        assert time.monotonic() < deadline, daemons.log("mda")
+        time.sleep(0.05)
+    st = path.stat()
+    assert stat.S_ISSOCK(st.st_mode) and st.st_uid == mailroom_user().pw_uid and stat.S_IMODE(st.st_mode) == 0o600
+    while True:
+        with socket.socket(socket.AF_UNIX) as s:
+            if s.connect_ex(str(path)) == 0:
+                s.settimeout(30)
+                assert s.recv(512).startswith(b"220 ")
+                break
+        assert time.monotonic() < deadline, daemons.log("mda")
+        time.sleep(0.05)
