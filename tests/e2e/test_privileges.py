@@ -13,6 +13,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -272,6 +273,20 @@ def _python_for(user: str) -> tuple[str, dict[str, str]]:
     return system, env
 
 
+def _stop_session(run: subprocess.Popen[bytes]) -> None:
+    """Stop `mailroom run` (runuser's child: runuser itself would kill it outright) and
+    wait until every process of its session is gone, so the user can be deleted."""
+    for task in Path(f"/proc/{run.pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            os.kill(int(child), signal.SIGTERM)
+    deadline = time.monotonic() + 40
+    while [p for p in peers.session_members(run.pid) if p != run.pid] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if [p for p in peers.session_members(run.pid) if p != run.pid]:
+        os.killpg(run.pid, signal.SIGKILL)
+    run.wait(30)
+
+
 @pytest.fixture
 def ordinary_user() -> Iterator[str]:
     peers.require_root("creating a throwaway user")
@@ -281,7 +296,8 @@ def ordinary_user() -> Iterator[str]:
     try:
         yield name
     finally:
-        subprocess.run(["userdel", name], capture_output=True, check=False)
+        r = subprocess.run(["userdel", name], capture_output=True, text=True, check=False)
+        assert r.returncode == 0, r.stderr  # a process of it left behind would be a leak
 
 
 def test_as_an_ordinary_user_init_and_run_serve_as_that_user(tmp_path: Path, ordinary_user: str) -> None:
@@ -341,12 +357,7 @@ def test_as_an_ordinary_user_init_and_run_serve_as_that_user(tmp_path: Path, ord
             assert "delivered to=<alice@example.org>" in (home / "run.log").read_text()
             assert _open_to_others(home / "var") == []
         finally:
-            run.terminate()
-            try:
-                run.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(run.pid, 9)
-                run.wait(10)
+            _stop_session(run)
             log.close()
     finally:
         shutil.rmtree(home, ignore_errors=True)
