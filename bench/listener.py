@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))  # tests.support lives outside the installed packa
 
 async def _serve_engine(port: int) -> None:
     from common.reply import Reply
-    from common.smtp import Handler, Limits, MailEnvelope, MailSession, bind, serve
+    from common.smtp import Handler, Limits, MailEnvelope, MailSession, serve
 
     accepted = Reply(250, "2.0.0", "Ok: discarded")
 
@@ -43,7 +43,7 @@ async def _serve_engine(port: int) -> None:
             return accepted
 
     limits = Limits(max_connections=10_000, max_connections_per_client=10_000)
-    server = await serve(bind(f"127.0.0.1:{port}"), Discard, hostname="engine.bench", limits=limits)
+    server = await serve(f"127.0.0.1:{port}", Discard, hostname="engine.bench", limits=limits)
     async with server:
         await server.serve_forever()
 

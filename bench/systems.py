@@ -38,12 +38,13 @@ class MailroomSystem:
         self._boxes: dict[str, Path] = {}
 
     def start(self) -> None:
-        self.inst.start()
         for u in self.users:
             box = self.inst.mailbox(f"{u}@{DOMAIN}")
             for sub in ("tmp", "new", "cur"):
                 (box / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
             self._boxes[u] = box
+        self.inst.give()  # made here as root: the MDA serves as the Mailroom user
+        self.inst.start()
 
     def stop(self) -> None:
         self.inst.stop()
@@ -62,13 +63,16 @@ class MailroomSystem:
         return {n: self.inst.program_pid(n) for n in ("mta", "qmgr", "mda", "msa")}
 
     def processes(self) -> dict[int, str]:
-        """supervisord and the four daemons, named by program."""
+        """`mailroom run` (what stays of it: cli/watch.py), supervisord, its event listener
+        and the four daemons, named by program."""
         assert self.inst.supervisor is not None
-        sup = self.inst.supervisor.pid
+        run = self.inst.supervisor.pid
         named = {pid: name for name, pid in self._pids_cache().items()}
-        out = {sup: "supervisord"}
-        for pid in procmem.children(sup):
-            out[pid] = named.get(pid, procmem.name_of(pid))
+        out = {run: "mailroom run"}
+        for sup in procmem.children(run):
+            out[sup] = "supervisord"
+            for pid in procmem.children(sup):
+                out[pid] = named.get(pid, procmem.name_of(pid))
         return out
 
     def _pids_cache(self) -> dict[str, int]:

@@ -19,10 +19,11 @@ from sqlalchemy.orm import Session
 
 from cli import dkim as dkimcmd
 from cli import dns as dnscmd
-from cli import dovecot, postmaster, supervise, trace
+from cli import dovecot, postmaster, setup, supervise, trace
 from cli import queue as queuecmd
 from cli.show import clean, public_config
 from common import config as configmod
+from common import privileges
 from common.db import Database
 from common.models import Alias, Domain, User
 from common.tls import make_self_signed
@@ -45,22 +46,42 @@ def cmd_init(args: argparse.Namespace) -> int:
     if conf.exists():
         print(f"{conf} exists; not overwriting it", file=sys.stderr)
         return 1
-    base.mkdir(parents=True, exist_ok=True)
-    conf.write_text(configmod.render_default(args.domain.lower(), args.hostname, imap=_has_dovecot()))
-    cfg = configmod.load(conf)
-    cfg.mail_root.mkdir(parents=True, exist_ok=True)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    make_self_signed(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key), args.hostname)
-    db = _db(cfg)
-    with db.write() as s:
-        s.merge(Domain(name=args.domain.lower()))
-        if args.postmaster:
-            postmaster.point_at(s, [args.domain.lower()], args.postmaster.lower())
-        s.commit()
-    print(f"created {clean(conf)}, database, and a self-signed certificate for {clean(args.hostname)}")
-    roles = " and ".join(postmaster.role_addresses([args.domain.lower()]))
-    print(f"{roles} go to {clean(args.postmaster.lower()) if args.postmaster else 'the first user you add'}")
-    dkimcmd.keygen(cfg, args.domain, None)  # a first DKIM key set; prints its DNS records
+    try:
+        acct = setup.mailroom_account(args.user)
+    except setup.SetupError as exc:
+        print(f"mailroom init: {exc}", file=sys.stderr)
+        return 1
+    base.parent.mkdir(parents=True, exist_ok=True)  # folders above it: as the operator's umask says
+    # Everything below is created owner-only: the database holds every queued
+    # message and password hash, the config the relay password, tls/ the key.
+    old_umask = os.umask(privileges.UMASK)
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        os.chmod(base, privileges.PRIVATE_DIR)
+        conf.write_text(configmod.render_default(args.domain.lower(), args.hostname, acct.name, imap=_has_dovecot()))
+        cfg = configmod.load(conf)
+        privileges.private_dir(cfg.mail_root, acct)
+        privileges.private_dir(cfg.run_dir, acct)
+        make_self_signed(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key), args.hostname)
+        db = _db(cfg)
+        with db.write() as s:
+            s.merge(Domain(name=args.domain.lower()))
+            if args.postmaster:
+                postmaster.point_at(s, [args.domain.lower()], args.postmaster.lower())
+            s.commit()
+        db.close()
+        print(f"created {clean(conf)}, database, and a self-signed certificate for {clean(args.hostname)}; "
+              f"the daemons will serve as {acct.name}")
+        roles = " and ".join(postmaster.role_addresses([args.domain.lower()]))
+        print(f"{roles} go to {clean(args.postmaster.lower()) if args.postmaster else 'the first user you add'}")
+        dkimcmd.keygen(cfg, args.domain, None)  # a first DKIM key set; prints its DNS records
+        setup.give_installation(cfg, acct)
+    finally:
+        os.umask(old_umask)
+    closed = setup.unreachable(base, acct)
+    if closed:
+        print(f"warning: {acct.name} cannot reach {base}: {closed} is closed to it "
+              f"(chmod o+x {closed}, or choose a folder such as /srv/mailroom)", file=sys.stderr)
     return 0
 
 
@@ -288,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--hostname", default="localhost")
     init.add_argument("--postmaster", metavar="ADDRESS",
                       help="where postmaster@ and abuse@ the domain go (default: the first user added)")
+    init.add_argument("--user", default=setup.SYSTEM_USER,
+                      help="as root: the account the daemons serve as, created when missing "
+                      f"(default {setup.SYSTEM_USER}); otherwise the current user")
 
     sub.add_parser("run", help="run every daemon under supervisord, in the foreground")
     sub.add_parser("status", help="each daemon's state")
@@ -362,8 +386,7 @@ def _main(argv: list[str] | None) -> int:
         return 2
     match args.command:
         case "run":
-            supervise.run(cfg)
-            return 0
+            return supervise.run(cfg)
         case "status":
             return supervise.ctl(cfg, "status")
         case "stop" | "start" | "restart":

@@ -2,31 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
 
-from cli import dovecot
+from cli import dovecot, watch
+from cli.watch import failure_file
+from common import config as configmod
+from common import privileges
 from common.config import Config
+from common.daemon import setting_name
 from common.db import Database
+from common.endpoint import BindError
 
-PROGRAMS = ("mda", "qmgr", "mta", "msa", "web", "imap")
+# The four daemons (cli/watch.py stops the suite when one cannot start), the web
+# program and Dovecot.
+PROGRAMS = (*watch.PROGRAMS, "web", "imap")
 # Package data, so an installed Mailroom (a wheel, not a checkout) finds it too.
 TEMPLATE = "supervisord.conf.in"
 
 _COMMON = """\
 directory = {base}
 autostart = true
-autorestart = true
+autorestart = unexpected
+; 2, 73 and 78: the daemon could not start (a port, the user, a folder) and said why in
+; one line; starting it again cannot help, so the watcher below stops the suite.
+exitcodes = 0,2,73,78
 startsecs = 1
-startretries = 100
+startretries = 10
 stopsignal = TERM
 stopwaitsecs = 15
 redirect_stderr = true
 stdout_logfile = {stdout}
 stdout_logfile_maxbytes = 0
+stdout_capture_maxbytes = 4096
 environment = PYTHONUNBUFFERED="1\""""
 
 
@@ -55,13 +67,57 @@ def render(cfg: Config, *, log_file: str = "/dev/stdout", with_imap: bool = Fals
         run_dir=run_dir, python=sys.executable, config=cfg.path, common=common,
         imap=_imap_program(cfg, common, with_imap=with_imap),
     )
+    text += _WATCH.format(python=sys.executable, run_dir=run_dir)
     out = run_dir / "supervisord.conf"
     out.write_text(text)
     return out
 
 
-def run(cfg: Config) -> None:
-    """supervisord in the foreground; Ctrl-C stops every daemon."""
+_WATCH = """
+[eventlistener:watch]
+; A daemon that could not start stops the whole suite, and `mailroom run` says why.
+command = {python} -m cli.watch listen {run_dir}
+events = PROCESS_STATE_EXITED,PROCESS_STATE_FATAL,PROCESS_COMMUNICATION_STDOUT
+priority = 1
+autorestart = true
+stdout_logfile = NONE
+stderr_logfile = NONE
+"""
+
+
+def preflight(cfg: Config) -> str | None:
+    """What would stop a daemon at its start, as the one line it would print, or None.
+
+    Checked here, before supervisord starts anything, because supervisord
+    would restart a daemon that cannot start again and again: no serving as
+    root without `[mailroom] user`, and every listener's address free and
+    permitted (bound once and let go, as the daemon will bind it).
+    """
+    try:
+        privileges.account(cfg)
+    except privileges.StartError as exc:
+        return str(exc)
+    for key in configmod.listener_keys():
+        endpoint = cfg.endpoint(key)
+        try:
+            sock = endpoint.bind()
+        except BindError as exc:
+            return f"{setting_name(key)} = {exc}"
+        sock.close()
+        if endpoint.is_unix:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(endpoint.path)
+    return None
+
+
+def run(cfg: Config) -> int:
+    """supervisord in the foreground; Ctrl-C stops every daemon.  A problem found before
+    the start is one line on stderr and exit status 1."""
+    problem = preflight(cfg)
+    if problem:
+        print(f"mailroom run: {problem}", file=sys.stderr)
+        return 1
+    os.umask(privileges.UMASK)
     db = Database(cfg.database_url, threads=1)
     try:
         db.create_schema()
@@ -71,7 +127,29 @@ def run(cfg: Config) -> None:
     if why_not:
         print(f"mailroom: {why_not}", file=sys.stderr, flush=True)
     conf = render(cfg, with_imap=why_not is None)
-    os.execvp(sys.executable, [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)])
+    run_dir = cfg.run_dir.resolve()
+    for old in (run_dir / "stopped", *(failure_file(run_dir, p) for p in PROGRAMS)):
+        with contextlib.suppress(FileNotFoundError):
+            old.unlink()
+    # The rest of `mailroom run`'s life is spent waiting: a small process of the standard
+    # library only (cli/watch.py) stays as supervisord's parent, not this one.
+    argv = [sys.executable, "-m", "cli.watch", "run", str(run_dir), "relay" if not _stdout_reopens() else "direct",
+            sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)]
+    os.execv(sys.executable, argv)
+
+
+def _stdout_reopens() -> bool:
+    """Can supervisord reopen our standard output by name (its `/dev/stdout` log)?
+
+    Not when it is a terminal or file of another user: `runuser`/`su` from a
+    root shell leave the terminal root's, and the daemons' output would be
+    refused (EACCES) at every start.
+    """
+    try:
+        os.close(os.open("/dev/stdout", os.O_WRONLY | os.O_APPEND))
+    except OSError:
+        return False
+    return True
 
 
 def ctl(cfg: Config, *args: str) -> int:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from common.endpoint import Endpoint
+
 DEFAULT_PATH = "./var/mailroom.toml"
 
 
@@ -37,7 +39,8 @@ class MailroomSection:
     mail_root: str = field(default="mail", metadata=_meta("path", "Folder under which every mailbox lives"))
     run_dir: str = field(default="run", metadata=_meta("path", "Folder for sockets, pid files and process logs"))
     log_level: str = field(default="info", metadata=_meta("loglevel", "debug shows every SMTP/LMTP line (AUTH redacted)"))
-    user: str = field(default="", metadata=_meta("str", "When started as root: the user to run as after binding ports"))
+    user: str = field(default="", metadata=_meta("str", "The account every daemon serves as; started as root, they bind ports and then become it (required as root)"))
+    mail_group: str = field(default="", metadata=_meta("str", "A group allowed to read the mail root (e.g. Dovecot's); empty: only the user"))
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,13 @@ class Config:
         """Datagram socket on which the queue manager is woken after a commit."""
         return self.run_dir / "qmgr.sock"
 
+    def endpoint(self, key: str) -> Endpoint:
+        """The listener setting `key` ("mta.smtp") as a typed value (validated at load)."""
+        section, _, name = key.partition(".")
+        value = getattr(getattr(self, section), name)
+        assert isinstance(value, str), key
+        return Endpoint.parse(value)
+
     def is_local_domain(self, domain: str) -> bool:
         return domain.lower() in self.mailroom.domains
 
@@ -213,6 +223,17 @@ class Config:
         out = dataclasses.asdict(self)
         out["path"] = str(self.path)
         return out
+
+
+def listener_keys() -> list[str]:
+    """Every listener setting ("msa.submission", "mta.smtp", ...), in config order."""
+    hints = get_type_hints(Config)
+    keys = []
+    for section in dataclasses.fields(Config):
+        cls = hints[section.name]
+        if dataclasses.is_dataclass(cls):
+            keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(cls) if f.metadata.get("kind") == "listen"]
+    return keys
 
 
 # --- value parsing ---------------------------------------------------------
@@ -326,10 +347,9 @@ def _convert(kind: str, value: object) -> object:
                     raise ValueError(f"not a domain name: {d!r}")
             return [d.lower().rstrip(".") for d in value]
         case "listen":
-            need(str, "host:port or unix:/path")
+            need(str, "host:port, [IPv6]:port or unix:/path")
             assert isinstance(value, str)
-            if not value.startswith("unix:"):
-                parse_hostport(value)
+            Endpoint.parse(value)
             return value
         case "listen?":
             need(str, "host:port, or empty for off")
@@ -413,19 +433,17 @@ def _check(cfg: Config) -> None:
     """Rules that involve more than one key."""
     if not cfg.mailroom.domains:
         raise ConfigError("mailroom.domains: at least one local domain is needed")
-    for key, value in (("mta.internal", cfg.mta.internal), ("mda.lmtp", cfg.mda.lmtp)):
-        if value.startswith("unix:"):
-            continue
-        host, _ = parse_hostport(value)
-        if host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("127."):
+    for key in ("mta.internal", "mda.lmtp"):
+        where = cfg.endpoint(key)
+        if not where.is_loopback():
             # These listeners trust what they are told (relaying, trace ids):
             # only this host may reach them.
-            raise ConfigError(f"{key}: must be a loopback address or unix:/path, got {value!r}")
+            raise ConfigError(f"{key}: must be a loopback address or unix:/path, got {str(where)!r}")
     if cfg.smtp.max_recipients < 1:
         raise ConfigError("smtp.max_recipients: must be at least 1")
 
 
-def render_default(domain: str, hostname: str, *, imap: bool = False) -> str:
+def render_default(domain: str, hostname: str, user: str = "", *, imap: bool = False) -> str:
     """The config `mailroom init` writes: development ports, everything under one folder."""
     return f"""\
 # Mailroom configuration. `mailroom config show` prints every setting with its value.
@@ -434,6 +452,9 @@ def render_default(domain: str, hostname: str, *, imap: bool = False) -> str:
 [mailroom]
 hostname = "{hostname}"
 domains = ["{domain}"]
+# Every daemon serves as this account (started as root: after binding its ports).
+user = "{user}"
+# mail_group = "dovecot"      # a group that may read the mail root (IMAP/POP3 server)
 database = "sqlite:///mailroom.db"
 mail_root = "mail"
 run_dir = "run"

@@ -1,60 +1,125 @@
 """The skeleton every daemon's main() hands its service to (Postfix's single_server_main).
 
-It parses --config, loads and validates the config, sets up logging with the
-trace id, opens the shared database, runs the service until SIGTERM/SIGINT and
-then lets it finish cleanly.  A daemon's __main__ is three lines.
+One order for every daemon, so no daemon can get it wrong:
+
+1. parse --config, load and validate the config, set up logging;
+2. decide the account to serve as (started as root with no `[mailroom] user`:
+   refuse), make the run folder, mail root, database, config and key private;
+3. parse each listener setting the daemon declares ONCE into an `Endpoint` and
+   bind them all (a port that cannot be bound: one line naming the setting);
+4. load the TLS certificate and key (while the key may be root's);
+5. drop privileges for good, umask 077; only then listen, so no client can
+   even connect to a process that is still root;
+6. open the database, check it is writable, bring its schema up to date;
+7. run the service (it serves on the bound sockets) until SIGTERM/SIGINT,
+   then let it drain.
+
+A failure in 1-6 is one line on stderr and a non-zero exit, never a traceback:
+supervisord and the operator see why at once.  A daemon's __main__ is a few lines.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import codecs
+import importlib
 import logging
 import os
-import pwd
 import signal
+import socket
+import ssl
 import sys
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from sqlalchemy.engine import make_url
 
 from common import config as configmod
 from common import log as logmod
+from common import privileges
 from common.clock import Clock, SystemClock
 from common.config import Config
 from common.db import Database
+from common.endpoint import BindError, Endpoint
+from common.privileges import StartError
+from common.tls import server_context
 
 log = logging.getLogger("daemon")
+
+# Exit statuses: sysexits.h's EX_CONFIG for a config that cannot work, EX_CANTCREAT
+# for a listener that cannot be bound (supervisord and systemd show the number).
+EXIT_CONFIG = 78
+EXIT_BIND = 73
 
 
 @dataclass
 class Context:
-    """What a service gets: the config, the database, a clock, and a stop signal."""
+    """What a service gets: the config, the database, a clock, a stop signal, and
+    the listeners and TLS context the skeleton prepared before the switch."""
 
     config: Config
     db: Database
     clock: Clock
     stop: asyncio.Event
+    sockets: dict[str, socket.socket] = field(default_factory=dict)
+    tls_context: ssl.SSLContext | None = None
 
-    def drop_privileges(self) -> None:
-        """After binding privileged ports as root, become the configured user."""
-        name = self.config.mailroom.user
-        if os.getuid() != 0 or not name:
-            return
-        pw = pwd.getpwnam(name)
-        # Codecs load lazily from the Python installation, which the new user
-        # may not be able to read (e.g. a pyenv under /root): load them now.
-        codecs.lookup("idna")
-        os.setgroups([])
-        os.setgid(pw.pw_gid)
-        os.setuid(pw.pw_uid)
-        log.info("dropped privileges to %s", name)
+    def socket(self, key: str) -> socket.socket:
+        """The bound socket for listener setting `key` ("mta.smtp"); in-process (tests),
+        where the skeleton bound nothing, the address is bound now."""
+        sock = self.sockets.get(key)
+        return sock if sock is not None else self.config.endpoint(key).bind()
+
+    def tls(self) -> ssl.SSLContext:
+        """The server TLS context, loaded once."""
+        if self.tls_context is None:
+            self.tls_context = server_context(
+                self.config.resolve(self.config.tls.cert), self.config.resolve(self.config.tls.key)
+            )
+        return self.tls_context
 
 
 Service = Callable[[Context], Awaitable[None]]
 
 
-def main(process: str, service: Service, argv: list[str] | None = None) -> None:
+def setting_name(key: str) -> str:
+    """'mta.smtp' -> '[mta] smtp', the way the operator reads it in the config file."""
+    section, _, name = key.partition(".")
+    return f"[{section}] {name}"
+
+
+def bind_all(endpoints: dict[str, Endpoint]) -> dict[str, socket.socket]:
+    """Bind every listener (setting key -> endpoint); BindError (one line naming the
+    setting) if one cannot be, and none stays bound."""
+    bound: dict[str, socket.socket] = {}
+    try:
+        for key, endpoint in endpoints.items():
+            try:
+                bound[key] = endpoint.bind()
+            except BindError as exc:
+                raise BindError(f"{setting_name(key)} = {exc}") from None
+    except BaseException:
+        for s in bound.values():
+            s.close()
+        raise
+    return bound
+
+
+def main(
+    process: str,
+    service: Service,
+    argv: list[str] | None = None,
+    *,
+    listeners: Sequence[str] = (),
+    tls: bool = False,
+    writes_mail: bool = False,
+    preload: Sequence[str] = (),
+) -> None:
+    """Run `service` as daemon `process`, serving on the listener settings `listeners`
+    ("mta.smtp", ...); `tls` loads the certificate before the switch; `writes_mail`
+    lets `[mailroom] mail_group` read what it writes; `preload` names modules the
+    service imports late (on first use), loaded before the switch all the same."""
     parser = argparse.ArgumentParser(prog=f"python -m {process}")
     parser.add_argument("--config", help="config file (default $MAILROOM_CONFIG or ./var/mailroom.toml)")
     args = parser.parse_args(argv)
@@ -64,22 +129,75 @@ def main(process: str, service: Service, argv: list[str] | None = None) -> None:
         print(f"{process}: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     logmod.setup(process, cfg.mailroom.log_level)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        ctx = _prepare(cfg, listeners, tls=tls, writes_mail=writes_mail, preload=preload)
+    except BindError as exc:
+        _cannot_start(str(exc), EXIT_BIND)
+    except StartError as exc:
+        _cannot_start(f"{process}: {exc}", EXIT_CONFIG)
+    try:
+        asyncio.run(_run(service, ctx))
+    finally:
+        ctx.db.close()
+
+
+def _cannot_start(line: str, status: int) -> NoReturn:
+    """Say why in one line and exit.  Under supervisord, a copy goes between its
+    capture tags: supervisord hands it to `mailroom run`'s watcher, not to the log."""
+    print(line, file=sys.stderr, flush=True)
+    if os.environ.get("SUPERVISOR_ENABLED"):
+        sys.stdout.write(f"<!--XSUPERVISOR:BEGIN-->{line}<!--XSUPERVISOR:END-->")
+        sys.stdout.flush()
+    raise SystemExit(status)
+
+
+def _prepare(
+    cfg: Config, listeners: Sequence[str], *, tls: bool, writes_mail: bool, preload: Sequence[str]
+) -> Context:
+    acct = privileges.account(cfg)
+    privileges.secure(cfg, acct)
+    endpoints = {key: cfg.endpoint(key) for key in listeners}  # each setting parsed once
+    sockets = bind_all(endpoints)
+    for key in sockets:
+        if endpoints[key].is_unix:
+            privileges.hand_over(endpoints[key].path, acct)
+    tls_context = None
+    if tls:
+        try:
+            tls_context = server_context(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key))
+        except (OSError, ssl.SSLError) as exc:
+            raise StartError(f"[tls] cert = {cfg.tls.cert}, key = {cfg.tls.key}: {exc}") from None
+    # The database driver (sqlite3, psycopg) is loaded now: after the switch the
+    # Python installation may be closed to the Mailroom user.
+    make_url(cfg.database_url).get_dialect().import_dbapi()
+    for name in preload:
+        importlib.import_module(name)
+    mail_group = writes_mail and acct.mail_gid is not None
+    privileges.become(acct, umask=privileges.MAIL_UMASK if mail_group else privileges.UMASK)
+    # Only now can a client connect: the first byte it sends reaches the Mailroom user.
+    for key, sock in sockets.items():
+        try:
+            endpoints[key].listen(sock)
+        except BindError as exc:
+            raise BindError(f"{setting_name(key)} = {exc}") from None
+    problem = privileges.writable_problem(cfg, acct)
+    if problem:
+        raise StartError(problem)
     db = Database(cfg.database_url)
     db.create_schema()
-    try:
-        asyncio.run(_run(service, cfg, db))
-    finally:
-        db.close()
+    return Context(
+        config=cfg, db=db, clock=SystemClock(), stop=asyncio.Event(),
+        sockets=sockets, tls_context=tls_context,
+    )
 
 
-async def _run(service: Service, cfg: Config, db: Database) -> None:
-    stop = asyncio.Event()
+async def _run(service: Service, ctx: Context) -> None:
+    # The Event was made outside the loop; asyncio binds it to the running loop at first use.
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, ctx.stop.set)
     log.info("starting")
-    await service(Context(config=cfg, db=db, clock=SystemClock(), stop=stop))
+    await service(ctx)
     log.info("stopped")
 
 

@@ -39,7 +39,8 @@ def ensure(maildir: Path) -> None:
     if all((maildir / sub).is_dir() for sub in ("tmp", "new", "cur")):
         return
     for sub in ("tmp", "new", "cur"):
-        (maildir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The daemon's umask decides what the group gets (077: nothing; 027 with a mail group: read).
+        (maildir / sub).mkdir(mode=0o770, parents=True, exist_ok=True)
     _fsync_dir(maildir)
     _fsync_dir(maildir.parent)
 
@@ -102,7 +103,7 @@ def _create_tmp(maildir: Path, host: str) -> tuple[int, Path]:
             f"{now // 1_000_000}.M{now % 1_000_000:06d}P{os.getpid()}Q{next(_counter)}V{dev:x}.{host}"
         )
         try:
-            return os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp_path
+            return os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660), tmp_path
         except FileExistsError:
             continue  # cannot happen with a fresh counter value, but never share a file
 

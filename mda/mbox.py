@@ -87,13 +87,13 @@ def deliver(
     QuotaExceeded, or OSError (after truncating back).
     """
     if not path.parent.is_dir():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o770, parents=True, exist_ok=True)  # less the daemon's umask
     data = entry(content, sender, time.time())
     deadline = time.monotonic() + lock_timeout
     lock_path = path.with_name(path.name + ".lock")
     _dotlock(lock_path, deadline)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o660)
         try:
             _fcntl_lock(fd, deadline)
             size = os.fstat(fd).st_size
@@ -195,7 +195,7 @@ class _Journal:
 
 
 def _write_durably(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | mode, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | mode, 0o660)  # less the umask, as the mbox
     try:
         view = memoryview(data)
         while view:

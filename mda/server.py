@@ -34,7 +34,7 @@ from common.db import Database
 from common.log import is_trace_id, new_trace_id, trace_id
 from common.models import Event, User, add_event
 from common.reply import Reply, SMTPError
-from common.smtp import Handler, MailEnvelope, MailSession, bind, limits_from, serve
+from common.smtp import Handler, MailEnvelope, MailSession, limits_from, serve
 from common.users import find_user
 from mda import maildir, mbox
 from mda.quota import QuotaExceeded
@@ -262,15 +262,18 @@ async def _clean_tmp_periodically(ctx: Context, interval: float = TMP_CLEAN_INTE
             await asyncio.wait_for(ctx.stop.wait(), interval)
 
 
+# The listener settings this daemon serves; the skeleton binds them before the switch.
+LISTENERS = ("mda.lmtp",)
+
+
 async def run(ctx: Context) -> None:
     cfg = ctx.config
     # Only our own queue manager connects: no per-client cap below the total.
     limits = limits_from(cfg.smtp, max_connections_per_client=cfg.smtp.max_connections)
     server = await serve(
-        bind(cfg.mda.lmtp), partial(LMTPHandler, DeliveryPolicy.from_config(cfg), ctx.db),
+        ctx.socket("mda.lmtp"), partial(LMTPHandler, DeliveryPolicy.from_config(cfg), ctx.db),
         hostname=cfg.mailroom.hostname, limits=limits, lmtp=True,
     )
-    ctx.drop_privileges()
     log.info("LMTP listening on %s", cfg.mda.lmtp)
     cleaner = asyncio.create_task(_clean_tmp_periodically(ctx))
     try:

@@ -1,6 +1,6 @@
-"""`python -m msa --config FILE`: the submission server."""
+"""`python -m msa --config FILE`: the submission server (587 and 465 roles)."""
 
 from common.daemon import main
-from msa.server import run
+from msa.server import LISTENERS, run
 
-main("msa", run)
+main("msa", run, listeners=LISTENERS, tls=True)

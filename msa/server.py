@@ -24,12 +24,8 @@ saying so rather than failing at the first submission.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
-import os
-import pwd
-import socket
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
@@ -45,7 +41,6 @@ from common.models import Message, add_event
 from common.reply import Reply, SMTPError
 from common.smtp import Connections, Handler, MailEnvelope, MailSession, limits_from, serve
 from common.smtp_client import Client, NextHopError
-from common.tls import server_context
 from common.users import addresses_of, check_password, find_user
 from msa import submission
 from msa.auth import FailureTracker, RateLimiter
@@ -280,60 +275,13 @@ class SubmissionHandler(Handler):
         add_event(s, envelope.trace_id, "msa", "relayed", detail=str(reply))
 
 
-def bind(where: str) -> socket.socket:
-    """A listening socket for 'host:port' or 'unix:/path', made while we may still be root."""
-    if where.startswith("unix:"):
-        path = where[5:]
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(path)
-    else:
-        host, port = parse_hostport(where)
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    sock.listen(1024)
-    return sock
-
-
-def database_problem(url: str) -> str | None:
-    """Why this process cannot write the SQLite database, or None when it can.
-
-    After the switch to [mailroom] user the database file, its -wal/-shm
-    companions and its folder (SQLite creates files there) must be writable
-    by that user: `chown -R USER: INSTALLATION` (docs/operations.md).  Saying
-    so at start beats a "readonly database" at the first submission.
-    """
-    prefix = "sqlite:///"
-    if not url.startswith(prefix) or ":memory:" in url:
-        return None
-    path = url[len(prefix) :].split("?", 1)[0]
-    folder = os.path.dirname(path) or "."
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f"cannot create files in {folder}"
-    for p in (path, path + "-wal", path + "-shm"):
-        if os.path.exists(p) and not os.access(p, os.R_OK | os.W_OK):
-            return f"cannot write {p}"
-    return None
+# The listener settings this daemon serves; the skeleton binds them before the switch.
+LISTENERS = ("msa.submission", "msa.submissions")
 
 
 async def run(ctx: Context) -> None:
     cfg = ctx.config
-    # As root: read the private key and bind 587/465, then become [mailroom] user
-    # *before* the first client is served, so no session ever runs as root.
-    tls = server_context(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key))
-    submission_sock, submissions_sock = bind(cfg.msa.submission), bind(cfg.msa.submissions)
-    ctx.drop_privileges()
-    problem = database_problem(ctx.config.database_url)
-    if problem:
-        who = pwd.getpwuid(os.getuid()).pw_name
-        log.error("running as %s, %s: give %s the installation's folder (chown -R %s: FOLDER)",
-                  who, problem, who, who)
-        raise SystemExit(1)
+    tls = ctx.tls()
     limits = limits_from(cfg.smtp, max_connections_per_client=cfg.msa.max_connections_per_client)
     policy = SubmissionPolicy.from_config(cfg)
     limiters = Limiters(policy, ctx.clock)
@@ -344,10 +292,12 @@ async def run(ctx: Context) -> None:
     # One count for both roles: the cap is per client address, not per port.
     common = dict(hostname=cfg.mailroom.hostname, limits=limits, tls_context=tls, connections=Connections())
     submission_server = await serve(
-        cfg.msa.submission, make, require_starttls=True, sock=submission_sock, **common  # type: ignore[arg-type]
+        ctx.socket("msa.submission"), make, require_starttls=True,
+        **common,  # type: ignore[arg-type]
     )
     submissions_server = await serve(
-        cfg.msa.submissions, make, implicit_tls=True, sock=submissions_sock, **common  # type: ignore[arg-type]
+        ctx.socket("msa.submissions"), make, implicit_tls=True,
+        **common,  # type: ignore[arg-type]
     )
     log.info("submission on %s (STARTTLS), %s (TLS)", cfg.msa.submission, cfg.msa.submissions)
     await serve_until_stopped(ctx, [submission_server, submissions_server])

@@ -4,6 +4,8 @@ The queue manager is its own process: `python -m mta.qmgr --config FILE`.
 """
 
 from common.daemon import main
-from mta.smtpd import run
+from mta.smtpd import LISTENERS, PRELOAD, run
 
-main("mta", run)
+# Sender authentication loads dkimpy, pyspf and the filter client on first use
+# (a faster start); as root they must be loaded before the switch all the same.
+main("mta", run, listeners=LISTENERS, tls=True, preload=PRELOAD)

@@ -30,7 +30,6 @@ from sqlalchemy.orm import Session
 
 from common.address import domain_of
 from common.clock import Clock
-from common.config import parse_hostport
 from common.daemon import Context
 from common.db import Database
 from common.log import trace_id
@@ -248,6 +247,7 @@ class _Wakeup(asyncio.DatagramProtocol):
 async def run(ctx: Context) -> None:
     cfg = ctx.config
     mta = cfg.mta
+    public = cfg.endpoint("mta.smtp")
     local = LocalDelivery(
         cfg.mda.lmtp, hostname=cfg.mailroom.hostname, sessions=mta.lmtp_sessions,
         timeout=cfg.smtp.idle_timeout,
@@ -266,7 +266,7 @@ async def run(ctx: Context) -> None:
         connect_timeout=mta.connect_timeout,
         timeout=mta.smtp_timeout,
         # Our own public listener: an MX leading back to it is a loop, whatever its name.
-        listening=None if mta.smtp.startswith("unix:") else parse_hostport(mta.smtp),
+        listening=None if public.is_unix else public.hostport,
     )
     qm = QueueManager(
         db=ctx.db, clock=ctx.clock,
@@ -287,7 +287,6 @@ async def run(ctx: Context) -> None:
     transport, _ = await loop.create_datagram_endpoint(
         lambda: _Wakeup(qm.wake), local_addr=str(sock_path), family=socket.AF_UNIX
     )
-    ctx.drop_privileges()
     log.info("queue manager running")
     last_checkpoint = loop.time()
     try:
@@ -319,7 +318,9 @@ def _release(db: Database, host: str) -> int:
         return queue.release_stale(s, host)
 
 
+
 if __name__ == "__main__":
+    # `python -m mta.qmgr`: the queue manager has no listener of its own.
     from common.daemon import main
 
     main("qmgr", run)

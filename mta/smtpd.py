@@ -32,8 +32,7 @@ from common.db import Database
 from common.log import is_trace_id, new_trace_id, trace_id
 from common.models import add_event
 from common.reply import Reply, SMTPError
-from common.smtp import Handler, MailEnvelope, MailSession, bind, in_networks, limits_from, serve
-from common.tls import server_context
+from common.smtp import Handler, MailEnvelope, MailSession, in_networks, limits_from, serve
 from mta import aliases, mailauth, queue
 
 log = logging.getLogger("smtpd")
@@ -248,23 +247,27 @@ def _message_id(header: bytes) -> str:
     return m.group(1).decode("utf-8", "replace") if m else ""
 
 
+# The listener settings this daemon serves; the skeleton binds them before the switch.
+LISTENERS = ("mta.smtp", "mta.internal")
+# What sender authentication imports on first use (mta/mailauth.py).
+PRELOAD = ("mta.checks", "mta.dmarc", "mta.dkim", "mta.contentfilter", "mta.authdns", "nacl.signing", "spf")
+
+
 async def run(ctx: Context) -> None:
     cfg = ctx.config
-    tls = server_context(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key))
     limits = limits_from(cfg.smtp)
 
     def handler(internal: bool) -> partial[SMTPHandler]:
         return partial(SMTPHandler, ReceivePolicy.from_config(cfg, internal=internal), ctx.db, ctx.clock, ctx)
 
     public = await serve(
-        bind(cfg.mta.smtp), handler(False),
-        hostname=cfg.mailroom.hostname, limits=limits, tls_context=tls,
+        ctx.socket("mta.smtp"), handler(False),
+        hostname=cfg.mailroom.hostname, limits=limits, tls_context=ctx.tls(),
     )
     internal = await serve(
-        bind(cfg.mta.internal), handler(True),
+        ctx.socket("mta.internal"), handler(True),
         hostname=cfg.mailroom.hostname,
         limits=limits_from(cfg.smtp, max_connections_per_client=cfg.smtp.max_connections),
     )
-    ctx.drop_privileges()
     log.info("SMTP listening on %s, internal on %s", cfg.mta.smtp, cfg.mta.internal)
     await serve_until_stopped(ctx, [public, internal])

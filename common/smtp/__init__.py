@@ -7,10 +7,10 @@
 """
 
 from common.smtp.handler import Handler, MailEnvelope, MailSession
-from common.smtp.serve import bind, in_networks, limits_from, serve
+from common.smtp.serve import in_networks, limits_from, serve
 from common.smtp.session import Connections, Limits
 
 __all__ = [
     "Connections", "Handler", "Limits", "MailEnvelope", "MailSession",
-    "bind", "in_networks", "limits_from", "serve",
+    "in_networks", "limits_from", "serve",
 ]  # fmt: skip

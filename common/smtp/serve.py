@@ -12,15 +12,14 @@ session; this module holds what is set once per listener.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
-import os
 import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
 
-from common.config import SMTPSection, parse_hostport
+from common.config import SMTPSection
+from common.endpoint import Endpoint
 from common.smtp.handler import Handler
 from common.smtp.session import Connections, Limits, Listener, Session, client_address
 
@@ -30,26 +29,6 @@ def limits_from(smtp: SMTPSection, **overrides: Any) -> Limits:
     values = {f: getattr(smtp, f) for f in Limits.__dataclass_fields__ if hasattr(smtp, f)}
     values.update(overrides)
     return Limits(**values)
-
-
-def bind(where: str) -> socket.socket:
-    """A listening socket for 'host:port' or 'unix:/path'."""
-    if where.startswith("unix:"):
-        path = where[5:]
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(path)
-    else:
-        host, port = parse_hostport(where)
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    sock.listen(1024)
-    return sock
 
 
 async def serve(
@@ -63,10 +42,9 @@ async def serve(
     require_starttls: bool = False,
     lmtp: bool = False,
     utf8: bool = True,
-    sock: socket.socket | None = None,
     connections: Connections | None = None,
 ) -> asyncio.Server:
-    """Serve sessions on a bound socket (`sock`, or `listen` when it is one).
+    """Serve sessions on a bound socket `listen`.
 
     A string `listen` ('host:port', 'unix:/path') is bound here, for tests
     and tools; daemons pass the socket their skeleton bound.  Listeners
@@ -79,7 +57,7 @@ async def serve(
         hostname=hostname, limits=limits, connections=connections if connections is not None else Connections(),
         tls_context=tls_context, implicit_tls=implicit_tls, require_starttls=require_starttls, lmtp=lmtp, utf8=utf8,
     )
-    bound = sock if sock is not None else listen if isinstance(listen, socket.socket) else bind(listen)
+    bound = listen if isinstance(listen, socket.socket) else Endpoint.parse(listen).bind()
     bound.setblocking(False)
 
     def factory() -> Session:

@@ -9,6 +9,7 @@ sending through the MTA's public listener to the real daemons.
 from __future__ import annotations
 
 import os
+import pwd
 import smtplib
 import sqlite3
 import subprocess
@@ -23,10 +24,18 @@ pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    where = tmp_path / "disk"
+def inst(tmp_path: Path) -> Installation:
+    return Installation(tmp_path / "mailroom")
+
+
+@pytest.fixture
+def small_disk(inst: Installation) -> Iterator[Path]:
+    # Inside the installation and the Mailroom user's, as the daemons serve as that user.
+    where = inst.root / "disk"
     where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0755", "tmpfs", str(where)], check=True)
+    owner = pwd.getpwnam(inst.config.mailroom.user)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=24m,mode=0700,uid={owner.pw_uid},gid={owner.pw_gid}",
+                    "tmpfs", str(where)], check=True)
     try:
         yield where
     finally:
@@ -53,8 +62,7 @@ def pending(inst: Installation) -> int:
         conn.close()
 
 
-def test_disk_full_during_traffic(tmp_path: Path, small_disk: Path) -> None:
-    inst = Installation(tmp_path / "mailroom")
+def test_disk_full_during_traffic(inst: Installation, small_disk: Path) -> None:
     inst.set("mailroom", "database", f'"sqlite:///{small_disk}/mailroom.db"')
     inst.set("mailroom", "mail_root", f'"{small_disk}/mail"')
     inst.set("mta", "retry_schedule", '["1s"]')

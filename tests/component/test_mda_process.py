@@ -40,6 +40,7 @@ class MDAProcess:
                 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
                 resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
+        inst.give()  # mailboxes the test prepared as root: as if the MDA had written them
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mda", "--config", str(inst.config_path)],

@@ -1,7 +1,8 @@
 """A throwaway Mailroom installation for tests: config, database, users, processes.
 
-`Installation` runs `mailroom init` in a temporary folder, moves every listener
-to a free loopback port, and can start the real daemons the way `mailroom run`
+`Installation` runs `mailroom init` in a temporary folder (as root, the daemons
+then serve as the `mailroom` user that init creates, as in production), moves
+every listener to a free loopback port, and can start the real daemons the way `mailroom run`
 does (supervisord with the four programs).  `Installation.context()` gives an
 in-process `Context` for component tests that drive one listener directly.
 """
@@ -9,14 +10,17 @@ in-process `Context` for component tests that drive one listener directly.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import re
+import shutil
 import signal
 import smtplib
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,8 +72,29 @@ def tls_client_context() -> ssl.SSLContext:
     return ctx
 
 
+def _reachable(root: Path) -> Path:
+    """Where the installation really lives: `root` when the Mailroom user can reach it.
+
+    As root, `mailroom init` gives the installation to the `mailroom` user, and
+    the daemons serve as it, as in production.  pytest's tmp_path sits under
+    /tmp/pytest-of-root, which every pytest session started as root on this
+    machine closes again (0700): then the installation goes to a folder of its
+    own under /tmp that only search permission leads to, `root` becomes a link
+    to it, and it is removed when the test process ends.
+    """
+    if os.getuid() != 0 or all(p.stat().st_mode & 0o001 for p in root.parents if p.exists()):
+        return root
+    real = Path(tempfile.mkdtemp(prefix="mailroom-test-"))
+    real.chmod(0o711)
+    atexit.register(shutil.rmtree, str(real), True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    root.symlink_to(real / root.name)
+    return real / root.name
+
+
 class Installation:
     def __init__(self, root: Path, *, domain: str = "example.org", extra: str = "") -> None:
+        root = _reachable(root)
         self.root = root
         self.domain = domain
         assert mailroom_main(["init", "--dir", str(root), "--domain", domain, "--hostname", "mail.test"]) == 0
@@ -121,6 +146,20 @@ class Installation:
                 return Path(parts[2])
         raise KeyError(address)
 
+    def give(self, path: Path | None = None) -> None:
+        """As root: files a test made (mailboxes, say) become the Mailroom user's, as
+        if the daemons had written them (`chown -R mailroom: PATH`; default the mail root)."""
+        if os.getuid() != 0:
+            return
+        import pwd
+
+        pw = pwd.getpwnam(self.config.mailroom.user)
+        top = path or self.config.mail_root
+        os.chown(top, pw.pw_uid, pw.pw_gid)
+        for folder, dirs, files in os.walk(top):
+            for name in dirs + files:
+                os.chown(os.path.join(folder, name), pw.pw_uid, pw.pw_gid, follow_symlinks=False)
+
     def db(self) -> Database:
         db = Database(self.config.database_url, threads=2)
         db.create_schema()
@@ -134,7 +173,8 @@ class Installation:
 
     def start(self) -> None:
         """Start supervisord with every program, as `mailroom run` does."""
-        log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        # Private like everything else in the installation (what the daemons log names users).
+        log = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         self.supervisor = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "--config", str(self.config_path), "run"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -236,3 +276,48 @@ def mbox_messages(path: Path) -> list[bytes]:
         return [box.get_bytes(key) for key in box.keys()]  # noqa: SIM118 - mbox order
     finally:
         box.close()
+
+
+def ids(pid: int) -> tuple[list[int], list[int], str]:
+    """A process's (real, effective, saved, filesystem) uids and gids and its
+    supplementary groups, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return [int(x) for x in fields["Uid"].split()], [int(x) for x in fields["Gid"].split()], fields["Groups"].strip()
+
+
+class Daemons:
+    """Single daemons of an installation started the way supervisord starts them
+    (`python -m msa --config FILE`), each with its own log file."""
+
+    def __init__(self, inst: Installation) -> None:
+        self.inst = inst
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, module: str) -> subprocess.Popen[bytes]:
+        log = open(self.log_path(module), "ab")  # noqa: SIM115 - the child keeps it
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, "--config", str(self.inst.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
+            start_new_session=True,
+        )
+        log.close()
+        self.procs[module] = proc
+        return proc
+
+    def log_path(self, module: str) -> Path:
+        return self.inst.root.parent / f"{self.inst.root.name}-{module}.log"
+
+    def log(self, module: str) -> str:
+        return self.log_path(module).read_text(errors="replace")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)

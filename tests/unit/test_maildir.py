@@ -28,7 +28,11 @@ def test_unique_name_is_deterministic_per_delivery_and_safe() -> None:
 
 def test_deliver_links_into_new_and_leaves_tmp_empty(tmp_path: Path) -> None:
     box = tmp_path / "box"
-    path, stored = maildir.deliver(box, b"Subject: x\n\nbody\n", "1.M1R1.host")
+    old = os.umask(0o077)  # the MDA's (common/privileges.py)
+    try:
+        path, stored = maildir.deliver(box, b"Subject: x\n\nbody\n", "1.M1R1.host")
+    finally:
+        os.umask(old)
     assert stored and path == box / "new" / "1.M1R1.host"
     assert path.read_bytes() == b"Subject: x\n\nbody\n"
     assert list((box / "tmp").iterdir()) == [] and list((box / "cur").iterdir()) == []

@@ -54,8 +54,12 @@ def test_entries_end_with_a_blank_line_even_without_a_final_newline() -> None:
 def test_deliver_appends_and_python_reads_each_message(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "box.mbox"
     bodies = [b"Subject: 1\n\nFrom a\n", b"Subject: 2\n\n>From b\n\n", b"Subject: 3\n\n"]
-    for b in bodies:
-        mbox.deliver(path, b, "a@example.org")
+    old = os.umask(0o077)  # the MDA's (common/privileges.py)
+    try:
+        for b in bodies:
+            mbox.deliver(path, b, "a@example.org")
+    finally:
+        os.umask(old)
     assert not path.with_name("box.mbox.lock").exists()
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     box = mailbox.mbox(path, create=False)

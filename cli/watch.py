@@ -1,0 +1,102 @@
+"""What stays of `mailroom run` while the suite runs: supervisord's parent, and its event listener.
+
+`python -m cli.watch run RUN_DIR relay|direct SUPERVISORD-ARGV...` (what
+`mailroom run` becomes after its checks) runs supervisord, passes on the
+signals that stop it, relays its output when supervisord could not reopen
+ours, and exits with status 1 and a daemon's line when the listener below
+stopped the suite.
+
+`python -m cli.watch listen RUN_DIR` is the event listener.  A daemon that
+cannot start (a folder it cannot write, a key that does not load) exits
+with status 2, 73 or 78 after saying why in one line, and sends supervisord
+a copy of that line between capture tags.  The listener keeps the line
+(RUN_DIR/PROGRAM.failed) and, when such a daemon exits or supervisord gives
+up on it, records which (RUN_DIR/stopped) and shuts supervisord down, so
+`mailroom run` ends with the line and status 1 instead of a loop of
+restarts.  Both import nothing but the standard library: they run for as
+long as the suite does, and should cost little memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+PROGRAMS = ("mda", "qmgr", "mta", "msa")
+
+
+def failure_file(run_dir: Path, program: str) -> Path:
+    """Where a daemon that could not start leaves its one line for `mailroom run`."""
+    return run_dir / f"{program}.failed"
+
+
+def watch(run_dir: Path) -> None:
+    """supervisord event listener (its protocol on stdin/stdout): keeps the line each
+    daemon that cannot start sends (RUN_DIR/PROGRAM.failed); when a daemon exits
+    with a status that says it cannot start, or supervisord gives up on it, records
+    which (RUN_DIR/stopped) and shuts supervisord down."""
+    while True:
+        sys.stdout.write("READY\n")
+        sys.stdout.flush()
+        header = dict(f.split(":", 1) for f in sys.stdin.readline().split())
+        payload = sys.stdin.read(int(header["len"]))
+        first, _, data = payload.partition("\n")
+        fields = dict(f.split(":", 1) for f in first.split())
+        event = header["eventname"]
+        if event == "PROCESS_COMMUNICATION_STDOUT" and fields.get("processname") in PROGRAMS:
+            failure_file(run_dir, fields["processname"]).write_text(data.strip() + "\n")
+        gave_up = event == "PROCESS_STATE_FATAL" or (
+            event == "PROCESS_STATE_EXITED" and fields.get("expected") == "1"
+        )
+        if gave_up and fields.get("processname") in PROGRAMS:
+            program = fields["processname"]
+            stop = run_dir / "stopped"
+            if not stop.exists():
+                stop.write_text(program + "\n")
+                os.kill(os.getppid(), signal.SIGTERM)
+        sys.stdout.write("RESULT 2\nOK")
+        sys.stdout.flush()
+
+
+
+def run(run_dir: Path, argv: list[str], *, relay: bool) -> int:
+    """Run supervisord (`argv`) until it stops; 1 with the failed daemon's line when the
+    listener stopped the suite, else supervisord's status."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE if relay else None,
+                            stderr=subprocess.STDOUT if relay else None)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
+    if proc.stdout is not None:
+        out = sys.stdout.fileno()
+        while chunk := os.read(proc.stdout.fileno(), 65536):
+            with contextlib.suppress(BrokenPipeError):
+                os.write(out, chunk)
+    status = proc.wait()
+    stop = run_dir / "stopped"
+    if not stop.exists():
+        return status
+    program = stop.read_text().strip()
+    try:
+        why = failure_file(run_dir, program).read_text().strip()
+    except OSError:
+        why = f"{program} stopped and could not be started again (its log above says why)"
+    print(f"mailroom run: {why}", file=sys.stderr)
+    return 1
+
+
+def main(args: list[str]) -> int:
+    if len(args) == 2 and args[0] == "listen":
+        watch(Path(args[1]))
+        return 0
+    if len(args) > 3 and args[0] == "run" and args[2] in ("relay", "direct"):
+        return run(Path(args[1]), args[3:], relay=args[2] == "relay")
+    print("usage: python -m cli.watch listen RUN_DIR | run RUN_DIR relay|direct ARGV...", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,157 @@
+"""Where a listener listens: a TCP host and port, or a Unix socket path.
+
+A listener setting (`[mta] smtp = "127.0.0.1:2525"`, `"[::1]:25"`,
+`"unix:/run/mailroom/lmtp.sock"`) is parsed once into an `Endpoint`;
+everything after that asks the value, never the text.  `bind()` makes the
+socket and `listen()` opens it, each turning every way it can fail into one
+`BindError` whose text names the address and the reason, so a daemon can say
+it in one line and stop.
+
+It never accepts a connection: binding happens while a daemon may still be
+root; listening and serving only after the switch to the Mailroom user.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+UNIX_PREFIX = "unix:"
+
+
+class BindError(Exception):
+    """A listener could not be bound; the text is `ADDRESS: reason`."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A TCP `host`:`port`, or (when `path` is set) a Unix stream socket."""
+
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        """'127.0.0.1:25', '[::1]:25', 'localhost:25' or 'unix:/path'; ValueError says why not."""
+        value = text.strip()
+        if value.startswith(UNIX_PREFIX):
+            path = value[len(UNIX_PREFIX):]
+            if not path.startswith("/"):
+                raise ValueError(f"expected unix:/absolute/path, got {text!r}")
+            return cls(path=path)
+        if value.startswith("["):
+            host, bracket, rest = value[1:].partition("]")
+            if not bracket or not rest.startswith(":"):
+                raise ValueError(f"expected [IPv6 address]:port, got {text!r}")
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(f"not an IPv6 address in {text!r}") from None
+            port_text = rest[1:]
+        elif value.count(":") == 1:
+            host, _, port_text = value.partition(":")
+        elif ":" in value:
+            raise ValueError(f"write an IPv6 address in brackets, as [::1]:25, got {text!r}")
+        else:
+            raise ValueError(f"expected host:port or unix:/path, got {text!r}")
+        if not host:
+            raise ValueError(f"missing host in {text!r}")
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ValueError(f"bad port in {text!r}")
+        return cls(host=host, port=int(port_text))
+
+    @property
+    def is_unix(self) -> bool:
+        return bool(self.path)
+
+    @property
+    def hostport(self) -> tuple[str, int]:
+        """(host, port) of a TCP endpoint."""
+        assert not self.is_unix, self
+        return self.host, self.port
+
+    def is_loopback(self) -> bool:
+        """Only this host can reach it: a Unix socket, localhost or a loopback address."""
+        if self.is_unix or self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        if self.is_unix:
+            return UNIX_PREFIX + self.path
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    def bind(self) -> socket.socket:
+        """A bound socket, not yet listening: nobody can connect before `listen()`.
+        BindError says why it cannot be bound."""
+        try:
+            return self._unix() if self.is_unix else self._tcp()
+        except socket.gaierror as exc:
+            raise BindError(f"{self}: {exc.strerror or exc}".rstrip()) from None
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def listen(self, sock: socket.socket, backlog: int = 1024) -> None:
+        """Open the bound socket to clients (after the switch to the Mailroom user)."""
+        try:
+            sock.listen(backlog)
+        except OSError as exc:  # another socket bound the same port without listening yet
+            raise self._error(exc) from None
+
+    def _error(self, exc: OSError) -> BindError:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        return BindError(f"{self}: {reason[:1].lower()}{reason[1:]}")
+
+    def _tcp(self) -> socket.socket:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _unix(self) -> socket.socket:
+        # A socket file left by an earlier run is ours to replace; anything
+        # else at that path is not, and is never removed.
+        try:
+            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                raise BindError(f"{self}: exists and is not a socket")
+            if _accepting(self.path):
+                raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self.path)
+            # Only the Mailroom user (the owner, after the daemon hands it over) connects.
+            os.chmod(self.path, 0o600)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+def _accepting(path: str) -> bool:
+    """Is a live process listening on the Unix socket at `path` (not a stale file)?"""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
