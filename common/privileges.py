@@ -166,13 +166,18 @@ def private_dir(path: Path, acct: Account, *, group: int | None = None) -> None:
 
 def secure(cfg: Config, acct: Account) -> None:
     """Before the switch: the run folder and mail root exist and are the user's, and the
-    database, its side files, the config and the TLS key are owner-only."""
+    database, its side files, the config, the TLS key and the DKIM keys are owner-only."""
     private_dir(cfg.run_dir, acct)
     private_dir(cfg.mail_root, acct, group=acct.mail_gid)
     for path in database_files(cfg):
         make_private(path, acct, what="database file", own=True)
     make_private(cfg.path, acct, what="config")
     make_private(cfg.resolve(cfg.tls.key), acct, what="TLS key")
+    key_dir = cfg.resolve(cfg.dkim.key_dir)
+    if key_dir.is_dir():  # made by `mailroom init` or `mailroom dkim keygen`, perhaps as root
+        private_dir(key_dir, acct)
+        for path in key_dir.iterdir():
+            make_private(path, acct, what="DKIM key", own=True)
 
 
 def hand_over(path: str, acct: Account) -> None:

@@ -15,7 +15,9 @@ import signal
 import smtplib
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,26 +57,38 @@ def _source_copy(dest: Path) -> Path:
     return dest
 
 
-def test_a_wheel_installed_in_a_fresh_venv_inits_runs_and_delivers(tmp_path: Path) -> None:
-    env = _clean_env(tmp_path)
-    source = _source_copy(tmp_path / "source")
-    wheels = tmp_path / "wheels"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(wheels), str(source)], tmp_path, env)
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A folder the Mailroom user can reach (pytest's own are 0700): run as root, the
+    installed daemons switch to that user and must read the venv and the installation."""
+    path = Path(tempfile.mkdtemp(prefix="mailroom-wheel-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_wheel_installed_in_a_fresh_venv_inits_runs_and_delivers(workdir: Path) -> None:
+    env = _clean_env(workdir)
+    source = _source_copy(workdir / "source")
+    wheels = workdir / "wheels"
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(wheels), str(source)], workdir, env)
     wheel = next(wheels.glob("mailroom-*.whl"))
 
-    venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", str(venv)], tmp_path, env)
+    venv = workdir / "venv"
+    _run([sys.executable, "-m", "venv", str(venv)], workdir, env)
     bin_ = venv / "bin"
-    _run([str(bin_ / "pip"), "install", "--quiet", str(wheel)], tmp_path, env)
+    _run([str(bin_ / "pip"), "install", "--quiet", str(wheel)], workdir, env)
     shutil.rmtree(source)  # nothing may be read from the source files any more
 
     where = _run([str(bin_ / "python"), "-c", "import cli, common, mta; print(cli.__file__, common.__file__)"],
-                 tmp_path, env).stdout
+                 workdir, env).stdout
     assert all(p.startswith(str(venv)) for p in where.split()), where
 
-    site = tmp_path / "site"
+    site = workdir / "site"
     mailroom = str(bin_ / "mailroom")
-    _run([mailroom, "init", "--dir", str(site), "--domain", "example.org", "--hostname", "mail.test"], tmp_path, env)
+    _run([mailroom, "init", "--dir", str(site), "--domain", "example.org", "--hostname", "mail.test"], workdir, env)
     conf = site / "mailroom.toml"
     text = conf.read_text()
     ports = {}
@@ -82,12 +96,12 @@ def test_a_wheel_installed_in_a_fresh_venv_inits_runs_and_delivers(tmp_path: Pat
         ports[key] = free_port()
         text = text.replace(f'{key} = "{default}"', f'{key} = "127.0.0.1:{ports[key]}"')
     conf.write_text(text)
-    _run([mailroom, "--config", str(conf), "user", "add", "alice@example.org", "--password-stdin"], tmp_path, env,
+    _run([mailroom, "--config", str(conf), "user", "add", "alice@example.org", "--password-stdin"], workdir, env,
          stdin="pw-for-alice\n")
     mailbox = site / "mail" / "example.org" / "alice"
 
-    log = open(tmp_path / "run.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([mailroom, "--config", str(conf), "run"], cwd=tmp_path, env=env,
+    log = open(workdir / "run.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([mailroom, "--config", str(conf), "run"], cwd=workdir, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         try:
@@ -95,7 +109,7 @@ def test_a_wheel_installed_in_a_fresh_venv_inits_runs_and_delivers(tmp_path: Pat
                 if key not in DOVECOT_PORTS:  # Dovecot runs only where it can (cli/dovecot.py)
                     wait_port(port, timeout=60)
         except TimeoutError:
-            raise AssertionError("mailroom run did not start:\n" + (tmp_path / "run.log").read_text()[-4000:]) \
+            raise AssertionError("mailroom run did not start:\n" + (workdir / "run.log").read_text()[-4000:]) \
                 from None
         with smtplib.SMTP("127.0.0.1", ports["smtp"], timeout=30) as client:
             client.ehlo("client.test")
@@ -108,7 +122,7 @@ def test_a_wheel_installed_in_a_fresh_venv_inits_runs_and_delivers(tmp_path: Pat
         while time.monotonic() < deadline and not maildir_messages(mailbox):
             time.sleep(0.1)
         delivered = maildir_messages(mailbox)
-        assert len(delivered) == 1, (tmp_path / "run.log").read_text()[-4000:]
+        assert len(delivered) == 1, (workdir / "run.log").read_text()[-4000:]
         assert b"it runs" in delivered[0].read_bytes()
     finally:
         if proc.poll() is None:
@@ -119,4 +133,4 @@ def test_a_wheel_installed_in_a_fresh_venv_inits_runs_and_delivers(tmp_path: Pat
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
         log.close()
-    assert proc.returncode == 0, (tmp_path / "run.log").read_text()[-4000:]
+    assert proc.returncode == 0, (workdir / "run.log").read_text()[-4000:]
