@@ -93,6 +93,8 @@ def test_a_stale_unix_socket_is_replaced_a_live_one_is_in_use_and_a_file_is_neve
 def test_the_config_gives_every_listener_setting_as_an_endpoint(tmp_path: Path) -> None:
     cfg = config.from_dict({"mailroom": {"domains": ["example.org"]}, "mta": {"smtp": "[::1]:2525"}},
                            tmp_path / "mailroom.toml")
-    assert config.listener_keys() == ["msa.submission", "msa.submissions", "mta.smtp", "mta.internal", "mda.lmtp", "web.listen"]
+    assert config.listener_keys() == [
+        "msa.submission", "msa.submissions", "mta.smtp", "mta.internal", "mda.lmtp", "web.listen"
+    ]
     assert cfg.endpoint("mta.smtp") == Endpoint("::1", 2525)
     assert cfg.endpoint("mda.lmtp") == Endpoint("127.0.0.1", 2424)
