@@ -29,7 +29,7 @@ peers:
 test: venv peers
 	$(BIN)/pytest
 
-# Mailroom and Postfix side by side under the same loads (issue 7; as root: Postfix
+# Mailroom and Postfix side by side under the same loads (as root: Postfix
 # runs only as root).  Prints a table, writes bench/results/latest.json, and ends
 # with `e2e_ratio=R p99_ms=L idle1000_mb=M`.  See docs/performance.md.
 # Then the listener alone: our engine, a stock aiosmtpd sink and smtp-sink under
