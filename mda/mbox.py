@@ -97,8 +97,8 @@ def deliver(
         try:
             _fcntl_lock(fd, deadline)
             size = os.fstat(fd).st_size
-            journal = _Journal(path)
-            if delivery_id:
+            journal = _Journal(path) if delivery_id else None
+            if journal is not None:
                 offset = journal.find(delivery_id)
                 if offset is not None:
                     found = _stored_at(fd, offset, size, data)
@@ -109,7 +109,7 @@ def deliver(
                         size = offset
             if quota_limit > 0 and size + len(data) > quota_limit:
                 raise QuotaExceeded(f"{path}: quota {quota_limit} bytes")
-            if delivery_id:
+            if journal is not None:
                 journal.add(delivery_id, size)
             try:
                 view = memoryview(data)
@@ -152,23 +152,25 @@ def _stored_at(fd: int, offset: int, size: int, data: bytes) -> str:
 
 
 class _Journal:
-    """`.NAME.delivered` beside the mbox: one line `delivery-id offset` per delivery."""
+    """`.NAME.delivered` beside the mbox: one line `delivery-id offset` per delivery.
+
+    Read once, under the mailbox lock, for both the look-up and the append."""
 
     def __init__(self, mbox_path: Path) -> None:
         self.path = mbox_path.with_name(f".{mbox_path.name}.delivered")
+        try:
+            self.text = self.path.read_bytes()
+        except FileNotFoundError:
+            self.text = b""
 
     def find(self, delivery_id: str) -> int | None:
-        try:
-            text = self.path.read_bytes()
-        except FileNotFoundError:
-            return None
         key = delivery_id.encode() + b" "
-        at = text.rfind(b"\n" + key)
+        at = self.text.rfind(b"\n" + key)
         if at < 0:
-            if not text.startswith(key):
+            if not self.text.startswith(key):
                 return None
             at = -1
-        line = text[at + 1 :].split(b"\n", 1)[0]
+        line = self.text[at + 1 :].split(b"\n", 1)[0]
         try:
             return int(line[len(key) :])
         except ValueError:
@@ -178,19 +180,16 @@ class _Journal:
         if "\n" in delivery_id or " " in delivery_id:
             raise ValueError("a delivery id is one word")
         line = f"{delivery_id} {offset}\n".encode()
-        try:
-            lines = self.path.read_bytes().splitlines(keepends=True)
-        except FileNotFoundError:
-            lines = []
-        if len(lines) >= 2 * JOURNAL_KEEP:
+        if self.text.count(b"\n") >= 2 * JOURNAL_KEEP:
             # Rewrite with the newest half (a new file renamed over the old one).
             tmp = self.path.with_name(self.path.name + ".new")
-            _write_durably(tmp, b"".join(lines[-JOURNAL_KEEP:]) + line, os.O_TRUNC)
+            kept = self.text.splitlines(keepends=True)[-JOURNAL_KEEP:]
+            _write_durably(tmp, b"".join(kept) + line, os.O_TRUNC)
             os.replace(tmp, self.path)
             _fsync_dir(self.path.parent)
             return
         _write_durably(self.path, line, os.O_APPEND)
-        if not lines:
+        if not self.text:
             _fsync_dir(self.path.parent)
 
 
