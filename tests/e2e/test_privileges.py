@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import peers
+from tests.support.ports import free_port
 from tests.support.suite import Daemons, Installation, ids, maildir_messages, wait_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -313,7 +314,7 @@ def ordinary_user() -> Iterator[str]:
 
 
 def test_as_an_ordinary_user_init_and_run_serve_as_that_user(tmp_path: Path, ordinary_user: str) -> None:
-    from tests.support.suite import PASSWORD, free_port, tls_client_context
+    from tests.support.suite import PASSWORD, tls_client_context
 
     pw = pwd.getpwnam(ordinary_user)
     home = Path(tempfile.mkdtemp(prefix="mailroom-dev-"))
@@ -394,7 +395,7 @@ def test_a_daemon_that_cannot_start_under_supervisord_stops_mailroom_run_with_it
 
 
 def test_an_ipv6_listener_setting_is_bound_and_served(inst: Installation, daemons: Daemons) -> None:
-    port = free_port_v6()
+    port = free_port("::1")
     inst.set("mta", "smtp", f'"[::1]:{port}"')
     daemons.start("mta")
     deadline = time.monotonic() + 60
@@ -407,12 +408,6 @@ def test_an_ipv6_listener_setting_is_bound_and_served(inst: Installation, daemon
         assert time.monotonic() < deadline, daemons.log("mta")
         time.sleep(0.05)
     assert f"SMTP listening on [::1]:{port}" in daemons.log("mta")
-
-
-def free_port_v6() -> int:
-    with socket.socket(socket.AF_INET6) as s:
-        s.bind(("::1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_init_as_root_says_when_the_mailroom_user_cannot_reach_the_folder(tmp_path: Path) -> None:

@@ -805,15 +805,6 @@ DNSMASQ = "/usr/sbin/dnsmasq"
 _DNSMASQ_QUERY = re.compile(r"query\[(?P<type>[A-Z0-9]+)\] (?P<name>\S+) from ")
 
 
-def _free_port(host: str) -> int:
-    """A port free for both UDP and TCP right now (dnsmasq cannot pick one)."""
-    udp, tcp = _bind(host, 0)
-    port = int(udp.getsockname()[1])
-    udp.close()
-    tcp.close()
-    return port
-
-
 class DnsmasqServer:
     """The same interface as :class:`DNSServer`, served by a real dnsmasq.
 
@@ -892,7 +883,9 @@ class DnsmasqServer:
         attempts = 1 if self._fixed_port else 20
         for attempt in range(attempts):
             if not self._fixed_port and (self._port is None or attempt > 0):
-                self._port = _free_port(self._host)
+                from tests.support.ports import free_port  # here: this file also runs as a script
+
+                self._port = free_port(self._host, udp=True)  # dnsmasq cannot pick one
             try:
                 self._start_dnsmasq()
                 return

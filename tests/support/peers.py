@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from .ports import free_port as free_port
+
 # Several peer programs live outside a non-root PATH (sbin) or in a private
 # directory of their package, so search those too.
 _EXTRA_DIRS = (
@@ -49,13 +51,6 @@ def require_root(what: str) -> None:
     """Fail (not skip) when a peer that only runs as root is asked for by a non-root run."""
     if os.geteuid() != 0:
         pytest.fail(f"{what} must run as root (CI runs the interop suite as root)", pytrace=False)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port on `host` that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:

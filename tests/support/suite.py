@@ -31,6 +31,7 @@ from common import config as configmod
 from common.clock import Clock, SystemClock
 from common.daemon import Context
 from common.db import Database
+from tests.support.ports import free_port as free_port
 
 PASSWORD = "correct horse battery staple"
 LISTENERS = {
@@ -46,12 +47,6 @@ LISTENERS = {
 }
 # Served by Dovecot, which `mailroom run` starts only when it can (cli/dovecot.py).
 DOVECOT_PORTS = ("imap", "imaps", "pop3s")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:

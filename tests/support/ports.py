@@ -1,0 +1,37 @@
+"""Free loopback ports for listeners that tests start.
+
+A port the kernel hands out for `bind(0)` lies in the ephemeral range
+(/proc/sys/net/ipv4/ip_local_port_range, 32768-60999 on Debian), the same range
+it draws from for the local end of every outgoing connection.  Between the
+moment a test picks such a port and the moment a daemon binds it, any client
+connection in the run may take it, and the daemon fails with "address already
+in use".  So ports come from below the ephemeral range, at random, and never
+twice in one test process.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+
+_LOW, _HIGH = 20000, 32000
+_given: set[int] = set()
+
+
+def free_port(host: str = "127.0.0.1", *, udp: bool = False) -> int:
+    """A TCP port on `host` (and UDP too, with `udp`) that is free right now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    kinds = (socket.SOCK_STREAM, socket.SOCK_DGRAM) if udp else (socket.SOCK_STREAM,)
+    for _ in range(1000):
+        port = random.randint(_LOW, _HIGH)
+        if port in _given:
+            continue
+        try:
+            for kind in kinds:
+                with socket.socket(family, kind) as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        _given.add(port)
+        return port
+    raise RuntimeError(f"no free port on {host} between {_LOW} and {_HIGH}")
