@@ -4,17 +4,22 @@ RFC 5321 lets a lost 250 turn into a duplicate.  Mailroom recognises the same
 message (Message-ID, envelope sender, recipients and content, Received fields
 aside) within `[mta] resubmission_window`, answers with the first trace id and
 queues nothing new; a different message that reuses a Message-ID is queued.
+That holds when the MTA, or the MSA between the MTA and the client, is killed
+after the commit and before the client read its 250.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import smtplib
+import sqlite3
 import time
 
 import pytest
 
-from tests.support.suite import Installation, maildir_messages, mbox_messages
+from tests.support.suite import PASSWORD, Installation, maildir_messages, mbox_messages, tls_client_context, wait_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -86,3 +91,85 @@ def test_a_resubmission_on_the_public_listener_is_queued_once(suite: Installatio
     code, text = _public(suite, "dave@example.net", ["alice@example.org"], message)
     assert code == 250 and _queued_as(text) != first
     suite.wait_for(lambda: len(maildir_messages(alice)) == 2, what="the other sender's message")
+
+
+# --- a daemon killed after the commit, before the client read its 250 -------------------
+
+
+def _queued_traces(suite: Installation) -> list[str]:
+    conn = sqlite3.connect(suite.config.database_url.removeprefix("sqlite:///"), timeout=30)
+    try:
+        return [row[0] for row in conn.execute("SELECT id FROM messages ORDER BY received")]
+    finally:
+        conn.close()
+
+
+def _send_unanswered(client: smtplib.SMTP, sender: str, recipients: list[str], message: bytes) -> None:
+    """Everything up to the final dot, without reading the reply to it."""
+    client.mail(sender)
+    for r in recipients:
+        assert client.rcpt(r)[0] == 250
+    assert client.docmd("DATA")[0] == 354
+    client.send(message + b".\r\n")
+
+
+def _kill_once_queued(suite: Installation, program: str, before: list[str]) -> str:
+    """SIGKILL `program` as soon as the MTA has committed a new message; its trace id."""
+    suite.wait_for(lambda: len(_queued_traces(suite)) > len(before), what="the commit")
+    pid = suite.program_pid(program)
+    os.kill(pid, signal.SIGKILL)
+    suite.wait_for(lambda: _restarted(suite, program, pid), timeout=30, what=f"{program} to be restarted")
+    (trace,) = set(_queued_traces(suite)) - set(before)
+    return trace
+
+
+def _restarted(suite: Installation, program: str, old: int) -> bool:
+    try:
+        return suite.program_pid(program) != old
+    except AssertionError:  # not RUNNING yet
+        return False
+
+
+def test_the_mta_killed_between_its_commit_and_the_clients_read_queues_the_resend_once(
+    suite: Installation,
+) -> None:
+    message = _message("<killed-mta@example.net>", "the first 250 never arrived").replace(
+        b"From: alice@example.org", b"From: carol@example.net"
+    )
+    before = _queued_traces(suite)
+    client = smtplib.SMTP("127.0.0.1", suite.ports["smtp"], timeout=30)
+    client.ehlo("client.test")
+    _send_unanswered(client, "carol@example.net", ["alice@example.org"], message)
+    first = _kill_once_queued(suite, "mta", before)
+    client.close()
+    wait_port(suite.ports["smtp"])
+
+    code, text = _public(suite, "carol@example.net", ["alice@example.org"], message)
+    assert code == 250 and _queued_as(text) == first
+    assert len(_queued_traces(suite)) == len(before) + 1
+    alice = suite.mailbox("alice@example.org")
+    suite.wait_for(lambda: len(maildir_messages(alice)) == 1, what="delivery")
+    time.sleep(1.0)
+    assert len(maildir_messages(alice)) == 1
+
+
+def test_the_msa_killed_after_the_mtas_commit_passes_the_resend_on_to_be_recognised(
+    suite: Installation,
+) -> None:
+    rcpts = ["alice@example.org", "bob@example.org"]
+    message = _message("<killed-msa@example.org>", "the MSA died holding our 250")
+    before = _queued_traces(suite)
+    client = smtplib.SMTP_SSL("127.0.0.1", suite.ports["submissions"], timeout=30, context=tls_client_context())
+    client.login("alice@example.org", PASSWORD)
+    _send_unanswered(client, "alice@example.org", rcpts, message)
+    first = _kill_once_queued(suite, "msa", before)
+    client.close()
+    wait_port(suite.ports["submissions"])
+
+    code, text = suite.submit("alice@example.org", rcpts, message, implicit_tls=True)
+    assert code == 250 and _queued_as(text) == first
+    assert len(_queued_traces(suite)) == len(before) + 1
+    alice, bob = suite.mailbox("alice@example.org"), suite.mailbox("bob@example.org")
+    suite.wait_for(lambda: len(maildir_messages(alice)) == 1 and len(mbox_messages(bob)) == 1, what="delivery")
+    time.sleep(1.0)
+    assert len(maildir_messages(alice)) == 1 and len(mbox_messages(bob)) == 1
