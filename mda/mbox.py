@@ -216,8 +216,16 @@ def _dotlock(lock_path: Path, deadline: float) -> None:
     while True:
         try:
             fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            os.close(fd)
+            try:
+                os.write(fd, f"{os.getpid()}\n".encode())
+            except OSError:
+                # A full disk creates the file but refuses its one line.  An empty
+                # dotlock names no holder, so every later delivery would wait it out
+                # as if a live writer had it: take it away again.
+                os.unlink(lock_path)
+                raise
+            finally:
+                os.close(fd)
             return
         except FileExistsError:
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import mailbox
 import os
 import time
@@ -80,6 +81,24 @@ def test_a_stale_dotlock_is_broken_and_a_fresh_one_waited_for(tmp_path: Path) ->
     os.utime(lock, (old, old))
     mbox.deliver(path, b"Subject: x\n\n", "a@b", lock_timeout=0.2)
     assert not lock.exists() and path.read_bytes().count(b"\nSubject: x\n") == 1
+
+
+def test_a_full_disk_at_the_dotlock_leaves_no_lock_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a full disk the dotlock's file is created but its one line is refused.
+    path = tmp_path / "box.mbox"
+    real_write = os.write
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError):
+        mbox.deliver(path, b"Subject: refused\n\n", "a@b", delivery_id="d1")
+    monkeypatch.setattr(os, "write", real_write)
+    assert not path.with_name("box.mbox.lock").exists()
+    # Space is back: the next delivery takes the lock at once, not after the stale timeout.
+    assert mbox.deliver(path, b"Subject: stored\n\n", "a@b", delivery_id="d1", lock_timeout=1) is True
+    assert _messages(path) == [b"Subject: stored\n\n"]
 
 
 def test_the_quota_is_checked_against_the_file_size(tmp_path: Path) -> None:
