@@ -193,6 +193,7 @@ class Client:
         content: bytes,
         *,
         mail_params: tuple[str, ...] = (),
+        rcpt_params: list[tuple[str, ...]] | None = None,
     ) -> list[Reply]:
         """One transaction; returns one reply per recipient, in order.
 
@@ -205,7 +206,8 @@ class Client:
         if "SIZE" in self.extensions:
             params.append(f"SIZE={len(content)}")
         mail = f"MAIL FROM:<{sender}>" + "".join(f" {p}" for p in params)
-        commands = [mail] + [f"RCPT TO:<{r}>" for r in recipients]
+        more = rcpt_params or [()] * len(recipients)
+        commands = [mail] + [f"RCPT TO:<{r}>" + "".join(f" {p}" for p in ps) for r, ps in zip(recipients, more, strict=True)]
         self.mail_accepted = False
         if "PIPELINING" in self.extensions:
             # RFC 2920: send the whole envelope, then read the replies in order.
@@ -249,8 +251,8 @@ class Client:
     async def mail(self, sender: str, params: tuple[str, ...] = ()) -> Reply:
         return await self.command(f"MAIL FROM:<{sender}>" + "".join(f" {p}" for p in params))
 
-    async def rcpt(self, recipient: str) -> Reply:
-        return await self.command(f"RCPT TO:<{recipient}>")
+    async def rcpt(self, recipient: str, params: tuple[str, ...] = ()) -> Reply:
+        return await self.command(f"RCPT TO:<{recipient}>" + "".join(f" {p}" for p in params))
 
     async def data(self, content: bytes) -> Reply:
         reply = await self.command("DATA")
