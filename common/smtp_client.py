@@ -74,11 +74,14 @@ class Client:
         tls: ssl.SSLContext | None = None,
         require_tls: bool = False,
         implicit_tls: bool = False,
+        tls_name: str = "",
     ) -> Client:
         """Connect, read the greeting, say EHLO/LHLO and start TLS when offered.
 
-        `host` may be 'unix:/path'.  Raises NextHopError with a 4xx reply when
-        the hop cannot be reached, so callers defer rather than bounce.
+        `host` may be 'unix:/path'; `tls_name` is the name the certificate
+        must carry when `tls` verifies it (an MX host's name), `host` if empty.
+        Raises NextHopError with a 4xx reply when the hop cannot be reached, so
+        callers defer rather than bounce.
         """
         peer = host if host.startswith("unix:") else f"{host}:{port}"
         try:
@@ -99,7 +102,7 @@ class Client:
                 raise NextHopError(_prefixed(greeting, f"{peer} greeted with"))
             await client.hello(helo)
             if tls is not None and not client.tls and "STARTTLS" in client.extensions:
-                await client.starttls(tls, host)
+                await client.starttls(tls, tls_name or host)
                 await client.hello(helo)
             elif require_tls and not client.tls:
                 raise NextHopError(Reply(451, "4.7.5", f"{peer} does not offer STARTTLS"))
@@ -207,7 +210,9 @@ class Client:
             params.append(f"SIZE={len(content)}")
         mail = f"MAIL FROM:<{sender}>" + "".join(f" {p}" for p in params)
         more = rcpt_params or [()] * len(recipients)
-        commands = [mail] + [f"RCPT TO:<{r}>" + "".join(f" {p}" for p in ps) for r, ps in zip(recipients, more, strict=True)]
+        commands = [mail] + [
+            f"RCPT TO:<{r}>" + "".join(f" {p}" for p in ps) for r, ps in zip(recipients, more, strict=True)
+        ]
         self.mail_accepted = False
         if "PIPELINING" in self.extensions:
             # RFC 2920: send the whole envelope, then read the replies in order.

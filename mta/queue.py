@@ -256,18 +256,23 @@ def enqueue_dsn(
     now: dt.datetime,
     delayed: bool = False,
     hop: str = "qmgr",
+    success: bool = False,
+    envid: str = "",
+    ret: str = "",
 ) -> str:
-    """Queue a bounce or delay warning for message `trace` to `sender`; returns its trace id."""
+    """Queue a bounce, delay warning or success notice for message `trace` to `sender`; returns its trace id."""
     dsn_trace = new_trace_id()
     body = bounce.compose(
         hostname=hostname, sender=sender, trace=trace, original=original,
-        failures=failures, arrival=received, now=now, delayed=delayed,
+        failures=failures, arrival=received, now=now, delayed=delayed, success=success, envid=envid, ret=ret,
     )
     enqueue(
         session, trace=dsn_trace, sender="", body=body, now=now, hop=hop, is_bounce=True,
         recipients=[QueuedRecipient(sender, sender)],
+        # A returned 8-bit message (RET=FULL) makes the notice 8-bit too.
+        options=None if body.isascii() else {"body_type": "8BITMIME"},
     )
-    kind = "delay warning" if delayed else "bounce"
+    kind = "success notice" if success else "delay warning" if delayed else "bounce"
     add_event(session, trace, hop, "dsn", detail=f"{kind} to <{sender}> as {dsn_trace}", time=now)
     return dsn_trace
 

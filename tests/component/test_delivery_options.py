@@ -61,7 +61,8 @@ def test_dsn_is_offered_and_requiretls_only_after_starttls(mta: MTA) -> None:
 
 def test_the_options_are_stored_with_the_message_and_each_recipient(mta: MTA) -> None:
     with mta.client(internal=True) as s:
-        assert s.mail("a@far.test", ["RET=HDRS", "ENVID=QQ+2B1+3D2", "BODY=8BITMIME", "SMTPUTF8", "REQUIRETLS"])[0] == 250
+        mail = ["RET=HDRS", "ENVID=QQ+2B1+3D2", "BODY=8BITMIME", "SMTPUTF8", "REQUIRETLS"]
+        assert s.mail("a@far.test", mail)[0] == 250
         assert s.rcpt("alice@example.org", ["NOTIFY=success,FAILURE", "ORCPT=rfc822;Alice+2Bx@example.org"])[0] == 250
         assert s.rcpt("bob@example.org", ["NOTIFY=NEVER"])[0] == 250
         assert s.rcpt("carol@far.test")[0] == 250
