@@ -119,6 +119,10 @@ class Endpoint:
         sock = socket.socket(family, kind, proto)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and self.host == "::":
+                # [::]:25 serves IPv4 too, whatever the system's bindv6only says;
+                # the session sees those clients as plain IPv4 (client_address).
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind(address)
         except BaseException:
             sock.close()

@@ -73,6 +73,14 @@ class Message(Base):
     # sha256 of the message as its sender wrote it (Received fields left out):
     # with Message-ID, sender and recipients it recognises a resubmission.
     digest: Mapped[str] = mapped_column(String(64), default="")
+    # What the sender asked for at MAIL FROM, kept for the next hop and the DSNs:
+    # RET (FULL | HDRS | "") and ENVID (RFC 3461), BODY=8BITMIME (RFC 6152),
+    # SMTPUTF8 (RFC 6531), REQUIRETLS (RFC 8689).
+    ret: Mapped[str] = mapped_column(String(4), default="")
+    envid: Mapped[str] = mapped_column(String(100), default="")
+    body_type: Mapped[str] = mapped_column(String(10), default="7BIT")
+    smtputf8: Mapped[bool] = mapped_column(Boolean, default=False)
+    requiretls: Mapped[bool] = mapped_column(Boolean, default=False)
     recipients: Mapped[list[Recipient]] = relationship(
         back_populates="message", cascade="all, delete-orphan", order_by="Recipient.id"
     )
@@ -99,6 +107,10 @@ class Recipient(Base):
     next_attempt: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     last_reply: Mapped[str] = mapped_column(Text, default="")
     owner: Mapped[str] = mapped_column(String(100), default="")  # qmgr holding it (active)
+    # RFC 3461 at RCPT: NOTIFY ("" = the default: failures and delays) and
+    # ORCPT as "addr-type;address" ("" = not given).
+    notify: Mapped[str] = mapped_column(String(24), default="")
+    orcpt: Mapped[str] = mapped_column(String(500), default="")
     message: Mapped[Message] = relationship(back_populates="recipients")
 
     __table_args__ = (

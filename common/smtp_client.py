@@ -74,11 +74,14 @@ class Client:
         tls: ssl.SSLContext | None = None,
         require_tls: bool = False,
         implicit_tls: bool = False,
+        tls_name: str = "",
     ) -> Client:
         """Connect, read the greeting, say EHLO/LHLO and start TLS when offered.
 
-        `host` may be 'unix:/path'.  Raises NextHopError with a 4xx reply when
-        the hop cannot be reached, so callers defer rather than bounce.
+        `host` may be 'unix:/path'; `tls_name` is the name the certificate
+        must carry when `tls` verifies it (an MX host's name), `host` if empty.
+        Raises NextHopError with a 4xx reply when the hop cannot be reached, so
+        callers defer rather than bounce.
         """
         peer = host if host.startswith("unix:") else f"{host}:{port}"
         try:
@@ -99,7 +102,7 @@ class Client:
                 raise NextHopError(_prefixed(greeting, f"{peer} greeted with"))
             await client.hello(helo)
             if tls is not None and not client.tls and "STARTTLS" in client.extensions:
-                await client.starttls(tls, host)
+                await client.starttls(tls, tls_name or host)
                 await client.hello(helo)
             elif require_tls and not client.tls:
                 raise NextHopError(Reply(451, "4.7.5", f"{peer} does not offer STARTTLS"))
@@ -193,6 +196,7 @@ class Client:
         content: bytes,
         *,
         mail_params: tuple[str, ...] = (),
+        rcpt_params: list[tuple[str, ...]] | None = None,
     ) -> list[Reply]:
         """One transaction; returns one reply per recipient, in order.
 
@@ -205,7 +209,10 @@ class Client:
         if "SIZE" in self.extensions:
             params.append(f"SIZE={len(content)}")
         mail = f"MAIL FROM:<{sender}>" + "".join(f" {p}" for p in params)
-        commands = [mail] + [f"RCPT TO:<{r}>" for r in recipients]
+        more = rcpt_params or [()] * len(recipients)
+        commands = [mail] + [
+            f"RCPT TO:<{r}>" + "".join(f" {p}" for p in ps) for r, ps in zip(recipients, more, strict=True)
+        ]
         self.mail_accepted = False
         if "PIPELINING" in self.extensions:
             # RFC 2920: send the whole envelope, then read the replies in order.
@@ -249,8 +256,8 @@ class Client:
     async def mail(self, sender: str, params: tuple[str, ...] = ()) -> Reply:
         return await self.command(f"MAIL FROM:<{sender}>" + "".join(f" {p}" for p in params))
 
-    async def rcpt(self, recipient: str) -> Reply:
-        return await self.command(f"RCPT TO:<{recipient}>")
+    async def rcpt(self, recipient: str, params: tuple[str, ...] = ()) -> Reply:
+        return await self.command(f"RCPT TO:<{recipient}>" + "".join(f" {p}" for p in params))
 
     async def data(self, content: bytes) -> Reply:
         reply = await self.command("DATA")

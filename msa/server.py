@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
+from common import dsn
 from common import reply as R
 from common.address import lookup_key
 from common.clock import Clock
@@ -95,6 +96,9 @@ class Limiters:
 
 class SubmissionHandler(Handler):
     offers_auth = True
+    # Passed on to the MTA, which stores and honours them.
+    offers_dsn = True
+    offers_requiretls = True
 
     def __init__(self, policy: SubmissionPolicy, db: Database, clock: Clock, limiters: Limiters) -> None:
         self.policy = policy
@@ -172,7 +176,9 @@ class SubmissionHandler(Handler):
         try:
             if self.upstream is None:
                 self.upstream = await self._open_upstream(envelope)
-            reply = await self.upstream.rcpt(recipient)
+            given = envelope.rcpt_params.get(recipient, {})
+            params = dsn.rcpt_params(notify=given.get("NOTIFY", ""), orcpt=given.get("ORCPT", ""))
+            reply = await self.upstream.rcpt(recipient, tuple(params))
         except SenderRefused as exc:
             log.warning("MTA refused MAIL: %s", exc.reply)
             raise SMTPError(exc.reply) from None
@@ -198,6 +204,12 @@ class SubmissionHandler(Handler):
         params = [f"XTRACE={envelope.trace_id}"]
         if envelope.smtp_utf8:
             params.append("SMTPUTF8")
+        # What the client asked of delivery goes on to the MTA, which honours it.
+        if envelope.body_type == "8BITMIME":
+            params.append("BODY=8BITMIME")
+        params += dsn.mail_params(ret=envelope.params.get("RET", ""), envid=envelope.params.get("ENVID", ""))
+        if "REQUIRETLS" in envelope.params:
+            params.append("REQUIRETLS")
         reply = await client.mail(envelope.mail_from or "", tuple(params))
         if reply.code != 250:
             await client.quit()

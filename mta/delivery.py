@@ -20,7 +20,7 @@ from common.config import parse_hostport
 from common.reply import Reply
 from common.smtp_client import Client, NextHopError
 from common.tls import client_context
-from mta import routing
+from mta import options, routing
 
 log = logging.getLogger("delivery")
 
@@ -42,14 +42,17 @@ class LocalDelivery:
         self.slots = asyncio.Semaphore(sessions)
         self.idle: list[Client] = []
 
-    async def deliver(self, trace: str, sender: str, recipients: list[str], body: bytes) -> list[Reply]:
+    async def deliver(
+        self, trace: str, sender: str, recipients: list[str], body: bytes, params: tuple[str, ...] = ()
+    ) -> list[Reply]:
+        """`params`: MAIL FROM parameters besides the trace id (BODY=8BITMIME, SMTPUTF8)."""
         async with self.slots:
             while self.idle:
                 pooled = self.idle.pop()
                 if not pooled.looks_alive():
                     pooled.close()
                     continue
-                replies = await self._send(pooled, trace, sender, recipients, body, reused=True)
+                replies = await self._send(pooled, trace, sender, recipients, body, params, reused=True)
                 if replies is not None:
                     return replies
                 log.info("a pooled LMTP session to %s was closed by the MDA; sending on another", pooled.peer)
@@ -57,16 +60,17 @@ class LocalDelivery:
                 client = await Client.connect(self.host, self.port, lmtp=True, helo=self.hostname, timeout=self.timeout)
             except NextHopError as exc:
                 return [exc.reply] * len(recipients)
-            replies = await self._send(client, trace, sender, recipients, body, reused=False)
+            replies = await self._send(client, trace, sender, recipients, body, params, reused=False)
             assert replies is not None
             return replies
 
     async def _send(
-        self, client: Client, trace: str, sender: str, recipients: list[str], body: bytes, *, reused: bool
+        self, client: Client, trace: str, sender: str, recipients: list[str], body: bytes,
+        params: tuple[str, ...], *, reused: bool,
     ) -> list[Reply] | None:
         """The replies; None when a reused session turned out dead before taking anything on."""
         try:
-            replies = await client.send(sender, recipients, body, mail_params=(f"XTRACE={trace}",))
+            replies = await client.send(sender, recipients, body, mail_params=(f"XTRACE={trace}", *params))
         except NextHopError as exc:
             client.close()
             return None if reused and not client.mail_accepted else [exc.reply] * len(recipients)
@@ -117,6 +121,7 @@ class RemoteDelivery:
         listening: tuple[str, int] | None = None,
         relayhost_tls_verify: bool = True,
         relayhost_ca_file: str = "",
+        remote_ca_file: str = "",
     ) -> None:
         self.hostname = hostname
         self.resolver = resolver
@@ -135,13 +140,22 @@ class RemoteDelivery:
         self.closing: set[asyncio.Task[None]] = set()
         self.tls = client_context(verify=False)
         self.relay_tls = _relay_context(relayhost_tls_verify, relayhost_ca_file)
+        # For REQUIRETLS mail (RFC 8689 4.2.1): the MX's certificate must name it.
+        self.verified_tls = _relay_context(True, remote_ca_file)
         self.listening = listening
         self.connections = 0  # sessions opened so far (for logs and tests)
 
     async def deliver(
-        self, domain: str, trace: str, sender: str, recipients: list[str], body: bytes
+        self, domain: str, trace: str, sender: str, recipients: list[str], body: bytes,
+        outbound: options.Outbound | None = None,
     ) -> tuple[list[Reply], str]:
-        """Returns the replies and the host that gave them ('' if none answered)."""
+        """Returns the replies and the host that gave them ('' if none answered).
+
+        `outbound` carries what the sender asked (DSN, 8BITMIME, SMTPUTF8,
+        REQUIRETLS): a hop that cannot honour it gets nothing and the
+        recipients a permanent reply; one that can is told.
+        """
+        requiretls = outbound is not None and outbound.asked.requiretls
         r = await routing.route(
             domain, relayhost=self.relayhost, transport=self.transport, resolver=self.resolver,
             own_names={self.hostname.lower()}, port=self.remote_port, listening=self.listening,
@@ -151,18 +165,32 @@ class RemoteDelivery:
         # The destination is what the concurrency limit and the connection cache
         # count by: the domain for MX routing, the fixed host otherwise.
         dest = domain if r.via == "mx" else f"{r.hosts[0][0]}:{r.hosts[0][1]}"
+        if requiretls:
+            dest += " requiretls"  # its sessions are verified ones, cached apart
         async with self.limits[dest]:
             cached = await self._reuse(dest)
             reused = cached is not None
             while True:
                 if cached is None:
-                    opened = await self._open(r, len(recipients))
+                    opened = await self._open(r, len(recipients), requiretls=requiretls)
                     if isinstance(opened, tuple):
                         return opened
                     cached = opened
                 cached.uses += 1
+                mail_params: tuple[str, ...] = ()
+                rcpt_params = None
+                if outbound is not None:
+                    ext = cached.client.extensions
+                    refusal = outbound.refusal(ext, sender, recipients, body)
+                    if refusal is not None:
+                        self._park(dest, cached)
+                        return [refusal] * len(recipients), cached.host
+                    mail_params = tuple(outbound.mail_params(ext, body))
+                    rcpt_params = outbound.rcpt_params(ext)
                 try:
-                    replies = await cached.client.send(sender, recipients, body)
+                    replies = await cached.client.send(
+                        sender, recipients, body, mail_params=mail_params, rcpt_params=rcpt_params
+                    )
                 except NextHopError as exc:
                     cached.client.close()
                     if reused and not cached.client.mail_accepted:
@@ -180,23 +208,35 @@ class RemoteDelivery:
                     self._park(dest, cached)
                 return replies, cached.host
 
-    async def _open(self, r: routing.Route, n: int) -> _Cached | tuple[list[Reply], str]:
-        """A new session with the first host of the route that answers, or the replies for all."""
+    async def _open(
+        self, r: routing.Route, n: int, *, requiretls: bool = False
+    ) -> _Cached | tuple[list[Reply], str]:
+        """A new session with the first host of the route that answers, or the replies for all.
+
+        With `requiretls` only a session whose certificate was verified will do
+        (RFC 8689 4.2.1); when no host offers one the message bounces (5.7.10).
+        """
         last = Reply(451, "4.4.1", "No reachable host")
         relay = r.via == "relayhost"
+        tls = self.relay_tls if relay else self.verified_tls if requiretls else self.tls
+        if requiretls and tls.verify_mode != ssl.CERT_REQUIRED:
+            return [options.NEEDS_REQUIRETLS.with_text("REQUIRETLS needed: the relayhost is not verified")] * n, ""
         for host, port in r.hosts:
             try:
                 client = await Client.connect(
-                    host, port, helo=self.hostname, tls=self.relay_tls if relay else self.tls,
+                    host, port, helo=self.hostname, tls=tls,
                     timeout=self.timeout, connect_timeout=self.connect_timeout,
                     # Without TLS the password would cross the network in the clear.
-                    require_tls=relay and self.relayhost_auth is not None,
+                    require_tls=requiretls or (relay and self.relayhost_auth is not None),
+                    tls_name=r.names.get(host, host),
                 )
             except NextHopError as exc:
                 log.info("%s:%d: %s", host, port, exc.reply)
                 last = exc.reply
                 if exc.reply.is_permanent:
                     return [exc.reply] * n, host
+                if requiretls and exc.reply.status == "4.7.5":  # no STARTTLS, or not verified
+                    last = options.NEEDS_REQUIRETLS.with_text(f"REQUIRETLS needed: {exc.reply.text}")
                 continue
             self.connections += 1
             if relay and self.relayhost_auth:

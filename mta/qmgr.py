@@ -5,6 +5,8 @@ Each round it claims due recipients, groups them per message and next hop
 domain), and settles every outcome in one transaction per message:
 
     2xx -> delivered      5xx -> bounced (DSN to the sender)
+           (a success notice when the recipient asked NOTIFY=SUCCESS and no
+           later hop will send one)
     4xx -> queued again after the retry schedule, or expired (DSN) when the
            message is older than max_queue_lifetime; a delay warning DSN is
            sent once when it is older than delay_warning.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import socket
@@ -28,6 +31,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from common import dsn
 from common.address import domain_of
 from common.clock import Clock
 from common.daemon import Context
@@ -35,7 +39,7 @@ from common.db import Database
 from common.log import trace_id
 from common.models import BOUNCED, DELIVERED, EXPIRED, QUEUED, Message, Recipient, add_event
 from common.reply import Reply
-from mta import bounce, mailauth, queue
+from mta import bounce, mailauth, options, queue
 from mta.delivery import LocalDelivery, RemoteDelivery
 from mta.routing import make_resolver
 
@@ -65,6 +69,7 @@ class Result:
     reply: Reply
     remote: str = ""
     local: bool = False  # handed to the MDA over LMTP
+    dsn_passed: bool = False  # the next hop took NOTIFY/ORCPT: success is its to report
 
     @property
     def mda_away(self) -> bool:
@@ -137,6 +142,7 @@ class QueueManager:
 
     async def _process(self, job: queue.Job) -> None:
         trace_id.set(job.trace)
+        asked = await self.db.run(self._asked, job)
         local = [(rid, a) for rid, a, _ in job.recipients if domain_of(a) in self.local_domains]
         remote: defaultdict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)
         for rid, a, _ in job.recipients:
@@ -145,8 +151,8 @@ class QueueManager:
                 remote[(domain_of(a), sender)].append((rid, a))
         calls = []
         if local:
-            calls.append(self._deliver_local(job, local))
-        calls.extend(self._deliver_remote(job, d, rs, sender) for (d, sender), rs in remote.items())
+            calls.append(self._deliver_local(job, local, asked))
+        calls.extend(self._deliver_remote(job, d, rs, sender, asked) for (d, sender), rs in remote.items())
         results: list[Result] = []
         for part in await asyncio.gather(*calls):
             results.extend(part)
@@ -162,25 +168,39 @@ class QueueManager:
             try:
                 # Outcomes of messages finishing together share one commit; it is
                 # not fsync'd (no reply rests on it; see _claim).
-                await self.db.write_batched(self._settle, job, results, mda_back, relaxed=True)
+                await self.db.write_batched(self._settle, job, results, mda_back, asked, relaxed=True)
                 return
             except OperationalError as exc:
                 log.warning("cannot record delivery results yet, retrying: %s", exc.orig)
                 await asyncio.sleep(1.0)
 
-    async def _deliver_local(self, job: queue.Job, rcpts: list[tuple[int, str]]) -> list[Result]:
-        replies = await self.local.deliver(job.trace, job.sender, [a for _, a in rcpts], job.body)
+    def _asked(self, job: queue.Job) -> options.Asked:
+        with self.db.read() as s:
+            return options.load(s, job.trace, [rid for rid, _, _ in job.recipients])
+
+    async def _deliver_local(
+        self, job: queue.Job, rcpts: list[tuple[int, str]], asked: options.Asked
+    ) -> list[Result]:
+        params = options.Outbound(asked, [rid for rid, _ in rcpts]).local_params(job.body)
+        replies = await self.local.deliver(job.trace, job.sender, [a for _, a in rcpts], job.body, params)
         return [Result(rid, a, r, local=True) for (rid, a), r in zip(rcpts, replies, strict=True)]
 
     async def _deliver_remote(
-        self, job: queue.Job, domain: str, rcpts: list[tuple[int, str]], sender: str
+        self, job: queue.Job, domain: str, rcpts: list[tuple[int, str]], sender: str, asked: options.Asked
     ) -> list[Result]:
+        outbound = options.Outbound(asked, [rid for rid, _ in rcpts])
         replies, host = await self.remote.deliver(
-            domain, job.trace, sender, [a for _, a in rcpts], job.body
+            domain, job.trace, sender, [a for _, a in rcpts], job.body, outbound
         )
-        return [Result(rid, a, r, host) for (rid, a), r in zip(rcpts, replies, strict=True)]
+        return [
+            Result(rid, a, r, host, dsn_passed=outbound.dsn_passed)
+            for (rid, a), r in zip(rcpts, replies, strict=True)
+        ]
 
-    def _settle(self, s: Session, job: queue.Job, results: list[Result], mda_back: bool = False) -> None:
+    def _settle(
+        self, s: Session, job: queue.Job, results: list[Result], mda_back: bool = False,
+        asked: options.Asked | None = None,
+    ) -> None:
         """Record every outcome and queue the DSNs (run inside a shared relaxed batch)."""
         now = self.clock.now()
         if mda_back:
@@ -189,8 +209,11 @@ class QueueManager:
                 log.info("the MDA takes mail again: %d waiting local recipients are due now", moved)
         attempts = {rid: n for rid, _, n in job.recipients}
         age = (now - job.received).total_seconds()
+        asked = asked or options.Asked()
         failures: list[bounce.Failure] = []
         delayed: list[bounce.Failure] = []
+        succeeded: list[bounce.Failure] = []
+        deferred = False
         for res in results:
             reply, n = res.reply, attempts[res.recipient_id] + 1
             values: dict[str, object] = {"attempts": n, "last_reply": str(reply), "owner": ""}
@@ -210,30 +233,47 @@ class QueueManager:
             detail = str(reply) + (f" (via {res.remote})" if res.remote else "")
             add_event(s, job.trace, "qmgr", event, recipient=res.address, detail=detail, time=now)
             log.info("%s to=<%s> attempts=%d: %s", event, res.address, n, detail)
-            failure = bounce.Failure(res.address, job.originals.get(res.recipient_id, ""), reply, res.remote)
+            # RFC 3461 4.1: only the notices the recipient asked for (NOTIFY).
+            notify = asked.notify.get(res.recipient_id, "")
+            failure = bounce.Failure(
+                res.address, job.originals.get(res.recipient_id, ""), reply, res.remote,
+                orcpt=asked.orcpt.get(res.recipient_id, ""),
+            )
             if event in ("bounced", "expired"):
-                failures.append(failure)
+                if dsn.wants(notify, "FAILURE"):
+                    failures.append(failure)
             elif event == "deferred":
-                delayed.append(failure)
+                deferred = True
+                if dsn.wants(notify, "DELAY"):
+                    delayed.append(failure)
+            elif dsn.wants(notify, "SUCCESS") and not res.dsn_passed:
+                # RFC 3461 5.2.2: delivered by us, or relayed to a hop that cannot tell.
+                action = "delivered" if res.local else "relayed"
+                succeeded.append(dataclasses.replace(failure, action=action))
         may_notify = job.sender != "" and not job.is_bounce
         if failures and may_notify:
-            self._send_dsn(s, job, failures, now, delayed=False)
+            self._send_dsn(s, job, failures, now, asked, delayed=False)
+        if succeeded and may_notify:
+            self._send_dsn(s, job, succeeded, now, asked, success=True)
         warn = self.policy.delay_warning
-        if delayed and may_notify and not job.warned and warn > 0 and age >= warn:
-            self._send_dsn(s, job, delayed, now, delayed=True)
+        if deferred and not job.warned and warn > 0 and age >= warn:
+            if delayed and may_notify:
+                self._send_dsn(s, job, delayed, now, asked, delayed=True)
             s.execute(update(Message).where(Message.id == job.trace).values(warned=True))
-        if not delayed:  # a deferred recipient is still queued: the body must stay
+        if not deferred:  # a deferred recipient is still queued: the body must stay
             queue.drop_body_if_done(s, job.trace)
 
     def _send_dsn(
         self, s: Session, job: queue.Job, failures: list[bounce.Failure], now: dt.datetime,
-        *, delayed: bool,
+        asked: options.Asked, *, delayed: bool = False, success: bool = False,
     ) -> None:
-        dsn = queue.enqueue_dsn(
+        notice = queue.enqueue_dsn(
             s, hostname=self.hostname, trace=job.trace, sender=job.sender, original=job.body,
             received=job.received, failures=failures, now=now, delayed=delayed,
+            success=success, envid=asked.envid, ret=asked.ret,
         )
-        log.info("%s to=<%s> queued as %s", "delay warning" if delayed else "bounce", job.sender, dsn)
+        kind = "success notice" if success else "delay warning" if delayed else "bounce"
+        log.info("%s to=<%s> queued as %s", kind, job.sender, notice)
 
 
 class _Wakeup(asyncio.DatagramProtocol):

@@ -38,6 +38,8 @@ from mta import bounce
 class QueuedRecipient:
     address: str
     original: str
+    notify: str = ""  # RFC 3461 NOTIFY, as the engine checked it
+    orcpt: str = ""  # RFC 3461 ORCPT: "addr-type;address"
 
 
 def enqueue(
@@ -53,8 +55,12 @@ def enqueue(
     hop: str = "mta",
     is_bounce: bool = False,
     digest: str = "",
+    options: dict[str, object] | None = None,
 ) -> None:
     """Add a message to the queue (the caller commits).
+
+    `options` are what the sender asked of delivery (columns of Message: ret,
+    envid, body_type, smtputf8, requiretls).
 
     Plain INSERTs rather than ORM objects: this runs for every message, and the
     ORM's unit of work cost the MTA about a fifth of its time (py-spy, load 1).
@@ -62,7 +68,7 @@ def enqueue(
     session.execute(
         insert(Message).values(
             id=trace, sender=sender, size=len(body), body=body, received=now, client=client,
-            message_id=message_id, is_bounce=is_bounce, digest=digest,
+            message_id=message_id, is_bounce=is_bounce, digest=digest, **(options or {}),
         )
     )
     if recipients:
@@ -70,7 +76,7 @@ def enqueue(
             insert(Recipient),
             [
                 {"message_id": trace, "address": r.address, "original": r.original, "state": QUEUED,
-                 "next_attempt": now}
+                 "next_attempt": now, "notify": r.notify, "orcpt": r.orcpt}
                 for r in recipients
             ],
         )
@@ -250,18 +256,23 @@ def enqueue_dsn(
     now: dt.datetime,
     delayed: bool = False,
     hop: str = "qmgr",
+    success: bool = False,
+    envid: str = "",
+    ret: str = "",
 ) -> str:
-    """Queue a bounce or delay warning for message `trace` to `sender`; returns its trace id."""
+    """Queue a bounce, delay warning or success notice for message `trace` to `sender`; returns its trace id."""
     dsn_trace = new_trace_id()
     body = bounce.compose(
         hostname=hostname, sender=sender, trace=trace, original=original,
-        failures=failures, arrival=received, now=now, delayed=delayed,
+        failures=failures, arrival=received, now=now, delayed=delayed, success=success, envid=envid, ret=ret,
     )
     enqueue(
         session, trace=dsn_trace, sender="", body=body, now=now, hop=hop, is_bounce=True,
         recipients=[QueuedRecipient(sender, sender)],
+        # A returned 8-bit message (RET=FULL) makes the notice 8-bit too.
+        options=None if body.isascii() else {"body_type": "8BITMIME"},
     )
-    kind = "delay warning" if delayed else "bounce"
+    kind = "success notice" if success else "delay warning" if delayed else "bounce"
     add_event(session, trace, hop, "dsn", detail=f"{kind} to <{sender}> as {dsn_trace}", time=now)
     return dsn_trace
 

@@ -28,6 +28,7 @@ class Route:
     hosts: list[tuple[str, int]] = field(default_factory=list)  # try in this order
     error: Reply | None = None  # set when there is nowhere to go
     via: str = ""  # "relayhost", "transport" or "mx", for logs
+    names: dict[str, str] = field(default_factory=dict)  # address -> MX name (what TLS verifies)
 
 
 def _is_us(ip: str, port: int, listening: tuple[str, int]) -> bool:
@@ -105,11 +106,14 @@ async def route(
             return Route(error=Reply(554, "5.4.6", f"MX for {domain} points back to this host: mail loop"))
     preference = {n: pref for pref, _, n in reversed(mxs)}
     found: list[tuple[int, str]] = []  # (MX preference, address), in trying order
+    names_of: dict[str, str] = {}
     failures = 0
     for name in names:
         for rdtype in ("AAAA", "A"):
             try:
-                found.extend((preference.get(name, 0), rr.to_text()) for rr in await resolver.resolve(name, rdtype))
+                for rr in await resolver.resolve(name, rdtype):
+                    found.append((preference.get(name, 0), rr.to_text()))
+                    names_of.setdefault(rr.to_text(), name)
             except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
                 pass
             except (dns.resolver.NoNameservers, dns.exception.Timeout):
@@ -125,4 +129,4 @@ async def route(
         if failures:
             return Route(error=Reply(451, "4.4.3", f"DNS lookup failed for the MX of {domain}"))
         return Route(error=Reply(550, "5.1.2", f"No address for any MX of {domain}"))
-    return Route(hosts, via="mx")
+    return Route(hosts, via="mx", names=names_of)

@@ -67,6 +67,10 @@ class ReceivePolicy:
 
 
 class SMTPHandler(Handler):
+    # The queue stores these and the queue manager honours or passes them on.
+    offers_dsn = True
+    offers_requiretls = True
+
     def __init__(self, policy: ReceivePolicy, db: Database, clock: Clock, auth: mailauth.Settings) -> None:
         self.policy = policy
         self.auth = auth  # sender authentication, signing, SRS and the filter read their own settings
@@ -74,6 +78,7 @@ class SMTPHandler(Handler):
         self.clock = clock
         self.internal = policy.internal
         self.ehlo_keywords = ("XTRACE",) if policy.internal else ()
+        self.requiretls_in_clear = policy.internal  # our MSA took it over TLS
         # RCPT address -> what it expands to, for the transaction in progress.
         self.expanded: dict[str, aliases.Expansion] = {}
 
@@ -142,9 +147,12 @@ class SMTPHandler(Handler):
         recipients: list[queue.QueuedRecipient] = []
         for rcpt in envelope.rcpt_tos:
             exp = self.expanded[rcpt]
+            dsn = envelope.rcpt_params.get(rcpt, {})
             for a in [*exp.local, *exp.remote]:
                 if all(a != r.address for r in recipients):
-                    recipients.append(queue.QueuedRecipient(a, rcpt))
+                    recipients.append(
+                        queue.QueuedRecipient(a, rcpt, notify=dsn.get("NOTIFY", ""), orcpt=dsn.get("ORCPT", ""))
+                    )
         content, added = envelope.content, b""
         if self.may_relay(session):  # ours: DKIM-signed once, here, when it leaves our domains
             added = await mailauth.sign_outgoing(
@@ -214,9 +222,14 @@ class SMTPHandler(Handler):
             add_event(s, earlier, "mta", "resubmitted", time=now,
                       detail=f"sent again from {session.client_ip} as {trace}: answered with this trace id")
             return earlier
+        p = envelope.params
+        options = {
+            "ret": p.get("RET", ""), "envid": p.get("ENVID", ""), "body_type": envelope.body_type,
+            "smtputf8": envelope.smtp_utf8, "requiretls": "REQUIRETLS" in p,
+        }
         queue.enqueue(
             s, trace=trace, sender=sender, body=body, recipients=recipients, now=now,
-            client=session.client_ip, message_id=message_id, digest=digest,
+            client=session.client_ip, message_id=message_id, digest=digest, options=options,
         )
         return trace
 

@@ -43,6 +43,8 @@ class MailEnvelope:
     rcpt_tos: list[str] = field(default_factory=list)
     content: bytes | None = None  # CRLF lines, dots unstuffed; set before data()
     params: dict[str, str] = field(default_factory=dict)  # the MAIL FROM parameters understood
+    # RCPT address -> its parameters (NOTIFY, ORCPT: RFC 3461), values checked and decoded.
+    rcpt_params: dict[str, dict[str, str]] = field(default_factory=dict)
     trace_id: str = ""
     smtp_utf8: bool = False
     body_type: str = "7BIT"  # 7BIT | 8BITMIME | BINARYMIME (RFC 6152, RFC 3030)
@@ -58,6 +60,14 @@ class Handler:
     #: Whether BDAT (RFC 3030) may be offered: data() stores a BDAT message
     #: exactly as a DATA one.
     offers_chunking = True
+    #: Whether DSN (RFC 3461) is offered: NOTIFY, RET, ENVID and ORCPT are
+    #: stored and honoured (or passed on) by whatever the handler hands mail to.
+    offers_dsn = False
+    #: Whether REQUIRETLS (RFC 8689) is offered; only over TLS (RFC 8689 4.1),
+    #: unless `requiretls_in_clear`: the internal hop from our own MSA, which
+    #: took the message over TLS and reaches us over loopback or a Unix socket.
+    offers_requiretls = False
+    requiretls_in_clear = False
 
     async def connect(self, session: MailSession) -> None:
         """Before the greeting; raise SMTPError to turn the client away."""

@@ -19,7 +19,8 @@ before TLS is thrown away, CVE-2011-0411), AUTH PLAIN and LOGIN (RFC 4954;
 only over TLS), MAIL, RCPT, DATA, BDAT (RFC 3030), RSET, NOOP, VRFY, HELP,
 QUIT.  Extensions advertised: PIPELINING (RFC 2920), SIZE (RFC 1870),
 8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531), ENHANCEDSTATUSCODES (RFC 2034),
-CHUNKING (RFC 3030), STARTTLS, AUTH.
+CHUNKING (RFC 3030), STARTTLS, AUTH; DSN (RFC 3461) and REQUIRETLS
+(RFC 8689, after STARTTLS) where the handler honours them.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from common import address as addr
+from common import dsn
 from common import reply as R
 from common.log import trace_id
 from common.reply import Reply, SMTPError
@@ -393,6 +395,10 @@ class Session(asyncio.Protocol):
             lines.append("STARTTLS")
         if self.handler.offers_auth and session.tls:
             lines.append("AUTH PLAIN LOGIN")
+        if self.handler.offers_dsn:
+            lines.append("DSN")
+        if self._requiretls_offered():
+            lines.append("REQUIRETLS")
         lines.extend(self.handler.ehlo_keywords)
         self._reply(Reply(250, "", lines[-1]), tuple(lines[:-1]))
 
@@ -515,12 +521,23 @@ class Session(asyncio.Protocol):
         envelope.mail_from = sender
         self._reply(result or R.SENDER_OK)
 
+    def _requiretls_offered(self) -> bool:
+        h = self.handler
+        return h.offers_requiretls and (self.session.tls or h.requiretls_in_clear)
+
     def _mail_params(self, params: list[str]) -> dict[str, str]:
         out: dict[str, str] = {}
         for p in params:
             key, _, value = p.partition("=")
             key = key.upper()
-            if key == "SIZE":
+            if key in out:
+                raise SMTPError(R.PARAM_SYNTAX.with_text(f"{key[:30]} given twice"))
+            if key in ("RET", "ENVID") and self.handler.offers_dsn:
+                value = dsn.parse_ret(value) if key == "RET" else dsn.parse_envid(value)
+            elif key == "REQUIRETLS" and self._requiretls_offered():
+                if value:
+                    raise SMTPError(R.PARAM_SYNTAX.with_text("REQUIRETLS takes no value"))
+            elif key == "SIZE":
                 if not value.isdigit():
                     raise SMTPError(R.PARAM_SYNTAX.with_text("SIZE needs a number"))
                 if int(value) > self.limits.max_message_size:
@@ -543,14 +560,33 @@ class Session(asyncio.Protocol):
         if arg[:3].upper() != "TO:":
             raise SMTPError(R.PARAM_SYNTAX.with_text("Syntax: RCPT TO:<address>"))
         recipient, params = addr.parse_path(arg[3:], sender=False, utf8=self.listener.utf8)
-        if params:
-            raise SMTPError(R.PARAM_NOT_RECOGNIZED.with_text("RCPT parameters not supported"))
+        rcpt_params = self._rcpt_params(params) if params else None
         if len(envelope.rcpt_tos) >= self.limits.max_recipients:
             self._reply(R.TOO_MANY_RECIPIENTS, counts=False)
             return
-        result = _accepted(await self.handler.rcpt(session, envelope, recipient))
+        if rcpt_params is not None:
+            envelope.rcpt_params[recipient] = rcpt_params  # the handler may pass them on
+        try:
+            result = _accepted(await self.handler.rcpt(session, envelope, recipient))
+        except SMTPError:
+            if rcpt_params is not None and recipient not in envelope.rcpt_tos:
+                envelope.rcpt_params.pop(recipient, None)
+            raise
         envelope.rcpt_tos.append(recipient)
         self._reply(result or R.RECIPIENT_OK)
+
+    def _rcpt_params(self, params: list[str]) -> dict[str, str]:
+        """NOTIFY and ORCPT (RFC 3461 4.1, 4.2), where DSN is offered; nothing else."""
+        out: dict[str, str] = {}
+        for p in params:
+            key, _, value = p.partition("=")
+            key = key.upper()
+            if not self.handler.offers_dsn or key not in ("NOTIFY", "ORCPT"):
+                raise SMTPError(R.PARAM_NOT_RECOGNIZED.with_text(f"Unsupported parameter {key[:30]}"))
+            if key in out:
+                raise SMTPError(R.PARAM_SYNTAX.with_text(f"{key} given twice"))
+            out[key] = dsn.parse_notify(value) if key == "NOTIFY" else dsn.parse_orcpt(value)
+        return out
 
     def _ready_for_message(self) -> None:
         envelope = self.envelope

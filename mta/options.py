@@ -1,0 +1,115 @@
+"""What the sender asked of delivery, and what that means for one next hop.
+
+The listener stored it with the message and each recipient (DSN: RET, ENVID,
+NOTIFY, ORCPT, RFC 3461; BODY=8BITMIME, RFC 6152; SMTPUTF8, RFC 6531;
+REQUIRETLS, RFC 8689).  The queue manager reads it back for a delivery round
+(`load`), and before MAIL FROM `refusal` says whether this next hop may take
+the message at all, `mail_params`/`rcpt_params` what to declare to it.
+
+An 8-bit message to a hop without 8BITMIME is bounced (5.6.3), not converted:
+converting would change a signed body and is not needed by any peer we know.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from common import dsn
+from common.models import Message, Recipient
+from common.reply import Reply
+
+NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "The next hop does not support SMTPUTF8, which this message needs")  # RFC 6531 3.2
+NEEDS_8BITMIME = Reply(554, "5.6.3", "The next hop does not support 8BITMIME, which this message needs")  # RFC 6152 3
+NEEDS_REQUIRETLS = Reply(550, "5.7.10", "REQUIRETLS needed")  # RFC 8689 5
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
+@dataclass
+class Asked:
+    """One message's options, and its claimed recipients' (by recipient id)."""
+
+    ret: str = ""
+    envid: str = ""
+    body_type: str = "7BIT"
+    smtputf8: bool = False
+    requiretls: bool = False
+    notify: dict[int, str] = field(default_factory=dict)
+    orcpt: dict[int, str] = field(default_factory=dict)
+
+
+def load(session: Session, trace: str, recipient_ids: list[int]) -> Asked:
+    m = session.execute(
+        select(Message.ret, Message.envid, Message.body_type, Message.smtputf8, Message.requiretls)
+        .where(Message.id == trace)
+    ).one()
+    asked = Asked(m.ret, m.envid, m.body_type, bool(m.smtputf8), bool(m.requiretls))
+    for r in session.execute(
+        select(Recipient.id, Recipient.notify, Recipient.orcpt).where(Recipient.id.in_(recipient_ids))
+    ):
+        asked.notify[r.id], asked.orcpt[r.id] = r.notify, r.orcpt
+    return asked
+
+
+@dataclass
+class Outbound:
+    """What goes with one transaction to one next hop (recipients in send order)."""
+
+    asked: Asked
+    recipient_ids: list[int]
+    # Set by the delivery: the hop offered DSN and got NOTIFY/ORCPT, so it (or
+    # a later hop) reports success itself; we report "relayed" only otherwise.
+    dsn_passed: bool = False
+
+    def needs_8bit(self, body: bytes) -> bool:
+        # The content decides, not what was declared: a 7-bit body declared
+        # 8BITMIME goes to any hop.
+        return self.asked.body_type != "7BIT" and any(b >= 0x80 for b in body)
+
+    def needs_utf8(self, sender: str, recipients: list[str], body: bytes) -> bool:
+        if not self.asked.smtputf8:
+            return False
+        if not (sender + "".join(recipients)).isascii():
+            return True
+        m = _HEADER_END.search(body)
+        return not (body[: m.start()] if m else body).isascii()
+
+    def refusal(self, extensions: dict[str, str], sender: str, recipients: list[str], body: bytes) -> Reply | None:
+        """Why this hop may not have the message (a permanent reply), or None."""
+        if self.needs_utf8(sender, recipients, body) and "SMTPUTF8" not in extensions:
+            return NEEDS_SMTPUTF8
+        if self.needs_8bit(body) and "8BITMIME" not in extensions:
+            return NEEDS_8BITMIME
+        if self.asked.requiretls and "REQUIRETLS" not in extensions:
+            return NEEDS_REQUIRETLS.with_text("REQUIRETLS needed: the next hop does not offer it")
+        return None
+
+    def mail_params(self, extensions: dict[str, str], body: bytes) -> list[str]:
+        a, out = self.asked, []
+        if self.needs_8bit(body) and "8BITMIME" in extensions:
+            out.append("BODY=8BITMIME")
+        if a.smtputf8 and "SMTPUTF8" in extensions:
+            out.append("SMTPUTF8")
+        if a.requiretls:
+            out.append("REQUIRETLS")
+        if "DSN" in extensions:
+            out += dsn.mail_params(ret=a.ret, envid=a.envid)
+        return out
+
+    def local_params(self, body: bytes) -> tuple[str, ...]:
+        """For our own MDA (LMTP), which takes 8-bit and UTF-8 mail and is the last hop."""
+        out = ("BODY=8BITMIME",) if self.needs_8bit(body) else ()
+        return (*out, "SMTPUTF8") if self.asked.smtputf8 else out
+
+    def rcpt_params(self, extensions: dict[str, str]) -> list[tuple[str, ...]] | None:
+        if "DSN" not in extensions:
+            return None
+        self.dsn_passed = True
+        a = self.asked
+        return [
+            tuple(dsn.rcpt_params(notify=a.notify.get(i, ""), orcpt=a.orcpt.get(i, ""))) for i in self.recipient_ids
+        ]
