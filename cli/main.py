@@ -1,4 +1,4 @@
-"""`mailroom`: the operator's command (init, run, status, user, alias, queue, trace, config, client-config).
+"""`mailroom`: the operator's command (init, run, status, user, alias, queue, trace, config, client-config, lab).
 
 Every command takes --config FILE (default $MAILROOM_CONFIG or ./var/mailroom.toml).
 User, alias, queue and trace commands work on the database directly, so they
@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from cli import dkim as dkimcmd
 from cli import dns as dnscmd
 from cli import dovecot, postmaster, setup, supervise, trace
+from cli import lab as labcmd
 from cli import queue as queuecmd
 from cli.show import clean, public_config
 from common import config as configmod
@@ -354,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--xml", action="store_true", help="the autoconfig XML the web program serves")
     dkimcmd.add_parser(sub)
     dnscmd.add_parser(sub)
+    labcmd.add_parser(sub)
 
     c = sub.add_parser("config", help="the effective configuration")
     c.add_argument("action", choices=("show",))
@@ -379,6 +381,8 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "init":
         return cmd_init(args)
+    if args.command == "lab":  # may make its installation first
+        return labcmd.run(args)
     try:
         cfg = configmod.load(args.config)
     except configmod.ConfigError as exc:

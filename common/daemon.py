@@ -38,7 +38,7 @@ from sqlalchemy.engine import make_url
 from common import config as configmod
 from common import log as logmod
 from common import privileges
-from common.clock import Clock, SystemClock
+from common.clock import Clock, for_lab
 from common.config import Config
 from common.db import Database
 from common.endpoint import BindError, Endpoint
@@ -186,7 +186,7 @@ def _prepare(
     db = Database(cfg.database_url)
     db.create_schema()
     return Context(
-        config=cfg, db=db, clock=SystemClock(), stop=asyncio.Event(),
+        config=cfg, db=db, clock=for_lab(cfg.lab.time_warp, cfg.lab.time_warp_since), stop=asyncio.Event(),
         sockets=sockets, tls_context=tls_context,
     )
 
