@@ -25,6 +25,8 @@ from cli import queue as queuecmd
 from cli.show import clean, public_config
 from common import config as configmod
 from common import privileges
+from common.clock import for_lab
+from common.clock import use as use_clock
 from common.db import Database
 from common.models import Alias, Domain, User
 from common.tls import make_self_signed
@@ -388,6 +390,8 @@ def _main(argv: list[str] | None) -> int:
     except configmod.ConfigError as exc:
         print(f"mailroom: config error: {clean(exc)}", file=sys.stderr)
         return 2
+    # What the command writes (an admin event) is in the daemons' time, lab time in a lab.
+    use_clock(for_lab(cfg.lab.time_warp, cfg.lab.time_warp_since))
     match args.command:
         case "run":
             return supervise.run(cfg)
