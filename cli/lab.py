@@ -116,10 +116,10 @@ sender = "{LAB_SENDER}"
 sender_password = "{password}"
 """
     conf.write_text(text)
-    r = subprocess.run([*cli, "--config", str(conf), "user", "add", LAB_SENDER, "--password-stdin"],
-                       input=password + "\n", text=True)
-    if r.returncode:
-        return r.returncode
+    added = subprocess.run([*cli, "--config", str(conf), "user", "add", LAB_SENDER, "--password-stdin"],
+                           input=password + "\n", text=True)
+    if added.returncode:
+        return added.returncode
     print(f"lab installation in {base}: {LAB_SENDER} (password {password}, also in {conf}) sends; "
           f"`export MAILROOM_CONFIG={conf}` and every `mailroom` command uses it")
     return 0

@@ -64,7 +64,7 @@ class Zone:
             if q.rdtype == dns.rdatatype.MX:
                 # The exchanges' addresses ride along, as real servers send them.
                 for rd in found:
-                    extra = self.rrsets.get(rd.exchange, {}).get(dns.rdatatype.A)  # type: ignore[attr-defined]
+                    extra = self.rrsets.get(rd.exchange, {}).get(dns.rdatatype.A)
                     if extra is not None:
                         response.additional.append(extra)
         else:
