@@ -55,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def config_path(args: argparse.Namespace) -> Path:
     if getattr(args, "dir", None):
-        return Path(args.dir) / "mailroom.toml"
+        return (Path(args.dir) / "mailroom.toml").absolute()
     return Path(args.config or os.environ.get("MAILROOM_CONFIG") or Path(LAB_DIR) / "mailroom.toml").absolute()
 
 
