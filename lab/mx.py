@@ -45,8 +45,8 @@ class LabMX(Handler):
             await asyncio.sleep(self.slow)
 
     async def connect(self, session: MailSession) -> None:
-        await self._wait()  # before the greeting
         log.info("%s: connection from %s", self.host.name, session.client_ip)
+        await self._wait()  # before the greeting
 
     async def mail(self, session: MailSession, envelope: MailEnvelope, sender: str) -> Reply | None:
         await self._wait()
