@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import shutil
 import smtplib
 import socket
 import subprocess
@@ -76,9 +77,11 @@ class Lab:
         self.inst.wait_for(done, timeout=timeout, what=f"the end of scenario {name}")
         return found[-1]
 
-    def stored(self, host: str) -> list[bytes]:
+    def stored(self, host: str, scenario: str) -> list[bytes]:
+        """What lab MX host `host` stored of the scenario's message (swaks may have left others)."""
         folder = self.inst.config.run_dir / "lab" / host
-        return [p.read_bytes() for p in sorted(folder.glob("*.eml"))] if folder.is_dir() else []
+        found = [p.read_bytes() for p in sorted(folder.glob("*.eml"))] if folder.is_dir() else []
+        return [m for m in found if f"Subject: lab scenario {scenario}\r\n".encode() in m]
 
     def sender_mail(self) -> list[bytes]:
         return [p.read_bytes() for p in maildir_messages(self.inst.mailbox("alice@example.org"))]
@@ -164,10 +167,52 @@ def test_lab_dns_answers_mx_null_mx_and_nxdomain(lab: Lab) -> None:
     assert dns.query.tcp(q, "127.0.0.1", port=lab.dns_port, timeout=5).answer[0][0].to_text() == "10 mx.accepts.test."
 
 
+def _peer(name: str, package: str) -> str:
+    path = shutil.which(name)
+    assert path, f"{name} is missing: .ci/install-peers installs {package}"
+    return path
+
+
+@pytest.mark.interop
+def test_dig_asks_the_lab_dns(lab: Lab) -> None:
+    def dig(*args: str) -> str:
+        r = subprocess.run([_peer("dig", "bind9-dnsutils"), "@127.0.0.1", "-p", str(lab.dns_port), *args],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    answer = [line.split() for line in dig("backup.test", "MX", "+noall", "+answer", "+additional").splitlines()]
+    assert sorted(answer) == [
+        ["backup.test.", "60", "IN", "MX", "10", "mx1.backup.test."],
+        ["backup.test.", "60", "IN", "MX", "20", "mx2.backup.test."],
+        ["mx1.backup.test.", "60", "IN", "A", "127.0.0.16"],
+        ["mx2.backup.test.", "60", "IN", "A", "127.0.0.17"],
+    ]
+    assert dig("nullmx.test", "MX", "+noall", "+answer").split() == ["nullmx.test.", "60", "IN", "MX", "0", "."]
+    full = dig("nowhere.test", "MX")
+    assert "status: NXDOMAIN" in full and "flags: qr aa" in full
+    assert "status: NOERROR" in dig("greylist.test", "MX", "+tcp")
+
+
+@pytest.mark.interop
+def test_swaks_meets_greylisting_and_required_tls(lab: Lab) -> None:
+    def swaks(address: str, to: str, *extra: str) -> str:
+        r = subprocess.run([_peer("swaks", "swaks"), "--server", f"{address}:{lab.mx_port}", "--from",
+                            "learner@example.org", "--to", to, "--helo", "laptop.test", *extra],
+                           capture_output=True, text=True, timeout=60)
+        return r.stdout
+
+    first = swaks("127.0.0.12", "swaks@greylist.test")
+    assert "<** 451 4.7.1 Greylisted" in first and "stored as" not in first
+    assert "<-  250 2.0.0 Ok: stored as" in swaks("127.0.0.12", "swaks@greylist.test")
+    plain = swaks("127.0.0.15", "swaks@tls.test")
+    assert "<** 530 5.7.0 Must issue a STARTTLS command first" in plain
+    assert "<~  250 2.0.0 Ok: stored as" in swaks("127.0.0.15", "swaks@tls.test", "--tls")
+
+
 def test_accepts(lab: Lab) -> None:
     _delivered_via(lab, "accepts", "127.0.0.11")
-    [stored] = lab.stored("mx.accepts.test")
-    assert b"Subject: lab scenario accepts" in stored
+    [stored] = lab.stored("mx.accepts.test", "accepts")
     assert b"X-Lab-Envelope-To: <someone@accepts.test>" in stored
 
 
@@ -178,25 +223,25 @@ def test_greylists_then_accepts(lab: Lab) -> None:
     # The retry came after the first wait of the schedule (5 lab minutes), in lab time.
     first, last = (dt.datetime.fromisoformat(e["time"]) for e in (qmgr[0], qmgr[-1]))
     assert last - first >= dt.timedelta(minutes=5)
-    assert len(lab.stored("mx.greylist.test")) == 1
+    assert len(lab.stored("mx.greylist.test", "greylists")) == 1
 
 
 def test_refuses_bounces_at_once(lab: Lab) -> None:
     last = lab.final("refuses")
     assert last["event"] == "bounced" and last["detail"].startswith("550 5.1.1 No such user here"), last
-    assert not lab.stored("mx.refuses.test")
+    assert not lab.stored("mx.refuses.test", "refuses")
     [dsn] = _dsn_about(lab, "someone@refuses.test", "5.1.1")
     assert b"Content-Type: multipart/report; report-type=delivery-status" in dsn
 
 
 def test_slow_host_is_waited_for(lab: Lab) -> None:
     _delivered_via(lab, "slow", "127.0.0.14")
-    assert len(lab.stored("mx.slow.test")) == 1
+    assert len(lab.stored("mx.slow.test", "slow")) == 1
 
 
 def test_needs_tls(lab: Lab) -> None:
     _delivered_via(lab, "needs-tls", "127.0.0.15")
-    assert len(lab.stored("mx.tls.test")) == 1
+    assert len(lab.stored("mx.tls.test", "needs-tls")) == 1
     # Without STARTTLS the host refuses the transaction (RFC 3207 4).
     with smtplib.SMTP("127.0.0.15", lab.mx_port, timeout=10) as c:
         c.ehlo("learner")
@@ -207,7 +252,7 @@ def test_needs_tls(lab: Lab) -> None:
 
 def test_backup_mx_takes_over(lab: Lab) -> None:
     _delivered_via(lab, "backup-mx", "127.0.0.17")
-    assert len(lab.stored("mx2.backup.test")) == 1
+    assert len(lab.stored("mx2.backup.test", "backup-mx")) == 1
     # The primary was tried first (RFC 5321 5.1: lowest preference first) and refused the connection.
     assert f"127.0.0.16:{lab.mx_port}" in lab.inst.log_text()
 
