@@ -44,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     act = p.add_subparsers(dest="action")
     start = act.add_parser("start", help="create the lab installation if needed, and run it (the default)")
     start.add_argument("--dir", help=f"the lab installation's folder (default {LAB_DIR}, or --config's)")
-    start.add_argument("--warp", type=float, default=DEFAULT_WARP,
+    start.add_argument("--warp", type=float, default=None,
                        help=f"lab time speed for a new installation (default {DEFAULT_WARP:g}x)")
     send = act.add_parser("send", help="submit one scenario's message through the MSA",
                           description="Scenarios:\n" + scenarios.help_text(),
@@ -66,10 +66,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"{s.name:<15} {s.recipient:<28} {s.summary}\n{'':<15} expect: {s.outcome}")
         return 0
     path = config_path(args)
+    warp = getattr(args, "warp", None)
     if action == "start" and not path.exists():
-        made = create(path.parent, getattr(args, "warp", DEFAULT_WARP))
+        made = create(path.parent, warp or DEFAULT_WARP)
         if made:
             return made
+    elif warp is not None:
+        print(f"mailroom lab: --warp only chooses the speed of a new lab; this one's is [lab] time_warp in "
+              f"{clean(path)}", file=sys.stderr)
     try:
         cfg = configmod.load(path)
     except configmod.ConfigError as exc:

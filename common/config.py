@@ -467,6 +467,8 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be a loopback address or unix:/path, got {str(where)!r}")
     if cfg.smtp.max_recipients < 1:
         raise ConfigError("smtp.max_recipients: must be at least 1")
+    if cfg.lab.enabled and not cfg.lab.dns:
+        raise ConfigError("lab.dns: the lab needs its DNS server's address")
     if cfg.lab.time_warp != 1.0 and not cfg.lab.time_warp_since:
         # Each daemon would otherwise start lab time at its own start.
         raise ConfigError("lab.time_warp_since: needed when lab.time_warp is not 1")

@@ -59,6 +59,7 @@ def test_lab_settings() -> None:
     ('[lab]\ntime_warp = "fast"', "lab.time_warp: expected a positive number"),
     ('[lab]\ntime_warp = 60\ntime_warp_since = "yesterday"', "lab.time_warp_since:"),
     ('[lab]\ndns = "nowhere"', "lab.dns:"),
+    ('[lab]\nenabled = true\ndns = ""', "lab.dns: the lab needs"),
 ])
 def test_bad_lab_settings_name_the_key(lab: str, error: str) -> None:
     with pytest.raises(configmod.ConfigError, match=error):
