@@ -39,7 +39,7 @@ bench: venv peers
 	$(BIN)/python -m bench.listener
 
 lint: venv
-	$(BIN)/ruff check common msa mta mda cli web bench tests
+	$(BIN)/ruff check common msa mta mda cli web bench lab tests
 	$(BIN)/mypy
 
 # SIGKILL a random daemon every half second while 20 clients submit 2,000 messages,

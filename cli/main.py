@@ -1,4 +1,4 @@
-"""`mailroom`: the operator's command (init, run, status, user, alias, queue, trace, config, client-config).
+"""`mailroom`: the operator's command (init, run, status, user, alias, queue, trace, config, client-config, lab).
 
 Every command takes --config FILE (default $MAILROOM_CONFIG or ./var/mailroom.toml).
 User, alias, queue and trace commands work on the database directly, so they
@@ -20,10 +20,13 @@ from sqlalchemy.orm import Session
 from cli import dkim as dkimcmd
 from cli import dns as dnscmd
 from cli import dovecot, postmaster, setup, supervise, trace
+from cli import lab as labcmd
 from cli import queue as queuecmd
 from cli.show import clean, public_config
 from common import config as configmod
 from common import privileges
+from common.clock import for_lab
+from common.clock import use as use_clock
 from common.db import Database
 from common.models import Alias, Domain, User
 from common.tls import make_self_signed
@@ -354,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--xml", action="store_true", help="the autoconfig XML the web program serves")
     dkimcmd.add_parser(sub)
     dnscmd.add_parser(sub)
+    labcmd.add_parser(sub)
 
     c = sub.add_parser("config", help="the effective configuration")
     c.add_argument("action", choices=("show",))
@@ -379,11 +383,15 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "init":
         return cmd_init(args)
+    if args.command == "lab":  # may make its installation first
+        return labcmd.run(args)
     try:
         cfg = configmod.load(args.config)
     except configmod.ConfigError as exc:
         print(f"mailroom: config error: {clean(exc)}", file=sys.stderr)
         return 2
+    # What the command writes (an admin event) is in the daemons' time, lab time in a lab.
+    use_clock(for_lab(cfg.lab.time_warp, cfg.lab.time_warp_since))
     match args.command:
         case "run":
             return supervise.run(cfg)

@@ -67,11 +67,22 @@ def render(cfg: Config, *, log_file: str = "/dev/stdout", with_imap: bool = Fals
         run_dir=run_dir, python=sys.executable, config=cfg.path, common=common,
         imap=_imap_program(cfg, common, with_imap=with_imap),
     )
+    if cfg.lab.enabled:
+        text += _LAB.format(python=sys.executable, config=cfg.path, common=common)
     text += _WATCH.format(python=sys.executable, run_dir=run_dir)
     out = run_dir / "supervisord.conf"
     out.write_text(text)
     return out
 
+
+# The lab Internet (docs/lab.md) starts first: the MX hosts and the DNS server are
+# there before the queue manager looks for them.
+_LAB = """
+[program:lab]
+command = {python} -m lab --config {config}
+priority = 5
+{common}
+"""
 
 _WATCH = """
 [eventlistener:watch]

@@ -156,6 +156,19 @@ class FilterSection:
 
 
 @dataclass(frozen=True)
+class LabSection:
+    """A lab Internet on loopback addresses for learning (`mailroom lab`, docs/lab.md); never in production."""
+
+    enabled: bool = field(default=False, metadata=_meta("bool", "Run the lab Internet (a DNS server and named MX hosts on 127.0.0.x at [mta] remote_port) with the daemons"))
+    dns: str = field(default="127.0.0.1:2553", metadata=_meta("listen?", "UDP and TCP address of the lab DNS server; [dns] nameservers points here"))
+    time_warp: float = field(default=1.0, metadata=_meta("speed", "How many times faster than real time every daemon's clock runs (60, 3600: retries, delay warnings and bounces in minutes)"))
+    time_warp_since: str = field(default="", metadata=_meta("datetime?", "UTC moment lab time starts from (YYYY-MM-DDTHH:MM:SS); needed when time_warp is not 1"))
+    sender: str = field(default="", metadata=_meta("str", "Who `mailroom lab send` submits as (a local user)"))
+    sender_password: str = field(default="", metadata=_meta("secret", "That user's password, for the MSA's AUTH"))
+    slow_reply: float = field(default=5.0, metadata=_meta("duration", "How long the slow lab MX host waits before each reply"))
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     mailroom: MailroomSection = field(default_factory=MailroomSection)
@@ -170,6 +183,7 @@ class Config:
     dkim: DKIMSection = field(default_factory=DKIMSection)
     mailauth: MailAuthSection = field(default_factory=MailAuthSection)
     filter: FilterSection = field(default_factory=FilterSection)
+    lab: LabSection = field(default_factory=LabSection)
 
     @property
     def base(self) -> Path:
@@ -317,6 +331,18 @@ def _convert(kind: str, value: object) -> object:
             return value
         case "duration":
             return parse_duration(value)
+        case "speed":
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"expected a positive number (1 is real time), got {value!r}")
+            return float(value)
+        case "datetime?":
+            need(str, "a date and time like 2026-12-01T18:00:00")
+            assert isinstance(value, str)
+            if value:
+                import datetime as dt
+
+                dt.datetime.fromisoformat(value)
+            return value
         case "durations":
             need(list, "a list of durations")
             assert isinstance(value, list)
@@ -441,6 +467,11 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be a loopback address or unix:/path, got {str(where)!r}")
     if cfg.smtp.max_recipients < 1:
         raise ConfigError("smtp.max_recipients: must be at least 1")
+    if cfg.lab.enabled and not cfg.lab.dns:
+        raise ConfigError("lab.dns: the lab needs its DNS server's address")
+    if cfg.lab.time_warp != 1.0 and not cfg.lab.time_warp_since:
+        # Each daemon would otherwise start lab time at its own start.
+        raise ConfigError("lab.time_warp_since: needed when lab.time_warp is not 1")
 
 
 def render_default(domain: str, hostname: str, user: str = "", *, imap: bool = False) -> str:

@@ -38,7 +38,8 @@ from sqlalchemy.engine import make_url
 from common import config as configmod
 from common import log as logmod
 from common import privileges
-from common.clock import Clock, SystemClock
+from common.clock import Clock, for_lab
+from common.clock import use as use_clock
 from common.config import Config
 from common.db import Database
 from common.endpoint import BindError, Endpoint
@@ -185,8 +186,10 @@ def _prepare(
         raise StartError(problem)
     db = Database(cfg.database_url)
     db.create_schema()
+    clock = for_lab(cfg.lab.time_warp, cfg.lab.time_warp_since)
+    use_clock(clock)  # for the times written without one (column defaults)
     return Context(
-        config=cfg, db=db, clock=SystemClock(), stop=asyncio.Event(),
+        config=cfg, db=db, clock=clock, stop=asyncio.Event(),
         sockets=sockets, tls_context=tls_context,
     )
 

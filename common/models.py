@@ -23,9 +23,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
+from common import clock
+
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    return clock.process_now()  # naive UTC; lab time in a lab (common/clock.py)
 
 
 class Base(DeclarativeBase):

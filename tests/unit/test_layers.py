@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-DAEMONS = ("msa", "mta", "mda", "web")
+DAEMONS = ("msa", "mta", "mda", "web", "lab")
 
 
 def imported_packages(package: str) -> dict[str, set[str]]:

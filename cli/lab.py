@@ -1,0 +1,163 @@
+"""`mailroom lab`: start Mailroom inside a lab Internet, and send each scenario's message.
+
+`mailroom lab start` (or plain `mailroom lab`) makes a lab installation the first
+time (`mailroom init` in ./var-lab, a user to send as, DNS pointed at the lab's
+own server, MX hosts on 127.0.0.x, lab time running [lab] time_warp times
+faster), then runs it as `mailroom run` does.  `mailroom lab send SCENARIO`
+submits that scenario's message through the MSA, as a mail client would.
+docs/lab.md walks through every scenario.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import secrets
+import smtplib
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+from cli import supervise
+from cli.show import clean
+from common import config as configmod
+from lab import scenarios
+
+LAB_DIR = "./var-lab"
+LAB_DOMAIN = "mailroom.test"
+LAB_HOSTNAME = "mail.mailroom.test"
+LAB_SENDER = f"learner@{LAB_DOMAIN}"
+LAB_DNS = "127.0.0.1:2553"
+LAB_MX_PORT = 2526  # every lab MX host listens here, each at its own 127.0.0.x
+DEFAULT_WARP = 3600.0
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "lab", help="a lab Internet for learning: start Mailroom in it, send a scenario's message",
+        description="Mailroom in a lab Internet on loopback addresses (docs/lab.md).  Scenarios:\n"
+        + scenarios.help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    act = p.add_subparsers(dest="action")
+    start = act.add_parser("start", help="create the lab installation if needed, and run it (the default)")
+    start.add_argument("--dir", help=f"the lab installation's folder (default {LAB_DIR}, or --config's)")
+    start.add_argument("--warp", type=float, default=None,
+                       help=f"lab time speed for a new installation (default {DEFAULT_WARP:g}x)")
+    send = act.add_parser("send", help="submit one scenario's message through the MSA",
+                          description="Scenarios:\n" + scenarios.help_text(),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    send.add_argument("scenario", choices=[s.name for s in scenarios.SCENARIOS], metavar="SCENARIO")
+    act.add_parser("list", help="the scenarios, their addresses and what to expect")
+
+
+def config_path(args: argparse.Namespace) -> Path:
+    if getattr(args, "dir", None):
+        return (Path(args.dir) / "mailroom.toml").absolute()
+    return Path(args.config or os.environ.get("MAILROOM_CONFIG") or Path(LAB_DIR) / "mailroom.toml").absolute()
+
+
+def run(args: argparse.Namespace) -> int:
+    action = args.action or "start"
+    if action == "list":
+        for s in scenarios.SCENARIOS:
+            print(f"{s.name:<15} {s.recipient:<28} {s.summary}\n{'':<15} expect: {s.outcome}")
+        return 0
+    path = config_path(args)
+    warp = getattr(args, "warp", None)
+    if action == "start" and not path.exists():
+        made = create(path.parent, warp or DEFAULT_WARP)
+        if made:
+            return made
+    elif warp is not None:
+        print(f"mailroom lab: --warp only chooses the speed of a new lab; this one's is [lab] time_warp in "
+              f"{clean(path)}", file=sys.stderr)
+    try:
+        cfg = configmod.load(path)
+    except configmod.ConfigError as exc:
+        print(f"mailroom lab: config error: {clean(exc)}", file=sys.stderr)
+        return 2
+    if not cfg.lab.enabled:
+        print(f"mailroom lab: {clean(path)} is not a lab installation ([lab] enabled = false); "
+              f"`mailroom lab start --dir {LAB_DIR}` makes one", file=sys.stderr)
+        return 1
+    if action == "send":
+        return send(cfg, scenarios.BY_NAME[args.scenario])
+    print(f"lab Internet: DNS at {cfg.lab.dns}, MX hosts on 127.0.0.11-18 port {cfg.mta.remote_port}, "
+          f"lab time {cfg.lab.time_warp:g}x; send with `mailroom --config {path} lab send SCENARIO`", flush=True)
+    return supervise.run(cfg)
+
+
+def create(base: Path, warp: float) -> int:
+    """A new lab installation in `base`: `mailroom init`, lab settings, a user to send as."""
+    cli = [sys.executable, "-m", "cli.main"]
+    r = subprocess.run([*cli, "init", "--dir", str(base), "--domain", LAB_DOMAIN, "--hostname", LAB_HOSTNAME])
+    if r.returncode:
+        return r.returncode
+    conf = base.absolute() / "mailroom.toml"
+    password = secrets.token_urlsafe(12)
+    since = dt.datetime.now(dt.UTC).replace(tzinfo=None, microsecond=0).isoformat()
+    text = conf.read_text()
+    for old, new in (
+        ("nameservers = []", f'nameservers = ["{LAB_DNS}"]'),
+        ("[mta]\n", f"[mta]\n# The lab's MX hosts listen here (real ones on 25).\nremote_port = {LAB_MX_PORT}\n"),
+    ):
+        if old not in text:
+            print(f"mailroom lab: {conf} does not look as `mailroom init` writes it ({old!r})", file=sys.stderr)
+            return 1
+        text = text.replace(old, new, 1)
+    text += f"""
+[lab]
+# The lab Internet (docs/lab.md): a DNS server and MX hosts on 127.0.0.x, run with the daemons.
+enabled = true
+dns = "{LAB_DNS}"
+# Lab time runs this many times faster: retries, delay warnings and bounces in minutes.
+time_warp = {warp:g}
+time_warp_since = "{since}"
+sender = "{LAB_SENDER}"
+sender_password = "{password}"
+"""
+    conf.write_text(text)
+    added = subprocess.run([*cli, "--config", str(conf), "user", "add", LAB_SENDER, "--password-stdin"],
+                           input=password + "\n", text=True)
+    if added.returncode:
+        return added.returncode
+    print(f"lab installation in {base}: {LAB_SENDER} (password {password}, also in {conf}) sends; "
+          f"`export MAILROOM_CONFIG={conf}` and every `mailroom` command uses it")
+    return 0
+
+
+def send(cfg: configmod.Config, s: scenarios.Scenario) -> int:
+    """Submit the scenario's message as [lab] sender, over STARTTLS and AUTH, as a mail client does."""
+    sender = cfg.lab.sender
+    if not sender:
+        print("mailroom lab send: [lab] sender is not set", file=sys.stderr)
+        return 1
+    body = (
+        f"From: {sender}\r\nTo: {s.recipient}\r\nSubject: lab scenario {s.name}\r\n\r\n"
+        f"Sent by `mailroom lab send {s.name}`: {s.summary}.\r\nExpected: {s.outcome}.\r\n"
+    ).encode()
+    host, port = cfg.endpoint("msa.submission").hostport
+    tls = ssl.create_default_context()
+    tls.check_hostname = False
+    tls.verify_mode = ssl.CERT_NONE  # the lab's certificate is self-signed
+    try:
+        with smtplib.SMTP(host, port, timeout=30) as client:
+            client.starttls(context=tls)
+            client.login(sender, cfg.lab.sender_password)
+            client.mail(sender)
+            code, text = client.rcpt(s.recipient)
+            if code != 250:
+                print(f"RCPT TO:<{s.recipient}>: {code} {text.decode(errors='replace')}", file=sys.stderr)
+                return 1
+            code, text = client.data(body)
+    except (OSError, smtplib.SMTPException) as exc:
+        print(f"mailroom lab send: the MSA at {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    reply = text.decode(errors="replace")
+    print(f"{s.name}: {s.recipient}: {code} {reply}")
+    trace = reply.rsplit(" ", 1)[-1]
+    print(f"expect: {s.outcome}\nfollow it: mailroom --config {cfg.path} trace {trace}")
+    return 0 if code == 250 else 1
