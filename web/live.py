@@ -50,12 +50,13 @@ class Live:
         self.db = db
         self.metrics = Metrics(db)
         self.feed = Feed(db, self.metrics)
+        self.page = page()  # read now, as root perhaps: the package may not be readable later
 
     def routes(self) -> dict[str, Handler]:
         return {"/": self.index, "/live": self.live, "/trace": self.trace, "/metrics": self.scrape}
 
     def index(self, cfg: Config, request: Request) -> Response:
-        return Response(HTTPStatus.OK, page(), "text/html; charset=utf-8",
+        return Response(HTTPStatus.OK, self.page, "text/html; charset=utf-8",
                         headers={"Cache-Control": "no-store", "Content-Security-Policy": "default-src 'self'; "
                                  "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'"})
 

@@ -27,12 +27,16 @@ import sys
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 from common import config as configmod
 from common import log as logmod
 from common.config import Config, parse_hostport
 from web import autoconfig
+
+if TYPE_CHECKING:
+    from web.live import Live
 
 log = logging.getLogger("web")
 
@@ -180,17 +184,11 @@ def drop_privileges(user: str) -> None:
     log.info("dropped privileges to %s", user)
 
 
-async def run(cfg: Config, sock: socket.socket) -> None:
-    from common.db import Database
-    from web.live import Live
-
+async def run(cfg: Config, sock: socket.socket, live: Live) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # Read only: the daemons create and migrate the schema; until they have, the
-    # feed waits and retries.
-    live = Live(Database(cfg.database_url, threads=2))
     server = await serve(cfg, sock, {**ROUTES, **live.routes()})
     tail = asyncio.create_task(live.feed.run(stop))
     log.info("http on %s", cfg.web.listen)
@@ -218,5 +216,12 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:
         print(f"web: [web] listen = {cfg.web.listen}: {exc.strerror or exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    # Before dropping privileges: the imports behind it (sqlite3 and the rest of
+    # the standard library) may live where only root can read.  Read only: the
+    # daemons create and migrate the schema; until they have, the feed retries.
+    from common.db import Database
+    from web.live import Live
+
+    live = Live(Database(cfg.database_url, threads=2))
     drop_privileges(cfg.mailroom.user)
-    asyncio.run(run(cfg, sock))
+    asyncio.run(run(cfg, sock, live))
