@@ -90,7 +90,7 @@ def follow(
     """Every event of one trace (by trace id or Message-ID), or of all traces when
     `ident` is None: first those already recorded, then each new one as it is
     committed.  Rows are read in id order, which is commit order with SQLite's
-    single writer."""
+    single writer.  The starting point is read before this returns."""
     trace: str | None = None
     last = 0
     if ident is not None:
@@ -104,6 +104,12 @@ def follow(
         # Everyone's mail: only what happens from now on.
         with db.read() as s:
             last = s.scalar(select(func.max(Event.id))) or 0
+    return _tail(db, trace, last, poll, stop)
+
+
+def _tail(
+    db: Database, trace: str | None, last: int, poll: float, stop: Callable[[], bool]
+) -> Iterator[dict[str, Any]]:
     while not stop():
         with db.read() as s:
             q = select(Event).where(Event.id > last)
@@ -131,6 +137,9 @@ def render_line(e: dict[str, Any], *, with_trace: bool) -> str:
 
 def run_follow(db: Database, ident: str | None, *, as_json: bool, out: TextIO = sys.stdout) -> int:
     """Print events until interrupted (Ctrl-C ends it quietly)."""
+    if ident is None and not as_json:
+        # Said once the starting point is read: what is sent from now on is shown.
+        print("following every message from now on (Ctrl-C to stop)", file=out, flush=True)
     try:
         for e in follow(db, ident):
             print(json.dumps(e) if as_json else render_line(e, with_trace=ident is None), file=out, flush=True)

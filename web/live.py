@@ -36,7 +36,7 @@ def trace_of(db: Database, ident: str) -> dict[str, object] | None:
         msg = s.scalars(select(Message).where(or_(Message.id == ident.upper(), Message.message_id == mid))).first()
         trace = msg.id if msg else ident.upper()
         events = [public(event_row(e)) for e in
-                  s.scalars(select(Event).where(Event.trace_id == trace).order_by(Event.id))]
+                  s.scalars(select(Event).where(Event.trace_id == trace).order_by(Event.time, Event.id))]
         if msg is None and not events:
             return None
         return {"id": trace, "message_id": msg.message_id if msg else "", "sender": msg.sender if msg else "",

@@ -43,7 +43,8 @@ def test_a_submitted_message_moves_across_the_live_page_to_the_mailbox(suite: In
         row = f"document.querySelector('#messages tr[data-trace=\"{trace}\"]')"
         state = browser.wait(
             f"{row} && {row}.dataset.state === 'delivered' && "
-            f"[{row}.dataset.stage, {row}.querySelector('.where').textContent, {row}.querySelector('.from').textContent]",
+            f"[{row}.dataset.stage, {row}.querySelector('.where').textContent,"
+            f" {row}.querySelector('.from').textContent]",
             what="the message delivered on the page",
         )
         assert state == ["mda", "mailbox", "alice@example.org"]
