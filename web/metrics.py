@@ -48,11 +48,10 @@ class QueueCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         pending = (QUEUED, ACTIVE)
         with self.db.read() as s:
-            by_state = dict(
-                s.execute(
-                    select(Recipient.state, func.count()).where(Recipient.state.in_(pending)).group_by(Recipient.state)
-                ).tuples().all()
+            counted = s.execute(
+                select(Recipient.state, func.count()).where(Recipient.state.in_(pending)).group_by(Recipient.state)
             )
+            by_state: dict[str, int] = {state: n for state, n in counted}
             waiting = select(Recipient.message_id).where(Recipient.state.in_(pending))
             messages, oldest = s.execute(
                 select(func.count(), func.min(Message.received)).where(Message.id.in_(waiting))
