@@ -94,7 +94,7 @@ class Metrics:
             "mailroom_tls_sessions", "Messages received, by hop and whether the session was encrypted (TLS)",
             ["direction", "hop", "tls"], registry=self.registry,
         )
-        self.last_event_id = Counter("mailroom_events_read", "Rows of the trace table read so far",
+        self.rows_read = Counter("mailroom_events_read", "Rows of the trace table read so far",
                                      registry=self.registry)
         if db is not None:
             self.registry.register(QueueCollector(db))
@@ -110,7 +110,7 @@ class Metrics:
     def _observe(self, row: dict[str, Any]) -> None:
         trace, hop, event, when = row["trace"], row["hop"], row["event"], row["when"]
         self.events.labels(hop, event).inc()
-        self.last_event_id.inc()
+        self.rows_read.inc()
         prev = self._last.pop(trace, None)
         if prev is None and is_trace_id(trace):
             # The trace id starts with the arrival time: the first hop is timed from there.
