@@ -234,6 +234,11 @@ def _warn_lost_roles(s: Session, cfg: configmod.Config, before: set[str]) -> Non
 
 
 def cmd_trace(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    if args.follow:
+        return trace.run_follow(_db(cfg), args.id, as_json=args.json)
+    if args.id is None:
+        print("trace: an ID is needed (or --follow, to watch every message)", file=sys.stderr)
+        return 2
     found = trace.find(_db(cfg), args.id)
     if found is None:
         print(f"{clean(args.id)}: no such message", file=sys.stderr)
@@ -349,8 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
 
     t = sub.add_parser("trace", help="one message's journey (trace id or Message-ID)")
-    t.add_argument("id")
+    t.add_argument("id", nargs="?")
     t.add_argument("--json", action="store_true")
+    t.add_argument("--follow", "-f", action="store_true",
+                   help="print each hop as it happens (without ID: every message's)")
 
     cc = sub.add_parser("client-config", help="the settings a mail client needs for ADDRESS")
     cc.add_argument("address")

@@ -39,6 +39,7 @@ class MailroomSection:
     mail_root: str = field(default="mail", metadata=_meta("path", "Folder under which every mailbox lives"))
     run_dir: str = field(default="run", metadata=_meta("path", "Folder for sockets, pid files and process logs"))
     log_level: str = field(default="info", metadata=_meta("loglevel", "debug shows every SMTP/LMTP line (AUTH redacted)"))
+    log_format: str = field(default="text", metadata=_meta("logformat", "text (one readable line per record) or json (one JSON object per line, trace_id a field)"))
     user: str = field(default="", metadata=_meta("str", "The account every daemon serves as; started as root, they bind ports and then become it (required as root)"))
     mail_group: str = field(default="", metadata=_meta("str", "A group allowed to read the mail root (e.g. Dovecot's); empty: only the user"))
 
@@ -121,7 +122,7 @@ class IMAPSection:
 
 @dataclass(frozen=True)
 class WebSection:
-    listen: str = field(default="127.0.0.1:8025", metadata=_meta("listen", "HTTP listener of the web program (mail client autoconfig)"))
+    listen: str = field(default="127.0.0.1:8025", metadata=_meta("listen", "HTTP listener of the web program (mail client autoconfig, the live page at /, /metrics); read-only"))
 
 
 @dataclass(frozen=True)
@@ -318,6 +319,10 @@ def _convert(kind: str, value: object) -> object:
             need(dict, "a table of name = text")
             assert isinstance(value, dict)
             return {str(k).lower(): str(v) for k, v in value.items()}
+        case "logformat":
+            if value not in ("text", "json"):
+                raise ValueError(f"expected text or json, got {value!r}")
+            return value
         case "dnserror" | "whendown":
             choices = ("defer", "accept") if kind == "dnserror" else ("accept_unscanned", "defer")
             if value not in choices:

@@ -129,7 +129,7 @@ def main(
     except configmod.ConfigError as exc:
         print(f"{process}: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    logmod.setup(process, cfg.mailroom.log_level)
+    logmod.setup(process, cfg.mailroom.log_level, cfg.mailroom.log_format)
     try:
         ctx = _prepare(cfg, listeners, tls=tls, writes_mail=writes_mail, preload=preload)
     except BindError as exc:

@@ -7,11 +7,21 @@ stamps it on every record, so a line reads like Postfix's:
 
 asyncio copies context variables into each task, so concurrent sessions never
 see each other's ids.
+
+With `[mailroom] log_format = "json"` each line is one JSON object instead, for
+log collectors (Loki, journald exporters, jq):
+
+    {"time": "2026-11-28T22:03:01.123Z", "process": "mta", "pid": 4242, "level": "info",
+     "trace_id": "0192F3A1B2C3D4E5", "logger": "mta.queue", "message": "queued from=<a@x> ..."}
+
+`trace_id` is absent when no message is being handled, so a collector can index it.
 """
 
 from __future__ import annotations
 
 import contextvars
+import datetime as dt
+import json
 import logging
 import os
 import secrets
@@ -46,16 +56,47 @@ class _TraceFilter(logging.Filter):
         return True
 
 
-def setup(process: str, level: str = "info") -> None:
-    """Configure the root logger for a daemon or the CLI (stderr, one line per record)."""
+class JSONFormatter(logging.Formatter):
+    """One JSON object per record, on one line (newlines in the message are escaped)."""
+
+    def __init__(self, process: str) -> None:
+        super().__init__()
+        self.process = process
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = dt.datetime.fromtimestamp(record.created, dt.UTC)
+        out: dict[str, object] = {
+            "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "process": self.process,
+            "pid": os.getpid(),
+            "level": record.levelname.lower(),
+        }
+        trace = getattr(record, "trace_id", "-")
+        if trace != "-":
+            out["trace_id"] = trace
+        out["logger"] = record.name
+        out["message"] = record.getMessage()
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup(process: str, level: str = "info", log_format: str = "text") -> None:
+    """Configure the root logger for a daemon or the CLI (stderr, one line per record).
+
+    `log_format` is "text" (the Postfix-like line) or "json" (one object per line).
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_TraceFilter())
-    handler.setFormatter(
-        logging.Formatter(
-            f"%(asctime)s.%(msecs)03d {process}[{os.getpid()}] %(trace_id)s: %(message)s",
-            datefmt="%Y-%m-%d %H:%M:%S",
+    if log_format == "json":
+        handler.setFormatter(JSONFormatter(process))
+    else:
+        handler.setFormatter(
+            logging.Formatter(
+                f"%(asctime)s.%(msecs)03d {process}[{os.getpid()}] %(trace_id)s: %(message)s",
+                datefmt="%Y-%m-%d %H:%M:%S",
+            )
         )
-    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

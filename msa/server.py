@@ -282,7 +282,8 @@ class SubmissionHandler(Handler):
         # Trace events only (the message is the MTA's, durably): no fsync needed.
         add_event(
             s, envelope.trace_id, "msa", "received", time=now,
-            detail=f"from=<{envelope.mail_from}> user={session.user} client={session.client_ip} size={size}",
+            detail=f"from=<{envelope.mail_from}> user={session.user} client={session.client_ip} size={size}"
+            + (" tls=yes" if session.tls else ""),
         )
         add_event(s, envelope.trace_id, "msa", "relayed", detail=str(reply))
 

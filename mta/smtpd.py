@@ -205,7 +205,7 @@ class SMTPHandler(Handler):
         add_event(
             s, trace, "mta", "received", time=now,
             detail=f"{'internal' if self.internal else 'smtp'} from {session.client_ip}"
-            f" helo={session.host_name}",
+            f" helo={session.host_name}" + (" tls=yes" if session.tls else ""),
         )
         # What the sender wrote: the signatures and results we add carry times of their own.
         assert isinstance(envelope.content, bytes)

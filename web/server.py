@@ -1,11 +1,15 @@
 """The web program: a small HTTP/1.1 server for what mail clients and operators fetch over HTTP.
 
-Today it serves the autoconfig XML (web/autoconfig.py); more pages are added by
-putting a handler in `ROUTES` (or passing a table to `serve`).  It only reads
-the config and, later, the database: it never talks to the MSA, MTA or MDA.
+It serves the autoconfig XML (web/autoconfig.py), and, over the shared
+database, the live page at `/` and Prometheus metrics at `/metrics`
+(web/live.py).  More pages are added by putting a handler in `ROUTES` (or
+passing a table to `serve`).  It only reads the config and the database: it
+never talks to the MSA, MTA or MDA, and never writes.
 
 Deliberately tiny: GET and HEAD, one request per connection, a size limit on
 the request head and a timeout, so a slow or hostile client costs little.
+Handlers are plain functions run in a thread (they query the database); one
+that streams (Server-Sent Events) returns a `Response` with `stream` set.
 """
 
 from __future__ import annotations
@@ -20,15 +24,19 @@ import pwd
 import signal
 import socket
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 from common import config as configmod
 from common import log as logmod
 from common.config import Config, parse_hostport
 from web import autoconfig
+
+if TYPE_CHECKING:
+    from web.live import Live
 
 log = logging.getLogger("web")
 
@@ -50,6 +58,9 @@ class Response:
     body: bytes = b""
     content_type: str = "text/plain; charset=utf-8"
     headers: dict[str, str] = field(default_factory=dict)
+    # Set for a stream: the body is what it yields, sent as it comes, until it ends
+    # or the client goes away (no Content-Length: the connection's end ends it).
+    stream: Callable[[], AsyncGenerator[bytes, None]] | None = None
 
 
 Handler = Callable[[Config, Request], Response]
@@ -103,10 +114,11 @@ def respond(cfg: Config, request: Request, routes: Mapping[str, Handler]) -> Res
 
 def encode(response: Response, *, head_only: bool = False) -> bytes:
     status = response.status
+    length = [] if response.stream is not None else [f"Content-Length: {len(response.body)}"]
     lines = [
         f"HTTP/1.1 {status.value} {status.phrase}",
         f"Content-Type: {response.content_type}",
-        f"Content-Length: {len(response.body)}",
+        *length,
         "Connection: close",
         *(f"{k}: {v}" for k, v in response.headers.items()),
     ]
@@ -123,7 +135,7 @@ async def handle(
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
             request = parse_head(head[:-4])
             method = request.method
-            response = respond(cfg, request, routes)
+            response = await asyncio.to_thread(respond, cfg, request, routes)
         except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, ValueError, TimeoutError):
             response = Response(HTTPStatus.BAD_REQUEST, b"bad request\n")
         except Exception:
@@ -131,6 +143,12 @@ async def handle(
             response = Response(HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error\n")
         writer.write(encode(response, head_only=method == "HEAD"))
         await writer.drain()
+        if response.stream is not None and method != "HEAD":
+            # aclosing: a client that leaves mid-stream still runs the stream's clean-up.
+            async with contextlib.aclosing(response.stream()) as chunks:
+                async for chunk in chunks:
+                    writer.write(chunk)
+                    await writer.drain()
         log.info("%s %s %d", method or "-", response.status.value, len(response.body))
     except ConnectionError:
         pass
@@ -166,22 +184,24 @@ def drop_privileges(user: str) -> None:
     log.info("dropped privileges to %s", user)
 
 
-async def run(cfg: Config, sock: socket.socket) -> None:
+async def run(cfg: Config, sock: socket.socket, live: Live) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = await serve(cfg, sock)
+    server = await serve(cfg, sock, {**ROUTES, **live.routes()})
+    tail = asyncio.create_task(live.feed.run(stop))
     log.info("http on %s", cfg.web.listen)
     await stop.wait()
     server.close()
+    await tail  # ends the live pages' streams
     await server.wait_closed()
     log.info("stopped")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m web`: no database yet, so not the daemons' skeleton (which opens
-    and migrates it at start: most of a daemon's start-up time)."""
+    """`python -m web`: not the daemons' skeleton, which migrates the database at
+    start (most of a daemon's start-up time); the web program only reads it."""
     parser = argparse.ArgumentParser(prog="python -m web")
     parser.add_argument("--config", help="config file (default $MAILROOM_CONFIG or ./var/mailroom.toml)")
     args = parser.parse_args(argv)
@@ -190,11 +210,18 @@ def main(argv: list[str] | None = None) -> None:
     except configmod.ConfigError as exc:
         print(f"web: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    logmod.setup("web", cfg.mailroom.log_level)
+    logmod.setup("web", cfg.mailroom.log_level, cfg.mailroom.log_format)
     try:
         sock = bind(cfg.web.listen)
     except OSError as exc:
         print(f"web: [web] listen = {cfg.web.listen}: {exc.strerror or exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    # Before dropping privileges: the imports behind it (sqlite3 and the rest of
+    # the standard library) may live where only root can read.  Read only: the
+    # daemons create and migrate the schema; until they have, the feed retries.
+    from common.db import Database
+    from web.live import Live
+
+    live = Live(Database(cfg.database_url, threads=2))
     drop_privileges(cfg.mailroom.user)
-    asyncio.run(run(cfg, sock))
+    asyncio.run(run(cfg, sock, live))
