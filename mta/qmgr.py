@@ -142,7 +142,15 @@ class QueueManager:
 
     async def _process(self, job: queue.Job) -> None:
         trace_id.set(job.trace)
-        asked = await self.db.run(self._asked, job)
+        while True:
+            # What the sender asked decides how it may go (REQUIRETLS): no guessing.
+            # A busy or full database is temporary; the claim stays ours meanwhile.
+            try:
+                asked = await self.db.run(self._asked, job)
+                break
+            except OperationalError as exc:
+                log.warning("cannot read the delivery options yet, retrying: %s", exc.orig)
+                await asyncio.sleep(1.0)
         local = [(rid, a) for rid, a, _ in job.recipients if domain_of(a) in self.local_domains]
         remote: defaultdict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)
         for rid, a, _ in job.recipients:
