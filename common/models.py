@@ -57,6 +57,15 @@ class Alias(Base):
     target: Mapped[str] = mapped_column(String(320))
 
 
+class DirectoryGeneration(Base):
+    """One row whose value moves (by trigger) whenever users or aliases change:
+    the daemons' in-memory copies of those tables reload when it moved."""
+
+    __tablename__ = "directory_generation"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
 class Message(Base):
     __tablename__ = "messages"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)  # the trace id

@@ -22,7 +22,7 @@ import logging
 import socket
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
@@ -33,29 +33,17 @@ from common.clock import Clock
 from common.daemon import Context
 from common.db import Database
 from common.log import trace_id
-from common.models import BOUNCED, DELIVERED, EXPIRED, QUEUED, Message, Recipient, add_event
+from common.models import Message
 from common.reply import Reply
 from mta import bounce, mailauth, queue
 from mta.delivery import LocalDelivery, RemoteDelivery
+from mta.queue import Outcome, Policy, Settled, classify
 from mta.routing import make_resolver
 
 log = logging.getLogger("qmgr")
 
-
-@dataclass(frozen=True)
-class Policy:
-    retry_schedule: list[float]
-    max_queue_lifetime: float
-    delay_warning: float
-    # The MDA is our own process: when it cannot be reached it is restarting, and
-    # is back within seconds, so that hand-off is retried on its own, short
-    # schedule rather than the minutes a remote host is given.
-    local_retry_schedule: list[float] = field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 30.0, 60.0])
-
-    def next_wait(self, attempts: int, *, local: bool = False) -> float:
-        """Seconds to wait after the `attempts`-th failed try (1-based)."""
-        schedule = self.local_retry_schedule if local else self.retry_schedule
-        return schedule[min(attempts, len(schedule)) - 1]
+# How the MDA's 250 names the mailbox path when we record its outcome (mda/server.py).
+PATH_MARK = " path="
 
 
 @dataclass
@@ -65,6 +53,7 @@ class Result:
     reply: Reply
     remote: str = ""
     local: bool = False  # handed to the MDA over LMTP
+    mda_left_record: bool = False  # the MDA left its own event to us (XRECORD)
 
     @property
     def mda_away(self) -> bool:
@@ -169,8 +158,8 @@ class QueueManager:
                 await asyncio.sleep(1.0)
 
     async def _deliver_local(self, job: queue.Job, rcpts: list[tuple[int, str]]) -> list[Result]:
-        replies = await self.local.deliver(job.trace, job.sender, [a for _, a in rcpts], job.body)
-        return [Result(rid, a, r, local=True) for (rid, a), r in zip(rcpts, replies, strict=True)]
+        replies, ours = await self.local.deliver(job.trace, job.sender, [a for _, a in rcpts], job.body)
+        return [Result(rid, a, r, local=True, mda_left_record=ours) for (rid, a), r in zip(rcpts, replies, strict=True)]
 
     async def _deliver_remote(
         self, job: queue.Job, domain: str, rcpts: list[tuple[int, str]], sender: str
@@ -191,30 +180,30 @@ class QueueManager:
         age = (now - job.received).total_seconds()
         failures: list[bounce.Failure] = []
         delayed: list[bounce.Failure] = []
+        settled: list[Settled] = []
         for res in results:
             reply, n = res.reply, attempts[res.recipient_id] + 1
-            values: dict[str, object] = {"attempts": n, "last_reply": str(reply), "owner": ""}
-            if reply.code < 400:
-                values["state"], event = DELIVERED, "delivered"
-            elif reply.code >= 500:
-                values["state"], event = BOUNCED, "bounced"
-            elif age >= self.policy.max_queue_lifetime:
-                values["state"], event = EXPIRED, "expired"
-            else:
-                wait = self.policy.next_wait(n, local=res.mda_away)
-                values["state"], event = QUEUED, "deferred"
-                values["next_attempt"] = now + dt.timedelta(seconds=wait)
-            s.execute(
-                update(Recipient).where(Recipient.id == res.recipient_id).values(**values)
-            )
-            detail = str(reply) + (f" (via {res.remote})" if res.remote else "")
-            add_event(s, job.trace, "qmgr", event, recipient=res.address, detail=detail, time=now)
-            log.info("%s to=<%s> attempts=%d: %s", event, res.address, n, detail)
+            outcome, wait = classify(reply, age, n, self.policy, mda_away=res.mda_away)
+            text = str(reply)
+            mda_event = mda_path = ""
+            if res.mda_left_record and not res.mda_away:
+                # The MDA's answer, which it left to us to record (XRECORD): its
+                # hop in the trace, with the mailbox path its 250 carries.
+                text, _, mda_path = text.partition(PATH_MARK)
+                mda_event = "delivered" if reply.is_ok else "refused"
+            detail = text + (f" (via {res.remote})" if res.remote else "")
+            settled.append(Settled(
+                res.recipient_id, res.address, outcome, n, text, detail,
+                next_attempt=now + dt.timedelta(seconds=wait) if outcome is Outcome.DEFERRED else None,
+                mda_event=mda_event, mda_detail=text, mda_path=mda_path,
+            ))
+            log.info("%s to=<%s> attempts=%d: %s", outcome, res.address, n, detail)
             failure = bounce.Failure(res.address, job.originals.get(res.recipient_id, ""), reply, res.remote)
-            if event in ("bounced", "expired"):
+            if outcome in (Outcome.BOUNCED, Outcome.EXPIRED):
                 failures.append(failure)
-            elif event == "deferred":
+            elif outcome is Outcome.DEFERRED:
                 delayed.append(failure)
+        queue.record_outcomes(s, job.trace, settled, now)
         may_notify = job.sender != "" and not job.is_bounce
         if failures and may_notify:
             self._send_dsn(s, job, failures, now, delayed=False)

@@ -17,21 +17,136 @@ import os
 import re
 import socket
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from common.log import new_trace_id
 from common.models import (
     ACTIVE,
+    BOUNCED,
+    DELIVERED,
+    EXPIRED,
     FINAL_STATES,
     QUEUED,
+    Event,
     Message,
     Recipient,
     add_event,
 )
+from common.reply import Reply
 from mta import bounce
+
+
+class Outcome(StrEnum):
+    """What one delivery attempt did to a recipient: the queue manager's event names."""
+
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    EXPIRED = "expired"
+    DEFERRED = "deferred"
+
+
+# The recipient state each outcome leaves behind.
+STATE_AFTER = {
+    Outcome.DELIVERED: DELIVERED, Outcome.BOUNCED: BOUNCED, Outcome.EXPIRED: EXPIRED, Outcome.DEFERRED: QUEUED,
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    retry_schedule: list[float]
+    max_queue_lifetime: float
+    delay_warning: float
+    # The MDA is our own process: when it cannot be reached it is restarting, and
+    # is back within seconds, so that hand-off is retried on its own, short
+    # schedule rather than the minutes a remote host is given.
+    local_retry_schedule: list[float] = field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 30.0, 60.0])
+
+    def next_wait(self, attempts: int, *, local: bool = False) -> float:
+        """Seconds to wait after the `attempts`-th failed try (1-based)."""
+        schedule = self.local_retry_schedule if local else self.retry_schedule
+        return schedule[min(attempts, len(schedule)) - 1]
+
+
+def classify(
+    reply: Reply, age: float, attempts: int, policy: Policy, *, mda_away: bool = False
+) -> tuple[Outcome, float]:
+    """The one decision: (outcome, seconds until the next try; 0 unless deferred).
+
+    2xx delivered; 5xx bounced; 4xx deferred on the retry schedule (the short
+    local one when our own MDA could not be reached), or expired once the
+    message is `max_queue_lifetime` old.  `attempts` counts this one.
+    """
+    if reply.code < 400:
+        return Outcome.DELIVERED, 0.0
+    if reply.code >= 500:
+        return Outcome.BOUNCED, 0.0
+    if age >= policy.max_queue_lifetime:
+        return Outcome.EXPIRED, 0.0
+    return Outcome.DEFERRED, policy.next_wait(attempts, local=mda_away)
+
+
+@dataclass(frozen=True)
+class Settled:
+    """One recipient's outcome, as `record_outcomes` writes it."""
+
+    recipient_id: int
+    address: str
+    outcome: Outcome
+    attempts: int
+    reply: str
+    detail: str
+    next_attempt: dt.datetime | None = None  # deferred only
+    # The MDA's own event (delivered / refused), when it asked us to record it.
+    mda_event: str = ""
+    mda_detail: str = ""
+    mda_path: str = ""
+
+
+# Run on the session's Connection, not through the Session: plain Core
+# executemany, no ORM bulk-update machinery.
+_SETTLE = (
+    update(Recipient)
+    .where(Recipient.id == bindparam("b_id"))
+    .values(state=bindparam("b_state"), attempts=bindparam("b_attempts"), last_reply=bindparam("b_reply"), owner="")
+)
+_DEFER = _SETTLE.values(next_attempt=bindparam("b_next"))
+_EVENT = insert(Event)
+
+
+def record_outcomes(session: Session, trace: str, settled: list[Settled], now: dt.datetime) -> None:
+    """Every recipient's new state and the hops' events, a few executemany statements.
+
+    Core statements on the tables, prepared once: this runs for every message.
+    """
+    conn = session.connection()
+    done = [_settle_row(x) for x in settled if x.next_attempt is None]
+    deferred = [{**_settle_row(x), "b_next": x.next_attempt} for x in settled if x.next_attempt is not None]
+    if done:
+        conn.execute(_SETTLE, done)
+    if deferred:
+        conn.execute(_DEFER, deferred)
+    events: list[dict[str, object]] = []
+    for x in settled:
+        if x.mda_event:
+            events.append(_event(trace, "mda", x.mda_event, x.address, x.mda_detail, x.mda_path, now))
+        events.append(_event(trace, "qmgr", str(x.outcome), x.address, x.detail, "", now))
+    if events:
+        conn.execute(_EVENT, events)
+
+
+def _settle_row(x: Settled) -> dict[str, object]:
+    return {"b_id": x.recipient_id, "b_state": STATE_AFTER[x.outcome], "b_attempts": x.attempts, "b_reply": x.reply}
+
+
+def _event(
+    trace: str, hop: str, event: str, recipient: str, detail: str, path: str, now: dt.datetime
+) -> dict[str, object]:
+    return {"trace_id": trace, "hop": hop, "event": event, "recipient": recipient, "detail": detail,
+            "path": path, "time": now}
 
 
 @dataclass
