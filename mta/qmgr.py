@@ -98,7 +98,11 @@ class QueueManager:
         """Claim what is due and start delivering it; returns how many messages."""
         async with self.in_flight:
             pass  # wait for room before claiming more
-        jobs = await self.db.run(self._claim)
+        # In the relaxed batch with the outcomes being settled: one commit for
+        # both (not fsync'd: no reply rests on a claim; a power cut that loses
+        # one leaves the recipient queued or active, and it is delivered again,
+        # the MDA's idempotent writes absorbing the repeat).
+        jobs = await self.db.write_batched(self._claim, relaxed=True)
         for job in jobs:
             await self.in_flight.acquire()
             task = asyncio.create_task(self._process(job))
@@ -106,12 +110,8 @@ class QueueManager:
             task.add_done_callback(self._done)
         return len(jobs)
 
-    def _claim(self) -> list[queue.Job]:
-        # Claims and outcomes are committed without fsync (write_relaxed): no reply
-        # rests on them.  If a power cut loses one, the recipient is still queued or
-        # active, is delivered again, and the MDA's idempotent writes absorb it.
-        with self.db.write_relaxed() as s:
-            return queue.claim(s, self.owner, self.clock.now())
+    def _claim(self, s: Session) -> list[queue.Job]:
+        return queue.claim(s, self.owner, self.clock.now(), commit=False)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
@@ -150,7 +150,7 @@ class QueueManager:
             # database is temporary, so keep trying.
             try:
                 # Outcomes of messages finishing together share one commit; it is
-                # not fsync'd (no reply rests on it; see _claim).
+                # not fsync'd (no reply rests on it; see run_once).
                 await self.db.write_batched(self._settle, job, results, mda_back, relaxed=True)
                 return
             except OperationalError as exc:

@@ -263,8 +263,13 @@ class Job:
     originals: dict[int, str] = field(default_factory=dict)
 
 
-def claim(session: Session, owner: str, now: dt.datetime, limit: int = 200) -> list[Job]:
+def claim(
+    session: Session, owner: str, now: dt.datetime, limit: int = 200, *, commit: bool = True
+) -> list[Job]:
     """Take up to `limit` due recipients (grouped per message) and mark them active.
+
+    With commit=False the caller commits: the queue manager runs its claim in
+    the same batched transaction as the outcomes settled meanwhile.
 
     Two queue managers never take the same recipient: on SQLite the write
     transaction (BEGIN IMMEDIATE) excludes every other writer; on PostgreSQL
@@ -309,7 +314,8 @@ def claim(session: Session, owner: str, now: dt.datetime, limit: int = 200) -> l
             )
         job.recipients.append((r.id, r.address, r.attempts))
         job.originals[r.id] = r.original
-    session.commit()
+    if commit:
+        session.commit()
     return list(jobs.values())
 
 
