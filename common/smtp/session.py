@@ -53,7 +53,14 @@ _HIGH_WATER = 256 * 1024
 # destroy the reply on its way to the client).
 _LINGER = 2.0
 # Commands allowed before STARTTLS on a listener that requires it (RFC 3207 4).
-_BEFORE_TLS = frozenset({"NOOP", "EHLO", "HELO", "LHLO", "STARTTLS", "QUIT", "RSET", "AUTH", "HELP"})
+_BEFORE_TLS = frozenset({b"NOOP", b"EHLO", b"HELO", b"LHLO", b"STARTTLS", b"QUIT", b"RSET", b"AUTH", b"HELP"})
+# Commands allowed while a BDAT transaction is open (RFC 3030 2).
+_DURING_BDAT = frozenset({b"BDAT", b"RSET", b"QUIT", b"NOOP"})
+# The wire form of replies already written once.  Most replies are the same few
+# constants, and formatting and encoding each again is per-command work; the
+# size bound keeps replies with variable text from growing it without end.
+_WIRE: dict[tuple[Reply, tuple[str, ...]], bytes] = {}
+_WIRE_MAX = 1024
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,14 @@ class Listener:
     require_starttls: bool = False
     lmtp: bool = False
     utf8: bool = True
+    # Made once here rather than once per connection (see __post_init__).
+    greeting: Reply = field(init=False, repr=False, compare=False)
+    helo_reply: Reply = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        kind = "LMTP" if self.lmtp else "ESMTP"
+        object.__setattr__(self, "greeting", Reply(220, "", f"{self.hostname} {kind} Mailroom"))
+        object.__setattr__(self, "helo_reply", Reply(250, "", self.hostname))
 
 
 class Session(asyncio.Protocol):
@@ -184,16 +199,16 @@ class Session(asyncio.Protocol):
         """Write one reply (with continuation lines `more` before it) and act on what it means."""
         if self._closing or self.transport is None:
             return
-        last = f"{reply.code} {reply.status} {reply.text}" if reply.status else f"{reply.code} {reply.text}"
-        if more:
-            lines = [f"{reply.code}-{text}" for text in more]
-            lines.append(last)
-            out = "\r\n".join(lines) + "\r\n"
-        else:
-            out = last + "\r\n"
+        key = (reply, more)
+        wire_form = _WIRE.get(key)
+        if wire_form is None:
+            wire_form = _wire_form(reply, more)
+            if len(_WIRE) < _WIRE_MAX:
+                _WIRE[key] = wire_form
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s << %s", self.session.client_ip, out.rstrip().replace("\r\n", " | "))
-        self.transport.write(out.encode("utf-8", "surrogateescape"))
+            text = wire_form.decode("utf-8", "surrogateescape")
+            log.debug("%s << %s", self.session.client_ip, text.rstrip().replace("\r\n", " | "))
+        self.transport.write(wire_form)
         if reply.code in _CLOSING or (greeting and reply.code == 554):
             self._close()
             return
@@ -289,12 +304,14 @@ class Session(asyncio.Protocol):
                 if not self._closing:
                     self._close()
                 return
-            kind = "LMTP" if self.listener.lmtp else "ESMTP"
-            self._reply(Reply(220, "", f"{self.listener.hostname} {kind} Mailroom"))
+            self._reply(self.listener.greeting)
             while not self._closing:
-                item = await self._next()
+                # A pipelined command already read needs no trip through _next.
+                item = self.reader.next()
                 if item is None:
-                    break
+                    item = await self._next()
+                    if item is None:
+                        break
                 await self._item(item)
         except ConnectionError:
             pass  # the client (or a next hop the handler spoke to) went away
@@ -319,13 +336,13 @@ class Session(asyncio.Protocol):
                 log.exception("%s: reset after disconnect failed", ip)
 
     async def _item(self, item: wire.Item) -> None:
-        if isinstance(item, wire.BareLineEnding):
+        if type(item) is wire.Command:  # by far the most common: tested first
+            await self._command(item.line)
+        elif isinstance(item, wire.BareLineEnding):
             log.warning("%s: bare CR or LF, disconnecting", self.session.client_ip)
             self._reply(R.BARE_LINE_ENDING)
         elif isinstance(item, wire.LineTooLong):
             self._reply(R.LINE_TOO_LONG)
-        elif isinstance(item, wire.Command):
-            await self._command(item.line)
         else:  # a message or chunk outside DATA/BDAT cannot happen
             raise AssertionError(f"unexpected {item!r}")
 
@@ -333,18 +350,20 @@ class Session(asyncio.Protocol):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s >> %s", self.session.client_ip, _redact(line))
         verb, _, rest = line.partition(b" ")
-        name = verb.upper().decode("ascii", "replace")
-        arg = rest.strip().decode("utf-8", "surrogateescape")
-        method = self._commands.get(name)
+        name = verb.upper()
+        method = _COMMANDS.get(name)
         if method is None:
-            self._reply(R.SYNTAX_ERROR.with_text(f"Command not recognized: {name[:20]!r}"))
+            shown = name.decode("ascii", "replace")
+            self._reply(R.SYNTAX_ERROR.with_text(f"Command not recognized: {shown[:20]!r}"))
             return
         if self.listener.require_starttls and not self.session.tls and name not in _BEFORE_TLS:
             self._reply(R.STARTTLS_FIRST)
             return
-        if self.reader.in_bdat and name not in ("BDAT", "RSET", "QUIT", "NOOP"):
+        if self.reader.in_bdat and name not in _DURING_BDAT:
             self._reply(R.BAD_SEQUENCE.with_text("Only BDAT, RSET or QUIT during BDAT"))
             return
+        # Most commands have no argument: skip decoding an empty one.
+        arg = rest.strip().decode("utf-8", "surrogateescape") if rest else ""
         try:
             await method(self, arg)
         except SMTPError as exc:
@@ -356,7 +375,9 @@ class Session(asyncio.Protocol):
         if not arg:
             raise SMTPError(R.PARAM_SYNTAX.with_text(f"Syntax: {verb} hostname"))
         # A name that reaches Received: headers and terminals: printable text only.
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in arg):
+        # isprintable() is one C loop that is False for every control character, so
+        # the usual name is passed without looking at each character in Python.
+        if not arg.isprintable() and any(ord(c) < 0x20 or ord(c) == 0x7F for c in arg):
             raise SMTPError(R.BAD_HELLO)
         return arg
 
@@ -366,7 +387,7 @@ class Session(asyncio.Protocol):
         name = self._hello_name("HELO", arg)
         self._reset_transaction()
         self.session.host_name, self.session.extended_smtp = name, False
-        self._reply(Reply(250, "", self.listener.hostname))
+        self._reply(self.listener.helo_reply)
 
     async def _ehlo(self, arg: str) -> None:
         if self.listener.lmtp:
@@ -653,11 +674,26 @@ class Session(asyncio.Protocol):
             self._closing = True
             self.transport.close()
 
-    _commands: dict[str, Callable[[Session, str], Awaitable[None]]] = {
-        "HELO": _helo, "EHLO": _ehlo, "LHLO": _lhlo, "STARTTLS": _starttls, "AUTH": _auth,
-        "MAIL": _mail, "RCPT": _rcpt, "DATA": _data, "BDAT": _bdat, "RSET": _rset,
-        "NOOP": _noop, "VRFY": _vrfy, "HELP": _help, "QUIT": _quit,
-    }  # fmt: skip
+
+# Looked up by the command's verb as it came off the wire (upper-cased bytes).
+_COMMANDS: dict[bytes, Callable[[Session, str], Awaitable[None]]] = {
+    b"HELO": Session._helo, b"EHLO": Session._ehlo, b"LHLO": Session._lhlo, b"STARTTLS": Session._starttls,
+    b"AUTH": Session._auth, b"MAIL": Session._mail, b"RCPT": Session._rcpt, b"DATA": Session._data,
+    b"BDAT": Session._bdat, b"RSET": Session._rset, b"NOOP": Session._noop, b"VRFY": Session._vrfy,
+    b"HELP": Session._help, b"QUIT": Session._quit,
+}  # fmt: skip
+
+
+def _wire_form(reply: Reply, more: tuple[str, ...]) -> bytes:
+    """A reply as it goes on the wire: continuation lines `more`, then the last line."""
+    last = f"{reply.code} {reply.status} {reply.text}" if reply.status else f"{reply.code} {reply.text}"
+    if more:
+        lines = [f"{reply.code}-{text}" for text in more]
+        lines.append(last)
+        out = "\r\n".join(lines) + "\r\n"
+    else:
+        out = last + "\r\n"
+    return out.encode("utf-8", "surrogateescape")
 
 
 def client_address(ip: str) -> str:
