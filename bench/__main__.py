@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, help="seconds of load 3 (20; quick 4)")
     ap.add_argument("--idle", type=int, help="idle connections in load 4 (1000; quick 200)")
     ap.add_argument("--listener-messages", type=int, help="messages of the listener-only load (2000; quick 500)")
+    ap.add_argument("--listener-runs", type=int, default=5,
+                    help="runs of the listener-only load (each takes seconds; more runs steady its median)")
     ap.add_argument("--no-listener", action="store_true", help="skip the listener-only load")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "latest.json")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
     listener_result = None
     if not args.no_listener:
-        listener_result = listener.compare(args.runs, args.listener_messages)
+        listener_result = listener.compare(args.listener_runs, args.listener_messages)
 
     table, summary = render_table(runs, listener_result)
     about["loadavg_at_end"] = machine.loadavg()
@@ -238,6 +240,8 @@ def _jsonable(value: Any) -> Any:
         return _jsonable(dataclasses.asdict(value))
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
     if isinstance(value, float) and value != value:
         return None  # NaN is not JSON
     return value

@@ -32,6 +32,8 @@ def median(values: list[float]) -> float:
 def _fmt(v: float, unit: str = "") -> str:
     if v is None or _nan(v):
         return "-"
+    if not unit and v == int(v):
+        return f"{int(v):,}"  # counts
     text = f"{v:,.2f}" if abs(v) < 10 else f"{v:,.1f}" if abs(v) < 100 else f"{v:,.0f}"
     return f"{text} {unit}".rstrip()
 
