@@ -7,7 +7,8 @@ and answers.  So a pipelined batch is executed in order, and nothing after a
 closing reply is ever executed: the reader is emptied and no further command
 is pulled.
 
-`_reply` is the only place a reply reaches the wire.  It counts the client's
+`_reply` is the only place a reply is made (`_flush` puts what it made on the
+wire: at once, or, for pipelined commands, together in one write).  It counts the client's
 errors, closes after too many (421 4.7.0), and after any reply that ends the
 session (421, 521, 554 at the greeting) it drops the rest of the input and
 closes.  A 452 for the recipient limit is not an error: the client did
@@ -131,6 +132,11 @@ class Session(asyncio.Protocol):
         self._started = 0.0
         self._linger: asyncio.TimerHandle | None = None
         self._on_tls = False
+        # Replies not yet written: while the client's next commands are already
+        # read (PIPELINING, RFC 2920 3.1) their replies go out together, in one
+        # write, when the session next waits for input (or closes, or starts TLS).
+        self._out: list[bytes] = []
+        self._holding = False  # LMTP's replies after DATA: one write for them all
 
     # --- the Protocol side: bytes in, wake the task ------------------------------------------
 
@@ -184,6 +190,8 @@ class Session(asyncio.Protocol):
                 return item
             if self._eof:
                 return None
+            if self._out:
+                self._flush()
             if self._paused and self.transport is not None:
                 self._paused = False
                 self.transport.resume_reading()
@@ -208,7 +216,9 @@ class Session(asyncio.Protocol):
         if log.isEnabledFor(logging.DEBUG):
             text = wire_form.decode("utf-8", "surrogateescape")
             log.debug("%s << %s", self.session.client_ip, text.rstrip().replace("\r\n", " | "))
-        self.transport.write(wire_form)
+        self._out.append(wire_form)
+        if not (self._holding or self.reader.buffered):
+            self._flush()  # nothing more to execute first: the client is waiting for it
         if reply.code in _CLOSING or (greeting and reply.code == 554):
             self._close()
             return
@@ -218,8 +228,18 @@ class Session(asyncio.Protocol):
             if self.session.errors > self.limits.max_errors:
                 self._reply(R.TOO_MANY_ERRORS)
 
+    def _flush(self) -> None:
+        """Write the replies held back, in one write."""
+        out = self._out
+        if not out:
+            return
+        self._out = []
+        if self.transport is not None:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
     def _close(self) -> None:
         """Execute nothing more: drop what is buffered, stop reading, hang up."""
+        self._flush()
         self._closing = True
         self.reader.discard()
         self._wake()
@@ -325,6 +345,7 @@ class Session(asyncio.Protocol):
             log.exception("%s: session failed", ip)
             self._reply(R.LOCAL_ERROR_CLOSING)
         finally:
+            self._flush()
             if self.transport is not None and not self._closing:
                 self._closing = True
                 self.transport.close()
@@ -436,6 +457,7 @@ class Session(asyncio.Protocol):
 
     async def _start_tls(self) -> bool:
         """Turn the connection into TLS; False (logged once, connection closed) when that fails."""
+        self._flush()  # the 220 for STARTTLS must leave in plaintext, before the handshake
         transport, ctx = self.transport, self.listener.tls_context
         assert ctx is not None
         if transport is None:
@@ -643,8 +665,14 @@ class Session(asyncio.Protocol):
             except SMTPError as exc:
                 result = exc.reply
             replies = result if isinstance(result, list) else [result] * count
-        for r in replies:
-            self._reply(r, counts=False)
+        self._holding = len(replies) > 1
+        try:
+            for r in replies:
+                self._reply(r, counts=False)
+        finally:
+            self._holding = False
+        if not self.reader.buffered:
+            self._flush()
         self.envelope = MailEnvelope()
         self.handler.reset(session)
         trace_id.set("-")
