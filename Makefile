@@ -29,14 +29,15 @@ peers:
 test: venv peers
 	$(BIN)/pytest
 
-# Mailroom and Postfix side by side under the same loads (as root: Postfix
-# runs only as root).  Prints a table, writes bench/results/latest.json, and ends
-# with `e2e_ratio=R p99_ms=L idle1000_mb=M`.  See docs/performance.md.
-# Then the listener alone: our engine, a stock aiosmtpd sink and smtp-sink under
-# smtp-source (bench/listener.py); its last line is `listener_vs_aiosmtpd=X`.
+# Mailroom and Postfix side by side under the same loads, each load three times
+# with the two taking turns (as root: Postfix runs only as root), then the
+# listener alone (our engine, a stock aiosmtpd sink and smtp-sink under
+# smtp-source).  Prints the median and range of every figure, the machine and the
+# commit, writes bench/results/latest.json and ends with
+# `e2e_ratio=R one_session_ratio=S p99_ms=L cpu_ms_per_msg=C idle1000_mb=M listener_vs_aiosmtpd=X`.
+# BENCH_QUICK=1 make bench: small loads, for development.  See docs/performance.md.
 bench: venv peers
 	ulimit -n 8192 2>/dev/null || true; $(BIN)/python -m bench
-	$(BIN)/python -m bench.listener
 
 lint: venv
 	$(BIN)/ruff check common msa mta mda cli web bench lab tests

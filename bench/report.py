@@ -1,72 +1,158 @@
-"""The table the benchmark prints (Mailroom, Postfix, ratio) and the summary of its last line."""
+"""The table the benchmark prints and the summary of its last line, from several runs.
+
+Each figure was measured once per run for each system; the table shows the
+median and, in brackets, the range (lowest to highest) over the runs.  The
+ratio column is the median of the per-run ratios: in each run both systems
+met the load within the same minute, so a ratio is steadier on a busy machine
+than either rate.
+"""
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Callable
 from typing import Any
 
 from bench import procmem
 
 M, P = "Mailroom", "Postfix"
 
+Run = dict[str, Any]  # one run: load name -> system name -> figures
 
-def _ratio(a: float, b: float) -> str:
-    if not b or a != a or b != b:
+
+def _nan(v: float) -> bool:
+    return v != v
+
+
+def median(values: list[float]) -> float:
+    values = [v for v in values if v is not None and not _nan(v)]
+    return statistics.median(values) if values else float("nan")
+
+
+def _fmt(v: float, unit: str = "") -> str:
+    if v is None or _nan(v):
         return "-"
-    return f"{a / b:.2f}"
+    if not unit and v == int(v):
+        return f"{int(v):,}"  # counts
+    text = f"{v:,.2f}" if abs(v) < 10 else f"{v:,.1f}" if abs(v) < 100 else f"{v:,.0f}"
+    return f"{text} {unit}".rstrip()
 
 
-def _fmt(v: float, unit: str) -> str:
-    if v != v:
-        return "-"
-    return f"{v:,.1f} {unit}" if v < 100 else f"{v:,.0f} {unit}"
+def _cell(values: list[float], unit: str) -> str:
+    if not values:
+        return ""
+    med = median(values)
+    if len(values) == 1:
+        return _fmt(med, unit)
+    return f"{_fmt(med, unit)} [{_fmt(min(values))}-{_fmt(max(values))}]"
 
 
-def render_table(f: dict[str, Any]) -> tuple[str, dict[str, float]]:
+def _ratios(m: list[float], p: list[float]) -> list[float]:
+    return [a / b for a, b in zip(m, p, strict=True) if b and not _nan(a) and not _nan(b)]
+
+
+def render_table(runs: list[Run], listener: dict[str, Any] | None) -> tuple[str, dict[str, float]]:
     rows: list[tuple[str, str, str, str]] = []
 
-    def row(label: str, m: float, p: float, unit: str) -> None:
-        rows.append((label, _fmt(m, unit), _fmt(p, unit), _ratio(m, p)))
+    def series(load: str, system: str, get: Callable[[Any], float]) -> list[float]:
+        return [float(get(r[load][system])) for r in runs]
+
+    def row(label: str, load: str, get: Callable[[Any], float], unit: str) -> list[float]:
+        m, p = series(load, M, get), series(load, P, get)
+        ratios = _ratios(m, p)
+        rows.append((label, _cell(m, unit), _cell(p, unit), _fmt(median(ratios)) if ratios else "-"))
+        return ratios
 
     def section(title: str) -> None:
         rows.append((title, "", "", ""))
 
-    l1, l2, l3, l4 = f["load1"], f["load2"], f["load3"], f["load4"]
-    section(f"1. {l1[M].messages} x 5 KiB, {l1[M].sessions} sessions (higher is better)")
-    row("   accepted", l1[M].accepted_per_s, l1[P].accepted_per_s, "msg/s")
-    row("   end to end (in Maildir)", l1[M].e2e_per_s, l1[P].e2e_per_s, "msg/s")
-    section(f"2. {l2[M].messages} x 5 KiB, 1 session (higher is better)")
-    row("   accepted", l2[M].accepted_per_s, l2[P].accepted_per_s, "msg/s")
-    row("   end to end (in Maildir)", l2[M].e2e_per_s, l2[P].e2e_per_s, "msg/s")
-    section(f"3. {l3[M].rate:g} msg/s for {l3[M].duration:g} s: dot sent -> file in new/ (lower is better)")
-    row("   p50", l3[M].p50_ms, l3[P].p50_ms, "ms")
-    row("   p99", l3[M].p99_ms, l3[P].p99_ms, "ms")
-    row("   max", l3[M].max_ms, l3[P].max_ms, "ms")
-    row("   own clock p50 (trace events / delay=)", l3[M].own_p50_ms, l3[P].own_p50_ms, "ms")
-    row("   own clock p99 (trace events / delay=)", l3[M].own_p99_ms, l3[P].own_p99_ms, "ms")
-    section(f"4. {l4[M].connections} idle connections: listener memory (lower is better)")
-    row("   RSS (sum over listener processes)", l4[M].rss_mb, l4[P].rss_mb, "MB")
-    row("   PSS (shared pages split)", l4[M].pss_mb, l4[P].pss_mb, "MB")
-    row("   greeted connections", l4[M].greeted, l4[P].greeted, "")
-    row("   listener processes", l4[M].listener_processes, l4[P].listener_processes, "")
-    section("5. peak RSS during load 1 (lower is better)")
-    peaks: dict[str, procmem.Peaks] = f["load5"]
-    row("   all processes at once", peaks[M].total_kb / 1024, peaks[P].total_kb / 1024, "MB")
-    for system in (M, P):
-        pk = peaks[system]
-        for name in sorted(pk.rss_kb, key=lambda n: -pk.rss_kb[n]):
-            n = pk.count.get(name, 1)
-            label = f"   {system} {name}" + (f" (up to {n} at once)" if n > 1 else "")
-            mb = pk.rss_kb[name] / 1024
-            rows.append((label, _fmt(mb, "MB") if system == M else "", _fmt(mb, "MB") if system == P else "", ""))
+    first = runs[0]
+    l1, l3, l4 = first["load1"][M], first["load3"][M], first["load4"][M]
+    section(f"1. {l1.messages} x 5 KiB, {l1.sessions} sessions (higher is better)")
+    row("   accepted", "load1", lambda t: t.accepted_per_s, "msg/s")
+    e2e = row("   end to end (in Maildir)", "load1", lambda t: t.e2e_per_s, "msg/s")
+    section(f"2. {first['load2'][M].messages} x 5 KiB, 1 session (higher is better)")
+    row("   accepted", "load2", lambda t: t.accepted_per_s, "msg/s")
+    one = row("   end to end (in Maildir)", "load2", lambda t: t.e2e_per_s, "msg/s")
+    section(f"3. {l3.rate:g} msg/s for {l3.duration:g} s: dot sent -> file in new/ (lower is better)")
+    row("   p50", "load3", lambda t: t.p50_ms, "ms")
+    row("   p99", "load3", lambda t: t.p99_ms, "ms")
+    row("   max", "load3", lambda t: t.max_ms, "ms")
+    row("   own clock p50 (trace events / delay=)", "load3", lambda t: t.own_p50_ms, "ms")
+    row("   own clock p99 (trace events / delay=)", "load3", lambda t: t.own_p99_ms, "ms")
+    section(f"4. {l4.connections} idle connections: listener memory (lower is better)")
+    row("   RSS (sum over listener processes)", "load4", lambda t: t.rss_mb, "MB")
+    row("   PSS (shared pages split)", "load4", lambda t: t.pss_mb, "MB")
+    row("   greeted connections", "load4", lambda t: t.greeted, "")
+    row("   listener processes", "load4", lambda t: t.listener_processes, "")
 
-    widths = [max(len(r[i]) for r in [*rows, ("", M, P, "ratio")]) for i in range(4)]
-    lines = [f"{'':<{widths[0]}}  {M:>{widths[1]}}  {P:>{widths[2]}}  {'ratio':>{widths[3]}}"]
+    section("5. CPU per delivered message during load 1, from /proc (lower is better)")
+    row("   all processes", "cpu", lambda c: c.total_ms_per_msg, "ms")
+    names: dict[str, list[str]] = {M: [], P: []}
+    for system in (M, P):
+        for r in runs:
+            for name in r["cpu"][system].per_process_ms_per_msg:
+                if name not in names[system]:
+                    names[system].append(name)
+    for system in (M, P):
+        per = {n: [r["cpu"][system].per_process_ms_per_msg.get(n, 0.0) for r in runs] for n in names[system]}
+        for name in sorted(per, key=lambda n: -median(per[n])):
+            if median(per[name]) < 0.005 and max(per[name]) < 0.005:
+                continue  # a process that did nothing during the load
+            cell = _cell(per[name], "ms")
+            rows.append((f"   {system} {name}", cell if system == M else "", cell if system == P else "", ""))
+
+    section("6. peak RSS during load 1, highest over the runs (lower is better)")
+    peaks = {s: [r["load5"][s] for r in runs] for s in (M, P)}
+    totals = {s: max(pk.total_kb for pk in peaks[s]) / 1024 for s in (M, P)}
+    rows.append(("   all processes at once", _fmt(totals[M], "MB"), _fmt(totals[P], "MB"),
+                 _fmt(totals[M] / totals[P]) if totals[P] else "-"))
+    for system in (M, P):
+        merged = procmem.Peaks()
+        for pk in peaks[system]:
+            for name, kb in pk.rss_kb.items():
+                merged.rss_kb[name] = max(merged.rss_kb.get(name, 0), kb)
+                merged.count[name] = max(merged.count.get(name, 0), pk.count.get(name, 1))
+        for name in sorted(merged.rss_kb, key=lambda n: -merged.rss_kb[n]):
+            n = merged.count.get(name, 1)
+            label = f"   {system} {name}" + (f" (up to {n} at once)" if n > 1 else "")
+            mb = _fmt(merged.rss_kb[name] / 1024, "MB")
+            rows.append((label, mb if system == M else "", mb if system == P else "", ""))
+
+    if listener is not None:
+        section(f"7. listener alone: smtp-source -s {listener['sessions']} -m {listener['messages']},"
+                " discard sinks (higher is better)")
+        for sink in ("engine", "aiosmtpd", "smtp-sink"):
+            rows.append((f"   {sink}", _cell(listener["rates_per_s"][sink], "msg/s"), "", ""))
+        for sink in ("engine", "aiosmtpd", "smtp-sink"):
+            rows.append((f"   {sink} CPU per message", _cell(listener["cpu_ms_per_msg"][sink], "ms"), "", ""))
+        rows.append(("   engine / aiosmtpd", _cell(listener["ratios"], ""), "", ""))
+
+    head = ("", f"{M} median [range]", f"{P} median [range]", "ratio")
+    widths = [max(len(row_[i]) for row_ in [*rows, head]) for i in range(4)]
+    lines = [f"{head[0]:<{widths[0]}}  {head[1]:>{widths[1]}}  {head[2]:>{widths[2]}}  {head[3]:>{widths[3]}}"]
     lines.append("-" * len(lines[0]))
-    for label, m, p, r in rows:
-        lines.append(f"{label:<{widths[0]}}  {m:>{widths[1]}}  {p:>{widths[2]}}  {r:>{widths[3]}}")
+    for label, m, p, ratio in rows:
+        lines.append(f"{label:<{widths[0]}}  {m:>{widths[1]}}  {p:>{widths[2]}}  {ratio:>{widths[3]}}")
     summary = {
-        "e2e_ratio": l1[M].e2e_per_s / l1[P].e2e_per_s if l1[P].e2e_per_s else float("nan"),
-        "p99_ms": l3[M].p99_ms,
-        "idle1000_mb": l4[M].rss_mb,
+        "e2e_ratio": median(e2e),
+        "one_session_ratio": median(one),
+        "p99_ms": median([r["load3"][M].p99_ms for r in runs]),
+        "cpu_ms_per_msg": median([r["cpu"][M].total_ms_per_msg for r in runs]),
+        "postfix_cpu_ms_per_msg": median([r["cpu"][P].total_ms_per_msg for r in runs]),
+        "idle1000_mb": median([r["load4"][M].rss_mb for r in runs]),
+        "listener_vs_aiosmtpd": listener["listener_vs_aiosmtpd"] if listener else float("nan"),
     }
     return "\n".join(lines), summary
+
+
+def last_line(summary: dict[str, float]) -> str:
+    """`e2e_ratio=R one_session_ratio=S p99_ms=L cpu_ms_per_msg=C idle1000_mb=M listener_vs_aiosmtpd=X`."""
+
+    def f(key: str, digits: int) -> str:
+        v = summary.get(key, float("nan"))
+        return "-" if v is None or _nan(v) else f"{v:.{digits}f}"
+
+    return (f"e2e_ratio={f('e2e_ratio', 2)} one_session_ratio={f('one_session_ratio', 2)}"
+            f" p99_ms={f('p99_ms', 1)} cpu_ms_per_msg={f('cpu_ms_per_msg', 2)}"
+            f" idle1000_mb={f('idle1000_mb', 1)} listener_vs_aiosmtpd={f('listener_vs_aiosmtpd', 2)}")

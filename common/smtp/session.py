@@ -7,7 +7,8 @@ and answers.  So a pipelined batch is executed in order, and nothing after a
 closing reply is ever executed: the reader is emptied and no further command
 is pulled.
 
-`_reply` is the only place a reply reaches the wire.  It counts the client's
+`_reply` is the only place a reply is made (`_flush` puts what it made on the
+wire: at once, or, for pipelined commands, together in one write).  It counts the client's
 errors, closes after too many (421 4.7.0), and after any reply that ends the
 session (421, 521, 554 at the greeting) it drops the rest of the input and
 closes.  A 452 for the recipient limit is not an error: the client did
@@ -55,7 +56,14 @@ _HIGH_WATER = 256 * 1024
 # destroy the reply on its way to the client).
 _LINGER = 2.0
 # Commands allowed before STARTTLS on a listener that requires it (RFC 3207 4).
-_BEFORE_TLS = frozenset({"NOOP", "EHLO", "HELO", "LHLO", "STARTTLS", "QUIT", "RSET", "AUTH", "HELP"})
+_BEFORE_TLS = frozenset({b"NOOP", b"EHLO", b"HELO", b"LHLO", b"STARTTLS", b"QUIT", b"RSET", b"AUTH", b"HELP"})
+# Commands allowed while a BDAT transaction is open (RFC 3030 2).
+_DURING_BDAT = frozenset({b"BDAT", b"RSET", b"QUIT", b"NOOP"})
+# The wire form of replies already written once.  Most replies are the same few
+# constants, and formatting and encoding each again is per-command work; the
+# size bound keeps replies with variable text from growing it without end.
+_WIRE: dict[tuple[Reply, tuple[str, ...]], bytes] = {}
+_WIRE_MAX = 1024
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,14 @@ class Listener:
     require_starttls: bool = False
     lmtp: bool = False
     utf8: bool = True
+    # Made once here rather than once per connection (see __post_init__).
+    greeting: Reply = field(init=False, repr=False, compare=False)
+    helo_reply: Reply = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        kind = "LMTP" if self.lmtp else "ESMTP"
+        object.__setattr__(self, "greeting", Reply(220, "", f"{self.hostname} {kind} Mailroom"))
+        object.__setattr__(self, "helo_reply", Reply(250, "", self.hostname))
 
 
 class Session(asyncio.Protocol):
@@ -118,6 +134,11 @@ class Session(asyncio.Protocol):
         self._started = 0.0
         self._linger: asyncio.TimerHandle | None = None
         self._on_tls = False
+        # Replies not yet written: while the client's next commands are already
+        # read (PIPELINING, RFC 2920 3.1) their replies go out together, in one
+        # write, when the session next waits for input (or closes, or starts TLS).
+        self._out: list[bytes] = []
+        self._holding = False  # LMTP's replies after DATA: one write for them all
 
     # --- the Protocol side: bytes in, wake the task ------------------------------------------
 
@@ -171,6 +192,8 @@ class Session(asyncio.Protocol):
                 return item
             if self._eof:
                 return None
+            if self._out:
+                self._flush()
             if self._paused and self.transport is not None:
                 self._paused = False
                 self.transport.resume_reading()
@@ -186,16 +209,18 @@ class Session(asyncio.Protocol):
         """Write one reply (with continuation lines `more` before it) and act on what it means."""
         if self._closing or self.transport is None:
             return
-        last = f"{reply.code} {reply.status} {reply.text}" if reply.status else f"{reply.code} {reply.text}"
-        if more:
-            lines = [f"{reply.code}-{text}" for text in more]
-            lines.append(last)
-            out = "\r\n".join(lines) + "\r\n"
-        else:
-            out = last + "\r\n"
+        key = (reply, more)
+        wire_form = _WIRE.get(key)
+        if wire_form is None:
+            wire_form = _wire_form(reply, more)
+            if len(_WIRE) < _WIRE_MAX:
+                _WIRE[key] = wire_form
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s << %s", self.session.client_ip, out.rstrip().replace("\r\n", " | "))
-        self.transport.write(out.encode("utf-8", "surrogateescape"))
+            text = wire_form.decode("utf-8", "surrogateescape")
+            log.debug("%s << %s", self.session.client_ip, text.rstrip().replace("\r\n", " | "))
+        self._out.append(wire_form)
+        if not (self._holding or self.reader.buffered):
+            self._flush()  # nothing more to execute first: the client is waiting for it
         if reply.code in _CLOSING or (greeting and reply.code == 554):
             self._close()
             return
@@ -205,8 +230,18 @@ class Session(asyncio.Protocol):
             if self.session.errors > self.limits.max_errors:
                 self._reply(R.TOO_MANY_ERRORS)
 
+    def _flush(self) -> None:
+        """Write the replies held back, in one write."""
+        out = self._out
+        if not out:
+            return
+        self._out = []
+        if self.transport is not None:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
     def _close(self) -> None:
         """Execute nothing more: drop what is buffered, stop reading, hang up."""
+        self._flush()
         self._closing = True
         self.reader.discard()
         self._wake()
@@ -291,12 +326,14 @@ class Session(asyncio.Protocol):
                 if not self._closing:
                     self._close()
                 return
-            kind = "LMTP" if self.listener.lmtp else "ESMTP"
-            self._reply(Reply(220, "", f"{self.listener.hostname} {kind} Mailroom"))
+            self._reply(self.listener.greeting)
             while not self._closing:
-                item = await self._next()
+                # A pipelined command already read needs no trip through _next.
+                item = self.reader.next()
                 if item is None:
-                    break
+                    item = await self._next()
+                    if item is None:
+                        break
                 await self._item(item)
         except ConnectionError:
             pass  # the client (or a next hop the handler spoke to) went away
@@ -310,6 +347,7 @@ class Session(asyncio.Protocol):
             log.exception("%s: session failed", ip)
             self._reply(R.LOCAL_ERROR_CLOSING)
         finally:
+            self._flush()
             if self.transport is not None and not self._closing:
                 self._closing = True
                 self.transport.close()
@@ -321,13 +359,13 @@ class Session(asyncio.Protocol):
                 log.exception("%s: reset after disconnect failed", ip)
 
     async def _item(self, item: wire.Item) -> None:
-        if isinstance(item, wire.BareLineEnding):
+        if type(item) is wire.Command:  # by far the most common: tested first
+            await self._command(item.line)
+        elif isinstance(item, wire.BareLineEnding):
             log.warning("%s: bare CR or LF, disconnecting", self.session.client_ip)
             self._reply(R.BARE_LINE_ENDING)
         elif isinstance(item, wire.LineTooLong):
             self._reply(R.LINE_TOO_LONG)
-        elif isinstance(item, wire.Command):
-            await self._command(item.line)
         else:  # a message or chunk outside DATA/BDAT cannot happen
             raise AssertionError(f"unexpected {item!r}")
 
@@ -335,18 +373,20 @@ class Session(asyncio.Protocol):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s >> %s", self.session.client_ip, _redact(line))
         verb, _, rest = line.partition(b" ")
-        name = verb.upper().decode("ascii", "replace")
-        arg = rest.strip().decode("utf-8", "surrogateescape")
-        method = self._commands.get(name)
+        name = verb.upper()
+        method = _COMMANDS.get(name)
         if method is None:
-            self._reply(R.SYNTAX_ERROR.with_text(f"Command not recognized: {name[:20]!r}"))
+            shown = name.decode("ascii", "replace")
+            self._reply(R.SYNTAX_ERROR.with_text(f"Command not recognized: {shown[:20]!r}"))
             return
         if self.listener.require_starttls and not self.session.tls and name not in _BEFORE_TLS:
             self._reply(R.STARTTLS_FIRST)
             return
-        if self.reader.in_bdat and name not in ("BDAT", "RSET", "QUIT", "NOOP"):
+        if self.reader.in_bdat and name not in _DURING_BDAT:
             self._reply(R.BAD_SEQUENCE.with_text("Only BDAT, RSET or QUIT during BDAT"))
             return
+        # Most commands have no argument: skip decoding an empty one.
+        arg = rest.strip().decode("utf-8", "surrogateescape") if rest else ""
         try:
             await method(self, arg)
         except SMTPError as exc:
@@ -358,7 +398,9 @@ class Session(asyncio.Protocol):
         if not arg:
             raise SMTPError(R.PARAM_SYNTAX.with_text(f"Syntax: {verb} hostname"))
         # A name that reaches Received: headers and terminals: printable text only.
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in arg):
+        # isprintable() is one C loop that is False for every control character, so
+        # the usual name is passed without looking at each character in Python.
+        if not arg.isprintable() and any(ord(c) < 0x20 or ord(c) == 0x7F for c in arg):
             raise SMTPError(R.BAD_HELLO)
         return arg
 
@@ -368,7 +410,7 @@ class Session(asyncio.Protocol):
         name = self._hello_name("HELO", arg)
         self._reset_transaction()
         self.session.host_name, self.session.extended_smtp = name, False
-        self._reply(Reply(250, "", self.listener.hostname))
+        self._reply(self.listener.helo_reply)
 
     async def _ehlo(self, arg: str) -> None:
         if self.listener.lmtp:
@@ -421,6 +463,7 @@ class Session(asyncio.Protocol):
 
     async def _start_tls(self) -> bool:
         """Turn the connection into TLS; False (logged once, connection closed) when that fails."""
+        self._flush()  # the 220 for STARTTLS must leave in plaintext, before the handshake
         transport, ctx = self.transport, self.listener.tls_context
         assert ctx is not None
         if transport is None:
@@ -658,8 +701,14 @@ class Session(asyncio.Protocol):
             except SMTPError as exc:
                 result = exc.reply
             replies = result if isinstance(result, list) else [result] * count
-        for r in replies:
-            self._reply(r, counts=False)
+        self._holding = len(replies) > 1
+        try:
+            for r in replies:
+                self._reply(r, counts=False)
+        finally:
+            self._holding = False
+        if not self.reader.buffered:
+            self._flush()
         self.envelope = MailEnvelope()
         self.handler.reset(session)
         trace_id.set("-")
@@ -689,11 +738,26 @@ class Session(asyncio.Protocol):
             self._closing = True
             self.transport.close()
 
-    _commands: dict[str, Callable[[Session, str], Awaitable[None]]] = {
-        "HELO": _helo, "EHLO": _ehlo, "LHLO": _lhlo, "STARTTLS": _starttls, "AUTH": _auth,
-        "MAIL": _mail, "RCPT": _rcpt, "DATA": _data, "BDAT": _bdat, "RSET": _rset,
-        "NOOP": _noop, "VRFY": _vrfy, "HELP": _help, "QUIT": _quit,
-    }  # fmt: skip
+
+# Looked up by the command's verb as it came off the wire (upper-cased bytes).
+_COMMANDS: dict[bytes, Callable[[Session, str], Awaitable[None]]] = {
+    b"HELO": Session._helo, b"EHLO": Session._ehlo, b"LHLO": Session._lhlo, b"STARTTLS": Session._starttls,
+    b"AUTH": Session._auth, b"MAIL": Session._mail, b"RCPT": Session._rcpt, b"DATA": Session._data,
+    b"BDAT": Session._bdat, b"RSET": Session._rset, b"NOOP": Session._noop, b"VRFY": Session._vrfy,
+    b"HELP": Session._help, b"QUIT": Session._quit,
+}  # fmt: skip
+
+
+def _wire_form(reply: Reply, more: tuple[str, ...]) -> bytes:
+    """A reply as it goes on the wire: continuation lines `more`, then the last line."""
+    last = f"{reply.code} {reply.status} {reply.text}" if reply.status else f"{reply.code} {reply.text}"
+    if more:
+        lines = [f"{reply.code}-{text}" for text in more]
+        lines.append(last)
+        out = "\r\n".join(lines) + "\r\n"
+    else:
+        out = last + "\r\n"
+    return out.encode("utf-8", "surrogateescape")
 
 
 def client_address(ip: str) -> str:

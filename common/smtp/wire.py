@@ -133,6 +133,10 @@ class Reader:
 
     def next(self) -> Item | None:
         """The next complete item, or None when more input is needed."""
+        # The session asks after every command, usually with nothing buffered: only a
+        # BDAT chunk (which may be empty) can be complete without more input.
+        if not self._buf and self._mode != "bdat":
+            return None
         if self._mode == "command":
             return self._command()
         if self._mode == "data":

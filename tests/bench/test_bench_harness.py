@@ -18,31 +18,53 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+LAST_LINE = re.compile(
+    r"e2e_ratio=(\d+\.\d+) one_session_ratio=(\d+\.\d+) p99_ms=(\d+\.\d+) cpu_ms_per_msg=(\d+\.\d+)"
+    r" idle1000_mb=(\d+\.\d+) listener_vs_aiosmtpd=(\d+\.\d+)"
+)
+
+
 @pytest.mark.interop
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(400)
 def test_bench_runs_a_tiny_load_and_prints_its_summary_line(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.fail("the bench harness starts Postfix, which runs only as root", pytrace=False)
     out = tmp_path / "latest.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--messages", "20", "--sessions", "2", "--idle", "5",
-         "--rate", "10", "--duration", "1", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=170,
+        [sys.executable, "-m", "bench", "--runs", "2", "--messages", "20", "--sessions", "2", "--idle", "5",
+         "--rate", "10", "--duration", "1", "--listener-runs", "1", "--listener-messages", "50", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=390,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    m = re.fullmatch(r"e2e_ratio=(\d+\.\d+) p99_ms=(\d+\.\d+) idle1000_mb=(\d+\.\d+)", lines[-1])
+    m = LAST_LINE.fullmatch(lines[-1])
     assert m, lines[-5:]
-    assert float(m.group(1)) > 0 and float(m.group(3)) > 0
+    assert float(m.group(1)) > 0 and float(m.group(4)) > 0 and float(m.group(5)) > 0 and float(m.group(6)) > 0
     assert any("end to end (in Maildir)" in line for line in lines)
+    assert any("Mailroom mta" in line for line in lines)  # CPU per process
     figures = json.loads(out.read_text())
-    for system in ("Mailroom", "Postfix"):
-        # Every message of each load reached its Maildir, and every idle connection was greeted.
-        assert figures["load1"][system]["delivered"] == 20
-        assert figures["load2"][system]["delivered"] == 20
-        assert figures["load3"][system]["delivered"] == 10
-        assert figures["load4"][system]["greeted"] == 5
-    assert abs(figures["summary"]["p99_ms"] - float(m.group(2))) < 0.1
+    assert len(figures["runs"]) == 2
+    for run in figures["runs"]:
+        for system in ("Mailroom", "Postfix"):
+            # Every message of each load reached its Maildir, and every idle connection was greeted.
+            assert run["load1"][system]["delivered"] == 20
+            assert run["load2"][system]["delivered"] == 20
+            assert run["load3"][system]["delivered"] == 10
+            assert run["load4"][system]["greeted"] == 5
+            assert run["cpu"][system]["delivered"] == 20
+            assert run["cpu"][system]["total_ms_per_msg"] > 0
+        assert {"mta", "qmgr", "mda"} <= set(run["cpu"]["Mailroom"]["per_process_ms_per_msg"])
+    # The systems take turns: Mailroom first in load 1 of run 1, Postfix first in run 2.
+    text = proc.stdout
+    first, second = text.index("run 1 of 2"), text.index("run 2 of 2")
+    assert text.index("Mailroom ...", first) < text.index("Postfix ...", first)
+    assert text.index("Postfix ...", second) < text.index("Mailroom ...", second)
+    machine = figures["machine"]
+    assert machine["cores"] and machine["cpu_model"] and machine["kernel"] and machine["python"]
+    assert machine["postfix"][0].isdigit() and machine["fsync_4k"]["median_ms"] > 0
+    assert re.fullmatch(r"[0-9a-f]{40}", machine["commit"])
+    assert figures["listener"]["median_per_s"]["engine"] > 0
+    assert abs(figures["summary"]["p99_ms"] - float(m.group(3))) < 0.1
     # The throwaway installations (under /var/tmp: pytest's tmp_path is too deep
     # for supervisord's Unix socket path) are gone afterwards.
     where = re.search(r"installations under (\S+)", proc.stdout)
