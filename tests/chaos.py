@@ -214,6 +214,24 @@ def pending(inst: Installation) -> int:
         db.close()
 
 
+def stuck(inst: Installation) -> str:
+    """Why the queue did not drain: the waiting recipients by state and last reply,
+    and the end of the daemons' log (printed only when something was left)."""
+    db = inst.db()
+    try:
+        with db.read() as s:
+            rows = s.execute(
+                select(Recipient.state, Recipient.owner, Recipient.last_reply, func.count())
+                .where(Recipient.state.not_in(FINAL_STATES))
+                .group_by(Recipient.state, Recipient.owner, Recipient.last_reply)
+            ).all()
+    finally:
+        db.close()
+    lines = [f"  {n} {state} owner={owner or '-'} last_reply={reply or '-'}" for state, owner, reply, n in rows]
+    tail = inst.log_text().splitlines()[-40:]
+    return "\n".join(["waiting recipients:", *lines, "end of the log:", *tail])
+
+
 def delivered(inst: Installation) -> dict[str, list[str]]:
     """chaos id -> body hashes of every stored copy, from the Maildir and the mbox."""
     found: dict[str, list[str]] = {}
@@ -269,6 +287,8 @@ def run(
         while pending(inst) and time.monotonic() < deadline:
             time.sleep(0.2)
         left = pending(inst)
+        if left:
+            print(stuck(inst))
         found = delivered(inst)
     finally:
         stop_killing.set()
