@@ -229,7 +229,9 @@ def stuck(inst: Installation) -> str:
         db.close()
     lines = [f"  {n} {state} owner={owner or '-'} last_reply={reply or '-'}" for state, owner, reply, n in rows]
     tail = inst.log_text().splitlines()[-40:]
-    return "\n".join(["waiting recipients:", *lines, "end of the log:", *tail])
+    # A program supervisord gave up on (FATAL after failed starts) shows here.
+    status = inst.cli("status").stdout.splitlines()
+    return "\n".join(["waiting recipients:", *lines, "programs:", *status, "end of the log:", *tail])
 
 
 def delivered(inst: Installation) -> dict[str, list[str]]:
