@@ -136,9 +136,7 @@ class RecordingLMTP:
     def __init__(self) -> None:
         self.received: collections.Counter[str] = collections.Counter()
 
-    async def deliver(
-        self, trace: str, sender: str, rcpts: list[str], body: bytes, params: tuple[str, ...] = ()
-    ) -> tuple[list[Reply], bool]:
+    async def deliver(self, trace: str, sender: str, rcpts: list[str], body: bytes) -> tuple[list[Reply], bool]:
         await asyncio.sleep(0.001)  # let the other queue managers run their claims meanwhile
         self.received.update(rcpts)
         # True: like our MDA asked XRECORD, the queue manager records the MDA's events too.
