@@ -135,7 +135,9 @@ class RecordingLMTP:
     def __init__(self) -> None:
         self.received: collections.Counter[str] = collections.Counter()
 
-    async def deliver(self, trace: str, sender: str, rcpts: list[str], body: bytes) -> list[Reply]:
+    async def deliver(
+        self, trace: str, sender: str, rcpts: list[str], body: bytes, params: tuple[str, ...] = ()
+    ) -> list[Reply]:
         await asyncio.sleep(0.001)  # let the other queue managers run their claims meanwhile
         self.received.update(rcpts)
         return [Reply(250, "2.0.0", "Ok") for _ in rcpts]
