@@ -14,20 +14,24 @@ from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
 
 from cli.show import clean
 from common.db import Database
 from common.models import Event, Message
 
 
+def _resolve(s: Session, ident: str) -> tuple[Message | None, str]:
+    """The message a trace id or a Message-ID (with or without angle brackets) names, and its trace id."""
+    mid = ident if ident.startswith("<") else f"<{ident}>"
+    msg = s.scalars(select(Message).where(or_(Message.id == ident.upper(), Message.message_id == mid))).first()
+    return msg, msg.id if msg else ident.upper()
+
+
 def find(db: Database, ident: str) -> dict[str, Any] | None:
     """By trace id, or by Message-ID (with or without the angle brackets)."""
     with db.read() as s:
-        mid = ident if ident.startswith("<") else f"<{ident}>"
-        msg = s.scalars(
-            select(Message).where(or_(Message.id == ident.upper(), Message.message_id == mid))
-        ).first()
-        trace = msg.id if msg else ident.upper()
+        msg, trace = _resolve(s, ident)
         events = s.scalars(select(Event).where(Event.trace_id == trace).order_by(Event.time, Event.id)).all()
         if msg is None and not events:
             return None
@@ -95,11 +99,7 @@ def follow(
     last = 0
     if ident is not None:
         with db.read() as s:
-            mid = ident if ident.startswith("<") else f"<{ident}>"
-            msg = s.scalars(
-                select(Message).where(or_(Message.id == ident.upper(), Message.message_id == mid))
-            ).first()
-        trace = msg.id if msg else ident.upper()
+            trace = _resolve(s, ident)[1]
     else:
         # Everyone's mail: only what happens from now on.
         with db.read() as s:
