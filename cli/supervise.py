@@ -14,7 +14,7 @@ from cli.watch import failure_file
 from common import config as configmod
 from common import privileges
 from common.config import Config
-from common.daemon import setting_name
+from common.daemon import bind_all
 from common.db import Database
 from common.endpoint import BindError
 
@@ -108,16 +108,19 @@ def preflight(cfg: Config) -> str | None:
         privileges.account(cfg)
     except privileges.StartError as exc:
         return str(exc)
-    for key in configmod.listener_keys():
-        endpoint = cfg.endpoint(key)
-        try:
-            sock = endpoint.bind()
-        except BindError as exc:
-            return f"{setting_name(key)} = {exc}"
-        sock.close()
-        if endpoint.is_unix:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(endpoint.path)
+    # All at once, as the daemons hold them: two addresses of one setting that
+    # overlap ([::]:25 and 0.0.0.0:25) are found here too.
+    endpoints = {key: cfg.endpoints(key) for key in configmod.listener_keys()}
+    try:
+        bound = bind_all(endpoints)
+    except BindError as exc:
+        return str(exc)
+    for key, socks in bound.items():
+        for endpoint, sock in zip(endpoints[key], socks, strict=True):
+            sock.close()
+            if endpoint.is_unix:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(endpoint.path)
     return None
 
 

@@ -65,8 +65,8 @@ class SMTPSection:
 
 @dataclass(frozen=True)
 class MSASection:
-    submission: str = field(default="127.0.0.1:2587", metadata=_meta("listen", "Submission listener, STARTTLS required (the 587 role)"))
-    submissions: str = field(default="127.0.0.1:2465", metadata=_meta("listen", "Submission listener with implicit TLS (the 465 role)"))
+    submission: list[str] = field(default_factory=lambda: ["127.0.0.1:2587"], metadata=_meta("listen", "Submission listener, STARTTLS required (the 587 role)"))
+    submissions: list[str] = field(default_factory=lambda: ["127.0.0.1:2465"], metadata=_meta("listen", "Submission listener with implicit TLS (the 465 role)"))
     max_auth_failures: int = field(default=5, metadata=_meta("int", "Failed logins per client address within auth_failure_window before lockout"))
     auth_failure_window: float = field(default=600.0, metadata=_meta("duration", "Window over which failed logins are counted"))
     auth_lockout: float = field(default=600.0, metadata=_meta("duration", "How long a locked-out address is refused (421 4.7.0)"))
@@ -77,8 +77,8 @@ class MSASection:
 
 @dataclass(frozen=True)
 class MTASection:
-    smtp: str = field(default="127.0.0.1:2525", metadata=_meta("listen", "Public listener (the port 25 role)"))
-    internal: str = field(default="127.0.0.1:10025", metadata=_meta("listen", "Internal listener for the MSA; loopback or unix:/path only"))
+    smtp: list[str] = field(default_factory=lambda: ["127.0.0.1:2525"], metadata=_meta("listen", "Public listener (the port 25 role)"))
+    internal: list[str] = field(default_factory=lambda: ["127.0.0.1:10025"], metadata=_meta("listen", "Internal listener for the MSA; loopback or unix:/path only"))
     trusted_networks: list[str] = field(default_factory=list, metadata=_meta("networks", "Client networks allowed to relay through the public listener"))
     max_hops: int = field(default=50, metadata=_meta("int", "More Received headers than this is a mail loop (554 5.4.6)"))
     min_free_disk: int = field(default=100 * 1024 * 1024, metadata=_meta("size", "Below this much free space, MAIL gets 452 4.3.1"))
@@ -103,7 +103,7 @@ class MTASection:
 
 @dataclass(frozen=True)
 class MDASection:
-    lmtp: str = field(default="127.0.0.1:2424", metadata=_meta("listen", "LMTP listener; loopback or unix:/path only"))
+    lmtp: list[str] = field(default_factory=lambda: ["127.0.0.1:2424"], metadata=_meta("listen", "LMTP listener; loopback or unix:/path only"))
     recipient_delimiter: str = field(default="+", metadata=_meta("str", "user+tag@domain is delivered to user (empty: off)"))
     default_store: str = field(default="maildir", metadata=_meta("store", "Store for new users: maildir or mbox"))
     lock_timeout: float = field(default=30.0, metadata=_meta("duration", "How long to wait for an mbox lock (then 451 4.2.0)"))
@@ -122,7 +122,7 @@ class IMAPSection:
 
 @dataclass(frozen=True)
 class WebSection:
-    listen: str = field(default="127.0.0.1:8025", metadata=_meta("listen", "HTTP listener of the web program (mail client autoconfig, the live page at /, /metrics); read-only"))
+    listen: str = field(default="127.0.0.1:8025", metadata=_meta("listen1", "HTTP listener of the web program (mail client autoconfig, the live page at /, /metrics); read-only"))
 
 
 @dataclass(frozen=True)
@@ -224,12 +224,17 @@ class Config:
         """Datagram socket on which the queue manager is woken after a commit."""
         return self.run_dir / "qmgr.sock"
 
-    def endpoint(self, key: str) -> Endpoint:
-        """The listener setting `key` ("mta.smtp") as a typed value (validated at load)."""
+    def endpoints(self, key: str) -> list[Endpoint]:
+        """Every address of the listener setting `key` ("mta.smtp"), as typed values
+        (validated at load), in the order written."""
         section, _, name = key.partition(".")
         value = getattr(getattr(self, section), name)
-        assert isinstance(value, str), key
-        return Endpoint.parse(value)
+        return [Endpoint.parse(v) for v in ([value] if isinstance(value, str) else value)]
+
+    def endpoint(self, key: str) -> Endpoint:
+        """The first address of listener setting `key`: the one to connect to
+        (the MSA's hand-off, the queue manager's LMTP, client settings)."""
+        return self.endpoints(key)[0]
 
     def is_local_domain(self, domain: str) -> bool:
         return domain.lower() in self.mailroom.domains
@@ -247,7 +252,9 @@ def listener_keys() -> list[str]:
     for section in dataclasses.fields(Config):
         cls = hints[section.name]
         if dataclasses.is_dataclass(cls):
-            keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(cls) if f.metadata.get("kind") == "listen"]
+            keys += [
+                f"{section.name}.{f.name}" for f in dataclasses.fields(cls) if f.metadata.get("kind") in ("listen", "listen1")
+            ]
     return keys
 
 
@@ -378,6 +385,20 @@ def _convert(kind: str, value: object) -> object:
                     raise ValueError(f"not a domain name: {d!r}")
             return [d.lower().rstrip(".") for d in value]
         case "listen":
+            # One address or several, each served alike: ["0.0.0.0:25", "[::1]:25"].
+            what = "host:port, [IPv6]:port or unix:/path, or a list of them"
+            items = [value] if isinstance(value, str) else value
+            if not isinstance(items, list) or not items:
+                raise ValueError(f"expected {what}, got {value!r}")
+            addresses: list[str] = []
+            for item in items:
+                if not isinstance(item, str):
+                    raise ValueError(f"expected {what}, got {item!r}")
+                addresses.append(str(Endpoint.parse(item)))
+            if len(set(addresses)) != len(addresses):
+                raise ValueError(f"an address is listed twice in {value!r}")
+            return addresses
+        case "listen1":
             need(str, "host:port, [IPv6]:port or unix:/path")
             assert isinstance(value, str)
             Endpoint.parse(value)
@@ -465,11 +486,11 @@ def _check(cfg: Config) -> None:
     if not cfg.mailroom.domains:
         raise ConfigError("mailroom.domains: at least one local domain is needed")
     for key in ("mta.internal", "mda.lmtp"):
-        where = cfg.endpoint(key)
-        if not where.is_loopback():
-            # These listeners trust what they are told (relaying, trace ids):
-            # only this host may reach them.
-            raise ConfigError(f"{key}: must be a loopback address or unix:/path, got {str(where)!r}")
+        for where in cfg.endpoints(key):
+            if not where.is_loopback():
+                # These listeners trust what they are told (relaying, trace ids):
+                # only this host may reach them.
+                raise ConfigError(f"{key}: must be a loopback address or unix:/path, got {str(where)!r}")
     if cfg.smtp.max_recipients < 1:
         raise ConfigError("smtp.max_recipients: must be at least 1")
     if cfg.lab.enabled and not cfg.lab.dns:

@@ -5,8 +5,9 @@ One order for every daemon, so no daemon can get it wrong:
 1. parse --config, load and validate the config, set up logging;
 2. decide the account to serve as (started as root with no `[mailroom] user`:
    refuse), make the run folder, mail root, database, config and key private;
-3. parse each listener setting the daemon declares ONCE into an `Endpoint` and
-   bind them all (a port that cannot be bound: one line naming the setting);
+3. parse each listener setting the daemon declares ONCE into its `Endpoint`s
+   (a setting may hold several addresses) and bind them all (an address that
+   cannot be bound: one line naming the setting);
 4. load the TLS certificate and key (while the key may be root's);
 5. drop privileges for good, umask 077; only then listen, so no client can
    even connect to a process that is still root;
@@ -63,14 +64,15 @@ class Context:
     db: Database
     clock: Clock
     stop: asyncio.Event
-    sockets: dict[str, socket.socket] = field(default_factory=dict)
+    sockets: dict[str, list[socket.socket]] = field(default_factory=dict)
     tls_context: ssl.SSLContext | None = None
 
-    def socket(self, key: str) -> socket.socket:
-        """The bound socket for listener setting `key` ("mta.smtp"); in-process (tests),
-        where the skeleton bound nothing, the address is bound now."""
-        sock = self.sockets.get(key)
-        return sock if sock is not None else self.config.endpoint(key).bind()
+    def socket(self, key: str) -> list[socket.socket]:
+        """The bound sockets for listener setting `key` ("mta.smtp"), one per address,
+        all served alike; in-process (tests), where the skeleton bound nothing, the
+        addresses are bound now."""
+        socks = self.sockets.get(key)
+        return socks if socks is not None else bind_all({key: self.config.endpoints(key)})[key]
 
     def tls(self) -> ssl.SSLContext:
         """The server TLS context, loaded once."""
@@ -90,19 +92,22 @@ def setting_name(key: str) -> str:
     return f"[{section}] {name}"
 
 
-def bind_all(endpoints: dict[str, Endpoint]) -> dict[str, socket.socket]:
-    """Bind every listener (setting key -> endpoint); BindError (one line naming the
-    setting) if one cannot be, and none stays bound."""
-    bound: dict[str, socket.socket] = {}
+def bind_all(endpoints: dict[str, list[Endpoint]]) -> dict[str, list[socket.socket]]:
+    """Bind every address of every listener (setting key -> endpoints); BindError (one
+    line naming the setting and the address) if one cannot be, and none stays bound."""
+    bound: dict[str, list[socket.socket]] = {}
     try:
-        for key, endpoint in endpoints.items():
-            try:
-                bound[key] = endpoint.bind()
-            except BindError as exc:
-                raise BindError(f"{setting_name(key)} = {exc}") from None
+        for key, addresses in endpoints.items():
+            bound[key] = []
+            for endpoint in addresses:
+                try:
+                    bound[key].append(endpoint.bind())
+                except BindError as exc:
+                    raise BindError(f"{setting_name(key)} = {exc}") from None
     except BaseException:
-        for s in bound.values():
-            s.close()
+        for socks in bound.values():
+            for s in socks:
+                s.close()
         raise
     return bound
 
@@ -157,11 +162,12 @@ def _prepare(
 ) -> Context:
     acct = privileges.account(cfg)
     privileges.secure(cfg, acct)
-    endpoints = {key: cfg.endpoint(key) for key in listeners}  # each setting parsed once
+    endpoints = {key: cfg.endpoints(key) for key in listeners}  # each setting parsed once
     sockets = bind_all(endpoints)
-    for key in sockets:
-        if endpoints[key].is_unix:
-            privileges.hand_over(endpoints[key].path, acct)
+    for addresses in endpoints.values():
+        for endpoint in addresses:
+            if endpoint.is_unix:
+                privileges.hand_over(endpoint.path, acct)
     tls_context = None
     if tls:
         try:
@@ -176,11 +182,12 @@ def _prepare(
     mail_group = writes_mail and acct.mail_gid is not None
     privileges.become(acct, umask=privileges.MAIL_UMASK if mail_group else privileges.UMASK)
     # Only now can a client connect: the first byte it sends reaches the Mailroom user.
-    for key, sock in sockets.items():
-        try:
-            endpoints[key].listen(sock)
-        except BindError as exc:
-            raise BindError(f"{setting_name(key)} = {exc}") from None
+    for key, socks in sockets.items():
+        for endpoint, sock in zip(endpoints[key], socks, strict=True):
+            try:
+                endpoint.listen(sock)
+            except BindError as exc:
+                raise BindError(f"{setting_name(key)} = {exc}") from None
     problem = privileges.writable_problem(cfg, acct)
     if problem:
         raise StartError(problem)

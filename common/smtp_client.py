@@ -21,6 +21,7 @@ import re
 import ssl
 from dataclasses import dataclass, field
 
+from common.endpoint import Endpoint
 from common.reply import Reply, parse_reply
 
 log = logging.getLogger("smtp_client")
@@ -64,7 +65,7 @@ class Client:
     @classmethod
     async def connect(
         cls,
-        host: str,
+        host: str | Endpoint,
         port: int = 25,
         *,
         lmtp: bool = False,
@@ -78,19 +79,23 @@ class Client:
     ) -> Client:
         """Connect, read the greeting, say EHLO/LHLO and start TLS when offered.
 
-        `host` may be 'unix:/path'; `tls_name` is the name the certificate
-        must carry when `tls` verifies it (an MX host's name), `host` if empty.
+        `host` is a name or address with `port`, or one of our own listeners'
+        `Endpoint` (TCP or Unix socket; `port` unused); `tls_name` is the name
+        the certificate must carry when `tls` verifies it (an MX host's name),
+        `host` if empty.
         Raises NextHopError with a 4xx reply when the hop cannot be reached, so
         callers defer rather than bounce.
         """
-        peer = host if host.startswith("unix:") else f"{host}:{port}"
+        where = host if isinstance(host, Endpoint) else Endpoint(host, port)
+        name = where.host
+        peer = str(where) if where.is_unix else f"{where.host}:{where.port}"
         try:
-            if host.startswith("unix:"):
-                opened = asyncio.open_unix_connection(host[5:], limit=1 << 20)
+            if where.is_unix:
+                opened = asyncio.open_unix_connection(where.path, limit=1 << 20)
             else:
                 opened = asyncio.open_connection(
-                    host, port, limit=1 << 20, ssl=tls if implicit_tls else None,
-                    server_hostname=host if implicit_tls else None,
+                    name, where.port, limit=1 << 20, ssl=tls if implicit_tls else None,
+                    server_hostname=name if implicit_tls else None,
                 )
             reader, writer = await asyncio.wait_for(opened, connect_timeout)
         except (OSError, TimeoutError) as exc:
@@ -102,7 +107,7 @@ class Client:
                 raise NextHopError(_prefixed(greeting, f"{peer} greeted with"))
             await client.hello(helo)
             if tls is not None and not client.tls and "STARTTLS" in client.extensions:
-                await client.starttls(tls, tls_name or host)
+                await client.starttls(tls, tls_name or name)
                 await client.hello(helo)
             elif require_tls and not client.tls:
                 raise NextHopError(Reply(451, "4.7.5", f"{peer} does not offer STARTTLS"))

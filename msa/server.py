@@ -34,9 +34,10 @@ from common import dsn
 from common import reply as R
 from common.address import lookup_key
 from common.clock import Clock
-from common.config import Config, parse_hostport
+from common.config import Config
 from common.daemon import Context, serve_until_stopped
 from common.db import Database
+from common.endpoint import Endpoint
 from common.log import new_trace_id, trace_id
 from common.models import Message, add_event
 from common.reply import Reply, SMTPError
@@ -62,7 +63,7 @@ class SubmissionPolicy:
     """What the submission handler needs to know: the next hop, the limits, the names."""
 
     hostname: str
-    next_hop: str  # the MTA's internal listener, 'host:port' or 'unix:/path'
+    next_hop: Endpoint  # the MTA's internal listener (its first address)
     next_hop_timeout: float
     recipient_delimiter: str  # alice+tag@... is alice's own address too
     max_auth_failures: int
@@ -75,7 +76,8 @@ class SubmissionPolicy:
     def from_config(cls, cfg: Config) -> SubmissionPolicy:
         c = cfg.msa
         return cls(
-            hostname=cfg.mailroom.hostname, next_hop=cfg.mta.internal, next_hop_timeout=cfg.smtp.idle_timeout,
+            hostname=cfg.mailroom.hostname, next_hop=cfg.endpoint("mta.internal"),
+            next_hop_timeout=cfg.smtp.idle_timeout,
             recipient_delimiter=cfg.mda.recipient_delimiter, max_auth_failures=c.max_auth_failures,
             auth_failure_window=c.auth_failure_window, auth_lockout=c.auth_lockout,
             max_messages_per_hour=c.max_messages_per_hour, max_recipients_per_hour=c.max_recipients_per_hour,
@@ -195,10 +197,8 @@ class SubmissionHandler(Handler):
         return reply
 
     async def _open_upstream(self, envelope: MailEnvelope) -> Client:
-        where = self.policy.next_hop
-        host, port = (where, 0) if where.startswith("unix:") else parse_hostport(where)
         client = await Client.connect(
-            host, port, helo=self.policy.hostname, timeout=self.policy.next_hop_timeout,
+            self.policy.next_hop, helo=self.policy.hostname, timeout=self.policy.next_hop_timeout,
             connect_timeout=10,
         )
         params = [f"XTRACE={envelope.trace_id}"]
@@ -312,5 +312,7 @@ async def run(ctx: Context) -> None:
         ctx.socket("msa.submissions"), make, implicit_tls=True,
         **common,  # type: ignore[arg-type]
     )
-    log.info("submission on %s (STARTTLS), %s (TLS)", cfg.msa.submission, cfg.msa.submissions)
+    log.info(
+        "submission on %s (STARTTLS), %s (TLS)", ", ".join(cfg.msa.submission), ", ".join(cfg.msa.submissions)
+    )
     await serve_until_stopped(ctx, [submission_server, submissions_server])

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import dns.asyncresolver
 
-from common.config import parse_hostport
+from common.endpoint import Endpoint
 from common.reply import Reply
 from common.smtp_client import Client, NextHopError
 from common.tls import client_context
@@ -35,8 +35,8 @@ class LocalDelivery:
     instead of waiting a whole retry interval.
     """
 
-    def __init__(self, lmtp: str, *, hostname: str, sessions: int, timeout: float) -> None:
-        self.host, self.port = (lmtp, 0) if lmtp.startswith("unix:") else parse_hostport(lmtp)
+    def __init__(self, lmtp: Endpoint | str, *, hostname: str, sessions: int, timeout: float) -> None:
+        self.lmtp = lmtp if isinstance(lmtp, Endpoint) else Endpoint.parse(lmtp)  # the MDA's listener
         self.hostname = hostname
         self.timeout = timeout
         self.slots = asyncio.Semaphore(sessions)
@@ -57,7 +57,7 @@ class LocalDelivery:
                     return replies
                 log.info("a pooled LMTP session to %s was closed by the MDA; sending on another", pooled.peer)
             try:
-                client = await Client.connect(self.host, self.port, lmtp=True, helo=self.hostname, timeout=self.timeout)
+                client = await Client.connect(self.lmtp, lmtp=True, helo=self.hostname, timeout=self.timeout)
             except NextHopError as exc:
                 return [exc.reply] * len(recipients)
             replies = await self._send(client, trace, sender, recipients, body, params, reused=False)

@@ -297,7 +297,7 @@ async def run(ctx: Context) -> None:
     mta = cfg.mta
     public = cfg.endpoint("mta.smtp")
     local = LocalDelivery(
-        cfg.mda.lmtp, hostname=cfg.mailroom.hostname, sessions=mta.lmtp_sessions,
+        cfg.endpoint("mda.lmtp"), hostname=cfg.mailroom.hostname, sessions=mta.lmtp_sessions,
         timeout=cfg.smtp.idle_timeout,
     )
     remote = RemoteDelivery(

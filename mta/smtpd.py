@@ -282,5 +282,5 @@ async def run(ctx: Context) -> None:
         hostname=cfg.mailroom.hostname,
         limits=limits_from(cfg.smtp, max_connections_per_client=cfg.smtp.max_connections),
     )
-    log.info("SMTP listening on %s, internal on %s", cfg.mta.smtp, cfg.mta.internal)
+    log.info("SMTP listening on %s, internal on %s", ", ".join(cfg.mta.smtp), ", ".join(cfg.mta.internal))
     await serve_until_stopped(ctx, [public, internal])

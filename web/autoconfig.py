@@ -42,9 +42,8 @@ class ClientSettings:
 
 
 def _port(listen: str) -> int | None:
-    if not listen or listen.startswith("unix:"):
-        return None
-    return parse_hostport(listen)[1]
+    """The port of a Dovecot listener setting; None when it is off (empty)."""
+    return parse_hostport(listen)[1] if listen else None
 
 
 def settings(cfg: Config) -> ClientSettings:
@@ -61,10 +60,10 @@ def settings(cfg: Config) -> ClientSettings:
             if port is not None:
                 incoming.append(Server(kind, host, port, socket_type))
     outgoing: list[Server] = []
-    for listen, socket_type in ((cfg.msa.submissions, "SSL"), (cfg.msa.submission, "STARTTLS")):
-        port = _port(listen)
-        if port is not None:
-            outgoing.append(Server("smtp", host, port, socket_type))
+    for key, socket_type in (("msa.submissions", "SSL"), ("msa.submission", "STARTTLS")):
+        where = cfg.endpoint(key)  # the first address; a Unix socket is no use to a client
+        if not where.is_unix:
+            outgoing.append(Server("smtp", host, where.port, socket_type))
     return ClientSettings(host, incoming, outgoing)
 
 

@@ -15,13 +15,16 @@ import asyncio
 import ipaddress
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from common.config import SMTPSection
 from common.endpoint import Endpoint
 from common.smtp.handler import Handler
 from common.smtp.session import Connections, Limits, Listener, Session, client_address
+
+# As Endpoint.listen: asyncio listens again with this when it starts serving.
+BACKLOG = 1024
 
 
 def limits_from(smtp: SMTPSection, **overrides: Any) -> Limits:
@@ -32,7 +35,7 @@ def limits_from(smtp: SMTPSection, **overrides: Any) -> Limits:
 
 
 async def serve(
-    listen: socket.socket | str,
+    listen: socket.socket | Sequence[socket.socket] | str,
     make_handler: Callable[[], Handler],
     *,
     hostname: str,
@@ -44,10 +47,11 @@ async def serve(
     utf8: bool = True,
     connections: Connections | None = None,
 ) -> asyncio.Server:
-    """Serve sessions on a bound socket `listen`.
+    """Serve sessions on the bound socket(s) `listen`: one listener setting's
+    addresses, each served alike (same handler, limits and caps).
 
     A string `listen` ('host:port', 'unix:/path') is bound here, for tests
-    and tools; daemons pass the socket their skeleton bound.  Listeners
+    and tools; daemons pass the sockets their skeleton bound.  Listeners
     given the same `connections` share their caps (the MSA's 587 and 465
     roles count one client's connections together).
     """
@@ -57,16 +61,26 @@ async def serve(
         hostname=hostname, limits=limits, connections=connections if connections is not None else Connections(),
         tls_context=tls_context, implicit_tls=implicit_tls, require_starttls=require_starttls, lmtp=lmtp, utf8=utf8,
     )
-    bound = listen if isinstance(listen, socket.socket) else Endpoint.parse(listen).bind()
-    bound.setblocking(False)
+    if isinstance(listen, str):
+        bound = [Endpoint.parse(listen).bind()]
+    elif isinstance(listen, socket.socket):
+        bound = [listen]
+    else:
+        bound = list(listen)
+    if not bound:
+        raise ValueError("nothing to serve on")
+    for sock in bound:
+        sock.setblocking(False)
 
     def factory() -> Session:
         return Session(make_handler(), listener)
 
-    loop = asyncio.get_running_loop()
-    if bound.family == socket.AF_UNIX:
-        return await loop.create_unix_server(factory, sock=bound)
-    return await loop.create_server(factory, sock=bound)
+    # One asyncio.Server over every address (TCP of either family, Unix), as
+    # loop.create_server builds for a host that resolves to several: callers
+    # close, wait for and inspect one server per listener setting.
+    server = asyncio.Server(asyncio.get_running_loop(), bound, factory, None, BACKLOG, None)
+    await server.start_serving()
+    return server
 
 
 def in_networks(ip: str, networks: list[str]) -> bool:

@@ -37,11 +37,12 @@ def test_default_config_from_init_loads_with_the_documented_ports(tmp_path: Path
     path = tmp_path / "mailroom.toml"
     path.write_text(config.render_default("example.org", "mail.example.org"))
     cfg = config.load(path)
-    assert cfg.msa.submission == "127.0.0.1:2587"
-    assert cfg.msa.submissions == "127.0.0.1:2465"
-    assert cfg.mta.smtp == "127.0.0.1:2525"
-    assert cfg.mta.internal == "127.0.0.1:10025"
-    assert cfg.mda.lmtp == "127.0.0.1:2424"
+    # A listener setting written as one address holds a list of one.
+    assert cfg.msa.submission == ["127.0.0.1:2587"]
+    assert cfg.msa.submissions == ["127.0.0.1:2465"]
+    assert cfg.mta.smtp == ["127.0.0.1:2525"]
+    assert cfg.mta.internal == ["127.0.0.1:10025"]
+    assert cfg.mda.lmtp == ["127.0.0.1:2424"]
     assert cfg.mta.retry_schedule == [300, 600, 1200, 2400, 3600]
     assert cfg.mta.max_queue_lifetime == 5 * 86400
     assert cfg.mta.delay_warning == 4 * 3600
@@ -84,6 +85,33 @@ def test_config_show_prints_every_setting(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=30,
     )
     assert r.returncode == 0, r.stderr
-    assert 'mta.smtp = "127.0.0.1:2525"' in r.stdout
+    assert 'mta.smtp = ["127.0.0.1:2525"]' in r.stdout
     assert "mta.max_queue_lifetime = 432000.0" in r.stdout
     assert 'mailroom.domains = ["example.org"]' in r.stdout
+
+
+def test_a_listener_setting_takes_several_addresses_and_config_show_prints_them(tmp_path: Path) -> None:
+    path = tmp_path / "mailroom.toml"
+    text = config.render_default("example.org", "mail.example.org")
+    text = text.replace('smtp = "127.0.0.1:2525"', 'smtp = ["0.0.0.0:2525", "[::1]:2525", "unix:/run/mr/smtp.sock"]')
+    text = text.replace('lmtp = "127.0.0.1:2424"', 'lmtp = ["127.0.0.1:2424", "[::1]:2424"]')
+    path.write_text(text)
+    cfg = config.load(path)
+    assert [str(e) for e in cfg.endpoints("mta.smtp")] == ["0.0.0.0:2525", "[::1]:2525", "unix:/run/mr/smtp.sock"]
+    assert str(cfg.endpoint("mta.smtp")) == "0.0.0.0:2525"  # the one to connect to: the first
+    assert [str(e) for e in cfg.endpoints("mda.lmtp")] == ["127.0.0.1:2424", "[::1]:2424"]
+    r = subprocess.run(
+        [sys.executable, "-m", "cli.main", "--config", str(path), "config", "show"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    assert 'mta.smtp = ["0.0.0.0:2525", "[::1]:2525", "unix:/run/mr/smtp.sock"]' in r.stdout
+    assert 'mda.lmtp = ["127.0.0.1:2424", "[::1]:2424"]' in r.stdout
+
+
+def test_a_bad_entry_in_a_listener_list_stops_a_daemon_naming_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "mailroom.toml"
+    bad.write_text('[mailroom]\ndomains = ["example.org"]\n[mta]\nsmtp = ["127.0.0.1:2525", "::1:25"]\n')
+    r = subprocess.run([sys.executable, "-m", "mta", "--config", str(bad)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert "mta.smtp: write an IPv6 address in brackets" in r.stderr

@@ -8,12 +8,13 @@ import dataclasses
 import pytest
 
 from common.clock import FakeClock
+from common.endpoint import Endpoint
 from msa.server import Limiters, SubmissionPolicy
 
 pytestmark = pytest.mark.timeout(30)
 
 POLICY = SubmissionPolicy(
-    hostname="mail.test", next_hop="127.0.0.1:10025", next_hop_timeout=30.0, recipient_delimiter="+",
+    hostname="mail.test", next_hop=Endpoint("127.0.0.1", 10025), next_hop_timeout=30.0, recipient_delimiter="+",
     max_auth_failures=2, auth_failure_window=60.0, auth_lockout=600.0,
     max_messages_per_hour=2, max_recipients_per_hour=100,
 )
