@@ -97,6 +97,7 @@ STARTTLS_FIRST = Reply(530, "5.7.0", "Must issue a STARTTLS command first")  # R
 BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax")
 BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+BINARYMIME_NEEDS_BDAT = Reply(503, "5.5.1", "BODY=BINARYMIME needs BDAT, not DATA")  # RFC 3030 3
 NO_VALID_RECIPIENTS = Reply(503, "5.5.1", "No valid recipients")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")  # RFC 4954 6
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")  # RFC 4954 6

@@ -72,6 +72,8 @@ class DeliveryPolicy:
 
 class LMTPHandler(Handler):
     ehlo_keywords = ("XTRACE",)
+    # A BODY=BINARYMIME message is stored with its body octets as they came.
+    offers_binarymime = True
 
     def __init__(self, policy: DeliveryPolicy, db: Database) -> None:
         self.policy = policy
@@ -128,8 +130,13 @@ class LMTPHandler(Handler):
     async def data(self, session: MailSession, envelope: MailEnvelope) -> list[Reply]:
         assert isinstance(envelope.content, bytes) and envelope.mail_from is not None
         # The listener has refused bare CR and LF, so every line ends in CRLF:
-        # store LF, as Postfix's local/virtual agents and Dovecot do.
-        body = envelope.content.replace(b"\r\n", b"\n")
+        # store LF, as Postfix's local/virtual agents and Dovecot do.  A binary
+        # body (BINARYMIME, RFC 3030) has no lines: only its header is text.
+        if envelope.body_type == "BINARYMIME":
+            head, blank, rest = envelope.content.partition(b"\r\n\r\n")
+            body = head.replace(b"\r\n", b"\n") + b"\n\n" + rest if blank else envelope.content
+        else:
+            body = envelope.content.replace(b"\r\n", b"\n")
         try:
             # Not in the database pool: a delivery may wait up to lock_timeout
             # for an mbox lock, and must not hold up other sessions' lookups.

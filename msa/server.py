@@ -101,6 +101,8 @@ class SubmissionHandler(Handler):
     # Passed on to the MTA, which stores and honours them.
     offers_dsn = True
     offers_requiretls = True
+    # Passed on to the MTA with BDAT, exactly as it came.
+    offers_binarymime = True
 
     def __init__(self, policy: SubmissionPolicy, db: Database, clock: Clock, limiters: Limiters) -> None:
         self.policy = policy
@@ -205,8 +207,8 @@ class SubmissionHandler(Handler):
         if envelope.smtp_utf8:
             params.append("SMTPUTF8")
         # What the client asked of delivery goes on to the MTA, which honours it.
-        if envelope.body_type == "8BITMIME":
-            params.append("BODY=8BITMIME")
+        if envelope.body_type in ("8BITMIME", "BINARYMIME"):
+            params.append(f"BODY={envelope.body_type}")
         params += dsn.mail_params(ret=envelope.params.get("RET", ""), envid=envelope.params.get("ENVID", ""))
         if "REQUIRETLS" in envelope.params:
             params.append("REQUIRETLS")
@@ -244,7 +246,10 @@ class SubmissionHandler(Handler):
         if self.upstream is None or self.lost:
             raise SMTPError(R.NEXT_HOP_UNAVAILABLE)
         try:
-            reply = await self.upstream.data(content)
+            if envelope.body_type == "BINARYMIME":
+                reply = await self.upstream.bdat(content)
+            else:
+                reply = await self.upstream.data(content)
         except NextHopError as exc:
             log.error("MTA lost during DATA: %s", exc.reply)
             self._drop_upstream()

@@ -24,6 +24,9 @@ from common.reply import Reply
 
 NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "The next hop does not support SMTPUTF8, which this message needs")  # RFC 6531 3.2
 NEEDS_8BITMIME = Reply(554, "5.6.3", "The next hop does not support 8BITMIME, which this message needs")  # RFC 6152 3
+NEEDS_BINARYMIME = Reply(
+    554, "5.6.3", "The next hop does not support BINARYMIME and CHUNKING, which this message needs"
+)  # RFC 3030 3
 NEEDS_REQUIRETLS = Reply(550, "5.7.10", "REQUIRETLS needed")  # RFC 8689 5
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
@@ -65,6 +68,11 @@ class Outbound:
     # a later hop) reports success itself; we report "relayed" only otherwise.
     dsn_passed: bool = False
 
+    @property
+    def binary(self) -> bool:
+        """Declared BODY=BINARYMIME: it goes only with BDAT to a hop offering both (RFC 3030 3)."""
+        return self.asked.body_type == "BINARYMIME"
+
     def needs_8bit(self, body: bytes) -> bool:
         # The content decides, not what was declared: a 7-bit body declared
         # 8BITMIME goes to any hop.
@@ -82,6 +90,8 @@ class Outbound:
         """Why this hop may not have the message (a permanent reply), or None."""
         if self.needs_utf8(sender, recipients, body) and "SMTPUTF8" not in extensions:
             return NEEDS_SMTPUTF8
+        if self.binary and not ("BINARYMIME" in extensions and "CHUNKING" in extensions):
+            return NEEDS_BINARYMIME
         if self.needs_8bit(body) and "8BITMIME" not in extensions:
             return NEEDS_8BITMIME
         if self.asked.requiretls and "REQUIRETLS" not in extensions:
@@ -90,7 +100,9 @@ class Outbound:
 
     def mail_params(self, extensions: dict[str, str], body: bytes) -> list[str]:
         a, out = self.asked, []
-        if self.needs_8bit(body) and "8BITMIME" in extensions:
+        if self.binary:
+            out.append("BODY=BINARYMIME")  # refusal() made sure the hop offers it
+        elif self.needs_8bit(body) and "8BITMIME" in extensions:
             out.append("BODY=8BITMIME")
         if a.smtputf8 and "SMTPUTF8" in extensions:
             out.append("SMTPUTF8")
@@ -101,8 +113,11 @@ class Outbound:
         return out
 
     def local_params(self, body: bytes) -> tuple[str, ...]:
-        """For our own MDA (LMTP), which takes 8-bit and UTF-8 mail and is the last hop."""
-        out = ("BODY=8BITMIME",) if self.needs_8bit(body) else ()
+        """For our own MDA (LMTP), which takes 8-bit, binary and UTF-8 mail and is the last hop."""
+        if self.binary:
+            out: tuple[str, ...] = ("BODY=BINARYMIME",)
+        else:
+            out = ("BODY=8BITMIME",) if self.needs_8bit(body) else ()
         return (*out, "SMTPUTF8") if self.asked.smtputf8 else out
 
     def rcpt_params(self, extensions: dict[str, str]) -> list[tuple[str, ...]] | None:

@@ -70,6 +70,9 @@ class SMTPHandler(Handler):
     # The queue stores these and the queue manager honours or passes them on.
     offers_dsn = True
     offers_requiretls = True
+    # Stored as it came; the queue manager sends it on only with BDAT to a hop
+    # offering BINARYMIME (our MDA does), and bounces it (5.6.3) otherwise.
+    offers_binarymime = True
 
     def __init__(self, policy: ReceivePolicy, db: Database, clock: Clock, auth: mailauth.Settings) -> None:
         self.policy = policy

@@ -60,6 +60,10 @@ class Handler:
     #: Whether BDAT (RFC 3030) may be offered: data() stores a BDAT message
     #: exactly as a DATA one.
     offers_chunking = True
+    #: Whether BINARYMIME (RFC 3030 3) is offered with CHUNKING: data() keeps a
+    #: BODY=BINARYMIME message's octets exactly (bare CR and LF too), and
+    #: whatever the handler hands it to takes it the same way, or refuses it.
+    offers_binarymime = False
     #: Whether DSN (RFC 3461) is offered: NOTIFY, RET, ENVID and ORCPT are
     #: stored and honoured (or passed on) by whatever the handler hands mail to.
     offers_dsn = False

@@ -433,6 +433,8 @@ class Session(asyncio.Protocol):
         lines.append("ENHANCEDSTATUSCODES")
         if self.handler.offers_chunking:
             lines.append("CHUNKING")
+            if self.handler.offers_binarymime:
+                lines.append("BINARYMIME")
         if lst.tls_context is not None and not session.tls:
             lines.append("STARTTLS")
         if self.handler.offers_auth and session.tls:
@@ -586,8 +588,8 @@ class Session(asyncio.Protocol):
                 if int(value) > self.limits.max_message_size:
                     raise SMTPError(R.MESSAGE_TOO_BIG)
             elif key == "BODY":
-                if value.upper() not in ("7BIT", "8BITMIME"):
-                    raise SMTPError(R.PARAM_SYNTAX.with_text("BODY must be 7BIT or 8BITMIME"))
+                if value.upper() not in self._body_types():
+                    raise SMTPError(R.PARAM_SYNTAX.with_text(f"BODY must be {' or '.join(self._body_types())}"))
             elif key == "SMTPUTF8":
                 if value or not self.listener.utf8:
                     raise SMTPError(R.PARAM_SYNTAX.with_text("SMTPUTF8 takes no value"))
@@ -595,6 +597,10 @@ class Session(asyncio.Protocol):
                 raise SMTPError(R.PARAM_NOT_RECOGNIZED.with_text(f"Unsupported parameter {key[:30]}"))
             out[key] = value
         return out
+
+    def _body_types(self) -> tuple[str, ...]:
+        h = self.handler
+        return ("7BIT", "8BITMIME", "BINARYMIME") if h.offers_chunking and h.offers_binarymime else ("7BIT", "8BITMIME")
 
     async def _rcpt(self, arg: str) -> None:
         session, envelope = self.session, self.envelope
@@ -642,6 +648,8 @@ class Session(asyncio.Protocol):
         self._ready_for_message()
         if arg:
             raise SMTPError(R.PARAM_SYNTAX.with_text("Syntax: DATA"))
+        if self.envelope.body_type == "BINARYMIME":
+            raise SMTPError(R.BINARYMIME_NEEDS_BDAT)
         self._reply(R.START_DATA)
         self.reader.start_data()
         item = await self._next()
@@ -669,7 +677,7 @@ class Session(asyncio.Protocol):
                 self.reader.abort_message()
                 self._reply(exc.reply)
             return
-        self.reader.start_bdat(size, last=last == "LAST")
+        self.reader.start_bdat(size, last=last == "LAST", binary=self.envelope.body_type == "BINARYMIME")
         item = await self._next()
         if item is None:
             return

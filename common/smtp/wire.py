@@ -88,6 +88,7 @@ class Reader:
         self._chunk_left = 0
         self._chunk_last = False
         self._bdat_open = False  # a BDAT transaction has chunks but no LAST yet
+        self._binary = False  # BODY=BINARYMIME: any octets, bare CR and LF too (RFC 3030 3)
 
     # --- input ----------------------------------------------------------------------
 
@@ -110,11 +111,13 @@ class Reader:
         self._mode = "data"
         self._start_message()
 
-    def start_bdat(self, size: int, last: bool) -> None:
-        """After a BDAT command: exactly `size` octets follow (RFC 3030 2)."""
+    def start_bdat(self, size: int, last: bool, *, binary: bool = False) -> None:
+        """After a BDAT command: exactly `size` octets follow (RFC 3030 2).  `binary`
+        (BODY=BINARYMIME): they are kept as they are, bare CR and LF included."""
         if not self._bdat_open:
             self._start_message()
             self._bdat_open = True
+            self._binary = binary
         self._mode = "bdat"
         self._chunk_left = size
         self._chunk_last = last
@@ -247,7 +250,8 @@ class Reader:
         self._parts = []
         # BDAT frames by octet count, so a bare CR or LF cannot end it early; but the
         # message may later be relayed with DATA, where it could: refuse it here too.
-        if binary and _bare(content):
+        # A BINARYMIME message is only ever relayed with BDAT (mta/options.py).
+        if binary and not self._binary and _bare(content):
             return Message(b"", bare_line_ending=True)
         return Message(content)
 

@@ -98,3 +98,23 @@ def test_the_config_gives_every_listener_setting_as_an_endpoint(tmp_path: Path) 
     ]
     assert cfg.endpoint("mta.smtp") == Endpoint("::1", 2525)
     assert cfg.endpoint("mda.lmtp") == Endpoint("127.0.0.1", 2424)
+
+
+def test_every_address_of_a_setting_is_bound_and_one_in_use_names_the_setting_and_releases_the_rest() -> None:
+    from common.daemon import bind_all
+    from tests.support.ports import free_port
+
+    first, second = free_port("127.0.0.1"), free_port("127.0.0.2")
+    endpoints = {"mta.smtp": [Endpoint("127.0.0.1", first), Endpoint("127.0.0.2", second)]}
+    bound = bind_all(endpoints)
+    assert [s.getsockname() for s in bound["mta.smtp"]] == [("127.0.0.1", first), ("127.0.0.2", second)]
+    for s in bound["mta.smtp"]:
+        s.close()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.2", second))
+        busy.listen()
+        with pytest.raises(BindError) as info:
+            bind_all(endpoints)
+        assert str(info.value) == f"[mta] smtp = 127.0.0.2:{second}: address already in use"
+    # The first address was let go again: it binds at once.
+    Endpoint("127.0.0.1", first).bind().close()

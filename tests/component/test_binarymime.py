@@ -1,0 +1,161 @@
+"""BINARYMIME (RFC 3030 3): a binary message, only ever carried with BDAT.
+
+The engine offers BINARYMIME with CHUNKING where the handler says it keeps
+such a message exactly; BODY=BINARYMIME then forbids DATA (503 5.5.1) and the
+BDAT octets are kept as they came, bare CR and LF included.  The queue
+manager passes a binary message on with BDAT to a next hop that offers
+BINARYMIME and CHUNKING, and bounces it with 5.6.3 to one that does not (as
+an 8-bit body to a hop without 8BITMIME).  The next hops are real listeners on
+loopback: our engine with and without BINARYMIME, and an aiosmtpd host (no
+CHUNKING at all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import pytest
+
+from common.reply import Reply
+from common.smtp import Handler, Limits, MailEnvelope, MailSession, serve
+from tests.component.test_dsn_delivery import Peer, enqueue, peer_server, state
+from tests.component.test_qmgr import IPS, MX, Rig, dns_server, mx_server, port, rig_args
+
+__all__ = ["dns_server", "port", "rig_args"]  # the fixtures, shared with test_qmgr
+
+pytestmark = pytest.mark.timeout(30)
+
+# A header, then octets no DATA could carry: NUL, bare LF, bare CR, a lone dot line, 0xFF.
+BINARY = (
+    b"From: Alice <alice@sender.test>\r\nSubject: bits\r\nMIME-Version: 1.0\r\n"
+    b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+    + b"\x00\x01bare\nLF\rCR\r\n.\r\nend\xff" + bytes(range(256))
+)
+
+
+class Keep(Handler):
+    def __init__(self, *, binarymime: bool) -> None:
+        self.offers_binarymime = binarymime
+        self.got: list[tuple[str, bytes]] = []
+
+    async def data(self, session: MailSession, envelope: MailEnvelope) -> Reply:
+        assert envelope.content is not None
+        self.got.append((envelope.body_type, envelope.content))
+        return Reply(250, "2.0.0", "Kept")
+
+
+class Dialogue:
+    """A raw client: send bytes, read one reply (all its lines)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.file = self.sock.makefile("rb")
+        self.reply()  # the greeting
+
+    def reply(self) -> bytes:
+        lines = [self.file.readline()]
+        while lines[-1][3:4] == b"-":
+            lines.append(self.file.readline())
+        return b"".join(lines)
+
+    def say(self, data: bytes) -> bytes:
+        self.sock.sendall(data)
+        return self.reply()
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+async def _with_listener(handler: Keep, script: Any) -> Any:
+    server = await serve("127.0.0.1:0", lambda: handler, hostname="engine.test", limits=Limits())
+    try:
+        return await asyncio.to_thread(script, int(server.sockets[0].getsockname()[1]))
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_binarymime_is_offered_with_chunking_refuses_data_and_keeps_the_octets() -> None:
+    handler = Keep(binarymime=True)
+
+    def script(port: int) -> list[bytes]:
+        c = Dialogue(port)
+        try:
+            ehlo = c.say(b"EHLO client.test\r\n")
+            assert b"250-CHUNKING\r\n" in ehlo and b"BINARYMIME\r\n" in ehlo, ehlo
+            assert c.say(b"MAIL FROM:<a@sender.test> BODY=BINARYMIME\r\n").startswith(b"250 ")
+            assert c.say(b"RCPT TO:<b@engine.test>\r\n").startswith(b"250 ")
+            data = c.say(b"DATA\r\n")  # RFC 3030 3: BINARYMIME needs BDAT
+            first, rest = BINARY[:100], BINARY[100:]
+            chunk = c.say(b"BDAT %d\r\n" % len(first) + first)
+            last = c.say(b"BDAT %d LAST\r\n" % len(rest) + rest)
+            # A 7-bit message still goes with DATA on the same session.
+            assert c.say(b"MAIL FROM:<a@sender.test> BODY=7BIT\r\n").startswith(b"250 ")
+            assert c.say(b"RCPT TO:<b@engine.test>\r\n").startswith(b"250 ")
+            assert c.say(b"DATA\r\n").startswith(b"354 ")
+            plain = c.say(b"Subject: text\r\n\r\nhi\r\n.\r\n")
+            return [data, chunk, last, plain]
+        finally:
+            c.close()
+
+    data, chunk, last, plain = asyncio.run(_with_listener(handler, script))
+    assert data.startswith(b"503 5.5.1 "), data
+    assert chunk.startswith(b"250 ") and last.startswith(b"250 2.0.0 Kept"), (chunk, last)
+    assert plain.startswith(b"250 2.0.0 Kept"), plain
+    assert handler.got[0] == ("BINARYMIME", BINARY)  # every octet as sent
+    assert handler.got[1][0] == "7BIT"
+
+
+def test_without_binarymime_it_is_not_offered_and_bare_line_endings_in_bdat_are_refused() -> None:
+    handler = Keep(binarymime=False)
+
+    def script(port: int) -> list[bytes]:
+        c = Dialogue(port)
+        try:
+            ehlo = c.say(b"EHLO client.test\r\n")
+            assert b"CHUNKING" in ehlo and b"BINARYMIME" not in ehlo, ehlo
+            body = c.say(b"MAIL FROM:<a@sender.test> BODY=BINARYMIME\r\n")
+            assert c.say(b"MAIL FROM:<a@sender.test>\r\n").startswith(b"250 ")
+            assert c.say(b"RCPT TO:<b@engine.test>\r\n").startswith(b"250 ")
+            bare = c.say(b"BDAT %d LAST\r\n" % len(BINARY) + BINARY)
+            return [body, bare]
+        finally:
+            c.close()
+
+    body, bare = asyncio.run(_with_listener(handler, script))
+    assert body.startswith(b"501 5.5.4 "), body
+    assert bare.startswith(b"5"), bare  # may later go out with DATA: no bare CR or LF
+    assert handler.got == []
+
+
+def test_a_binary_message_goes_with_bdat_to_a_hop_offering_binarymime_and_bounces_5_6_3_elsewhere(
+    rig_args: Any,
+) -> None:
+    class BinaryPeer(Peer):
+        def __init__(self, *, binarymime: bool) -> None:
+            super().__init__()
+            self.offers_binarymime = binarymime
+
+    async def go() -> None:
+        rig = Rig(*rig_args)
+        async with peer_server(IPS["ok"], rig_args[2], BinaryPeer(binarymime=True)) as peer, \
+                peer_server(IPS["backup"], rig_args[2], BinaryPeer(binarymime=False)) as chunking_only, \
+                mx_server(IPS["transport"], rig_args[2], MX()) as plain:
+            t1 = enqueue(rig, {"a@ok.test": ("", "")}, body=BINARY, body_type="BINARYMIME")
+            t2 = enqueue(rig, {"b@backup.test": ("", "")}, body=BINARY, body_type="BINARYMIME")
+            t3 = enqueue(rig, {"c@transport.test": ("", "")}, body=BINARY, body_type="BINARYMIME")
+            await rig.run()
+            await rig.close()
+        assert state(rig, t1, "a@ok.test")[0] == "delivered"
+        [got] = peer.got
+        assert got.params.get("BODY") == "BINARYMIME"
+        assert got.content.endswith(BINARY[BINARY.index(b"From: Alice"):])  # octets intact
+        for trace, address in ((t2, "b@backup.test"), (t3, "c@transport.test")):
+            s, reply = state(rig, trace, address)
+            assert s == "bounced" and reply.startswith("554 5.6.3"), (address, reply)
+        assert chunking_only.got == [] and plain.received == []
+
+    asyncio.run(go())
