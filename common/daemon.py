@@ -43,7 +43,7 @@ from common.clock import Clock, for_lab
 from common.clock import use as use_clock
 from common.config import Config
 from common.db import Database
-from common.endpoint import BindError, Endpoint
+from common.endpoint import BindError, Endpoint, v6only
 from common.privileges import StartError
 from common.tls import server_context
 
@@ -101,7 +101,7 @@ def bind_all(endpoints: dict[str, list[Endpoint]]) -> dict[str, list[socket.sock
             bound[key] = []
             for endpoint in addresses:
                 try:
-                    bound[key].append(endpoint.bind())
+                    bound[key].append(endpoint.bind(v6only=v6only(endpoint, addresses)))
                 except BindError as exc:
                     raise BindError(f"{setting_name(key)} = {exc}") from None
     except BaseException:

@@ -91,11 +91,12 @@ class Endpoint:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
 
-    def bind(self) -> socket.socket:
+    def bind(self, *, v6only: bool = False) -> socket.socket:
         """A bound socket, not yet listening: nobody can connect before `listen()`.
-        BindError says why it cannot be bound."""
+        `[::]` serves IPv4 too unless `v6only` (the setting lists IPv4 addresses of
+        its own on that port).  BindError says why it cannot be bound."""
         try:
-            return self._unix() if self.is_unix else self._tcp()
+            return self._unix() if self.is_unix else self._tcp(v6only)
         except socket.gaierror as exc:
             raise BindError(f"{self}: {exc.strerror or exc}".rstrip()) from None
         except OSError as exc:
@@ -112,7 +113,7 @@ class Endpoint:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         return BindError(f"{self}: {reason[:1].lower()}{reason[1:]}")
 
-    def _tcp(self) -> socket.socket:
+    def _tcp(self, v6only: bool) -> socket.socket:
         family, kind, proto, _, address = socket.getaddrinfo(
             self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
@@ -122,7 +123,7 @@ class Endpoint:
             if family == socket.AF_INET6 and self.host == "::":
                 # [::]:25 serves IPv4 too, whatever the system's bindv6only says;
                 # the session sees those clients as plain IPv4 (client_address).
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if v6only else 0)
             sock.bind(address)
         except BaseException:
             sock.close()
@@ -149,6 +150,16 @@ class Endpoint:
             sock.close()
             raise
         return sock
+
+
+def v6only(endpoint: Endpoint, setting: list[Endpoint]) -> bool:
+    """Whether `[::]:port` in a listener setting should serve IPv6 only: when the
+    same setting names IPv4 addresses on that port, the operator said which."""
+    if endpoint.is_unix or endpoint.host != "::":
+        return False
+    return any(
+        not e.is_unix and e.port == endpoint.port and ":" not in e.host and e.host != "localhost" for e in setting
+    )
 
 
 def _accepting(path: str) -> bool:

@@ -118,3 +118,28 @@ def test_every_address_of_a_setting_is_bound_and_one_in_use_names_the_setting_an
         assert str(info.value) == f"[mta] smtp = 127.0.0.2:{second}: address already in use"
     # The first address was let go again: it binds at once.
     Endpoint("127.0.0.1", first).bind().close()
+
+
+def test_ipv6_wildcard_beside_ipv4_addresses_of_the_same_setting_serves_ipv6_only() -> None:
+    from common.daemon import bind_all
+    from tests.support.ports import free_port
+
+    port = free_port("127.0.0.1")
+    # Alone, [::] takes IPv4 too; beside 127.0.0.1 on its port, the setting said which.
+    bound = bind_all({"mta.smtp": [Endpoint("127.0.0.1", port), Endpoint("::", port)]})
+    try:
+        v4, v6 = bound["mta.smtp"]
+        assert v6.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+        for s in (v4, v6):
+            s.listen()
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            with socket.socket(family) as c:
+                c.connect((host, port))
+    finally:
+        for s in bound["mta.smtp"]:
+            s.close()
+    alone = bind_all({"mta.smtp": [Endpoint("::", port)]})["mta.smtp"][0]
+    try:
+        assert alone.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+    finally:
+        alone.close()
