@@ -55,7 +55,7 @@ def test_trace_of_unknown_id_fails(installation: Installation) -> None:
 def test_config_show_json(installation: Installation) -> None:
     r = installation.cli("config", "show", "--json")
     data = json.loads(r.stdout)
-    assert data["mta"]["smtp"] == f"127.0.0.1:{installation.ports['smtp']}"
+    assert data["mta"]["smtp"] == [f"127.0.0.1:{installation.ports['smtp']}"]  # a listener setting is a list
 
 
 def test_run_stops_every_daemon_on_ctrl_c(installation: Installation) -> None:
