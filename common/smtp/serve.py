@@ -53,12 +53,13 @@ async def serve(
     """
     if implicit_tls and tls_context is None:
         raise ValueError("implicit TLS needs a TLS context")
+    bound = listen if isinstance(listen, socket.socket) else Endpoint.parse(listen).bind()
+    bound.setblocking(False)
     listener = Listener(
         hostname=hostname, limits=limits, connections=connections if connections is not None else Connections(),
         tls_context=tls_context, implicit_tls=implicit_tls, require_starttls=require_starttls, lmtp=lmtp, utf8=utf8,
+        name=address_of(bound),
     )
-    bound = listen if isinstance(listen, socket.socket) else Endpoint.parse(listen).bind()
-    bound.setblocking(False)
 
     def factory() -> Session:
         return Session(make_handler(), listener)
@@ -67,6 +68,15 @@ async def serve(
     if bound.family == socket.AF_UNIX:
         return await loop.create_unix_server(factory, sock=bound)
     return await loop.create_server(factory, sock=bound)
+
+
+def address_of(sock: socket.socket) -> str:
+    """A listening socket's address as the config writes it: host:port, [v6]:port, unix:/path."""
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{name.decode() if isinstance(name, bytes) else name}"
+    host, port = name[0], name[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def in_networks(ip: str, networks: list[str]) -> bool:
