@@ -463,7 +463,8 @@ class Session(asyncio.Protocol):
             # RFC 3207 4.2: forget everything learned before TLS, EHLO included.
             self._reset_transaction()
             self.session = MailSession(
-                peer=self.session.peer, client_ip=self.session.client_ip, tls=True, errors=self.session.errors
+                peer=self.session.peer, client_ip=self.session.client_ip, tls=True, errors=self.session.errors,
+                listener=self.session.listener,
             )
 
     async def _start_tls(self) -> bool:
