@@ -41,11 +41,13 @@ class Counters:
     def __init__(self) -> None:
         self._values: dict[tuple[str, Labels], float] = {}
         self._lock = threading.Lock()
+        self.changes = 0  # bumped by every count: an idle daemon's file is not rewritten
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
         key = (name, tuple(sorted(labels.items())))
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
+            self.changes += 1
 
     def value(self, name: str, **labels: str) -> float:
         with self._lock:
@@ -110,10 +112,13 @@ def _save_quietly(counters: Counters, path: Path) -> None:
 
 async def keep_saved(path: Path, every: float = SAVE_EVERY, counters: Counters = COUNTERS) -> None:
     """Save `counters` to `path` every `every` seconds until cancelled, then once more."""
+    saved = -1
     try:
         while True:
             await asyncio.sleep(every)
-            _save_quietly(counters, path)
+            if counters.changes != saved:
+                saved = counters.changes
+                _save_quietly(counters, path)
     finally:
         _save_quietly(counters, path)
 
