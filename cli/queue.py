@@ -1,4 +1,8 @@
-"""`mailroom queue`: see and steer the queue (Postfix's postqueue and postsuper jobs)."""
+"""`mailroom queue`: see and steer the queue (Postfix's postqueue and postsuper jobs).
+
+Now is the daemons' now (`utcnow`: the process clock `mailroom` sets from the
+config), so ages and "due now" agree with the queue manager's, lab time in a lab.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,9 @@ from typing import Any
 from sqlalchemy import select, update
 
 from cli.show import clean
-from common.clock import SystemClock
 from common.config import Config
 from common.db import Database
-from common.models import BOUNCED, DELETED, FINAL_STATES, QUEUED, Message, Recipient, add_event
+from common.models import BOUNCED, DELETED, FINAL_STATES, QUEUED, Message, Recipient, add_event, utcnow
 from common.reply import Reply
 from mta import bounce, queue
 
@@ -23,7 +26,7 @@ def _pending(s: Any, ident: str | None = None) -> list[Message]:
 
 
 def listing(db: Database, ident: str | None = None) -> list[dict[str, Any]]:
-    now = SystemClock().now()
+    now = utcnow()
     with db.read() as s:
         return [
             {
@@ -80,7 +83,7 @@ def _age(seconds: int) -> str:
 
 def flush(cfg: Config, db: Database, ident: str | None) -> int:
     """Make queued recipients due now and wake the queue manager."""
-    now = SystemClock().now()
+    now = utcnow()
     with db.write() as s:
         q = update(Recipient).where(Recipient.state == QUEUED)
         if ident:
@@ -118,7 +121,7 @@ def delete(db: Database, ident: str) -> int:
 def bounce_now(cfg: Config, db: Database, ident: str) -> int:
     """Return a message to its sender now, with a DSN."""
     reply = Reply(550, "5.0.0", "Returned to sender by the mail administrator")
-    now = SystemClock().now()
+    now = utcnow()
     with db.write() as s:
         msg = s.get(Message, ident.upper())
         if msg is None or msg.body is None:

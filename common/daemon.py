@@ -37,8 +37,8 @@ from typing import NoReturn
 from sqlalchemy.engine import make_url
 
 from common import config as configmod
+from common import counters, privileges
 from common import log as logmod
-from common import privileges
 from common.clock import Clock, for_lab
 from common.clock import use as use_clock
 from common.config import Config
@@ -142,7 +142,7 @@ def main(
     except StartError as exc:
         _cannot_start(f"{process}: {exc}", EXIT_CONFIG)
     try:
-        asyncio.run(_run(service, ctx))
+        asyncio.run(_run(process, service, ctx))
     finally:
         ctx.db.close()
 
@@ -201,13 +201,15 @@ def _prepare(
     )
 
 
-async def _run(service: Service, ctx: Context) -> None:
+async def _run(process: str, service: Service, ctx: Context) -> None:
     # The Event was made outside the loop; asyncio binds it to the running loop at first use.
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, ctx.stop.set)
     log.info("starting")
-    await service(ctx)
+    # Counted in memory, saved for the web program's /metrics (common/counters.py).
+    async with counters.saved(ctx.config.run_dir / "metrics" / f"{process}.json"):
+        await service(ctx)
     log.info("stopped")
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
-from common import dsn
+from common import counters, dsn
 from common import reply as R
 from common.address import lookup_key
 from common.clock import Clock
@@ -146,6 +146,7 @@ class SubmissionHandler(Handler):
             log.info("authenticated %s from %s", login, ip)
             return
         count = self.limiters.failures.failed(ip)
+        counters.inc(counters.LOGIN_FAILURES, listener=session.listener)  # in memory: no write for an attacker
         log.warning("authentication failed for %r from %s (%d)", login[:64], ip, count)
         if self.limiters.failures.is_locked(ip):
             raise SMTPError(R.TOO_MANY_AUTH_FAILURES)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import dns.asyncresolver
 
+from common import counters
 from common.endpoint import Endpoint
 from common.reply import Reply
 from common.smtp_client import Client, NextHopError
@@ -198,6 +199,7 @@ class RemoteDelivery:
                         cached, reused = None, False
                         continue
                     return [exc.reply] * len(recipients), cached.host
+                counters.inc(counters.TLS_OUT, hop="qmgr", tls="yes" if cached.client.tls else "no")
                 closing = any(x.code == 421 for x in replies)
                 if closing or cached.uses >= self.reuse_limit:
                     await cached.client.quit()

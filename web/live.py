@@ -62,6 +62,7 @@ class Live:
 
     def scrape(self, cfg: Config, request: Request) -> Response:
         self.feed.catch_up()  # everything committed before the scrape is counted
+        self.metrics.read_daemons(cfg)
         return Response(HTTPStatus.OK, self.metrics.render(), PROMETHEUS)
 
     def trace(self, cfg: Config, request: Request) -> Response:

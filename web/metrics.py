@@ -8,9 +8,12 @@ they survive a restart of any daemon (the web program re-reads the table when
 it starts).  What is a state rather than a history (the queue) is asked of the
 database at scrape time.
 
-Not derived, because no table records them yet: login failures and listener
-connections (the MSA and MTA keep those in memory), and TLS on outgoing
-deliveries (the queue manager's events do not say whether the hop used TLS).
+Not in the database, on purpose: login failures and listener connections (an
+attacker's cheapest moves must not cost a database write), and TLS on outgoing
+deliveries.  The daemons count those in memory and save them every few seconds
+to `<run_dir>/metrics/<program>.json` (common/counters.py); `DaemonCounters`
+reads those files at scrape time.  A daemon starts from its file's values, so
+these counters carry on across a restart too.
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ import datetime as dt
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
+from common import counters
+from common.config import Config
 from common.db import Database
 from common.log import is_trace_id, trace_time_us
 from common.models import ACTIVE, QUEUED, Message, Recipient, utcnow
@@ -73,6 +79,64 @@ class QueueCollector(Collector):
                                 "Age of the oldest message in the queue (0 when it is empty)", value=max(age, 0.0))
 
 
+# The listener settings whose address a daemon's counters name, shown by setting instead.
+LISTENER_SETTINGS = ("msa.submission", "msa.submissions", "mta.smtp", "mta.internal", "mda.lmtp")
+
+
+class DaemonCounters(Collector):
+    """What the daemons counted in memory (common/counters.py), read from their files at each scrape,
+    and the TLS use of received messages (from the trace table) beside that of sent ones."""
+
+    def __init__(self) -> None:
+        self.folder: Path | None = None  # <run_dir>/metrics; None: no daemon files (tests of the web alone)
+        self.listeners: dict[str, str] = {}  # listening address -> the setting that names it
+        self.tls_in: dict[tuple[str, str], float] = {}  # (hop, tls) -> messages received
+        self.lock = threading.Lock()
+
+    def totals(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Every daemon's counters, summed by name and labels."""
+        found: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        if self.folder is None:
+            return found
+        for path in sorted(self.folder.glob("*.json")):
+            for e in counters.read(path):
+                labels = dict(e["labels"])
+                if "listener" in labels:
+                    labels["listener"] = self.listeners.get(labels["listener"], labels["listener"])
+                key = (e["name"], tuple(sorted(labels.items())))
+                found[key] = found.get(key, 0.0) + e["value"]
+        return found
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        got = self.totals()
+
+        def family(name: str, text: str, counter: str, labels: list[str]) -> CounterMetricFamily:
+            fam = CounterMetricFamily(name, text, labels=labels)
+            for (n, pairs), value in sorted(got.items()):
+                if n == counter:
+                    d = dict(pairs)
+                    fam.add_metric([d.get(label, "") for label in labels], value)
+            return fam
+
+        yield family("mailroom_login_failures", "Failed logins (wrong name or password) at the MSA, by listener",
+                     counters.LOGIN_FAILURES, ["listener"])
+        yield family("mailroom_connections", "Client connections by listener, accepted or refused by the "
+                     "connection caps ([smtp] max_connections, max_connections_per_client)",
+                     counters.CONNECTIONS, ["listener", "result"])
+        tls = CounterMetricFamily("mailroom_tls_sessions", "Messages by direction (in: received; out: handed "
+                                  "to a remote host), hop and whether the session was encrypted (TLS)",
+                                  labels=["direction", "hop", "tls"])
+        with self.lock:
+            received = sorted(self.tls_in.items())
+        for (hop, yes), value in received:
+            tls.add_metric(["in", hop, yes], value)
+        for (n, pairs), value in sorted(got.items()):
+            if n == counters.TLS_OUT:
+                d = dict(pairs)
+                tls.add_metric(["out", d.get("hop", ""), d.get("tls", "")], value)
+        yield tls
+
+
 class Metrics:
     """The registry behind /metrics, fed with rows of the events table in id order."""
 
@@ -90,10 +154,8 @@ class Metrics:
             "mailroom_delivery_seconds", "From a message's arrival to a recipient's final outcome at the queue manager",
             ["outcome"], buckets=HOP_BUCKETS, registry=self.registry,
         )
-        self.tls = Counter(
-            "mailroom_tls_sessions", "Messages received, by hop and whether the session was encrypted (TLS)",
-            ["direction", "hop", "tls"], registry=self.registry,
-        )
+        self.daemons = DaemonCounters()
+        self.registry.register(self.daemons)
         self.rows_read = Counter("mailroom_events_read", "Rows of the trace table read so far",
                                      registry=self.registry)
         if db is not None:
@@ -125,7 +187,20 @@ class Metrics:
             self.delivery_seconds.labels(event).observe(max((when - arrived).total_seconds(), 0.0))
         if event == "received" and hop in ("msa", "mta"):
             # The receiving hops note "tls=yes" in the event's detail.
-            self.tls.labels("in", hop, "yes" if "tls=yes" in row["detail"] else "no").inc()
+            key = (hop, "yes" if "tls=yes" in row["detail"] else "no")
+            with self.daemons.lock:
+                self.daemons.tls_in[key] = self.daemons.tls_in.get(key, 0.0) + 1
+
+    def read_daemons(self, cfg: Config) -> None:
+        """Where the daemons of `cfg` save their counters, and the names of their listeners."""
+        self.daemons.folder = cfg.run_dir / "metrics"
+        names: dict[str, str] = {}
+        for key in LISTENER_SETTINGS:
+            try:
+                names[str(cfg.endpoint(key))] = key
+            except (AttributeError, ValueError):
+                continue
+        self.daemons.listeners = names
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -31,6 +31,7 @@ class MailSession:
     host_name: str | None = None  # the HELO/EHLO/LHLO argument
     extended_smtp: bool = False  # EHLO/LHLO rather than HELO
     tls: bool = False  # the connection is encrypted (STARTTLS done, or implicit TLS)
+    listener: str = ""  # the address the client connected to (host:port, unix:/path), for metrics
     user: str | None = None  # the authenticated login, lower-case
     errors: int = 0  # client errors so far (the engine closes after too many)
 

@@ -57,10 +57,6 @@ async def serve(
     """
     if implicit_tls and tls_context is None:
         raise ValueError("implicit TLS needs a TLS context")
-    listener = Listener(
-        hostname=hostname, limits=limits, connections=connections if connections is not None else Connections(),
-        tls_context=tls_context, implicit_tls=implicit_tls, require_starttls=require_starttls, lmtp=lmtp, utf8=utf8,
-    )
     if isinstance(listen, str):
         bound = [Endpoint.parse(listen).bind()]
     elif isinstance(listen, socket.socket):
@@ -71,6 +67,11 @@ async def serve(
         raise ValueError("nothing to serve on")
     for sock in bound:
         sock.setblocking(False)
+    listener = Listener(
+        hostname=hostname, limits=limits, connections=connections if connections is not None else Connections(),
+        tls_context=tls_context, implicit_tls=implicit_tls, require_starttls=require_starttls, lmtp=lmtp, utf8=utf8,
+        name=address_of(bound[0]),  # the metrics' listener label: the setting's first address
+    )
 
     def factory() -> Session:
         return Session(make_handler(), listener)
@@ -81,6 +82,15 @@ async def serve(
     server = asyncio.Server(asyncio.get_running_loop(), bound, factory, None, BACKLOG, None)
     await server.start_serving()
     return server
+
+
+def address_of(sock: socket.socket) -> str:
+    """A listening socket's address as the config writes it: host:port, [v6]:port, unix:/path."""
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{name.decode() if isinstance(name, bytes) else name}"
+    host, port = name[0], name[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def in_networks(ip: str, networks: list[str]) -> bool:

@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from common import address as addr
-from common import dsn
+from common import counters, dsn
 from common import reply as R
 from common.log import trace_id
 from common.reply import Reply, SMTPError
@@ -100,6 +100,7 @@ class Listener:
     require_starttls: bool = False
     lmtp: bool = False
     utf8: bool = True
+    name: str = ""  # the listening address, as metrics label it
     # Made once here rather than once per connection (see __post_init__).
     greeting: Reply = field(init=False, repr=False, compare=False)
     helo_reply: Reply = field(init=False, repr=False, compare=False)
@@ -149,6 +150,10 @@ class Session(asyncio.Protocol):
         self.session.peer = peer
         self.session.client_ip = client_address(peer[0]) if isinstance(peer, tuple) and peer else "local"
         self._admitted = self._admit(self.session.client_ip)
+        self.session.listener = self.listener.name
+        # In memory (common/counters.py): a connection never costs a database write.
+        counters.inc(counters.CONNECTIONS, listener=self.listener.name,
+                     result="accepted" if self._admitted else "refused")
         if self.listener.implicit_tls:
             transport.pause_reading()  # the ClientHello is for start_tls, not for us
         # A fresh context: the session never inherits a trace id from whoever
@@ -460,7 +465,8 @@ class Session(asyncio.Protocol):
             # RFC 3207 4.2: forget everything learned before TLS, EHLO included.
             self._reset_transaction()
             self.session = MailSession(
-                peer=self.session.peer, client_ip=self.session.client_ip, tls=True, errors=self.session.errors
+                peer=self.session.peer, client_ip=self.session.client_ip, tls=True, errors=self.session.errors,
+                listener=self.session.listener,
             )
 
     async def _start_tls(self) -> bool:

@@ -206,3 +206,24 @@ def test_the_web_program_stops_promptly_with_a_page_open(web: Web) -> None:
         web.proc.terminate()
         assert web.proc.wait(10) == 0
         assert time.monotonic() - started < 5
+
+
+def test_queue_age_is_measured_in_lab_time(web: Web) -> None:
+    """In a lab the daemons stamp lab time; the web program measures the queue's age against lab now."""
+    from common.clock import SystemClock, WarpedClock
+
+    since = SystemClock().now().replace(microsecond=0) - dt.timedelta(hours=1)  # lab now: 60 lab hours ahead
+    web.config.write_text(web.config.read_text()
+                          + f'[lab]\ntime_warp = 60\ntime_warp_since = "{since.isoformat()}"\n')
+    lab_now = WarpedClock(SystemClock(), 60, since).now()
+    trace = new_trace_id()
+    with web.db.write() as s:
+        s.execute(insert(Message).values(id=trace, sender="a@example.org", size=10, body=b"x",
+                                         received=lab_now - dt.timedelta(seconds=120)))
+        s.execute(insert(Recipient).values(message_id=trace, address="b@example.org", state=QUEUED,
+                                           next_attempt=lab_now + dt.timedelta(seconds=300), last_reply=""))
+        s.commit()
+    web.start()
+    age = web.metrics()[("mailroom_queue_oldest_age_seconds", ())]
+    # Two lab minutes, plus a lab minute for each real second the start took.
+    assert 120 <= age < 120 + 60 * 30, age

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from common import counters
 from common.db import Database
 from common.log import new_trace_id
 from common.models import utcnow
@@ -25,6 +26,14 @@ def test_every_dashboard_query_names_an_exported_series(tmp_path: Path) -> None:
         {"trace": trace, "hop": "msa", "event": "received", "when": now, "detail": "tls=yes"},
         {"trace": trace, "hop": "qmgr", "event": "delivered", "when": now, "detail": ""},
     ])
+    # What the daemons count in memory, as they save it.
+    saved = counters.Counters()
+    saved.inc(counters.LOGIN_FAILURES, listener="127.0.0.1:2587")
+    saved.inc(counters.CONNECTIONS, listener="127.0.0.1:2525", result="accepted")
+    saved.inc(counters.CONNECTIONS, listener="127.0.0.1:2525", result="refused")
+    saved.inc(counters.TLS_OUT, hop="qmgr", tls="yes")
+    saved.save(tmp_path / "metrics" / "mta.json")
+    metrics.daemons.folder = tmp_path / "metrics"
     exported = {s.name for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples}
 
     dashboard = json.loads(DASHBOARD.read_text())

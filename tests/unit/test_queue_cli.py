@@ -8,6 +8,7 @@ import email
 import email.policy
 import io
 import json
+import re
 from typing import Any
 
 import pytest
@@ -158,3 +159,40 @@ def test_bounce_returns_it_to_the_sender_now(inst: Installation) -> None:
     before = {m.id for m in _bounces(inst)}
     assert _cli(inst, "queue", "bounce", silent)[0] == 0
     assert {m.id for m in _bounces(inst)} == before
+
+
+def test_ages_and_flush_in_lab_time(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """In a lab the daemons stamp lab time; `mailroom queue` counts ages from lab now, not the system's."""
+    from common.clock import SystemClock as System
+    from common.clock import WarpedClock
+
+    lab = Installation(tmp_path_factory.mktemp("labqueue") / "m")
+    since = System().now() - dt.timedelta(hours=1)  # lab time is now 60 lab hours ahead
+    lab.config_path.write_text(lab.config_path.read_text() + (
+        f'\n[lab]\ntime_warp = 60\ntime_warp_since = "{since.isoformat(timespec="seconds")}"\n'))
+    lab_clock = WarpedClock(System(), 60, since.replace(microsecond=0))
+    trace = new_trace_id()
+    received = lab_clock.now() - dt.timedelta(minutes=10)  # as the MTA stamped it, ten lab minutes ago
+    db = lab.db()
+    with db.write() as s:
+        queue.enqueue(s, trace=trace, sender="carol@sender.test", body=BODY, now=received,
+                      recipients=[queue.QueuedRecipient("dave@far.test", "dave@far.test")])
+        s.flush()
+        s.execute(update(Recipient).where(Recipient.message_id == trace).values(
+            next_attempt=received + dt.timedelta(hours=1)))
+        s.commit()
+
+    r = lab.cli("queue", "--json")  # its own process: the lab clock it sets stays there
+    assert r.returncode == 0, r.stderr
+    [item] = json.loads(r.stdout)
+    # Ten lab minutes, plus a lab minute per real second the command took to start.
+    assert 600 <= item["age"] < 600 + 60 * 30, item["age"]
+    text = lab.cli("queue").stdout
+    m = re.search(r" age (\d+)m ", text)
+    assert m and 10 <= int(m.group(1)) <= 40, text
+
+    assert lab.cli("queue", "flush").returncode == 0
+    with db.read() as s:
+        [due] = s.scalars(select(Recipient.next_attempt).where(Recipient.message_id == trace))
+    # Due at lab now: after the reception, long after the system's now.
+    assert received < due and due - System().now() > dt.timedelta(hours=50)
