@@ -44,8 +44,10 @@ class LocalDelivery:
 
     async def deliver(
         self, trace: str, sender: str, recipients: list[str], body: bytes, params: tuple[str, ...] = ()
-    ) -> list[Reply]:
-        """`params`: MAIL FROM parameters besides the trace id (BODY=8BITMIME, SMTPUTF8)."""
+    ) -> tuple[list[Reply], bool]:
+        """The replies, and whether the MDA left recording its outcomes to us (XRECORD).
+
+        `params`: MAIL FROM parameters besides the trace id (BODY=8BITMIME, SMTPUTF8)."""
         async with self.slots:
             while self.idle:
                 pooled = self.idle.pop()
@@ -59,7 +61,7 @@ class LocalDelivery:
             try:
                 client = await Client.connect(self.host, self.port, lmtp=True, helo=self.hostname, timeout=self.timeout)
             except NextHopError as exc:
-                return [exc.reply] * len(recipients)
+                return [exc.reply] * len(recipients), False
             replies = await self._send(client, trace, sender, recipients, body, params, reused=False)
             assert replies is not None
             return replies
@@ -67,20 +69,24 @@ class LocalDelivery:
     async def _send(
         self, client: Client, trace: str, sender: str, recipients: list[str], body: bytes,
         params: tuple[str, ...], *, reused: bool,
-    ) -> list[Reply] | None:
-        """The replies; None when a reused session turned out dead before taking anything on."""
+    ) -> tuple[list[Reply], bool] | None:
+        """The replies (see deliver); None when a reused session turned out dead before taking anything on."""
+        # XRECORD, where the MDA offers it: it writes no row of its own, and the
+        # queue manager records its outcomes with the settle.
+        ours = "XRECORD" in client.extensions
+        mail_params = (f"XTRACE={trace}", *(("XRECORD",) if ours else ()), *params)
         try:
-            replies = await client.send(sender, recipients, body, mail_params=(f"XTRACE={trace}", *params))
+            replies = await client.send(sender, recipients, body, mail_params=mail_params)
         except NextHopError as exc:
             client.close()
-            return None if reused and not client.mail_accepted else [exc.reply] * len(recipients)
+            return None if reused and not client.mail_accepted else ([exc.reply] * len(recipients), False)
         if any(r.code == 421 for r in replies):  # RFC 5321 3.8: the server is closing this session
             client.close()
             if reused and not client.mail_accepted:
                 return None
         else:
             self.idle.append(client)
-        return replies
+        return replies, ours and client.mail_accepted
 
     async def close(self) -> None:
         while self.idle:

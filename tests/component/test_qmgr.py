@@ -193,6 +193,18 @@ class LMTPScript(Handler):
         return [self.outcomes.get(r, Reply(250, "2.0.0", "Saved")) for r in envelope.rcpt_tos]
 
 
+class RecordingMDA(LMTPScript):
+    """Like our MDA when asked XRECORD: writes nothing, and its 250 names the path."""
+
+    ehlo_keywords = ("XTRACE", "XRECORD")
+
+    async def data(self, session: MailSession, envelope: MailEnvelope) -> list[Reply]:
+        assert "XRECORD" in envelope.params
+        self.transactions.append(list(envelope.rcpt_tos))
+        return [self.outcomes.get(r, Reply(250, "2.0.0", f"Ok: delivered to maildir path=/mail/{r}"))
+                for r in envelope.rcpt_tos]
+
+
 # --- the queue manager under test --------------------------------------------------------
 
 
@@ -690,5 +702,34 @@ def test_a_pooled_smtp_session_that_fails_before_mail_is_accepted_is_replaced_at
         assert mx.connections == 2
         for t in (first, second):
             assert {r.state for r in rig.recipients(t).values()} == {"delivered"}
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("records", [True, False])
+def test_the_mdas_outcomes_are_recorded_with_the_settle_when_it_leaves_them_to_us(
+    rig_args: Any, records: bool
+) -> None:
+    async def go() -> None:
+        outcomes = {"bob@example.org": Reply(552, "5.2.2", "Mailbox full")}
+        script = RecordingMDA(outcomes) if records else LMTPScript(outcomes)
+        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(), lmtp=True)
+        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
+        trace = rig.enqueue(["alice@example.org", "bob@example.org"], sender="")
+        await rig.run()
+        got = [(e.hop, e.event, e.recipient, e.path, e.detail) for e in rig.events(trace) if e.hop != "mta"]
+        await rig.close()
+        lmtp.close()
+        await lmtp.wait_closed()
+        if records:
+            assert got == [
+                ("mda", "delivered", "alice@example.org", "/mail/alice@example.org",
+                 "250 2.0.0 Ok: delivered to maildir"),
+                ("qmgr", "delivered", "alice@example.org", "", "250 2.0.0 Ok: delivered to maildir"),
+                ("mda", "refused", "bob@example.org", "", "552 5.2.2 Mailbox full"),
+                ("qmgr", "bounced", "bob@example.org", "", "552 5.2.2 Mailbox full"),
+            ]
+        else:  # an MDA that records its own events: nothing of its hop from us
+            assert [(hop, event) for hop, event, *_ in got] == [("qmgr", "delivered"), ("qmgr", "bounced")]
 
     asyncio.run(go())
