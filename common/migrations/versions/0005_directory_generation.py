@@ -1,7 +1,7 @@
 """a counter that moves whenever users or aliases change, so daemons may cache them
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-12-01 18:40:00
 
 The MTA and the MDA answer recipient and alias look-ups from memory
@@ -16,9 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005"
-# Revises the DSN-columns migration (0004) once both are merged; 0003 is the
-# newest revision this branch was started from.
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
