@@ -28,6 +28,7 @@ import errno
 import fcntl
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +42,33 @@ JOURNAL_KEEP = 5000
 # A dotlock untouched this long was left by a crashed writer (Dovecot's
 # dotlock_change_timeout is 2 minutes; we are more patient).
 STALE_DOTLOCK_SECONDS = 300
+# An empty dotlock this old was left by a writer killed between creating it and
+# writing its pid in the next system call: no holder is coming back for it.
+EMPTY_DOTLOCK_SECONDS = 5
+
+
+class _ThreadLocks:
+    """One mutex per mbox path for the threads of this process.
+
+    fcntl locks belong to the process, so they do not keep two of its threads
+    apart; only the dotlock would, and breaking a stale dotlock is not atomic:
+    two threads that both found a dead writer's lock could each remove it, the
+    second removing the first's fresh lock, and both append at once, one of
+    them journalling the wrong offset (a later redelivery then stores a second
+    copy).  So the threads of one MDA queue here first.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+
+    def get(self, path: Path) -> threading.Lock:
+        key = os.path.abspath(path)
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+
+_thread_locks = _ThreadLocks()
 
 
 class LockTimeout(Exception):
@@ -90,6 +118,17 @@ def deliver(
         path.parent.mkdir(mode=0o770, parents=True, exist_ok=True)  # less the daemon's umask
     data = entry(content, sender, time.time())
     deadline = time.monotonic() + lock_timeout
+    mutex = _thread_locks.get(path)
+    if not mutex.acquire(timeout=max(lock_timeout, 0.001)):
+        raise LockTimeout(f"{path}: busy in this process")
+    try:
+        return _deliver_locked(path, data, delivery_id, deadline, quota_limit)
+    finally:
+        mutex.release()
+
+
+def _deliver_locked(path: Path, data: bytes, delivery_id: str, deadline: float, quota_limit: int) -> bool:
+    """deliver(), once this process's threads are kept out: the dotlock, fcntl, the append."""
     lock_path = path.with_name(path.name + ".lock")
     _dotlock(lock_path, deadline)
     try:
@@ -243,7 +282,10 @@ def _holder_gone(lock_path: Path) -> bool:
     """The dotlock names a process that no longer exists (an MDA killed with SIGKILL):
     without this check every delivery to the mailbox waits out STALE_DOTLOCK_SECONDS."""
     try:
-        pid = int(lock_path.read_text().strip() or "0")
+        text = lock_path.read_text().strip()
+        if not text:
+            return time.time() - lock_path.stat().st_mtime > EMPTY_DOTLOCK_SECONDS
+        pid = int(text)
     except (ValueError, OSError):
         return False
     if pid <= 0 or pid == os.getpid():

@@ -207,3 +207,70 @@ def test_a_kill_at_any_step_then_a_redelivery_leaves_exactly_one_copy(tmp_path: 
     mbox.deliver(path, killed, "a@b", delivery_id="k1")
     mbox.deliver(path, b"Subject: after\n\n", "a@b", delivery_id="d2")
     assert _messages(path) == [b"Subject: before\n\n", killed, b"Subject: after\n\n"]
+
+
+def test_threads_breaking_a_dead_writers_dotlock_together_append_one_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An MDA killed while it held the dotlock leaves it behind.  After the restart two
+    # delivery threads find it together; the later one must not remove the fresh lock
+    # the first took meanwhile (fcntl does not keep threads of one process apart), or
+    # both append at once and one journals the wrong offset: its redelivery (the
+    # queue manager never saw the 250) then stores a second copy.
+    import contextlib
+    import subprocess
+    import sys
+    import threading
+
+    path = tmp_path / "box.mbox"
+    mbox.deliver(path, b"Subject: before\n\n", "a@b", delivery_id="d0")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path.with_name("box.mbox.lock").write_text(f"{dead.pid}\n")
+    real_gone, real_fcntl = mbox._holder_gone, mbox._fcntl_lock
+    both_looked = threading.Barrier(2)
+
+    def slow_gone(lock_path: Path) -> bool:
+        # Both threads read the dead writer's pid; the second acts on it a little
+        # later, when the first has already put its own lock in place.
+        gone = real_gone(lock_path)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_looked.wait(timeout=1)  # never met when only one thread gets this far
+        if threading.current_thread().name == "second":
+            time.sleep(0.1)
+        return gone
+
+    def slow_fcntl(fd: int, deadline: float) -> None:
+        real_fcntl(fd, deadline)
+        time.sleep(0.3)  # hold the lock while the other thread looks at the dotlock
+
+    monkeypatch.setattr(mbox, "_holder_gone", slow_gone)
+    monkeypatch.setattr(mbox, "_fcntl_lock", slow_fcntl)
+    bodies = {"first": b"Subject: one\n\n" + b"1" * 300 + b"\n", "second": b"Subject: two\n\n" + b"2" * 30 + b"\n"}
+    threads = [
+        threading.Thread(target=mbox.deliver, args=(path, body, "a@b"), kwargs={"delivery_id": name}, name=name)
+        for name, body in bodies.items()
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.setattr(mbox, "_fcntl_lock", real_fcntl)
+    # Both are redelivered: each is found where the journal says, and stored once.
+    for name, body in bodies.items():
+        assert mbox.deliver(path, body, "a@b", delivery_id=name) is False
+    assert sorted(_messages(path)) == sorted([b"Subject: before\n\n", *bodies.values()])
+
+
+def test_an_empty_dotlock_left_by_a_killed_writer_is_broken_soon(tmp_path: Path) -> None:
+    # Killed between creating the dotlock and writing its pid: it names nobody, and
+    # must not hold up the mailbox for the whole stale timeout.
+    path = tmp_path / "box.mbox"
+    lock = path.with_name("box.mbox.lock")
+    lock.touch()
+    with pytest.raises(mbox.LockTimeout):
+        mbox.deliver(path, b"Subject: x\n\n", "a@b", lock_timeout=0.2)  # it may be being written
+    old = time.time() - mbox.EMPTY_DOTLOCK_SECONDS - 1
+    os.utime(lock, (old, old))
+    assert mbox.deliver(path, b"Subject: x\n\n", "a@b", lock_timeout=1) is True
+    assert not lock.exists()
