@@ -19,7 +19,11 @@ recorded offset: if the same entry is there, it is already stored; if only the
 start of it is there (a kill in the middle of the append), the rest of the file
 is exactly that torn entry, so it is cut off and written again; anything else
 (a crash before the append, or a reader rewrote the file since) means it was
-never stored, and it is appended as usual.
+never stored, and it is appended as usual.  The journal line also gives the
+entry's length, so the next delivery of any message first cuts off an entry a
+kill tore (the mbox ends inside it, not on a message's end): otherwise the
+torn part would stay in the mailbox as a message of its own, followed by the
+later messages and, at its redelivery, by a second, whole copy.
 """
 
 from __future__ import annotations
@@ -138,6 +142,12 @@ def _deliver_locked(path: Path, data: bytes, delivery_id: str, deadline: float, 
             size = os.fstat(fd).st_size
             journal = _Journal(path) if delivery_id else None
             if journal is not None:
+                torn = journal.torn_last(fd, size)
+                if torn is not None:
+                    # The last append was cut off by a kill: its delivery was never
+                    # answered 250 and comes again; nothing may follow the torn part.
+                    os.ftruncate(fd, torn)
+                    size = torn
                 offset = journal.find(delivery_id)
                 if offset is not None:
                     found = _stored_at(fd, offset, size, data)
@@ -149,7 +159,7 @@ def _deliver_locked(path: Path, data: bytes, delivery_id: str, deadline: float, 
             if quota_limit > 0 and size + len(data) > quota_limit:
                 raise QuotaExceeded(f"{path}: quota {quota_limit} bytes")
             if journal is not None:
-                journal.add(delivery_id, size)
+                journal.add(delivery_id, size, len(data))
             try:
                 view = memoryview(data)
                 while view:
@@ -211,14 +221,37 @@ class _Journal:
             at = -1
         line = self.text[at + 1 :].split(b"\n", 1)[0]
         try:
-            return int(line[len(key) :])
+            return int(line[len(key) :].split(b" ")[0])
         except ValueError:
             return None  # torn by a crash while it was written: not proof of anything
 
-    def add(self, delivery_id: str, offset: int) -> None:
+    def torn_last(self, fd: int, size: int) -> int | None:
+        """Where the last append starts, if the mbox ends in the middle of it (a kill
+        while it was written); None when the mbox ends cleanly.
+
+        Its journal line says where it starts and how long it is.  Only a file
+        ending inside that span, at a From_ line, and not on a message's end (the
+        blank line) counts: a reader that rewrote the mbox since leaves whole
+        messages, which end in a blank line, and is never cut.
+        """
+        lines = self.text.rsplit(b"\n", 2)
+        if len(lines) < 2 or lines[-1]:
+            return None  # empty, or the last line itself was torn (then nothing was appended)
+        fields = lines[-2].split(b" ")
+        try:
+            offset, length = int(fields[1]), int(fields[2])
+        except (IndexError, ValueError):
+            return None  # an older line without the length
+        if not offset < size < offset + length:
+            return None
+        if os.pread(fd, 5, offset) != b"From " or os.pread(fd, 2, size - 2) == b"\n\n":
+            return None
+        return offset
+
+    def add(self, delivery_id: str, offset: int, length: int) -> None:
         if "\n" in delivery_id or " " in delivery_id:
             raise ValueError("a delivery id is one word")
-        line = f"{delivery_id} {offset}\n".encode()
+        line = f"{delivery_id} {offset} {length}\n".encode()
         if self.text.count(b"\n") >= 2 * JOURNAL_KEEP:
             # Rewrite with the newest half (a new file renamed over the old one).
             tmp = self.path.with_name(self.path.name + ".new")

@@ -164,24 +164,24 @@ from mda import mbox
 
 step = sys.argv[2]
 real_write, real_fsync = os.write, os.fsync
-journal_done = False
+
+def target(fd):
+    # Which file a write goes to (the dotlock's pid line is neither).
+    name = os.readlink(f"/proc/self/fd/{fd}")
+    return "journal" if name.endswith(".delivered") else "mbox" if name.endswith(".mbox") else "other"
 
 def write(fd, data):
-    global journal_done
-    if not journal_done:
-        journal_done = True  # the first write is the journal line
-        if step == "after-journal":
-            real_write(fd, data); real_fsync(fd)
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real_write(fd, data)
-    if step == "mid-append":
+    if target(fd) == "journal" and step == "after-journal":
+        real_write(fd, data); real_fsync(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if target(fd) == "mbox" and step == "mid-append":
         real_write(fd, bytes(data)[: len(data) // 2]); real_fsync(fd)
         os.kill(os.getpid(), signal.SIGKILL)
     return real_write(fd, data)
 
 def fsync(fd):
     real_fsync(fd)
-    if step == "after-append" and journal_done:
+    if step == "after-append" and target(fd) == "mbox":
         os.kill(os.getpid(), signal.SIGKILL)
 
 os.write, os.fsync = write, fsync
@@ -274,3 +274,44 @@ def test_an_empty_dotlock_left_by_a_killed_writer_is_broken_soon(tmp_path: Path)
     os.utime(lock, (old, old))
     assert mbox.deliver(path, b"Subject: x\n\n", "a@b", lock_timeout=1) is True
     assert not lock.exists()
+
+
+def test_a_message_torn_by_a_kill_is_cut_before_the_next_message_is_appended(tmp_path: Path) -> None:
+    # Killed in the middle of the append; another message comes before the
+    # redelivery of the torn one.  Left in place, the torn part would stay in
+    # the mailbox as a message of its own, and the redelivery add a second copy.
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "box.mbox"
+    mbox.deliver(path, b"Subject: before\n\n", "a@b", delivery_id="d0")
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLER, str(path), "mid-append"],
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, timeout=15,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+    mbox.deliver(path, b"Subject: other\n\n", "a@b", delivery_id="d2")
+    killed = b"Subject: killed\n\n" + b"x" * 5000 + b"\n"
+    mbox.deliver(path, killed, "a@b", delivery_id="k1")
+    assert _messages(path) == [b"Subject: before\n\n", b"Subject: other\n\n", killed]
+
+
+def test_a_reader_shortening_the_mbox_is_never_cut(tmp_path: Path) -> None:
+    # A reader expunged the first message (the file is rewritten shorter): the end
+    # of the file may now fall inside the span the journal gives the last append,
+    # but it ends with a whole message, so nothing is cut.
+    path = tmp_path / "box.mbox"
+    mbox.deliver(path, b"Subject: first\n\n" + b"f" * 400 + b"\n", "a@b", delivery_id="d0")
+    mbox.deliver(path, b"Subject: second\n\n", "a@b", delivery_id="d1")
+    mbox.deliver(path, b"Subject: third\n\n" + b"t" * 800 + b"\n", "a@b", delivery_id="d2")
+    box = mailbox.mbox(path)
+    box.lock()
+    box.remove(next(iter(box.keys())))
+    box.flush()
+    box.unlock()
+    box.close()
+    mbox.deliver(path, b"Subject: fourth\n\n", "a@b", delivery_id="d3")
+    assert [m.split(b"\n", 1)[0] for m in _messages(path)] == [
+        b"Subject: second", b"Subject: third", b"Subject: fourth"
+    ]
