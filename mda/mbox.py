@@ -312,8 +312,9 @@ def _dotlock(lock_path: Path, deadline: float) -> None:
 
 
 def _holder_gone(lock_path: Path) -> bool:
-    """The dotlock names a process that no longer exists (an MDA killed with SIGKILL):
-    without this check every delivery to the mailbox waits out STALE_DOTLOCK_SECONDS."""
+    """The dotlock names a process that no longer exists (an MDA killed with SIGKILL),
+    or whose id now belongs to a younger process: without this check every delivery
+    to the mailbox waits out STALE_DOTLOCK_SECONDS."""
     try:
         text = lock_path.read_text().strip()
         if not text:
@@ -323,13 +324,30 @@ def _holder_gone(lock_path: Path) -> bool:
         return False
     if pid <= 0 or pid == os.getpid():
         return False  # being written right now, or held by another thread of ours
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    started = _seconds_since_start(pid)
+    if started is None:
         return True
-    except PermissionError:
-        return False
-    return False
+    # Process ids are reused (32768 of them go round in minutes when daemons are
+    # restarted often): a process that started after the dotlock was made is not
+    # the writer that made it, and that one is gone.
+    try:
+        return started < time.time() - lock_path.stat().st_mtime - 0.1
+    except FileNotFoundError:
+        return False  # released meanwhile: the caller tries again
+
+
+def _seconds_since_start(pid: int) -> float | None:
+    """How long ago process `pid` started (from /proc), or None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return float("inf")  # cannot tell: take it for the holder
+    # Field 22, after the parenthesised command name: start time in clock ticks since boot.
+    ticks = int(stat.rsplit(")", 1)[1].split()[19])
+    return uptime - ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _fcntl_lock(fd: int, deadline: float) -> None:

@@ -315,3 +315,29 @@ def test_a_reader_shortening_the_mbox_is_never_cut(tmp_path: Path) -> None:
     assert [m.split(b"\n", 1)[0] for m in _messages(path)] == [
         b"Subject: second", b"Subject: third", b"Subject: fourth"
     ]
+
+
+def test_a_dotlock_whose_pid_now_belongs_to_a_younger_process_is_broken(tmp_path: Path) -> None:
+    # The MDA that made the dotlock was killed, and its pid went to a new process
+    # (pids wrap round fast when daemons restart often): that process is alive but
+    # is not the holder, so the mailbox must not wait out the stale timeout.
+    import subprocess
+    import sys
+
+    path = tmp_path / "box.mbox"
+    lock = path.with_name("box.mbox.lock")
+    lock.touch()
+    made = time.time() - 10
+    os.utime(lock, (made, made))
+    younger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        lock.write_text(f"{younger.pid}\n")
+        os.utime(lock, (made, made))
+        assert mbox.deliver(path, b"Subject: x\n\n", "a@b", lock_timeout=1) is True
+        # A live holder older than its dotlock is still waited for.
+        lock.write_text(f"{younger.pid}\n")
+        with pytest.raises(mbox.LockTimeout):
+            mbox.deliver(path, b"Subject: y\n\n", "a@b", lock_timeout=0.3)
+    finally:
+        younger.kill()
+        younger.wait()
