@@ -24,8 +24,9 @@ import datetime as dt
 import logging
 import socket
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
@@ -65,6 +66,13 @@ class Result:
         """The hand-off to our MDA itself failed (X.4.x: no connection, or it was lost),
         as opposed to a temporary refusal the MDA gave (a full mailbox, a lock)."""
         return self.local and self.reply.is_temporary and self.reply.status.startswith("4.4.")
+
+    @property
+    def retry_soon(self) -> bool:
+        """A local hand-off failed for a reason of our own host (X.4.x: the MDA away;
+        X.3.x: a local error, a busy database, a full disk): retried on the short
+        local schedule, not after the minutes a remote host is given."""
+        return self.mda_away or (self.local and self.reply.is_temporary and self.reply.status.startswith("4.3."))
 
 
 class QueueManager:
@@ -148,8 +156,11 @@ class QueueManager:
                 remote[(domain_of(a), sender)].append((rid, a))
         calls = []
         if local:
-            calls.append(self._deliver_local(job, local, asked))
-        calls.extend(self._deliver_remote(job, d, rs, sender, asked) for (d, sender), rs in remote.items())
+            calls.append(self._guarded(self._deliver_local(job, local, asked), local, local=True))
+        calls.extend(
+            self._guarded(self._deliver_remote(job, d, rs, sender, asked), rs)
+            for (d, sender), rs in remote.items()
+        )
         results: list[Result] = []
         for part in await asyncio.gather(*calls):
             results.extend(part)
@@ -170,6 +181,20 @@ class QueueManager:
             except OperationalError as exc:
                 log.warning("cannot record delivery results yet, retrying: %s", exc.orig)
                 await asyncio.sleep(1.0)
+
+    @staticmethod
+    async def _guarded(
+        attempt: Coroutine[Any, Any, list[Result]], rcpts: list[tuple[int, str]], *, local: bool = False
+    ) -> list[Result]:
+        """The attempt's results; a failure of our own (a bug, an unexpected error) is a
+        temporary failure of each recipient, so that each is settled (deferred), never
+        left active under a queue manager that lives on and never takes it again."""
+        try:
+            return await attempt
+        except Exception as exc:  # noqa: BLE001 - every recipient gets it as its reply
+            log.exception("delivery attempt failed")
+            reply = Reply(451, "4.3.0", f"Delivery attempt failed: {type(exc).__name__}")
+            return [Result(rid, a, reply, local=local) for rid, a in rcpts]
 
     def _asked(self, job: queue.Job) -> options.Asked:
         with self.db.read() as s:
@@ -214,7 +239,7 @@ class QueueManager:
         settled: list[Settled] = []
         for res in results:
             reply, n = res.reply, attempts[res.recipient_id] + 1
-            outcome, wait = classify(reply, age, n, self.policy, mda_away=res.mda_away)
+            outcome, wait = classify(reply, age, n, self.policy, mda_away=res.retry_soon)
             text = str(reply)
             mda_event = mda_path = ""
             if res.mda_left_record and not res.mda_away:

@@ -77,7 +77,8 @@ def classify(
     """The one decision: (outcome, seconds until the next try; 0 unless deferred).
 
     2xx delivered; 5xx bounced; 4xx deferred on the retry schedule (the short
-    local one when our own MDA could not be reached), or expired once the
+    local one when the hand-off to our own MDA failed for a reason of this host:
+    the MDA away, a local error), or expired once the
     message is `max_queue_lifetime` old.  `attempts` counts this one.
     """
     if reply.code < 400:

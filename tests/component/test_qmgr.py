@@ -733,3 +733,49 @@ def test_the_mdas_outcomes_are_recorded_with_the_settle_when_it_leaves_them_to_u
             assert [(hop, event) for hop, event, *_ in got] == [("qmgr", "delivered"), ("qmgr", "bounced")]
 
     asyncio.run(go())
+
+
+class _BrokenLocal(LocalDelivery):
+    async def deliver(self, *args: Any, **kwargs: Any) -> tuple[list[Reply], bool]:
+        raise RuntimeError("a bug in the hand-off")
+
+
+def test_an_unexpected_error_in_a_hand_off_defers_the_recipients_instead_of_leaving_them_active(
+    rig_args: Any,
+) -> None:
+    # Left "active", a recipient would wait for the queue manager's next restart.
+    async def go() -> None:
+        rig = Rig(*rig_args)
+        rig.qm.local = _BrokenLocal("127.0.0.1:9", hostname="mail.test", sessions=1, timeout=1)
+        trace = rig.enqueue(["alice@example.org"])
+        await rig.run()
+        r = rig.recipients(trace)["alice@example.org"]
+        assert (r.state, r.owner) == ("queued", ""), (r.state, r.owner)
+        assert r.last_reply.startswith("451 4.3.0") and "RuntimeError" in r.last_reply
+        assert r.next_attempt == rig.clock.now() + dt.timedelta(seconds=1)  # the short local schedule
+        await rig.close()
+
+    asyncio.run(go())
+
+
+def test_a_local_error_of_our_own_mda_is_retried_on_the_short_local_schedule(rig_args: Any) -> None:
+    # A busy database or a failed session at the MDA is over in seconds; a 4.2.x
+    # (a full or busy mailbox) waits like any other temporary refusal.
+    async def go() -> None:
+        script = LMTPScript({
+            "alice@example.org": Reply(451, "4.3.0", "Local error in processing, try again later"),
+            "bob@example.org": Reply(452, "4.2.2", "Mailbox full"),
+        })
+        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(), lmtp=True)
+        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
+        trace = rig.enqueue(["alice@example.org", "bob@example.org"])
+        await rig.run()
+        got = rig.recipients(trace)
+        now = rig.clock.now()
+        assert got["alice@example.org"].next_attempt == now + dt.timedelta(seconds=1)
+        assert got["bob@example.org"].next_attempt == now + dt.timedelta(seconds=300)
+        await rig.close()
+        lmtp.close()
+        await lmtp.wait_closed()
+
+    asyncio.run(go())
