@@ -77,10 +77,14 @@ class DeliveryPolicy:
 CLIENT_RECORDS = "XRECORD"
 # What a 250 adds before the mailbox path when the client records the outcome.
 PATH_MARK = " path="
+# The MAIL parameter by which the client says an earlier attempt may have stored
+# this message (its 250 was lost): a Maildir copy is then looked for in cur/ too,
+# where a reader moves it out of new/.
+RETRY = "XRETRY"
 
 
 class LMTPHandler(Handler):
-    ehlo_keywords = ("XTRACE", CLIENT_RECORDS)
+    ehlo_keywords = ("XTRACE", CLIENT_RECORDS, RETRY)
 
     def __init__(self, policy: DeliveryPolicy, db: Database, directory: Directory | None = None) -> None:
         self.policy = policy
@@ -148,7 +152,7 @@ class LMTPHandler(Handler):
             # for an mbox lock, and must not hold up other sessions' lookups.
             replies, outcomes = await asyncio.to_thread(
                 self._deliver_all, envelope.trace_id, envelope.mail_from, envelope.rcpt_tos, body,
-                CLIENT_RECORDS in envelope.params,
+                CLIENT_RECORDS in envelope.params, RETRY in envelope.params,
             )
         except Exception:
             # Never a single reply in LMTP (the client would wait for the rest).
@@ -169,7 +173,8 @@ class LMTPHandler(Handler):
         return replies
 
     def _deliver_all(
-        self, trace: str, sender: str, recipients: list[str], body: bytes, path_in_reply: bool = False
+        self, trace: str, sender: str, recipients: list[str], body: bytes, path_in_reply: bool = False,
+        retry: bool = False,
     ) -> tuple[list[Reply], list[tuple[str, Reply, str]]]:
         """Store the message for each recipient; returns the replies and the events to record."""
         trace_id.set(trace)
@@ -180,7 +185,7 @@ class LMTPHandler(Handler):
                 continue  # the same RCPT twice: one copy, the same answer twice
             box = self.mailboxes[rcpt]
             try:
-                path = self._deliver_one(trace, sender, rcpt, box, body, earlier.get(rcpt))
+                path = self._deliver_one(trace, sender, rcpt, box, body, earlier.get(rcpt), retry=retry)
                 text = f"Ok: delivered to {box.store} ({trace})"
                 reply = Reply(250, "2.0.0", text + (PATH_MARK + path if path_in_reply else ""))
                 log.info("delivered to=<%s> %s=%s", rcpt, box.store, path)
@@ -204,7 +209,8 @@ class LMTPHandler(Handler):
         return {rcpt: path for rcpt, path in reversed(rows)}  # the first one wins
 
     def _deliver_one(
-        self, trace: str, sender: str, rcpt: str, box: Mailbox, body: bytes, earlier: str | None = None
+        self, trace: str, sender: str, rcpt: str, box: Mailbox, body: bytes, earlier: str | None = None,
+        *, retry: bool = False,
     ) -> str:
         if earlier is not None:
             log.info("to=<%s>: already delivered (%s), not storing again", rcpt, earlier)
@@ -220,7 +226,7 @@ class LMTPHandler(Handler):
                 )
                 return str(box.path)
             name = maildir.unique_name(trace, rcpt, self.policy.hostname)
-            path, _ = maildir.deliver(box.path, content, name, quota_limit=box.quota)
+            path, _ = maildir.deliver(box.path, content, name, quota_limit=box.quota, look_in_cur=retry)
             return str(path)
         except QuotaExceeded as exc:
             raise SMTPError(R.OVER_QUOTA.with_text(f"Mailbox full: quota of {box.quota} bytes exceeded")) from exc

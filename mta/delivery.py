@@ -24,6 +24,10 @@ from mta import options, routing
 
 log = logging.getLogger("delivery")
 
+# The MAIL parameter that tells our MDA an earlier attempt of this message may
+# have stored it (a crash lost the 250): it then looks harder for that copy.
+RETRY = "XRETRY"
+
 
 class LocalDelivery:
     """LMTP to the MDA, over a small pool of reused sessions.
@@ -43,11 +47,14 @@ class LocalDelivery:
         self.idle: list[Client] = []
 
     async def deliver(
-        self, trace: str, sender: str, recipients: list[str], body: bytes, params: tuple[str, ...] = ()
+        self, trace: str, sender: str, recipients: list[str], body: bytes, params: tuple[str, ...] = (),
+        *, retry: bool = False,
     ) -> tuple[list[Reply], bool]:
         """The replies, and whether the MDA left recording its outcomes to us (XRECORD).
 
-        `params`: MAIL FROM parameters besides the trace id (BODY=8BITMIME, SMTPUTF8)."""
+        `params`: MAIL FROM parameters besides the trace id (BODY=8BITMIME, SMTPUTF8).
+        `retry`: an earlier attempt may have reached the MDA (XRETRY, where offered)."""
+        params = (*params, RETRY) if retry else params
         async with self.slots:
             while self.idle:
                 pooled = self.idle.pop()
@@ -74,6 +81,8 @@ class LocalDelivery:
         # XRECORD, where the MDA offers it: it writes no row of its own, and the
         # queue manager records its outcomes with the settle.
         ours = "XRECORD" in client.extensions
+        if RETRY not in client.extensions:
+            params = tuple(p for p in params if p != RETRY)
         mail_params = (f"XTRACE={trace}", *(("XRECORD",) if ours else ()), *params)
         try:
             replies = await client.send(sender, recipients, body, mail_params=mail_params)

@@ -204,7 +204,12 @@ class QueueManager:
         self, job: queue.Job, rcpts: list[tuple[int, str]], asked: options.Asked
     ) -> list[Result]:
         params = options.Outbound(asked, [rid for rid, _ in rcpts]).local_params(job.body)
-        replies, ours = await self.local.deliver(job.trace, job.sender, [a for _, a in rcpts], job.body, params)
+        # An earlier attempt may have stored it already (its 250 was lost to a crash).
+        ids = {rid for rid, _ in rcpts}
+        retry = any(n > 0 for rid, _, n in job.recipients if rid in ids)
+        replies, ours = await self.local.deliver(
+            job.trace, job.sender, [a for _, a in rcpts], job.body, params, retry=retry
+        )
         return [Result(rid, a, r, local=True, mda_left_record=ours) for (rid, a), r in zip(rcpts, replies, strict=True)]
 
     async def _deliver_remote(

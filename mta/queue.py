@@ -360,7 +360,9 @@ def release_stale(session: Session, host: str) -> int:
     """Put back recipients that a queue manager of this host left active when it died.
 
     Only dead holders are released: another queue manager on this host that is
-    still delivering keeps its claims.
+    still delivering keeps its claims.  The attempt the crash cut short counts:
+    it may have reached the next hop, so the next one is a retry (and says so to
+    our MDA, which then looks for an earlier copy a reader may have moved).
     """
     owners = session.scalars(
         select(Recipient.owner).where(Recipient.state == ACTIVE, Recipient.owner.like(host + ":%")).distinct()
@@ -372,7 +374,7 @@ def release_stale(session: Session, host: str) -> int:
     result = session.execute(
         update(Recipient)
         .where(Recipient.state == ACTIVE, Recipient.owner.in_(dead))
-        .values(state=QUEUED, owner="")
+        .values(state=QUEUED, owner="", attempts=Recipient.attempts + 1)
     )
     session.commit()
     return int(getattr(result, "rowcount", 0) or 0)

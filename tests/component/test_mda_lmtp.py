@@ -651,3 +651,22 @@ def test_with_xrecord_the_mda_writes_nothing_and_each_250_names_the_path(
     _, data = client.deliver("carol@example.net", ["alice@example.org"], MESSAGE, trace="0192F3A1B2C3D4E5F7")
     assert [c for c, _ in data] == [250] and "path=" not in data[0][1]
     assert [(e.recipient, e.event) for e in events(inst, "0192F3A1B2C3D4E5F7")] == [("alice@example.org", "delivered")]
+
+
+def test_a_retry_finds_the_copy_a_reader_moved_to_cur(client: Client, inst: Installation, alice: Path) -> None:
+    # The queue manager was killed after our 250 and before it recorded it (XRECORD:
+    # no event of ours), and a reader has since moved the message to cur/.  The new/
+    # name no longer finds it; a retry (XRETRY) makes the MDA look in cur/ too.
+    def once(*params: str) -> list[int]:
+        assert client.cmd(f"MAIL FROM:<carol@example.net> XTRACE={TRACE} XRECORD {' '.join(params)}")[0] == 250
+        assert client.cmd("RCPT TO:<alice@example.org>")[0] == 250
+        return [c for c, _ in client.data(MESSAGE, 1)]
+
+    code, text = client.cmd("LHLO client.test")
+    assert "XRETRY" in text
+    assert once() == [250]
+    (path,) = maildir_messages(alice)
+    path.rename(alice / "cur" / (path.name + ":2,S"))
+    assert events(inst, TRACE) == []  # nothing in the database knows of that delivery
+    assert once("XRETRY") == [250]
+    assert [p.parent.name for p in maildir_messages(alice)] == ["cur"]

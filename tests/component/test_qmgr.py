@@ -779,3 +779,39 @@ def test_a_local_error_of_our_own_mda_is_retried_on_the_short_local_schedule(rig
         await lmtp.wait_closed()
 
     asyncio.run(go())
+
+
+class _RetryAwareMDA(LMTPScript):
+    ehlo_keywords = ("XTRACE", "XRETRY")
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.params: list[set[str]] = []
+
+    async def data(self, session: MailSession, envelope: MailEnvelope) -> list[Reply]:
+        self.params.append(set(envelope.params))
+        return await super().data(session, envelope)
+
+
+def test_a_hand_off_after_a_crash_cut_an_attempt_short_says_it_is_a_retry(rig_args: Any) -> None:
+    # The queue manager died holding the claim (the MDA may have stored the message
+    # and its 250 was lost): the next hand-off says XRETRY, so the MDA looks harder.
+    async def go() -> None:
+        script = _RetryAwareMDA()
+        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(), lmtp=True)
+        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
+        first = rig.enqueue(["alice@example.org"])
+        with rig.db.write() as s:
+            queue.claim(s, "mail.test:999999999.1", rig.clock.now())  # a queue manager since killed
+            assert queue.release_stale(s, "mail.test") == 1
+        await rig.run()
+        second = rig.enqueue(["bob@example.org"])
+        await rig.run()
+        assert [rig.recipients(t)[a].state for t, a in ((first, "alice@example.org"), (second, "bob@example.org"))] \
+            == ["delivered", "delivered"]
+        assert ["XRETRY" in p for p in script.params] == [True, False]
+        await rig.close()
+        lmtp.close()
+        await lmtp.wait_closed()
+
+    asyncio.run(go())
