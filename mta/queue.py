@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from sqlalchemy import bindparam, insert, or_, select, update
+from sqlalchemy import bindparam, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from common.log import new_trace_id
@@ -247,6 +247,13 @@ def find_resubmission(
     if not message_id:
         return None
     conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        # Two MTAs (or two sessions of one) may check the same message at once;
+        # on SQLite the write transaction already excludes the other, here a lock
+        # on the Message-ID, held to the commit, makes the second wait and then
+        # see the first (each statement reads what is committed by then).
+        key = int.from_bytes(hashlib.sha256(message_id.encode()).digest()[:8], "big", signed=True)
+        conn.execute(_LOCK_MESSAGE_ID, {"key": key})
     candidates = conn.execute(
         _RESUBMISSIONS, {"mid": message_id, "sender": sender, "digest": digest, "since": since}
     ).scalars().all()
@@ -263,6 +270,7 @@ _RESUBMISSIONS = select(Message.id).where(
     Message.digest == bindparam("digest"), Message.received >= bindparam("since"),
 )
 _ORIGINALS = select(Recipient.original).where(Recipient.message_id == bindparam("trace"))
+_LOCK_MESSAGE_ID = text("SELECT pg_advisory_xact_lock(:key)")
 
 
 @dataclass

@@ -268,3 +268,41 @@ def test_the_mailroom_command_manages_users_and_queue_on_postgresql(
         ("Q00000000000000001", "carol@example.net", ["dave@example.net"])
     ]
     assert items[0]["recipients"][0]["state"] == "queued"
+
+
+def test_the_same_message_checked_by_two_sessions_at_once_is_queued_once(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    # A client that never saw our 250 sends again while the first copy is still being
+    # committed (two MTAs, or two sessions of one): the second check must wait for
+    # the first transaction and then find it, not queue the message a second time.
+    import datetime as dt
+
+    db = Database(postgres.url, threads=2)
+    db.create_schema()
+    now = SystemClock().now()
+    since = now - dt.timedelta(days=1)
+    check = {"message_id": "<same@example.net>", "sender": "a@example.net", "originals": ["b@example.org"],
+             "digest": "d" * 64, "since": since}
+    seen: list[str | None] = []
+    try:
+        with db.write() as first:
+            assert queue.find_resubmission(first, **check) is None
+            queue.enqueue(first, trace="0192F3A1B2C3D4E5F6", sender="a@example.net", body=b"x", now=now,
+                          recipients=[queue.QueuedRecipient("b@example.org", "b@example.org")],
+                          message_id="<same@example.net>", digest="d" * 64)
+
+            def second() -> None:
+                with db.write() as s:
+                    seen.append(queue.find_resubmission(s, **check))
+                    s.commit()
+
+            t = threading.Thread(target=second)
+            t.start()
+            time.sleep(0.5)
+            assert seen == []  # it waits for the first transaction...
+            first.commit()
+        t.join(10)
+        assert seen == ["0192F3A1B2C3D4E5F6"]  # ...and then finds its message
+    finally:
+        db.close()
