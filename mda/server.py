@@ -12,7 +12,10 @@ parameter XRECORD ("the client records the outcome"): then the MDA writes no
 row of its own, each 250 carries the path (`path=...`), and the queue manager
 records the MDA's events in the same transaction as its settle.  A redelivery of a (trace id, recipient) that
 already has a `delivered` event (the queue manager crashed before it recorded
-our 250) is answered 250 without storing the message again.
+our 250) is answered 250 without storing the message again; without such an
+event the stores themselves recognise it (the Maildir name, the mbox journal),
+and with XRETRY (an earlier attempt may have stored it) the Maildir copy is
+also looked for in cur/, where a reader moves it.
 """
 
 from __future__ import annotations
