@@ -59,6 +59,15 @@ class Alias(Base):
     target: Mapped[str] = mapped_column(String(320))
 
 
+class DirectoryGeneration(Base):
+    """One row whose value moves (by trigger) whenever users or aliases change:
+    the daemons' in-memory copies of those tables reload when it moved."""
+
+    __tablename__ = "directory_generation"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
 class Message(Base):
     __tablename__ = "messages"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)  # the trace id
@@ -145,10 +154,13 @@ def add_event(
     path: str = "",
     time: dt.datetime | None = None,
 ) -> None:
-    # A plain INSERT, run at once: cheaper than an ORM object waiting for the flush.
-    session.execute(
-        insert(Event).values(
-            trace_id=trace_id, hop=hop, event=event, recipient=recipient, detail=detail, path=path,
-            time=time or utcnow(),
-        )
+    # A plain Core INSERT on the session's connection, run at once: cheaper than
+    # an ORM object waiting for the flush, or the ORM's bulk-insert path.
+    session.connection().execute(
+        _INSERT_EVENT,
+        {"trace_id": trace_id, "hop": hop, "event": event, "recipient": recipient, "detail": detail, "path": path,
+         "time": time or utcnow()},
     )
+
+
+_INSERT_EVENT = insert(Event)

@@ -57,16 +57,25 @@ def unique_name(trace_id: str, recipient: str, hostname: str) -> str:
     return f"{micros // 1_000_000}.M{micros % 1_000_000:06d}R{digest}.{_host_part(hostname)}"
 
 
-def deliver(maildir: Path, content: bytes, name: str, *, quota_limit: int = 0) -> tuple[Path, bool]:
+def deliver(
+    maildir: Path, content: bytes, name: str, *, quota_limit: int = 0, look_in_cur: bool = False
+) -> tuple[Path, bool]:
     """Store `content` as new/<name>; returns (path, stored_now).
 
     stored_now is False when an earlier delivery of the same message already
-    stored it.  Raises quota.QuotaExceeded when it would not fit.
+    stored it.  With look_in_cur (a retry: an earlier attempt may have stored
+    it), a copy a reader has since moved to cur/ (as `<name>:2,FLAGS`) counts
+    too; that costs a listing of cur/, so only retries ask for it.  Raises
+    quota.QuotaExceeded when it would not fit.
     """
     ensure(maildir)
     new_path = maildir / "new" / name
     if new_path.exists():
         return new_path, False
+    if look_in_cur:
+        seen = _in_cur(maildir, name)
+        if seen is not None:
+            return seen, False
     if quota_limit > 0:
         quota.check_maildir(maildir, quota_limit, len(content))
     else:
@@ -93,6 +102,16 @@ def deliver(maildir: Path, content: bytes, name: str, *, quota_limit: int = 0) -
     if stored and quota_limit > 0:
         quota.record(maildir, len(content))
     return new_path, stored
+
+
+def _in_cur(maildir: Path, name: str) -> Path | None:
+    """The copy named `name` that a reader moved to cur/ (adding `:2,` and flags), if any."""
+    flagged = name + ":"
+    with os.scandir(maildir / "cur") as entries:
+        for e in entries:
+            if e.name == name or e.name.startswith(flagged):
+                return Path(e.path)
+    return None
 
 
 def _create_tmp(maildir: Path, host: str) -> tuple[int, Path]:

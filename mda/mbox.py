@@ -19,7 +19,11 @@ recorded offset: if the same entry is there, it is already stored; if only the
 start of it is there (a kill in the middle of the append), the rest of the file
 is exactly that torn entry, so it is cut off and written again; anything else
 (a crash before the append, or a reader rewrote the file since) means it was
-never stored, and it is appended as usual.
+never stored, and it is appended as usual.  The journal line also gives the
+entry's length, so the next delivery of any message first cuts off an entry a
+kill tore (the mbox ends inside it, not on a message's end): otherwise the
+torn part would stay in the mailbox as a message of its own, followed by the
+later messages and, at its redelivery, by a second, whole copy.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import errno
 import fcntl
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +46,33 @@ JOURNAL_KEEP = 5000
 # A dotlock untouched this long was left by a crashed writer (Dovecot's
 # dotlock_change_timeout is 2 minutes; we are more patient).
 STALE_DOTLOCK_SECONDS = 300
+# An empty dotlock this old was left by a writer killed between creating it and
+# writing its pid in the next system call: no holder is coming back for it.
+EMPTY_DOTLOCK_SECONDS = 5
+
+
+class _ThreadLocks:
+    """One mutex per mbox path for the threads of this process.
+
+    fcntl locks belong to the process, so they do not keep two of its threads
+    apart; only the dotlock would, and breaking a stale dotlock is not atomic:
+    two threads that both found a dead writer's lock could each remove it, the
+    second removing the first's fresh lock, and both append at once, one of
+    them journalling the wrong offset (a later redelivery then stores a second
+    copy).  So the threads of one MDA queue here first.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+
+    def get(self, path: Path) -> threading.Lock:
+        key = os.path.abspath(path)
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+
+_thread_locks = _ThreadLocks()
 
 
 class LockTimeout(Exception):
@@ -90,6 +122,17 @@ def deliver(
         path.parent.mkdir(mode=0o770, parents=True, exist_ok=True)  # less the daemon's umask
     data = entry(content, sender, time.time())
     deadline = time.monotonic() + lock_timeout
+    mutex = _thread_locks.get(path)
+    if not mutex.acquire(timeout=max(lock_timeout, 0.001)):
+        raise LockTimeout(f"{path}: busy in this process")
+    try:
+        return _deliver_locked(path, data, delivery_id, deadline, quota_limit)
+    finally:
+        mutex.release()
+
+
+def _deliver_locked(path: Path, data: bytes, delivery_id: str, deadline: float, quota_limit: int) -> bool:
+    """deliver(), once this process's threads are kept out: the dotlock, fcntl, the append."""
     lock_path = path.with_name(path.name + ".lock")
     _dotlock(lock_path, deadline)
     try:
@@ -99,6 +142,12 @@ def deliver(
             size = os.fstat(fd).st_size
             journal = _Journal(path) if delivery_id else None
             if journal is not None:
+                torn = journal.torn_last(fd, size)
+                if torn is not None:
+                    # The last append was cut off by a kill: its delivery was never
+                    # answered 250 and comes again; nothing may follow the torn part.
+                    os.ftruncate(fd, torn)
+                    size = torn
                 offset = journal.find(delivery_id)
                 if offset is not None:
                     found = _stored_at(fd, offset, size, data)
@@ -110,7 +159,7 @@ def deliver(
             if quota_limit > 0 and size + len(data) > quota_limit:
                 raise QuotaExceeded(f"{path}: quota {quota_limit} bytes")
             if journal is not None:
-                journal.add(delivery_id, size)
+                journal.add(delivery_id, size, len(data))
             try:
                 view = memoryview(data)
                 while view:
@@ -172,14 +221,37 @@ class _Journal:
             at = -1
         line = self.text[at + 1 :].split(b"\n", 1)[0]
         try:
-            return int(line[len(key) :])
+            return int(line[len(key) :].split(b" ")[0])
         except ValueError:
             return None  # torn by a crash while it was written: not proof of anything
 
-    def add(self, delivery_id: str, offset: int) -> None:
+    def torn_last(self, fd: int, size: int) -> int | None:
+        """Where the last append starts, if the mbox ends in the middle of it (a kill
+        while it was written); None when the mbox ends cleanly.
+
+        Its journal line says where it starts and how long it is.  Only a file
+        ending inside that span, at a From_ line, and not on a message's end (the
+        blank line) counts: a reader that rewrote the mbox since leaves whole
+        messages, which end in a blank line, and is never cut.
+        """
+        lines = self.text.rsplit(b"\n", 2)
+        if len(lines) < 2 or lines[-1]:
+            return None  # empty, or the last line itself was torn (then nothing was appended)
+        fields = lines[-2].split(b" ")
+        try:
+            offset, length = int(fields[1]), int(fields[2])
+        except (IndexError, ValueError):
+            return None  # an older line without the length
+        if not offset < size < offset + length:
+            return None
+        if os.pread(fd, 5, offset) != b"From " or os.pread(fd, 2, size - 2) == b"\n\n":
+            return None
+        return offset
+
+    def add(self, delivery_id: str, offset: int, length: int) -> None:
         if "\n" in delivery_id or " " in delivery_id:
             raise ValueError("a delivery id is one word")
-        line = f"{delivery_id} {offset}\n".encode()
+        line = f"{delivery_id} {offset} {length}\n".encode()
         if self.text.count(b"\n") >= 2 * JOURNAL_KEEP:
             # Rewrite with the newest half (a new file renamed over the old one).
             tmp = self.path.with_name(self.path.name + ".new")
@@ -240,21 +312,42 @@ def _dotlock(lock_path: Path, deadline: float) -> None:
 
 
 def _holder_gone(lock_path: Path) -> bool:
-    """The dotlock names a process that no longer exists (an MDA killed with SIGKILL):
-    without this check every delivery to the mailbox waits out STALE_DOTLOCK_SECONDS."""
+    """The dotlock names a process that no longer exists (an MDA killed with SIGKILL),
+    or whose id now belongs to a younger process: without this check every delivery
+    to the mailbox waits out STALE_DOTLOCK_SECONDS."""
     try:
-        pid = int(lock_path.read_text().strip() or "0")
+        text = lock_path.read_text().strip()
+        if not text:
+            return time.time() - lock_path.stat().st_mtime > EMPTY_DOTLOCK_SECONDS
+        pid = int(text)
     except (ValueError, OSError):
         return False
     if pid <= 0 or pid == os.getpid():
         return False  # being written right now, or held by another thread of ours
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    started = _seconds_since_start(pid)
+    if started is None:
         return True
-    except PermissionError:
-        return False
-    return False
+    # Process ids are reused (32768 of them go round in minutes when daemons are
+    # restarted often): a process that started after the dotlock was made is not
+    # the writer that made it, and that one is gone.
+    try:
+        return started < time.time() - lock_path.stat().st_mtime - 0.1
+    except FileNotFoundError:
+        return False  # released meanwhile: the caller tries again
+
+
+def _seconds_since_start(pid: int) -> float | None:
+    """How long ago process `pid` started (from /proc), or None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return float("inf")  # cannot tell: take it for the holder
+    # Field 22, after the parenthesised command name: start time in clock ticks since boot.
+    ticks = int(stat.rsplit(")", 1)[1].split()[19])
+    return uptime - ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _fcntl_lock(fd: int, deadline: float) -> None:

@@ -7,9 +7,15 @@ is on disk (fsync'd).  The mailbox path always comes from the users table,
 never from the address, so no address can point outside the mail root.
 
 Each delivery records a `delivered` event with its path, each refusal a
-`refused` event with the reply.  A redelivery of a (trace id, recipient) that
+`refused` event with the reply.  Our queue manager asks for them with the MAIL
+parameter XRECORD ("the client records the outcome"): then the MDA writes no
+row of its own, each 250 carries the path (`path=...`), and the queue manager
+records the MDA's events in the same transaction as its settle.  A redelivery of a (trace id, recipient) that
 already has a `delivered` event (the queue manager crashed before it recorded
-our 250) is answered 250 without storing the message again.
+our 250) is answered 250 without storing the message again; without such an
+event the stores themselves recognise it (the Maildir name, the mbox journal),
+and with XRETRY (an earlier attempt may have stored it) the Maildir copy is
+also looked for in cur/, where a reader moves it.
 """
 
 from __future__ import annotations
@@ -24,18 +30,18 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from common import reply as R
 from common.config import Config
 from common.daemon import Context, serve_until_stopped
 from common.db import Database
+from common.directory import Directory, UserEntry
 from common.log import is_trace_id, new_trace_id, trace_id
 from common.models import Event, User, add_event
 from common.reply import Reply, SMTPError
 from common.smtp import Handler, MailEnvelope, MailSession, limits_from, serve
-from common.users import find_user
 from mda import maildir, mbox
 from mda.quota import QuotaExceeded
 
@@ -70,14 +76,25 @@ class DeliveryPolicy:
         )
 
 
+# The MAIL parameter by which the client takes on recording the outcomes.
+CLIENT_RECORDS = "XRECORD"
+# What a 250 adds before the mailbox path when the client records the outcome.
+PATH_MARK = " path="
+# The MAIL parameter by which the client says an earlier attempt may have stored
+# this message (its 250 was lost): a Maildir copy is then looked for in cur/ too,
+# where a reader moves it out of new/.
+RETRY = "XRETRY"
+
+
 class LMTPHandler(Handler):
-    ehlo_keywords = ("XTRACE",)
+    ehlo_keywords = ("XTRACE", CLIENT_RECORDS, RETRY)
     # A BODY=BINARYMIME message is stored with its body octets as they came.
     offers_binarymime = True
 
-    def __init__(self, policy: DeliveryPolicy, db: Database) -> None:
+    def __init__(self, policy: DeliveryPolicy, db: Database, directory: Directory | None = None) -> None:
         self.policy = policy
         self.db = db
+        self.directory = directory or Directory(db.read_engine)
         self.mail_root = policy.mail_root
         self.mailboxes: dict[str, Mailbox] = {}
 
@@ -95,20 +112,21 @@ class LMTPHandler(Handler):
         box = await self.db.run(self._lookup, recipient)
         if box is None:
             log.info("refused to=<%s>: user unknown", recipient)
-            await self.db.write_batched(
-                self._record, envelope.trace_id, [(recipient, R.UNKNOWN_USER, "")], relaxed=True
-            )
+            if CLIENT_RECORDS not in envelope.params:
+                await self.db.write_batched(
+                    self._record, envelope.trace_id, [(recipient, R.UNKNOWN_USER, "")], relaxed=True
+                )
             raise SMTPError(R.UNKNOWN_USER)
         self.mailboxes[recipient] = box
 
     def _lookup(self, recipient: str) -> Mailbox | None:
-        with self.db.read() as s:
-            user = find_user(s, recipient, self.policy.recipient_delimiter)
-            if user is None:
-                return None
-            return self._mailbox(user)
+        # From the in-memory copy of the users table (reloaded when it changed).
+        user = self.directory.current().user(recipient, self.policy.recipient_delimiter)
+        if user is None:
+            return None
+        return self._mailbox(user)
 
-    def _mailbox(self, user: User) -> Mailbox | None:
+    def _mailbox(self, user: UserEntry) -> Mailbox | None:
         """The user's mailbox, or None when its path would leave the mail root."""
         try:
             path = (self.mail_root / user.mailbox).resolve()
@@ -121,6 +139,8 @@ class LMTPHandler(Handler):
 
     async def refused(self, session: MailSession, envelope: MailEnvelope, reply: Reply) -> None:
         # Too big or a line too long: the trace should say so for each recipient.
+        if CLIENT_RECORDS in envelope.params:
+            return  # the client records each recipient's reply itself
         outcomes = [(rcpt, reply, "") for rcpt in dict.fromkeys(envelope.rcpt_tos)]
         try:
             await self.db.write_batched(self._record, envelope.trace_id, outcomes, relaxed=True)
@@ -141,12 +161,17 @@ class LMTPHandler(Handler):
             # Not in the database pool: a delivery may wait up to lock_timeout
             # for an mbox lock, and must not hold up other sessions' lookups.
             replies, outcomes = await asyncio.to_thread(
-                self._deliver_all, envelope.trace_id, envelope.mail_from, envelope.rcpt_tos, body
+                self._deliver_all, envelope.trace_id, envelope.mail_from, envelope.rcpt_tos, body,
+                CLIENT_RECORDS in envelope.params, RETRY in envelope.params,
             )
         except Exception:
             # Never a single reply in LMTP (the client would wait for the rest).
             log.exception("delivery failed")
             return [R.LOCAL_ERROR] * len(envelope.rcpt_tos)
+        if CLIENT_RECORDS in envelope.params:
+            # The queue manager records the outcomes (paths in the replies)
+            # with its settle: no write transaction here at all.
+            return replies
         try:
             # Events of sessions finishing together share one commit, not fsync'd:
             # the 250 rests on the fsync'd mailbox file, not on this row (the row
@@ -158,18 +183,21 @@ class LMTPHandler(Handler):
         return replies
 
     def _deliver_all(
-        self, trace: str, sender: str, recipients: list[str], body: bytes
+        self, trace: str, sender: str, recipients: list[str], body: bytes, path_in_reply: bool = False,
+        retry: bool = False,
     ) -> tuple[list[Reply], list[tuple[str, Reply, str]]]:
         """Store the message for each recipient; returns the replies and the events to record."""
         trace_id.set(trace)
         results: dict[str, tuple[Reply, str]] = {}
+        earlier = self._earlier_deliveries(trace)  # one query for every recipient
         for rcpt in recipients:
             if rcpt in results:
                 continue  # the same RCPT twice: one copy, the same answer twice
             box = self.mailboxes[rcpt]
             try:
-                path = self._deliver_one(trace, sender, rcpt, box, body)
-                reply = Reply(250, "2.0.0", f"Ok: delivered to {box.store} ({trace})")
+                path = self._deliver_one(trace, sender, rcpt, box, body, earlier.get(rcpt), retry=retry)
+                text = f"Ok: delivered to {box.store} ({trace})"
+                reply = Reply(250, "2.0.0", text + (PATH_MARK + path if path_in_reply else ""))
                 log.info("delivered to=<%s> %s=%s", rcpt, box.store, path)
             except SMTPError as exc:
                 path, reply = "", exc.reply
@@ -184,16 +212,16 @@ class LMTPHandler(Handler):
             event = "delivered" if reply.is_ok else "refused"
             add_event(s, trace, "mda", event, recipient=rcpt, detail=str(reply), path=path)
 
-    def _earlier_delivery(self, trace: str, rcpt: str) -> str | None:
-        with self.db.read() as s:
-            return s.scalars(
-                select(Event.path).where(
-                    Event.trace_id == trace, Event.hop == "mda", Event.event == "delivered", Event.recipient == rcpt
-                )
-            ).first()
+    def _earlier_deliveries(self, trace: str) -> dict[str, str]:
+        """recipient -> path of the deliveries of this trace id already recorded."""
+        with self.db.read_engine.connect() as conn:
+            rows = conn.execute(_EARLIER, {"trace": trace}).all()
+        return {rcpt: path for rcpt, path in reversed(rows)}  # the first one wins
 
-    def _deliver_one(self, trace: str, sender: str, rcpt: str, box: Mailbox, body: bytes) -> str:
-        earlier = self._earlier_delivery(trace, rcpt)
+    def _deliver_one(
+        self, trace: str, sender: str, rcpt: str, box: Mailbox, body: bytes, earlier: str | None = None,
+        *, retry: bool = False,
+    ) -> str:
         if earlier is not None:
             log.info("to=<%s>: already delivered (%s), not storing again", rcpt, earlier)
             return earlier
@@ -208,7 +236,7 @@ class LMTPHandler(Handler):
                 )
                 return str(box.path)
             name = maildir.unique_name(trace, rcpt, self.policy.hostname)
-            path, _ = maildir.deliver(box.path, content, name, quota_limit=box.quota)
+            path, _ = maildir.deliver(box.path, content, name, quota_limit=box.quota, look_in_cur=retry)
             return str(path)
         except QuotaExceeded as exc:
             raise SMTPError(R.OVER_QUOTA.with_text(f"Mailbox full: quota of {box.quota} bytes exceeded")) from exc
@@ -219,6 +247,11 @@ class LMTPHandler(Handler):
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SMTPError(R.DISK_LOW) from exc
             raise SMTPError(R.LOCAL_ERROR) from exc
+
+
+_EARLIER = select(Event.recipient, Event.path).where(
+    Event.trace_id == bindparam("trace"), Event.hop == "mda", Event.event == "delivered"
+).order_by(Event.id)
 
 
 def _delivery_id(trace: str, rcpt: str) -> str:
@@ -278,7 +311,8 @@ async def run(ctx: Context) -> None:
     # Only our own queue manager connects: no per-client cap below the total.
     limits = limits_from(cfg.smtp, max_connections_per_client=cfg.smtp.max_connections)
     server = await serve(
-        ctx.socket("mda.lmtp"), partial(LMTPHandler, DeliveryPolicy.from_config(cfg), ctx.db),
+        ctx.socket("mda.lmtp"),
+        partial(LMTPHandler, DeliveryPolicy.from_config(cfg), ctx.db, Directory(ctx.db.read_engine)),
         hostname=cfg.mailroom.hostname, limits=limits, lmtp=True,
     )
     log.info("LMTP listening on %s", cfg.mda.lmtp)

@@ -11,6 +11,7 @@ domain has none of these for it, it is the first local domain's postmaster.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -32,10 +33,41 @@ class Expansion:
     remote: list[str]  # outside addresses (forwarding)
 
 
+class _Named(Protocol):
+    @property
+    def address(self) -> str: ...
+
+
+class Lookup(Protocol):
+    """Where expansion reads users and aliases: the database, or a Directory snapshot."""
+
+    def targets(self, source: str) -> list[str]: ...
+
+    def user(self, address: str, delimiter: str = "") -> _Named | None: ...
+
+
+class _SessionLookup:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def targets(self, source: str) -> list[str]:
+        return list(self.session.scalars(select(Alias.target).where(Alias.source == source).order_by(Alias.id)))
+
+    def user(self, address: str, delimiter: str = "") -> _Named | None:
+        return find_user(self.session, address, delimiter)
+
+
 def expand(
     session: Session, address: str, *, local_domains: list[str], delimiter: str = ""
 ) -> Expansion | None:
     """What `address` (in a local domain) delivers to; None when nobody is there."""
+    return expand_from(_SessionLookup(session), address, local_domains=local_domains, delimiter=delimiter)
+
+
+def expand_from(
+    lookup: Lookup, address: str, *, local_domains: list[str], delimiter: str = ""
+) -> Expansion | None:
+    """`expand`, reading from `lookup` (the MTA passes its in-memory Directory snapshot)."""
     local: list[str] = []
     remote: list[str] = []
     seen: set[str] = set()
@@ -54,10 +86,10 @@ def expand(
         # lead to one user, and that is not a loop.
         seen.add(key)
         try:
-            targets = _targets(session, key)
-            user = find_user(session, key)
+            targets = lookup.targets(key)
+            user = lookup.user(key)
             if not targets and user is None:
-                targets = _targets(session, "@" + domain_of(key))
+                targets = lookup.targets("@" + domain_of(key))
                 postmaster = f"postmaster@{local_domains[0]}"
                 if not targets and key.startswith("postmaster@") and key != postmaster:
                     targets = [postmaster]
@@ -78,10 +110,6 @@ def expand(
     if not visit(address, 0):
         return None
     return Expansion(local, remote)
-
-
-def _targets(session: Session, source: str) -> list[str]:
-    return list(session.scalars(select(Alias.target).where(Alias.source == source)))
 
 
 def _add(items: list[str], item: str) -> bool:

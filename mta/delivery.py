@@ -25,6 +25,10 @@ from mta import options, routing
 
 log = logging.getLogger("delivery")
 
+# The MAIL parameter that tells our MDA an earlier attempt of this message may
+# have stored it (a crash lost the 250): it then looks harder for that copy.
+RETRY = "XRETRY"
+
 
 class LocalDelivery:
     """LMTP to the MDA, over a small pool of reused sessions.
@@ -44,9 +48,14 @@ class LocalDelivery:
         self.idle: list[Client] = []
 
     async def deliver(
-        self, trace: str, sender: str, recipients: list[str], body: bytes, params: tuple[str, ...] = ()
-    ) -> list[Reply]:
-        """`params`: MAIL FROM parameters besides the trace id (BODY=8BITMIME, SMTPUTF8)."""
+        self, trace: str, sender: str, recipients: list[str], body: bytes, params: tuple[str, ...] = (),
+        *, retry: bool = False,
+    ) -> tuple[list[Reply], bool]:
+        """The replies, and whether the MDA left recording its outcomes to us (XRECORD).
+
+        `params`: MAIL FROM parameters besides the trace id (BODY=8BITMIME, SMTPUTF8).
+        `retry`: an earlier attempt may have reached the MDA (XRETRY, where offered)."""
+        params = (*params, RETRY) if retry else params
         async with self.slots:
             while self.idle:
                 pooled = self.idle.pop()
@@ -60,7 +69,7 @@ class LocalDelivery:
             try:
                 client = await Client.connect(self.lmtp, lmtp=True, helo=self.hostname, timeout=self.timeout)
             except NextHopError as exc:
-                return [exc.reply] * len(recipients)
+                return [exc.reply] * len(recipients), False
             replies = await self._send(client, trace, sender, recipients, body, params, reused=False)
             assert replies is not None
             return replies
@@ -68,20 +77,26 @@ class LocalDelivery:
     async def _send(
         self, client: Client, trace: str, sender: str, recipients: list[str], body: bytes,
         params: tuple[str, ...], *, reused: bool,
-    ) -> list[Reply] | None:
-        """The replies; None when a reused session turned out dead before taking anything on."""
+    ) -> tuple[list[Reply], bool] | None:
+        """The replies (see deliver); None when a reused session turned out dead before taking anything on."""
+        # XRECORD, where the MDA offers it: it writes no row of its own, and the
+        # queue manager records its outcomes with the settle.
+        ours = "XRECORD" in client.extensions
+        if RETRY not in client.extensions:
+            params = tuple(p for p in params if p != RETRY)
+        mail_params = (f"XTRACE={trace}", *(("XRECORD",) if ours else ()), *params)
         try:
-            replies = await client.send(sender, recipients, body, mail_params=(f"XTRACE={trace}", *params))
+            replies = await client.send(sender, recipients, body, mail_params=mail_params)
         except NextHopError as exc:
             client.close()
-            return None if reused and not client.mail_accepted else [exc.reply] * len(recipients)
+            return None if reused and not client.mail_accepted else ([exc.reply] * len(recipients), False)
         if any(r.code == 421 for r in replies):  # RFC 5321 3.8: the server is closing this session
             client.close()
             if reused and not client.mail_accepted:
                 return None
         else:
             self.idle.append(client)
-        return replies
+        return replies, ours and client.mail_accepted
 
     async def close(self) -> None:
         while self.idle:

@@ -24,8 +24,9 @@ import datetime as dt
 import logging
 import socket
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
@@ -37,29 +38,17 @@ from common.clock import Clock
 from common.daemon import Context
 from common.db import Database
 from common.log import trace_id
-from common.models import BOUNCED, DELIVERED, EXPIRED, QUEUED, Message, Recipient, add_event
+from common.models import Message
 from common.reply import Reply
 from mta import bounce, mailauth, options, queue
 from mta.delivery import LocalDelivery, RemoteDelivery
+from mta.queue import Outcome, Policy, Settled, classify
 from mta.routing import make_resolver
 
 log = logging.getLogger("qmgr")
 
-
-@dataclass(frozen=True)
-class Policy:
-    retry_schedule: list[float]
-    max_queue_lifetime: float
-    delay_warning: float
-    # The MDA is our own process: when it cannot be reached it is restarting, and
-    # is back within seconds, so that hand-off is retried on its own, short
-    # schedule rather than the minutes a remote host is given.
-    local_retry_schedule: list[float] = field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 30.0, 60.0])
-
-    def next_wait(self, attempts: int, *, local: bool = False) -> float:
-        """Seconds to wait after the `attempts`-th failed try (1-based)."""
-        schedule = self.local_retry_schedule if local else self.retry_schedule
-        return schedule[min(attempts, len(schedule)) - 1]
+# How the MDA's 250 names the mailbox path when we record its outcome (mda/server.py).
+PATH_MARK = " path="
 
 
 @dataclass
@@ -70,12 +59,20 @@ class Result:
     remote: str = ""
     local: bool = False  # handed to the MDA over LMTP
     dsn_passed: bool = False  # the next hop took NOTIFY/ORCPT: success is its to report
+    mda_left_record: bool = False  # the MDA left its own event to us (XRECORD)
 
     @property
     def mda_away(self) -> bool:
         """The hand-off to our MDA itself failed (X.4.x: no connection, or it was lost),
         as opposed to a temporary refusal the MDA gave (a full mailbox, a lock)."""
         return self.local and self.reply.is_temporary and self.reply.status.startswith("4.4.")
+
+    @property
+    def retry_soon(self) -> bool:
+        """A local hand-off failed for a reason of our own host (X.4.x: the MDA away;
+        X.3.x: a local error, a busy database, a full disk): retried on the short
+        local schedule, not after the minutes a remote host is given."""
+        return self.mda_away or (self.local and self.reply.is_temporary and self.reply.status.startswith("4.3."))
 
 
 class QueueManager:
@@ -114,7 +111,11 @@ class QueueManager:
         """Claim what is due and start delivering it; returns how many messages."""
         async with self.in_flight:
             pass  # wait for room before claiming more
-        jobs = await self.db.run(self._claim)
+        # In the relaxed batch with the outcomes being settled: one commit for
+        # both (not fsync'd: no reply rests on a claim; a power cut that loses
+        # one leaves the recipient queued or active, and it is delivered again,
+        # the MDA's idempotent writes absorbing the repeat).
+        jobs = await self.db.write_batched(self._claim, relaxed=True)
         for job in jobs:
             await self.in_flight.acquire()
             task = asyncio.create_task(self._process(job))
@@ -122,12 +123,8 @@ class QueueManager:
             task.add_done_callback(self._done)
         return len(jobs)
 
-    def _claim(self) -> list[queue.Job]:
-        # Claims and outcomes are committed without fsync (write_relaxed): no reply
-        # rests on them.  If a power cut loses one, the recipient is still queued or
-        # active, is delivered again, and the MDA's idempotent writes absorb it.
-        with self.db.write_relaxed() as s:
-            return queue.claim(s, self.owner, self.clock.now())
+    def _claim(self, s: Session) -> list[queue.Job]:
+        return queue.claim(s, self.owner, self.clock.now(), commit=False)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
@@ -159,8 +156,11 @@ class QueueManager:
                 remote[(domain_of(a), sender)].append((rid, a))
         calls = []
         if local:
-            calls.append(self._deliver_local(job, local, asked))
-        calls.extend(self._deliver_remote(job, d, rs, sender, asked) for (d, sender), rs in remote.items())
+            calls.append(self._guarded(self._deliver_local(job, local, asked), local, local=True))
+        calls.extend(
+            self._guarded(self._deliver_remote(job, d, rs, sender, asked), rs)
+            for (d, sender), rs in remote.items()
+        )
         results: list[Result] = []
         for part in await asyncio.gather(*calls):
             results.extend(part)
@@ -175,12 +175,26 @@ class QueueManager:
             # database is temporary, so keep trying.
             try:
                 # Outcomes of messages finishing together share one commit; it is
-                # not fsync'd (no reply rests on it; see _claim).
+                # not fsync'd (no reply rests on it; see run_once).
                 await self.db.write_batched(self._settle, job, results, mda_back, asked, relaxed=True)
                 return
             except OperationalError as exc:
                 log.warning("cannot record delivery results yet, retrying: %s", exc.orig)
                 await asyncio.sleep(1.0)
+
+    @staticmethod
+    async def _guarded(
+        attempt: Coroutine[Any, Any, list[Result]], rcpts: list[tuple[int, str]], *, local: bool = False
+    ) -> list[Result]:
+        """The attempt's results; a failure of our own (a bug, an unexpected error) is a
+        temporary failure of each recipient, so that each is settled (deferred), never
+        left active under a queue manager that lives on and never takes it again."""
+        try:
+            return await attempt
+        except Exception as exc:  # noqa: BLE001 - every recipient gets it as its reply
+            log.exception("delivery attempt failed")
+            reply = Reply(451, "4.3.0", f"Delivery attempt failed: {type(exc).__name__}")
+            return [Result(rid, a, reply, local=local) for rid, a in rcpts]
 
     def _asked(self, job: queue.Job) -> options.Asked:
         with self.db.read() as s:
@@ -190,8 +204,13 @@ class QueueManager:
         self, job: queue.Job, rcpts: list[tuple[int, str]], asked: options.Asked
     ) -> list[Result]:
         params = options.Outbound(asked, [rid for rid, _ in rcpts]).local_params(job.body)
-        replies = await self.local.deliver(job.trace, job.sender, [a for _, a in rcpts], job.body, params)
-        return [Result(rid, a, r, local=True) for (rid, a), r in zip(rcpts, replies, strict=True)]
+        # An earlier attempt may have stored it already (its 250 was lost to a crash).
+        ids = {rid for rid, _ in rcpts}
+        retry = any(n > 0 for rid, _, n in job.recipients if rid in ids)
+        replies, ours = await self.local.deliver(
+            job.trace, job.sender, [a for _, a in rcpts], job.body, params, retry=retry
+        )
+        return [Result(rid, a, r, local=True, mda_left_record=ours) for (rid, a), r in zip(rcpts, replies, strict=True)]
 
     async def _deliver_remote(
         self, job: queue.Job, domain: str, rcpts: list[tuple[int, str]], sender: str, asked: options.Asked
@@ -222,35 +241,34 @@ class QueueManager:
         delayed: list[bounce.Failure] = []
         succeeded: list[bounce.Failure] = []
         deferred = False
+        settled: list[Settled] = []
         for res in results:
             reply, n = res.reply, attempts[res.recipient_id] + 1
-            values: dict[str, object] = {"attempts": n, "last_reply": str(reply), "owner": ""}
-            if reply.code < 400:
-                values["state"], event = DELIVERED, "delivered"
-            elif reply.code >= 500:
-                values["state"], event = BOUNCED, "bounced"
-            elif age >= self.policy.max_queue_lifetime:
-                values["state"], event = EXPIRED, "expired"
-            else:
-                wait = self.policy.next_wait(n, local=res.mda_away)
-                values["state"], event = QUEUED, "deferred"
-                values["next_attempt"] = now + dt.timedelta(seconds=wait)
-            s.execute(
-                update(Recipient).where(Recipient.id == res.recipient_id).values(**values)
-            )
-            detail = str(reply) + (f" (via {res.remote})" if res.remote else "")
-            add_event(s, job.trace, "qmgr", event, recipient=res.address, detail=detail, time=now)
-            log.info("%s to=<%s> attempts=%d: %s", event, res.address, n, detail)
+            outcome, wait = classify(reply, age, n, self.policy, mda_away=res.retry_soon)
+            text = str(reply)
+            mda_event = mda_path = ""
+            if res.mda_left_record and not res.mda_away:
+                # The MDA's answer, which it left to us to record (XRECORD): its
+                # hop in the trace, with the mailbox path its 250 carries.
+                text, _, mda_path = text.partition(PATH_MARK)
+                mda_event = "delivered" if reply.is_ok else "refused"
+            detail = text + (f" (via {res.remote})" if res.remote else "")
+            settled.append(Settled(
+                res.recipient_id, res.address, outcome, n, text, detail,
+                next_attempt=now + dt.timedelta(seconds=wait) if outcome is Outcome.DEFERRED else None,
+                mda_event=mda_event, mda_detail=text, mda_path=mda_path,
+            ))
+            log.info("%s to=<%s> attempts=%d: %s", outcome, res.address, n, detail)
             # RFC 3461 4.1: only the notices the recipient asked for (NOTIFY).
             notify = asked.notify.get(res.recipient_id, "")
             failure = bounce.Failure(
                 res.address, job.originals.get(res.recipient_id, ""), reply, res.remote,
                 orcpt=asked.orcpt.get(res.recipient_id, ""),
             )
-            if event in ("bounced", "expired"):
+            if outcome in (Outcome.BOUNCED, Outcome.EXPIRED):
                 if dsn.wants(notify, "FAILURE"):
                     failures.append(failure)
-            elif event == "deferred":
+            elif outcome is Outcome.DEFERRED:
                 deferred = True
                 if dsn.wants(notify, "DELAY"):
                     delayed.append(failure)
@@ -258,6 +276,7 @@ class QueueManager:
                 # RFC 3461 5.2.2: delivered by us, or relayed to a hop that cannot tell.
                 action = "delivered" if res.local else "relayed"
                 succeeded.append(dataclasses.replace(failure, action=action))
+        queue.record_outcomes(s, job.trace, settled, now)
         may_notify = job.sender != "" and not job.is_bounce
         if failures and may_notify:
             self._send_dsn(s, job, failures, now, asked, delayed=False)

@@ -17,21 +17,137 @@ import os
 import re
 import socket
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import bindparam, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from common.log import new_trace_id
 from common.models import (
     ACTIVE,
+    BOUNCED,
+    DELIVERED,
+    EXPIRED,
     FINAL_STATES,
     QUEUED,
+    Event,
     Message,
     Recipient,
     add_event,
 )
+from common.reply import Reply
 from mta import bounce
+
+
+class Outcome(StrEnum):
+    """What one delivery attempt did to a recipient: the queue manager's event names."""
+
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    EXPIRED = "expired"
+    DEFERRED = "deferred"
+
+
+# The recipient state each outcome leaves behind.
+STATE_AFTER = {
+    Outcome.DELIVERED: DELIVERED, Outcome.BOUNCED: BOUNCED, Outcome.EXPIRED: EXPIRED, Outcome.DEFERRED: QUEUED,
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    retry_schedule: list[float]
+    max_queue_lifetime: float
+    delay_warning: float
+    # The MDA is our own process: when it cannot be reached it is restarting, and
+    # is back within seconds, so that hand-off is retried on its own, short
+    # schedule rather than the minutes a remote host is given.
+    local_retry_schedule: list[float] = field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 30.0, 60.0])
+
+    def next_wait(self, attempts: int, *, local: bool = False) -> float:
+        """Seconds to wait after the `attempts`-th failed try (1-based)."""
+        schedule = self.local_retry_schedule if local else self.retry_schedule
+        return schedule[min(attempts, len(schedule)) - 1]
+
+
+def classify(
+    reply: Reply, age: float, attempts: int, policy: Policy, *, mda_away: bool = False
+) -> tuple[Outcome, float]:
+    """The one decision: (outcome, seconds until the next try; 0 unless deferred).
+
+    2xx delivered; 5xx bounced; 4xx deferred on the retry schedule (the short
+    local one when the hand-off to our own MDA failed for a reason of this host:
+    the MDA away, a local error), or expired once the
+    message is `max_queue_lifetime` old.  `attempts` counts this one.
+    """
+    if reply.code < 400:
+        return Outcome.DELIVERED, 0.0
+    if reply.code >= 500:
+        return Outcome.BOUNCED, 0.0
+    if age >= policy.max_queue_lifetime:
+        return Outcome.EXPIRED, 0.0
+    return Outcome.DEFERRED, policy.next_wait(attempts, local=mda_away)
+
+
+@dataclass(frozen=True)
+class Settled:
+    """One recipient's outcome, as `record_outcomes` writes it."""
+
+    recipient_id: int
+    address: str
+    outcome: Outcome
+    attempts: int
+    reply: str
+    detail: str
+    next_attempt: dt.datetime | None = None  # deferred only
+    # The MDA's own event (delivered / refused), when it asked us to record it.
+    mda_event: str = ""
+    mda_detail: str = ""
+    mda_path: str = ""
+
+
+# Run on the session's Connection, not through the Session: plain Core
+# executemany, no ORM bulk-update machinery.
+_SETTLE = (
+    update(Recipient)
+    .where(Recipient.id == bindparam("b_id"))
+    .values(state=bindparam("b_state"), attempts=bindparam("b_attempts"), last_reply=bindparam("b_reply"), owner="")
+)
+_DEFER = _SETTLE.values(next_attempt=bindparam("b_next"))
+_EVENT = insert(Event)
+
+
+def record_outcomes(session: Session, trace: str, settled: list[Settled], now: dt.datetime) -> None:
+    """Every recipient's new state and the hops' events, a few executemany statements.
+
+    Core statements on the tables, prepared once: this runs for every message.
+    """
+    conn = session.connection()
+    done = [_settle_row(x) for x in settled if x.next_attempt is None]
+    deferred = [{**_settle_row(x), "b_next": x.next_attempt} for x in settled if x.next_attempt is not None]
+    if done:
+        conn.execute(_SETTLE, done)
+    if deferred:
+        conn.execute(_DEFER, deferred)
+    events: list[dict[str, object]] = []
+    for x in settled:
+        if x.mda_event:
+            events.append(_event(trace, "mda", x.mda_event, x.address, x.mda_detail, x.mda_path, now))
+        events.append(_event(trace, "qmgr", str(x.outcome), x.address, x.detail, "", now))
+    if events:
+        conn.execute(_EVENT, events)
+
+
+def _settle_row(x: Settled) -> dict[str, object]:
+    return {"b_id": x.recipient_id, "b_state": STATE_AFTER[x.outcome], "b_attempts": x.attempts, "b_reply": x.reply}
+
+
+def _event(
+    trace: str, hop: str, event: str, recipient: str, detail: str, path: str, now: dt.datetime
+) -> dict[str, object]:
+    return {"trace_id": trace, "hop": hop, "event": event, "recipient": recipient, "detail": detail,
+            "path": path, "time": now}
 
 
 @dataclass
@@ -62,21 +178,24 @@ def enqueue(
     `options` are what the sender asked of delivery (columns of Message: ret,
     envid, body_type, smtputf8, requiretls).
 
-    Plain INSERTs rather than ORM objects: this runs for every message, and the
-    ORM's unit of work cost the MTA about a fifth of its time (py-spy, load 1).
+    Plain Core INSERTs on the session's connection rather than ORM objects (or
+    the ORM's bulk path): this runs for every message, and the ORM's unit of
+    work cost the MTA about a fifth of its time (py-spy, load 1).
     """
-    session.execute(
-        insert(Message).values(
-            id=trace, sender=sender, size=len(body), body=body, received=now, client=client,
-            message_id=message_id, is_bounce=is_bounce, digest=digest, **(options or {}),
-        )
+    conn = session.connection()
+    conn.execute(
+        _INSERT_MESSAGE,
+        {"id": trace, "sender": sender, "size": len(body), "body": body, "received": now, "client": client,
+         "message_id": message_id, "is_bounce": is_bounce, "digest": digest, "held": False, "warned": False,
+         **(options or {})},
     )
     if recipients:
-        session.execute(
-            insert(Recipient),
+        conn.execute(
+            _INSERT_RECIPIENT,
             [
                 {"message_id": trace, "address": r.address, "original": r.original, "state": QUEUED,
-                 "next_attempt": now, "notify": r.notify, "orcpt": r.orcpt}
+                 "next_attempt": now, "attempts": 0, "last_reply": "", "owner": "",
+                 "notify": r.notify, "orcpt": r.orcpt}
                 for r in recipients
             ],
         )
@@ -85,6 +204,10 @@ def enqueue(
         detail=f"from=<{sender}> size={len(body)} nrcpt={len(recipients)}"
         + (f" client={client}" if client else ""),
     )
+
+
+_INSERT_MESSAGE = insert(Message)
+_INSERT_RECIPIENT = insert(Recipient)
 
 
 # A Received field (RFC 5322 3.6.7), folded lines included.
@@ -123,18 +246,31 @@ def find_resubmission(
     """
     if not message_id:
         return None
-    candidates = session.scalars(
-        select(Message.id).where(
-            Message.message_id == message_id, Message.sender == sender,
-            Message.digest == digest, Message.received >= since,
-        )
-    ).all()
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        # Two MTAs (or two sessions of one) may check the same message at once;
+        # on SQLite the write transaction already excludes the other, here a lock
+        # on the Message-ID, held to the commit, makes the second wait and then
+        # see the first (each statement reads what is committed by then).
+        key = int.from_bytes(hashlib.sha256(message_id.encode()).digest()[:8], "big", signed=True)
+        conn.execute(_LOCK_MESSAGE_ID, {"key": key})
+    candidates = conn.execute(
+        _RESUBMISSIONS, {"mid": message_id, "sender": sender, "digest": digest, "since": since}
+    ).scalars().all()
     wanted = {a.lower() for a in originals}
     for trace in candidates:
-        had = session.scalars(select(Recipient.original).where(Recipient.message_id == trace)).all()
+        had = conn.execute(_ORIGINALS, {"trace": trace}).scalars().all()
         if {a.lower() for a in had} == wanted:
             return trace
     return None
+
+
+_RESUBMISSIONS = select(Message.id).where(
+    Message.message_id == bindparam("mid"), Message.sender == bindparam("sender"),
+    Message.digest == bindparam("digest"), Message.received >= bindparam("since"),
+)
+_ORIGINALS = select(Recipient.original).where(Recipient.message_id == bindparam("trace"))
+_LOCK_MESSAGE_ID = text("SELECT pg_advisory_xact_lock(:key)")
 
 
 @dataclass
@@ -154,8 +290,13 @@ class Job:
     originals: dict[int, str] = field(default_factory=dict)
 
 
-def claim(session: Session, owner: str, now: dt.datetime, limit: int = 200) -> list[Job]:
+def claim(
+    session: Session, owner: str, now: dt.datetime, limit: int = 200, *, commit: bool = True
+) -> list[Job]:
     """Take up to `limit` due recipients (grouped per message) and mark them active.
+
+    With commit=False the caller commits: the queue manager runs its claim in
+    the same batched transaction as the outcomes settled meanwhile.
 
     Two queue managers never take the same recipient: on SQLite the write
     transaction (BEGIN IMMEDIATE) excludes every other writer; on PostgreSQL
@@ -200,7 +341,8 @@ def claim(session: Session, owner: str, now: dt.datetime, limit: int = 200) -> l
             )
         job.recipients.append((r.id, r.address, r.attempts))
         job.originals[r.id] = r.original
-    session.commit()
+    if commit:
+        session.commit()
     return list(jobs.values())
 
 
@@ -226,7 +368,9 @@ def release_stale(session: Session, host: str) -> int:
     """Put back recipients that a queue manager of this host left active when it died.
 
     Only dead holders are released: another queue manager on this host that is
-    still delivering keeps its claims.
+    still delivering keeps its claims.  The attempt the crash cut short counts:
+    it may have reached the next hop, so the next one is a retry (and says so to
+    our MDA, which then looks for an earlier copy a reader may have moved).
     """
     owners = session.scalars(
         select(Recipient.owner).where(Recipient.state == ACTIVE, Recipient.owner.like(host + ":%")).distinct()
@@ -238,7 +382,7 @@ def release_stale(session: Session, host: str) -> int:
     result = session.execute(
         update(Recipient)
         .where(Recipient.state == ACTIVE, Recipient.owner.in_(dead))
-        .values(state=QUEUED, owner="")
+        .values(state=QUEUED, owner="", attempts=Recipient.attempts + 1)
     )
     session.commit()
     return int(getattr(result, "rowcount", 0) or 0)
@@ -299,11 +443,16 @@ def drop_body_if_done(session: Session, trace: str) -> bool:
     # A plain read, then the update.  An UPDATE ... WHERE NOT EXISTS was tried
     # and was slower (py-spy: 14 % -> 29 % of the queue manager's samples):
     # recipients.message_id has no index, so each EXISTS scans the table.
-    states = session.scalars(select(Recipient.state).where(Recipient.message_id == trace)).all()
+    conn = session.connection()
+    states = conn.execute(_STATES, {"trace": trace}).scalars().all()
     if states and all(s in FINAL_STATES for s in states):
-        session.execute(update(Message).where(Message.id == trace).values(body=None))
+        conn.execute(_DROP_BODY, {"trace": trace})
         return True
     return False
+
+
+_STATES = select(Recipient.state).where(Recipient.message_id == bindparam("trace"))
+_DROP_BODY = update(Message).where(Message.id == bindparam("trace")).values(body=None)
 
 
 def wake_qmgr(path: os.PathLike[str] | str) -> None:

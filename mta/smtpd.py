@@ -29,6 +29,7 @@ from common.clock import Clock
 from common.config import Config
 from common.daemon import Context, serve_until_stopped
 from common.db import Database
+from common.directory import Directory
 from common.log import is_trace_id, new_trace_id, trace_id
 from common.models import add_event
 from common.reply import Reply, SMTPError
@@ -74,8 +75,12 @@ class SMTPHandler(Handler):
     # offering BINARYMIME (our MDA does), and bounces it (5.6.3) otherwise.
     offers_binarymime = True
 
-    def __init__(self, policy: ReceivePolicy, db: Database, clock: Clock, auth: mailauth.Settings) -> None:
+    def __init__(
+        self, policy: ReceivePolicy, db: Database, clock: Clock, auth: mailauth.Settings,
+        directory: Directory | None = None,
+    ) -> None:
         self.policy = policy
+        self.directory = directory or Directory(db.read_engine)
         self.auth = auth  # sender authentication, signing, SRS and the filter read their own settings
         self.db = db
         self.clock = clock
@@ -133,11 +138,12 @@ class SMTPHandler(Handler):
         self.expanded[given] = found
 
     def _expand(self, recipient: str) -> aliases.Expansion | None:
-        with self.db.read() as s:
-            return aliases.expand(
-                s, recipient, local_domains=list(self.policy.local_domains),
-                delimiter=self.policy.recipient_delimiter,
-            )
+        # From the in-memory copy of users and aliases (one integer read to
+        # know it is current), not a read transaction of ORM loads per RCPT.
+        return aliases.expand_from(
+            self.directory.current(), recipient, local_domains=list(self.policy.local_domains),
+            delimiter=self.policy.recipient_delimiter,
+        )
 
     async def data(self, session: MailSession, envelope: MailEnvelope) -> Reply:
         assert isinstance(envelope.content, bytes) and envelope.mail_from is not None
@@ -273,8 +279,12 @@ async def run(ctx: Context) -> None:
     cfg = ctx.config
     limits = limits_from(cfg.smtp)
 
+    directory = Directory(ctx.db.read_engine)  # one copy for every session of both listeners
+
     def handler(internal: bool) -> partial[SMTPHandler]:
-        return partial(SMTPHandler, ReceivePolicy.from_config(cfg, internal=internal), ctx.db, ctx.clock, ctx)
+        return partial(
+            SMTPHandler, ReceivePolicy.from_config(cfg, internal=internal), ctx.db, ctx.clock, ctx, directory
+        )
 
     public = await serve(
         ctx.socket("mta.smtp"), handler(False),

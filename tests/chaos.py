@@ -234,19 +234,49 @@ def stuck(inst: Installation) -> str:
     return "\n".join(["waiting recipients:", *lines, "programs:", *status, "end of the log:", *tail])
 
 
-def delivered(inst: Installation) -> dict[str, list[str]]:
-    """chaos id -> body hashes of every stored copy, from the Maildir and the mbox."""
-    found: dict[str, list[str]] = {}
-    raw = [p.read_bytes() for p in maildir_messages(inst.mailbox("alice@example.org"))]
-    raw += mbox_messages(inst.mailbox("bob@example.org"))
-    for data in raw:
+@dataclass(frozen=True)
+class Copy:
+    """One stored copy of a chaos message: its body hash, where it is, and its trace id."""
+
+    digest: str
+    where: str  # "maildir:new/NAME" (or cur/), or "mbox#N" (the Nth message of the mbox)
+    trace: str  # the id in the top Received field (our MTA's hop), "?" if none
+
+
+# Our MTA's Received field: "by HOST (Mailroom) with PROTO id TRACE".
+_TRACE_IN_RECEIVED = re.compile(rb"\(Mailroom\) with \S+ id ([0-9A-F]{18})")
+
+
+def delivered(inst: Installation) -> dict[str, list[Copy]]:
+    """chaos id -> every stored copy, from the Maildir and the mbox."""
+    found: dict[str, list[Copy]] = {}
+    box = inst.mailbox("alice@example.org")
+    raw = [(f"maildir:{p.relative_to(box)}", p.read_bytes()) for p in maildir_messages(box)]
+    raw += [(f"mbox#{k}", data) for k, data in enumerate(mbox_messages(inst.mailbox("bob@example.org")))]
+    for where, data in raw:
         msg = email.message_from_bytes(data)
         ident = msg.get("X-Chaos-Id")
         if ident is None:
             continue
         body = data.replace(b"\r\n", b"\n").split(b"\n\n", 1)[1]
-        found.setdefault(str(ident), []).append(body_hash(body))
+        m = _TRACE_IN_RECEIVED.search(data)
+        trace = m.group(1).decode() if m else "?"
+        found.setdefault(str(ident), []).append(Copy(body_hash(body), where, trace))
     return found
+
+
+def explain_duplicates(doubled: dict[str, list[Copy]]) -> list[str]:
+    """One line per duplicated message: its copies (store and trace id), and whether they
+    share a trace id (one queued message handed to the MDA twice: a redelivery) or not
+    (the message was queued twice)."""
+    lines = []
+    for ident, copies in sorted(doubled.items()):
+        traces = {c.trace for c in copies}
+        kind = "redelivered (same trace id)" if len(traces) == 1 else "queued twice (different trace ids)"
+        where = ", ".join(f"{c.where} trace={c.trace}{'' if c.digest == copies[0].digest else ' (body differs)'}"
+                          for c in copies)
+        lines.append(f"  {ident}: {kind}: {where}")
+    return lines
 
 
 def run(
@@ -297,10 +327,10 @@ def run(
         inst.stop()
 
     lost = [i for i in outcomes.accepted if i not in found]
-    damaged = [i for i, h in outcomes.accepted.items() if i in found and h not in found[i]]
+    damaged = [i for i, h in outcomes.accepted.items() if i in found and h not in {c.digest for c in found[i]}]
     wrongly = [i for i in outcomes.refused if i in found]
-    doubled = {i: len(v) for i, v in found.items() if len(v) > 1}
-    duplicates = sum(n - 1 for n in doubled.values())
+    doubled = {i: v for i, v in found.items() if len(v) > 1}
+    duplicates = sum(len(v) - 1 for v in doubled.values())
     delivered_accepted = sum(1 for i in outcomes.accepted if i in found)
     indoubt_delivered = sum(1 for i in outcomes.indoubt if i in found)
     print(f"kills: {len(kills)} ({', '.join(f'{p}={kills.count(p)}' for p in PROGRAMS)}); "
@@ -312,7 +342,8 @@ def run(
     if wrongly:
         print("refused but delivered:", " ".join(sorted(wrongly)[:20]))
     if doubled:
-        print("duplicated:", " ".join(f"{i}x{n}" for i, n in sorted(doubled.items())[:20]))
+        print("duplicated:")
+        print("\n".join(explain_duplicates(doubled)[:20]))
     print(f"accepted={len(outcomes.accepted)} delivered={delivered_accepted} "
           f"lost={len(lost)} duplicates={duplicates} "
           f"indoubt_delivered={indoubt_delivered}/{len(outcomes.indoubt)}")

@@ -594,3 +594,79 @@ def test_a_handler_refusing_the_whole_message_still_gives_one_reply_per_recipien
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+# --- look-ups from memory, and outcomes the client records ---------------------------------
+
+
+def test_users_added_or_moved_while_running_are_seen_at_once(inst: Installation, client: Client) -> None:
+    # The MDA answers RCPT from its in-memory copy of the users table: a change
+    # must reach it at once, whoever made it (here: a plain write to the table).
+    assert client.cmd("MAIL FROM:<carol@example.net>")[0] == 250
+    assert client.cmd("RCPT TO:<dave@example.org>")[0] == 550
+    client.cmd("RSET")
+    dave = add_user(inst, "dave@example.org", "maildir")
+    _, data = client.deliver("carol@example.net", ["dave@example.org"], MESSAGE)
+    assert [c for c, _ in data] == [250]
+    assert len(maildir_messages(dave)) == 1
+    db = inst.db()
+    try:
+        with db.write() as s:
+            user = s.scalars(select(User).where(User.address == "dave@example.org")).one()
+            user.mailbox = "example.org/dave-moved"
+            s.commit()
+    finally:
+        db.close()
+    _, data = client.deliver("carol@example.net", ["dave@example.org"], MESSAGE)
+    assert [c for c, _ in data] == [250]
+    assert len(maildir_messages(inst.config.mail_root / "example.org/dave-moved")) == 1
+    db = inst.db()
+    try:
+        with db.write() as s:
+            s.delete(s.scalars(select(User).where(User.address == "dave@example.org")).one())
+            s.commit()
+    finally:
+        db.close()
+    assert client.cmd("MAIL FROM:<carol@example.net>")[0] == 250
+    assert client.cmd("RCPT TO:<dave@example.org>")[0] == 550
+
+
+def test_with_xrecord_the_mda_writes_nothing_and_each_250_names_the_path(
+    client: Client, inst: Installation, alice: Path, bob: Path
+) -> None:
+    code, text = client.cmd("LHLO client.test")
+    assert "XRECORD" in text
+    assert client.cmd(f"MAIL FROM:<carol@example.net> XTRACE={TRACE} XRECORD")[0] == 250
+    assert client.cmd("RCPT TO:<alice@example.org>")[0] == 250
+    assert client.cmd("RCPT TO:<nobody@example.org>")[0] == 550
+    assert client.cmd("RCPT TO:<bob@example.org>")[0] == 250
+    data = client.data(MESSAGE, 2)
+    assert [c for c, _ in data] == [250, 250]
+    (stored,) = maildir_messages(alice)
+    assert data[0][1].endswith(f" path={stored}"), data[0]
+    assert data[1][1].endswith(f" path={bob}"), data[1]
+    # Neither the deliveries nor the refusal: the client records them.
+    assert events(inst, TRACE) == []
+    # Without XRECORD the MDA records its own events, as before.
+    _, data = client.deliver("carol@example.net", ["alice@example.org"], MESSAGE, trace="0192F3A1B2C3D4E5F7")
+    assert [c for c, _ in data] == [250] and "path=" not in data[0][1]
+    assert [(e.recipient, e.event) for e in events(inst, "0192F3A1B2C3D4E5F7")] == [("alice@example.org", "delivered")]
+
+
+def test_a_retry_finds_the_copy_a_reader_moved_to_cur(client: Client, inst: Installation, alice: Path) -> None:
+    # The queue manager was killed after our 250 and before it recorded it (XRECORD:
+    # no event of ours), and a reader has since moved the message to cur/.  The new/
+    # name no longer finds it; a retry (XRETRY) makes the MDA look in cur/ too.
+    def once(*params: str) -> list[int]:
+        assert client.cmd(f"MAIL FROM:<carol@example.net> XTRACE={TRACE} XRECORD {' '.join(params)}")[0] == 250
+        assert client.cmd("RCPT TO:<alice@example.org>")[0] == 250
+        return [c for c, _ in client.data(MESSAGE, 1)]
+
+    code, text = client.cmd("LHLO client.test")
+    assert "XRETRY" in text
+    assert once() == [250]
+    (path,) = maildir_messages(alice)
+    path.rename(alice / "cur" / (path.name + ":2,S"))
+    assert events(inst, TRACE) == []  # nothing in the database knows of that delivery
+    assert once("XRETRY") == [250]
+    assert [p.parent.name for p in maildir_messages(alice)] == ["cur"]

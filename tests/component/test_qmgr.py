@@ -193,6 +193,18 @@ class LMTPScript(Handler):
         return [self.outcomes.get(r, Reply(250, "2.0.0", "Saved")) for r in envelope.rcpt_tos]
 
 
+class RecordingMDA(LMTPScript):
+    """Like our MDA when asked XRECORD: writes nothing, and its 250 names the path."""
+
+    ehlo_keywords = ("XTRACE", "XRECORD")
+
+    async def data(self, session: MailSession, envelope: MailEnvelope) -> list[Reply]:
+        assert "XRECORD" in envelope.params
+        self.transactions.append(list(envelope.rcpt_tos))
+        return [self.outcomes.get(r, Reply(250, "2.0.0", f"Ok: delivered to maildir path=/mail/{r}"))
+                for r in envelope.rcpt_tos]
+
+
 # --- the queue manager under test --------------------------------------------------------
 
 
@@ -690,5 +702,116 @@ def test_a_pooled_smtp_session_that_fails_before_mail_is_accepted_is_replaced_at
         assert mx.connections == 2
         for t in (first, second):
             assert {r.state for r in rig.recipients(t).values()} == {"delivered"}
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("records", [True, False])
+def test_the_mdas_outcomes_are_recorded_with_the_settle_when_it_leaves_them_to_us(
+    rig_args: Any, records: bool
+) -> None:
+    async def go() -> None:
+        outcomes = {"bob@example.org": Reply(552, "5.2.2", "Mailbox full")}
+        script = RecordingMDA(outcomes) if records else LMTPScript(outcomes)
+        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(), lmtp=True)
+        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
+        trace = rig.enqueue(["alice@example.org", "bob@example.org"], sender="")
+        await rig.run()
+        got = [(e.hop, e.event, e.recipient, e.path, e.detail) for e in rig.events(trace) if e.hop != "mta"]
+        await rig.close()
+        lmtp.close()
+        await lmtp.wait_closed()
+        if records:
+            assert got == [
+                ("mda", "delivered", "alice@example.org", "/mail/alice@example.org",
+                 "250 2.0.0 Ok: delivered to maildir"),
+                ("qmgr", "delivered", "alice@example.org", "", "250 2.0.0 Ok: delivered to maildir"),
+                ("mda", "refused", "bob@example.org", "", "552 5.2.2 Mailbox full"),
+                ("qmgr", "bounced", "bob@example.org", "", "552 5.2.2 Mailbox full"),
+            ]
+        else:  # an MDA that records its own events: nothing of its hop from us
+            assert [(hop, event) for hop, event, *_ in got] == [("qmgr", "delivered"), ("qmgr", "bounced")]
+
+    asyncio.run(go())
+
+
+class _BrokenLocal(LocalDelivery):
+    async def deliver(self, *args: Any, **kwargs: Any) -> tuple[list[Reply], bool]:
+        raise RuntimeError("a bug in the hand-off")
+
+
+def test_an_unexpected_error_in_a_hand_off_defers_the_recipients_instead_of_leaving_them_active(
+    rig_args: Any,
+) -> None:
+    # Left "active", a recipient would wait for the queue manager's next restart.
+    async def go() -> None:
+        rig = Rig(*rig_args)
+        rig.qm.local = _BrokenLocal("127.0.0.1:9", hostname="mail.test", sessions=1, timeout=1)
+        trace = rig.enqueue(["alice@example.org"])
+        await rig.run()
+        r = rig.recipients(trace)["alice@example.org"]
+        assert (r.state, r.owner) == ("queued", ""), (r.state, r.owner)
+        assert r.last_reply.startswith("451 4.3.0") and "RuntimeError" in r.last_reply
+        assert r.next_attempt == rig.clock.now() + dt.timedelta(seconds=1)  # the short local schedule
+        await rig.close()
+
+    asyncio.run(go())
+
+
+def test_a_local_error_of_our_own_mda_is_retried_on_the_short_local_schedule(rig_args: Any) -> None:
+    # A busy database or a failed session at the MDA is over in seconds; a 4.2.x
+    # (a full or busy mailbox) waits like any other temporary refusal.
+    async def go() -> None:
+        script = LMTPScript({
+            "alice@example.org": Reply(451, "4.3.0", "Local error in processing, try again later"),
+            "bob@example.org": Reply(452, "4.2.2", "Mailbox full"),
+        })
+        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(), lmtp=True)
+        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
+        trace = rig.enqueue(["alice@example.org", "bob@example.org"])
+        await rig.run()
+        got = rig.recipients(trace)
+        now = rig.clock.now()
+        assert got["alice@example.org"].next_attempt == now + dt.timedelta(seconds=1)
+        assert got["bob@example.org"].next_attempt == now + dt.timedelta(seconds=300)
+        await rig.close()
+        lmtp.close()
+        await lmtp.wait_closed()
+
+    asyncio.run(go())
+
+
+class _RetryAwareMDA(LMTPScript):
+    ehlo_keywords = ("XTRACE", "XRETRY")
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.params: list[set[str]] = []
+
+    async def data(self, session: MailSession, envelope: MailEnvelope) -> list[Reply]:
+        self.params.append(set(envelope.params))
+        return await super().data(session, envelope)
+
+
+def test_a_hand_off_after_a_crash_cut_an_attempt_short_says_it_is_a_retry(rig_args: Any) -> None:
+    # The queue manager died holding the claim (the MDA may have stored the message
+    # and its 250 was lost): the next hand-off says XRETRY, so the MDA looks harder.
+    async def go() -> None:
+        script = _RetryAwareMDA()
+        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(), lmtp=True)
+        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
+        first = rig.enqueue(["alice@example.org"])
+        with rig.db.write() as s:
+            queue.claim(s, "mail.test:999999999.1", rig.clock.now())  # a queue manager since killed
+            assert queue.release_stale(s, "mail.test") == 1
+        await rig.run()
+        second = rig.enqueue(["bob@example.org"])
+        await rig.run()
+        assert [rig.recipients(t)[a].state for t, a in ((first, "alice@example.org"), (second, "bob@example.org"))] \
+            == ["delivered", "delivered"]
+        assert ["XRETRY" in p for p in script.params] == [True, False]
+        await rig.close()
+        lmtp.close()
+        await lmtp.wait_closed()
 
     asyncio.run(go())

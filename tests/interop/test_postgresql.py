@@ -22,10 +22,11 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
 
 from common.clock import SystemClock
 from common.db import Database
-from common.models import DELIVERED, Recipient
+from common.models import DELIVERED, Event, Recipient
 from common.reply import Reply
 from mta import queue
 from mta.delivery import RemoteDelivery
@@ -137,10 +138,11 @@ class RecordingLMTP:
 
     async def deliver(
         self, trace: str, sender: str, rcpts: list[str], body: bytes, params: tuple[str, ...] = ()
-    ) -> list[Reply]:
+    ) -> tuple[list[Reply], bool]:
         await asyncio.sleep(0.001)  # let the other queue managers run their claims meanwhile
         self.received.update(rcpts)
-        return [Reply(250, "2.0.0", "Ok") for _ in rcpts]
+        # True: like our MDA asked XRECORD, the queue manager records the MDA's events too.
+        return [Reply(250, "2.0.0", "Ok path=/mail/x") for _ in rcpts], True
 
 
 @pytest.mark.timeout(60)
@@ -172,11 +174,11 @@ def test_queue_managers_sharing_one_queue_never_deliver_a_recipient_twice(
     class RacingManager(QueueManager):
         first = True
 
-        def _claim(self) -> list[queue.Job]:
+        def _claim(self, s: Session) -> list[queue.Job]:
             if self.first:
                 self.first = False
                 together.wait(timeout=10)
-            return super()._claim()
+            return super()._claim(s)
 
     async def one_manager(n: int) -> None:
         # Its own engine and pool, as a separate process would have; its own owner tag.
@@ -220,6 +222,13 @@ def test_queue_managers_sharing_one_queue_never_deliver_a_recipient_twice(
         owners = set(s.scalars(select(Recipient.owner)))
     assert states == {DELIVERED: messages * per_message}, states
     assert owners == {""}
+    # The MDA left its events to the queue managers (XRECORD): each delivery is
+    # in the trace once, with the path its 250 named.
+    with setup.read() as s:
+        recorded = s.scalars(select(Event).where(Event.hop == "mda", Event.event == "delivered"))
+        mda = collections.Counter((e.recipient, e.path) for e in recorded)
+    assert sorted(a for a, _ in mda) == sorted(expected) and set(mda.values()) == {1}
+    assert {p for _, p in mda} == {"/mail/x"}
     setup.close()
 
 
@@ -259,3 +268,41 @@ def test_the_mailroom_command_manages_users_and_queue_on_postgresql(
         ("Q00000000000000001", "carol@example.net", ["dave@example.net"])
     ]
     assert items[0]["recipients"][0]["state"] == "queued"
+
+
+def test_the_same_message_checked_by_two_sessions_at_once_is_queued_once(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    # A client that never saw our 250 sends again while the first copy is still being
+    # committed (two MTAs, or two sessions of one): the second check must wait for
+    # the first transaction and then find it, not queue the message a second time.
+    import datetime as dt
+
+    db = Database(postgres.url, threads=2)
+    db.create_schema()
+    now = SystemClock().now()
+    since = now - dt.timedelta(days=1)
+    check = {"message_id": "<same@example.net>", "sender": "a@example.net", "originals": ["b@example.org"],
+             "digest": "d" * 64, "since": since}
+    seen: list[str | None] = []
+    try:
+        with db.write() as first:
+            assert queue.find_resubmission(first, **check) is None
+            queue.enqueue(first, trace="0192F3A1B2C3D4E5F6", sender="a@example.net", body=b"x", now=now,
+                          recipients=[queue.QueuedRecipient("b@example.org", "b@example.org")],
+                          message_id="<same@example.net>", digest="d" * 64)
+
+            def second() -> None:
+                with db.write() as s:
+                    seen.append(queue.find_resubmission(s, **check))
+                    s.commit()
+
+            t = threading.Thread(target=second)
+            t.start()
+            time.sleep(0.5)
+            assert seen == []  # it waits for the first transaction...
+            first.commit()
+        t.join(10)
+        assert seen == ["0192F3A1B2C3D4E5F6"]  # ...and then finds its message
+    finally:
+        db.close()

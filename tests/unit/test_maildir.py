@@ -126,3 +126,17 @@ def test_a_quota_removed_and_set_again_starts_from_a_fresh_count(tmp_path: Path)
     assert quota.maildir_usage(box, 1000)[0] == 900
     with pytest.raises(quota.QuotaExceeded):
         maildir.deliver(box, b"x" * 300, "3.M1R1.host", quota_limit=1000)
+
+
+def test_a_retry_finds_a_copy_a_reader_moved_to_cur(tmp_path: Path) -> None:
+    box = tmp_path / "Maildir"
+    name = maildir.unique_name("0192F3A1B2C3D4E5F6", "alice@example.org", "mail.test")
+    first, stored = maildir.deliver(box, b"Subject: x\n\nhello\n", name)
+    assert stored
+    moved = box / "cur" / (name + ":2,S")
+    first.rename(moved)
+    assert maildir.deliver(box, b"Subject: x\n\nhello\n", name, look_in_cur=True) == (moved, False)
+    assert sorted(p.name for p in (box / "new").iterdir()) == []
+    # A different message whose name starts the same is not taken for it.
+    other = name[:-1] + "Z"
+    assert maildir.deliver(box, b"Subject: y\n\n", other, look_in_cur=True)[1] is True

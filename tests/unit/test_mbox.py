@@ -164,24 +164,24 @@ from mda import mbox
 
 step = sys.argv[2]
 real_write, real_fsync = os.write, os.fsync
-journal_done = False
+
+def target(fd):
+    # Which file a write goes to (the dotlock's pid line is neither).
+    name = os.readlink(f"/proc/self/fd/{fd}")
+    return "journal" if name.endswith(".delivered") else "mbox" if name.endswith(".mbox") else "other"
 
 def write(fd, data):
-    global journal_done
-    if not journal_done:
-        journal_done = True  # the first write is the journal line
-        if step == "after-journal":
-            real_write(fd, data); real_fsync(fd)
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real_write(fd, data)
-    if step == "mid-append":
+    if target(fd) == "journal" and step == "after-journal":
+        real_write(fd, data); real_fsync(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if target(fd) == "mbox" and step == "mid-append":
         real_write(fd, bytes(data)[: len(data) // 2]); real_fsync(fd)
         os.kill(os.getpid(), signal.SIGKILL)
     return real_write(fd, data)
 
 def fsync(fd):
     real_fsync(fd)
-    if step == "after-append" and journal_done:
+    if step == "after-append" and target(fd) == "mbox":
         os.kill(os.getpid(), signal.SIGKILL)
 
 os.write, os.fsync = write, fsync
@@ -207,3 +207,137 @@ def test_a_kill_at_any_step_then_a_redelivery_leaves_exactly_one_copy(tmp_path: 
     mbox.deliver(path, killed, "a@b", delivery_id="k1")
     mbox.deliver(path, b"Subject: after\n\n", "a@b", delivery_id="d2")
     assert _messages(path) == [b"Subject: before\n\n", killed, b"Subject: after\n\n"]
+
+
+def test_threads_breaking_a_dead_writers_dotlock_together_append_one_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An MDA killed while it held the dotlock leaves it behind.  After the restart two
+    # delivery threads find it together; the later one must not remove the fresh lock
+    # the first took meanwhile (fcntl does not keep threads of one process apart), or
+    # both append at once and one journals the wrong offset: its redelivery (the
+    # queue manager never saw the 250) then stores a second copy.
+    import contextlib
+    import subprocess
+    import sys
+    import threading
+
+    path = tmp_path / "box.mbox"
+    mbox.deliver(path, b"Subject: before\n\n", "a@b", delivery_id="d0")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path.with_name("box.mbox.lock").write_text(f"{dead.pid}\n")
+    real_gone, real_fcntl = mbox._holder_gone, mbox._fcntl_lock
+    both_looked = threading.Barrier(2)
+
+    def slow_gone(lock_path: Path) -> bool:
+        # Both threads read the dead writer's pid; the second acts on it a little
+        # later, when the first has already put its own lock in place.
+        gone = real_gone(lock_path)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_looked.wait(timeout=1)  # never met when only one thread gets this far
+        if threading.current_thread().name == "second":
+            time.sleep(0.1)
+        return gone
+
+    def slow_fcntl(fd: int, deadline: float) -> None:
+        real_fcntl(fd, deadline)
+        time.sleep(0.3)  # hold the lock while the other thread looks at the dotlock
+
+    monkeypatch.setattr(mbox, "_holder_gone", slow_gone)
+    monkeypatch.setattr(mbox, "_fcntl_lock", slow_fcntl)
+    bodies = {"first": b"Subject: one\n\n" + b"1" * 300 + b"\n", "second": b"Subject: two\n\n" + b"2" * 30 + b"\n"}
+    threads = [
+        threading.Thread(target=mbox.deliver, args=(path, body, "a@b"), kwargs={"delivery_id": name}, name=name)
+        for name, body in bodies.items()
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.setattr(mbox, "_fcntl_lock", real_fcntl)
+    # Both are redelivered: each is found where the journal says, and stored once.
+    for name, body in bodies.items():
+        assert mbox.deliver(path, body, "a@b", delivery_id=name) is False
+    assert sorted(_messages(path)) == sorted([b"Subject: before\n\n", *bodies.values()])
+
+
+def test_an_empty_dotlock_left_by_a_killed_writer_is_broken_soon(tmp_path: Path) -> None:
+    # Killed between creating the dotlock and writing its pid: it names nobody, and
+    # must not hold up the mailbox for the whole stale timeout.
+    path = tmp_path / "box.mbox"
+    lock = path.with_name("box.mbox.lock")
+    lock.touch()
+    with pytest.raises(mbox.LockTimeout):
+        mbox.deliver(path, b"Subject: x\n\n", "a@b", lock_timeout=0.2)  # it may be being written
+    old = time.time() - mbox.EMPTY_DOTLOCK_SECONDS - 1
+    os.utime(lock, (old, old))
+    assert mbox.deliver(path, b"Subject: x\n\n", "a@b", lock_timeout=1) is True
+    assert not lock.exists()
+
+
+def test_a_message_torn_by_a_kill_is_cut_before_the_next_message_is_appended(tmp_path: Path) -> None:
+    # Killed in the middle of the append; another message comes before the
+    # redelivery of the torn one.  Left in place, the torn part would stay in
+    # the mailbox as a message of its own, and the redelivery add a second copy.
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "box.mbox"
+    mbox.deliver(path, b"Subject: before\n\n", "a@b", delivery_id="d0")
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLER, str(path), "mid-append"],
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, timeout=15,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+    mbox.deliver(path, b"Subject: other\n\n", "a@b", delivery_id="d2")
+    killed = b"Subject: killed\n\n" + b"x" * 5000 + b"\n"
+    mbox.deliver(path, killed, "a@b", delivery_id="k1")
+    assert _messages(path) == [b"Subject: before\n\n", b"Subject: other\n\n", killed]
+
+
+def test_a_reader_shortening_the_mbox_is_never_cut(tmp_path: Path) -> None:
+    # A reader expunged the first message (the file is rewritten shorter): the end
+    # of the file may now fall inside the span the journal gives the last append,
+    # but it ends with a whole message, so nothing is cut.
+    path = tmp_path / "box.mbox"
+    mbox.deliver(path, b"Subject: first\n\n" + b"f" * 400 + b"\n", "a@b", delivery_id="d0")
+    mbox.deliver(path, b"Subject: second\n\n", "a@b", delivery_id="d1")
+    mbox.deliver(path, b"Subject: third\n\n" + b"t" * 800 + b"\n", "a@b", delivery_id="d2")
+    box = mailbox.mbox(path)
+    box.lock()
+    box.remove(next(iter(box.keys())))
+    box.flush()
+    box.unlock()
+    box.close()
+    mbox.deliver(path, b"Subject: fourth\n\n", "a@b", delivery_id="d3")
+    assert [m.split(b"\n", 1)[0] for m in _messages(path)] == [
+        b"Subject: second", b"Subject: third", b"Subject: fourth"
+    ]
+
+
+def test_a_dotlock_whose_pid_now_belongs_to_a_younger_process_is_broken(tmp_path: Path) -> None:
+    # The MDA that made the dotlock was killed, and its pid went to a new process
+    # (pids wrap round fast when daemons restart often): that process is alive but
+    # is not the holder, so the mailbox must not wait out the stale timeout.
+    import subprocess
+    import sys
+
+    path = tmp_path / "box.mbox"
+    lock = path.with_name("box.mbox.lock")
+    lock.touch()
+    made = time.time() - 10
+    os.utime(lock, (made, made))
+    younger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        lock.write_text(f"{younger.pid}\n")
+        os.utime(lock, (made, made))
+        assert mbox.deliver(path, b"Subject: x\n\n", "a@b", lock_timeout=1) is True
+        # A live holder older than its dotlock is still waited for.
+        lock.write_text(f"{younger.pid}\n")
+        with pytest.raises(mbox.LockTimeout):
+            mbox.deliver(path, b"Subject: y\n\n", "a@b", lock_timeout=0.3)
+    finally:
+        younger.kill()
+        younger.wait()

@@ -38,5 +38,9 @@ def test_release_stale_frees_only_claims_of_dead_queue_managers(tmp_path: Path) 
         with db.read() as s:
             states = dict(s.execute(select(Recipient.message_id, Recipient.state)).all())
         assert states == {job.trace: ACTIVE, job2.trace: QUEUED}
+        with db.read() as s:
+            attempts = dict(s.execute(select(Recipient.message_id, Recipient.attempts)).all())
+        # The attempt the crash cut short counts: the next one is a retry.
+        assert attempts == {job.trace: 0, job2.trace: 1}
     finally:
         db.close()

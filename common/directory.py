@@ -1,0 +1,78 @@
+"""Users and aliases answered from memory: the look-ups behind every RCPT.
+
+The MTA expands aliases and the MDA finds mailboxes once per recipient; asking
+the database each time cost a read transaction and ORM loads per look-up.  A
+`Directory` keeps a copy of both tables and, before each answer, reads one
+integer: `directory_generation.value`, which database triggers move whenever
+`users` or `aliases` change (whoever changes them).  When it moved, the copy
+is loaded again, so a user added a moment ago is found at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, select
+
+from common.address import lookup_key
+from common.models import Alias, DirectoryGeneration, User
+
+
+@dataclass(frozen=True)
+class UserEntry:
+    address: str
+    store: str
+    mailbox: str
+    quota: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The two tables as they were at one generation."""
+
+    generation: int
+    users: dict[str, UserEntry]
+    aliases: dict[str, list[str]]
+
+    def user(self, address: str, delimiter: str = "") -> UserEntry | None:
+        """The user an address delivers to directly (user+tag@domain -> user@domain)."""
+        return self.users.get(lookup_key(address, delimiter))
+
+    def targets(self, source: str) -> list[str]:
+        return self.aliases.get(source, [])
+
+
+_GENERATION = select(DirectoryGeneration.value).where(DirectoryGeneration.id == 1)
+_USERS = select(User.address, User.store, User.mailbox, User.quota)
+_ALIASES = select(Alias.source, Alias.target).order_by(Alias.id)
+
+
+class Directory:
+    """A per-process copy of users and aliases, reloaded when the generation moved."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._snapshot: Snapshot | None = None
+
+    def current(self) -> Snapshot:
+        """The tables as they are now (blocking: call it from a database thread)."""
+        with self.engine.connect() as conn:
+            generation = conn.execute(_GENERATION).scalar()
+            snapshot = self._snapshot
+            if snapshot is not None and snapshot.generation == generation:
+                return snapshot
+            with self._lock:
+                # Read in the same transaction as the generation: a change
+                # committed between the two reads moves it again, so the next
+                # call reloads instead of keeping a half-new copy.
+                users = {r.address: UserEntry(r.address, r.store, r.mailbox, r.quota) for r in conn.execute(_USERS)}
+                aliases: dict[str, list[str]] = {}
+                for source, target in conn.execute(_ALIASES):
+                    aliases.setdefault(source, []).append(target)
+                # A database without the counter (None) is reloaded every time.
+                snapshot = Snapshot(-1 if generation is None else int(generation), users, aliases)
+                if generation is not None:
+                    self._snapshot = snapshot
+                return snapshot
