@@ -137,7 +137,8 @@ class RecordingLMTP:
         self.received: collections.Counter[str] = collections.Counter()
 
     async def deliver(
-        self, trace: str, sender: str, rcpts: list[str], body: bytes, params: tuple[str, ...] = ()
+        self, trace: str, sender: str, rcpts: list[str], body: bytes, params: tuple[str, ...] = (),
+        *, retry: bool = False,
     ) -> tuple[list[Reply], bool]:
         await asyncio.sleep(0.001)  # let the other queue managers run their claims meanwhile
         self.received.update(rcpts)
