@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from cli.show import clean
 from common.config import Config
 from common.db import Database
-from common.models import BOUNCED, DELETED, FINAL_STATES, QUEUED, Message, Recipient, add_event, utcnow
-from common.reply import Reply
-from mta import bounce, queue
+from common.models import FINAL_STATES, Message, Recipient, utcnow
+from mta import queue
 
 
 def _pending(s: Any, ident: str | None = None) -> list[Message]:
@@ -83,74 +82,34 @@ def _age(seconds: int) -> str:
 
 def flush(cfg: Config, db: Database, ident: str | None) -> int:
     """Make queued recipients due now and wake the queue manager."""
-    now = utcnow()
     with db.write() as s:
-        q = update(Recipient).where(Recipient.state == QUEUED)
-        if ident:
-            q = q.where(Recipient.message_id == ident.upper())
-        n = s.execute(q.values(next_attempt=now)).rowcount  # type: ignore[attr-defined]
+        n = queue.make_due(s, ident.upper() if ident else None, utcnow())
         s.commit()
     queue.wake_qmgr(cfg.qmgr_socket)
-    return int(n)
+    return n
 
 
 def set_held(cfg: Config, db: Database, ident: str, held: bool) -> bool:
     with db.write() as s:
-        if not _pending(s, ident):
-            return False
-        n = s.execute(update(Message).where(Message.id == ident.upper()).values(held=held)).rowcount  # type: ignore[attr-defined]
-        add_event(s, ident.upper(), "admin", "held" if held else "released")
+        done = queue.hold(s, ident.upper(), held)
         s.commit()
-    if not held:
+    if done and not held:
         queue.wake_qmgr(cfg.qmgr_socket)
-    return bool(n)
+    return done
 
 
 def delete(db: Database, ident: str) -> int:
     """Drop a message without telling anyone (postsuper -d)."""
     with db.write() as s:
-        n = _finish(s, ident, DELETED)
-        if not n:
-            return 0
-        add_event(s, ident.upper(), "admin", "deleted", detail="deleted by the administrator")
-        queue.drop_body_if_done(s, ident.upper())
+        n = queue.delete(s, ident.upper())
         s.commit()
     return n
 
 
 def bounce_now(cfg: Config, db: Database, ident: str) -> int:
     """Return a message to its sender now, with a DSN."""
-    reply = Reply(550, "5.0.0", "Returned to sender by the mail administrator")
-    now = utcnow()
     with db.write() as s:
-        msg = s.get(Message, ident.upper())
-        if msg is None or msg.body is None:
-            return 0
-        failures = [
-            bounce.Failure(r.address, r.original, reply)
-            for r in msg.recipients
-            if r.state not in FINAL_STATES
-        ]
-        n = _finish(s, ident, BOUNCED, str(reply))
-        if failures and msg.sender and not msg.is_bounce:
-            queue.enqueue_dsn(
-                s, hostname=cfg.mailroom.hostname, trace=msg.id, sender=msg.sender,
-                original=msg.body, received=msg.received, failures=failures, now=now, hop="admin",
-            )
-        queue.drop_body_if_done(s, msg.id)
+        n = queue.return_to_sender(s, ident.upper(), hostname=cfg.mailroom.hostname, now=utcnow())
         s.commit()
     queue.wake_qmgr(cfg.qmgr_socket)
     return n
-
-
-def _finish(s: Any, ident: str, state: str, reply: str = "") -> int:
-    values: dict[str, object] = {"state": state, "owner": ""}
-    if reply:
-        values["last_reply"] = reply
-    result = s.execute(
-        update(Recipient)
-        .where(Recipient.message_id == ident.upper(), Recipient.state.not_in(FINAL_STATES))
-        .values(**values)
-    )
-    return int(result.rowcount)
-

@@ -3,10 +3,13 @@
 `enqueue` is the promise behind the MTA's 250: message, recipients and the
 `queued` event go in one transaction, committed with synchronous=FULL, before
 the reply is sent.  The queue manager `claim`s due recipients (state active,
-owned by it), delivers them, and `settle`s each outcome in one transaction per
-message.  A crash between claim and settle leaves recipients active; the next
+owned by it), delivers them, and settles the outcomes (`classify`, then
+`record_outcomes`) in a relaxed transaction shared with other claims and
+settles.  A crash between claim and settle leaves recipients active; the next
 queue manager start puts them back (`release_stale`), so at worst a message is
-delivered twice, never lost.
+delivered twice, never lost.  The operator's actions (`mailroom queue`: flush,
+hold and release, delete, return to sender) are here too, so this module is the
+only code that changes queue state.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from common.log import new_trace_id
 from common.models import (
     ACTIVE,
     BOUNCED,
+    DELETED,
     DELIVERED,
     EXPIRED,
     FINAL_STATES,
@@ -453,6 +457,71 @@ def drop_body_if_done(session: Session, trace: str) -> bool:
 
 _STATES = select(Recipient.state).where(Recipient.message_id == bindparam("trace"))
 _DROP_BODY = update(Message).where(Message.id == bindparam("trace")).values(body=None)
+
+
+# The operator's actions (`mailroom queue`, Postfix's postsuper): each changes
+# queue state in the caller's transaction and returns how many recipients or
+# messages it touched; the caller commits and wakes the queue manager.
+
+
+def make_due(session: Session, trace: str | None, now: dt.datetime) -> int:
+    """Flush: make the waiting recipients (of one message, or all) due now."""
+    q = update(Recipient).where(Recipient.state == QUEUED)
+    if trace:
+        q = q.where(Recipient.message_id == trace)
+    return int(getattr(session.execute(q.values(next_attempt=now)), "rowcount", 0) or 0)
+
+
+def hold(session: Session, trace: str, held: bool) -> bool:
+    """Hold a message that still has recipients to deliver (or release it)."""
+    if not _unfinished(session, trace):
+        return False
+    session.execute(update(Message).where(Message.id == trace).values(held=held))
+    add_event(session, trace, "admin", "held" if held else "released")
+    return True
+
+
+def delete(session: Session, trace: str) -> int:
+    """Drop a message's unfinished recipients without telling anyone (postsuper -d)."""
+    n = _finish(session, trace, DELETED)
+    if n:
+        add_event(session, trace, "admin", "deleted", detail="deleted by the administrator")
+        drop_body_if_done(session, trace)
+    return n
+
+
+def return_to_sender(session: Session, trace: str, *, hostname: str, now: dt.datetime) -> int:
+    """Bounce a message's unfinished recipients now, with a DSN to its sender."""
+    reply = Reply(550, "5.0.0", "Returned to sender by the mail administrator")
+    msg = session.get(Message, trace)
+    if msg is None or msg.body is None:
+        return 0
+    failures = [bounce.Failure(r.address, r.original, reply) for r in msg.recipients if r.state not in FINAL_STATES]
+    n = _finish(session, trace, BOUNCED, str(reply))
+    if failures and msg.sender and not msg.is_bounce:
+        enqueue_dsn(
+            session, hostname=hostname, trace=trace, sender=msg.sender, original=msg.body,
+            received=msg.received, failures=failures, now=now, hop="admin",
+        )
+    drop_body_if_done(session, trace)
+    return n
+
+
+def _unfinished(session: Session, trace: str) -> bool:
+    q = select(Recipient.id).where(Recipient.message_id == trace, Recipient.state.not_in(FINAL_STATES)).limit(1)
+    return session.execute(q).first() is not None
+
+
+def _finish(session: Session, trace: str, state: str, reply: str = "") -> int:
+    values: dict[str, object] = {"state": state, "owner": ""}
+    if reply:
+        values["last_reply"] = reply
+    result = session.execute(
+        update(Recipient)
+        .where(Recipient.message_id == trace, Recipient.state.not_in(FINAL_STATES))
+        .values(**values)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def wake_qmgr(path: os.PathLike[str] | str) -> None:
