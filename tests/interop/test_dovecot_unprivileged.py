@@ -90,13 +90,26 @@ def test_dovecot_runs_as_the_developer_and_serves_their_mail(
         assert client.select("INBOX")[0] == "OK"
         typ, data = client.fetch("1", "(BODY[HEADER.FIELDS (SUBJECT)])")
         assert typ == "OK" and b"developer mail" in data[0][1]
+        # Every process of this Dovecot (master, login, auth, imap) runs as the
+        # developer; looked at while the session is open, so its imap process is there.
+        uids = _uids(peers.session_members(proc.pid))
     finally:
         client.logout()
-    # Every process of this Dovecot (master, login, auth, imap) runs as the developer.
-    members = peers.session_members(proc.pid)
-    dovecot_pids = [pid for pid in members if Path(f"/proc/{pid}/comm").read_text().strip() != "runuser"]
-    assert len(dovecot_pids) >= 4, members
-    for pid in dovecot_pids:
-        status = Path(f"/proc/{pid}/status").read_text()
-        uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+    assert len(uids) >= 4, uids
+    for pid, uid_line in uids.items():
         assert set(uid_line.split()[1:]) == {str(nobody.pw_uid)}, (pid, uid_line)
+
+
+def _uids(pids: list[int]) -> dict[int, str]:
+    """The `Uid:` line of each Dovecot process (not runuser) among `pids` that still
+    exists: a short-lived helper process may end between the listing and the read."""
+    found: dict[int, str] = {}
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "runuser":
+                continue
+            status = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            continue
+        found[pid] = next(line for line in status.splitlines() if line.startswith("Uid:"))
+    return found
