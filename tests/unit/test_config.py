@@ -77,13 +77,17 @@ def test_hostport(text: str, expected: tuple[str, int]) -> None:
     assert config.parse_hostport(text) == expected
 
 
-def test_config_show_prints_every_setting(tmp_path: Path) -> None:
-    path = tmp_path / "mailroom.toml"
-    path.write_text(config.render_default("example.org", "mail.example.org"))
-    r = subprocess.run(
+def _config_show(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-m", "cli.main", "--config", str(path), "config", "show"],
         capture_output=True, text=True, timeout=30,
     )
+
+
+def test_config_show_prints_every_setting(tmp_path: Path) -> None:
+    path = tmp_path / "mailroom.toml"
+    path.write_text(config.render_default("example.org", "mail.example.org"))
+    r = _config_show(path)
     assert r.returncode == 0, r.stderr
     assert 'mta.smtp = ["127.0.0.1:2525"]' in r.stdout
     assert "mta.max_queue_lifetime = 432000.0" in r.stdout
@@ -100,10 +104,7 @@ def test_a_listener_setting_takes_several_addresses_and_config_show_prints_them(
     assert [str(e) for e in cfg.endpoints("mta.smtp")] == ["0.0.0.0:2525", "[::1]:2525", "unix:/run/mr/smtp.sock"]
     assert str(cfg.endpoint("mta.smtp")) == "0.0.0.0:2525"  # the one to connect to: the first
     assert [str(e) for e in cfg.endpoints("mda.lmtp")] == ["127.0.0.1:2424", "[::1]:2424"]
-    r = subprocess.run(
-        [sys.executable, "-m", "cli.main", "--config", str(path), "config", "show"],
-        capture_output=True, text=True, timeout=30,
-    )
+    r = _config_show(path)
     assert r.returncode == 0, r.stderr
     assert 'mta.smtp = ["0.0.0.0:2525", "[::1]:2525", "unix:/run/mr/smtp.sock"]' in r.stdout
     assert 'mda.lmtp = ["127.0.0.1:2424", "[::1]:2424"]' in r.stdout
