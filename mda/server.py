@@ -189,7 +189,11 @@ class LMTPHandler(Handler):
         """Store the message for each recipient; returns the replies and the events to record."""
         trace_id.set(trace)
         results: dict[str, tuple[Reply, str]] = {}
-        earlier = self._earlier_deliveries(trace)  # one query for every recipient
+        # Deliveries of this trace id already recorded (one query for every recipient).
+        # A first hand-off from a client that records the outcomes itself (XRECORD
+        # without XRETRY) cannot have reached us before: nothing to look up, and the
+        # stores' own names and journals still refuse a second copy.
+        earlier = {} if path_in_reply and not retry else self._earlier_deliveries(trace)
         for rcpt in recipients:
             if rcpt in results:
                 continue  # the same RCPT twice: one copy, the same answer twice

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from common.daemon import Context
 from common.models import Event, User
@@ -670,3 +670,32 @@ def test_a_retry_finds_the_copy_a_reader_moved_to_cur(client: Client, inst: Inst
     assert events(inst, TRACE) == []  # nothing in the database knows of that delivery
     assert once("XRETRY") == [250]
     assert [p.parent.name for p in maildir_messages(alice)] == ["cur"]
+
+
+def test_a_first_xrecord_hand_off_reads_no_earlier_deliveries(client: Client, mda: MDA, alice: Path) -> None:
+    # The queue manager's first hand-off of a message cannot have reached us before,
+    # so the MDA skips its look-up of recorded deliveries; a retry (XRETRY), or a
+    # client that does not record outcomes itself, still looks.
+    reads: list[str] = []
+
+    def seen(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if "FROM events" in statement:
+            reads.append(statement)
+
+    engine = mda.ctx.db.read_engine
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        def once(trace: str, params: str) -> None:
+            assert client.cmd(f"MAIL FROM:<carol@example.net> XTRACE={trace} {params}".rstrip())[0] == 250
+            assert client.cmd("RCPT TO:<alice@example.org>")[0] == 250
+            assert [c for c, _ in client.data(MESSAGE, 1)] == [250]
+
+        once(TRACE, "XRECORD")
+        assert reads == []
+        once(TRACE, "XRECORD XRETRY")
+        assert len(reads) == 1
+        once("0192F3A1B2C3D4E5F7", "")
+        assert len(reads) == 2
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert len(maildir_messages(alice)) == 2  # the retry stored no second copy
