@@ -48,6 +48,12 @@ def event_row(e: Event) -> dict[str, Any]:
     }
 
 
+# The tail reads columns, not ORM objects: it sees every event of every message,
+# and building an Event object per row cost more than the query.
+_ROW_KEYS = ("id", "trace", "hop", "event", "when", "recipient", "detail", "path")
+_COLUMNS = (Event.id, Event.trace_id, Event.hop, Event.event, Event.time, Event.recipient, Event.detail, Event.path)
+
+
 def public(row: dict[str, Any]) -> dict[str, Any]:
     """An event as the page receives it (JSON: the time as text)."""
     out = {k: v for k, v in row.items() if k != "when"}
@@ -101,10 +107,10 @@ class Feed:
         with self._lock:
             while True:
                 with self.db.read() as s:
-                    rows = [
-                        event_row(e)
-                        for e in s.scalars(select(Event).where(Event.id > self.last_id).order_by(Event.id).limit(BATCH))
-                    ]
+                    found = s.execute(
+                        select(*_COLUMNS).where(Event.id > self.last_id).order_by(Event.id).limit(BATCH)
+                    )
+                    rows: list[dict[str, Any]] = [dict(zip(_ROW_KEYS, r, strict=True)) for r in found]
                 if not rows:
                     return total
                 self.metrics.observe(rows)
@@ -119,7 +125,7 @@ class Feed:
             rows, self._unsent = self._unsent, []
             return rows
 
-    def _refresh(self) -> None:
+    def refresh(self) -> None:
         self.snapshot = queue_snapshot(self.db)
 
     def hello(self) -> bytes:
@@ -160,8 +166,10 @@ class Feed:
                 if first:
                     rows, first = [], False  # the history is in `recent`, for hello()
                 now = time.monotonic()
-                if rows or now - last_snapshot >= SNAPSHOT_EVERY:
-                    await asyncio.to_thread(self._refresh)
+                # The snapshot (a join over the queue) is only for open pages:
+                # under load nobody may be watching, and it would run 5 times a second.
+                if self.listeners and (rows or now - last_snapshot >= SNAPSHOT_EVERY):
+                    await asyncio.to_thread(self.refresh)
                     last_snapshot = now
                     if rows:
                         self._broadcast(sse("events", [public(r) for r in rows]))

@@ -8,6 +8,7 @@ change) and asks `/trace?id=` for a message's whole journey when it is clicked.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncGenerator
 from http import HTTPStatus
@@ -83,6 +84,8 @@ class Live:
                 yield b": too many live pages open\nretry: 10000\n\n"
                 return
             try:
+                # The feed keeps the queue snapshot fresh only while a page listens.
+                await asyncio.to_thread(feed.refresh)
                 yield b"retry: 2000\n\n" + feed.hello()
                 while (chunk := await queue.get()) is not None:
                     yield chunk

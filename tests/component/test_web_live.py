@@ -227,3 +227,20 @@ def test_queue_age_is_measured_in_lab_time(web: Web) -> None:
     age = web.metrics()[("mailroom_queue_oldest_age_seconds", ())]
     # Two lab minutes, plus a lab minute for each real second the start took.
     assert 120 <= age < 120 + 60 * 30, age
+
+
+def test_a_page_opened_later_starts_with_the_current_queue(web: Web) -> None:
+    # The feed refreshes its queue snapshot only while pages listen; a page that
+    # opens after mail was queued unwatched must still start with that mail.
+    web.start()
+    waiting = record_journey(web.db, deferred=True)
+    assert web.metrics()[("mailroom_queue_messages", ())] == 1  # the feed has read it
+    with socket.create_connection(("127.0.0.1", web.port), timeout=10) as sock:
+        sock.sendall(b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")
+        buf = bytearray()
+        while b"\r\n\r\n" not in buf:
+            buf += sock.recv(4096)
+        buf = bytearray(bytes(buf).partition(b"\r\n\r\n")[2])
+        hello = read_sse(sock, "hello", buf)
+    assert isinstance(hello, dict)
+    assert [r["trace"] for r in hello["queue"]["recipients"]] == [waiting]  # type: ignore[index]
