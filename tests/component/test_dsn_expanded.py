@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import select
 
 from common.models import Message, Recipient
-from tests.component.test_mta_smtpd import MTA, MSG, _alias, _queued_id
+from tests.component.test_mta_smtpd import MSG, MTA, _alias, _queued_id
 from tests.support.suite import Installation
 
 pytestmark = pytest.mark.timeout(30)
