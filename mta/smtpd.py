@@ -236,7 +236,7 @@ class SMTPHandler(Handler):
         """`_store`, and in the same commit the "expanded" notices asked for (`_note_expansion`)."""
         trace = self._store(s, envelope, body, recipients, session, header, now)
         sender = envelope.mail_from or ""
-        expanded = [self.notices[r] for r in envelope.rcpt_tos if r in self.notices]
+        expanded = [self.notices[r] for r in dict.fromkeys(envelope.rcpt_tos) if r in self.notices]
         if expanded and sender and trace == envelope.trace_id:  # not for <>, nor a resubmission
             p = envelope.params
             queue.enqueue_dsn(
