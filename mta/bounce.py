@@ -37,32 +37,35 @@ class Returned(StrEnum):
     REDACTED = "redacted"  # text/rfc822-headers holding the Message-ID alone
 
 
-def returned(*, ret: str, body_type: str = "7BIT", requiretls: bool = False, binary_ok: bool = False) -> Returned:
+def returned(*, ret: str, body_type: str = "7BIT", requiretls: bool = False, local: bool = False) -> Returned:
     """What a notice about a message sent with RET=`ret`, BODY=`body_type` and
-    (perhaps) REQUIRETLS returns of it; `binary_ok`: the notice's own next hop
-    takes BINARYMIME (our MDA does; of a remote one we know nothing when the
-    notice is queued).
+    (perhaps) REQUIRETLS returns of it; `local`: the notice goes to a sender in
+    our own domains, so its one hop is our MDA, over LMTP on this host, which
+    takes BINARYMIME.  (Of a remote sender's next hop we know nothing when the
+    notice is queued.)
 
     REQUIRETLS (RFC 8689 5): a notice must not leak what the sender asked to
-    travel only over TLS. There RET=FULL is disregarded, and a notice that
-    carries the original header must itself go with REQUIRETLS, unless the
-    header is redacted. The way back to the sender need not offer REQUIRETLS,
-    and a notice with the null sender should not be lost for that (RFC 8689 5),
-    so we redact: the notice carries the Message-ID alone, goes by any path,
-    and no Subject, From or To crosses a hop the sender did not trust.
+    travel only over TLS.  RET=FULL is disregarded, and a notice that carries
+    the original header must itself go with REQUIRETLS, unless the header is
+    redacted.  To a local sender the header comes back (the notice is queued
+    with REQUIRETLS and never leaves this host).  The way back to a remote
+    sender need not offer REQUIRETLS, and a notice with the null sender should
+    not be lost for that (RFC 8689 5), so there we redact: the notice carries
+    the Message-ID alone, goes by any path, and no Subject, From or To crosses
+    a hop the sender did not trust.
 
     BINARYMIME (RFC 3030 3): its octets can only travel as BINARYMIME, with
     BDAT, in a notice itself sent BODY=BINARYMIME; decoding them as text
-    would return something else than was sent. So the whole message comes back
-    byte for byte only where the notice is sure to be carried that way, and
-    otherwise its header only (RFC 3461 4.3 lets a notice return less than
-    asked), and the notice says so.
+    would return something else than was sent.  So the whole message comes back
+    byte for byte only where the notice is sure to be carried that way (to a
+    local sender), and otherwise its header only (RFC 3461 4.3 lets a notice
+    return less than asked), and the notice says so.
     """
     if requiretls:
-        return Returned.REDACTED
+        return Returned.HEADERS if local else Returned.REDACTED
     if ret != "FULL":
         return Returned.HEADERS
-    if body_type == "BINARYMIME" and not binary_ok:
+    if body_type == "BINARYMIME" and not local:
         return Returned.HEADERS
     return Returned.FULL
 
@@ -92,18 +95,18 @@ def compose(
     ret: str = "",
     body_type: str = "7BIT",
     requiretls: bool = False,
-    binary_ok: bool = False,
+    local: bool = False,
 ) -> bytes:
     """The DSN for `failures`, addressed to `sender` (never called for <>).
 
     With `success` it is a success notice: each entry's action says
     "delivered" (we were the last hop), "relayed" (to a hop without DSN) or
     "expanded" (an alias handed it on to several recipients).  `body_type`,
-    `requiretls` and `binary_ok` decide, with `ret`, what of the original
+    `requiretls` and `local` decide, with `ret`, what of the original
     comes back (`returned`); when it is the whole of a binary message the
     notice is binary too, and must be queued BODY=BINARYMIME.
     """
-    form = returned(ret=ret, body_type=body_type, requiretls=requiretls, binary_ok=binary_ok)
+    form = returned(ret=ret, body_type=body_type, requiretls=requiretls, local=local)
     boundary = f"{trace}.{secrets.token_hex(6)}/{hostname}"
     while form is Returned.FULL and boundary.encode() in original:  # a binary body could hold anything
         boundary = f"{trace}.{secrets.token_hex(6)}/{hostname}"
@@ -211,6 +214,8 @@ def _why_less(form: Returned, *, ret: str, requiretls: bool) -> str:
             "\nYour message was sent with REQUIRETLS: this report may reach you over\n"
             "a path without TLS, so it returns only the message's Message-ID.\n"
         )
+    if ret == "FULL" and form is Returned.HEADERS and requiretls:
+        return "\nYour message was sent with REQUIRETLS, so only its header is returned.\n"
     if ret == "FULL" and form is Returned.HEADERS:
         return (
             "\nYour message was binary (BINARYMIME) and this report cannot be sure\n"

@@ -243,7 +243,7 @@ class SMTPHandler(Handler):
                 s, hostname=self.policy.hostname, trace=trace, sender=sender, original=body, received=now,
                 failures=expanded, now=now, hop="mta", success=True, envid=p.get("ENVID", ""),
                 ret=p.get("RET", ""), body_type=envelope.body_type, requiretls="REQUIRETLS" in p,
-                binary_ok=domain_of(sender) in self.policy.local_domains,
+                local=domain_of(sender) in self.policy.local_domains,
             )
         return trace
 

@@ -9,9 +9,11 @@ and says why, rather than decode binary octets as text.
 
 REQUIRETLS (RFC 8689 5): RET=FULL is disregarded, and a notice that carries
 the original header must itself go with REQUIRETLS unless the header is
-redacted.  The way back to the sender need not offer REQUIRETLS, and a
-bounce should not be lost for that, so ours is redacted: the Message-ID
-alone, and it goes by any path.
+redacted.  To a sender in our domains (our MDA, on this host) the header
+comes back and the notice is queued with REQUIRETLS.  The way back to a
+remote sender need not offer REQUIRETLS, and a bounce should not be lost
+for that, so that one is redacted: the Message-ID alone, and it goes by any
+path.
 
 The queue manager bounces the originals at real next hops on loopback and
 then delivers each bounce: to a scripted LMTP server (our MDA's role) that
@@ -165,8 +167,10 @@ def test_a_bounce_of_a_requiretls_message_is_redacted_and_reaches_a_sender_witho
     asyncio.run(go())
 
 
-def test_a_requiretls_message_with_a_local_sender_is_redacted_too(rig_args: Any) -> None:
-    """Even the way to our own MDA: the rule is about the notice, not one path."""
+def test_a_requiretls_message_comes_back_to_a_local_sender_as_its_header_flagged_requiretls(
+    rig_args: Any,
+) -> None:
+    """To our own MDA, on this host: the header may come back, and the notice keeps REQUIRETLS."""
 
     async def go() -> None:
         mda = KeepingMDA()
@@ -178,12 +182,17 @@ def test_a_requiretls_message_with_a_local_sender_is_redacted_too(rig_args: Any)
                         ret="FULL")
                 await rig.run()
                 await rig.run()
+            [dsn] = rig.dsns()
+            assert dsn.requiretls
+            assert state(rig, dsn.id, "bob@example.org")[0] == "delivered"
         finally:
             await rig.close()
             lmtp.close()
             await lmtp.wait_closed()
         [(_, _, content)] = mda.got
-        assert third_part(content)[1] == b"Message-ID: <p@sender.test>\r\n"
-        assert b"the plan" not in content and b"hello" not in content
+        head, body = third_part(content)
+        assert b"Content-Type: text/rfc822-headers" in head  # RET=FULL disregarded
+        assert body == BODY.partition(b"\r\n\r\n")[0] + b"\r\n"
+        assert b"hello" not in content
 
     asyncio.run(go())
