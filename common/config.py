@@ -122,7 +122,7 @@ class IMAPSection:
 
 @dataclass(frozen=True)
 class WebSection:
-    listen: str = field(default="127.0.0.1:8025", metadata=_meta("listen1", "HTTP listener of the web program (mail client autoconfig, the live page at /, /metrics); read-only"))
+    listen: list[str] = field(default_factory=lambda: ["127.0.0.1:8025"], metadata=_meta("listen", "HTTP listener of the web program (mail client autoconfig, the live page at /, /metrics); read-only"))
 
 
 @dataclass(frozen=True)
@@ -253,7 +253,7 @@ def listener_keys() -> list[str]:
         cls = hints[section.name]
         if dataclasses.is_dataclass(cls):
             keys += [
-                f"{section.name}.{f.name}" for f in dataclasses.fields(cls) if f.metadata.get("kind") in ("listen", "listen1")
+                f"{section.name}.{f.name}" for f in dataclasses.fields(cls) if f.metadata.get("kind") == "listen"
             ]
     return keys
 
@@ -398,11 +398,6 @@ def _convert(kind: str, value: object) -> object:
             if len(set(addresses)) != len(addresses):
                 raise ValueError(f"an address is listed twice in {value!r}")
             return addresses
-        case "listen1":
-            need(str, "host:port, [IPv6]:port or unix:/path")
-            assert isinstance(value, str)
-            Endpoint.parse(value)
-            return value
         case "listen?":
             need(str, "host:port, or empty for off")
             assert isinstance(value, str)

@@ -298,6 +298,9 @@ class QueueManager:
             s, hostname=self.hostname, trace=job.trace, sender=job.sender, original=job.body,
             received=job.received, failures=failures, now=now, delayed=delayed,
             success=success, envid=asked.envid, ret=asked.ret,
+            # To a local sender the notice's one hop is our MDA (BINARYMIME, on this host).
+            body_type=asked.body_type, requiretls=asked.requiretls,
+            local=domain_of(job.sender) in self.local_domains,
         )
         kind = "success notice" if success else "delay warning" if delayed else "bounce"
         log.info("%s to=<%s> queued as %s", kind, job.sender, notice)

@@ -407,18 +407,31 @@ def enqueue_dsn(
     success: bool = False,
     envid: str = "",
     ret: str = "",
+    body_type: str = "7BIT",
+    requiretls: bool = False,
+    local: bool = False,
 ) -> str:
-    """Queue a bounce, delay warning or success notice for message `trace` to `sender`; returns its trace id."""
+    """Queue a bounce, delay warning or success notice for message `trace` to `sender`; returns its trace id.
+
+    `body_type` and `requiretls` are the original's; `local`: `sender` is in our
+    own domains (bounce.returned says what each changes)."""
     dsn_trace = new_trace_id()
     body = bounce.compose(
         hostname=hostname, sender=sender, trace=trace, original=original,
         failures=failures, arrival=received, now=now, delayed=delayed, success=success, envid=envid, ret=ret,
+        body_type=body_type, requiretls=requiretls, local=local,
     )
+    form = bounce.returned(ret=ret, body_type=body_type, requiretls=requiretls, local=local)
     enqueue(
         session, trace=dsn_trace, sender="", body=body, now=now, hop=hop, is_bounce=True,
         recipients=[QueuedRecipient(sender, sender)],
-        # A returned 8-bit message (RET=FULL) makes the notice 8-bit too.
-        options=None if body.isascii() else {"body_type": "8BITMIME"},
+        options={
+            # A returned 8-bit message (RET=FULL) makes the notice 8-bit too; a returned binary one, binary.
+            "body_type": "BINARYMIME" if form is bounce.Returned.FULL and body_type == "BINARYMIME"
+            else "7BIT" if body.isascii() else "8BITMIME",
+            # The header of a REQUIRETLS message goes on only with REQUIRETLS (RFC 8689 5).
+            "requiretls": requiretls and form is not bounce.Returned.REDACTED,
+        },
     )
     kind = "success notice" if success else "delay warning" if delayed else "bounce"
     add_event(session, trace, hop, "dsn", detail=f"{kind} to <{sender}> as {dsn_trace}", time=now)
@@ -502,6 +515,7 @@ def return_to_sender(session: Session, trace: str, *, hostname: str, now: dt.dat
         enqueue_dsn(
             session, hostname=hostname, trace=trace, sender=msg.sender, original=msg.body,
             received=msg.received, failures=failures, now=now, hop="admin",
+            body_type=msg.body_type, requiretls=bool(msg.requiretls),
         )
     drop_body_if_done(session, trace)
     return n

@@ -34,7 +34,7 @@ from common.log import is_trace_id, new_trace_id, trace_id
 from common.models import add_event
 from common.reply import Reply, SMTPError
 from common.smtp import Handler, MailEnvelope, MailSession, in_networks, limits_from, serve
-from mta import aliases, mailauth, queue
+from mta import aliases, bounce, mailauth, queue
 
 log = logging.getLogger("smtpd")
 
@@ -89,9 +89,12 @@ class SMTPHandler(Handler):
         self.requiretls_in_clear = policy.internal  # our MSA took it over TLS
         # RCPT address -> what it expands to, for the transaction in progress.
         self.expanded: dict[str, aliases.Expansion] = {}
+        # RCPT address -> the "expanded" notice its sender asked for (NOTIFY=SUCCESS).
+        self.notices: dict[str, bounce.Failure] = {}
 
     def reset(self, session: MailSession) -> None:
         self.expanded = {}
+        self.notices = {}
 
     def may_relay(self, session: MailSession) -> bool:
         return self.internal or in_networks(session.client_ip, list(self.policy.trusted_networks))
@@ -136,6 +139,27 @@ class SMTPHandler(Handler):
             log.info("refused to=<%s>: user unknown", recipient)
             raise SMTPError(R.UNKNOWN_USER)
         self.expanded[given] = found
+        self._note_expansion(envelope, given, recipient, found)
+
+    def _note_expansion(
+        self, envelope: MailEnvelope, given: str, recipient: str, found: aliases.Expansion
+    ) -> None:
+        """An alias (or list) with several targets and NOTIFY=SUCCESS: the sender gets one
+        "expanded" notice for it now, and the targets go on without SUCCESS (RFC 3461
+        5.2.7.3; the action, RFC 3464 2.3.3), so the sender is not told of each delivery
+        behind the alias.  An alias with one target is forwarding: NOTIFY goes on as it
+        is (RFC 3461 5.2.7.2), and whoever delivers it reports success."""
+        self.notices.pop(given, None)
+        params = envelope.rcpt_params.get(given)
+        notify = params.get("NOTIFY", "").split(",") if params else []
+        if params is None or "SUCCESS" not in notify or len(found.local) + len(found.remote) < 2:
+            return
+        # What the targets are stored with (data() reads it): failures and delays still reported.
+        params["NOTIFY"] = ",".join(n for n in notify if n != "SUCCESS") or "NEVER"
+        self.notices[given] = bounce.Failure(
+            recipient, given, Reply(250, "2.0.0", "Alias expanded"), orcpt=params.get("ORCPT", ""),
+            action="expanded",
+        )
 
     def _expand(self, recipient: str) -> aliases.Expansion | None:
         # From the in-memory copy of users and aliases (one integer read to
@@ -181,7 +205,7 @@ class SMTPHandler(Handler):
             # Group commit: sessions finishing DATA together share one fsync'd
             # commit, and each 250 still waits for the commit that holds its message.
             queued = await self.db.write_batched(
-                self._store, envelope, body, recipients, session, header, now
+                self._store_and_notify, envelope, body, recipients, session, header, now
             )
         except (OSError, OperationalError) as exc:
             log.error("cannot queue: %s", exc)
@@ -198,6 +222,30 @@ class SMTPHandler(Handler):
         )
         queue.wake_qmgr(self.policy.qmgr_socket)
         return Reply(250, "2.0.0", f"Ok: queued as {envelope.trace_id}")
+
+    def _store_and_notify(
+        self,
+        s: Session,
+        envelope: MailEnvelope,
+        body: bytes,
+        recipients: list[queue.QueuedRecipient],
+        session: MailSession,
+        header: bytes,
+        now: dt.datetime,
+    ) -> str:
+        """`_store`, and in the same commit the "expanded" notices asked for (`_note_expansion`)."""
+        trace = self._store(s, envelope, body, recipients, session, header, now)
+        sender = envelope.mail_from or ""
+        expanded = [self.notices[r] for r in dict.fromkeys(envelope.rcpt_tos) if r in self.notices]
+        if expanded and sender and trace == envelope.trace_id:  # not for <>, nor a resubmission
+            p = envelope.params
+            queue.enqueue_dsn(
+                s, hostname=self.policy.hostname, trace=trace, sender=sender, original=body, received=now,
+                failures=expanded, now=now, hop="mta", success=True, envid=p.get("ENVID", ""),
+                ret=p.get("RET", ""), body_type=envelope.body_type, requiretls="REQUIRETLS" in p,
+                local=domain_of(sender) in self.policy.local_domains,
+            )
+        return trace
 
     def _store(
         self,

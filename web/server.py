@@ -33,7 +33,9 @@ from urllib.parse import parse_qs, urlsplit
 from common import clock
 from common import config as configmod
 from common import log as logmod
-from common.config import Config, parse_hostport
+from common.config import Config
+from common.daemon import bind_all
+from common.endpoint import BindError
 from web import autoconfig
 
 if TYPE_CHECKING:
@@ -159,11 +161,13 @@ async def handle(
             await writer.wait_closed()
 
 
-def bind(listen: str) -> socket.socket:
-    host, port = parse_hostport(listen)
-    sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setblocking(False)
-    return sock
+def bind(cfg: Config) -> list[socket.socket]:
+    """Every address of `[web] listen` (one or a list, as the daemons' listener
+    settings), bound alike; BindError names the one that cannot be."""
+    socks = bind_all({"web.listen": cfg.endpoints("web.listen")})["web.listen"]
+    for sock in socks:
+        sock.setblocking(False)
+    return socks
 
 
 async def serve(cfg: Config, sock: socket.socket, routes: Mapping[str, Handler] = ROUTES) -> asyncio.Server:
@@ -185,18 +189,21 @@ def drop_privileges(user: str) -> None:
     log.info("dropped privileges to %s", user)
 
 
-async def run(cfg: Config, sock: socket.socket, live: Live) -> None:
+async def run(cfg: Config, socks: list[socket.socket], live: Live) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = await serve(cfg, sock, {**ROUTES, **live.routes()})
+    routes = {**ROUTES, **live.routes()}
+    servers = [await serve(cfg, sock, routes) for sock in socks]
     tail = asyncio.create_task(live.feed.run(stop))
-    log.info("http on %s", cfg.web.listen)
+    log.info("http on %s", ", ".join(cfg.web.listen))
     await stop.wait()
-    server.close()
+    for server in servers:
+        server.close()
     await tail  # ends the live pages' streams
-    await server.wait_closed()
+    for server in servers:
+        await server.wait_closed()
     log.info("stopped")
 
 
@@ -215,9 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     # The daemons' now (lab time in a lab): the queue's ages are measured against it.
     clock.use(clock.for_lab(cfg.lab.time_warp, cfg.lab.time_warp_since))
     try:
-        sock = bind(cfg.web.listen)
-    except OSError as exc:
-        print(f"web: [web] listen = {cfg.web.listen}: {exc.strerror or exc}", file=sys.stderr)
+        socks = bind(cfg)
+    except BindError as exc:  # names the setting and the address: "[web] listen = 127.0.0.1:8025: ..."
+        print(f"web: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     # Before dropping privileges: the imports behind it (sqlite3 and the rest of
     # the standard library) may live where only root can read.  Read only: the
@@ -227,4 +234,4 @@ def main(argv: list[str] | None = None) -> None:
 
     live = Live(Database(cfg.database_url, threads=2))
     drop_privileges(cfg.mailroom.user)
-    asyncio.run(run(cfg, sock, live))
+    asyncio.run(run(cfg, socks, live))

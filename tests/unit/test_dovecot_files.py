@@ -119,7 +119,7 @@ def test_init_turns_imap_on_when_it_finds_dovecot(tmp_path: Path) -> None:
     off = config.from_dict(_toml(config.render_default("example.org", "mail.test")), tmp_path / "b")
     assert on.imap.enabled and not off.imap.enabled
     assert (on.imap.imap, on.imap.imaps, on.imap.pop3s, on.web.listen) == (
-        "127.0.0.1:2143", "127.0.0.1:2993", "127.0.0.1:2995", "127.0.0.1:8025")
+        "127.0.0.1:2143", "127.0.0.1:2993", "127.0.0.1:2995", ["127.0.0.1:8025"])
 
 
 def _toml(text: str) -> dict[str, object]:
