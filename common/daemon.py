@@ -117,15 +117,16 @@ def bind_all(endpoints: dict[str, list[Endpoint]], *, reuse_port: bool = False) 
 
 
 def _refuse_overlap(endpoints: dict[str, list[Endpoint]]) -> None:
-    every = [(e, v6only(e, addresses)) for addresses in endpoints.values() for e in addresses]
+    every = [(key, e, v6only(e, addresses)) for key, addresses in endpoints.items() for e in addresses]
     try:
-        clash = overlapping(every)
+        clash = overlapping([(e, only6) for _, e, only6 in every])
     except OSError as exc:
         raise BindError(f"cannot resolve a listener address: {exc}") from None
     if clash is not None:
-        second = clash[1]
-        key = next(k for k, addresses in endpoints.items() if second in addresses)
-        raise BindError(f"{setting_name(key)} = {second}: address already in use (by {clash[0]})")
+        (first_key, first, _), (key, second, _) = every[clash[0]], every[clash[1]]
+        raise BindError(
+            f"{setting_name(key)} = {second}: address already in use (by {setting_name(first_key)} = {first})"
+        )
 
 
 def main(

@@ -166,20 +166,20 @@ def v6only(endpoint: Endpoint, setting: list[Endpoint]) -> bool:
     )
 
 
-def overlapping(bound: list[tuple[Endpoint, bool]]) -> tuple[Endpoint, Endpoint] | None:
-    """Two of these TCP endpoints (each with its v6only) that one host could not bind
-    at once, or None.  SO_REUSEPORT would let one process bind both, and connections
-    meant for one listener (say the public one) would reach the other (the internal
-    one, which relays): the kernel's own check, made by hand for that case."""
-    seen: list[tuple[Endpoint, int, str, bool]] = []
-    for endpoint, only6 in bound:
+def overlapping(bound: list[tuple[Endpoint, bool]]) -> tuple[int, int] | None:
+    """The positions of two of these TCP endpoints (each with its v6only) that one
+    host could not bind at once, or None.  SO_REUSEPORT would let one process bind
+    both, and connections meant for one listener (say the public one) would reach
+    the other (the internal one, which relays): the kernel's own check, by hand."""
+    seen: list[tuple[int, Endpoint, int, str, bool]] = []
+    for i, (endpoint, only6) in enumerate(bound):
         if endpoint.is_unix:
             continue
         family, _, _, _, address = socket.getaddrinfo(
             endpoint.host, endpoint.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
         host = str(address[0])
-        for other, other_family, other_host, other_only6 in seen:
+        for j, other, other_family, other_host, other_only6 in seen:
             if other.port != endpoint.port:
                 continue
             if family == other_family:
@@ -188,8 +188,8 @@ def overlapping(bound: list[tuple[Endpoint, bool]]) -> tuple[Endpoint, Endpoint]
                 v6, v6_only = (host, only6) if family == socket.AF_INET6 else (other_host, other_only6)
                 clash = v6 == "::" and not v6_only
             if clash:
-                return other, endpoint
-        seen.append((endpoint, family, host, only6))
+                return j, i
+        seen.append((i, endpoint, family, host, only6))
     return None
 
 
