@@ -179,8 +179,8 @@ def test_an_mta_process_that_cannot_start_stops_the_suite_with_its_line(installa
     cfg = inst.config
     conf = supervise.render(cfg)
     line = "mta: cannot start: a line from the test"
-    fail = ("import sys; sys.stdout.write('<!--XSUPERVISOR:BEGIN-->%s<!--XSUPERVISOR:END-->'); "
-            "sys.stdout.flush(); sys.exit(78)") % line
+    fail = (f"import sys; sys.stdout.write('<!--XSUPERVISOR:BEGIN-->{line}<!--XSUPERVISOR:END-->'); "
+            "sys.stdout.flush(); sys.exit(78)")
     text = conf.read_text()
     mta_command = f"{sys.executable} -m mta --config {cfg.path} --instance %(process_num)d"
     assert mta_command in text
