@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import time
@@ -194,3 +195,44 @@ def test_an_mta_process_that_cannot_start_stops_the_suite_with_its_line(installa
     assert r.returncode == 1, r.stdout[-3000:]
     assert r.stderr == f"mailroom run: {line}\n"
     assert (run_dir / "stopped").read_text() == "mta\n"
+
+
+def unix_listener(path: Path) -> int:
+    """Inode of the socket listening at Unix path `path` (/proc/net/unix)."""
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        f = line.split()
+        if len(f) == 8 and f[7] == str(path):
+            return int(f[6])
+    raise AssertionError(f"nothing listens at {path}")
+
+
+def test_a_unix_internal_socket_is_served_by_the_first_process_alone(installation: Installation) -> None:
+    # Started the way supervisord starts them (`--instance K`), without supervisord.
+    inst = installation
+    sock = inst.root / "internal.sock"
+    inst.set("mta", "processes", "2")
+    inst.set("mta", "internal", f'"unix:{sock}"')
+    logs = [inst.root.parent / f"mta_{k}.log" for k in (0, 1)]
+    procs = []
+    for k, log in enumerate(logs):
+        with open(log, "wb") as out:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "mta", "--config", str(inst.config_path), "--instance", str(k)],
+                stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
+                start_new_session=True,
+            ))
+    try:
+        pids = {p.pid for p in procs}
+        inst.wait_for(lambda: set(listeners(inst.ports["smtp"])) == pids, timeout=60,
+                      what="both processes on the public port")
+        assert set(socket_owners({unix_listener(sock)})) == {procs[0].pid}
+        with smtplib.SMTP(timeout=30) as c:
+            c.sock = socket.socket(socket.AF_UNIX)
+            c.sock.connect(str(sock))
+            code, _ = c.getreply()
+            assert code == 220
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        statuses = [p.wait(30) for p in procs]
+    assert statuses == [0, 0], [log.read_text()[-2000:] for log in logs]
