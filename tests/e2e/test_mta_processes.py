@@ -187,13 +187,20 @@ def test_an_mta_process_that_cannot_start_stops_the_suite_with_its_line(installa
     assert mta_command in text
     conf.write_text(text.replace(mta_command, f"{sys.executable} -c {json.dumps(fail)}"))
     run_dir = cfg.run_dir.resolve()
-    r = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "cli.watch", "run", str(run_dir), "relay",
          sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)],
-        capture_output=True, text=True, timeout=90, cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
+        start_new_session=True,
     )
-    assert r.returncode == 1, r.stdout[-3000:]
-    assert r.stderr == f"mailroom run: {line}\n"
+    try:
+        out, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)  # supervisord stops what it started
+        out, err = proc.communicate(timeout=60)
+        raise AssertionError(f"the suite kept running:\n{out[-3000:]}") from None
+    assert proc.returncode == 1, out[-3000:]
+    assert err == f"mailroom run: {line}\n"
     assert (run_dir / "stopped").read_text() == "mta\n"
 
 
