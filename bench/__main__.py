@@ -73,7 +73,7 @@ def _profile_start(pids: dict[str, int], out: Path) -> list[tuple[subprocess.Pop
     for name in ("mta", "qmgr", "mda"):
         raw = out / f"{name}.txt"
         p = subprocess.Popen(
-            [spy, "record", "--pid", str(pids[name]), "--format", "raw", "--rate", "200",
+            [spy, "record", "--pid", str(pids.get(name) or pids[f"{name}_0"]), "--format", "raw", "--rate", "200",
              "--nonblocking", "-o", str(raw)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="where the throwaway installations live (a real disk, not tmpfs)")
     ap.add_argument("--keep", action="store_true", help="keep the installations' files")
     ap.add_argument("--profile", type=Path, help="py-spy the Mailroom daemons during load 1 into this folder")
+    ap.add_argument("--mta-processes", type=int, default=1, metavar="N",
+                    help="Mailroom's [mta] processes: MTA listener processes sharing the port (default 1)")
     args = ap.parse_args(argv)
     quick = args.quick
     if args.messages is None:
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
           f" Python {about['python']}, Postfix {about['postfix']}", flush=True)
     print(f"bench: fsync of 4 KiB on {args.workdir}: median {about['fsync_4k']['median_ms']:.2f} ms,"
           f" p99 {about['fsync_4k']['p99_ms']:.2f} ms; load average {about['loadavg_at_start']}", flush=True)
-    print(f"bench: commit {about['commit'][:12]} ({about['branch']}{dirty})", flush=True)
+    print(f"bench: commit {about['commit'][:12]} ({about['branch']}{dirty});"
+          f" Mailroom with [mta] processes = {args.mta_processes}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="mailroom-bench-", dir=args.workdir))
     watch = MaildirWatch()
     mailroom: MailroomSystem | None = None
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     try:
         print(f"bench: installations under {root}", flush=True)
-        mailroom = MailroomSystem(root / "mailroom", USERS, args.idle)
+        mailroom = MailroomSystem(root / "mailroom", USERS, args.idle, mta_processes=args.mta_processes)
         postfix = PostfixSystem(root / "postfix", USERS, args.idle)
         mailroom.start()
         postfix.start()

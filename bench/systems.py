@@ -26,12 +26,13 @@ SENDER = "load@source.test"
 class MailroomSystem:
     name = "Mailroom"
 
-    def __init__(self, root: Path, users: list[str], idle_connections: int) -> None:
+    def __init__(self, root: Path, users: list[str], idle_connections: int, mta_processes: int = 1) -> None:
         # The default per-client cap (50) would turn away the idle-connection load,
         # which comes from one address; Postfix gets the same treatment below.
         cap = max(1100, idle_connections + 100)
         extra = f"\n[smtp]\nmax_connections = {cap}\nmax_connections_per_client = {cap}\n"
         self.inst = Installation(root, domain=DOMAIN, extra=extra)
+        self.inst.set("mta", "processes", str(mta_processes))
         self.users = users
         for u in users:
             self.inst.add_user(f"{u}@{DOMAIN}")
@@ -57,10 +58,13 @@ class MailroomSystem:
         return self._boxes[user] / "new"
 
     def listener_pids(self) -> list[int]:
-        return [self.inst.program_pid("mta")]
+        return list(self.inst.program_pids("mta").values())
 
     def program_pids(self) -> dict[str, int]:
-        return {n: self.inst.program_pid(n) for n in ("mta", "qmgr", "mda", "msa")}
+        """Each daemon process by supervisord's name for it: mta, or mta_0, mta_1, ...
+        with `[mta] processes` > 1 (the CPU table then shows each)."""
+        return {full.rsplit(":", 1)[-1]: pid for n in ("mta", "qmgr", "mda", "msa")
+                for full, pid in self.inst.program_pids(n).items()}
 
     def processes(self) -> dict[int, str]:
         """`mailroom run` (what stays of it: cli/watch.py), supervisord, its event listener

@@ -405,7 +405,7 @@ def _main(argv: list[str] | None) -> int:
         case "status":
             return supervise.ctl(cfg, "status")
         case "stop" | "start" | "restart":
-            return supervise.ctl(cfg, args.command, args.program)
+            return supervise.ctl(cfg, args.command, supervise.program_spec(cfg, args.program))
         case "user":
             return cmd_user(args, cfg)
         case "alias":

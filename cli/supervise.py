@@ -65,7 +65,7 @@ def render(cfg: Config, *, log_file: str = "/dev/stdout", with_imap: bool = Fals
     common = _COMMON.format(base=cfg.base, stdout=log_file)
     text = template.format(
         run_dir=run_dir, python=sys.executable, config=cfg.path, common=common,
-        imap=_imap_program(cfg, common, with_imap=with_imap),
+        imap=_imap_program(cfg, common, with_imap=with_imap), **_mta_processes(cfg.mta.processes),
     )
     if cfg.lab.enabled:
         text += _LAB.format(python=sys.executable, config=cfg.path, common=common)
@@ -73,6 +73,23 @@ def render(cfg: Config, *, log_file: str = "/dev/stdout", with_imap: bool = Fals
     out = run_dir / "supervisord.conf"
     out.write_text(text)
     return out
+
+
+def _mta_processes(n: int) -> dict[str, str]:
+    """The MTA program's placeholders: one process as before, or `n` that supervisord
+    starts, stops and restarts one by one (mta:mta_0, mta:mta_1, ...), each binding
+    the shared ports with SO_REUSEPORT (`--instance K`)."""
+    if n == 1:
+        return {"mta_instance": "", "mta_processes": ""}
+    return {
+        "mta_instance": " --instance %(process_num)d",
+        "mta_processes": f"numprocs = {n}\nprocess_name = %(program_name)s_%(process_num)d\n",
+    }
+
+
+def program_spec(cfg: Config, program: str) -> str:
+    """What supervisorctl calls `program`: with several MTA processes, the group of them."""
+    return f"{program}:*" if program == "mta" and cfg.mta.processes > 1 else program
 
 
 # The lab Internet (docs/lab.md) starts first: the MX hosts and the DNS server are

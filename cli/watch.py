@@ -47,13 +47,14 @@ def watch(run_dir: Path) -> None:
         first, _, data = payload.partition("\n")
         fields = dict(f.split(":", 1) for f in first.split())
         event = header["eventname"]
-        if event == "PROCESS_COMMUNICATION_STDOUT" and fields.get("processname") in PROGRAMS:
-            failure_file(run_dir, fields["processname"]).write_text(data.strip() + "\n")
+        # By program (the group): with `[mta] processes` > 1 the processes are mta_0, mta_1, ...
+        program = fields.get("groupname", "")
+        if event == "PROCESS_COMMUNICATION_STDOUT" and program in PROGRAMS:
+            failure_file(run_dir, program).write_text(data.strip() + "\n")
         gave_up = event == "PROCESS_STATE_FATAL" or (
             event == "PROCESS_STATE_EXITED" and fields.get("expected") == "1"
         )
-        if gave_up and fields.get("processname") in PROGRAMS:
-            program = fields["processname"]
+        if gave_up and program in PROGRAMS:
             stop = run_dir / "stopped"
             if not stop.exists():
                 stop.write_text(program + "\n")

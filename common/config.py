@@ -21,6 +21,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from common.endpoint import Endpoint
 
 DEFAULT_PATH = "./var/mailroom.toml"
+# More MTA listener processes than this would be a typo, not a host.
+MAX_MTA_PROCESSES = 64
 
 
 class ConfigError(Exception):
@@ -99,6 +101,7 @@ class MTASection:
     smtp_timeout: float = field(default=300.0, metadata=_meta("duration", "Timeout for each reply of a remote SMTP server (RFC 5321 4.5.3.2 suggests 5 minutes and more)"))
     concurrency_per_destination: int = field(default=10, metadata=_meta("int", "Parallel deliveries to one destination"))
     lmtp_sessions: int = field(default=10, metadata=_meta("int", "Parallel LMTP sessions to the MDA"))
+    processes: int = field(default=1, metadata=_meta("int", f"Listener processes sharing the smtp and internal TCP addresses (SO_REUSEPORT), 1 to {MAX_MTA_PROCESSES}; more than 1 only when one listener process is CPU-bound and the host has cores to spare"))
 
 
 @dataclass(frozen=True)
@@ -486,6 +489,11 @@ def _check(cfg: Config) -> None:
                 # These listeners trust what they are told (relaying, trace ids):
                 # only this host may reach them.
                 raise ConfigError(f"{key}: must be a loopback address or unix:/path, got {str(where)!r}")
+    if not 1 <= cfg.mta.processes <= MAX_MTA_PROCESSES:
+        raise ConfigError(f"mta.processes: expected 1 to {MAX_MTA_PROCESSES}, got {cfg.mta.processes}")
+    if cfg.mta.processes > 1 and all(e.is_unix for e in cfg.endpoints("mta.smtp")):
+        # The processes share TCP ports; a Unix socket is served by one process only.
+        raise ConfigError("mta.processes: several processes need a TCP address in mta.smtp to share")
     if cfg.smtp.max_recipients < 1:
         raise ConfigError("smtp.max_recipients: must be at least 1")
     if cfg.lab.enabled and not cfg.lab.dns:

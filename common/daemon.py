@@ -43,7 +43,7 @@ from common.clock import Clock, for_lab
 from common.clock import use as use_clock
 from common.config import Config
 from common.db import Database
-from common.endpoint import BindError, Endpoint, v6only
+from common.endpoint import BindError, Endpoint, overlapping, v6only
 from common.privileges import StartError
 from common.tls import server_context
 
@@ -92,16 +92,20 @@ def setting_name(key: str) -> str:
     return f"[{section}] {name}"
 
 
-def bind_all(endpoints: dict[str, list[Endpoint]]) -> dict[str, list[socket.socket]]:
+def bind_all(endpoints: dict[str, list[Endpoint]], *, reuse_port: bool = False) -> dict[str, list[socket.socket]]:
     """Bind every address of every listener (setting key -> endpoints); BindError (one
-    line naming the setting and the address) if one cannot be, and none stays bound."""
+    line naming the setting and the address) if one cannot be, and none stays bound.
+    `reuse_port`: TCP addresses are shared with the other processes of one daemon
+    (SO_REUSEPORT), yet two settings of this process still may not overlap."""
+    if reuse_port:
+        _refuse_overlap(endpoints)
     bound: dict[str, list[socket.socket]] = {}
     try:
         for key, addresses in endpoints.items():
             bound[key] = []
             for endpoint in addresses:
                 try:
-                    bound[key].append(endpoint.bind(v6only=v6only(endpoint, addresses)))
+                    bound[key].append(endpoint.bind(v6only=v6only(endpoint, addresses), reuse_port=reuse_port))
                 except BindError as exc:
                     raise BindError(f"{setting_name(key)} = {exc}") from None
     except BaseException:
@@ -110,6 +114,19 @@ def bind_all(endpoints: dict[str, list[Endpoint]]) -> dict[str, list[socket.sock
                 s.close()
         raise
     return bound
+
+
+def _refuse_overlap(endpoints: dict[str, list[Endpoint]]) -> None:
+    every = [(key, e, v6only(e, addresses)) for key, addresses in endpoints.items() for e in addresses]
+    try:
+        clash = overlapping([(e, only6) for _, e, only6 in every])
+    except OSError as exc:
+        raise BindError(f"cannot resolve a listener address: {exc}") from None
+    if clash is not None:
+        (first_key, first, _), (key, second, _) = every[clash[0]], every[clash[1]]
+        raise BindError(
+            f"{setting_name(key)} = {second}: address already in use (by {setting_name(first_key)} = {first})"
+        )
 
 
 def main(
@@ -121,14 +138,26 @@ def main(
     tls: bool = False,
     writes_mail: bool = False,
     preload: Sequence[str] = (),
+    shares_listeners: bool = False,
 ) -> None:
     """Run `service` as daemon `process`, serving on the listener settings `listeners`
     ("mta.smtp", ...); `tls` loads the certificate before the switch; `writes_mail`
     lets `[mailroom] mail_group` read what it writes; `preload` names modules the
-    service imports late (on first use), loaded before the switch all the same."""
+    service imports late (on first use), loaded before the switch all the same;
+    `shares_listeners`: several processes of this daemon may serve the same
+    addresses, each started with `--instance K`."""
     parser = argparse.ArgumentParser(prog=f"python -m {process}")
     parser.add_argument("--config", help="config file (default $MAILROOM_CONFIG or ./var/mailroom.toml)")
+    if shares_listeners:
+        parser.add_argument(
+            "--instance", type=int, metavar="K",
+            help="serve as process K of several sharing the TCP addresses (SO_REUSEPORT); "
+            "Unix sockets are served by process 0 alone",
+        )
     args = parser.parse_args(argv)
+    instance: int | None = getattr(args, "instance", None)
+    if instance is not None and instance < 0:
+        parser.error("--instance: expected 0 or more")
     try:
         cfg = configmod.load(args.config)
     except configmod.ConfigError as exc:
@@ -136,13 +165,14 @@ def main(
         raise SystemExit(2) from None
     logmod.setup(process, cfg.mailroom.log_level, cfg.mailroom.log_format)
     try:
-        ctx = _prepare(cfg, listeners, tls=tls, writes_mail=writes_mail, preload=preload)
+        ctx = _prepare(cfg, listeners, tls=tls, writes_mail=writes_mail, preload=preload, instance=instance)
     except BindError as exc:
         _cannot_start(str(exc), EXIT_BIND)
     except StartError as exc:
         _cannot_start(f"{process}: {exc}", EXIT_CONFIG)
     try:
-        asyncio.run(_run(process, service, ctx))
+        # Each process of a shared daemon keeps its own counters file; the web program sums them.
+        asyncio.run(_run(process if instance is None else f"{process}_{instance}", service, ctx))
     finally:
         ctx.db.close()
 
@@ -158,12 +188,16 @@ def _cannot_start(line: str, status: int) -> NoReturn:
 
 
 def _prepare(
-    cfg: Config, listeners: Sequence[str], *, tls: bool, writes_mail: bool, preload: Sequence[str]
+    cfg: Config, listeners: Sequence[str], *, tls: bool, writes_mail: bool, preload: Sequence[str],
+    instance: int | None = None,
 ) -> Context:
     acct = privileges.account(cfg)
     privileges.secure(cfg, acct)
     endpoints = {key: cfg.endpoints(key) for key in listeners}  # each setting parsed once
-    sockets = bind_all(endpoints)
+    if instance:
+        # A Unix socket cannot be shared: process 0 serves it, the others TCP alone.
+        endpoints = {key: [e for e in addresses if not e.is_unix] for key, addresses in endpoints.items()}
+    sockets = bind_all(endpoints, reuse_port=instance is not None)
     for addresses in endpoints.values():
         for endpoint in addresses:
             if endpoint.is_unix:

@@ -91,12 +91,14 @@ class Endpoint:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
 
-    def bind(self, *, v6only: bool = False) -> socket.socket:
+    def bind(self, *, v6only: bool = False, reuse_port: bool = False) -> socket.socket:
         """A bound socket, not yet listening: nobody can connect before `listen()`.
         `[::]` serves IPv4 too unless `v6only` (the setting lists IPv4 addresses of
-        its own on that port).  BindError says why it cannot be bound."""
+        its own on that port).  `reuse_port` (TCP only) lets several processes of
+        this user bind the same address, each its own socket, and the kernel spread
+        new connections over them (SO_REUSEPORT).  BindError says why it cannot be bound."""
         try:
-            return self._unix() if self.is_unix else self._tcp(v6only)
+            return self._unix() if self.is_unix else self._tcp(v6only, reuse_port)
         except socket.gaierror as exc:
             raise BindError(f"{self}: {exc.strerror or exc}".rstrip()) from None
         except OSError as exc:
@@ -113,13 +115,15 @@ class Endpoint:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         return BindError(f"{self}: {reason[:1].lower()}{reason[1:]}")
 
-    def _tcp(self, v6only: bool) -> socket.socket:
+    def _tcp(self, v6only: bool, reuse_port: bool) -> socket.socket:
         family, kind, proto, _, address = socket.getaddrinfo(
             self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
         sock = socket.socket(family, kind, proto)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:  # before bind(): the kernel checks it there
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6 and self.host == "::":
                 # [::]:25 serves IPv4 too, whatever the system's bindv6only says;
                 # the session sees those clients as plain IPv4 (client_address).
@@ -160,6 +164,37 @@ def v6only(endpoint: Endpoint, setting: list[Endpoint]) -> bool:
     return any(
         not e.is_unix and e.port == endpoint.port and ":" not in e.host and e.host != "localhost" for e in setting
     )
+
+
+def overlapping(bound: list[tuple[Endpoint, bool]]) -> tuple[int, int] | None:
+    """The positions of two of these TCP endpoints (each with its v6only) that one
+    host could not bind at once, or None.  SO_REUSEPORT would let one process bind
+    both, and connections meant for one listener (say the public one) would reach
+    the other (the internal one, which relays): the kernel's own check, by hand."""
+    seen: list[tuple[int, Endpoint, int, str, bool]] = []
+    for i, (endpoint, only6) in enumerate(bound):
+        if endpoint.is_unix:
+            continue
+        family, _, _, _, address = socket.getaddrinfo(
+            endpoint.host, endpoint.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        host = str(address[0])
+        for j, other, other_family, other_host, other_only6 in seen:
+            if other.port != endpoint.port:
+                continue
+            if family == other_family:
+                clash = host == other_host or _wildcard(host) or _wildcard(other_host)
+            else:  # [::] serves IPv4 too unless it is IPv6 only
+                v6, v6_only = (host, only6) if family == socket.AF_INET6 else (other_host, other_only6)
+                clash = v6 == "::" and not v6_only
+            if clash:
+                return j, i
+        seen.append((i, endpoint, family, host, only6))
+    return None
+
+
+def _wildcard(host: str) -> bool:
+    return host in ("0.0.0.0", "::")
 
 
 def _accepting(path: str) -> bool:

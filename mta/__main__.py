@@ -8,4 +8,5 @@ from mta.smtpd import LISTENERS, PRELOAD, run
 
 # Sender authentication loads dkimpy, pyspf and the filter client on first use
 # (a faster start); as root they must be loaded before the switch all the same.
-main("mta", run, listeners=LISTENERS, tls=True, preload=PRELOAD)
+# `[mta] processes` > 1: supervisord starts that many, each with --instance K (cli/supervise.py).
+main("mta", run, listeners=LISTENERS, tls=True, preload=PRELOAD, shares_listeners=True)

@@ -338,10 +338,13 @@ async def run(ctx: Context) -> None:
         ctx.socket("mta.smtp"), handler(False),
         hostname=cfg.mailroom.hostname, limits=limits, tls_context=ctx.tls(),
     )
-    internal = await serve(
-        ctx.socket("mta.internal"), handler(True),
-        hostname=cfg.mailroom.hostname,
-        limits=limits_from(cfg.smtp, max_connections_per_client=cfg.smtp.max_connections),
-    )
+    servers = [public]
+    # With [mta] processes > 1, a Unix-socket internal listener is served by the first process alone.
+    if internal_socks := ctx.socket("mta.internal"):
+        servers.append(await serve(
+            internal_socks, handler(True),
+            hostname=cfg.mailroom.hostname,
+            limits=limits_from(cfg.smtp, max_connections_per_client=cfg.smtp.max_connections),
+        ))
     log.info("SMTP listening on %s, internal on %s", ", ".join(cfg.mta.smtp), ", ".join(cfg.mta.internal))
-    await serve_until_stopped(ctx, [public, internal])
+    await serve_until_stopped(ctx, servers)

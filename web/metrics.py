@@ -11,8 +11,9 @@ database at scrape time.
 Not in the database, on purpose: login failures and listener connections (an
 attacker's cheapest moves must not cost a database write), and TLS on outgoing
 deliveries.  The daemons count those in memory and save them every few seconds
-to `<run_dir>/metrics/<program>.json` (common/counters.py); `DaemonCounters`
-reads those files at scrape time.  A daemon starts from its file's values, so
+to `<run_dir>/metrics/<program>.json` (common/counters.py; one file per MTA
+process, `mta_0.json`, ..., with `[mta] processes` above 1); `DaemonCounters`
+reads every file there at scrape time and sums them.  A daemon starts from its file's values, so
 these counters carry on across a restart too.
 """
 

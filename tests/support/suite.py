@@ -209,6 +209,13 @@ class Installation:
         assert m, r.stdout
         return int(m.group(1))
 
+    def program_pids(self, name: str) -> dict[str, int]:
+        """The running processes of program `name` by supervisord's name: {"mta": pid}, or
+        {"mta:mta_0": pid, "mta:mta_1": pid} with `[mta] processes = 2`."""
+        r = self.cli("status")
+        return {m.group(1): int(m.group(2))
+                for m in re.finditer(rf"^({name}(?::\S+)?)\s+RUNNING\s+pid (\d+)", r.stdout, re.M)}
+
     # --- clients ------------------------------------------------------------------
 
     def submit(
