@@ -89,6 +89,7 @@ def test_status_shows_the_four_programs(suite: Installation) -> None:
 
 
 # Long enough for a first attempt on a busy machine, short enough to wait out.
+# (The waits are long too: six engineers' tests share two cores.)
 LIFETIME = 6
 
 
@@ -126,7 +127,7 @@ def test_every_event_the_pipeline_records_is_named_by_the_enums(installation: In
             return any(e["event"] == "deferred" for e in suite.trace(trace)["events"])
 
         for trace in waiting.values():
-            suite.wait_for(lambda t=trace: deferred(t), what=f"{trace} deferred")
+            suite.wait_for(lambda t=trace: deferred(t), timeout=60, what=f"{trace} deferred")
         for action in ("hold", "release", "flush"):
             assert suite.cli("queue", action, waiting["expires"]).returncode == 0
         assert suite.cli("queue", "delete", waiting["deleted"]).returncode == 0
@@ -134,10 +135,10 @@ def test_every_event_the_pipeline_records_is_named_by_the_enums(installation: In
         time.sleep(max(0.0, queued + LIFETIME + 0.5 - time.monotonic()))  # the next attempt expires it
         assert suite.cli("queue", "flush", waiting["expires"]).returncode == 0
         # alice's own copy, and three notices: small's bounce, the expiry, the operator's return.
-        suite.wait_for(lambda: len(maildir_messages(alice)) == 4, what="alice's four messages")
+        suite.wait_for(lambda: len(maildir_messages(alice)) == 4, timeout=60, what="alice's four messages")
         db = suite.db()
         try:
-            suite.wait_for(lambda: _pending(db) == 0, what="an empty queue")
+            suite.wait_for(lambda: _pending(db) == 0, timeout=60, what="an empty queue")
             with db.read() as s:
                 stored = {(row.hop, row.event) for row in s.execute(select(Event.hop, Event.event).distinct())}
         finally:
