@@ -89,7 +89,7 @@ def test_status_shows_the_four_programs(suite: Installation) -> None:
 
 
 # Long enough for a first attempt on a busy machine, short enough to wait out.
-# (The waits are long too: six engineers' tests share two cores.)
+# The waits are a minute each: on a loaded machine every trace lookup is a new, slow process.
 LIFETIME = 6
 
 
