@@ -85,14 +85,13 @@ class LocalDelivery:
         if RETRY not in client.extensions:
             params = tuple(p for p in params if p != RETRY)
         mail_params = (f"XTRACE={attempt.trace}", *(("XRECORD",) if ours else ()), *params)
-        n = len(attempt.recipients)
         try:
             replies = await client.send(attempt.sender, attempt.recipients, attempt.body, mail_params=mail_params)
         except NextHopError as exc:
             client.close()
             if reused and not client.mail_accepted:
                 return None
-            return Delivered([exc.reply] * n, str(self.lmtp))
+            return Delivered([exc.reply] * len(attempt.recipients), str(self.lmtp))
         if any(r.code == 421 for r in replies):  # RFC 5321 3.8: the server is closing this session
             client.close()
             if reused and not client.mail_accepted:
@@ -183,6 +182,7 @@ class RemoteDelivery:
     async def _route_and_send(
         self, domain: str, sender: str, recipients: list[str], body: bytes, outbound: options.Outbound,
     ) -> tuple[list[Reply], str]:
+        """Find the route, then send over a cached session or a new one: (replies, host)."""
         requiretls = outbound.asked.requiretls
         r = await routing.route(
             domain, relayhost=self.relayhost, transport=self.transport, resolver=self.resolver,
