@@ -118,9 +118,7 @@ def test_both_couriers_take_one_attempt_and_answer_with_one_delivered(installati
     assert not by_lmtp.dsn_passed and not by_smtp.dsn_passed
 
 
-def test_an_unreachable_hop_is_a_temporary_failure_with_no_host_from_either_courier(
-    installation: Installation,
-) -> None:
+def test_an_unreachable_hop_is_a_temporary_failure_with_no_host_from_either_courier() -> None:
     async def go() -> list[Delivered]:
         closed = free_port()  # nothing listens there
         local = LocalDelivery(f"127.0.0.1:{closed}", hostname="mail.test", sessions=1, timeout=2)
