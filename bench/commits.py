@@ -26,6 +26,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from common.db import Database
+from common.events import EventName, Hop
 from common.log import new_trace_id
 from common.models import Message, Recipient, add_event, utcnow
 
@@ -34,11 +35,11 @@ BODY = b"x" * 5 * 1024
 
 def _store_in(s: Session, trace: str) -> None:
     now = utcnow()
-    add_event(s, trace, "mta", "received", time=now, detail="smtp from 127.0.0.1 helo=bench")
+    add_event(s, trace, Hop.MTA, EventName.RECEIVED, time=now, detail="smtp from 127.0.0.1 helo=bench")
     msg = Message(id=trace, sender="load@source.test", size=len(BODY), body=BODY, received=now)
     msg.recipients.append(Recipient(address="load1@example.org", original="load1@example.org", next_attempt=now))
     s.add(msg)
-    add_event(s, trace, "mta", "queued", time=now, detail=f"size={len(BODY)} nrcpt=1")
+    add_event(s, trace, Hop.MTA, EventName.QUEUED, time=now, detail=f"size={len(BODY)} nrcpt=1")
 
 
 def _store(db: Database, trace: str) -> None:
@@ -49,7 +50,7 @@ def _store(db: Database, trace: str) -> None:
 
 def _event(db: Database, trace: str, relaxed: bool) -> None:
     with (db.write_relaxed() if relaxed else db.write()) as s:
-        add_event(s, trace, "mda", "delivered", recipient="load1@example.org", detail="250 2.0.0 Ok")
+        add_event(s, trace, Hop.MDA, EventName.DELIVERED, recipient="load1@example.org", detail="250 2.0.0 Ok")
         s.commit()
 
 

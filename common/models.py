@@ -24,6 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from common import clock
+from common.events import EventName, Hop
 
 
 def utcnow() -> dt.datetime:
@@ -136,8 +137,8 @@ class Event(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     trace_id: Mapped[str] = mapped_column(String(32), index=True)
     time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=False), default=utcnow)
-    hop: Mapped[str] = mapped_column(String(8))  # msa | mta | qmgr | mda
-    event: Mapped[str] = mapped_column(String(16))
+    hop: Mapped[str] = mapped_column(String(8))  # a common.events.Hop
+    event: Mapped[str] = mapped_column(String(16))  # a common.events.EventName
     recipient: Mapped[str] = mapped_column(String(320), default="")
     detail: Mapped[str] = mapped_column(Text, default="")
     path: Mapped[str] = mapped_column(Text, default="")
@@ -146,8 +147,8 @@ class Event(Base):
 def add_event(
     session: Session,
     trace_id: str,
-    hop: str,
-    event: str,
+    hop: Hop,
+    event: EventName,
     *,
     recipient: str = "",
     detail: str = "",

@@ -38,6 +38,7 @@ from common.config import Config
 from common.daemon import Context, serve_until_stopped
 from common.db import Database
 from common.directory import Directory, UserEntry
+from common.events import EventName, Hop
 from common.log import is_trace_id, new_trace_id, trace_id
 from common.models import Event, User, add_event
 from common.reply import Reply, SMTPError
@@ -213,8 +214,8 @@ class LMTPHandler(Handler):
     @staticmethod
     def _record(s: Session, trace: str, outcomes: list[tuple[str, Reply, str]]) -> None:
         for rcpt, reply, path in outcomes:
-            event = "delivered" if reply.is_ok else "refused"
-            add_event(s, trace, "mda", event, recipient=rcpt, detail=str(reply), path=path)
+            event = EventName.DELIVERED if reply.is_ok else EventName.REFUSED
+            add_event(s, trace, Hop.MDA, event, recipient=rcpt, detail=str(reply), path=path)
 
     def _earlier_deliveries(self, trace: str) -> dict[str, str]:
         """recipient -> path of the deliveries of this trace id already recorded."""
@@ -254,7 +255,7 @@ class LMTPHandler(Handler):
 
 
 _EARLIER = select(Event.recipient, Event.path).where(
-    Event.trace_id == bindparam("trace"), Event.hop == "mda", Event.event == "delivered"
+    Event.trace_id == bindparam("trace"), Event.hop == Hop.MDA, Event.event == EventName.DELIVERED
 ).order_by(Event.id)
 
 

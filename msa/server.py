@@ -38,6 +38,7 @@ from common.config import Config
 from common.daemon import Context, serve_until_stopped
 from common.db import Database
 from common.endpoint import Endpoint
+from common.events import EventName, Hop
 from common.log import new_trace_id, trace_id
 from common.models import Message, add_event
 from common.reply import Reply, SMTPError
@@ -287,11 +288,11 @@ class SubmissionHandler(Handler):
     ) -> None:
         # Trace events only (the message is the MTA's, durably): no fsync needed.
         add_event(
-            s, envelope.trace_id, "msa", "received", time=now,
+            s, envelope.trace_id, Hop.MSA, EventName.RECEIVED, time=now,
             detail=f"from=<{envelope.mail_from}> user={session.user} client={session.client_ip} size={size}"
             + (" tls=yes" if session.tls else ""),
         )
-        add_event(s, envelope.trace_id, "msa", "relayed", detail=str(reply))
+        add_event(s, envelope.trace_id, Hop.MSA, EventName.RELAYED, detail=str(reply))
 
 
 # The listener settings this daemon serves; the skeleton binds them before the switch.

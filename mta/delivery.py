@@ -1,4 +1,4 @@
-"""Handing a message to its next hop: the MDA over LMTP, or a remote host over SMTP.
+"""The two couriers (mta/courier.py): the MDA over LMTP, a remote host over SMTP.
 
 Both return one reply per recipient (RFC 2033 for LMTP; for SMTP a refused
 RCPT gets its own reply and the rest share the reply to DATA).  A hop that
@@ -18,10 +18,12 @@ import dns.asyncresolver
 
 from common import counters
 from common.endpoint import Endpoint
+from common.events import Hop
 from common.reply import Reply
 from common.smtp_client import Client, NextHopError
 from common.tls import client_context
 from mta import options, routing
+from mta.courier import Attempt, Delivered
 
 log = logging.getLogger("delivery")
 
@@ -40,6 +42,8 @@ class LocalDelivery:
     instead of waiting a whole retry interval.
     """
 
+    local = True  # the last hop: see Courier.local
+
     def __init__(self, lmtp: Endpoint | str, *, hostname: str, sessions: int, timeout: float) -> None:
         self.lmtp = lmtp if isinstance(lmtp, Endpoint) else Endpoint.parse(lmtp)  # the MDA's listener
         self.hostname = hostname
@@ -47,58 +51,57 @@ class LocalDelivery:
         self.slots = asyncio.Semaphore(sessions)
         self.idle: list[Client] = []
 
-    async def deliver(
-        self, trace: str, sender: str, recipients: list[str], body: bytes, params: tuple[str, ...] = (),
-        *, retry: bool = False,
-    ) -> tuple[list[Reply], bool]:
-        """The replies, and whether the MDA left recording its outcomes to us (XRECORD).
-
-        `params`: MAIL FROM parameters besides the trace id (BODY=8BITMIME, SMTPUTF8).
-        `retry`: an earlier attempt may have reached the MDA (XRETRY, where offered)."""
-        params = (*params, RETRY) if retry else params
+    async def deliver(self, attempt: Attempt) -> Delivered:
+        """The MDA's replies, and whether it left recording its outcomes to us (XRECORD)."""
+        # The body type and SMTPUTF8 are declared; our MDA takes them all.
+        params = attempt.outbound.local_params(attempt.body)
+        if attempt.retry:
+            params = (*params, RETRY)  # sent only where the MDA offers it
         async with self.slots:
             while self.idle:
                 pooled = self.idle.pop()
                 if not pooled.looks_alive():
                     pooled.close()
                     continue
-                replies = await self._send(pooled, trace, sender, recipients, body, params, reused=True)
-                if replies is not None:
-                    return replies
+                delivered = await self._send(pooled, attempt, params, reused=True)
+                if delivered is not None:
+                    return delivered
                 log.info("a pooled LMTP session to %s was closed by the MDA; sending on another", pooled.peer)
             try:
                 client = await Client.connect(self.lmtp, lmtp=True, helo=self.hostname, timeout=self.timeout)
             except NextHopError as exc:
-                return [exc.reply] * len(recipients), False
-            replies = await self._send(client, trace, sender, recipients, body, params, reused=False)
-            assert replies is not None
-            return replies
+                return Delivered([exc.reply] * len(attempt.recipients))
+            delivered = await self._send(client, attempt, params, reused=False)
+            assert delivered is not None
+            return delivered
 
     async def _send(
-        self, client: Client, trace: str, sender: str, recipients: list[str], body: bytes,
-        params: tuple[str, ...], *, reused: bool,
-    ) -> tuple[list[Reply], bool] | None:
+        self, client: Client, attempt: Attempt, params: tuple[str, ...], *, reused: bool,
+    ) -> Delivered | None:
         """The replies (see deliver); None when a reused session turned out dead before taking anything on."""
         # XRECORD, where the MDA offers it: it writes no row of its own, and the
         # queue manager records its outcomes with the settle.
         ours = "XRECORD" in client.extensions
         if RETRY not in client.extensions:
             params = tuple(p for p in params if p != RETRY)
-        mail_params = (f"XTRACE={trace}", *(("XRECORD",) if ours else ()), *params)
+        mail_params = (f"XTRACE={attempt.trace}", *(("XRECORD",) if ours else ()), *params)
         try:
-            replies = await client.send(sender, recipients, body, mail_params=mail_params)
+            replies = await client.send(attempt.sender, attempt.recipients, attempt.body, mail_params=mail_params)
         except NextHopError as exc:
             client.close()
-            return None if reused and not client.mail_accepted else ([exc.reply] * len(recipients), False)
+            if reused and not client.mail_accepted:
+                return None
+            return Delivered([exc.reply] * len(attempt.recipients), str(self.lmtp))
         if any(r.code == 421 for r in replies):  # RFC 5321 3.8: the server is closing this session
             client.close()
             if reused and not client.mail_accepted:
                 return None
         else:
             self.idle.append(client)
-        return replies, ours and client.mail_accepted
+        return Delivered(replies, str(self.lmtp), ours_to_record=ours and client.mail_accepted)
 
     async def close(self) -> None:
+        """Say QUIT on every pooled session (at shutdown)."""
         while self.idle:
             await self.idle.pop().quit()
 
@@ -119,6 +122,8 @@ class RemoteDelivery:
     operator turned that off by name (`relayhost_tls_verify = false`); a
     session that fails the check is not used, and AUTH is sent only over TLS.
     """
+
+    local = False  # see Courier.local
 
     def __init__(
         self,
@@ -161,17 +166,24 @@ class RemoteDelivery:
         self.listening = listening
         self.connections = 0  # sessions opened so far (for logs and tests)
 
-    async def deliver(
-        self, domain: str, trace: str, sender: str, recipients: list[str], body: bytes,
-        outbound: options.Outbound | None = None,
-    ) -> tuple[list[Reply], str]:
-        """Returns the replies and the host that gave them ('' if none answered).
+    async def deliver(self, attempt: Attempt) -> Delivered:
+        """The replies, the host that gave them ('' if none answered), and whether it took DSN.
 
-        `outbound` carries what the sender asked (DSN, 8BITMIME, SMTPUTF8,
-        REQUIRETLS): a hop that cannot honour it gets nothing and the
+        The attempt's `outbound` carries what the sender asked (DSN, 8BITMIME,
+        SMTPUTF8, REQUIRETLS): a hop that cannot honour it gets nothing and the
         recipients a permanent reply; one that can is told.
         """
-        requiretls = outbound is not None and outbound.asked.requiretls
+        outbound = attempt.outbound
+        replies, host = await self._route_and_send(
+            attempt.domain, attempt.sender, attempt.recipients, attempt.body, outbound
+        )
+        return Delivered(replies, host, dsn_passed=outbound.dsn_passed)
+
+    async def _route_and_send(
+        self, domain: str, sender: str, recipients: list[str], body: bytes, outbound: options.Outbound,
+    ) -> tuple[list[Reply], str]:
+        """Find the route, then send over a cached session or a new one: (replies, host)."""
+        requiretls = outbound.asked.requiretls
         r = await routing.route(
             domain, relayhost=self.relayhost, transport=self.transport, resolver=self.resolver,
             own_names={self.hostname.lower()}, port=self.remote_port, listening=self.listening,
@@ -193,16 +205,13 @@ class RemoteDelivery:
                         return opened
                     cached = opened
                 cached.uses += 1
-                mail_params: tuple[str, ...] = ()
-                rcpt_params = None
-                if outbound is not None:
-                    ext = cached.client.extensions
-                    refusal = outbound.refusal(ext, sender, recipients, body)
-                    if refusal is not None:
-                        self._park(dest, cached)
-                        return [refusal] * len(recipients), cached.host
-                    mail_params = tuple(outbound.mail_params(ext, body))
-                    rcpt_params = outbound.rcpt_params(ext)
+                ext = cached.client.extensions
+                refusal = outbound.refusal(ext, sender, recipients, body)
+                if refusal is not None:
+                    self._park(dest, cached)
+                    return [refusal] * len(recipients), cached.host
+                mail_params = tuple(outbound.mail_params(ext, body))
+                rcpt_params = outbound.rcpt_params(ext)
                 try:
                     replies = await cached.client.send(
                         sender, recipients, body, mail_params=mail_params, rcpt_params=rcpt_params
@@ -214,7 +223,7 @@ class RemoteDelivery:
                         cached, reused = None, False
                         continue
                     return [exc.reply] * len(recipients), cached.host
-                counters.inc(counters.TLS_OUT, hop="qmgr", tls="yes" if cached.client.tls else "no")
+                counters.inc(counters.TLS_OUT, hop=Hop.QMGR, tls="yes" if cached.client.tls else "no")
                 closing = any(x.code == 421 for x in replies)
                 if closing or cached.uses >= self.reuse_limit:
                     await cached.client.quit()

@@ -2,7 +2,8 @@
 
 Each round it claims due recipients, groups them per message and next hop
 (local domains: one LMTP transaction to the MDA; remote domains: SMTP per
-domain), and settles every outcome in one transaction per message:
+domain), hands each group to the courier for that hop (mta/courier.py), and
+settles every outcome in one transaction per message:
 
     2xx -> delivered      5xx -> bounced (DSN to the sender)
            (a success notice when the recipient asked NOTIFY=SUCCESS and no
@@ -24,9 +25,8 @@ import datetime as dt
 import logging
 import socket
 from collections import defaultdict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
@@ -37,10 +37,12 @@ from common.address import domain_of
 from common.clock import Clock
 from common.daemon import Context
 from common.db import Database
+from common.events import EventName
 from common.log import trace_id
 from common.models import Message
 from common.reply import Reply
 from mta import bounce, mailauth, options, queue
+from mta.courier import Attempt, Courier, Delivered
 from mta.delivery import LocalDelivery, RemoteDelivery
 from mta.queue import Outcome, Policy, Settled, classify
 from mta.routing import make_resolver
@@ -53,10 +55,12 @@ PATH_MARK = " path="
 
 @dataclass
 class Result:
+    """One recipient's part of a courier's answer, as the settle reads it."""
+
     recipient_id: int
     address: str
     reply: Reply
-    remote: str = ""
+    remote: str = ""  # the remote host that answered (never our MDA: it is no "Remote-MTA")
     local: bool = False  # handed to the MDA over LMTP
     dsn_passed: bool = False  # the next hop took NOTIFY/ORCPT: success is its to report
     mda_left_record: bool = False  # the MDA left its own event to us (XRECORD)
@@ -84,8 +88,8 @@ class QueueManager:
         policy: Policy,
         local_domains: list[str],
         hostname: str,
-        local: LocalDelivery,
-        remote: RemoteDelivery,
+        local: Courier,
+        remote: Courier,
         max_in_flight: int = 100,
         sender_for: Callable[[str, str, str], str] | None = None,
     ) -> None:
@@ -148,21 +152,8 @@ class QueueManager:
             except OperationalError as exc:
                 log.warning("cannot read the delivery options yet, retrying: %s", exc.orig)
                 await asyncio.sleep(1.0)
-        local = [(rid, a) for rid, a, _ in job.recipients if domain_of(a) in self.local_domains]
-        remote: defaultdict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)
-        for rid, a, _ in job.recipients:
-            if domain_of(a) not in self.local_domains:
-                sender = self.sender_for(job.sender, job.originals.get(rid, ""), a)
-                remote[(domain_of(a), sender)].append((rid, a))
-        calls = []
-        if local:
-            calls.append(self._guarded(self._deliver_local(job, local, asked), local, local=True))
-        calls.extend(
-            self._guarded(self._deliver_remote(job, d, rs, sender, asked), rs)
-            for (d, sender), rs in remote.items()
-        )
         results: list[Result] = []
-        for part in await asyncio.gather(*calls):
+        for part in await asyncio.gather(*(self._deliver(c, a) for c, a in self._attempts(job, asked))):
             results.extend(part)
         mda_back = False
         if any(r.mda_away for r in results):
@@ -182,47 +173,56 @@ class QueueManager:
                 log.warning("cannot record delivery results yet, retrying: %s", exc.orig)
                 await asyncio.sleep(1.0)
 
+    def _attempts(self, job: queue.Job, asked: options.Asked) -> list[tuple[Courier, Attempt]]:
+        """One attempt per next hop: every local recipient in one LMTP transaction to
+        the MDA; remote ones per domain and envelope sender (a forward may be sent
+        as an SRS address of its own)."""
+        local: list[tuple[int, str, int]] = []
+        remote: defaultdict[tuple[str, str], list[tuple[int, str, int]]] = defaultdict(list)
+        for rid, a, n in job.recipients:
+            if domain_of(a) in self.local_domains:
+                local.append((rid, a, n))
+            else:
+                sender = self.sender_for(job.sender, job.originals.get(rid, ""), a)
+                remote[(domain_of(a), sender)].append((rid, a, n))
+        groups: list[tuple[Courier, str, list[tuple[int, str, int]]]] = []
+        if local:
+            groups.append((self.local, job.sender, local))
+        groups += [(self.remote, sender, rcpts) for (_, sender), rcpts in remote.items()]
+        return [
+            (courier, Attempt(
+                job.trace, sender, [a for _, a, _ in rcpts], job.body,
+                options.Outbound(asked, [rid for rid, _, _ in rcpts]),
+                # An earlier attempt may have stored it already (its 250 was lost to a crash).
+                retry=any(n > 0 for _, _, n in rcpts),
+            ))
+            for courier, sender, rcpts in groups
+        ]
+
     @staticmethod
-    async def _guarded(
-        attempt: Coroutine[Any, Any, list[Result]], rcpts: list[tuple[int, str]], *, local: bool = False
-    ) -> list[Result]:
-        """The attempt's results; a failure of our own (a bug, an unexpected error) is a
-        temporary failure of each recipient, so that each is settled (deferred), never
-        left active under a queue manager that lives on and never takes it again."""
+    async def _deliver(courier: Courier, attempt: Attempt) -> list[Result]:
+        """The courier's answer, one Result per recipient.
+
+        A failure of our own (a bug, an unexpected error) is a temporary failure of
+        each recipient, so that each is settled (deferred), never left active under a
+        queue manager that lives on and never takes it again."""
         try:
-            return await attempt
+            got = await courier.deliver(attempt)
         except Exception as exc:  # noqa: BLE001 - every recipient gets it as its reply
             log.exception("delivery attempt failed")
             reply = Reply(451, "4.3.0", f"Delivery attempt failed: {type(exc).__name__}")
-            return [Result(rid, a, reply, local=local) for rid, a in rcpts]
+            got = Delivered([reply] * len(attempt.recipients))
+        # Our own MDA is no remote host: its name goes in neither the trace detail nor a DSN.
+        remote = "" if courier.local else got.host
+        return [
+            Result(rid, a, r, remote, local=courier.local, dsn_passed=got.dsn_passed,
+                   mda_left_record=got.ours_to_record)
+            for rid, a, r in zip(attempt.outbound.recipient_ids, attempt.recipients, got.replies, strict=True)
+        ]
 
     def _asked(self, job: queue.Job) -> options.Asked:
         with self.db.read() as s:
             return options.load(s, job.trace, [rid for rid, _, _ in job.recipients])
-
-    async def _deliver_local(
-        self, job: queue.Job, rcpts: list[tuple[int, str]], asked: options.Asked
-    ) -> list[Result]:
-        params = options.Outbound(asked, [rid for rid, _ in rcpts]).local_params(job.body)
-        # An earlier attempt may have stored it already (its 250 was lost to a crash).
-        ids = {rid for rid, _ in rcpts}
-        retry = any(n > 0 for rid, _, n in job.recipients if rid in ids)
-        replies, ours = await self.local.deliver(
-            job.trace, job.sender, [a for _, a in rcpts], job.body, params, retry=retry
-        )
-        return [Result(rid, a, r, local=True, mda_left_record=ours) for (rid, a), r in zip(rcpts, replies, strict=True)]
-
-    async def _deliver_remote(
-        self, job: queue.Job, domain: str, rcpts: list[tuple[int, str]], sender: str, asked: options.Asked
-    ) -> list[Result]:
-        outbound = options.Outbound(asked, [rid for rid, _ in rcpts])
-        replies, host = await self.remote.deliver(
-            domain, job.trace, sender, [a for _, a in rcpts], job.body, outbound
-        )
-        return [
-            Result(rid, a, r, host, dsn_passed=outbound.dsn_passed)
-            for (rid, a), r in zip(rcpts, replies, strict=True)
-        ]
 
     def _settle(
         self, s: Session, job: queue.Job, results: list[Result], mda_back: bool = False,
@@ -246,12 +246,13 @@ class QueueManager:
             reply, n = res.reply, attempts[res.recipient_id] + 1
             outcome, wait = classify(reply, age, n, self.policy, mda_away=res.retry_soon)
             text = str(reply)
-            mda_event = mda_path = ""
+            mda_event: EventName | None = None
+            mda_path = ""
             if res.mda_left_record and not res.mda_away:
                 # The MDA's answer, which it left to us to record (XRECORD): its
                 # hop in the trace, with the mailbox path its 250 carries.
                 text, _, mda_path = text.partition(PATH_MARK)
-                mda_event = "delivered" if reply.is_ok else "refused"
+                mda_event = EventName.DELIVERED if reply.is_ok else EventName.REFUSED
             detail = text + (f" (via {res.remote})" if res.remote else "")
             settled.append(Settled(
                 res.recipient_id, res.address, outcome, n, text, detail,

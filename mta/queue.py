@@ -26,6 +26,7 @@ from pathlib import Path
 from sqlalchemy import bindparam, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
+from common.events import EventName, Hop
 from common.log import new_trace_id
 from common.models import (
     ACTIVE,
@@ -45,7 +46,9 @@ from mta import bounce
 
 
 class Outcome(StrEnum):
-    """What one delivery attempt did to a recipient: the queue manager's event names."""
+    """What one delivery attempt did to a recipient: the queue manager's decision.
+
+    Recorded as the `qmgr` event of the same name (`EventName(outcome)`, common/events.py)."""
 
     DELIVERED = "delivered"
     BOUNCED = "bounced"
@@ -106,7 +109,7 @@ class Settled:
     detail: str
     next_attempt: dt.datetime | None = None  # deferred only
     # The MDA's own event (delivered / refused), when it asked us to record it.
-    mda_event: str = ""
+    mda_event: EventName | None = None
     mda_detail: str = ""
     mda_path: str = ""
 
@@ -137,8 +140,8 @@ def record_outcomes(session: Session, trace: str, settled: list[Settled], now: d
     events: list[dict[str, object]] = []
     for x in settled:
         if x.mda_event:
-            events.append(_event(trace, "mda", x.mda_event, x.address, x.mda_detail, x.mda_path, now))
-        events.append(_event(trace, "qmgr", str(x.outcome), x.address, x.detail, "", now))
+            events.append(_event(trace, Hop.MDA, x.mda_event, x.address, x.mda_detail, x.mda_path, now))
+        events.append(_event(trace, Hop.QMGR, EventName(x.outcome), x.address, x.detail, "", now))
     if events:
         conn.execute(_EVENT, events)
 
@@ -148,7 +151,7 @@ def _settle_row(x: Settled) -> dict[str, object]:
 
 
 def _event(
-    trace: str, hop: str, event: str, recipient: str, detail: str, path: str, now: dt.datetime
+    trace: str, hop: Hop, event: EventName, recipient: str, detail: str, path: str, now: dt.datetime
 ) -> dict[str, object]:
     return {"trace_id": trace, "hop": hop, "event": event, "recipient": recipient, "detail": detail,
             "path": path, "time": now}
@@ -172,7 +175,7 @@ def enqueue(
     now: dt.datetime,
     client: str = "",
     message_id: str = "",
-    hop: str = "mta",
+    hop: Hop = Hop.MTA,
     is_bounce: bool = False,
     digest: str = "",
     options: dict[str, object] | None = None,
@@ -204,7 +207,7 @@ def enqueue(
             ],
         )
     add_event(
-        session, trace, hop, "queued", time=now,
+        session, trace, hop, EventName.QUEUED, time=now,
         detail=f"from=<{sender}> size={len(body)} nrcpt={len(recipients)}"
         + (f" client={client}" if client else ""),
     )
@@ -403,7 +406,7 @@ def enqueue_dsn(
     failures: list[bounce.Failure],
     now: dt.datetime,
     delayed: bool = False,
-    hop: str = "qmgr",
+    hop: Hop = Hop.QMGR,
     success: bool = False,
     envid: str = "",
     ret: str = "",
@@ -434,7 +437,7 @@ def enqueue_dsn(
         },
     )
     kind = "success notice" if success else "delay warning" if delayed else "bounce"
-    add_event(session, trace, hop, "dsn", detail=f"{kind} to <{sender}> as {dsn_trace}", time=now)
+    add_event(session, trace, hop, EventName.DSN, detail=f"{kind} to <{sender}> as {dsn_trace}", time=now)
     return dsn_trace
 
 
@@ -490,7 +493,7 @@ def hold(session: Session, trace: str, held: bool) -> bool:
     if not _unfinished(session, trace):
         return False
     session.execute(update(Message).where(Message.id == trace).values(held=held))
-    add_event(session, trace, "admin", "held" if held else "released")
+    add_event(session, trace, Hop.ADMIN, EventName.HELD if held else EventName.RELEASED)
     return True
 
 
@@ -498,7 +501,7 @@ def delete(session: Session, trace: str) -> int:
     """Drop a message's unfinished recipients without telling anyone (postsuper -d)."""
     n = _finish(session, trace, DELETED)
     if n:
-        add_event(session, trace, "admin", "deleted", detail="deleted by the administrator")
+        add_event(session, trace, Hop.ADMIN, EventName.DELETED, detail="deleted by the administrator")
         drop_body_if_done(session, trace)
     return n
 
@@ -514,7 +517,7 @@ def return_to_sender(session: Session, trace: str, *, hostname: str, now: dt.dat
     if failures and msg.sender and not msg.is_bounce:
         enqueue_dsn(
             session, hostname=hostname, trace=trace, sender=msg.sender, original=msg.body,
-            received=msg.received, failures=failures, now=now, hop="admin",
+            received=msg.received, failures=failures, now=now, hop=Hop.ADMIN,
             body_type=msg.body_type, requiretls=bool(msg.requiretls),
         )
     drop_body_if_done(session, trace)

@@ -30,6 +30,7 @@ from common.config import Config
 from common.daemon import Context, serve_until_stopped
 from common.db import Database
 from common.directory import Directory
+from common.events import EventName, Hop
 from common.log import is_trace_id, new_trace_id, trace_id
 from common.models import add_event
 from common.reply import Reply, SMTPError
@@ -241,7 +242,7 @@ class SMTPHandler(Handler):
             p = envelope.params
             queue.enqueue_dsn(
                 s, hostname=self.policy.hostname, trace=trace, sender=sender, original=body, received=now,
-                failures=expanded, now=now, hop="mta", success=True, envid=p.get("ENVID", ""),
+                failures=expanded, now=now, hop=Hop.MTA, success=True, envid=p.get("ENVID", ""),
                 ret=p.get("RET", ""), body_type=envelope.body_type, requiretls="REQUIRETLS" in p,
                 local=domain_of(sender) in self.policy.local_domains,
             )
@@ -260,7 +261,7 @@ class SMTPHandler(Handler):
         """Queue the message; returns its trace id, an earlier one for a resubmission."""
         trace, sender = envelope.trace_id, envelope.mail_from or ""
         add_event(
-            s, trace, "mta", "received", time=now,
+            s, trace, Hop.MTA, EventName.RECEIVED, time=now,
             detail=f"{'internal' if self.internal else 'smtp'} from {session.client_ip}"
             f" helo={session.host_name}" + (" tls=yes" if session.tls else ""),
         )
@@ -275,8 +276,9 @@ class SMTPHandler(Handler):
                 digest=digest, since=now - dt.timedelta(seconds=window),
             )
         if earlier is not None:
-            add_event(s, trace, "mta", "resubmitted", time=now, detail=f"the same message as {earlier}: not queued")
-            add_event(s, earlier, "mta", "resubmitted", time=now,
+            add_event(s, trace, Hop.MTA, EventName.RESUBMITTED, time=now,
+                      detail=f"the same message as {earlier}: not queued")
+            add_event(s, earlier, Hop.MTA, EventName.RESUBMITTED, time=now,
                       detail=f"sent again from {session.client_ip} as {trace}: answered with this trace id")
             return earlier
         p = envelope.params

@@ -34,6 +34,7 @@ from sqlalchemy import func, select
 from common import counters
 from common.config import Config
 from common.db import Database
+from common.events import FINAL, EventName, Hop
 from common.log import is_trace_id, trace_time_us
 from common.models import ACTIVE, QUEUED, Message, Recipient, utcnow
 
@@ -42,8 +43,6 @@ HOP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 
                3600, 4 * 3600, 86400, 5 * 86400)
 # Traces whose last event time we remember, to time the next hop (oldest forgotten first).
 REMEMBERED_TRACES = 50_000
-# Events that end one recipient's journey through the queue manager.
-FINAL = ("delivered", "bounced", "expired")
 
 
 class QueueCollector(Collector):
@@ -183,10 +182,10 @@ class Metrics:
         self._last[trace] = max(when, prev) if prev is not None else when
         while len(self._last) > REMEMBERED_TRACES:
             self._last.popitem(last=False)
-        if hop == "qmgr" and event in FINAL and is_trace_id(trace):
+        if hop == Hop.QMGR and event in FINAL and is_trace_id(trace):
             arrived = dt.datetime(1970, 1, 1) + dt.timedelta(microseconds=trace_time_us(trace))
             self.delivery_seconds.labels(event).observe(max((when - arrived).total_seconds(), 0.0))
-        if event == "received" and hop in ("msa", "mta"):
+        if event == EventName.RECEIVED and hop in (Hop.MSA, Hop.MTA):
             # The receiving hops note "tls=yes" in the event's detail.
             key = (hop, "yes" if "tls=yes" in row["detail"] else "no")
             with self.daemons.lock:

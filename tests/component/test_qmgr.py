@@ -33,6 +33,7 @@ from common.reply import Reply
 from common.smtp import Handler, Limits, MailEnvelope, MailSession, serve
 from common.tls import make_self_signed, server_context
 from mta import queue
+from mta.courier import Attempt, Delivered
 from mta.delivery import LocalDelivery, RemoteDelivery
 from mta.qmgr import Policy, QueueManager
 from mta.routing import make_resolver
@@ -736,7 +737,7 @@ def test_the_mdas_outcomes_are_recorded_with_the_settle_when_it_leaves_them_to_u
 
 
 class _BrokenLocal(LocalDelivery):
-    async def deliver(self, *args: Any, **kwargs: Any) -> tuple[list[Reply], bool]:
+    async def deliver(self, attempt: Attempt) -> Delivered:
         raise RuntimeError("a bug in the hand-off")
 
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import re
+import time
 
 import pytest
+from sqlalchemy import select
 
-from tests.support.suite import Installation, maildir_messages, mbox_messages
+from common.db import Database
+from common.events import EventName, Hop
+from common.models import ACTIVE, QUEUED, Event, Recipient
+from tests.support.ports import free_port
+from tests.support.suite import PASSWORD, Installation, maildir_messages, mbox_messages, running
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -79,3 +86,68 @@ def test_status_shows_the_four_programs(suite: Installation) -> None:
     out = suite.cli("status").stdout
     for name in ("msa", "mta", "qmgr", "mda"):
         assert re.search(rf"^{name}\s+RUNNING", out, re.M), out
+
+
+# Long enough for a first attempt on a busy machine, short enough to wait out.
+# The waits are a minute each: on a loaded machine every trace lookup is a new, slow process.
+LIFETIME = 6
+
+
+def test_every_event_the_pipeline_records_is_named_by_the_enums(installation: Installation) -> None:
+    """Drive the pipeline through every kind of event (delivered, refused and bounced
+    with a DSN, resubmitted, deferred, held, released, expired, deleted, returned by
+    the operator), then read the events table: each hop and event stored is a member
+    of common.events' enums, and each member was stored at least once."""
+    # remote.test goes to a port where nothing listens: its mail waits in the queue,
+    # and a message older than LIFETIME seconds expires at its next attempt.
+    text = installation.config_path.read_text()
+    installation.config_path.write_text(
+        text.replace("[mta.transport]\n", f'[mta.transport]\n"remote.test" = "127.0.0.1:{free_port()}"\n', 1)
+    )
+    installation.set("mta", "max_queue_lifetime", f'"{LIFETIME}s"')
+    r = installation.cli("user", "add", "small@example.org", "--password-stdin", "--quota", "10",
+                         stdin=PASSWORD + "\n")
+    assert r.returncode == 0, r.stderr
+    with contextlib.contextmanager(running)(installation) as suite:
+        alice = suite.mailbox("alice@example.org")
+        once = (b"Subject: twice\r\nMessage-ID: <twice@example.org>\r\nDate: Tue, 1 Dec 2026 10:00:00 +0000\r\n"
+                b"\r\nsent twice\r\n")
+        for _ in range(2):  # the second is a resubmission of the first
+            code, _ = suite.submit("alice@example.org", ["alice@example.org", "small@example.org"], once)
+            assert code == 250
+        waiting = {}
+        for name in ("expires", "deleted", "returned"):
+            body = f"Subject: {name}\r\n\r\n-\r\n".encode()
+            code, reply = suite.submit("alice@example.org", [f"{name}@remote.test"], body)
+            assert code == 250
+            waiting[name] = reply.decode().rsplit(" ", 1)[1]
+        queued = time.monotonic()  # each of them was queued before this
+
+        def deferred(trace: str) -> bool:
+            return any(e["event"] == "deferred" for e in suite.trace(trace)["events"])
+
+        for trace in waiting.values():
+            suite.wait_for(lambda t=trace: deferred(t), timeout=60, what=f"{trace} deferred")
+        for action in ("hold", "release", "flush"):
+            assert suite.cli("queue", action, waiting["expires"]).returncode == 0
+        assert suite.cli("queue", "delete", waiting["deleted"]).returncode == 0
+        assert suite.cli("queue", "bounce", waiting["returned"]).returncode == 0
+        time.sleep(max(0.0, queued + LIFETIME + 0.5 - time.monotonic()))  # the next attempt expires it
+        assert suite.cli("queue", "flush", waiting["expires"]).returncode == 0
+        # alice's own copy, and three notices: small's bounce, the expiry, the operator's return.
+        suite.wait_for(lambda: len(maildir_messages(alice)) == 4, timeout=60, what="alice's four messages")
+        db = suite.db()
+        try:
+            suite.wait_for(lambda: _pending(db) == 0, timeout=60, what="an empty queue")
+            with db.read() as s:
+                stored = {(row.hop, row.event) for row in s.execute(select(Event.hop, Event.event).distinct())}
+        finally:
+            db.close()
+    hops, names = {hop for hop, _ in stored}, {event for _, event in stored}
+    assert hops <= set(Hop) and names <= set(EventName), (hops - set(Hop), names - set(EventName))
+    assert hops == set(Hop) and names == set(EventName), (set(Hop) - hops, set(EventName) - names)
+
+
+def _pending(db: Database) -> int:
+    with db.read() as s:
+        return len(s.scalars(select(Recipient.id).where(Recipient.state.in_((QUEUED, ACTIVE)))).all())

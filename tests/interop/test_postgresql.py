@@ -29,6 +29,7 @@ from common.db import Database
 from common.models import DELIVERED, Event, Recipient
 from common.reply import Reply
 from mta import queue
+from mta.courier import Attempt, Delivered
 from mta.delivery import RemoteDelivery
 from mta.qmgr import Policy, QueueManager
 from mta.routing import make_resolver
@@ -131,19 +132,22 @@ def test_processes_starting_together_on_an_empty_database_create_the_schema_once
 
 
 class RecordingLMTP:
-    """Stands in for the MDA: records each recipient handed to it, says 250 for each."""
+    """A courier standing in for the MDA: records each recipient handed to it, says 250 for each."""
+
+    local = True
 
     def __init__(self) -> None:
         self.received: collections.Counter[str] = collections.Counter()
 
-    async def deliver(
-        self, trace: str, sender: str, rcpts: list[str], body: bytes, params: tuple[str, ...] = (),
-        *, retry: bool = False,
-    ) -> tuple[list[Reply], bool]:
+    async def deliver(self, attempt: Attempt) -> Delivered:
         await asyncio.sleep(0.001)  # let the other queue managers run their claims meanwhile
-        self.received.update(rcpts)
-        # True: like our MDA asked XRECORD, the queue manager records the MDA's events too.
-        return [Reply(250, "2.0.0", "Ok path=/mail/x") for _ in rcpts], True
+        self.received.update(attempt.recipients)
+        # Like our MDA asked XRECORD: the queue manager records the MDA's events too.
+        return Delivered([Reply(250, "2.0.0", "Ok path=/mail/x") for _ in attempt.recipients], "mda.test",
+                         ours_to_record=True)
+
+    async def close(self) -> None:
+        pass
 
 
 @pytest.mark.timeout(60)
@@ -186,7 +190,7 @@ def test_queue_managers_sharing_one_queue_never_deliver_a_recipient_twice(
         db = Database(postgres.url, threads=4)
         qm = RacingManager(
             db=db, clock=SystemClock(), policy=Policy([60.0], 3600.0, 0.0),
-            local_domains=["example.org"], hostname=f"mx{n}.test", local=lmtp,  # type: ignore[arg-type]
+            local_domains=["example.org"], hostname=f"mx{n}.test", local=lmtp,
             remote=RemoteDelivery(  # never used: every recipient is local
                 hostname=f"mx{n}.test", resolver=make_resolver([], 1.0), relayhost="", relayhost_auth=None,
                 transport={}, remote_port=25, per_destination=1, connect_timeout=1.0,
