@@ -114,7 +114,9 @@ class Installation:
     def set(self, section: str, key: str, value: str) -> None:
         """Change one setting (a TOML value) in the config file."""
         text = self.config_path.read_text()
-        pattern = re.compile(rf"(?ms)^(\[{re.escape(section)}\]\n.*?)^{key} = .*?$")
+        # The section's own lines only: a line opening another section ends the search,
+        # so a key missing here is added here, not changed in a later section.
+        pattern = re.compile(rf"(?m)^(\[{re.escape(section)}\]\n(?:(?!\[).*\n)*?){re.escape(key)} = .*$")
         if pattern.search(text):
             text = pattern.sub(lambda m: f"{m.group(1)}{key} = {value}", text, count=1)
         else:
