@@ -33,3 +33,11 @@ def test_setting_a_key_present_in_its_section_changes_only_that_line(tmp_path: P
     after = tomllib.loads(inst.config_path.read_text())
     assert after["mta"]["max_hops"] == 7 and after["mailroom"]["log_level"] == "debug"
     assert inst.config_path.read_text().count("max_hops") == 1
+
+
+def test_setting_a_key_of_a_section_init_does_not_write_adds_the_section(tmp_path: Path) -> None:
+    inst = Installation(tmp_path / "mailroom")
+    assert "[smtp]" not in inst.config_path.read_text()
+    inst.set("smtp", "idle_timeout", "7")
+    inst.set("smtp", "max_recipients", "3")
+    assert inst.config.smtp.idle_timeout == 7 and inst.config.smtp.max_recipients == 3
