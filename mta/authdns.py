@@ -3,10 +3,11 @@
 The checks (pyspf, dkimpy, our DMARC code) are synchronous libraries; they run
 in a worker thread and ask a `Resolver` here, so every lookup goes to
 `[dns] nameservers` and unit tests can hand in answers from a dictionary
-(tests/harness/dns.py) instead.  An answer is a list of values: TXT as bytes (strings joined), A/AAAA and PTR as text, MX as
-(preference, exchange).  No such name or no such record is an empty list; a
-failure to learn the answer (timeout, SERVFAIL) raises `DNSTempError`, which the
-checks record as `temperror`, never as a pass.
+(tests/harness/dns.py) instead.  An answer is a list of values: TXT as bytes
+(strings joined), A/AAAA and PTR as text, MX as (preference, exchange).  No
+such name or no such record is an empty list; a failure to learn the answer
+(timeout, SERVFAIL) raises `DNSTempError`, which the checks record as
+`temperror`, never as a pass.
 """
 
 from __future__ import annotations
