@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from common.config import Config
 from common.daemon import Context
 from common.smtp import Handler, Limits, serve
 from tests.harness.client import Client
@@ -89,6 +90,11 @@ class Stack:
     def ports(self) -> dict[str, int]:
         assert self.inst is not None
         return self.inst.ports
+
+    @property
+    def config(self) -> Config:
+        assert self.inst is not None
+        return self.inst.config
 
     # --- on the loop -------------------------------------------------------------------
 
@@ -264,3 +270,12 @@ def running(inst: Installation, *services: str) -> Iterator[Stack]:
         yield stack
     finally:
         stack.close()
+
+
+@contextlib.contextmanager
+def listeners(root: Path, **sections: dict[str, object]) -> Iterator[Stack]:
+    """A new installation (alice: Maildir, bob: mbox; `sections` as for `installation`) with
+    the MSA, the MTA's listeners and the MDA running; no queue manager, so whatever
+    the MTA accepted stays in the queue, where a test can see it."""
+    with running(installation(root, **sections), "mda", "mta", "msa") as stack:
+        yield stack

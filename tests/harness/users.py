@@ -1,79 +1,83 @@
-"""The one way tests make users and aliases: the real `mailroom user add` and `mailroom alias add`.
+"""The one way in-process tests make users and aliases.
 
-The commands run in this process (`cli.main.main`), so a user costs no Python
-start-up, and what a test gets is exactly what an operator's command writes:
-the mailbox name, the store, the quota, postmaster and abuse pointing at the
-first user, Dovecot's users file.  Only argon2 is shortened: the command hashes
-each password on purpose slowly (most of a second here), so each password is
-hashed once per test process and the hash reused.
+`add_users` writes what `mailroom user add` writes (cli/main.py), with the same
+helpers of common/users.py: the address lower-cased, the mailbox named by
+`mailbox_name` (".mbox" added for an mbox), an argon2id password hash, the
+quota, and postmaster and abuse pointing at the first user of the
+installation.  tests/unit/test_harness.py holds the two side by side, so this
+writer cannot drift from the command.  It differs in speed only: many users in
+one transaction, and each password hashed once per test process (argon2 takes
+most of a second here, on purpose), where the command opens the database,
+migrates it and hashes for every user.  Dovecot's users file is not written:
+in-process stacks run no Dovecot (`Installation.add_user` runs the real command,
+for the suites that do).
 
 A test that needs a row the command would never write (a mailbox path that
-escapes the mail root: a damaged or hostile database) says so with `mailbox=`,
-which changes that one column after the command made the user.
+escapes the mail root: a damaged or hostile database) says so with `mailbox=`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
-import sys
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
-import cli.main
-from common.models import User
-from common.users import hash_password
+from cli import postmaster
+from common.models import Alias, User
+from common.users import hash_password, mailbox_name
 from tests.support.suite import PASSWORD, Installation
 
 
 @functools.cache
-def _hash_once(password: str) -> str:
+def password_hash(password: str) -> str:
     return hash_password(password)
 
 
-def _mailroom(inst: Installation, *args: str, stdin: str = "") -> str:
-    """Run one `mailroom` command in-process; its output, or AssertionError with it."""
-    out, err = io.StringIO(), io.StringIO()
-    real_hash, real_stdin = cli.main.hash_password, sys.stdin
-    cli.main.hash_password = _hash_once  # type: ignore[attr-defined]
-    sys.stdin = io.StringIO(stdin)
+def add_users(
+    inst: Installation, *addresses: str, store: str = "maildir", password: str = PASSWORD, quota: int = 0,
+    mailbox: str | None = None,
+) -> list[Path]:
+    """Users as `mailroom user add ADDRESS --store STORE --quota N` makes them; their mailbox paths."""
+    config = inst.config
+    db = inst.db()
+    names = []
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            status = cli.main.main(["--config", str(inst.config_path), *args])
+        with db.write() as s:
+            for address in addresses:
+                address = address.lower()
+                first = s.scalars(select(User.id)).first() is None
+                name = mailbox if mailbox is not None else mailbox_name(address) + (".mbox" if store == "mbox" else "")
+                s.add(User(address=address, password_hash=password_hash(password), store=store, mailbox=name,
+                           quota=quota))
+                if first:
+                    postmaster.point_at(s, config.mailroom.domains, address, only_missing=True)
+                names.append(name)
+            s.commit()
     finally:
-        cli.main.hash_password, sys.stdin = real_hash, real_stdin  # type: ignore[attr-defined]
-    assert status == 0, f"mailroom {' '.join(args)}: {status}\n{out.getvalue()}{err.getvalue()}"
-    return out.getvalue()
+        db.close()
+    return [config.mail_root / n for n in names]
 
 
 def add_user(
     inst: Installation, address: str, store: str = "maildir", *, password: str = PASSWORD, quota: int = 0,
     mailbox: str | None = None,
 ) -> Path:
-    """`mailroom user add ADDRESS --store STORE --quota N`; returns the mailbox path."""
-    _mailroom(inst, "user", "add", address, "--password-stdin", "--store", store, "--quota", str(quota),
-              stdin=password + "\n")
-    db = inst.db()
-    try:
-        if mailbox is not None:
-            with db.write() as s:
-                s.execute(update(User).where(User.address == address.lower()).values(mailbox=mailbox))
-                s.commit()
-        with db.read() as s:
-            name = s.scalars(select(User.mailbox).where(User.address == address.lower())).one()
-    finally:
-        db.close()
-    return inst.config.mail_root / name
-
-
-def add_users(inst: Installation, *addresses: str, store: str = "maildir", password: str = PASSWORD) -> None:
-    for a in addresses:
-        add_user(inst, a, store, password=password)
+    """One user (see add_users); its mailbox path."""
+    return add_users(inst, address, store=store, password=password, quota=quota, mailbox=mailbox)[0]
 
 
 def add_alias(inst: Installation, source: str, *targets: str) -> None:
-    """`mailroom alias add SOURCE TARGET...`."""
-    _mailroom(inst, "alias", "add", source, *targets)
-
+    """As `mailroom alias add SOURCE TARGET...`: each target not yet there is added."""
+    db = inst.db()
+    try:
+        with db.write() as s:
+            source = source.lower()
+            have = set(s.scalars(select(Alias.target).where(Alias.source == source)))
+            for t in (t.lower() for t in targets):
+                if t not in have:
+                    s.add(Alias(source=source, target=t))
+                    have.add(t)
+            s.commit()
+    finally:
+        db.close()

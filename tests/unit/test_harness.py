@@ -6,8 +6,12 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
-from tests.support.suite import Installation
+from common.models import Alias, User
+from common.users import check_password
+from tests.harness.users import add_alias, add_user
+from tests.support.suite import PASSWORD, Installation
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,3 +45,31 @@ def test_setting_a_key_of_a_section_init_does_not_write_adds_the_section(tmp_pat
     inst.set("smtp", "idle_timeout", "7")
     inst.set("smtp", "max_recipients", "3")
     assert inst.config.smtp.idle_timeout == 7 and inst.config.smtp.max_recipients == 3
+
+
+def _users_and_aliases(inst: Installation) -> tuple[list[tuple[object, ...]], list[tuple[str, str]]]:
+    db = inst.db()
+    try:
+        with db.read() as s:
+            users = [(u.address, u.store, u.mailbox, u.quota, check_password(u, PASSWORD))
+                     for u in s.scalars(select(User).order_by(User.address))]
+            aliases = [(a.source, a.target) for a in s.scalars(select(Alias).order_by(Alias.source, Alias.target))]
+    finally:
+        db.close()
+    return users, aliases
+
+
+def test_the_user_writer_writes_what_mailroom_user_add_writes(tmp_path: Path) -> None:
+    by_command, by_harness = Installation(tmp_path / "a"), Installation(tmp_path / "b")
+    for address, store, quota in (("Alice@Example.org", "maildir", 0), ("bob@example.org", "mbox", 5000)):
+        r = by_command.cli("user", "add", address, "--password-stdin", "--store", store, "--quota", str(quota),
+                           stdin=PASSWORD + "\n")
+        assert r.returncode == 0, r.stderr
+        add_user(by_harness, address, store, quota=quota)
+    assert by_command.cli("alias", "add", "sales@example.org", "alice@example.org", "bob@example.org").returncode == 0
+    add_alias(by_harness, "sales@example.org", "alice@example.org", "bob@example.org")
+
+    users, aliases = _users_and_aliases(by_harness)
+    assert (users, aliases) == _users_and_aliases(by_command)
+    assert users[0] == ("alice@example.org", "maildir", "example.org/alice", 0, True)
+    assert ("postmaster@example.org", "alice@example.org") in aliases  # the first user is postmaster
