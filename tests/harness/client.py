@@ -27,10 +27,17 @@ from __future__ import annotations
 import base64
 import contextlib
 import select
+import smtplib
 import socket
 import ssl
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from tests.support.suite import Installation
+
+# The password of the users the harness makes (tests.harness.users).
+PASSWORD = "correct horse battery staple"
 
 CLOSED = "<closed>"
 STARTTLS_HANDSHAKE = b"<tls handshake>"
@@ -248,3 +255,40 @@ def _show(data: bytes) -> str:
     if len(text) > 200:
         text = text[:120] + f"... ({len(data)} octets) ..." + text[-40:]
     return text.replace("\r", "\\r").replace("\n", "\\n").replace("\x00", "\\0")
+
+
+# --- smtplib sessions with the MSA --------------------------------------------------------
+# For tests that want a whole conforming client rather than a dialogue.
+
+
+def submission(inst: Installation, *, source: str = "127.0.0.1", tls: bool = True) -> smtplib.SMTP:
+    """A client on the 587 role, after EHLO (and STARTTLS + EHLO when `tls`)."""
+    client = smtplib.SMTP("127.0.0.1", inst.ports["submission"], timeout=20, source_address=(source, 0))
+    client.ehlo("client.test")
+    if tls:
+        client.starttls(context=tls_client_context())
+        client.ehlo("client.test")
+    return client
+
+
+def submissions(inst: Installation, *, source: str = "127.0.0.1") -> smtplib.SMTP_SSL:
+    """A client on the 465 role (implicit TLS), after EHLO."""
+    client = smtplib.SMTP_SSL("127.0.0.1", inst.ports["submissions"], timeout=20, context=tls_client_context(),
+                              source_address=(source, 0))
+    client.ehlo("client.test")
+    return client
+
+
+def logged_in(
+    inst: Installation, user: str = "alice@example.org", *, source: str = "127.0.0.1", password: str = PASSWORD
+) -> smtplib.SMTP:
+    """A client on the 587 role after STARTTLS and AUTH."""
+    client = submission(inst, source=source)
+    client.login(user, password)
+    return client
+
+
+def auth_plain(client: smtplib.SMTP, user: str, password: str) -> tuple[int, bytes]:
+    """AUTH PLAIN through smtplib, the reply as smtplib gives it (no exception on refusal)."""
+    token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+    return client.docmd("AUTH", f"PLAIN {token}")

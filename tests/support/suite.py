@@ -30,10 +30,10 @@ from common import config as configmod
 from common.clock import Clock, SystemClock
 from common.daemon import Context
 from common.db import Database
+from tests.harness.client import PASSWORD as PASSWORD
 from tests.harness.client import tls_client_context as tls_client_context
 from tests.support.ports import free_port as free_port
 
-PASSWORD = "correct horse battery staple"
 LISTENERS = {
     ("msa", "submission"): "127.0.0.1:2587",
     ("msa", "submissions"): "127.0.0.1:2465",
