@@ -31,7 +31,7 @@ import smtplib
 import socket
 import ssl
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from tests.support.suite import Installation
@@ -71,6 +71,7 @@ class Client:
     sock: socket.socket
     transcript: list[str] = field(default_factory=list)
     buffer: bytes = b""
+    greeting: Reply = Reply(0, "")  # read by `session`
 
     @classmethod
     def connect(
@@ -82,6 +83,13 @@ class Client:
         if tls:
             sock = tls_client_context().wrap_socket(sock)
         return cls(sock)
+
+    @classmethod
+    def session(cls, port: int, **connect: Any) -> Client:
+        """A connection (arguments as for `connect`) with the server's greeting read into `greeting`."""
+        c = cls.connect(port, **connect)
+        c.greeting = c.reply()
+        return c
 
     # --- writing --------------------------------------------------------------------
 
