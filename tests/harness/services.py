@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import sqlite3
 import threading
 import time
@@ -27,7 +29,7 @@ from typing import Any, TypeVar
 
 from common.config import Config
 from common.daemon import Context
-from common.smtp import Handler, Limits, serve
+from common.smtp import Handler, Limits, limits_from, serve
 from tests.harness.client import Client
 from tests.harness.users import add_alias, add_user
 from tests.support.suite import Installation, maildir_messages, mbox_messages, wait_port
@@ -187,6 +189,30 @@ class Stack:
         server = self.run(start())
         self.servers.append(server)
         return int(server.sockets[0].getsockname()[1])
+
+    def listen_mta(self, *, tls: bool = True, **sections: dict[str, Any]) -> tuple[Context, int, int]:
+        """The MTA's public and internal listeners with the real handler, on 127.0.0.1:0,
+        with config sections changed in memory for this stack only (mta={"trusted_networks":
+        ["127.0.0.0/8"]}), so tests that vary settings can share one installation.
+        STARTTLS on the public one with the installation's certificate when `tls`.
+        Returns (context, public port, internal port)."""
+        from common.tls import server_context
+        from mta.smtpd import ReceivePolicy, SMTPHandler
+
+        ctx = self.context()
+        cfg = ctx.config
+        for name, values in sections.items():
+            cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **values)})
+        ctx.config = cfg
+        ports = []
+        for internal in (False, True):
+            policy = ReceivePolicy.from_config(cfg, internal=internal)
+            ports.append(self.listen(
+                functools.partial(SMTPHandler, policy, ctx.db, ctx.clock, ctx), limits=limits_from(cfg.smtp),
+                tls_context=server_context(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key))
+                if tls and not internal else None,
+            ))
+        return ctx, ports[0], ports[1]
 
     def stop(self, ctx: Context) -> None:
         """Stop one service and wait for it to end (its failure is raised here)."""
