@@ -7,7 +7,6 @@ an administrator would set them.
 
 from __future__ import annotations
 
-import socket
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -100,11 +99,7 @@ def test_byte_at_a_time_client_is_cut_off_at_the_session_deadline(small: Stack) 
 
 
 def _from(source: str, port: int) -> Client:
-    sock = socket.socket()
-    sock.settimeout(10)
-    sock.bind((source, 0))
-    sock.connect(("127.0.0.1", port))
-    return Client(sock)
+    return Client.connect(port, source=source)
 
 
 def _wait_until_released(port: int, timeout: float = 10.0) -> None:

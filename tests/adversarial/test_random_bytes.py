@@ -34,7 +34,7 @@ def noise(rng: random.Random) -> bytes:
 
 
 def still_answers(port: int, hello: bytes) -> None:
-    s = Client(socket.create_connection(("127.0.0.1", port), timeout=10))
+    s = Client.connect(port)
     try:
         play(s, [(None, "220 "), (line(hello.decode()), "250 "), (line("NOOP"), "250 "), (line("QUIT"), "221 ")])
     finally:
