@@ -1,16 +1,15 @@
 """The one way in-process tests make users and aliases.
 
 `add_users` writes what `mailroom user add` writes (cli/main.py), with the same
-helpers of common/users.py: the address lower-cased, the mailbox named by
-`mailbox_name` (".mbox" added for an mbox), an argon2id password hash, the
-quota, and postmaster and abuse pointing at the first user of the
-installation.  tests/unit/test_harness.py holds the two side by side, so this
-writer cannot drift from the command.  It differs in speed only: many users in
-one transaction, and each password hashed once per test process (argon2 takes
-most of a second here, on purpose), where the command opens the database,
-migrates it and hashes for every user.  Dovecot's users file is not written:
-in-process stacks run no Dovecot (`Installation.add_user` runs the real command,
-for the suites that do).
+helpers of common/users.py and cli/: the address lower-cased, the mailbox named
+by `mailbox_name` (".mbox" added for an mbox), an argon2id password hash, the
+quota, postmaster and abuse pointing at the first user of the installation,
+and Dovecot's users file rewritten.  tests/unit/test_harness.py holds the two
+side by side, so this writer cannot drift from the command.  It differs in
+speed only: many users in one transaction, and each password hashed once per
+test process (argon2 takes most of a second here, on purpose), where the
+command starts Python, opens and migrates the database and hashes for every
+user.  `Installation.add_user` is this writer too.
 
 A test that needs a row the command would never write (a mailbox path that
 escapes the mail root: a damaged or hostile database) says so with `mailbox=`.
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from cli import postmaster
+from cli import dovecot, postmaster
 from common.models import Alias, User
 from common.users import hash_password, mailbox_name
 from tests.support.suite import PASSWORD, Installation
@@ -54,6 +53,7 @@ def add_users(
                     postmaster.point_at(s, config.mailroom.domains, address, only_missing=True)
                 names.append(name)
             s.commit()
+        dovecot.write_users(config, db)  # as the command does: IMAP logins know the user at once
     finally:
         db.close()
     return [config.mail_root / n for n in names]

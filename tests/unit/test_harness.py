@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
+from cli.dovecot import users_file
 from common.models import Alias, User
 from common.users import check_password
 from tests.harness.users import add_alias, add_user
@@ -59,6 +61,12 @@ def _users_and_aliases(inst: Installation) -> tuple[list[tuple[object, ...]], li
     return users, aliases
 
 
+def _dovecot_users(inst: Installation) -> str:
+    """Dovecot's users file with the installation's folder and the salted hashes made alike."""
+    text = users_file(inst.config).read_text().replace(str(inst.root.resolve()), "ROOT")
+    return re.sub(r"\$argon2id\$[^:]*", "HASH", text)
+
+
 def test_the_user_writer_writes_what_mailroom_user_add_writes(tmp_path: Path) -> None:
     by_command, by_harness = Installation(tmp_path / "a"), Installation(tmp_path / "b")
     for address, store, quota in (("Alice@Example.org", "maildir", 0), ("bob@example.org", "mbox", 5000)):
@@ -71,5 +79,7 @@ def test_the_user_writer_writes_what_mailroom_user_add_writes(tmp_path: Path) ->
 
     users, aliases = _users_and_aliases(by_harness)
     assert (users, aliases) == _users_and_aliases(by_command)
+    assert _dovecot_users(by_harness) == _dovecot_users(by_command)
+    assert _dovecot_users(by_harness).count("HASH") == 2  # both users can log in to IMAP
     assert users[0] == ("alice@example.org", "maildir", "example.org/alice", 0, True)
     assert ("postmaster@example.org", "alice@example.org") in aliases  # the first user is postmaster
