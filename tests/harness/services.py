@@ -22,7 +22,7 @@ import functools
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,18 +43,25 @@ USERS = (("alice@example.org", "maildir"), ("bob@example.org", "mbox"))
 
 def installation(
     root: Path, *, users: tuple[tuple[str, str], ...] = USERS, aliases: dict[str, str] | None = None,
-    **sections: dict[str, object],
+    **sections: Mapping[str, object],
 ) -> Installation:
     """A new installation with `users` (address, store) and `aliases` (source -> target);
     `sections` maps a config section to settings, e.g. smtp={"idle_timeout": 1} or
     msa={"auth_lockout": '"3s"'} (str values are written as they are: TOML text)."""
+    return _installation(root, users, aliases or {}, sections)
+
+
+def _installation(
+    root: Path, users: tuple[tuple[str, str], ...], aliases: dict[str, str],
+    sections: Mapping[str, Mapping[str, object]],
+) -> Installation:
     inst = Installation(root)
     for section, values in sections.items():
         for key, value in values.items():
             inst.set(section, key, value if isinstance(value, str) else toml(value))
     for address, store in users:
         add_user(inst, address, store)
-    for source, target in (aliases or {}).items():
+    for source, target in aliases.items():
         add_alias(inst, source, target)
     return inst
 
@@ -299,9 +306,9 @@ def running(inst: Installation, *services: str) -> Iterator[Stack]:
 
 
 @contextlib.contextmanager
-def listeners(root: Path, **sections: dict[str, object]) -> Iterator[Stack]:
+def listeners(root: Path, **sections: Mapping[str, object]) -> Iterator[Stack]:
     """A new installation (alice: Maildir, bob: mbox; `sections` as for `installation`) with
     the MSA, the MTA's listeners and the MDA running; no queue manager, so whatever
     the MTA accepted stays in the queue, where a test can see it."""
-    with running(installation(root, **sections), "mda", "mta", "msa") as stack:
+    with running(_installation(root, USERS, {}, sections), "mda", "mta", "msa") as stack:
         yield stack

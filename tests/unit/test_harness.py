@@ -49,7 +49,7 @@ def test_setting_a_key_of_a_section_init_does_not_write_adds_the_section(tmp_pat
     assert inst.config.smtp.idle_timeout == 7 and inst.config.smtp.max_recipients == 3
 
 
-def _users_and_aliases(inst: Installation) -> tuple[list[tuple[object, ...]], list[tuple[str, str]]]:
+def _users_and_aliases(inst: Installation) -> tuple[list[tuple[str, str, str, int, bool]], list[tuple[str, str]]]:
     db = inst.db()
     try:
         with db.read() as s:
