@@ -12,7 +12,8 @@ command starts Python, opens and migrates the database and hashes for every
 user.  `Installation.add_user` is this writer too.
 
 A test that needs a row the command would never write (a mailbox path that
-escapes the mail root: a damaged or hostile database) says so with `mailbox=`.
+escapes the mail root: a damaged or hostile database) says so with `mailbox=`;
+Dovecot's users file is then left as it was.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def add_users(
                     postmaster.point_at(s, config.mailroom.domains, address, only_missing=True)
                 names.append(name)
             s.commit()
-        dovecot.write_users(config, db)  # as the command does: IMAP logins know the user at once
+        if mailbox is None:  # as the command does: IMAP logins know the user at once
+            dovecot.write_users(config, db)  # (a damaged row would not even make a users file)
     finally:
         db.close()
     return [config.mail_root / n for n in names]
