@@ -2,16 +2,17 @@
 
 The checks (pyspf, dkimpy, our DMARC code) are synchronous libraries; they run
 in a worker thread and ask a `Resolver` here, so every lookup goes to
-`[dns] nameservers` and tests can hand in a dictionary instead.  An answer is a
-list of values: TXT as bytes (strings joined), A/AAAA and PTR as text, MX as
-(preference, exchange).  No such name or no such record is an empty list; a
-failure to learn the answer (timeout, SERVFAIL) raises `DNSTempError`, which the
-checks record as `temperror`, never as a pass.
+`[dns] nameservers` and unit tests can hand in answers from a dictionary
+(tests/harness/dns.py) instead.  An answer is a list of values: TXT as bytes
+(strings joined), A/AAAA and PTR as text, MX as (preference, exchange).  No
+such name or no such record is an empty list; a failure to learn the answer
+(timeout, SERVFAIL) raises `DNSTempError`, which the checks record as
+`temperror`, never as a pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import dns.exception
@@ -67,24 +68,6 @@ def _value(rdtype: str, rd: Any) -> Any:
     if rdtype in ("PTR", "CNAME"):
         return rd.target.to_text(omit_final_dot=True)
     return rd.to_text()
-
-
-class StaticResolver:
-    """Answers from a dictionary: {name: {"TXT": [...]} or "TEMPFAIL"}, for unit tests."""
-
-    def __init__(self, records: Mapping[str, Mapping[str, list[Any]] | str]) -> None:
-        self.records = {k.lower().rstrip("."): v for k, v in records.items()}
-        self.asked: list[tuple[str, str]] = []
-
-    def query(self, name: str, rdtype: str) -> list[Any]:
-        key = name.lower().rstrip(".")
-        self.asked.append((key, rdtype))
-        entry = self.records.get(key)
-        if entry == "TEMPFAIL":
-            raise DNSTempError(f"{name} {rdtype}: TEMPFAIL")
-        if entry is None or isinstance(entry, str):
-            return []
-        return [v.encode() if rdtype == "TXT" and isinstance(v, str) else v for v in entry.get(rdtype, [])]
 
 
 def txt(resolver: Resolver, name: str) -> list[bytes]:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import random
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import dns.asyncresolver
 import dns.exception
@@ -29,6 +31,15 @@ class Route:
     error: Reply | None = None  # set when there is nowhere to go
     via: str = ""  # "relayhost", "transport" or "mx", for logs
     names: dict[str, str] = field(default_factory=dict)  # address -> MX name (what TLS verifies)
+
+
+class Resolver(Protocol):
+    """What routing asks of DNS: dnspython's async resolver (`make_resolver`), or
+    answers from a dictionary in unit tests (tests/harness/dns.py).  `resolve`
+    gives the records (MX: .preference and .exchange; A/AAAA: .to_text()) and
+    raises dnspython's NXDOMAIN, NoAnswer, NoNameservers or Timeout."""
+
+    async def resolve(self, qname: str, rdtype: str) -> Iterable[Any]: ...
 
 
 def _is_us(ip: str, port: int, listening: tuple[str, int]) -> bool:
@@ -71,7 +82,7 @@ async def route(
     *,
     relayhost: str,
     transport: dict[str, str],
-    resolver: dns.asyncresolver.Resolver,
+    resolver: Resolver,
     own_names: set[str],
     port: int = 25,
     listening: tuple[str, int] | None = None,

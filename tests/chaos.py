@@ -43,7 +43,6 @@ import os
 import random
 import re
 import signal
-import smtplib
 import sys
 import tempfile
 import threading
@@ -56,7 +55,8 @@ from sqlalchemy import func, select
 from supervisor.xmlrpc import SupervisorTransport
 
 from common.models import FINAL_STATES, Recipient
-from tests.support.suite import PASSWORD, Installation, maildir_messages, mbox_messages, tls_client_context
+from tests.harness.client import PASSWORD, Client, stuff
+from tests.support.suite import Installation, maildir_messages, mbox_messages
 
 PROGRAMS = ("msa", "mta", "qmgr", "mda")
 RECIPIENTS = ("alice@example.org", "bob@example.org")  # Maildir, mbox
@@ -92,22 +92,29 @@ def make_message(run_id: str, n: int, rcpt: str, rng: random.Random) -> tuple[st
     return ident, header + body, body_hash(body)
 
 
-class Client:
-    """One submitting client: keeps a session open and reconnects after any failure."""
+class Submitter:
+    """One submitting client (the harness's raw Client): keeps a session open and
+    reconnects after any failure."""
 
     def __init__(self, inst: Installation, via: str) -> None:
         self.inst, self.via = inst, via
-        self.smtp: smtplib.SMTP | None = None
+        self.client: Client | None = None
 
-    def _open(self) -> smtplib.SMTP:
+    def _open(self) -> Client:
         if self.via == "msa":
-            s = smtplib.SMTP("127.0.0.1", self.inst.ports["submission"], timeout=30)
-            s.starttls(context=tls_client_context())
-            s.login("alice@example.org", PASSWORD)
+            c = Client.session(self.inst.ports["submission"], timeout=30)
+            for step in ("EHLO chaos.example", "STARTTLS"):
+                if c.cmd(step).code not in (220, 250):
+                    raise OSError(f"{step}: {c.transcript[-1]}")
+            c.starttls()
+            if c.cmd("EHLO chaos.example").code != 250 or c.auth_plain("alice@example.org", PASSWORD).code != 235:
+                raise OSError(f"no session: {c.transcript[-1]}")
         else:
-            s = smtplib.SMTP("127.0.0.1", self.inst.ports["smtp"], timeout=30)
-            s.ehlo("chaos.example")
-        return s
+            c = Client.session(self.inst.ports["smtp"], timeout=30)
+            if c.greeting.code != 220 or c.cmd("EHLO chaos.example").code != 250:
+                raise OSError(f"no session: {c.transcript[-1]}")
+        c.transcript = _Forgetful()  # thousands of messages: keep no transcript
+        return c
 
     def deliver(self, rcpt: str, message: bytes, patience: float = 300.0) -> str:
         """Send until a final reply, as an MTA's queue would: 'accepted', 'refused' or 'indoubt'."""
@@ -129,34 +136,36 @@ class Client:
         broke after the message was sent), or 'retry' (4xx, or nothing was sent)."""
         data_sent = False
         try:
-            if self.smtp is None:
-                self.smtp = self._open()
-            s = self.smtp
-            code, _ = s.mail("alice@example.org" if self.via == "msa" else "sender@remote.example")
-            if code != 250:
-                s.rset()
-                return "retry"
-            code, _ = s.rcpt(rcpt)
-            if code != 250:
-                s.rset()
-                return "retry"
-            code, _ = s.docmd("DATA")
-            if code != 354:
-                s.rset()
-                return "retry"
+            if self.client is None:
+                self.client = self._open()
+            c = self.client
+            sender = "alice@example.org" if self.via == "msa" else "sender@remote.example"
+            for command, wanted in ((f"MAIL FROM:<{sender}>", 250), (f"RCPT TO:<{rcpt}>", 250), ("DATA", 354)):
+                code = c.cmd(command).code
+                if code == 0:
+                    raise OSError("connection closed")
+                if code != wanted:
+                    c.cmd("RSET")
+                    return "retry"
             data_sent = True
-            s.send(re.sub(rb"(?m)^\.", b"..", message) + b".\r\n")  # dot-stuffed; message ends in CRLF
-            code, _ = s.getreply()
+            c.send(stuff(message))
+            code = c.reply().code
+            if code == 0:
+                raise OSError("connection closed")
             return "accepted" if code == 250 else "refused" if code >= 500 else "retry"
-        except (smtplib.SMTPException, OSError):
+        except (OSError, AssertionError):  # AssertionError: the client's check (a timeout, say)
             self.close()
             return "unknown" if data_sent else "retry"
 
     def close(self) -> None:
-        if self.smtp is not None:
-            with contextlib.suppress(OSError):
-                self.smtp.close()
-            self.smtp = None
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
+class _Forgetful(list[str]):
+    def append(self, line: str) -> None:
+        pass
 
 
 def prepare(root: Path, database: str = "") -> Installation:
@@ -294,7 +303,7 @@ def run(
 
     def worker(k: int) -> None:
         local_rng = random.Random(seed * 1000 + k)
-        client = Client(inst, "msa" if k % 2 == 0 else "mta")
+        client = Submitter(inst, "msa" if k % 2 == 0 else "mta")
         try:
             while (n := next(counter)) < messages:
                 rcpt = RECIPIENTS[n % 2]

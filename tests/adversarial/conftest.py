@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.adversarial.stack import Stack, running
+from tests.harness.services import Stack, listeners
 
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     """MSA, MTA (public and internal) and MDA with the default limits; no queue manager."""
-    yield from running(tmp_path / "mailroom")
+    with listeners(tmp_path / "mailroom") as stack:
+        yield stack

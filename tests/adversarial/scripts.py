@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 
-from tests.adversarial.dialogue import STARTTLS_HANDSHAKE, Step, line
+from tests.harness.client import STARTTLS_HANDSHAKE, Step, line
 from tests.support.suite import PASSWORD
 
 

@@ -4,7 +4,7 @@ Each test is a transcript: what a hostile or broken client sends, and the
 exact reply (code and enhanced status code) it must get; then a look at the
 queue and the mailboxes to prove nothing got through that should not have.
 The listeners are the real MSA (submission, STARTTLS + AUTH), the MTA's public
-listener and the MDA (LMTP), running in-process on loopback (see stack.py).
+listener and the MDA (LMTP), running in-process on loopback (tests/harness/services.py).
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.adversarial.dialogue import CLOSED, STARTTLS_HANDSHAKE, Step, line, run
 from tests.adversarial.scripts import LISTENERS, auth_plain, lmtp_hello, msa_login, smtp_hello, transaction
-from tests.adversarial.stack import Stack, running
+from tests.harness.client import CLOSED, STARTTLS_HANDSHAKE, Step, line, run
+from tests.harness.services import Stack, listeners
+from tests.harness.users import add_users
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -170,7 +171,7 @@ def test_address_limits_and_control_characters(stack: Stack, listener: str) -> N
 @pytest.mark.parametrize("listener", ["mta", "mda"])
 def test_more_than_100_recipients_get_452_and_the_first_100_are_kept(stack: Stack, listener: str) -> None:
     users = [f"user{i:03}@example.org" for i in range(105)]
-    stack.add_users([(u, "maildir") for u in users])
+    add_users(stack.inst, *users)
     key, hello, sender, _ = LISTENERS[listener]
     envelope = line(f"MAIL FROM:<{sender}>") + b"".join(line(f"RCPT TO:<{u}>") for u in users)
     after_data = ["250 2.0.0"] * (100 if listener == "mda" else 1)  # LMTP: one per recipient
@@ -189,7 +190,7 @@ def test_more_than_100_recipients_get_452_and_the_first_100_are_kept(stack: Stac
 
 def test_the_msa_also_stops_at_100_recipients(stack: Stack) -> None:
     users = [f"user{i:03}@example.org" for i in range(101)]
-    stack.add_users([(u, "maildir") for u in users])
+    add_users(stack.inst, *users)
     run(stack.ports["submission"], [
         *msa_login(), (line("MAIL FROM:<alice@example.org>"), "250 2.1.0"),
         *[(line(f"RCPT TO:<{u}>"), "250 2.1.5") for u in users[:100]],
@@ -206,7 +207,7 @@ def test_the_msa_also_stops_at_100_recipients(stack: Stack) -> None:
 
 
 def test_auth_rules(tmp_path: Path) -> None:
-    for stack in running(tmp_path / "m", msa={"max_auth_failures": 2}):
+    with listeners(tmp_path / "m", msa={"max_auth_failures": 2}) as stack:
         port = stack.ports["submission"]
         run(port, [
             (None, "220 "), (line("EHLO client.example"), "250 "),
@@ -237,7 +238,7 @@ def test_addresses_that_look_like_paths_name_no_mailbox(stack: Stack, listener: 
         (line("DATA"), "503 5.5.1"),
     ]).close()
     nothing_got_through(stack)
-    assert stack.files_outside_mail_root() == []
+    assert files_outside_mail_root(stack) == []
 
 
 # --- mboxrd -----------------------------------------------------------------------------
@@ -294,3 +295,15 @@ def test_data_without_an_accepted_recipient(stack: Stack, listener: str) -> None
         (line("NOOP"), "250 2.0.0"),
     ]).close()
     nothing_got_through(stack)
+
+
+def files_outside_mail_root(stack: Stack) -> list[Path]:
+    """Files that appeared in the installation folder, but not where they belong."""
+    assert stack.inst is not None
+    root, config = stack.inst.root, stack.config
+    allowed = (config.mail_root, config.run_dir, root / "tls", config.resolve(config.dkim.key_dir))
+    return [
+        p for p in root.rglob("*")
+        if p.is_file() and not any(p.is_relative_to(a) for a in allowed)
+        and not p.name.startswith(("mailroom.", "suite.log"))
+    ]

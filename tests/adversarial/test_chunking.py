@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.adversarial.dialogue import line, play, run
 from tests.adversarial.scripts import LISTENERS, lmtp_hello, msa_login, smtp_hello
-from tests.adversarial.stack import Stack
+from tests.harness.client import line, play, run
+from tests.harness.services import Stack
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -25,9 +25,10 @@ from collections.abc import Iterator
 import pytest
 
 from common.log import trace_id
-from tests.adversarial.dialogue import CLOSED, STARTTLS_HANDSHAKE, Session, Step, line, play, run
 from tests.adversarial.scripts import auth_plain, lmtp_hello, msa_login, smtp_hello
-from tests.adversarial.stack import Stack
+from tests.harness.client import CLOSED, STARTTLS_HANDSHAKE, Client, Step, line, play, run
+from tests.harness.services import Stack
+from tests.harness.users import add_users
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -67,12 +68,12 @@ def _nothing_stored(stack: Stack) -> None:
     assert stack.mailbox("alice@example.org") == [] and stack.mailbox("bob@example.org") == []
 
 
-def _open(stack: Stack, name: str) -> tuple[Session, str, str]:
+def _open(stack: Stack, name: str) -> tuple[Client, str, str]:
     key, implicit, opening, sender, rcpt = LISTENERS[name]
-    return run(stack.ports[key], opening(), implicit_tls=implicit), sender, rcpt
+    return run(stack.ports[key], opening(), tls=implicit), sender, rcpt
 
 
-def _hang_up_and_wait(s: Session, stack: Stack) -> None:
+def _hang_up_and_wait(s: Client, stack: Stack) -> None:
     """The client closes at once; give the listener time to do whatever it would do."""
     s.close()
     time.sleep(0.5)
@@ -132,7 +133,7 @@ def test_nothing_after_too_many_errors_is_executed(stack: Stack, name: str, clie
 @pytest.mark.parametrize("name", ["587-starttls", "public-plain", "lmtp-plain"])
 def test_150_pipelined_recipients_deliver_to_the_first_100(stack: Stack, name: str) -> None:
     users = [f"user{i:03}@example.org" for i in range(150)]
-    stack.add_users([(u, "maildir") for u in users])
+    add_users(stack.inst, *users)
     s, sender, _ = _open(stack, name)
     lmtp = name.startswith("lmtp")
     try:
@@ -156,7 +157,7 @@ def test_150_pipelined_recipients_deliver_to_the_first_100(stack: Stack, name: s
 @pytest.mark.parametrize("key", ["submission", "submissions", "smtp", "internal", "lmtp"])
 def test_hello_names_with_control_characters_get_501(stack: Stack, key: str, bad: bytes) -> None:
     verbs = ["LHLO"] if key == "lmtp" else ["HELO", "EHLO"]
-    s = run(stack.ports[key], [(None, "220 ")], implicit_tls=key == "submissions")
+    s = run(stack.ports[key], [(None, "220 ")], tls=key == "submissions")
     try:
         for verb in verbs:
             play(s, [(verb.encode() + b" evil" + bad + b".example\r\n", "501 5.5.2")])
@@ -197,7 +198,7 @@ def records() -> Iterator[_Records]:
 def _garbage_handshake(port: int, starttls: bool) -> None:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
-        s = Session(sock)
+        s = Client(sock)
         if starttls:
             play(s, [(None, "220 "), (line("EHLO client.example"), "250 "), (line("STARTTLS"), "220 ")])
         else:
@@ -235,4 +236,4 @@ def test_a_failed_tls_handshake_is_one_log_line(stack: Stack, key: str, records:
     assert not [r for r, _ in records.records if r.levelno >= logging.ERROR]
     # The listener is fine afterwards.
     opening = _implicit_login() if key == "submissions" else _starttls_hello()
-    run(stack.ports[key], [*opening, (line("QUIT"), "221 ")], implicit_tls=key == "submissions").close()
+    run(stack.ports[key], [*opening, (line("QUIT"), "221 ")], tls=key == "submissions").close()

@@ -7,7 +7,6 @@ an administrator would set them.
 
 from __future__ import annotations
 
-import socket
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -15,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.adversarial.dialogue import CLOSED, Session, line, play, run
 from tests.adversarial.scripts import LISTENERS, smtp_hello, transaction
-from tests.adversarial.stack import Stack, running
+from tests.harness.client import CLOSED, Client, line, play, run
+from tests.harness.services import Stack, listeners
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -29,7 +28,8 @@ LIMITS = {
 
 @pytest.fixture
 def small(tmp_path: Path) -> Iterator[Stack]:
-    yield from running(tmp_path / "mailroom", smtp=LIMITS)
+    with listeners(tmp_path / "mailroom", smtp=LIMITS) as stack:
+        yield stack
 
 
 @pytest.mark.parametrize("listener", ["msa", "mta", "mda"])
@@ -98,12 +98,8 @@ def test_byte_at_a_time_client_is_cut_off_at_the_session_deadline(small: Stack) 
     assert 2.0 < time.monotonic() - started < 4.0
 
 
-def _from(source: str, port: int) -> Session:
-    sock = socket.socket()
-    sock.settimeout(10)
-    sock.bind((source, 0))
-    sock.connect(("127.0.0.1", port))
-    return Session(sock)
+def _from(source: str, port: int) -> Client:
+    return Client.connect(port, source=source)
 
 
 def _wait_until_released(port: int, timeout: float = 10.0) -> None:

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from tests.adversarial.dialogue import Session, line, play
-from tests.adversarial.stack import Stack
+from tests.harness.client import Client, line, play
+from tests.harness.services import Stack
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -34,7 +34,7 @@ def noise(rng: random.Random) -> bytes:
 
 
 def still_answers(port: int, hello: bytes) -> None:
-    s = Session(socket.create_connection(("127.0.0.1", port), timeout=10))
+    s = Client.connect(port)
     try:
         play(s, [(None, "220 "), (line(hello.decode()), "250 "), (line("NOOP"), "250 "), (line("QUIT"), "221 ")])
     finally:
@@ -57,7 +57,7 @@ def test_random_bytes_do_not_hurt_a_listener(stack: Stack, key: str, caplog: pyt
                 pass
     time.sleep(0.1)
     if key == "submissions":
-        s = Session.open(port, implicit_tls=True)
+        s = Client.connect(port, tls=True)
         try:
             play(s, [(None, "220 "), (line("EHLO x"), "250 "), (line("QUIT"), "221 ")])
         finally:

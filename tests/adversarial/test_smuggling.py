@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.adversarial.dialogue import CLOSED, line, run
 from tests.adversarial.scripts import LISTENERS, transaction
-from tests.adversarial.stack import Stack
+from tests.harness.client import CLOSED, line, run
+from tests.harness.services import Stack
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.adversarial.dialogue import STARTTLS_HANDSHAKE, line, run
-from tests.adversarial.stack import Stack
+from tests.harness.client import STARTTLS_HANDSHAKE, line, run
+from tests.harness.services import Stack
 
 pytestmark = pytest.mark.timeout(30)
 

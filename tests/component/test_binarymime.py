@@ -13,15 +13,16 @@ CHUNKING at all).
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any
 
 import pytest
 
 from common.reply import Reply
-from common.smtp import Handler, Limits, MailEnvelope, MailSession, serve
+from common.smtp import Handler, MailEnvelope, MailSession
 from tests.component.test_dsn_delivery import Peer, enqueue, peer_server, state
 from tests.component.test_qmgr import IPS, MX, Rig, dns_server, mx_server, port, rig_args
+from tests.harness.client import Client
+from tests.harness.services import Stack
 
 __all__ = ["dns_server", "port", "rig_args"]  # the fixtures, shared with test_qmgr
 
@@ -46,62 +47,44 @@ class Keep(Handler):
         return Reply(250, "2.0.0", "Kept")
 
 
-class Dialogue:
-    """A raw client: send bytes, read one reply (all its lines)."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.file = self.sock.makefile("rb")
-        self.reply()  # the greeting
-
-    def reply(self) -> bytes:
-        lines = [self.file.readline()]
-        while lines[-1][3:4] == b"-":
-            lines.append(self.file.readline())
-        return b"".join(lines)
-
-    def say(self, data: bytes) -> bytes:
-        self.sock.sendall(data)
-        return self.reply()
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
+def say(c: Client, data: bytes) -> bytes:
+    """Send `data`; the whole reply as the wire had it (its lines, each with CRLF)."""
+    c.send(data)
+    return b"".join(line.encode() + b"\r\n" for line in c.reply().text.split("\n"))
 
 
-async def _with_listener(handler: Keep, script: Any) -> Any:
-    server = await serve("127.0.0.1:0", lambda: handler, hostname="engine.test", limits=Limits())
+def _with_listener(handler: Keep, script: Any) -> Any:
+    stack = Stack()
     try:
-        return await asyncio.to_thread(script, int(server.sockets[0].getsockname()[1]))
+        return script(stack.listen(lambda: handler, hostname="engine.test"))
     finally:
-        server.close()
-        await server.wait_closed()
+        stack.close()
 
 
 def test_binarymime_is_offered_with_chunking_refuses_data_and_keeps_the_octets() -> None:
     handler = Keep(binarymime=True)
 
     def script(port: int) -> list[bytes]:
-        c = Dialogue(port)
+        c = Client.session(port)
         try:
-            ehlo = c.say(b"EHLO client.test\r\n")
+            ehlo = say(c, b"EHLO client.test\r\n")
             assert b"250-CHUNKING\r\n" in ehlo and b"BINARYMIME\r\n" in ehlo, ehlo
-            assert c.say(b"MAIL FROM:<a@sender.test> BODY=BINARYMIME\r\n").startswith(b"250 ")
-            assert c.say(b"RCPT TO:<b@engine.test>\r\n").startswith(b"250 ")
-            data = c.say(b"DATA\r\n")  # RFC 3030 3: BINARYMIME needs BDAT
+            assert say(c, b"MAIL FROM:<a@sender.test> BODY=BINARYMIME\r\n").startswith(b"250 ")
+            assert say(c, b"RCPT TO:<b@engine.test>\r\n").startswith(b"250 ")
+            data = say(c, b"DATA\r\n")  # RFC 3030 3: BINARYMIME needs BDAT
             first, rest = BINARY[:100], BINARY[100:]
-            chunk = c.say(b"BDAT %d\r\n" % len(first) + first)
-            last = c.say(b"BDAT %d LAST\r\n" % len(rest) + rest)
+            chunk = say(c, b"BDAT %d\r\n" % len(first) + first)
+            last = say(c, b"BDAT %d LAST\r\n" % len(rest) + rest)
             # A 7-bit message still goes with DATA on the same session.
-            assert c.say(b"MAIL FROM:<a@sender.test> BODY=7BIT\r\n").startswith(b"250 ")
-            assert c.say(b"RCPT TO:<b@engine.test>\r\n").startswith(b"250 ")
-            assert c.say(b"DATA\r\n").startswith(b"354 ")
-            plain = c.say(b"Subject: text\r\n\r\nhi\r\n.\r\n")
+            assert say(c, b"MAIL FROM:<a@sender.test> BODY=7BIT\r\n").startswith(b"250 ")
+            assert say(c, b"RCPT TO:<b@engine.test>\r\n").startswith(b"250 ")
+            assert say(c, b"DATA\r\n").startswith(b"354 ")
+            plain = say(c, b"Subject: text\r\n\r\nhi\r\n.\r\n")
             return [data, chunk, last, plain]
         finally:
             c.close()
 
-    data, chunk, last, plain = asyncio.run(_with_listener(handler, script))
+    data, chunk, last, plain = _with_listener(handler, script)
     assert data.startswith(b"503 5.5.1 "), data
     assert chunk.startswith(b"250 ") and last.startswith(b"250 2.0.0 Kept"), (chunk, last)
     assert plain.startswith(b"250 2.0.0 Kept"), plain
@@ -113,19 +96,19 @@ def test_without_binarymime_it_is_not_offered_and_bare_line_endings_in_bdat_are_
     handler = Keep(binarymime=False)
 
     def script(port: int) -> list[bytes]:
-        c = Dialogue(port)
+        c = Client.session(port)
         try:
-            ehlo = c.say(b"EHLO client.test\r\n")
+            ehlo = say(c, b"EHLO client.test\r\n")
             assert b"CHUNKING" in ehlo and b"BINARYMIME" not in ehlo, ehlo
-            body = c.say(b"MAIL FROM:<a@sender.test> BODY=BINARYMIME\r\n")
-            assert c.say(b"MAIL FROM:<a@sender.test>\r\n").startswith(b"250 ")
-            assert c.say(b"RCPT TO:<b@engine.test>\r\n").startswith(b"250 ")
-            bare = c.say(b"BDAT %d LAST\r\n" % len(BINARY) + BINARY)
+            body = say(c, b"MAIL FROM:<a@sender.test> BODY=BINARYMIME\r\n")
+            assert say(c, b"MAIL FROM:<a@sender.test>\r\n").startswith(b"250 ")
+            assert say(c, b"RCPT TO:<b@engine.test>\r\n").startswith(b"250 ")
+            bare = say(c, b"BDAT %d LAST\r\n" % len(BINARY) + BINARY)
             return [body, bare]
         finally:
             c.close()
 
-    body, bare = asyncio.run(_with_listener(handler, script))
+    body, bare = _with_listener(handler, script)
     assert body.startswith(b"501 5.5.4 "), body
     assert bare.startswith(b"5"), bare  # may later go out with DATA: no bare CR or LF
     assert handler.got == []

@@ -8,20 +8,19 @@ over loopback (127.0.0.1 and ::1).
 
 from __future__ import annotations
 
-import asyncio
 import smtplib
 import socket
-import threading
 from collections.abc import Iterator
 from functools import partial
 
 import pytest
 
 from common.models import Message
-from common.smtp import limits_from, serve
+from common.smtp import limits_from
 from mta.smtpd import ReceivePolicy, SMTPHandler
 from tests.component.test_delivery_options import shared
 from tests.component.test_mta_smtpd import MSG, _queued_id
+from tests.harness.services import Stack
 from tests.support.suite import Installation
 
 __all__ = ["shared"]
@@ -33,33 +32,14 @@ class DualStack:
     """The public listener on [::]:0, trusting 127.0.0.0/8 only, one connection per client."""
 
     def __init__(self, inst: Installation) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.ctx = inst.context()
-        cfg = self.ctx.config
-        policy = ReceivePolicy.from_config(cfg, internal=False)
+        self.stack = Stack(inst)
+        self.ctx = ctx = self.stack.context()
+        policy = ReceivePolicy.from_config(ctx.config, internal=False)
         policy = ReceivePolicy(**{**policy.__dict__, "trusted_networks": ("127.0.0.0/8",)})
-
-        async def start() -> asyncio.Server:
-            return await serve(
-                "[::]:0", partial(SMTPHandler, policy, self.ctx.db, self.ctx.clock, self.ctx),
-                hostname="mail.test", limits=limits_from(cfg.smtp, max_connections_per_client=1),
-            )
-
-        self.server = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
-        self.port = int(self.server.sockets[0].getsockname()[1])
-
-    def close(self) -> None:
-        async def stop() -> None:
-            self.server.close()
-            await self.server.wait_closed()
-
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
-        self.ctx.db.close()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        self.port = self.stack.listen(
+            partial(SMTPHandler, policy, ctx.db, ctx.clock, ctx), endpoint="[::]:0",
+            limits=limits_from(ctx.config.smtp, max_connections_per_client=1),
+        )
 
 
 @pytest.fixture
@@ -68,7 +48,7 @@ def listener(shared: Installation) -> Iterator[DualStack]:
     try:
         yield server
     finally:
-        server.close()
+        server.stack.close()
 
 
 def test_an_ipv4_client_of_a_dual_stack_listener_is_trusted_as_ipv4(listener: DualStack) -> None:

@@ -9,13 +9,9 @@ which headers were added; the SMTP reply shows what was refused.
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import re
 import smtplib
-import threading
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +19,10 @@ import pytest
 from sqlalchemy import select
 
 from cli.main import main as mailroom_main
-from common.daemon import Context
 from common.models import Message, Recipient
-from common.smtp import limits_from, serve
 from mta import checks, dkim
 from mta.authdns import SyncResolver
-from mta.smtpd import ReceivePolicy, SMTPHandler
+from tests.harness.services import Stack
 from tests.support.dns_server import DNSServer
 from tests.support.suite import Installation
 
@@ -39,48 +33,15 @@ OUTSIDE = "example.net"
 
 
 class MTA:
-    """Both listeners of one installation, served by an event loop in a thread."""
+    """Both listeners of one installation on the harness's event loop (Stack.listen_mta)."""
 
     def __init__(self, inst: Installation, **sections: dict[str, Any]) -> None:
         self.inst = inst
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.ctx, self.public, self.internal = asyncio.run_coroutine_threadsafe(
-            self._start(sections), self.loop
-        ).result(10)
-        self.public_port = int(self.public.sockets[0].getsockname()[1])
-        self.internal_port = int(self.internal.sockets[0].getsockname()[1])
-
-    async def _start(self, sections: dict[str, dict[str, Any]]) -> tuple[Context, asyncio.Server, asyncio.Server]:
-        ctx = self.inst.context()
-        cfg = ctx.config
-        for name, values in sections.items():
-            cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **values)})
-        ctx.config = cfg
-        public = await serve(
-            "127.0.0.1:0", partial(SMTPHandler, ReceivePolicy.from_config(cfg, internal=False), ctx.db, ctx.clock, ctx),
-            hostname="mail.test",
-            limits=limits_from(cfg.smtp),
-        )
-        internal = await serve(
-            "127.0.0.1:0", partial(SMTPHandler, ReceivePolicy.from_config(cfg, internal=True), ctx.db, ctx.clock, ctx),
-            hostname="mail.test",
-            limits=limits_from(cfg.smtp),
-        )
-        return ctx, public, internal
+        self.stack = Stack(inst)
+        self.ctx, self.public_port, self.internal_port = self.stack.listen_mta(tls=False, **sections)
 
     def close(self) -> None:
-        async def stop() -> None:
-            for s in (self.public, self.internal):
-                s.close()
-                await s.wait_closed()
-
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
-        self.ctx.db.close()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        self.stack.close()
 
     def send(self, sender: str, rcpts: list[str], msg: bytes, *, internal: bool = False,
              helo: str = "mx.example.net") -> tuple[int, bytes]:

@@ -2,17 +2,15 @@
 
 Each test starts the real listener with the real handler on 127.0.0.1:0 with a
 throwaway installation (real SQLite file, real mail root) and talks to it over
-a plain socket, line by line, so every reply can be checked exactly.
+a plain socket, line by line, so every reply can be checked exactly (the
+harness's Stack and Client, tests/harness/).
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,11 +18,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event, select
 
-from common.daemon import Context
 from common.models import Event, User
-from common.smtp import Limits, serve
-from common.users import mailbox_name
+from common.smtp import Limits
 from mda.server import DeliveryPolicy, LMTPHandler
+from tests.harness.client import Client, stuff
+from tests.harness.services import Stack
+from tests.harness.users import add_user
 from tests.support.suite import Installation, maildir_messages, mbox_messages
 
 pytestmark = pytest.mark.timeout(30)
@@ -32,118 +31,22 @@ pytestmark = pytest.mark.timeout(30)
 TRACE = "0192F3A1B2C3D4E5F6"
 
 
-# --- a listener in a thread, and a line-by-line client ---------------------------------
+# --- the listener on the harness's event loop ------------------------------------------------
 
 
 class MDA:
-    """The MDA's LMTP listener and handler, served by an event loop in a thread."""
+    """The MDA's LMTP listener and handler (tests.harness.services.Stack.listen)."""
 
     def __init__(self, inst: Installation, limits: Limits | None = None) -> None:
-        self.inst = inst
-        self.loop = asyncio.new_event_loop()
         self.limits = limits or Limits(max_message_size=1024 * 1024)
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server, self.ctx = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
-        self.port = int(self.server.sockets[0].getsockname()[1])
-
-    async def _start(self) -> tuple[asyncio.Server, Context]:
-        ctx = self.inst.context()
-        server = await serve(
-            "127.0.0.1:0", lambda: LMTPHandler(DeliveryPolicy.from_config(ctx.config), ctx.db), hostname="mail.test",
-            limits=self.limits, lmtp=True,
+        self.stack = Stack(inst)
+        ctx = self.stack.context()
+        self.port = self.stack.listen(
+            lambda: LMTPHandler(DeliveryPolicy.from_config(ctx.config), ctx.db), limits=self.limits, lmtp=True
         )
-        return server, ctx
 
     def close(self) -> None:
-        async def stop() -> None:
-            self.server.close()
-            await self.server.wait_closed()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
-        self.ctx.db.close()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
-class Client:
-    """A plain LMTP client: send lines, read replies (code, text of the last line)."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
-        self.file = self.sock.makefile("rb")
-        self.greeting = self.reply()
-
-    def reply(self) -> tuple[int, str]:
-        lines = []
-        while True:
-            line = self.file.readline()
-            assert line.endswith(b"\r\n"), f"connection closed or bad line: {line!r} after {lines}"
-            lines.append(line[:-2].decode("utf-8", "replace"))
-            if line[3:4] != b"-":
-                break
-        return int(lines[-1][:3]), "\n".join(lines)
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def cmd(self, line: str) -> tuple[int, str]:
-        self.send(line.encode() + b"\r\n")
-        return self.reply()
-
-    def data(self, message: bytes, replies: int) -> list[tuple[int, str]]:
-        code, text = self.cmd("DATA")
-        assert code == 354, text
-        self.send(stuff(message))
-        return [self.reply() for _ in range(replies)]
-
-    def deliver(
-        self, sender: str, rcpts: list[str], message: bytes, *, trace: str = ""
-    ) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
-        """One transaction; returns (RCPT replies, DATA replies)."""
-        xtrace = f" XTRACE={trace}" if trace else ""
-        assert self.cmd(f"MAIL FROM:<{sender}>{xtrace}")[0] == 250
-        rcpt_replies = [self.cmd(f"RCPT TO:<{r}>") for r in rcpts]
-        accepted = sum(1 for code, _ in rcpt_replies if code == 250)
-        if not accepted:
-            return rcpt_replies, [self.cmd("DATA")]
-        return rcpt_replies, self.data(message, accepted)
-
-    def close(self) -> None:
-        try:
-            self.sock.sendall(b"QUIT\r\n")
-            self.reply()
-        except (OSError, AssertionError):
-            pass
-        self.file.close()
-        self.sock.close()
-
-
-def stuff(message: bytes) -> bytes:
-    """CRLF lines, dot-stuffed, with the final CRLF.CRLF."""
-    lines = message.split(b"\r\n")
-    if lines[-1] == b"":
-        lines.pop()
-    return b"".join((b"." + ln if ln.startswith(b".") else ln) + b"\r\n" for ln in lines) + b".\r\n"
-
-
-def add_user(inst: Installation, address: str, store: str = "maildir", *, quota: int = 0,
-             mailbox: str | None = None) -> Path:
-    """A user row straight in the database (no password: LMTP needs none)."""
-    name = mailbox if mailbox is not None else mailbox_name(address) + (".mbox" if store == "mbox" else "")
-    db = inst.db()
-    try:
-        with db.write() as s:
-            s.add(User(address=address, store=store, mailbox=name, quota=quota))
-            s.commit()
-    finally:
-        db.close()
-    return inst.config.mail_root / name
+        self.stack.close()
 
 
 def events(inst: Installation, trace: str | None = None) -> list[Event]:
@@ -184,11 +87,11 @@ def mda(inst: Installation, alice: Path, bob: Path) -> Iterator[MDA]:
 
 @pytest.fixture
 def client(mda: MDA) -> Iterator[Client]:
-    c = Client(mda.port)
+    c = Client.session(mda.port, timeout=15)
     assert c.greeting[0] == 220 and "LMTP" in c.greeting[1]
     assert c.cmd("LHLO client.test")[0] == 250
     yield c
-    c.close()
+    c.quit()
 
 
 MESSAGE = b"Subject: hello\r\nFrom: carol@example.net\r\n\r\nHello.\r\n"
@@ -198,7 +101,7 @@ MESSAGE = b"Subject: hello\r\nFrom: carol@example.net\r\n\r\nHello.\r\n"
 
 
 def test_lhlo_advertises_the_extensions_and_helo_ehlo_are_refused(mda: MDA) -> None:
-    c = Client(mda.port)
+    c = Client.session(mda.port, timeout=15)
     try:
         for greeting in ("HELO client.test", "EHLO client.test"):
             code, text = c.cmd(greeting)
@@ -212,7 +115,7 @@ def test_lhlo_advertises_the_extensions_and_helo_ehlo_are_refused(mda: MDA) -> N
         code, text = c.cmd("NOOP")
         assert (code, text[4:9]) == (250, "2.0.0")
     finally:
-        c.close()
+        c.quit()
 
 
 def test_size_parameter_over_the_limit_is_refused_at_mail(client: Client, mda: MDA) -> None:
@@ -256,7 +159,7 @@ def test_two_recipients_where_one_fails_get_two_replies(inst: Installation, mda:
 
 def test_too_large_message_gets_one_reply_per_recipient(inst: Installation, alice: Path, bob: Path) -> None:
     server = MDA(inst, Limits(max_message_size=2000))
-    c = Client(server.port)
+    c = Client.session(server.port, timeout=15)
     try:
         c.cmd("LHLO client.test")
         _, data = c.deliver("carol@example.net", ["alice@example.org", "bob@example.org", "alice+x@example.org"],
@@ -268,7 +171,7 @@ def test_too_large_message_gets_one_reply_per_recipient(inst: Installation, alic
         _, data = c.deliver("carol@example.net", ["alice@example.org"], MESSAGE)
         assert [code for code, _ in data] == [250]
     finally:
-        c.close()
+        c.quit()
         server.close()
     assert len(maildir_messages(alice)) == 1 and mbox_messages(bob) == []
     # The trace says why, once per recipient.
@@ -341,7 +244,7 @@ def test_a_stored_mailbox_outside_the_root_is_refused(inst: Installation, mda: M
     add_user(inst, "evil@example.org", "maildir", mailbox="../../escaped")
     add_user(inst, "nul@example.org", "mbox", mailbox="x\x00y")
     add_user(inst, "root@example.org", "maildir", mailbox=".")
-    c = Client(mda.port)
+    c = Client.session(mda.port, timeout=15)
     try:
         c.cmd("LHLO client.test")
         for rcpt in ("evil@example.org", "nul@example.org", "root@example.org"):
@@ -350,7 +253,7 @@ def test_a_stored_mailbox_outside_the_root_is_refused(inst: Installation, mda: M
             assert code == 550 and "5.1.1" in text, (rcpt, text)
             c.cmd("RSET")
     finally:
-        c.close()
+        c.quit()
     assert not (tmp_path / "escaped").exists() and not (tmp_path.parent / "escaped").exists()
     assert not (inst.config.mail_root / "tmp").exists()
 
@@ -376,14 +279,14 @@ def test_plus_tag_goes_to_the_user_with_the_full_address_in_delivered_to(client:
 def test_the_delimiter_is_a_setting(inst: Installation, alice: Path) -> None:
     inst.set("mda", "recipient_delimiter", '"-"')
     server = MDA(inst)
-    c = Client(server.port)
+    c = Client.session(server.port, timeout=15)
     try:
         c.cmd("LHLO client.test")
         assert c.cmd("MAIL FROM:<carol@example.net>")[0] == 250
         assert c.cmd("RCPT TO:<alice+news@example.org>")[0] == 550
         assert c.cmd("RCPT TO:<alice-news@example.org>")[0] == 250
     finally:
-        c.close()
+        c.quit()
         server.close()
 
 
@@ -472,7 +375,7 @@ def test_the_same_recipient_twice_in_one_transaction(client: Client, bob: Path) 
 def test_quota_refuses_with_552_5_2_2(inst: Installation, mda: MDA, store: str) -> None:
     box = add_user(inst, "q@example.org", store, quota=2500)
     message = b"Subject: q\r\n\r\n" + b"z" * 900 + b"\r\n"  # about 1 KB stored
-    c = Client(mda.port)
+    c = Client.session(mda.port, timeout=15)
     replies = []
     try:
         c.cmd("LHLO client.test")
@@ -480,7 +383,7 @@ def test_quota_refuses_with_552_5_2_2(inst: Installation, mda: MDA, store: str) 
             _, data = c.deliver("carol@example.net", ["q@example.org"], message)
             replies.append(data[0])
     finally:
-        c.close()
+        c.quit()
     assert [code for code, _ in replies] == [250, 250, 552, 552], replies
     assert "5.2.2" in replies[2][1]
     stored = maildir_messages(box) if store == "maildir" else mbox_messages(box)
@@ -495,7 +398,7 @@ def test_quota_refuses_with_552_5_2_2(inst: Installation, mda: MDA, store: str) 
 def test_maildir_quota_notices_mail_removed_by_a_reader(inst: Installation, mda: MDA) -> None:
     box = add_user(inst, "q@example.org", "maildir", quota=2500)
     message = b"Subject: q\r\n\r\n" + b"z" * 900 + b"\r\n"
-    c = Client(mda.port)
+    c = Client.session(mda.port, timeout=15)
     try:
         c.cmd("LHLO client.test")
         codes = [c.deliver("carol@example.net", ["q@example.org"], message)[1][0][0] for _ in range(3)]
@@ -510,7 +413,7 @@ def test_maildir_quota_notices_mail_removed_by_a_reader(inst: Installation, mda:
         codes = [c.deliver("carol@example.net", ["q@example.org"], message)[1][0][0] for _ in range(2)]
         assert codes == [250, 250]
     finally:
-        c.close()
+        c.quit()
 
 
 # --- mbox locking --------------------------------------------------------------------------
@@ -564,15 +467,8 @@ def test_a_handler_refusing_the_whole_message_still_gives_one_reply_per_recipien
         async def data(self, session: MailSession, envelope: MailEnvelope) -> Reply | list[Reply]:
             raise SMTPError(R.LOCAL_ERROR)
 
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def start() -> asyncio.Server:
-        return await serve("127.0.0.1:0", Refusing, hostname="mail.test", limits=Limits(), lmtp=True)
-
-    server = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
-    c = Client(int(server.sockets[0].getsockname()[1]))
+    stack = Stack()
+    c = Client.session(stack.listen(Refusing, lmtp=True), timeout=15)
     try:
         c.sock.settimeout(3)
         c.cmd("LHLO client.test")
@@ -580,20 +476,8 @@ def test_a_handler_refusing_the_whole_message_still_gives_one_reply_per_recipien
         assert [code for code, _ in data] == [451, 451, 451]
         assert c.cmd("NOOP")[0] == 250
     finally:
-        c.close()
-
-        async def stop() -> None:
-            server.close()
-            await server.wait_closed()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+        c.quit()
+        stack.close()
 
 
 # --- look-ups from memory, and outcomes the client records ---------------------------------

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from mda import mbox
-from tests.component.test_mda_lmtp import Client, add_user
+from tests.harness.client import Client
+from tests.harness.users import add_user
 from tests.support.suite import Installation, maildir_messages, mbox_messages, wait_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,7 +123,7 @@ def test_a_failed_mbox_write_is_truncated_back_and_answered_451(inst: Installati
     before = bob.read_bytes()
     assert limit - len(before) < 3000
     proc = MDAProcess(inst, file_size_limit=limit)
-    c = Client(proc.port)
+    c = Client.session(proc.port, timeout=15)
     try:
         assert c.cmd("LHLO client.test")[0] == 250
         big = b"Subject: too big for the disk\r\n\r\n" + (b"0123456789" * 60 + b"\r\n") * 10
@@ -134,7 +135,7 @@ def test_a_failed_mbox_write_is_truncated_back_and_answered_451(inst: Installati
         _, data = c.deliver("carol@example.net", ["bob@example.org"], b"Subject: small\r\n\r\nfits\r\n")
         assert [code for code, _ in data] == [250]
     finally:
-        c.close()
+        c.quit()
         proc.stop()
     subjects = [mailbox.mboxMessage(m)["subject"] for m in mbox_messages(bob)]
     assert subjects == ["first", "small"]
@@ -161,7 +162,7 @@ def test_twenty_sessions_deliver_a_thousand_messages_once_each(mda: MDAProcess, 
 
     def session(k: int) -> None:
         try:
-            c = Client(mda.port)
+            c = Client.session(mda.port, timeout=15)
             try:
                 assert c.cmd("LHLO client.test")[0] == 250
                 for i in range(PER_SESSION):
@@ -170,7 +171,7 @@ def test_twenty_sessions_deliver_a_thousand_messages_once_each(mda: MDAProcess, 
                     if [code for code, _ in data] != [250, 250]:
                         errors.append(f"{n}: {data}")
             finally:
-                c.close()
+                c.quit()
         except Exception as exc:  # reported below, with the others
             errors.append(f"session {k}: {exc!r}")
 

@@ -25,33 +25,27 @@ from sqlalchemy import select
 from common import reply as R
 from common.models import Event, Message
 from common.reply import Reply, SMTPError
-from common.smtp import Handler, Limits, MailEnvelope, MailSession, serve
-from tests.component.test_msa_harness import (
-    PASSWORD,
-    Raw,
-    Stack,
-    auth_plain,
-    logged_in,
-    new_installation,
-    running,
-    submission,
-    submissions,
-)
+from common.smtp import Handler, MailEnvelope, MailSession
+from tests.harness.client import PASSWORD, Client, auth_plain, logged_in, submission, submissions
+from tests.harness.services import Stack, installation, running
 from tests.support.suite import Installation
 
 pytestmark = pytest.mark.timeout(30)
 
+USERS = (("alice@example.org", "maildir"), ("bob@example.org", "maildir"))
+# Addresses alice and bob may also send as.
+ALIASES = {"sales@example.org": "alice@example.org", "info@example.org": "bob@example.org"}
 TRACE = re.compile(r"2\.0\.0 Ok: queued as ([0-9A-F]{18})")
 
 
 @pytest.fixture(scope="module")
 def inst(tmp_path_factory: pytest.TempPathFactory) -> Installation:
-    return new_installation(tmp_path_factory.mktemp("msa") / "mailroom")
+    return installation(tmp_path_factory.mktemp("msa") / "mailroom", users=USERS, aliases=ALIASES)
 
 
 @pytest.fixture
 def stack(inst: Installation) -> Iterator[Stack]:
-    with running(inst) as s:
+    with running(inst, "mta", "msa") as s:
         yield s
 
 
@@ -103,29 +97,29 @@ def test_587_offers_starttls_and_auth_only_after_tls(stack: Stack, inst: Install
 
 
 def test_auth_before_starttls_is_refused_with_538(stack: Stack, inst: Installation) -> None:
-    c = Raw(inst.ports["submission"])
+    c = Client.connect(inst.ports["submission"])
     try:
-        assert c.reply().startswith("220 ")
-        assert "STARTTLS" in c.cmd("EHLO client.test")
+        assert c.reply().text.startswith("220 ")
+        assert "STARTTLS" in c.cmd("EHLO client.test").text
         token = "AGFsaWNlQGV4YW1wbGUub3JnAHg="  # \0alice@example.org\0x
-        assert c.cmd(f"AUTH PLAIN {token}").startswith("538 5.7.11 ")
-        assert c.cmd("AUTH LOGIN").startswith("538 5.7.11 ")
+        assert c.cmd(f"AUTH PLAIN {token}").text.startswith("538 5.7.11 ")
+        assert c.cmd("AUTH LOGIN").text.startswith("538 5.7.11 ")
         # Still usable: the client may now do what it should have done.
-        assert c.cmd("STARTTLS").startswith("220 ")
+        assert c.cmd("STARTTLS").text.startswith("220 ")
         c.starttls()
-        assert "AUTH PLAIN LOGIN" in c.cmd("EHLO client.test")
+        assert "AUTH PLAIN LOGIN" in c.cmd("EHLO client.test").text
     finally:
         c.close()
 
 
 def test_mail_before_starttls_gets_530(stack: Stack, inst: Installation) -> None:
-    c = Raw(inst.ports["submission"])
+    c = Client.connect(inst.ports["submission"])
     try:
         c.reply()
         c.cmd("EHLO client.test")
-        assert c.cmd("MAIL FROM:<alice@example.org>").startswith("530 5.7.0 ")
-        assert c.cmd("RCPT TO:<alice@example.org>").startswith("530 5.7.0 ")
-        assert c.cmd("DATA").startswith("530 5.7.0 ")
+        assert c.cmd("MAIL FROM:<alice@example.org>").text.startswith("530 5.7.0 ")
+        assert c.cmd("RCPT TO:<alice@example.org>").text.startswith("530 5.7.0 ")
+        assert c.cmd("DATA").text.startswith("530 5.7.0 ")
     finally:
         c.close()
 
@@ -371,7 +365,7 @@ def test_an_mta_refusal_at_rcpt_is_passed_through(stack: Stack, inst: Installati
 
 def test_mta_unreachable_gives_451_441(inst: Installation) -> None:
     # Nothing listens on [mta] internal: the MTA is stopped.
-    with running(inst, mta=False):
+    with running(inst, "msa"):
         c = logged_in(inst)
         try:
             assert c.mail("alice@example.org")[0] == 250
@@ -423,26 +417,13 @@ class ScriptedMTA(Handler):
         return reply
 
 
-def _scripted(stack: Stack, inst: Installation, script: dict[str, object]) -> None:
-    async def start() -> asyncio.Server:
-        return await serve(f"127.0.0.1:{inst.ports['internal']}", lambda: ScriptedMTA(script),
-                           hostname="mta.test", limits=Limits())
-
-    server = asyncio.run_coroutine_threadsafe(start(), stack.loop).result(10)
-    script["server"] = server
-
-
 @pytest.fixture
 def scripted(inst: Installation) -> Iterator[tuple[Stack, dict[str, object]]]:
-    with running(inst, mta=False) as stack:
+    """The MSA, and on the MTA's internal port a ScriptedMTA instead of the MTA."""
+    with running(inst, "msa") as stack:
         script: dict[str, object] = {}
-        _scripted(stack, inst, script)
-        try:
-            yield stack, script
-        finally:
-            server = script["server"]
-            assert isinstance(server, asyncio.Server)
-            stack.loop.call_soon_threadsafe(server.close)
+        stack.listen(lambda: ScriptedMTA(script), endpoint=f"127.0.0.1:{inst.ports['internal']}", hostname="mta.test")
+        yield stack, script
 
 
 def test_the_client_hears_250_only_after_the_mta_said_250(scripted: tuple[Stack, dict[str, object]],
@@ -450,21 +431,21 @@ def test_the_client_hears_250_only_after_the_mta_said_250(scripted: tuple[Stack,
     _, script = scripted
     gate = threading.Event()
     script.update(gate=gate, reply=Reply(250, "2.0.0", "Ok: queued as 0123456789ABCDEF01"))
-    c = Raw(inst.ports["submission"])
+    c = Client.connect(inst.ports["submission"])
     try:
         c.reply()
         c.cmd("EHLO client.test")
         c.cmd("STARTTLS")
         c.starttls()
         c.cmd("EHLO client.test")
-        assert c.cmd("AUTH PLAIN AGFsaWNlQGV4YW1wbGUub3JnAGNvcnJlY3QgaG9yc2UgYmF0dGVyeSBzdGFwbGU=").startswith("235")
-        assert c.cmd("MAIL FROM:<alice@example.org>").startswith("250")
-        assert c.cmd("RCPT TO:<bob@example.org>").startswith("250")
-        assert c.cmd("DATA").startswith("354")
-        c.send("From: alice@example.org\r\n\r\nhi\r\n.")
+        assert c.cmd("AUTH PLAIN AGFsaWNlQGV4YW1wbGUub3JnAGNvcnJlY3QgaG9yc2UgYmF0dGVyeSBzdGFwbGU=").code == 235
+        assert c.cmd("MAIL FROM:<alice@example.org>").text.startswith("250")
+        assert c.cmd("RCPT TO:<bob@example.org>").text.startswith("250")
+        assert c.cmd("DATA").text.startswith("354")
+        c.send(b"From: alice@example.org\r\n\r\nhi\r\n.\r\n")
         assert c.quiet(0.7)  # the MTA has not answered, so neither may the MSA
         gate.set()
-        assert c.reply() == "250 2.0.0 Ok: queued as 0123456789ABCDEF01"
+        assert c.reply().text == "250 2.0.0 Ok: queued as 0123456789ABCDEF01"
     finally:
         c.close()
     assert isinstance(script["xtrace"], str) and len(script["xtrace"]) == 18  # the MSA named the trace id

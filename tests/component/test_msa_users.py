@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from common.models import User
-from tests.component.test_msa_harness import Stack, auth_plain, running, submission
+from tests.harness.client import auth_plain, submission
+from tests.harness.services import Stack, running
 from tests.support.suite import Installation
 
 pytestmark = pytest.mark.timeout(60)
@@ -31,7 +32,7 @@ def inst(tmp_path: Path) -> Installation:
 
 @pytest.fixture
 def stack(inst: Installation) -> Iterator[Stack]:
-    with running(inst, mta=False) as s:
+    with running(inst, "msa") as s:
         yield s
 
 

@@ -6,26 +6,19 @@ throwaway installation (real SQLite file) and talks to them with smtplib.
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import re
 import smtplib
 import sqlite3
 import ssl
-import threading
 from collections.abc import Iterator
-from functools import partial
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 
 from cli.main import main as mailroom_main
-from common.daemon import Context
 from common.models import Event, Message, Recipient
-from common.smtp import limits_from, serve
-from common.tls import server_context
-from mta.smtpd import ReceivePolicy, SMTPHandler
+from tests.harness.services import Stack
 from tests.support.suite import Installation
 
 pytestmark = pytest.mark.timeout(30)
@@ -34,47 +27,15 @@ TRACE = "0192F3A1B2C3D4E5F6"
 
 
 class MTA:
-    """Public and internal listeners served by an event loop in a thread."""
+    """Public and internal listeners on the harness's event loop (Stack.listen_mta)."""
 
     def __init__(self, inst: Installation, **mta: Any) -> None:
         self.inst = inst
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.ctx, self.public, self.internal = asyncio.run_coroutine_threadsafe(
-            self._start(mta), self.loop
-        ).result(10)
-        self.public_port = int(self.public.sockets[0].getsockname()[1])
-        self.internal_port = int(self.internal.sockets[0].getsockname()[1])
-
-    async def _start(self, mta: dict[str, Any]) -> tuple[Context, asyncio.Server, asyncio.Server]:
-        ctx = self.inst.context()
-        cfg = ctx.config
-        ctx.config = dataclasses.replace(cfg, mta=dataclasses.replace(cfg.mta, **mta))
-        tls = server_context(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key))
-        public_policy = ReceivePolicy.from_config(ctx.config, internal=False)
-        internal_policy = ReceivePolicy.from_config(ctx.config, internal=True)
-        public = await serve(
-            "127.0.0.1:0", partial(SMTPHandler, public_policy, ctx.db, ctx.clock, ctx), hostname="mail.test",
-            limits=limits_from(cfg.smtp), tls_context=tls,
-        )
-        internal = await serve(
-            "127.0.0.1:0", partial(SMTPHandler, internal_policy, ctx.db, ctx.clock, ctx), hostname="mail.test",
-            limits=limits_from(cfg.smtp),
-        )
-        return ctx, public, internal
+        self.stack = Stack(inst)
+        self.ctx, self.public_port, self.internal_port = self.stack.listen_mta(mta=mta)
 
     def close(self) -> None:
-        async def stop() -> None:
-            for s in (self.public, self.internal):
-                s.close()
-                await s.wait_closed()
-
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
-        self.ctx.db.close()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        self.stack.close()
 
     def client(self, internal: bool = False) -> smtplib.SMTP:
         s = smtplib.SMTP("127.0.0.1", self.internal_port if internal else self.public_port, timeout=15)

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from mda import mbox
-from tests.component.test_mda_lmtp import MDA, Client, add_user
+from tests.component.test_mda_lmtp import MDA
+from tests.harness.client import Client
+from tests.harness.users import add_user
 from tests.support import dovecot, peers
 from tests.support.suite import Installation
 
@@ -54,7 +56,7 @@ def delivered(tmp_path: Path) -> Iterator[tuple[Path, Path, list[bytes], list[by
     alice = add_user(inst, "alice@example.org", "maildir")
     bob = add_user(inst, "bob@example.org", "mbox")
     server = MDA(inst)
-    c = Client(server.port)
+    c = Client.session(server.port, timeout=15)
     try:
         assert c.cmd("LHLO client.test")[0] == 250
         for n, (subject, body) in enumerate(MESSAGES):
@@ -62,7 +64,7 @@ def delivered(tmp_path: Path) -> Iterator[tuple[Path, Path, list[bytes], list[by
                                 _wire(subject, body, n))
             assert [code for code, _ in data] == [250, 250], (subject, data)
     finally:
-        c.close()
+        c.quit()
         server.close()
     wires = [_wire(s, b, n) for n, (s, b) in enumerate(MESSAGES)]
     yield (alice, bob, [_stored("alice@example.org", w) for w in wires],
@@ -109,14 +111,14 @@ def test_dovecot_reads_an_mbox_with_a_null_sender_message(tmp_path: Path) -> Non
     inst = Installation(tmp_path / "mailroom")
     bob = add_user(inst, "bob@example.org", "mbox")
     server = MDA(inst)
-    c = Client(server.port)
+    c = Client.session(server.port, timeout=15)
     try:
         c.cmd("LHLO client.test")
         for n, sender in enumerate(["", "carol@example.net", ""]):
             _, data = c.deliver(sender, ["bob@example.org"], f"Subject: bounce {n}\r\n\r\nFrom x\r\n".encode())
             assert data[0][0] == 250
     finally:
-        c.close()
+        c.quit()
         server.close()
     assert bob.read_bytes().startswith(b"From MAILER-DAEMON ")
     assert sorted(dovecot.subjects(bob)) == ["bounce 0", "bounce 1", "bounce 2"]

@@ -17,7 +17,6 @@ import shutil
 import signal
 import smtplib
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -31,9 +30,10 @@ from common import config as configmod
 from common.clock import Clock, SystemClock
 from common.daemon import Context
 from common.db import Database
+from tests.harness.client import PASSWORD as PASSWORD
+from tests.harness.client import tls_client_context as tls_client_context
 from tests.support.ports import free_port as free_port
 
-PASSWORD = "correct horse battery staple"
 LISTENERS = {
     ("msa", "submission"): "127.0.0.1:2587",
     ("msa", "submissions"): "127.0.0.1:2465",
@@ -58,13 +58,6 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
                 return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
-
-
-def tls_client_context() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE  # the installation's certificate is self-signed
-    return ctx
 
 
 def _reachable(root: Path) -> Path:
@@ -114,11 +107,15 @@ class Installation:
     def set(self, section: str, key: str, value: str) -> None:
         """Change one setting (a TOML value) in the config file."""
         text = self.config_path.read_text()
-        pattern = re.compile(rf"(?ms)^(\[{re.escape(section)}\]\n.*?)^{key} = .*?$")
+        # The section's own lines only: a line opening another section ends the search,
+        # so a key missing here is added here, not changed in a later section.
+        pattern = re.compile(rf"(?m)^(\[{re.escape(section)}\]\n(?:(?!\[).*\n)*?){re.escape(key)} = .*$")
         if pattern.search(text):
             text = pattern.sub(lambda m: f"{m.group(1)}{key} = {value}", text, count=1)
-        else:
+        elif f"[{section}]\n" in text:
             text = text.replace(f"[{section}]\n", f"[{section}]\n{key} = {value}\n", 1)
+        else:  # a section `mailroom init` does not write ([smtp], say)
+            text = text.rstrip("\n") + f"\n\n[{section}]\n{key} = {value}\n"
         self.config_path.write_text(text)
 
     def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -130,8 +127,10 @@ class Installation:
         )
 
     def add_user(self, address: str, store: str = "maildir", password: str = PASSWORD) -> None:
-        r = self.cli("user", "add", address, "--password-stdin", "--store", store, stdin=password + "\n")
-        assert r.returncode == 0, r.stderr
+        """A user as `mailroom user add` makes it, Dovecot's users file included (tests/harness/users.py)."""
+        from tests.harness.users import add_user
+
+        add_user(self, address, store, password=password)
 
     def mailbox(self, address: str) -> Path:
         r = self.cli("user", "list")

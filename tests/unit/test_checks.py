@@ -1,4 +1,4 @@
-"""SPF, DKIM, DMARC and ARC verdicts on plain data, with DNS from a dictionary."""
+"""SPF, DKIM, DMARC and ARC verdicts on plain data, with DNS from a dictionary (tests/harness/dns.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import dkim as dkimpy
 import pytest
 
 from mta import checks, dkim
-from mta.authdns import StaticResolver
+from tests.harness.dns import FakeResolver
 
 SENDER_IP = "192.0.2.10"
 OTHER_IP = "203.0.113.99"
@@ -40,7 +40,7 @@ def evaluate(message: bytes, records: dict[str, Any], *, ip: str = SENDER_IP,
              mail_from: str = "alice@example.net", helo: str = "mx.example.net") -> checks.Verdict:
     return checks.evaluate(
         message, client_ip=ip, helo=helo, mail_from=mail_from, hostname="mail.example.org",
-        resolver=StaticResolver(records),
+        resolver=FakeResolver(records),
     )
 
 
@@ -147,7 +147,7 @@ def test_expired_signature_fails(keys: list[dkim.Key], monkeypatch: pytest.Monke
 
 
 def test_dns_failure_is_temperror_and_deferred(keys: list[dkim.Key]) -> None:
-    v = evaluate(MESSAGE, zone(keys, **{"example.net": "TEMPFAIL"}), ip=OTHER_IP)
+    v = evaluate(MESSAGE, zone(keys, **{"example.net": "SERVFAIL"}), ip=OTHER_IP)
     assert v.spf.result == "temperror"
     assert v.dmarc.result == "temperror"
     d = decide(v)
@@ -158,7 +158,7 @@ def test_dns_failure_is_temperror_and_deferred(keys: list[dkim.Key]) -> None:
 
 def test_dkim_key_lookup_failure_is_temperror(keys: list[dkim.Key]) -> None:
     signed = dkim.sign(MESSAGE, keys) + MESSAGE
-    records = zone(keys, **{k.dns_name: "TEMPFAIL" for k in keys})
+    records = zone(keys, **{k.dns_name: "SERVFAIL" for k in keys})
     v = evaluate(signed, records, ip=OTHER_IP)
     assert [r.result for r in v.dkim] == ["temperror", "temperror"]
     assert decide(v).reply is not None and decide(v).reply.code == 451  # type: ignore[union-attr]
@@ -166,7 +166,7 @@ def test_dkim_key_lookup_failure_is_temperror(keys: list[dkim.Key]) -> None:
 
 def test_dns_failure_does_not_matter_when_dmarc_passes(keys: list[dkim.Key]) -> None:
     signed = dkim.sign(MESSAGE, keys) + MESSAGE
-    records = zone(keys, **{keys[1].dns_name: "TEMPFAIL"})
+    records = zone(keys, **{keys[1].dns_name: "SERVFAIL"})
     v = evaluate(signed, records)
     assert v.dmarc.result == "pass"
     assert decide(v).reply is None
@@ -220,6 +220,6 @@ def test_arc_chain_sealed_by_a_forwarder_verifies(keys: list[dkim.Key]) -> None:
         dkimpy.arc_sign(ar + signed, keys[0].dns_selector.encode(), b"example.net", keys[0].private,
                         b"fwd.example.net")
     ) + ar + signed
-    assert checks.check_arc(sealed, StaticResolver(zone(keys))) == "pass"
+    assert checks.check_arc(sealed, FakeResolver(zone(keys))) == "pass"
     broken = sealed.replace(b"Hello Bob.", b"Hello Eve.")
-    assert checks.check_arc(broken, StaticResolver(zone(keys))) == "fail"
+    assert checks.check_arc(broken, FakeResolver(zone(keys))) == "fail"

@@ -1,7 +1,10 @@
-"""MX routing against a real DNS server on a loopback port (tests/support/dns_server.py).
+"""MX routing, each test twice: against a real DNS server on a loopback port
+(tests/support/dns_server.py) and against the in-memory fake (tests/harness/dns.py)
+with the same records.
 
-Every lookup crosses a UDP socket to the server, exactly as the queue manager's
-do when `[dns] nameservers` names a lab server.
+Through the server every lookup crosses a UDP socket, exactly as the queue
+manager's do when `[dns] nameservers` names a lab server; the fake answering
+the same shows it is fit to stand in for DNS in other unit tests.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from mta.routing import Route, make_resolver, route
+from mta.routing import Resolver, Route, make_resolver, route
+from tests.harness.dns import FakeResolver
 from tests.support.dns_server import DNSServer
 
 pytestmark = pytest.mark.timeout(30)
@@ -32,15 +36,18 @@ RECORDS = {
 }
 
 
-@pytest.fixture(scope="module")
-def dns_server() -> Iterator[DNSServer]:
+@pytest.fixture(scope="module", params=["server", "fake"])
+def dns_server(request: pytest.FixtureRequest) -> Iterator[DNSServer | FakeResolver]:
+    if request.param == "fake":
+        yield FakeResolver(RECORDS)
+        return
     with DNSServer(RECORDS) as server:
         yield server
 
 
-def _route(server: DNSServer, domain: str, **kw: object) -> Route:
+def _route(server: DNSServer | FakeResolver, domain: str, **kw: object) -> Route:
     async def go() -> Route:
-        resolver = make_resolver([server.address], 1.5)
+        resolver: Resolver = server if isinstance(server, FakeResolver) else make_resolver([server.address], 1.5)
         args: dict[str, object] = {"relayhost": "", "transport": {}, "own_names": {"mail.test"}, "port": 2600}
         args.update(kw)
         return await route(domain, resolver=resolver, **args)  # type: ignore[arg-type]
@@ -48,7 +55,7 @@ def _route(server: DNSServer, domain: str, **kw: object) -> Route:
     return asyncio.run(go())
 
 
-def test_mx_by_preference_shuffled_among_equals(dns_server: DNSServer) -> None:
+def test_mx_by_preference_shuffled_among_equals(dns_server: DNSServer | FakeResolver) -> None:
     firsts = set()
     for _ in range(30):
         r = _route(dns_server, "example.test")
@@ -62,34 +69,34 @@ def test_mx_by_preference_shuffled_among_equals(dns_server: DNSServer) -> None:
     assert ("example.test", "MX") in dns_server.queries()
 
 
-def test_a_record_when_there_is_no_mx(dns_server: DNSServer) -> None:
+def test_a_record_when_there_is_no_mx(dns_server: DNSServer | FakeResolver) -> None:
     r = _route(dns_server, "nomx.test")
     assert r.error is None and r.hosts == [("127.0.0.3", 2600)]
 
 
-def test_null_mx_is_a_permanent_5_1_10(dns_server: DNSServer) -> None:
+def test_null_mx_is_a_permanent_5_1_10(dns_server: DNSServer | FakeResolver) -> None:
     r = _route(dns_server, "nullmx.test")
     assert r.error is not None and (r.error.code, r.error.status) == (556, "5.1.10")
 
 
-def test_nxdomain_is_a_permanent_5_1_2(dns_server: DNSServer) -> None:
+def test_nxdomain_is_a_permanent_5_1_2(dns_server: DNSServer | FakeResolver) -> None:
     r = _route(dns_server, "no-such-domain.test")
     assert r.error is not None and (r.error.code, r.error.status) == (550, "5.1.2")
 
 
-def test_servfail_and_timeout_defer(dns_server: DNSServer) -> None:
+def test_servfail_and_timeout_defer(dns_server: DNSServer | FakeResolver) -> None:
     for domain in ("servfail.test", "timeout.test"):
         r = _route(dns_server, domain)
         assert r.error is not None and r.error.is_temporary, (domain, r)
         assert r.error.status == "4.4.3"
 
 
-def test_mx_that_is_this_host_is_a_loop(dns_server: DNSServer) -> None:
+def test_mx_that_is_this_host_is_a_loop(dns_server: DNSServer | FakeResolver) -> None:
     r = _route(dns_server, "loop.test")
     assert r.error is not None and (r.error.code, r.error.status) == (554, "5.4.6")
 
 
-def test_mx_whose_address_is_our_listener_is_a_loop(dns_server: DNSServer) -> None:
+def test_mx_whose_address_is_our_listener_is_a_loop(dns_server: DNSServer | FakeResolver) -> None:
     # Named anything at all, an MX that leads back to our own public listener is us.
     r = _route(dns_server, "example.test", listening=("127.0.0.13", 2600))  # we are the backup (20)
     assert r.error is None and sorted(h for h, _ in r.hosts) == ["127.0.0.11", "127.0.0.12"]
@@ -101,17 +108,17 @@ def test_mx_whose_address_is_our_listener_is_a_loop(dns_server: DNSServer) -> No
     assert r.error is None and len(r.hosts) == 4
 
 
-def test_as_backup_mx_only_better_hosts_are_tried(dns_server: DNSServer) -> None:
+def test_as_backup_mx_only_better_hosts_are_tried(dns_server: DNSServer | FakeResolver) -> None:
     r = _route(dns_server, "backup.test")
     assert r.error is None and r.hosts == [("127.0.0.11", 2600)]
 
 
-def test_mx_without_any_address_bounces(dns_server: DNSServer) -> None:
+def test_mx_without_any_address_bounces(dns_server: DNSServer | FakeResolver) -> None:
     r = _route(dns_server, "noaddr.test")
     assert r.error is not None and r.error.is_permanent
 
 
-def test_transport_map_and_relayhost_override_mx(dns_server: DNSServer) -> None:
+def test_transport_map_and_relayhost_override_mx(dns_server: DNSServer | FakeResolver) -> None:
     r = _route(dns_server, "example.test", transport={"example.test": "127.0.0.9:2626"})
     assert r.hosts == [("127.0.0.9", 2626)] and r.via == "transport"
     r = _route(dns_server, "nullmx.test", relayhost="127.0.0.8:2727")
