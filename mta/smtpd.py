@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from sqlalchemy import Connection
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session
 
 from common import reply as R
 from common.address import domain_of
@@ -196,12 +196,13 @@ class SMTPHandler(Handler):
             "queued from=<%s> size=%d nrcpt=%d client=%s",
             envelope.mail_from, len(body), len(recipients), session.client_ip,
         )
-        queue.wake_qmgr(self.policy.qmgr_socket)
+        # Naming the message: the queue manager claims it at once, by its id.
+        queue.wake_qmgr(self.policy.qmgr_socket, envelope.trace_id)
         return Reply(250, "2.0.0", f"Ok: queued as {envelope.trace_id}")
 
     def _store(
         self,
-        s: Session,
+        s: Connection,
         envelope: MailEnvelope,
         body: bytes,
         recipients: list[queue.QueuedRecipient],

@@ -815,3 +815,72 @@ def test_a_hand_off_after_a_crash_cut_an_attempt_short_says_it_is_a_retry(rig_ar
         await lmtp.wait_closed()
 
     asyncio.run(go())
+
+
+def test_a_message_named_by_the_mtas_wake_up_is_claimed_at_once_without_a_scan(rig_args: Any) -> None:
+    # The scan interval is an hour: only the wake-up can bring the message in
+    # time, and it claims the message it names, not everything due.
+    async def go() -> None:
+        script = LMTPScript({})
+        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(), lmtp=True)
+        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
+        sock = rig_args[0] / "qmgr.sock"
+        transport = await rig.qm.listen(sock)
+        stop = asyncio.Event()
+        serving = asyncio.create_task(rig.qm.serve(stop, poll_interval=3600.0))
+        try:
+            await asyncio.sleep(0.3)  # the scan at start has found the queue empty
+            unnamed = rig.enqueue(["alice@example.org"])  # queued, but nobody said so
+            named = rig.enqueue(["bob@example.org"])
+            queue.wake_qmgr(sock, named)
+            for _ in range(100):
+                if rig.recipients(named)["bob@example.org"].state == "delivered":
+                    break
+                await asyncio.sleep(0.05)
+            assert rig.recipients(named)["bob@example.org"].state == "delivered"
+            assert script.transactions == [["bob@example.org"]]
+            assert rig.recipients(unnamed)["alice@example.org"].state == "queued"
+            queue.wake_qmgr(sock)  # a wake-up naming nothing (`mailroom queue flush`): a scan
+            for _ in range(100):
+                if rig.recipients(unnamed)["alice@example.org"].state == "delivered":
+                    break
+                await asyncio.sleep(0.05)
+            assert rig.recipients(unnamed)["alice@example.org"].state == "delivered"
+        finally:
+            stop.set()
+            await asyncio.wait_for(serving, 10)
+            transport.close()
+            await rig.close()
+            lmtp.close()
+            await lmtp.wait_closed()
+
+    asyncio.run(go())
+
+
+def test_a_bounce_queued_by_the_settle_goes_out_without_waiting_for_a_scan(rig_args: Any) -> None:
+    async def go() -> None:
+        script = LMTPScript({"carol@example.org": Reply(550, "5.1.1", "No such mailbox")})
+        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(), lmtp=True)
+        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
+        sock = rig_args[0] / "qmgr.sock"
+        transport = await rig.qm.listen(sock)
+        stop = asyncio.Event()
+        async with mx_server(IPS["sender"], rig_args[2], MX()) as sender_mx:
+            serving = asyncio.create_task(rig.qm.serve(stop, poll_interval=3600.0))
+            try:
+                await asyncio.sleep(0.3)
+                queue.wake_qmgr(sock, rig.enqueue(["carol@example.org"]))
+                for _ in range(100):
+                    if sender_mx.received:
+                        break
+                    await asyncio.sleep(0.05)
+                assert len(sender_mx.received) == 1  # the bounce, claimed by its id after the settle
+            finally:
+                stop.set()
+                await asyncio.wait_for(serving, 10)
+                transport.close()
+                await rig.close()
+        lmtp.close()
+        await lmtp.wait_closed()
+
+    asyncio.run(go())
