@@ -228,11 +228,16 @@ class QueueManager:
             try:
                 # Outcomes of messages finishing together share one commit; it is
                 # not fsync'd (no reply rests on it; see run_once).
-                notices = await self.db.write_batched(self._settle, job, results, mda_back, asked, relaxed=True)
+                settled = await self.db.write_batched(self._settle, job, results, mda_back, asked, relaxed=True)
                 break
             except OperationalError as exc:
                 log.warning("cannot record delivery results yet, retrying: %s", exc.orig)
                 await asyncio.sleep(1.0)
+        # Logged once recorded, and not inside the transaction: writing the lines
+        # held the write lock longer (py-spy: a fifth of the busy samples).
+        for line, args in settled.lines:
+            log.info(line, *args)
+        notices = settled.notices
         for notice in notices:  # the DSNs just queued: claimed by their ids, like new mail
             self.woken[notice] = None
         if mda_back:
@@ -282,14 +287,14 @@ class QueueManager:
     def _settle(
         self, s: Connection, job: queue.Job, results: list[Result], mda_back: bool = False,
         asked: options.Asked | None = None,
-    ) -> list[str]:
-        """Record every outcome and queue the DSNs (run inside a shared relaxed batch);
-        returns the DSNs' trace ids."""
+    ) -> _Settlement:
+        """Record every outcome and queue the DSNs (run inside a shared relaxed batch)."""
         now = self.clock.now()
+        done = _Settlement()
         if mda_back:
             moved = queue.bring_forward(s, self.local_domains, now)
             if moved:
-                log.info("the MDA takes mail again: %d waiting local recipients are due now", moved)
+                done.lines.append(("the MDA takes mail again: %d waiting local recipients are due now", (moved,)))
         attempts = {rid: n for rid, _, n in job.recipients}
         age = (now - job.received).total_seconds()
         asked = asked or options.Asked()
@@ -314,7 +319,7 @@ class QueueManager:
                 next_attempt=now + dt.timedelta(seconds=wait) if outcome is Outcome.DEFERRED else None,
                 mda_event=mda_event, mda_detail=text, mda_path=mda_path,
             ))
-            log.info("%s to=<%s> attempts=%d: %s", outcome, res.address, n, detail)
+            done.lines.append(("%s to=<%s> attempts=%d: %s", (outcome, res.address, n, detail)))
             # RFC 3461 4.1: only the notices the recipient asked for (NOTIFY).
             notify = asked.notify.get(res.recipient_id, "")
             failure = bounce.Failure(
@@ -334,32 +339,39 @@ class QueueManager:
                 succeeded.append(dataclasses.replace(failure, action=action))
         queue.record_outcomes(s, job.trace, settled, now)
         may_notify = job.sender != "" and not job.is_bounce
-        notices: list[str] = []
         if failures and may_notify:
-            notices.append(self._send_dsn(s, job, failures, now, asked, delayed=False))
+            self._send_dsn(s, done, job, failures, now, asked, delayed=False)
         if succeeded and may_notify:
-            notices.append(self._send_dsn(s, job, succeeded, now, asked, success=True))
+            self._send_dsn(s, done, job, succeeded, now, asked, success=True)
         warn = self.policy.delay_warning
         if deferred and not job.warned and warn > 0 and age >= warn:
             if delayed and may_notify:
-                notices.append(self._send_dsn(s, job, delayed, now, asked, delayed=True))
+                self._send_dsn(s, done, job, delayed, now, asked, delayed=True)
             s.execute(_WARNED, {"trace": job.trace})
         if not deferred:  # a deferred recipient is still queued: the body must stay
             queue.drop_body_if_done(s, job.trace)
-        return notices
+        return done
 
     def _send_dsn(
-        self, s: Connection, job: queue.Job, failures: list[bounce.Failure], now: dt.datetime,
+        self, s: Connection, done: _Settlement, job: queue.Job, failures: list[bounce.Failure], now: dt.datetime,
         asked: options.Asked, *, delayed: bool = False, success: bool = False,
-    ) -> str:
+    ) -> None:
         notice = queue.enqueue_dsn(
             s, hostname=self.hostname, trace=job.trace, sender=job.sender, original=job.body,
             received=job.received, failures=failures, now=now, delayed=delayed,
             success=success, envid=asked.envid, ret=asked.ret,
         )
         kind = "success notice" if success else "delay warning" if delayed else "bounce"
-        log.info("%s to=<%s> queued as %s", kind, job.sender, notice)
-        return notice
+        done.lines.append(("%s to=<%s> queued as %s", (kind, job.sender, notice)))
+        done.notices.append(notice)
+
+
+@dataclass
+class _Settlement:
+    """What a settle leaves to do once committed: the DSNs it queued (trace ids) and its log lines."""
+
+    notices: list[str] = dataclasses.field(default_factory=list)
+    lines: list[tuple[str, tuple[object, ...]]] = dataclasses.field(default_factory=list)
 
 
 _WARNED = update(Message).where(Message.id == bindparam("trace")).values(warned=True)
