@@ -349,7 +349,8 @@ class QueueManager:
                 self._send_dsn(s, done, job, delayed, now, asked, delayed=True)
             s.execute(_WARNED, {"trace": job.trace})
         if not deferred:  # a deferred recipient is still queued: the body must stay
-            queue.drop_body_if_done(s, job.trace)
+            # Every recipient left was in this job and is final now: no need to read them.
+            queue.drop_body_if_done(s, job.trace, all_final=job.unfinished == len(job.recipients))
         return done
 
     def _send_dsn(

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from common.clock import FakeClock
 from common.db import Database
@@ -880,6 +880,34 @@ def test_a_bounce_queued_by_the_settle_goes_out_without_waiting_for_a_scan(rig_a
                 await asyncio.wait_for(serving, 10)
                 transport.close()
                 await rig.close()
+        lmtp.close()
+        await lmtp.wait_closed()
+
+    asyncio.run(go())
+
+
+def test_the_body_stays_while_a_recipient_outside_the_round_is_unfinished(rig_args: Any) -> None:
+    # A settle that finishes every recipient the claim found unfinished drops the
+    # body without reading the states again; one that does not must leave it.
+    async def go() -> None:
+        script = LMTPScript({})
+        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(), lmtp=True)
+        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
+        trace = rig.enqueue(["alice@example.org", "bob@example.org"])
+        with rig.db.write() as s:  # bob is not due yet: this round takes alice alone
+            s.execute(update(Recipient).where(Recipient.address == "bob@example.org")
+                      .values(next_attempt=rig.clock.now() + dt.timedelta(seconds=60)))
+            s.commit()
+        await rig.run()
+        assert script.transactions == [["alice@example.org"]]
+        with rig.db.read() as s:
+            assert s.get(Message, trace).body is not None  # type: ignore[union-attr]
+        rig.clock.advance(60)
+        await rig.run()
+        assert script.transactions == [["alice@example.org"], ["bob@example.org"]]
+        with rig.db.read() as s:
+            assert s.get(Message, trace).body is None  # type: ignore[union-attr]
+        await rig.close()
         lmtp.close()
         await lmtp.wait_closed()
 

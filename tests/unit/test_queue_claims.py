@@ -5,11 +5,11 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from common.clock import SystemClock
 from common.db import Database
-from common.models import ACTIVE, QUEUED, Recipient
+from common.models import ACTIVE, DELIVERED, QUEUED, Recipient
 from mta import queue
 
 
@@ -129,3 +129,25 @@ def _drain(sock: socket.socket) -> list[bytes]:
             out.append(sock.recv(100))
         except BlockingIOError:
             return out
+
+
+def test_the_claim_counts_each_messages_unfinished_recipients(tmp_path: Path) -> None:
+    # When a job holds them all, its settle drops the body without reading the states again.
+    db = Database(f"sqlite:///{tmp_path}/q.db", threads=1)
+    db.create_schema()
+    try:
+        now = SystemClock().now()
+        with db.write() as s:
+            for trace, rcpts in (("0000000000001AAAAA", ["b@example.org", "c@example.org"]),
+                                 ("0000000000002BBBBB", ["d@example.org", "e@example.org"])):
+                queue.enqueue(s, trace=trace, sender="a@example.org", body=b"x\r\n", now=now,
+                              recipients=[queue.QueuedRecipient(a, a) for a in rcpts])
+            s.execute(update(Recipient).where(Recipient.address == "c@example.org").values(state=DELIVERED))
+            s.execute(update(Recipient).where(Recipient.address == "e@example.org")
+                      .values(state=ACTIVE, owner="mx2:1.1"))  # another queue manager's
+            s.commit()
+        with db.write() as s:
+            jobs = {j.trace: j for j in queue.claim(s, "mx1:1.1", now)}
+        assert [(len(j.recipients), j.unfinished) for j in jobs.values()] == [(1, 1), (1, 2)]
+    finally:
+        db.close()
