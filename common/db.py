@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import fcntl
 import functools
@@ -249,6 +250,8 @@ class Database:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        for batcher in self._batches.values():
+            batcher.close()
         self.engine.dispose()
         self.read_engine.dispose()
         self.relaxed_engine.dispose()
@@ -268,6 +271,9 @@ class _Batcher:
         self.pool = pool
         self.pending: list[_BatchItem] = []
         self.draining = False
+        # Batches run one at a time, so they keep one connection rather than
+        # take one from the pool and give it back (and have it reset) each time.
+        self.conn: Connection | None = None
 
     async def submit(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         loop = asyncio.get_running_loop()
@@ -298,28 +304,45 @@ class _Batcher:
             self.draining = False
 
     def _run(self, batch: list[_BatchItem]) -> list[tuple[bool, Any]]:
-        # Leaving the block closes the connection, which rolls back whatever
-        # was not committed (a commit that raised included).
-        with self.engine.connect() as conn:
-            tx = conn.begin()
-            outcomes: list[tuple[bool, Any]] = []
-            for item in batch:
-                try:
-                    outcomes.append((True, item.context.run(item.fn, conn, *item.args)))
-                except Exception as exc:  # noqa: BLE001 - handed to that caller alone
-                    tx.rollback()
-                    if len(batch) == 1:
-                        return [(False, exc)]
-                    break
-            else:
-                tx.commit()
-                return outcomes
-            # A call raised, and its statements may be half done in the shared
-            # transaction: start again with each call under its own savepoint,
-            # so that it alone fails.  Savepoints only then: SAVEPOINT and
-            # RELEASE around every call were a tenth of the queue manager's
-            # busy samples, and calls almost never fail.
-            return self._run_isolated(conn, batch)
+        if self.conn is None:
+            self.conn = self.engine.connect()
+        conn = self.conn
+        try:
+            return self._run_on(conn, batch)
+        except BaseException:
+            # The transaction itself failed (BEGIN, the commit, a lost
+            # connection): closing rolls back whatever was not committed, and
+            # the next batch starts on a fresh connection from the pool.
+            self.conn = None
+            with contextlib.suppress(Exception):
+                conn.close()
+            raise
+
+    def _run_on(self, conn: Connection, batch: list[_BatchItem]) -> list[tuple[bool, Any]]:
+        tx = conn.begin()
+        outcomes: list[tuple[bool, Any]] = []
+        for item in batch:
+            try:
+                outcomes.append((True, item.context.run(item.fn, conn, *item.args)))
+            except Exception as exc:  # noqa: BLE001 - handed to that caller alone
+                tx.rollback()
+                if len(batch) == 1:
+                    return [(False, exc)]
+                break
+        else:
+            tx.commit()
+            return outcomes
+        # A call raised, and its statements may be half done in the shared
+        # transaction: start again with each call under its own savepoint,
+        # so that it alone fails.  Savepoints only then: SAVEPOINT and
+        # RELEASE around every call were a tenth of the queue manager's
+        # busy samples, and calls almost never fail.
+        return self._run_isolated(conn, batch)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
     @staticmethod
     def _run_isolated(conn: Connection, batch: list[_BatchItem]) -> list[tuple[bool, Any]]:

@@ -143,6 +143,34 @@ def test_group_commit_sets_savepoints_only_when_a_call_fails(tmp_path: Path) -> 
 
 
 @pytest.mark.timeout(30)
+def test_group_commit_keeps_its_connection_and_replaces_one_that_failed(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path}/q.db")
+    db.create_schema()
+    seen: list[Connection] = []
+
+    def store(conn: Connection, n: int) -> int:
+        seen.append(conn)
+        add_event(conn, f"T{n}", "mta", "received")
+        return n
+
+    async def main() -> None:
+        assert await db.write_batched(store, 1) == 1
+        assert await db.write_batched(store, 2) == 2
+        assert seen[0] is seen[1]  # no pool checkout and reset per batch
+        # The connection dies under the batcher (as a lost PostgreSQL connection
+        # would): that batch fails, and the next one runs on a fresh connection.
+        seen[1].connection.dbapi_connection.close()  # type: ignore[union-attr]
+        with pytest.raises(Exception):  # noqa: B017 - whatever the driver raises
+            await db.write_batched(store, 3)
+        assert await db.write_batched(store, 4) == 4
+        assert seen[-1] is not seen[1]
+
+    asyncio.run(main())
+    assert _count(db, "received") == 3
+    db.close()
+
+
+@pytest.mark.timeout(30)
 def test_relaxed_commits_are_visible_and_use_synchronous_normal(tmp_path: Path) -> None:
     db = Database(f"sqlite:///{tmp_path}/q.db")
     db.create_schema()
