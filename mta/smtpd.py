@@ -177,11 +177,15 @@ class SMTPHandler(Handler):
                 raise SMTPError(inbound.reply)
             content, added = inbound.content, inbound.headers
         body = self._received_header(session, envelope, now) + added + content
+        # What the sender wrote, to know it again if sent twice (the signatures and
+        # results we add carry times of their own): worked out before the write
+        # transaction, not while holding the write lock.
+        ident = _message_id(header), queue.digest(envelope.content)
         try:
             # Group commit: sessions finishing DATA together share one fsync'd
             # commit, and each 250 still waits for the commit that holds its message.
             queued = await self.db.write_batched(
-                self._store, envelope, body, recipients, session, header, now
+                self._store, envelope, body, recipients, session, ident, now
             )
         except (OSError, OperationalError) as exc:
             log.error("cannot queue: %s", exc)
@@ -207,7 +211,7 @@ class SMTPHandler(Handler):
         body: bytes,
         recipients: list[queue.QueuedRecipient],
         session: MailSession,
-        header: bytes,
+        ident: tuple[str, str],
         now: dt.datetime,
     ) -> str:
         """Queue the message; returns its trace id, an earlier one for a resubmission."""
@@ -217,9 +221,7 @@ class SMTPHandler(Handler):
             detail=f"{'internal' if self.internal else 'smtp'} from {session.client_ip}"
             f" helo={session.host_name}" + (" tls=yes" if session.tls else ""),
         )
-        # What the sender wrote: the signatures and results we add carry times of their own.
-        assert isinstance(envelope.content, bytes)
-        message_id, digest = _message_id(header), queue.digest(envelope.content)
+        message_id, digest = ident  # its Message-ID and the digest of what the sender wrote
         window = self.policy.resubmission_window
         earlier = None
         if window > 0:
