@@ -12,6 +12,7 @@ import datetime as dt
 
 from sqlalchemy import (
     Boolean,
+    Connection,
     DateTime,
     ForeignKey,
     Index,
@@ -145,7 +146,7 @@ class Event(Base):
 
 
 def add_event(
-    session: Session,
+    conn: Connection | Session,
     trace_id: str,
     hop: Hop,
     event: EventName,
@@ -155,9 +156,12 @@ def add_event(
     path: str = "",
     time: dt.datetime | None = None,
 ) -> None:
-    # A plain Core INSERT on the session's connection, run at once: cheaper than
-    # an ORM object waiting for the flush, or the ORM's bulk-insert path.
-    session.connection().execute(
+    # A plain Core INSERT, run at once: cheaper than an ORM object waiting for
+    # the flush, or the ORM's bulk-insert path.  The per-message paths (group
+    # commit) pass a Connection; the operator's commands and tests a Session.
+    if isinstance(conn, Session):
+        conn = conn.connection()
+    conn.execute(
         _INSERT_EVENT,
         {"trace_id": trace_id, "hop": hop, "event": event, "recipient": recipient, "detail": detail, "path": path,
          "time": time or utcnow()},

@@ -30,8 +30,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from sqlalchemy import bindparam, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, bindparam, select
 
 from common import reply as R
 from common.config import Config
@@ -212,7 +211,7 @@ class LMTPHandler(Handler):
         return [results[rcpt][0] for rcpt in recipients], outcomes
 
     @staticmethod
-    def _record(s: Session, trace: str, outcomes: list[tuple[str, Reply, str]]) -> None:
+    def _record(s: Connection, trace: str, outcomes: list[tuple[str, Reply, str]]) -> None:
         for rcpt, reply, path in outcomes:
             event = EventName.DELIVERED if reply.is_ok else EventName.REFUSED
             add_event(s, trace, Hop.MDA, event, recipient=rcpt, detail=str(reply), path=path)

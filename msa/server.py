@@ -28,7 +28,7 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
 
 from common import counters, dsn
 from common import reply as R
@@ -284,7 +284,7 @@ class SubmissionHandler(Handler):
 
     @staticmethod
     def _record(
-        s: Session, envelope: MailEnvelope, session: MailSession, size: int, reply: Reply, now: dt.datetime
+        s: Connection, envelope: MailEnvelope, session: MailSession, size: int, reply: Reply, now: dt.datetime
     ) -> None:
         # Trace events only (the message is the MTA's, durably): no fsync needed.
         add_event(

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from sqlalchemy import bindparam, insert, or_, select, text, update
+from sqlalchemy import Connection, bindparam, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
+from common.db import connection_of
 from common.events import EventName, Hop
 from common.log import new_trace_id
 from common.models import (
@@ -43,6 +44,7 @@ from common.models import (
 )
 from common.reply import Reply
 from mta import bounce
+from mta.options import Asked
 
 
 class Outcome(StrEnum):
@@ -114,8 +116,7 @@ class Settled:
     mda_path: str = ""
 
 
-# Run on the session's Connection, not through the Session: plain Core
-# executemany, no ORM bulk-update machinery.
+# Plain Core executemany on the batch's Connection, no ORM bulk-update machinery.
 _SETTLE = (
     update(Recipient)
     .where(Recipient.id == bindparam("b_id"))
@@ -125,12 +126,11 @@ _DEFER = _SETTLE.values(next_attempt=bindparam("b_next"))
 _EVENT = insert(Event)
 
 
-def record_outcomes(session: Session, trace: str, settled: list[Settled], now: dt.datetime) -> None:
+def record_outcomes(conn: Connection, trace: str, settled: list[Settled], now: dt.datetime) -> None:
     """Every recipient's new state and the hops' events, a few executemany statements.
 
     Core statements on the tables, prepared once: this runs for every message.
     """
-    conn = session.connection()
     done = [_settle_row(x) for x in settled if x.next_attempt is None]
     deferred = [{**_settle_row(x), "b_next": x.next_attempt} for x in settled if x.next_attempt is not None]
     if done:
@@ -166,7 +166,7 @@ class QueuedRecipient:
 
 
 def enqueue(
-    session: Session,
+    conn: Connection | Session,
     *,
     trace: str,
     sender: str,
@@ -185,11 +185,12 @@ def enqueue(
     `options` are what the sender asked of delivery (columns of Message: ret,
     envid, body_type, smtputf8, requiretls).
 
-    Plain Core INSERTs on the session's connection rather than ORM objects (or
-    the ORM's bulk path): this runs for every message, and the ORM's unit of
-    work cost the MTA about a fifth of its time (py-spy, load 1).
+    Plain Core INSERTs rather than ORM objects (or the ORM's bulk path): this
+    runs for every message, and the ORM's unit of work cost the MTA about a
+    fifth of its time (py-spy, load 1).  The MTA passes its group commit's
+    Connection; a Session (the operator's commands, tests) works too.
     """
-    conn = session.connection()
+    conn = connection_of(conn)
     conn.execute(
         _INSERT_MESSAGE,
         {"id": trace, "sender": sender, "size": len(body), "body": body, "received": now, "client": client,
@@ -207,7 +208,7 @@ def enqueue(
             ],
         )
     add_event(
-        session, trace, hop, EventName.QUEUED, time=now,
+        conn, trace, hop, EventName.QUEUED, time=now,
         detail=f"from=<{sender}> size={len(body)} nrcpt={len(recipients)}"
         + (f" client={client}" if client else ""),
     )
@@ -236,7 +237,7 @@ def digest(content: bytes) -> str:
 
 
 def find_resubmission(
-    session: Session,
+    conn: Connection | Session,
     *,
     message_id: str,
     sender: str,
@@ -253,7 +254,7 @@ def find_resubmission(
     """
     if not message_id:
         return None
-    conn = session.connection()
+    conn = connection_of(conn)
     if conn.dialect.name == "postgresql":
         # Two MTAs (or two sessions of one) may check the same message at once;
         # on SQLite the write transaction already excludes the other, here a lock
@@ -295,48 +296,48 @@ class Job:
     # id -> the address as given at RCPT (for DSNs); read at claim time, so
     # settling needs no query of its own.
     originals: dict[int, str] = field(default_factory=dict)
+    # What the sender asked of delivery, read with the claim (one query per
+    # batch, not one read transaction per message before each delivery).
+    asked: Asked = field(default_factory=Asked)
+    # How many of the message's recipients were unfinished (not in a final
+    # state) once claimed, these included: when this job holds them all, its
+    # settle knows whether the body can go without reading the states again.
+    unfinished: int = 0
+
+
+# How many recipients one claim takes at most.
+CLAIM_LIMIT = 200
 
 
 def claim(
-    session: Session, owner: str, now: dt.datetime, limit: int = 200, *, commit: bool = True
+    conn: Connection | Session, owner: str, now: dt.datetime, limit: int = CLAIM_LIMIT, *,
+    traces: list[str] | None = None,
 ) -> list[Job]:
     """Take up to `limit` due recipients (grouped per message) and mark them active.
 
-    With commit=False the caller commits: the queue manager runs its claim in
-    the same batched transaction as the outcomes settled meanwhile.
+    With `traces`, only those messages' due recipients: the MTA's wake-up
+    names the message it just queued, and it is claimed at once, by its id,
+    instead of by a scan of everything due.  The caller commits: the queue
+    manager runs its claim in the same batched transaction as the outcomes
+    settled meanwhile.
 
     Two queue managers never take the same recipient: on SQLite the write
     transaction (BEGIN IMMEDIATE) excludes every other writer; on PostgreSQL
     the rows are locked and other queue managers skip them (SKIP LOCKED).
     """
-    rows = session.execute(
-        select(Recipient.id, Recipient.message_id, Recipient.address, Recipient.attempts, Recipient.original)
-        .join(Message)
-        .where(Recipient.state == QUEUED, Recipient.next_attempt <= now, Message.held.is_(False))
-        .order_by(Recipient.next_attempt)
-        .limit(limit)
-        .with_for_update(of=Recipient, skip_locked=True)
-    ).all()
+    conn = connection_of(conn)
+    if traces is None:
+        rows = conn.execute(_DUE, {"now": now, "limit": limit}).all()
+    else:
+        rows = conn.execute(_DUE_OF, {"now": now, "limit": limit, "traces": traces}).all() if traces else []
     if not rows:
         return []
-    ids = [r.id for r in rows]
-    session.execute(
-        update(Recipient)
-        .where(Recipient.id.in_(ids), Recipient.state == QUEUED)
-        .values(state=ACTIVE, owner=owner)
-    )
-    # One query for every claimed message's columns, not session.get() per
-    # message (py-spy: per-message ORM loads were most of the claim's time).
+    conn.execute(_MARK_ACTIVE, {"ids": [r.id for r in rows], "owner": owner})
+    # One query for every claimed message's columns and delivery options, not
+    # one per message (py-spy: per-message reads were most of the claim's time,
+    # and the options read a fifth of the queue manager's samples).
     message_ids = list(dict.fromkeys(r.message_id for r in rows))
-    messages = {
-        m.id: m
-        for m in session.execute(
-            select(
-                Message.id, Message.sender, Message.body, Message.received, Message.warned,
-                Message.is_bounce, Message.message_id,
-            ).where(Message.id.in_(message_ids))
-        )
-    }
+    messages = {m.id: m for m in conn.execute(_MESSAGES, {"ids": message_ids})}
     jobs: dict[str, Job] = {}
     for r in rows:
         job = jobs.get(r.message_id)
@@ -344,13 +345,48 @@ def claim(
             m = messages[r.message_id]
             assert m.body is not None
             job = jobs[r.message_id] = Job(
-                m.id, m.sender, m.body, m.received, m.warned, m.is_bounce, m.message_id
+                m.id, m.sender, m.body, m.received, m.warned, m.is_bounce, m.message_id,
+                asked=Asked(m.ret, m.envid, m.body_type, bool(m.smtputf8), bool(m.requiretls)),
+                unfinished=m.unfinished,
             )
         job.recipients.append((r.id, r.address, r.attempts))
         job.originals[r.id] = r.original
-    if commit:
-        session.commit()
+        job.asked.notify[r.id], job.asked.orcpt[r.id] = r.notify, r.orcpt
     return list(jobs.values())
+
+
+# The claim's statements, built once: it runs for every batch of mail.
+_CLAIMABLE = (
+    select(Recipient.id, Recipient.message_id, Recipient.address, Recipient.attempts, Recipient.original,
+           Recipient.notify, Recipient.orcpt)
+    .join(Message)
+    .where(Recipient.state == QUEUED, Recipient.next_attempt <= bindparam("now"), Message.held.is_(False))
+)
+_DUE = (
+    _CLAIMABLE.order_by(Recipient.next_attempt).limit(bindparam("limit"))
+    .with_for_update(of=Recipient, skip_locked=True)
+)
+_DUE_OF = (
+    _CLAIMABLE.where(Recipient.message_id.in_(bindparam("traces", expanding=True)))
+    .order_by(Recipient.id).limit(bindparam("limit"))
+    .with_for_update(of=Recipient, skip_locked=True)
+)
+_MARK_ACTIVE = (
+    update(Recipient)
+    .where(Recipient.id.in_(bindparam("ids", expanding=True)), Recipient.state == QUEUED)
+    .values(state=ACTIVE, owner=bindparam("owner"))
+)
+_UNFINISHED = (
+    select(func.count())
+    .where(Recipient.message_id == Message.id, Recipient.state.not_in(FINAL_STATES))
+    .correlate(Message)
+    .scalar_subquery()
+)
+_MESSAGES = select(
+    Message.id, Message.sender, Message.body, Message.received, Message.warned, Message.is_bounce,
+    Message.message_id, Message.ret, Message.envid, Message.body_type, Message.smtputf8, Message.requiretls,
+    _UNFINISHED.label("unfinished"),
+).where(Message.id.in_(bindparam("ids", expanding=True)))
 
 
 def owner_id(host: str) -> str:
@@ -396,7 +432,7 @@ def release_stale(session: Session, host: str) -> int:
 
 
 def enqueue_dsn(
-    session: Session,
+    conn: Connection | Session,
     *,
     hostname: str,
     trace: str,
@@ -425,8 +461,9 @@ def enqueue_dsn(
         body_type=body_type, requiretls=requiretls, local=local,
     )
     form = bounce.returned(ret=ret, body_type=body_type, requiretls=requiretls, local=local)
+    conn = connection_of(conn)
     enqueue(
-        session, trace=dsn_trace, sender="", body=body, now=now, hop=hop, is_bounce=True,
+        conn, trace=dsn_trace, sender="", body=body, now=now, hop=hop, is_bounce=True,
         recipients=[QueuedRecipient(sender, sender)],
         options={
             # A returned 8-bit message (RET=FULL) makes the notice 8-bit too; a returned binary one, binary.
@@ -437,17 +474,17 @@ def enqueue_dsn(
         },
     )
     kind = "success notice" if success else "delay warning" if delayed else "bounce"
-    add_event(session, trace, hop, EventName.DSN, detail=f"{kind} to <{sender}> as {dsn_trace}", time=now)
+    add_event(conn, trace, hop, EventName.DSN, detail=f"{kind} to <{sender}> as {dsn_trace}", time=now)
     return dsn_trace
 
 
-def bring_forward(session: Session, domains: list[str], now: dt.datetime) -> int:
+def bring_forward(conn: Connection, domains: list[str], now: dt.datetime) -> int:
     """Make every waiting recipient in one of our own `domains` due now; returns how many.
 
     Called when the MDA takes mail again after refusing it for a while, so the
     mail that waited for it does not wait out the rest of its retry interval.
     """
-    result = session.execute(
+    result = conn.execute(
         update(Recipient)
         .where(
             Recipient.state == QUEUED, Recipient.next_attempt > now,
@@ -458,12 +495,19 @@ def bring_forward(session: Session, domains: list[str], now: dt.datetime) -> int
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-def drop_body_if_done(session: Session, trace: str) -> bool:
-    """Once every recipient is final the queued copy is no longer needed."""
+def drop_body_if_done(conn: Connection | Session, trace: str, *, all_final: bool = False) -> bool:
+    """Once every recipient is final the queued copy is no longer needed.
+
+    all_final: the caller knows they all are (it has just settled every
+    recipient that was left, `Job.unfinished`), so they are not read again.
+    """
     # A plain read, then the update.  An UPDATE ... WHERE NOT EXISTS was tried
     # and was slower (py-spy: 14 % -> 29 % of the queue manager's samples):
-    # recipients.message_id has no index, so each EXISTS scans the table.
-    conn = session.connection()
+    # recipients.message_id had no index then, so each EXISTS scanned the table.
+    conn = connection_of(conn)
+    if all_final:
+        conn.execute(_DROP_BODY, {"trace": trace})
+        return True
     states = conn.execute(_STATES, {"trace": trace}).scalars().all()
     if states and all(s in FINAL_STATES for s in states):
         conn.execute(_DROP_BODY, {"trace": trace})
@@ -541,15 +585,34 @@ def _finish(session: Session, trace: str, state: str, reply: str = "") -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-def wake_qmgr(path: os.PathLike[str] | str) -> None:
+def wake_qmgr(path: os.PathLike[str] | str, trace: str = "") -> None:
     """Tell the queue manager there is new mail (Postfix's qmgr trigger).
 
+    With `trace`, the datagram names the message just committed, and the queue
+    manager claims it at once by its id; without, it looks for everything due.
     Best effort: if nobody listens the queue manager still finds the mail on
-    its next poll.
+    its next periodic scan.  The kernel keeps only a few datagrams waiting
+    (net.unix.max_dgram_qlen, 10): when one was refused, the next wake-up that
+    gets through asks for a scan as well, so the refused one is found then.
     """
+    global _wake_socket, _wake_lost
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.setblocking(False)
-            s.sendto(b"w", os.fspath(path))
+        if _wake_socket is None:
+            # One socket for the process, not three system calls more per message.
+            _wake_socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            _wake_socket.setblocking(False)
+        target = os.fspath(path)
+        if _wake_lost:
+            _wake_socket.sendto(SCAN, target)
+            _wake_lost = False
+        _wake_socket.sendto(trace.encode("ascii") if trace else SCAN, target)
+    except BlockingIOError:
+        _wake_lost = True
     except OSError:
         pass
+
+
+# What a wake-up datagram without a trace id says: look for everything due.
+SCAN = b"w"
+_wake_socket: socket.socket | None = None
+_wake_lost = False

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from sqlalchemy import Connection
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session
 
 from common import reply as R
 from common.address import domain_of
@@ -202,11 +202,15 @@ class SMTPHandler(Handler):
                 raise SMTPError(inbound.reply)
             content, added = inbound.content, inbound.headers
         body = self._received_header(session, envelope, now) + added + content
+        # What the sender wrote, to know it again if sent twice (the signatures and
+        # results we add carry times of their own): worked out before the write
+        # transaction, not while holding the write lock.
+        ident = _message_id(header), queue.digest(envelope.content)
         try:
             # Group commit: sessions finishing DATA together share one fsync'd
             # commit, and each 250 still waits for the commit that holds its message.
             queued = await self.db.write_batched(
-                self._store_and_notify, envelope, body, recipients, session, header, now
+                self._store_and_notify, envelope, body, recipients, session, ident, now
             )
         except (OSError, OperationalError) as exc:
             log.error("cannot queue: %s", exc)
@@ -221,21 +225,22 @@ class SMTPHandler(Handler):
             "queued from=<%s> size=%d nrcpt=%d client=%s",
             envelope.mail_from, len(body), len(recipients), session.client_ip,
         )
-        queue.wake_qmgr(self.policy.qmgr_socket)
+        # Naming the message: the queue manager claims it at once, by its id.
+        queue.wake_qmgr(self.policy.qmgr_socket, envelope.trace_id)
         return Reply(250, "2.0.0", f"Ok: queued as {envelope.trace_id}")
 
     def _store_and_notify(
         self,
-        s: Session,
+        s: Connection,
         envelope: MailEnvelope,
         body: bytes,
         recipients: list[queue.QueuedRecipient],
         session: MailSession,
-        header: bytes,
+        ident: tuple[str, str],
         now: dt.datetime,
     ) -> str:
         """`_store`, and in the same commit the "expanded" notices asked for (`_note_expansion`)."""
-        trace = self._store(s, envelope, body, recipients, session, header, now)
+        trace = self._store(s, envelope, body, recipients, session, ident, now)
         sender = envelope.mail_from or ""
         expanded = [self.notices[r] for r in dict.fromkeys(envelope.rcpt_tos) if r in self.notices]
         if expanded and sender and trace == envelope.trace_id:  # not for <>, nor a resubmission
@@ -250,12 +255,12 @@ class SMTPHandler(Handler):
 
     def _store(
         self,
-        s: Session,
+        s: Connection,
         envelope: MailEnvelope,
         body: bytes,
         recipients: list[queue.QueuedRecipient],
         session: MailSession,
-        header: bytes,
+        ident: tuple[str, str],
         now: dt.datetime,
     ) -> str:
         """Queue the message; returns its trace id, an earlier one for a resubmission."""
@@ -265,9 +270,7 @@ class SMTPHandler(Handler):
             detail=f"{'internal' if self.internal else 'smtp'} from {session.client_ip}"
             f" helo={session.host_name}" + (" tls=yes" if session.tls else ""),
         )
-        # What the sender wrote: the signatures and results we add carry times of their own.
-        assert isinstance(envelope.content, bytes)
-        message_id, digest = _message_id(header), queue.digest(envelope.content)
+        message_id, digest = ident  # its Message-ID and the digest of what the sender wrote
         window = self.policy.resubmission_window
         earlier = None
         if window > 0:

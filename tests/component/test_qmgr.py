@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from common.clock import FakeClock
 from common.db import Database
@@ -811,6 +811,103 @@ def test_a_hand_off_after_a_crash_cut_an_attempt_short_says_it_is_a_retry(rig_ar
         assert [rig.recipients(t)[a].state for t, a in ((first, "alice@example.org"), (second, "bob@example.org"))] \
             == ["delivered", "delivered"]
         assert ["XRETRY" in p for p in script.params] == [True, False]
+        await rig.close()
+        lmtp.close()
+        await lmtp.wait_closed()
+
+    asyncio.run(go())
+
+
+def test_a_message_named_by_the_mtas_wake_up_is_claimed_at_once_without_a_scan(rig_args: Any) -> None:
+    # The scan interval is an hour: only the wake-up can bring the message in
+    # time, and it claims the message it names, not everything due.
+    async def go() -> None:
+        script = LMTPScript({})
+        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(), lmtp=True)
+        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
+        sock = rig_args[0] / "qmgr.sock"
+        transport = await rig.qm.listen(sock)
+        stop = asyncio.Event()
+        serving = asyncio.create_task(rig.qm.serve(stop, poll_interval=3600.0))
+        try:
+            await asyncio.sleep(0.3)  # the scan at start has found the queue empty
+            unnamed = rig.enqueue(["alice@example.org"])  # queued, but nobody said so
+            named = rig.enqueue(["bob@example.org"])
+            queue.wake_qmgr(sock, named)
+            for _ in range(100):
+                if rig.recipients(named)["bob@example.org"].state == "delivered":
+                    break
+                await asyncio.sleep(0.05)
+            assert rig.recipients(named)["bob@example.org"].state == "delivered"
+            assert script.transactions == [["bob@example.org"]]
+            assert rig.recipients(unnamed)["alice@example.org"].state == "queued"
+            queue.wake_qmgr(sock)  # a wake-up naming nothing (`mailroom queue flush`): a scan
+            for _ in range(100):
+                if rig.recipients(unnamed)["alice@example.org"].state == "delivered":
+                    break
+                await asyncio.sleep(0.05)
+            assert rig.recipients(unnamed)["alice@example.org"].state == "delivered"
+        finally:
+            stop.set()
+            await asyncio.wait_for(serving, 10)
+            transport.close()
+            await rig.close()
+            lmtp.close()
+            await lmtp.wait_closed()
+
+    asyncio.run(go())
+
+
+def test_a_bounce_queued_by_the_settle_goes_out_without_waiting_for_a_scan(rig_args: Any) -> None:
+    async def go() -> None:
+        script = LMTPScript({"carol@example.org": Reply(550, "5.1.1", "No such mailbox")})
+        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(), lmtp=True)
+        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
+        sock = rig_args[0] / "qmgr.sock"
+        transport = await rig.qm.listen(sock)
+        stop = asyncio.Event()
+        async with mx_server(IPS["sender"], rig_args[2], MX()) as sender_mx:
+            serving = asyncio.create_task(rig.qm.serve(stop, poll_interval=3600.0))
+            try:
+                await asyncio.sleep(0.3)
+                queue.wake_qmgr(sock, rig.enqueue(["carol@example.org"]))
+                for _ in range(100):
+                    if sender_mx.received:
+                        break
+                    await asyncio.sleep(0.05)
+                assert len(sender_mx.received) == 1  # the bounce, claimed by its id after the settle
+            finally:
+                stop.set()
+                await asyncio.wait_for(serving, 10)
+                transport.close()
+                await rig.close()
+        lmtp.close()
+        await lmtp.wait_closed()
+
+    asyncio.run(go())
+
+
+def test_the_body_stays_while_a_recipient_outside_the_round_is_unfinished(rig_args: Any) -> None:
+    # A settle that finishes every recipient the claim found unfinished drops the
+    # body without reading the states again; one that does not must leave it.
+    async def go() -> None:
+        script = LMTPScript({})
+        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(), lmtp=True)
+        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
+        trace = rig.enqueue(["alice@example.org", "bob@example.org"])
+        with rig.db.write() as s:  # bob is not due yet: this round takes alice alone
+            s.execute(update(Recipient).where(Recipient.address == "bob@example.org")
+                      .values(next_attempt=rig.clock.now() + dt.timedelta(seconds=60)))
+            s.commit()
+        await rig.run()
+        assert script.transactions == [["alice@example.org"]]
+        with rig.db.read() as s:
+            assert s.get(Message, trace).body is not None  # type: ignore[union-attr]
+        rig.clock.advance(60)
+        await rig.run()
+        assert script.transactions == [["alice@example.org"], ["bob@example.org"]]
+        with rig.db.read() as s:
+            assert s.get(Message, trace).body is None  # type: ignore[union-attr]
         await rig.close()
         lmtp.close()
         await lmtp.wait_closed()

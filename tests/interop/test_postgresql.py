@@ -21,8 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, text
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, func, select, text
 
 from common.clock import SystemClock
 from common.db import Database
@@ -179,11 +178,11 @@ def test_queue_managers_sharing_one_queue_never_deliver_a_recipient_twice(
     class RacingManager(QueueManager):
         first = True
 
-        def _claim(self, s: Session) -> list[queue.Job]:
+        def _claim(self, conn: Connection, traces: list[str] | None = None) -> list[queue.Job]:
             if self.first:
                 self.first = False
                 together.wait(timeout=10)
-            return super()._claim(s)
+            return super()._claim(conn, traces)
 
     async def one_manager(n: int) -> None:
         # Its own engine and pool, as a separate process would have; its own owner tag.
