@@ -351,9 +351,14 @@ async def run(ctx: Context) -> None:
     with contextlib.suppress(FileNotFoundError):
         sock_path.unlink()
     loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_datagram_endpoint(
-        lambda: _Wakeup(qm.wake), local_addr=str(sock_path), family=socket.AF_UNIX
-    )
+    # Bound here and handed over: uvloop takes a Unix datagram socket only as `sock`.
+    wake_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        wake_sock.bind(str(sock_path))
+    except OSError:
+        wake_sock.close()
+        raise
+    transport, _ = await loop.create_datagram_endpoint(lambda: _Wakeup(qm.wake), sock=wake_sock)
     log.info("queue manager running")
     last_checkpoint = loop.time()
     try:

@@ -36,6 +36,7 @@ from base64 import b64decode
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from common import address as addr
 from common import counters, dsn
@@ -144,8 +145,8 @@ class Session(asyncio.Protocol):
     # --- the Protocol side: bytes in, wake the task ------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Not an isinstance check: uvloop's transports do not derive from asyncio's classes.
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.session.peer = peer
         self.session.client_ip = client_address(peer[0]) if isinstance(peer, tuple) and peer else "local"
@@ -155,7 +156,7 @@ class Session(asyncio.Protocol):
         counters.inc(counters.CONNECTIONS, listener=self.listener.name,
                      result="accepted" if self._admitted else "refused")
         if self.listener.implicit_tls:
-            transport.pause_reading()  # the ClientHello is for start_tls, not for us
+            self.transport.pause_reading()  # the ClientHello is for start_tls, not for us
         # A fresh context: the session never inherits a trace id from whoever
         # accepted the connection, and keeps its own from task to task.
         self._task = self._loop.create_task(self._run(), context=contextvars.Context())
