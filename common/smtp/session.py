@@ -42,9 +42,9 @@ import logging
 import ssl
 from base64 import b64decode
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, Generic, TypeVar, cast
 
 from common import address as addr
 from common import counters, dsn
@@ -55,6 +55,7 @@ from common.smtp import wire
 from common.smtp.handler import Handler, MailEnvelope, MailSession
 
 log = logging.getLogger("smtp")
+T = TypeVar("T")
 
 # Replies that end the session (RFC 5321 3.8 for 421; 521 as Postfix says it for bare LF).
 _CLOSING = frozenset({421, 521})
@@ -146,6 +147,7 @@ class Session(asyncio.Protocol):
         self._parked = False  # the task waits for the client's next command
         self._pending: wire.Item | None = None  # read at once, left for the task to execute
         self._waits = _waiting_verbs(type(handler))
+        self._handshake: Awaitable[asyncio.Transport | None] | None = None  # implicit TLS, started
         self._eof = False  # the client will send no more
         self._closing = False  # a closing reply was sent: execute nothing more
         self._paused = False
@@ -176,7 +178,16 @@ class Session(asyncio.Protocol):
         counters.inc(counters.CONNECTIONS, listener=self.listener.name,
                      result="accepted" if self._admitted else "refused")
         if self.listener.implicit_tls:
-            self.transport.pause_reading()  # the ClientHello is for start_tls, not for us
+            # The ClientHello is for the TLS layer, not for us, and uvloop starts
+            # reading when connection_made returns, whatever it asked: so the TLS
+            # layer takes the transport now (its first step, run here), and the
+            # task finishes the handshake.
+            ctx = self.listener.tls_context
+            assert ctx is not None  # serve() refuses implicit TLS without one
+            self._handshake = _started(self._loop.start_tls(
+                self.transport, self, ctx, server_side=True,
+                ssl_handshake_timeout=self.limits.tls_handshake_timeout,
+            ))
         self._task = self._loop.create_task(self._run(), context=self._context)
 
     def data_received(self, data: bytes) -> None:
@@ -545,11 +556,12 @@ class Session(asyncio.Protocol):
         assert ctx is not None
         if transport is None:
             return False
+        handshake, self._handshake = self._handshake, None
         try:
-            new = await self._loop.start_tls(
+            new = await (handshake or self._loop.start_tls(
                 transport, self, ctx, server_side=True,
                 ssl_handshake_timeout=self.limits.tls_handshake_timeout,
-            )
+            ))
         except OSError as exc:  # ssl.SSLError, resets and handshake timeouts are all OSErrors
             log.info("%s: TLS handshake failed: %s", self.session.client_ip, _reason(exc))
             self._closing = True
@@ -836,6 +848,52 @@ def _waiting_verbs(handler: type[Handler]) -> frozenset[bytes]:
             extra.add(b"RCPT")
         verbs = _WAITING_VERBS[handler] = _MAY_WAIT | extra
     return verbs
+
+
+class _Started(Generic[T]):
+    """A coroutine whose first step already ran (see _started); awaiting this finishes it."""
+
+    def __init__(self, coro: Coroutine[Any, Any, T], first: Any) -> None:
+        self._coro = coro
+        self._first = first
+
+    def __await__(self) -> Generator[Any, Any, T]:
+        coro, out = self._coro, self._first
+        while True:
+            try:
+                sent = yield out  # what the coroutine waits for, waited for by our task
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # cancelled, say: the coroutine hears of it
+                try:
+                    out = coro.throw(exc)
+                except StopIteration as stop:
+                    return cast(T, stop.value)
+            else:
+                try:
+                    out = coro.send(sent)
+                except StopIteration as stop:
+                    return cast(T, stop.value)
+
+
+async def _result(value: T) -> T:
+    return value
+
+
+async def _raise(exc: BaseException) -> Any:
+    raise exc
+
+
+def _started(coro: Coroutine[Any, Any, T]) -> Awaitable[T]:
+    """Run `coro`'s first step now, from a callback; the rest when the result is awaited."""
+    try:
+        first = coro.send(None)
+    except StopIteration as stop:
+        return _result(cast(T, stop.value))
+    except Exception as exc:  # raised where it is awaited, as if it had run there
+        return cast(Awaitable[T], _raise(exc))
+    return _Started(coro, first)
 
 
 def _wire_form(reply: Reply, more: tuple[str, ...]) -> bytes:
