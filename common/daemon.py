@@ -172,7 +172,7 @@ def loop_choice(environ: Mapping[str, str] = os.environ) -> str:
 def loop_factory(environ: Mapping[str, str] = os.environ) -> Callable[[], asyncio.AbstractEventLoop]:
     """What makes the daemons' event loop (see loop_choice)."""
     if loop_choice(environ) == "asyncio":
-        return asyncio.new_event_loop
+        return asyncio.SelectorEventLoop  # asyncio's own, whatever event loop policy is set
     import uvloop  # only here: MAILROOM_EVENT_LOOP=asyncio does not need it importable
 
     new_loop: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
