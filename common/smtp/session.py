@@ -147,7 +147,7 @@ class Session(asyncio.Protocol):
         self._parked = False  # the task waits for the client's next command
         self._pending: wire.Item | None = None  # read at once, left for the task to execute
         self._waits = _waiting_verbs(type(handler))
-        self._handshake: Awaitable[asyncio.Transport | None] | None = None  # implicit TLS, started
+        self._handshake: _Started[asyncio.Transport | None] | None = None  # implicit TLS, started
         self._eof = False  # the client will send no more
         self._closing = False  # a closing reply was sent: execute nothing more
         self._paused = False
@@ -184,7 +184,7 @@ class Session(asyncio.Protocol):
             # task finishes the handshake.
             ctx = self.listener.tls_context
             assert ctx is not None  # serve() refuses implicit TLS without one
-            self._handshake = _started(self._loop.start_tls(
+            self._handshake = _Started(self._loop.start_tls(
                 self.transport, self, ctx, server_side=True,
                 ssl_handshake_timeout=self.limits.tls_handshake_timeout,
             ))
@@ -851,13 +851,27 @@ def _waiting_verbs(handler: type[Handler]) -> frozenset[bytes]:
 
 
 class _Started(Generic[T]):
-    """A coroutine whose first step already ran (see _started); awaiting this finishes it."""
+    """A coroutine whose first step runs now, from a callback (say, connection_made);
+    awaiting this, in a task, runs the rest and gives its result."""
 
-    def __init__(self, coro: Coroutine[Any, Any, T], first: Any) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
         self._coro = coro
-        self._first = first
+        self._first: Any = None
+        self._result: T | None = None
+        self._error: BaseException | None = None
+        self._done = False
+        try:
+            self._first = coro.send(None)
+        except StopIteration as stop:
+            self._done, self._result = True, cast(T, stop.value)
+        except Exception as exc:  # raised where it is awaited, as if it had run there
+            self._done, self._error = True, exc
 
     def __await__(self) -> Generator[Any, Any, T]:
+        if self._done:
+            if self._error is not None:
+                raise self._error
+            return cast(T, self._result)
         coro, out = self._coro, self._first
         while True:
             try:
@@ -875,25 +889,6 @@ class _Started(Generic[T]):
                     out = coro.send(sent)
                 except StopIteration as stop:
                     return cast(T, stop.value)
-
-
-async def _result(value: T) -> T:
-    return value
-
-
-async def _raise(exc: BaseException) -> Any:
-    raise exc
-
-
-def _started(coro: Coroutine[Any, Any, T]) -> Awaitable[T]:
-    """Run `coro`'s first step now, from a callback; the rest when the result is awaited."""
-    try:
-        first = coro.send(None)
-    except StopIteration as stop:
-        return _result(cast(T, stop.value))
-    except Exception as exc:  # raised where it is awaited, as if it had run there
-        return cast(Awaitable[T], _raise(exc))
-    return _Started(coro, first)
 
 
 def _wire_form(reply: Reply, more: tuple[str, ...]) -> bytes:
