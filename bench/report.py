@@ -122,11 +122,14 @@ def render_table(runs: list[Run], listener: dict[str, Any] | None) -> tuple[str,
     if listener is not None:
         section(f"7. listener alone: smtp-source -s {listener['sessions']} -m {listener['messages']},"
                 " discard sinks (higher is better)")
-        for sink in ("engine", "aiosmtpd", "smtp-sink"):
-            rows.append((f"   {sink}", _cell(listener["rates_per_s"][sink], "msg/s"), "", ""))
-        for sink in ("engine", "aiosmtpd", "smtp-sink"):
+        sinks = [s for s in ("engine", "aiosmtpd", "smtp-sink", "aiosmtpd-uvloop") if s in listener["rates_per_s"]]
+        loop_of = listener.get("loops", {})
+        for sink in sinks:
+            on = f" ({loop_of[sink]})" if sink in loop_of else ""
+            rows.append((f"   {sink}{on}", _cell(listener["rates_per_s"][sink], "msg/s"), "", ""))
+        for sink in sinks:
             rows.append((f"   {sink} CPU per message", _cell(listener["cpu_ms_per_msg"][sink], "ms"), "", ""))
-        rows.append(("   engine / aiosmtpd", _cell(listener["ratios"], ""), "", ""))
+        rows.append(("   engine / aiosmtpd (stock, asyncio's loop)", _cell(listener["ratios"], ""), "", ""))
 
     head = ("", f"{M} median [range]", f"{P} median [range]", "ratio")
     widths = [max(len(row_[i]) for row_ in [*rows, head]) for i in range(4)]

@@ -15,6 +15,11 @@ One order for every daemon, so no daemon can get it wrong:
 7. run the service (it serves on the bound sockets) until SIGTERM/SIGINT,
    then let it drain.
 
+The event loop is uvloop's (libuv; transports, handles and the poller in C:
+the listener's per-connection cost is mostly the loop's), unless the
+environment says `MAILROOM_EVENT_LOOP=asyncio`: asyncio's own loop, for an
+operator who needs to rule the loop out.
+
 A failure in 1-6 is one line on stderr and a non-zero exit, never a traceback:
 supervisord and the operator see why at once.  A daemon's __main__ is a few lines.
 """
@@ -30,9 +35,9 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from sqlalchemy.engine import make_url
 
@@ -53,6 +58,12 @@ log = logging.getLogger("daemon")
 # for a listener that cannot be bound (supervisord and systemd show the number).
 EXIT_CONFIG = 78
 EXIT_BIND = 73
+
+# The event loop every daemon runs on (see the module docstring).
+LOOP_VARIABLE = "MAILROOM_EVENT_LOOP"
+LOOPS = ("uvloop", "asyncio")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -165,6 +176,7 @@ def main(
         raise SystemExit(2) from None
     logmod.setup(process, cfg.mailroom.log_level, cfg.mailroom.log_format)
     try:
+        new_loop = loop_factory()
         ctx = _prepare(cfg, listeners, tls=tls, writes_mail=writes_mail, preload=preload, instance=instance)
     except BindError as exc:
         _cannot_start(str(exc), EXIT_BIND)
@@ -172,9 +184,37 @@ def main(
         _cannot_start(f"{process}: {exc}", EXIT_CONFIG)
     try:
         # Each process of a shared daemon keeps its own counters file; the web program sums them.
-        asyncio.run(_run(process if instance is None else f"{process}_{instance}", service, ctx))
+        name = process if instance is None else f"{process}_{instance}"
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            runner.run(_run(name, service, ctx))
     finally:
         ctx.db.close()
+
+
+def loop_choice(environ: Mapping[str, str] = os.environ) -> str:
+    """The event loop the daemons run on: "uvloop", or "asyncio" when
+    MAILROOM_EVENT_LOOP=asyncio; StartError for any other value."""
+    choice = environ.get(LOOP_VARIABLE, "") or "uvloop"
+    if choice not in LOOPS:
+        raise StartError(f"{LOOP_VARIABLE}={choice}: must be one of {', '.join(LOOPS)}")
+    return choice
+
+
+def loop_factory(environ: Mapping[str, str] = os.environ) -> Callable[[], asyncio.AbstractEventLoop]:
+    """What makes the daemons' event loop (see loop_choice)."""
+    if loop_choice(environ) == "asyncio":
+        return asyncio.SelectorEventLoop  # asyncio's own, whatever event loop policy is set
+    import uvloop  # only here: MAILROOM_EVENT_LOOP=asyncio does not need it importable
+
+    new_loop: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return new_loop
+
+
+def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run `main` to its end on the loop the daemons use (for tools that serve the
+    way a daemon does, such as the listener benchmark's engine sink)."""
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return runner.run(main)
 
 
 def _cannot_start(line: str, status: int) -> NoReturn:
@@ -240,7 +280,7 @@ async def _run(process: str, service: Service, ctx: Context) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, ctx.stop.set)
-    log.info("starting")
+    log.info("starting (event loop: %s)", "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio")
     # Counted in memory, saved for the web program's /metrics (common/counters.py).
     async with counters.saved(ctx.config.run_dir / "metrics" / f"{process}.json"):
         await service(ctx)

@@ -159,6 +159,10 @@ class Client:
         return await self.read_reply()
 
     async def _write(self, data: bytes) -> None:
+        # Asked first: uvloop raises RuntimeError for a write to a closed transport
+        # where asyncio's own loop drops it and the drain reports the loss.
+        if self.writer.transport.is_closing():
+            raise NextHopError(Reply(451, "4.4.2", f"Lost {self.peer}: connection closed"))
         try:
             self.writer.write(data)
             await asyncio.wait_for(self.writer.drain(), self.timeout)

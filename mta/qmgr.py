@@ -160,9 +160,14 @@ class QueueManager:
         """Bind the wake-up socket (a datagram socket at `path`)."""
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-            lambda: _Wakeup(self), local_addr=str(path), family=socket.AF_UNIX
-        )
+        # Bound here and handed over: uvloop takes a Unix datagram socket only as `sock`.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(str(path))
+        except OSError:
+            sock.close()
+            raise
+        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(lambda: _Wakeup(self), sock=sock)
         return transport
 
     async def serve(

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.suite import Installation, running
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The daemons' processes run on uvloop unless MAILROOM_EVENT_LOOP=asyncio;
+    # MAILROOM_EVENT_LOOP=uvloop puts the in-process tests' loops on it as well.
+    if os.environ.get("MAILROOM_EVENT_LOOP") == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 @pytest.fixture

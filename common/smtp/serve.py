@@ -76,12 +76,46 @@ async def serve(
     def factory() -> Session:
         return Session(make_handler(), listener)
 
-    # One asyncio.Server over every address (TCP of either family, Unix), as
-    # loop.create_server builds for a host that resolves to several: callers
-    # close, wait for and inspect one server per listener setting.
-    server = asyncio.Server(asyncio.get_running_loop(), bound, factory, None, BACKLOG, None)
-    await server.start_serving()
-    return server
+    # Through the loop's public create_server, one per address: uvloop serves only
+    # what it made itself.  Callers close, wait for and inspect one server per
+    # listener setting, as for a host name that resolves to several addresses.
+    loop = asyncio.get_running_loop()
+    servers = [await loop.create_server(factory, sock=sock, backlog=BACKLOG) for sock in bound]
+    return servers[0] if len(servers) == 1 else Servers(loop, servers)
+
+
+class Servers(asyncio.Server):
+    """Several servers (one per address of a listener setting) as one."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, servers: list[asyncio.Server]) -> None:
+        # asyncio.Server's own state is not used: every call goes to the parts.
+        self._loop = loop
+        self._parts = servers
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return any(s.is_serving() for s in self._parts)
+
+    @property
+    def sockets(self) -> tuple[Any, ...]:
+        return tuple(sock for s in self._parts for sock in s.sockets)
+
+    def close(self) -> None:
+        for s in self._parts:
+            s.close()
+
+    async def start_serving(self) -> None:
+        for s in self._parts:
+            await s.start_serving()
+
+    async def serve_forever(self) -> None:
+        await asyncio.gather(*(s.serve_forever() for s in self._parts))
+
+    async def wait_closed(self) -> None:
+        for s in self._parts:
+            await s.wait_closed()
 
 
 def address_of(sock: socket.socket) -> str:

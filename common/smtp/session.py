@@ -1,11 +1,19 @@
 """One SMTP or LMTP session, greeting to QUIT: every command, in one place.
 
-The session is an asyncio Protocol.  `data_received` only feeds the wire
-reader (common.smtp.wire) and wakes the session's one task, which pulls
-commands one at a time, asks the handler (common.smtp.handler) what it thinks
-and answers.  So a pipelined batch is executed in order, and nothing after a
-closing reply is ever executed: the reader is emptied and no further command
-is pulled.
+The session is an asyncio Protocol.  `data_received` feeds the wire reader
+(common.smtp.wire); commands are pulled from it one at a time, in order, and
+executed by the same code whichever way they come:
+
+- while the session's one task waits for the client, what needs no waiting
+  (HELO/EHLO, RSET, NOOP, QUIT, DATA's 354, an unknown command, and MAIL and
+  RCPT when the handler has no hook for them) is executed at once, from
+  `data_received`: no task wake-up per command;
+- the first command that may wait (STARTTLS, AUTH, BDAT, a handler's MAIL or
+  RCPT, the end of a message: the handler's verdict) is handed to the task,
+  which executes it and everything after it until it waits for the client again.
+
+So a pipelined batch is executed in order, and nothing after a closing reply
+is ever executed: the reader is emptied and no further command is pulled.
 
 `_reply` is the only place a reply is made (`_flush` puts what it made on the
 wire: at once, or, for pipelined commands, together in one write).  It counts the client's
@@ -34,8 +42,9 @@ import logging
 import ssl
 from base64 import b64decode
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar, cast
 
 from common import address as addr
 from common import counters, dsn
@@ -46,6 +55,7 @@ from common.smtp import wire
 from common.smtp.handler import Handler, MailEnvelope, MailSession
 
 log = logging.getLogger("smtp")
+T = TypeVar("T")
 
 # Replies that end the session (RFC 5321 3.8 for 421; 521 as Postfix says it for bare LF).
 _CLOSING = frozenset({421, 521})
@@ -59,6 +69,11 @@ _LINGER = 2.0
 _BEFORE_TLS = frozenset({b"NOOP", b"EHLO", b"HELO", b"LHLO", b"STARTTLS", b"QUIT", b"RSET", b"AUTH", b"HELP"})
 # Commands allowed while a BDAT transaction is open (RFC 3030 2).
 _DURING_BDAT = frozenset({b"BDAT", b"RSET", b"QUIT", b"NOOP"})
+# Commands that may wait for something (a TLS handshake, the client's next line)
+# and so always run in the session's task; MAIL and RCPT join them when the
+# handler has a hook for them (see _waiting_verbs).
+_MAY_WAIT = frozenset({b"STARTTLS", b"AUTH", b"BDAT"})
+_WAITING_VERBS: dict[type, frozenset[bytes]] = {}
 # The wire form of replies already written once.  Most replies are the same few
 # constants, and formatting and encoding each again is per-command work; the
 # size bound keeps replies with variable text from growing it without end.
@@ -125,6 +140,14 @@ class Session(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        # A fresh context: the session never inherits a trace id from whoever
+        # accepted the connection, and keeps its own, in its task and in what
+        # data_received executes at once alike.
+        self._context = contextvars.Context()
+        self._parked = False  # the task waits for the client's next command
+        self._pending: wire.Item | None = None  # read at once, left for the task to execute
+        self._waits = _waiting_verbs(type(handler))
+        self._handshake: _Started[asyncio.Transport | None] | None = None  # implicit TLS, started
         self._eof = False  # the client will send no more
         self._closing = False  # a closing reply was sent: execute nothing more
         self._paused = False
@@ -144,8 +167,8 @@ class Session(asyncio.Protocol):
     # --- the Protocol side: bytes in, wake the task ------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Not an isinstance check: uvloop's transports do not derive from asyncio's classes.
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.session.peer = peer
         self.session.client_ip = client_address(peer[0]) if isinstance(peer, tuple) and peer else "local"
@@ -155,10 +178,17 @@ class Session(asyncio.Protocol):
         counters.inc(counters.CONNECTIONS, listener=self.listener.name,
                      result="accepted" if self._admitted else "refused")
         if self.listener.implicit_tls:
-            transport.pause_reading()  # the ClientHello is for start_tls, not for us
-        # A fresh context: the session never inherits a trace id from whoever
-        # accepted the connection, and keeps its own from task to task.
-        self._task = self._loop.create_task(self._run(), context=contextvars.Context())
+            # The ClientHello is for the TLS layer, not for us, and uvloop starts
+            # reading when connection_made returns, whatever it asked: so the TLS
+            # layer takes the transport now (its first step, run here), and the
+            # task finishes the handshake.
+            ctx = self.listener.tls_context
+            assert ctx is not None  # serve() refuses implicit TLS without one
+            self._handshake = _Started(self._loop.start_tls(
+                self.transport, self, ctx, server_side=True,
+                ssl_handshake_timeout=self.limits.tls_handshake_timeout,
+            ))
+        self._task = self._loop.create_task(self._run(), context=self._context)
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -168,7 +198,10 @@ class Session(asyncio.Protocol):
         if self.reader.buffered > _HIGH_WATER and self.transport is not None and not self._paused:
             self._paused = True
             self.transport.pause_reading()
-        self._wake()
+        if self._parked and self._pending is None:
+            self._context.run(self._execute_at_once)
+        else:
+            self._wake()
 
     def eof_received(self) -> bool | None:
         self._eof = True
@@ -189,24 +222,69 @@ class Session(asyncio.Protocol):
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
-    async def _next(self) -> wire.Item | None:
-        """The next thing the client sent, or None when it is gone (or we closed)."""
+    async def _next(self, *, command: bool = False) -> wire.Item | None:
+        """The next thing the client sent, or None when it is gone (or we closed).
+
+        `command`: the session waits for its next command, so data_received may
+        execute what needs no waiting at once (see _execute_at_once)."""
         while not self._closing:
+            item = self._pending
+            if item is not None:
+                self._pending = None
+                return item
             item = self.reader.next()
             if item is not None:
                 return item
             if self._eof:
                 return None
-            if self._out:
-                self._flush()
-            if self._paused and self.transport is not None:
-                self._paused = False
-                self.transport.resume_reading()
-            self._last_input = self._loop.time()  # idle time counts from here
+            self._waiting()
             self._wakeup = self._loop.create_future()
-            await self._wakeup
-            self._wakeup = None
+            self._parked = command
+            try:
+                await self._wakeup
+            finally:
+                self._wakeup = None
+                self._parked = False
         return None
+
+    def _waiting(self) -> None:
+        """Everything read is executed: answer it, and read more."""
+        if self._out:
+            self._flush()
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        self._last_input = self._loop.time()  # idle time counts from here
+
+    def _execute_at_once(self) -> None:
+        """While the task waits for a command: execute, here and now, the commands
+        read that need no waiting; hand the first one that may wait to the task."""
+        try:
+            while not self._closing:
+                item = self.reader.next()
+                if item is None:
+                    self._waiting()
+                    return
+                if not self._at_once(item):
+                    self._pending = item
+                    break
+                step = self._item(item)
+                try:
+                    step.send(None)
+                except StopIteration:
+                    continue
+                step.close()  # _at_once let through something that waits: a bug here
+                raise RuntimeError(f"executing {item!r} at once had to wait")
+        except Exception:
+            log.exception("%s: session failed", self.session.client_ip)
+            self._reply(R.LOCAL_ERROR_CLOSING)
+        self._wake()
+
+    def _at_once(self, item: wire.Item) -> bool:
+        """True when executing `item` cannot wait for anything."""
+        if type(item) is wire.Command:
+            return item.line.partition(b" ")[0].upper() not in self._waits
+        return type(item) is wire.LineTooLong or type(item) is wire.BareLineEnding
 
     # --- the one place replies are written ------------------------------------------------
 
@@ -336,7 +414,7 @@ class Session(asyncio.Protocol):
                 # A pipelined command already read needs no trip through _next.
                 item = self.reader.next()
                 if item is None:
-                    item = await self._next()
+                    item = await self._next(command=True)
                     if item is None:
                         break
                 await self._item(item)
@@ -371,7 +449,9 @@ class Session(asyncio.Protocol):
             self._reply(R.BARE_LINE_ENDING)
         elif isinstance(item, wire.LineTooLong):
             self._reply(R.LINE_TOO_LONG)
-        else:  # a message or chunk outside DATA/BDAT cannot happen
+        elif isinstance(item, wire.Message):  # the end of DATA: the reader was told after the 354
+            await self._deliver(item)
+        else:  # a chunk outside BDAT cannot happen
             raise AssertionError(f"unexpected {item!r}")
 
     async def _command(self, line: bytes) -> None:
@@ -476,11 +556,12 @@ class Session(asyncio.Protocol):
         assert ctx is not None
         if transport is None:
             return False
+        handshake, self._handshake = self._handshake, None
         try:
-            new = await self._loop.start_tls(
+            new = await (handshake or self._loop.start_tls(
                 transport, self, ctx, server_side=True,
                 ssl_handshake_timeout=self.limits.tls_handshake_timeout,
-            )
+            ))
         except OSError as exc:  # ssl.SSLError, resets and handshake timeouts are all OSErrors
             log.info("%s: TLS handshake failed: %s", self.session.client_ip, _reason(exc))
             self._closing = True
@@ -657,14 +738,9 @@ class Session(asyncio.Protocol):
         if self.envelope.body_type == "BINARYMIME":
             raise SMTPError(R.BINARYMIME_NEEDS_BDAT)
         self._reply(R.START_DATA)
+        # What follows is the message: the reader's next item is its end (or a bare
+        # CR or LF, which ends the session), executed like any other (_item).
         self.reader.start_data()
-        item = await self._next()
-        if item is None:
-            return
-        if not isinstance(item, wire.Message):  # a bare CR or LF
-            await self._item(item)
-            return
-        await self._deliver(item)
 
     async def _bdat(self, arg: str) -> None:
         size_text, _, last_text = arg.partition(" ")
@@ -760,6 +836,59 @@ _COMMANDS: dict[bytes, Callable[[Session, str], Awaitable[None]]] = {
     b"BDAT": Session._bdat, b"RSET": Session._rset, b"NOOP": Session._noop, b"VRFY": Session._vrfy,
     b"HELP": Session._help, b"QUIT": Session._quit,
 }  # fmt: skip
+
+
+def _waiting_verbs(handler: type[Handler]) -> frozenset[bytes]:
+    """The commands that may wait with this kind of handler: MAIL and RCPT too
+    when it has a hook for them (its own `mail` or `rcpt`)."""
+    verbs = _WAITING_VERBS.get(handler)
+    if verbs is None:
+        extra = {b"MAIL"} if handler.mail is not Handler.mail else set()
+        if handler.rcpt is not Handler.rcpt:
+            extra.add(b"RCPT")
+        verbs = _WAITING_VERBS[handler] = _MAY_WAIT | extra
+    return verbs
+
+
+class _Started(Generic[T]):
+    """A coroutine whose first step runs now, from a callback (say, connection_made);
+    awaiting this, in a task, runs the rest and gives its result."""
+
+    def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
+        self._coro = coro
+        self._first: Any = None
+        self._result: T | None = None
+        self._error: BaseException | None = None
+        self._done = False
+        try:
+            self._first = coro.send(None)
+        except StopIteration as stop:
+            self._done, self._result = True, cast(T, stop.value)
+        except Exception as exc:  # raised where it is awaited, as if it had run there
+            self._done, self._error = True, exc
+
+    def __await__(self) -> Generator[Any, Any, T]:
+        if self._done:
+            if self._error is not None:
+                raise self._error
+            return cast(T, self._result)
+        coro, out = self._coro, self._first
+        while True:
+            try:
+                sent = yield out  # what the coroutine waits for, waited for by our task
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # cancelled, say: the coroutine hears of it
+                try:
+                    out = coro.throw(exc)
+                except StopIteration as stop:
+                    return cast(T, stop.value)
+            else:
+                try:
+                    out = coro.send(sent)
+                except StopIteration as stop:
+                    return cast(T, stop.value)
 
 
 def _wire_form(reply: Reply, more: tuple[str, ...]) -> bytes:

@@ -29,6 +29,21 @@ class Accept(Handler):
         return [R.OK.with_text(f"delivered to {r}") for r in envelope.rcpt_tos]
 
 
+class _CountingTransport:
+    """The session's transport, with every write recorded in `writes`."""
+
+    def __init__(self, inner: Any, writes: list[bytes]) -> None:
+        self._inner = inner
+        self._writes = writes
+
+    def write(self, data: bytes) -> None:
+        self._writes.append(bytes(data))
+        self._inner.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 async def _serve(lmtp: bool) -> tuple[socket.socket, list[bytes]]:
     """A session on one end of a socket pair; returns the other end and the list of writes."""
     loop = asyncio.get_running_loop()
@@ -37,14 +52,8 @@ async def _serve(lmtp: bool) -> tuple[socket.socket, list[bytes]]:
 
     class Counting(Session):
         def connection_made(self, transport: Any) -> None:
-            original = transport.write
-
-            def write(data: bytes) -> None:
-                writes.append(bytes(data))
-                original(data)
-
-            transport.write = write
-            super().connection_made(transport)
+            # A stand-in that counts: uvloop's transports do not let `write` be replaced.
+            super().connection_made(_CountingTransport(transport, writes))
 
     listener = Listener(hostname="engine.test", limits=Limits(), connections=Connections(), lmtp=lmtp)
     await loop.connect_accepted_socket(lambda: Counting(Accept(), listener), server_end)
