@@ -12,7 +12,7 @@ import pytest
 from common import reply as R
 from common.reply import Reply
 from common.smtp import Handler, Limits, MailEnvelope, MailSession, serve
-from tests.adversarial.dialogue import CLOSED, Session, line, play
+from tests.harness.client import CLOSED, Client, line, play
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -54,8 +54,8 @@ def port() -> Iterator[int]:
         loop.close()
 
 
-def _open(port: int) -> Session:
-    return Session(socket.create_connection(("127.0.0.1", port), timeout=10))
+def _open(port: int) -> Client:
+    return Client(socket.create_connection(("127.0.0.1", port), timeout=10))
 
 
 def test_the_idle_timeout_counts_only_the_clients_silence(port: int) -> None:

@@ -27,7 +27,7 @@ from common.endpoint import Endpoint
 from common.reply import Reply
 from common.smtp import Handler, Limits, MailEnvelope, MailSession, serve
 from common.tls import make_self_signed, server_context
-from tests.adversarial.dialogue import CLOSED, STARTTLS_HANDSHAKE, Session, line, play
+from tests.harness.client import CLOSED, STARTTLS_HANDSHAKE, Client, line, play
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -112,7 +112,7 @@ def test_the_engine_runs_on_uvloop(uv: UVLoop) -> None:
 
 def test_starttls_on_uvloop_discards_what_was_pipelined_after_it(uv: UVLoop, tls: ssl.SSLContext) -> None:
     port = _port(uv.serve("127.0.0.1:0", tls_context=tls))
-    s = Session.open(port)
+    s = Client.connect(port)
     try:
         play(s, [
             (None, "220 "), (line("EHLO client.example"), "250 "),
@@ -133,7 +133,7 @@ def test_starttls_on_uvloop_discards_what_was_pipelined_after_it(uv: UVLoop, tls
 
 def test_implicit_tls_on_uvloop(uv: UVLoop, tls: ssl.SSLContext) -> None:
     port = _port(uv.serve("127.0.0.1:0", tls_context=tls, implicit_tls=True))
-    s = Session.open(port, implicit_tls=True)
+    s = Client.connect(port, tls=True)
     try:
         play(s, [
             (None, "220 engine.test"), (line("EHLO client.example"), "250 "),
@@ -151,7 +151,7 @@ def test_a_unix_socket_listener_on_uvloop(uv: UVLoop, tmp_path: Path) -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(10)
     sock.connect(str(path))
-    s = Session(sock)
+    s = Client(sock)
     try:
         play(s, [
             (None, "220 engine.test LMTP"), (line("LHLO client.example"), "250 "),
@@ -174,7 +174,7 @@ def test_one_setting_on_an_ipv4_and_an_ipv6_address_on_uvloop(uv: UVLoop) -> Non
     assert [family for family, _ in addresses] == [socket.AF_INET, socket.AF_INET6]
     for family, port in addresses:
         host = "127.0.0.1" if family == socket.AF_INET else "::1"
-        s = Session(socket.create_connection((host, port), timeout=10))
+        s = Client(socket.create_connection((host, port), timeout=10))
         try:
             play(s, [(None, "220 engine.test"), (line("QUIT"), "221 "), (None, CLOSED)])
         finally:
@@ -191,7 +191,7 @@ def test_one_setting_on_an_ipv4_and_an_ipv6_address_on_uvloop(uv: UVLoop) -> Non
 
 def test_a_pipelined_batch_through_a_waiting_hook_keeps_its_order_on_uvloop(uv: UVLoop) -> None:
     port = _port(uv.serve("127.0.0.1:0"))
-    s = Session(socket.create_connection(("127.0.0.1", port), timeout=10))
+    s = Client(socket.create_connection(("127.0.0.1", port), timeout=10))
     try:
         play(s, [
             (None, "220 "),
@@ -219,7 +219,7 @@ def test_implicit_tls_when_the_clienthello_is_waiting_before_the_loop_accepts(uv
 
     def client() -> None:
         try:
-            s = Session.open(port, implicit_tls=True)  # the handshake: sent at once, read when the loop is back
+            s = Client.connect(port, tls=True)  # the handshake: sent at once, read when the loop is back
             try:
                 greetings.append(s.sock.recv(100)[:4])
             finally:
