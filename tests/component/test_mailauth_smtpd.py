@@ -24,6 +24,7 @@ from mta import checks, dkim
 from mta.authdns import SyncResolver
 from tests.harness.services import Stack
 from tests.support.dns_server import DNSServer
+from tests.support.ports import free_port
 from tests.support.suite import Installation
 
 pytestmark = pytest.mark.timeout(60)
@@ -264,11 +265,7 @@ def test_dnsbl_is_off_by_default(mta: MTA, dns_server: DNSServer) -> None:
 
 @pytest.mark.parametrize(("when_down", "expect"), [("accept_unscanned", 250), ("defer", 451)])
 def test_filter_down(inst: Installation, records: dict[str, Any], tmp_path: Path, when_down: str, expect: int) -> None:
-    import socket
-
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     server = MTA(inst, filter={"rspamd": f"127.0.0.1:{port}", "when_down": when_down, "timeout": 5.0})
     try:
         msg = dkim.sign(outside_message(), []) + outside_message()

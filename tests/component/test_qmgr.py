@@ -38,6 +38,7 @@ from mta.delivery import LocalDelivery, RemoteDelivery
 from mta.qmgr import Policy, QueueManager
 from mta.routing import make_resolver
 from tests.support.dns_server import DNSServer
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -71,8 +72,8 @@ def port() -> int:
         with contextlib.ExitStack() as stack:
             socks = [stack.enter_context(socket.socket()) for _ in IPS]
             try:
-                socks[0].bind((IPS["ok"], 0))
-                p = int(socks[0].getsockname()[1])
+                p = free_port(IPS["ok"])
+                socks[0].bind((IPS["ok"], p))
                 for s, ip in zip(socks[1:], list(IPS.values())[1:], strict=True):
                     s.bind((ip, p))
                 return p
@@ -542,17 +543,11 @@ def test_transport_map_overrides_mx(rig_args: Any) -> None:
     asyncio.run(go())
 
 
-def _relay_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_relayhost_with_auth_over_verified_tls(rig_args: Any, tls_files: tuple[Path, Path]) -> None:
     async def go() -> None:
         tmp, dns, port = rig_args
         # The relay's certificate names 127.0.0.1; the CA file is that self-signed certificate.
-        relay_port = _relay_port()
+        relay_port = free_port()
         relay = f"127.0.0.1:{relay_port}"
         ca = str(tls_files[0])
         rig = Rig(tmp, dns, port, relayhost=relay, relayhost_auth=("relayuser", "s3cret"), relayhost_ca_file=ca)
@@ -579,7 +574,7 @@ def test_relayhost_certificate_is_verified_by_default(rig_args: Any, tls_files: 
     """A relay whose certificate no known CA signed (anyone in the middle) gets neither mail nor password."""
     async def go() -> None:
         tmp, dns, port = rig_args
-        relay_port = _relay_port()
+        relay_port = free_port()
         rig = Rig(tmp, dns, port, relayhost=f"127.0.0.1:{relay_port}", relayhost_auth=("relayuser", "s3cret"))
         async with mx_server("127.0.0.1", relay_port, MX(), tls=tls_files, auth=True) as smart:
             trace = rig.enqueue(["x@ok.test"])
@@ -596,7 +591,7 @@ def test_relayhost_certificate_is_verified_by_default(rig_args: Any, tls_files: 
 def test_relayhost_without_starttls_never_gets_the_password(rig_args: Any) -> None:
     async def go() -> None:
         tmp, dns, port = rig_args
-        relay_port = _relay_port()
+        relay_port = free_port()
         rig = Rig(tmp, dns, port, relayhost=f"127.0.0.1:{relay_port}", relayhost_auth=("relayuser", "s3cret"))
         async with mx_server("127.0.0.1", relay_port, MX(), auth=True) as smart:
             trace = rig.enqueue(["x@ok.test"])
@@ -614,7 +609,7 @@ def test_relayhost_verification_is_off_only_when_the_operator_says_so(
 ) -> None:
     async def go() -> None:
         tmp, dns, port = rig_args
-        relay_port = _relay_port()
+        relay_port = free_port()
         rig = Rig(tmp, dns, port, relayhost=f"127.0.0.1:{relay_port}", relayhost_auth=("relayuser", "s3cret"),
                   relayhost_tls_verify=False)
         async with mx_server("127.0.0.1", relay_port, MX(), tls=tls_files, auth=True) as smart:
