@@ -40,7 +40,7 @@ class MDA:
     def __init__(self, inst: Installation, limits: Limits | None = None) -> None:
         self.limits = limits or Limits(max_message_size=1024 * 1024)
         self.stack = Stack(inst)
-        ctx = self.stack.context()
+        self.ctx = ctx = self.stack.context()
         self.port = self.stack.listen(
             lambda: LMTPHandler(DeliveryPolicy.from_config(ctx.config), ctx.db), limits=self.limits, lmtp=True
         )
