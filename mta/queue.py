@@ -14,6 +14,7 @@ only code that changes queue state.
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import hashlib
 import os
@@ -601,6 +602,7 @@ def wake_qmgr(path: os.PathLike[str] | str, trace: str = "") -> None:
             # One socket for the process, not three system calls more per message.
             _wake_socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             _wake_socket.setblocking(False)
+            atexit.register(_wake_socket.close)
         target = os.fspath(path)
         if _wake_lost:
             _wake_socket.sendto(SCAN, target)

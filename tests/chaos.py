@@ -101,18 +101,20 @@ class Submitter:
         self.client: Client | None = None
 
     def _open(self) -> Client:
-        if self.via == "msa":
-            c = Client.session(self.inst.ports["submission"], timeout=30)
-            for step in ("EHLO chaos.example", "STARTTLS"):
-                if c.cmd(step).code not in (220, 250):
-                    raise OSError(f"{step}: {c.transcript[-1]}")
-            c.starttls()
-            if c.cmd("EHLO chaos.example").code != 250 or c.auth_plain("alice@example.org", PASSWORD).code != 235:
+        c = Client.session(self.inst.ports["submission" if self.via == "msa" else "smtp"], timeout=30)
+        try:
+            if self.via == "msa":
+                for step in ("EHLO chaos.example", "STARTTLS"):
+                    if c.cmd(step).code not in (220, 250):
+                        raise OSError(f"{step}: {c.transcript[-1]}")
+                c.starttls()
+                if c.cmd("EHLO chaos.example").code != 250 or c.auth_plain("alice@example.org", PASSWORD).code != 235:
+                    raise OSError(f"no session: {c.transcript[-1]}")
+            elif c.greeting.code != 220 or c.cmd("EHLO chaos.example").code != 250:
                 raise OSError(f"no session: {c.transcript[-1]}")
-        else:
-            c = Client.session(self.inst.ports["smtp"], timeout=30)
-            if c.greeting.code != 220 or c.cmd("EHLO chaos.example").code != 250:
-                raise OSError(f"no session: {c.transcript[-1]}")
+        except BaseException:
+            c.close()  # a daemon killed mid-greeting: the socket must not be left open
+            raise
         c.transcript = _Forgetful()  # thousands of messages: keep no transcript
         return c
 
