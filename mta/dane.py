@@ -202,10 +202,10 @@ async def _host(resolver: PolicyResolver, name: str) -> HostTLSA:
         return HostTLSA(FAILED, reason=f"the TLSA lookup at {qname} failed: {exc}")
     if not answer.validated:
         return HostTLSA(NO_DANE, reason=f"the TLSA answer at {qname} is not DNSSEC-validated")
-    if not answer.records:
+    if not answer.records and not answer.malformed:
         return HostTLSA(NO_DANE, reason=f"no TLSA records at {qname}")
     usable, bad = split_records(answer.records)
-    for line in bad:
+    for line in (*bad, *(f"malformed: {m}" for m in answer.malformed)):
         log.warning("DANE: unusable TLSA record at %s: %s", qname, line)
     if not usable:
         return HostTLSA(UNUSABLE, (), tuple(answer.records),

@@ -475,7 +475,7 @@ def _outbound_tls(ctx: Context) -> tuple[Planner, tlsrpt.Reporter | None]:
         ca_file=ca_file, timeout=ot.mta_sts_timeout, max_size=ot.mta_sts_max_size,
     ) if ot.mta_sts else None
     recorder = tlsrpt.Recorder(ctx.clock) if ot.tlsrpt else None
-    planner = Planner(table=Table(ot.policy), clock=ctx.clock, resolver=resolver, policies=policies,
+    planner = Planner(table=Table(ot.policy), resolver=resolver, policies=policies,
                       use_dane=ot.dane, ca_file=ca_file, recorder=recorder)
     if recorder is None:
         return planner, None

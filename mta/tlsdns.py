@@ -17,8 +17,10 @@ manager's one shared resolver can stand in for this one: `txt`, `tlsa`, and
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import struct
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,7 +29,9 @@ import dns.exception
 import dns.flags
 import dns.message
 import dns.nameserver
+import dns.rcode
 import dns.rdata
+import dns.rdatatype
 import dns.rdtypes.ANY.TXT
 import dns.resolver
 
@@ -49,6 +53,10 @@ class Answer:
     records: list[str]
     validated: bool
     exists: bool = True
+    # Records present but unreadable (a TLSA digest of the wrong length: dnspython
+    # refuses to parse it), each as the parser's complaint.  RFC 7672 3.1: unusable,
+    # not an error of the whole answer.
+    malformed: tuple[str, ...] = ()
 
 
 class PolicyResolver(Protocol):
@@ -105,6 +113,8 @@ class DNSSECResolver:
         addresses = [ns.address if isinstance(ns, dns.nameserver.Do53Nameserver) else str(ns) for ns in r.nameservers]
         self.trusted = bool(addresses) and all(is_loopback(a) for a in addresses)
         self.addresses = addresses
+        self.timeout = timeout
+        self.servers = [(ns.address, ns.port) for ns in r.nameservers if isinstance(ns, dns.nameserver.Do53Nameserver)]
 
     async def lookup(self, name: str, rdtype: str) -> Answer:
         rdatas, validated, exists = await self._resolve(name, rdtype)
@@ -127,7 +137,36 @@ class DNSSECResolver:
         return self.trusted and bool(response.flags & dns.flags.AD)
 
     async def tlsa(self, name: str) -> Answer:
-        return await self.lookup(name, "TLSA")
+        """TLSA records, read so that a malformed one spoils only itself.
+
+        dnspython's resolver refuses a whole answer with one malformed TLSA record
+        in it (a SHA-256 of 31 octets) and retries until it times out, which
+        would read as "lookup failed" and hold the mail for good.  So this one
+        query is made by hand and parsed with `continue_on_error`."""
+        query = dns.message.make_query(name, "TLSA", want_dnssec=True, use_edns=0, payload=1232)
+        query.flags |= dns.flags.AD
+        problem = "no nameserver"
+        try:
+            async with asyncio.timeout(self.timeout):
+                for address, port in self.servers:
+                    try:
+                        response = await _exchange(query, address, port)
+                    except (OSError, EOFError, ValueError, dns.exception.DNSException) as exc:
+                        problem = f"{address}:{port}: {type(exc).__name__}"
+                        continue
+                    rcode = response.rcode()
+                    if rcode == dns.rcode.NXDOMAIN:
+                        return Answer([], self._validated(response), exists=False)
+                    if rcode != dns.rcode.NOERROR:
+                        problem = f"{address}:{port} answered {dns.rcode.to_text(rcode)}"
+                        continue
+                    records = [rd.to_text() for rrset in response.answer if rrset.rdtype == dns.rdatatype.TLSA
+                               for rd in rrset]
+                    malformed = tuple(str(e.exception) for e in response.errors)
+                    return Answer(records, self._validated(response), malformed=malformed)
+        except TimeoutError:
+            problem = "timeout"
+        raise LookupFailed(f"{name} TLSA: {problem}")
 
     async def txt(self, name: str) -> list[str]:
         rdatas, _, _ = await self._resolve(name, "TXT")
@@ -136,3 +175,37 @@ class DNSSECResolver:
             b"".join(rd.strings).decode("utf-8", "replace")
             for rd in rdatas if isinstance(rd, dns.rdtypes.ANY.TXT.TXT)
         ]
+
+
+async def _exchange(query: dns.message.Message, address: str, port: int) -> dns.message.Message:
+    """One query over UDP, again over TCP if the answer was truncated; parsed tolerantly."""
+    loop = asyncio.get_running_loop()
+    wire = query.to_wire()
+    received: asyncio.Future[bytes] = loop.create_future()
+
+    class _Protocol(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: object) -> None:
+            if not received.done() and data[:2] == wire[:2]:  # our query's id
+                received.set_result(data)
+
+        def error_received(self, exc: Exception) -> None:
+            if not received.done():
+                received.set_exception(exc)
+
+    transport, _ = await loop.create_datagram_endpoint(_Protocol, remote_addr=(address, port))
+    try:
+        transport.sendto(wire)
+        answer = await received
+    finally:
+        transport.close()
+    response = dns.message.from_wire(answer, continue_on_error=True)
+    if not response.flags & dns.flags.TC:
+        return response
+    reader, writer = await asyncio.open_connection(address, port)
+    try:
+        writer.write(struct.pack("!H", len(wire)) + wire)
+        await writer.drain()
+        (size,) = struct.unpack("!H", await reader.readexactly(2))
+        return dns.message.from_wire(await reader.readexactly(size), continue_on_error=True)
+    finally:
+        writer.close()

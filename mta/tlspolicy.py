@@ -36,13 +36,13 @@ the policy it was made under and its result.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
-from common.clock import Clock
 from common.reply import Reply
 from common.smtp_client import Client, NextHopError, NoStartTLS
 from common.tls import client_context
@@ -131,12 +131,11 @@ class Planner:
     """Decides the rules (`rules`) and opens sessions that keep them (`open`)."""
 
     def __init__(
-        self, *, table: Table, clock: Clock, resolver: PolicyResolver | None = None,
+        self, *, table: Table, resolver: PolicyResolver | None = None,
         policies: mtasts.Policies | None = None, use_dane: bool = True, ca_file: str = "",
         recorder: tlsrpt.Recorder | None = None,
     ) -> None:
         self.table = table
-        self.clock = clock
         self.resolver = resolver
         self.policies = policies
         self.use_dane = use_dane and resolver is not None
@@ -233,11 +232,14 @@ class Planner:
                         rule.name, ip, rule.source, exc.reply.text)
             return await connect(self.opportunistic, False)
         if rule.level is Level.DANE:
-            problem = dane.check_chain(rule.tlsa, client.peer_chain(), rule.names, self.clock.now())
+            # Real time, not the queue's clock (a lab's runs fast): certificates live in the real world.
+            now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+            problem = dane.check_chain(rule.tlsa, client.peer_chain(), rule.names, now)
             if problem:
                 text = f"DANE: {rule.name} ({ip}): {problem}"
                 log.warning("not delivering to %s", text)
-                self._count(rule, tlsrpt.HOST_MISMATCH, ip, client.local_address(), problem)
+                result = tlsrpt.EXPIRED if "not valid at validation time" in problem else tlsrpt.HOST_MISMATCH
+                self._count(rule, result, ip, client.local_address(), problem)
                 client.close()
                 raise NextHopError(Reply(451, "4.7.5", text))
         if rule.failure:
