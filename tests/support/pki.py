@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,14 @@ class Issued:
 def tlsa_text(usage: int, selector: int, matching: int, content: bytes) -> str:
     data = {0: content, 1: hashlib.sha256(content).digest(), 2: hashlib.sha512(content).digest()}[matching]
     return f"{usage} {selector} {matching} {data.hex()}"
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    """A host name, or an IP address (a relayhost named by its address)."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
 
 
 def _name(cn: str) -> x509.Name:
@@ -89,7 +98,7 @@ class TestCA:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([_general_name(n) for n in names]), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.inter_key.public_key()),
                            critical=False)

@@ -18,7 +18,7 @@ The domains (each with its MX host and what it shows):
 | domain | MX host (address) | policy |
 |---|---|---|
 | enforce.sts.test | mx-good.sts.test (.61, CA cert) | MTA-STS enforce `*.sts.test`; TLS-RPT rua mailto + https |
-| wrongcert.sts.test | mx-wrong.sts.test (.62, CA cert for another name) | enforce |
+| wrongcert.sts.test | mx-wrong.sts.test (.62, CA cert for another name) | enforce; TLS-RPT rua mailto |
 | selfsigned.sts.test | mx-self.sts.test (.63, self-signed) | enforce |
 | testing.sts.test | mx-self.sts.test (.63) | testing |
 | unlisted.sts.test | mx-good.sts.test (.61) | enforce, mx: mx9.sts.test only |
@@ -179,6 +179,8 @@ def build(folder: Path) -> Iterator[World]:
         *(f"mta-sts.{d} A {PLAIN_HTTP_IP if d == 'http' else HTTPS_IP}" for d in policy_domains),
         '_smtp._tls.enforce TXT "v=TLSRPTv1; rua=mailto:tlsrpt@reports.sts.test,'
         f'https://mta-sts.enforce.sts.test:{https_port}{REPORT_PATH}"',
+        '_smtp._tls.wrongcert TXT "v=TLSRPTv1; rua=mailto:tls%2Breports@reports.sts.test?subject=x"',
+        '_smtp._tls.testing TXT "v=TLSRPTv1; ruf=mailto:nobody@reports.sts.test"',  # no rua: no reports
     ]
     dane_zone = [
         f"mx-ee A {MX_IPS['ee']}", f"mx-ta A {MX_IPS['ta']}", f"mx-eebad A {MX_IPS['eebad']}",
