@@ -189,6 +189,7 @@ class LabSection:
     sender: str = field(default="", metadata=_meta("str", "Who `mailroom lab send` submits as (a local user)"))
     sender_password: str = field(default="", metadata=_meta("secret", "That user's password, for the MSA's AUTH"))
     slow_reply: float = field(default=5.0, metadata=_meta("duration", "How long the slow lab MX host waits before each reply"))
+    dnssec: str = field(default="", metadata=_meta("listen?", "UDP and TCP address of the lab's validating resolver (unbound, for the DANE scenario; [outbound_tls] dnssec_resolvers points here); empty: off"))
 
 
 @dataclass(frozen=True)

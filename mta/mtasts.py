@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -191,11 +192,16 @@ class Policies:
         self.port = port
         self.timeout = timeout
         self.max_size = max_size
-        self.context = ssl.create_default_context(cafile=ca_file or None)
+        self.ca_file = ca_file
         self.cached: dict[str, Policy] = self._load()
         self.fetching: dict[str, asyncio.Task[Found]] = {}
         self.refreshing: set[asyncio.Task[Found]] = set()
         self.fetches = 0  # policy files requested so far (logs, tests)
+
+    @functools.cached_property
+    def context(self) -> ssl.SSLContext:
+        """HTTPS with the policy host's certificate verified; made at first use (see Planner.verified)."""
+        return ssl.create_default_context(cafile=self.ca_file or None)
 
     async def find(self, domain: str) -> Found:
         """The policy in force for mail to `domain`, fetching it when it is new or changed."""

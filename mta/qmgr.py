@@ -487,7 +487,7 @@ def _outbound_tls(ctx: Context) -> tuple[Planner, tlsrpt.Reporter | None]:
     reporter = tlsrpt.Reporter(
         db=ctx.db, clock=ctx.clock, recorder=recorder, resolver=resolver, hostname=cfg.mailroom.hostname,
         sender=sender, organization=ot.tlsrpt_organization, https=ot.tlsrpt_https,
-        https_context=policies.context if policies is not None else None, sign=sign,
+        https_ca_file=ca_file, sign=sign,
     )
     return planner, reporter
 

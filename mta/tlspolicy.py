@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -140,9 +141,16 @@ class Planner:
         self.policies = policies
         self.use_dane = use_dane and resolver is not None
         self.recorder = recorder
+        self.ca_file = ca_file
         self.opportunistic = client_context(verify=False)
-        self.verified = ssl.create_default_context(cafile=ca_file or None)
-        self.verified.minimum_version = ssl.TLSVersion.TLSv1_2
+
+    @functools.cached_property
+    def verified(self) -> ssl.SSLContext:
+        """For `verify` and MTA-STS: a trusted CA and the MX host's name.  Made at first use:
+        a lab makes its CA file when it starts, perhaps after the queue manager."""
+        ctx = ssl.create_default_context(cafile=self.ca_file or None)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
 
     async def rules(self, domain: str, route: Route, *, requiretls: bool = False) -> dict[str, Rule]:
         """The rule for each host of `route` (by lower-case MX host name, or host for a fixed route)."""

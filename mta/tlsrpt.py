@@ -229,7 +229,8 @@ class Reporter:
     def __init__(
         self, *, db: Database, clock: Clock, recorder: Recorder, resolver: PolicyResolver, hostname: str,
         sender: str, organization: str = "", contact: str = "", https: bool = False,
-        https_context: ssl.SSLContext | None = None, https_port: int = 443, sign: Signer | None = None,
+        https_context: ssl.SSLContext | None = None, https_ca_file: str = "", https_port: int = 443,
+        sign: Signer | None = None,
         timeout: float = 30.0,
     ) -> None:
         self.db = db
@@ -241,7 +242,8 @@ class Reporter:
         self.organization = organization or hostname
         self.contact = contact or sender
         self.https = https
-        self.https_context = https_context or ssl.create_default_context()
+        self.https_context = https_context
+        self.https_ca_file = https_ca_file
         self.https_port = https_port
         self.sign = sign
         self.timeout = timeout
@@ -323,7 +325,8 @@ class Reporter:
             if not addresses:
                 raise webfetch.FetchError(f"{host} has no address")
             response = await webfetch.request(
-                addresses[0], parts.port or self.https_port, host, parts.path or "/", context=self.https_context,
+                addresses[0], parts.port or self.https_port, host, parts.path or "/",
+                context=self.https_context or ssl.create_default_context(cafile=self.https_ca_file or None),
                 timeout=self.timeout, max_size=64 * 1024, method="POST", body=gz, content_type=MEDIA_TYPE,
             )
         except (webfetch.FetchError, LookupFailed) as exc:
