@@ -195,7 +195,10 @@ def start_resolver(
     conf.write_text(
         "server:\n"
         f"  interface: {host}@{port}\n  port: {port}\n  username: \"\"\n  chroot: \"\"\n"
-        f"  directory: \"{folder}\"\n  pidfile: \"\"\n  use-syslog: no\n  logfile: \"\"\n  verbosity: 1\n"
+        f"  directory: \"{folder}\"\n  pidfile: \"\"\n  use-syslog: no\n  logfile: \"\"\n  log-time-ascii: yes\n"
+        # Quiet but for validation failures; and no QNAME minimisation, so the lab DNS
+        # log shows the questions the queue manager asked, not unbound's probes.
+        "  verbosity: 0\n  qname-minimisation: no\n"
         "  num-threads: 1\n  do-ip6: no\n  do-not-query-localhost: no\n  so-reuseport: no\n"
         "  module-config: \"validator iterator\"\n  local-zone: \"test.\" nodefault\n"
         f"  trust-anchor-file: \"{folder / 'anchor.ds'}\"\n  val-log-level: 2\n"
