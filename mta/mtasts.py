@@ -301,7 +301,7 @@ class Policies:
             }
         except FileNotFoundError:
             return {}
-        except (ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("MTA-STS: cache %s unreadable (%s): starting empty", self.cache_file, exc)
             return {}
 
@@ -317,8 +317,13 @@ class Policies:
         if self.cache_file is None:
             return
         tmp = self.cache_file.with_name(f".{self.cache_file.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, self.cache_file)  # a reader (or a crash) never sees half a file
+        try:
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            os.replace(tmp, self.cache_file)  # a reader (or a crash) never sees half a file
+        except OSError as exc:
+            # The policies still hold in memory; only a restart would forget them.
+            log.warning("MTA-STS: cannot write the cache %s (%s): policies are kept in memory only",
+                        self.cache_file, exc)
 
     async def close(self) -> None:
         for task in [*self.fetching.values(), *self.refreshing]:

@@ -441,10 +441,16 @@ async def run(ctx: Context) -> None:
 
     async def checkpoint() -> None:
         await ctx.db.run(ctx.db.checkpoint)
-        if reporter is not None:
-            for trace in await reporter.send_due():  # TLS-RPT: counts saved, a day's reports queued
-                qm.woken[trace] = None
-                qm.wake.set()
+        if reporter is None:
+            return
+        try:
+            queued = await reporter.send_due()  # TLS-RPT: counts saved, a day's reports queued
+        except Exception:  # noqa: BLE001 - statistics: never worth stopping the queue manager for
+            log.exception("TLS-RPT: saving the counts or sending the reports failed; trying again in a minute")
+            return
+        for trace in queued:
+            qm.woken[trace] = None
+            qm.wake.set()
 
     try:
         await qm.serve(ctx.stop, mta.poll_interval, every_minute=checkpoint)

@@ -251,9 +251,14 @@ class Reporter:
 
     async def save(self) -> int:
         """Write the counts so far (not fsync'd: statistics, no promise rests on them)."""
+        kept = self.recorder.pending.copy()
         rows = self.recorder.take()
         if rows:
-            await self.db.write_batched(_insert, rows, relaxed=True)
+            try:
+                await self.db.write_batched(_insert, rows, relaxed=True)
+            except BaseException:
+                self.recorder.pending.update(kept)  # counted again at the next try, not lost
+                raise
         return len(rows)
 
     async def send_due(self) -> list[str]:

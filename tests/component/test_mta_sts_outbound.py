@@ -197,3 +197,21 @@ def test_a_policy_is_refreshed_in_the_background_and_dropped_when_it_expires(wor
             await rig.close()
 
     asyncio.run(go())
+
+
+def test_a_cache_that_cannot_be_written_costs_no_mail(
+    world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def go() -> None:
+        (tmp_path / "not-a-folder").write_text("")
+        rig = Rig(world, tmp_path, cache_file=tmp_path / "not-a-folder" / "mta-sts.json")
+        async with mx_hosts(world) as mx:
+            first = await rig.send("bob@enforce.sts.test")
+            await rig.close()
+        assert first.state == "delivered", first.last_reply
+        assert [m.tls for m in mx["good"].received] == [True]
+        assert rig.policies.cached["enforce.sts.test"].mode == "enforce"  # in force, in memory
+
+    caplog.set_level(logging.WARNING, logger="mtasts")
+    asyncio.run(go())
+    assert any("cannot write the cache" in r.getMessage() for r in caplog.records)
