@@ -251,13 +251,13 @@ class Rig:
     """The queue manager with outbound TLS policy, on a temporary database, against the world."""
 
     def __init__(self, world: World, tmp: Path, *, table: dict[str, str] | None = None, dane: bool = True,
-                 sts_timeout: float = 2.0, sts_max_size: int = 64 * 1024, cache_file: Path | None = None,
+                 sts_timeout: float = 10.0, sts_max_size: int = 64 * 1024, cache_file: Path | None = None,
                  **remote: Any) -> None:
         self.world = world
         self.db = Database(f"sqlite:///{tmp / 'q.db'}", threads=2)
         self.db.create_schema()
         self.clock = FakeClock(dt.datetime.now(dt.UTC).replace(tzinfo=None))
-        self.resolver = DNSSECResolver([world.dns.address], 2.0)
+        self.resolver = DNSSECResolver([world.dns.address], 5.0)
         self.cache_file = cache_file or tmp / "mta-sts.json"
         self.policies = mtasts.Policies(
             resolver=self.resolver, clock=self.clock, cache_file=self.cache_file, port=world.https_port,
