@@ -14,6 +14,7 @@ import argparse
 import datetime as dt
 import os
 import secrets
+import shutil
 import smtplib
 import ssl
 import subprocess
@@ -31,6 +32,8 @@ LAB_HOSTNAME = "mail.mailroom.test"
 LAB_SENDER = f"learner@{LAB_DOMAIN}"
 LAB_DNS = "127.0.0.1:2553"
 LAB_MX_PORT = 2526  # every lab MX host listens here, each at its own 127.0.0.x
+LAB_POLICY_PORT = 2443  # the MTA-STS policy host (real ones on 443)
+LAB_DNSSEC = "127.0.0.1:2554"  # the validating resolver of the DANE scenario
 DEFAULT_WARP = 3600.0
 
 
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if action == "send":
         return send(cfg, scenarios.BY_NAME[args.scenario])
-    print(f"lab Internet: DNS at {cfg.lab.dns}, MX hosts on 127.0.0.11-18 port {cfg.mta.remote_port}, "
+    print(f"lab Internet: DNS at {cfg.lab.dns}, MX hosts on 127.0.0.11-21 port {cfg.mta.remote_port}, "
           f"lab time {cfg.lab.time_warp:g}x; send with `mailroom --config {path} lab send SCENARIO`", flush=True)
     return supervise.run(cfg)
 
@@ -119,6 +122,7 @@ time_warp_since = "{since}"
 sender = "{LAB_SENDER}"
 sender_password = "{password}"
 """
+    text += _outbound_tls()
     conf.write_text(text)
     added = subprocess.run([*cli, "--config", str(conf), "user", "add", LAB_SENDER, "--password-stdin"],
                            input=password + "\n", text=True)
@@ -127,6 +131,26 @@ sender_password = "{password}"
     print(f"lab installation in {base}: {LAB_SENDER} (password {password}, also in {conf}) sends; "
           f"`export MAILROOM_CONFIG={conf}` and every `mailroom` command uses it")
     return 0
+
+
+def _outbound_tls() -> str:
+    """The settings of the MTA-STS and DANE scenarios (lab/tlslab.py; the lab program makes
+    its CA when it first starts, as the Mailroom user); the DANE scenario only where
+    unbound is installed."""
+    text = f"""dnssec = "{LAB_DNSSEC}"
+
+[outbound_tls]
+# The lab's MTA-STS policy host listens here, and its certificates come from the lab's own CA.
+mta_sts_port = {LAB_POLICY_PORT}
+ca_file = "run/lab/tls/ca.pem"
+# The lab's validating resolver (unbound): its AD bit is believed, for DANE.
+dnssec_resolvers = ["{LAB_DNSSEC}"]
+"""
+    if shutil.which("unbound", path="/usr/sbin:/usr/local/sbin:/usr/bin:/sbin") is None:
+        print("mailroom lab: unbound is not installed: the DANE scenario is off (apt install unbound)",
+              file=sys.stderr)
+        text = text.replace(f'dnssec = "{LAB_DNSSEC}"\n', "").replace(f'dnssec_resolvers = ["{LAB_DNSSEC}"]\n', "")
+    return text
 
 
 def send(cfg: configmod.Config, s: scenarios.Scenario) -> int:

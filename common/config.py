@@ -135,6 +135,25 @@ class DNSSection:
 
 
 @dataclass(frozen=True)
+class OutboundTLSSection:
+    """TLS towards other mail hosts (mta/tlspolicy.py): the operator's table, DANE, MTA-STS, TLS-RPT."""
+
+    policy: dict[str, str] = field(default_factory=dict, metadata=_meta("tlspolicy", "domain = none | may | encrypt | verify | dane (\".example.net\": every domain under it); overrides DANE and MTA-STS for that domain; the relayhost keeps its own rule"))
+    dane: bool = field(default=True, metadata=_meta("bool", "Use DANE (RFC 7672) where a trusted validating resolver vouches for TLSA records"))
+    dnssec_resolvers: list[str] = field(default_factory=list, metadata=_meta("hostports", "Validating resolvers (host:port, loopback only) whose AD bit is believed; empty: [dns] nameservers, believed only if all are loopback"))
+    mta_sts: bool = field(default=True, metadata=_meta("bool", "Fetch and obey recipient domains' MTA-STS policies (RFC 8461)"))
+    mta_sts_timeout: float = field(default=30.0, metadata=_meta("duration", "Longest a policy fetch may take, whole (then no policy, or the cached one)"))
+    mta_sts_max_size: int = field(default=64 * 1024, metadata=_meta("size", "Largest policy file accepted"))
+    mta_sts_port: int = field(default=443, metadata=_meta("int", "Port of the policy hosts (change only in a lab)"))
+    mta_sts_cache: str = field(default="mta-sts-cache.json", metadata=_meta("path", "Where fetched policies are kept across restarts"))
+    ca_file: str = field(default="", metadata=_meta("path", "PEM file of CAs that MX certificates (verify, MTA-STS) and policy hosts must chain to; empty: the system's"))
+    tlsrpt: bool = field(default=True, metadata=_meta("bool", "Count outbound TLS sessions and send daily TLS-RPT reports (RFC 8460) to domains that ask"))
+    tlsrpt_from: str = field(default="", metadata=_meta("str", "Envelope sender and From: of the reports; empty: postmaster@ the first local domain"))
+    tlsrpt_organization: str = field(default="", metadata=_meta("str", "organization-name in the reports; empty: [mailroom] hostname"))
+    tlsrpt_https: bool = field(default=False, metadata=_meta("bool", "Also POST reports to https: addresses in a domain's rua"))
+
+
+@dataclass(frozen=True)
 class DKIMSection:
     sign: bool = field(default=True, metadata=_meta("bool", "Sign mail from our domains leaving for other domains (RSA and Ed25519)"))
     key_dir: str = field(default="dkim", metadata=_meta("path", "Folder of DOMAIN.SELECTOR.rsa.key / .ed25519.key files (owner-only)"))
@@ -170,6 +189,7 @@ class LabSection:
     sender: str = field(default="", metadata=_meta("str", "Who `mailroom lab send` submits as (a local user)"))
     sender_password: str = field(default="", metadata=_meta("secret", "That user's password, for the MSA's AUTH"))
     slow_reply: float = field(default=5.0, metadata=_meta("duration", "How long the slow lab MX host waits before each reply"))
+    dnssec: str = field(default="", metadata=_meta("listen?", "UDP and TCP address of the lab's validating resolver (unbound, for the DANE scenario; [outbound_tls] dnssec_resolvers points here); empty: off"))
 
 
 @dataclass(frozen=True)
@@ -182,6 +202,7 @@ class Config:
     mta: MTASection = field(default_factory=MTASection)
     mda: MDASection = field(default_factory=MDASection)
     dns: DNSSection = field(default_factory=DNSSection)
+    outbound_tls: OutboundTLSSection = field(default_factory=OutboundTLSSection)
     imap: IMAPSection = field(default_factory=IMAPSection)
     web: WebSection = field(default_factory=WebSection)
     dkim: DKIMSection = field(default_factory=DKIMSection)
@@ -427,6 +448,15 @@ def _convert(kind: str, value: object) -> object:
             for v in value:
                 ipaddress.ip_network(str(v), strict=False)
             return [str(v) for v in value]
+        case "tlspolicy":
+            need(dict, "a table of domain = none, may, encrypt, verify or dane")
+            assert isinstance(value, dict)
+            for k, v in value.items():
+                if v not in ("none", "may", "encrypt", "verify", "dane"):
+                    raise ValueError(f"{k}: expected none, may, encrypt, verify or dane, got {v!r}")
+                if not re.fullmatch(r"\.?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.?", str(k)):
+                    raise ValueError(f"not a domain or .domain: {k!r}")
+            return {str(k).lower(): str(v) for k, v in value.items()}
         case "transport":
             need(dict, "a table of domain = host:port")
             assert isinstance(value, dict)
@@ -496,11 +526,25 @@ def _check(cfg: Config) -> None:
         raise ConfigError("mta.processes: several processes need a TCP address in mta.smtp to share")
     if cfg.smtp.max_recipients < 1:
         raise ConfigError("smtp.max_recipients: must be at least 1")
+    for resolver in cfg.outbound_tls.dnssec_resolvers:
+        host, _ = parse_hostport(resolver, 53)
+        if not _loopback_address(host):
+            # The AD bit travels unsigned: only a resolver on this host can be believed.
+            raise ConfigError(f"outbound_tls.dnssec_resolvers: must be a loopback address, got {resolver!r}")
     if cfg.lab.enabled and not cfg.lab.dns:
         raise ConfigError("lab.dns: the lab needs its DNS server's address")
     if cfg.lab.time_warp != 1.0 and not cfg.lab.time_warp_since:
         # Each daemon would otherwise start lab time at its own start.
         raise ConfigError("lab.time_warp_since: needed when lab.time_warp is not 1")
+
+
+def _loopback_address(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def render_default(domain: str, hostname: str, user: str = "", *, imap: bool = False) -> str:

@@ -145,6 +145,25 @@ class Event(Base):
     path: Mapped[str] = mapped_column(Text, default="")
 
 
+class TLSResult(Base):
+    """Outbound TLS sessions counted for TLS-RPT (RFC 8460; mta/tlsrpt.py), kept
+    until the day's report to the recipient domain is queued."""
+
+    __tablename__ = "tls_results"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    day: Mapped[str] = mapped_column(String(10), index=True)  # UTC, YYYY-MM-DD
+    policy_domain: Mapped[str] = mapped_column(String(255))
+    policy_type: Mapped[str] = mapped_column(String(16))  # sts | tlsa | no-policy-found
+    policy_string: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of strings
+    mx_host: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of strings
+    result: Mapped[str] = mapped_column(String(32), default="")  # "" success, else the RFC 8460 result type
+    receiving_mx: Mapped[str] = mapped_column(String(255), default="")
+    receiving_ip: Mapped[str] = mapped_column(String(64), default="")
+    sending_ip: Mapped[str] = mapped_column(String(64), default="")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    count: Mapped[int] = mapped_column(Integer, default=0)
+
+
 def add_event(
     conn: Connection | Session,
     trace_id: str,

@@ -41,6 +41,10 @@ class NextHopError(Exception):
         self.reply = reply
 
 
+class NoStartTLS(NextHopError):
+    """TLS was required and the server does not offer STARTTLS, or refused it."""
+
+
 def encode_body(content: bytes) -> bytes:
     """CRLF line endings, dot-stuffed (RFC 5321 4.5.2), ending in CRLF.CRLF."""
     lines = _LINE_ENDINGS.split(content)
@@ -114,7 +118,7 @@ class Client:
                 await client.starttls(tls, tls_name or name)
                 await client.hello(helo)
             elif require_tls and not client.tls:
-                raise NextHopError(Reply(451, "4.7.5", f"{peer} does not offer STARTTLS"))
+                raise NoStartTLS(Reply(451, "4.7.5", f"{peer} does not offer STARTTLS"))
         except BaseException:
             client.close()
             raise
@@ -188,7 +192,7 @@ class Client:
     async def starttls(self, ctx: ssl.SSLContext, host: str) -> None:
         reply = await self.command("STARTTLS")
         if reply.code != 220:
-            raise NextHopError(_prefixed(reply, f"{self.peer} refused STARTTLS:"))
+            raise NoStartTLS(_prefixed(reply, f"{self.peer} refused STARTTLS:"))
         try:
             await self.writer.start_tls(ctx, server_hostname=host)
         except (OSError, ssl.SSLError) as exc:
@@ -292,6 +296,21 @@ class Client:
         with contextlib.suppress(NextHopError, TimeoutError, OSError):
             await asyncio.wait_for(self.command("QUIT"), 5)
         self.close()
+
+    def peer_chain(self) -> list[bytes]:
+        """The certificates the server sent (DER, its own first), unverified: what DANE
+        checks against its TLSA records.  [] before TLS."""
+        ssl_object = self.writer.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return []
+        # Public from Python 3.13; the same method of the C object before.
+        chain_of = getattr(ssl_object, "get_unverified_chain", None) or ssl_object._sslobj.get_unverified_chain
+        return [cert.public_bytes(ssl._ssl.ENCODING_DER) for cert in chain_of() or []]  # type: ignore[attr-defined]
+
+    def local_address(self) -> str:
+        """Our end's IP address ("" for a Unix socket)."""
+        sockname = self.writer.get_extra_info("sockname")
+        return str(sockname[0]) if isinstance(sockname, tuple) else ""
 
     def looks_alive(self) -> bool:
         """False when the server is known to have gone (no round trip: nothing is sent)."""

@@ -84,9 +84,11 @@ class LabMX(Handler):
 
 
 async def serve_hosts(
-    hosts: list[Host], *, port: int, run_dir: Path, tls: ssl.SSLContext, limits: Limits, slow: float
+    hosts: list[Host], *, port: int, run_dir: Path, tls: ssl.SSLContext, limits: Limits, slow: float,
+    tls_of: dict[str, ssl.SSLContext] | None = None,
 ) -> list[asyncio.Server]:
-    """Start every listening lab host on its own address at `port`."""
+    """Start every listening lab host on its own address at `port`; `tls_of` gives a
+    host (by name) a certificate of its own instead of the installation's."""
     servers = []
     for host in hosts:
         seen: set[tuple[str, str, str]] = set()
@@ -97,7 +99,7 @@ async def serve_hosts(
 
         servers.append(await serve(
             f"{host.address}:{port}", make, hostname=host.name, limits=limits,
-            tls_context=tls, require_starttls=host.behaviour == scenarios.NEEDS_TLS,
+            tls_context=(tls_of or {}).get(host.name, tls), require_starttls=host.behaviour == scenarios.NEEDS_TLS,
         ))
         log.info("%s (%s) listening on %s:%d", host.name, host.behaviour, host.address, port)
     return servers

@@ -16,7 +16,12 @@ GREYLIST = "greylist"  # 451 4.7.1 to the first try of each (client, sender, rec
 REFUSE = "refuse"  # 550 5.1.1 to every RCPT
 SLOW = "slow"  # 250 to everything, each reply after [lab] slow_reply
 NEEDS_TLS = "needs-tls"  # 530 5.7.0 to MAIL before STARTTLS
+WRONG_CERT = "wrong-cert"  # 250 to everything, over TLS with a certificate for another name (lab/tlslab.py)
+DANE = "dane"  # 250 to everything, over TLS with a self-signed certificate its TLSA record names
 DOWN = "down"  # nothing listens
+
+# The MTA-STS policy host (lab/tlslab.py) answers at this address, on [outbound_tls] mta_sts_port.
+POLICY_HOST = "127.0.0.20"
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,8 @@ class Scenario:
     mx: list[tuple[int, str]] = field(default_factory=list)  # (preference, host name); [(0, ".")] is a null MX
     hosts: list[Host] = field(default_factory=list)
     exists: bool = True  # False: NXDOMAIN
+    records: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # more of the domain's DNS
+    policy: str = ""  # the MTA-STS policy served at https://mta-sts.DOMAIN/.well-known/mta-sts.txt
 
     @property
     def recipient(self) -> str:
@@ -66,6 +73,17 @@ SCENARIOS: list[Scenario] = [
     Scenario("unreachable", "unreachable.test", "its only MX host is down",
              "retried, a delay warning to the sender, then bounced when the queue lifetime ends",
              [(10, "mx.unreachable.test")], [Host("mx.unreachable.test", "127.0.0.18", DOWN)]),
+    Scenario("mta-sts-wrong-cert", "sts.test",
+             "MTA-STS enforce policy; its MX host's certificate names another host",
+             "deferred on every try (451 4.7.5 certificate verify failed), never sent in clear, "
+             "bounced when the queue lifetime ends",
+             [(10, "mx.sts.test")], [Host("mx.sts.test", "127.0.0.19", WRONG_CERT)],
+             records={"_mta-sts.sts.test": {"TXT": ['"v=STSv1; id=lab1"']},
+                      "mta-sts.sts.test": {"A": [POLICY_HOST]}},
+             policy="version: STSv1\r\nmode: enforce\r\nmx: mx.sts.test\r\nmax_age: 86400\r\n"),
+    Scenario("dane", "dane.test", "DNSSEC-signed; its MX host's TLSA record names its self-signed certificate",
+             "delivered over TLS, the certificate matched by its TLSA record (DANE-EE), no CA involved",
+             [(10, "mx.dane.test")], [Host("mx.dane.test", "127.0.0.21", DANE)]),
 ]
 
 BY_NAME = {s.name: s for s in SCENARIOS}
@@ -80,7 +98,13 @@ def records() -> dict[str, dict[str, list[str]]]:
         out[s.domain] = {"MX": [f"{pref} {name}." if name != "." else f"{pref} ." for pref, name in s.mx]}
         for h in s.hosts:
             out[h.name] = {"A": [h.address]}
+        out.update(s.records)
     return out
+
+
+def policies() -> dict[str, str]:
+    """mta-sts.DOMAIN -> its policy's text, for the lab's policy host."""
+    return {f"mta-sts.{s.domain}": s.policy for s in SCENARIOS if s.policy}
 
 
 def listening_hosts() -> list[Host]:

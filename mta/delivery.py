@@ -24,6 +24,7 @@ from common.smtp_client import Client, NextHopError
 from common.tls import client_context
 from mta import options, routing
 from mta.courier import Attempt, Delivered
+from mta.tlspolicy import Planner
 
 log = logging.getLogger("delivery")
 
@@ -116,11 +117,13 @@ class RemoteDelivery:
     so is one that fails before its MAIL was accepted (the message goes again
     at once, on a new session).
 
-    TLS with MX hosts is opportunistic (RFC 3207: unverified, still encrypted).
-    The relayhost is different: we send it our password, so its certificate
-    and name are verified (system CAs, or `relayhost_ca_file`) unless the
-    operator turned that off by name (`relayhost_tls_verify = false`); a
-    session that fails the check is not used, and AUTH is sent only over TLS.
+    TLS with MX hosts is opportunistic (RFC 3207: unverified, still encrypted)
+    unless `tls_policy` decides otherwise for the destination (mta/tlspolicy.py:
+    the operator's per-destination table, DANE, MTA-STS).  The relayhost is
+    different: we send it our password, so its certificate and name are
+    verified (system CAs, or `relayhost_ca_file`) unless the operator turned
+    that off by name (`relayhost_tls_verify = false`); a session that fails
+    the check is not used, and AUTH is sent only over TLS.
     """
 
     local = False  # see Courier.local
@@ -143,8 +146,10 @@ class RemoteDelivery:
         relayhost_tls_verify: bool = True,
         relayhost_ca_file: str = "",
         remote_ca_file: str = "",
+        tls_policy: Planner | None = None,
     ) -> None:
         self.hostname = hostname
+        self.tls_policy = tls_policy
         self.resolver = resolver
         self.relayhost = relayhost
         self.relayhost_auth = relayhost_auth
@@ -200,7 +205,7 @@ class RemoteDelivery:
             reused = cached is not None
             while True:
                 if cached is None:
-                    opened = await self._open(r, len(recipients), requiretls=requiretls)
+                    opened = await self._open(r, len(recipients), requiretls=requiretls, domain=domain)
                     if isinstance(opened, tuple):
                         return opened
                     cached = opened
@@ -235,27 +240,40 @@ class RemoteDelivery:
                 return replies, cached.host
 
     async def _open(
-        self, r: routing.Route, n: int, *, requiretls: bool = False
+        self, r: routing.Route, n: int, *, requiretls: bool = False, domain: str = ""
     ) -> _Cached | tuple[list[Reply], str]:
         """A new session with the first host of the route that answers, or the replies for all.
 
         With `requiretls` only a session whose certificate was verified will do
         (RFC 8689 4.2.1); when no host offers one the message bounces (5.7.10).
+        Each host's TLS keeps the rule `tls_policy` gives it, if any.
         """
         last = Reply(451, "4.4.1", "No reachable host")
         relay = r.via == "relayhost"
         tls = self.relay_tls if relay else self.verified_tls if requiretls else self.tls
         if requiretls and tls.verify_mode != ssl.CERT_REQUIRED:
             return [options.NEEDS_REQUIRETLS.with_text("REQUIRETLS needed: the relayhost is not verified")] * n, ""
+        rules = {} if relay or self.tls_policy is None else await self.tls_policy.rules(
+            domain, r, requiretls=requiretls)
         for host, port in r.hosts:
-            try:
-                client = await Client.connect(
+
+            async def connect(
+                tls: ssl.SSLContext | None, require_tls: bool, host: str = host, port: int = port,
+            ) -> Client:
+                return await Client.connect(
                     host, port, helo=self.hostname, tls=tls,
                     timeout=self.timeout, connect_timeout=self.connect_timeout,
                     # Without TLS the password would cross the network in the clear.
-                    require_tls=requiretls or (relay and self.relayhost_auth is not None),
+                    require_tls=require_tls or (relay and self.relayhost_auth is not None),
                     tls_name=r.names.get(host, host),
                 )
+
+            rule = rules.get(r.names.get(host, host).lower())
+            try:
+                if rule is not None and self.tls_policy is not None:
+                    client = await self.tls_policy.open(rule, host, connect)
+                else:
+                    client = await connect(tls, requiretls)
             except NextHopError as exc:
                 log.info("%s:%d: %s", host, port, exc.reply)
                 last = exc.reply

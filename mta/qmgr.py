@@ -44,11 +44,13 @@ from common.events import EventName
 from common.log import is_trace_id, trace_id
 from common.models import Message
 from common.reply import Reply
-from mta import bounce, mailauth, options, queue
+from mta import bounce, mailauth, mtasts, options, queue, tlsrpt
 from mta.courier import Attempt, Courier, Delivered
 from mta.delivery import LocalDelivery, RemoteDelivery
 from mta.queue import Outcome, Policy, Settled, classify
 from mta.routing import make_resolver
+from mta.tlsdns import DNSSECResolver
+from mta.tlspolicy import Planner, Table
 
 log = logging.getLogger("qmgr")
 
@@ -400,6 +402,7 @@ async def run(ctx: Context) -> None:
     cfg = ctx.config
     mta = cfg.mta
     public = cfg.endpoint("mta.smtp")
+    tls_policy, reporter = _outbound_tls(ctx)
     local = LocalDelivery(
         cfg.endpoint("mda.lmtp"), hostname=cfg.mailroom.hostname, sessions=mta.lmtp_sessions,
         timeout=cfg.smtp.idle_timeout,
@@ -419,6 +422,7 @@ async def run(ctx: Context) -> None:
         timeout=mta.smtp_timeout,
         # Our own public listener: an MX leading back to it is a loop, whatever its name.
         listening=None if public.is_unix else public.hostport,
+        tls_policy=tls_policy,
     )
     qm = QueueManager(
         db=ctx.db, clock=ctx.clock,
@@ -437,6 +441,16 @@ async def run(ctx: Context) -> None:
 
     async def checkpoint() -> None:
         await ctx.db.run(ctx.db.checkpoint)
+        if reporter is None:
+            return
+        try:
+            queued = await reporter.send_due()  # TLS-RPT: counts saved, a day's reports queued
+        except Exception:  # noqa: BLE001 - statistics: never worth stopping the queue manager for
+            log.exception("TLS-RPT: saving the counts or sending the reports failed; trying again in a minute")
+            return
+        for trace in queued:
+            qm.woken[trace] = None
+            qm.wake.set()
 
     try:
         await qm.serve(ctx.stop, mta.poll_interval, every_minute=checkpoint)
@@ -444,6 +458,44 @@ async def run(ctx: Context) -> None:
         transport.close()
         await local.close()
         await remote.close()
+        if tls_policy.policies is not None:
+            await tls_policy.policies.close()
+        if reporter is not None:
+            await reporter.save()
+
+
+def _outbound_tls(ctx: Context) -> tuple[Planner, tlsrpt.Reporter | None]:
+    """The outbound TLS policy (mta/tlspolicy.py) and the TLS-RPT reporter, from `[outbound_tls]`."""
+    cfg = ctx.config
+    ot = cfg.outbound_tls
+    resolver = DNSSECResolver(ot.dnssec_resolvers or cfg.dns.nameservers, cfg.dns.timeout)
+    if ot.dane:
+        if resolver.trusted:
+            log.info("DANE on: the AD bit of %s is believed", ", ".join(resolver.addresses))
+        else:
+            log.warning("DANE off: no validating resolver on this host to believe (%s); "
+                        "set [outbound_tls] dnssec_resolvers", ", ".join(resolver.addresses) or "none")
+    ca_file = str(cfg.resolve(ot.ca_file)) if ot.ca_file else ""
+    policies = mtasts.Policies(
+        resolver=resolver, clock=ctx.clock, cache_file=cfg.resolve(ot.mta_sts_cache), port=ot.mta_sts_port,
+        ca_file=ca_file, timeout=ot.mta_sts_timeout, max_size=ot.mta_sts_max_size,
+    ) if ot.mta_sts else None
+    recorder = tlsrpt.Recorder(ctx.clock) if ot.tlsrpt else None
+    planner = Planner(table=Table(ot.policy), resolver=resolver, policies=policies,
+                      use_dane=ot.dane, ca_file=ca_file, recorder=recorder)
+    if recorder is None:
+        return planner, None
+    sender = ot.tlsrpt_from or f"postmaster@{cfg.mailroom.domains[0]}"
+
+    async def sign(content: bytes, recipients: list[str]) -> bytes:
+        return await mailauth.sign_outgoing(ctx, content, trusted=True, recipients=recipients)
+
+    reporter = tlsrpt.Reporter(
+        db=ctx.db, clock=ctx.clock, recorder=recorder, resolver=resolver, hostname=cfg.mailroom.hostname,
+        sender=sender, organization=ot.tlsrpt_organization, https=ot.tlsrpt_https,
+        https_ca_file=ca_file, sign=sign,
+    )
+    return planner, reporter
 
 
 def _release(db: Database, host: str) -> int:

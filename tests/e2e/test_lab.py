@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dns.exception
 import dns.message
 import dns.query
 import dns.resolver
@@ -43,6 +44,18 @@ def _wait_tcp(host: str, port: int, timeout: float = 20.0) -> None:
                 return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {host}:{port}")
+
+
+def _wait_dns(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if dns.query.udp(dns.message.make_query("dane.test", "MX"), "127.0.0.1", port=port, timeout=0.5).answer:
+                return
+        except (OSError, dns.exception.Timeout):
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"no DNS answer on 127.0.0.1:{port}")
 
 
 class Lab:
@@ -93,6 +106,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     inst.add_user("alice@example.org", "maildir")
     dns_port = free_port(udp=True)
     mx_port = free_port()
+    dnssec_port = free_port(udp=True)
+    policy_port = free_port(scenarios.POLICY_HOST)
     since = dt.datetime.now(dt.UTC).replace(tzinfo=None, microsecond=0).isoformat()
     inst.set("dns", "nameservers", json.dumps([f"127.0.0.1:{dns_port}"]))
     inst.set("dns", "timeout", '"2s"')
@@ -109,11 +124,19 @@ time_warp_since = "{since}"
 sender = "alice@example.org"
 sender_password = "{PASSWORD}"
 slow_reply = "1s"
+dnssec = "127.0.0.1:{dnssec_port}"
+
+[outbound_tls]
+mta_sts_port = {policy_port}
+ca_file = "run/lab/tls/ca.pem"
+dnssec_resolvers = ["127.0.0.1:{dnssec_port}"]
 """)
     inst.start()
     try:
         for host in scenarios.listening_hosts():
             _wait_tcp(host.address, mx_port)
+        _wait_tcp(scenarios.POLICY_HOST, policy_port)
+        _wait_dns(dnssec_port)  # the validating resolver: before it answers, every attempt would wait
         lab = Lab(inst, mx_port, dns_port)
         for s in scenarios.SCENARIOS:
             lab.send(s.name)
@@ -305,3 +328,25 @@ def test_lab_start_makes_a_lab_installation(tmp_path: Path) -> None:
     assert r.stdout.startswith(labcmd.LAB_SENDER), r.stdout
     conf = (base / "mailroom.toml").read_text()
     assert f'sender_password = "{cfg.lab.sender_password}"' in conf
+
+
+def test_mta_sts_enforce_with_the_wrong_certificate_keeps_the_mail(lab: Lab) -> None:
+    """sts.test's policy (enforce, mx: mx.sts.test) is fetched over HTTPS; its MX host's
+    certificate, from the same CA, names another host: every try is deferred, nothing
+    reaches the host, and the message expires with a DSN at the end of its lifetime."""
+    last = lab.final("mta-sts-wrong-cert", timeout=60)
+    assert last["event"] == "expired", last
+    deferred = [e for e in lab.events("mta-sts-wrong-cert") if e["event"] == "deferred"]
+    assert deferred and all(e["detail"].startswith("451 4.7.5") and "certificate verify failed" in e["detail"]
+                            for e in deferred), deferred
+    assert not lab.stored("mx.sts.test", "mta-sts-wrong-cert")
+    log = lab.inst.log_text()
+    assert "MTA-STS: policy of sts.test (id lab1): mode enforce, mx mx.sts.test" in log
+    assert "mx.sts.test (127.0.0.19): MTA-STS enforce: TLS with" in log
+    _dsn_about(lab, "someone@sts.test", "4.7.5")
+
+
+def test_dane_delivers_to_the_certificate_its_tlsa_record_names(lab: Lab) -> None:
+    _delivered_via(lab, "dane", "127.0.0.21")
+    assert len(lab.stored("mx.dane.test", "dane")) == 1
+    assert "mx.dane.test (127.0.0.21): TLS, certificate matched the DANE TLSA records" in lab.inst.log_text()

@@ -56,6 +56,9 @@ def test_lab_start_runs_the_lab_and_a_scenario_goes_through(tmp_path: Path) -> N
     dns, mx = free_port(udp=True), free_port()
     text = text.replace(f'"{labcmd.LAB_DNS}"', f'"127.0.0.1:{dns}"').replace(
         f"remote_port = {labcmd.LAB_MX_PORT}", f"remote_port = {mx}")
+    policy, dnssec = free_port("127.0.0.20"), free_port(udp=True)
+    text = text.replace(f"mta_sts_port = {labcmd.LAB_POLICY_PORT}", f"mta_sts_port = {policy}").replace(
+        f'"{labcmd.LAB_DNSSEC}"', f'"127.0.0.1:{dnssec}"')
     conf.write_text(text)
 
     log = tmp_path / "lab-start.log"
