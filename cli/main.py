@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from cli import dkim as dkimcmd
 from cli import dns as dnscmd
-from cli import dovecot, postmaster, setup, supervise, trace
+from cli import dovecot, postmaster, rspamd, setup, supervise, trace
 from cli import lab as labcmd
 from cli import queue as queuecmd
 from cli.show import clean, public_config
@@ -61,7 +61,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     try:
         base.mkdir(parents=True, exist_ok=True)
         os.chmod(base, privileges.PRIVATE_DIR)
-        conf.write_text(configmod.render_default(args.domain.lower(), args.hostname, acct.name, imap=_has_dovecot()))
+        conf.write_text(configmod.render_default(
+            args.domain.lower(), args.hostname, acct.name, imap=_has_dovecot(), rspamd=rspamd.installed()
+        ))
         cfg = configmod.load(conf)
         privileges.private_dir(cfg.mail_root, acct)
         privileges.private_dir(cfg.run_dir, acct)

@@ -24,6 +24,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import OperationalError
 
 from common import reply as R
+from common import verdict
 from common.address import domain_of
 from common.clock import Clock
 from common.config import Config
@@ -189,6 +190,7 @@ class SMTPHandler(Handler):
                     )
         content, added = envelope.content, b""
         if self.may_relay(session):  # ours: DKIM-signed once, here, when it leaves our domains
+            content = verdict.strip(content)  # no spam verdict but our filter's reaches the MDA
             added = await mailauth.sign_outgoing(
                 self.auth, content, trusted=True, recipients=[r.address for r in recipients]
             )
