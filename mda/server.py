@@ -37,13 +37,17 @@ from common.config import Config
 from common.daemon import Context, serve_until_stopped
 from common.db import Database
 from common.directory import Directory, UserEntry
+from common.endpoint import Endpoint
 from common.events import EventName, Hop
 from common.log import is_trace_id, new_trace_id, trace_id
 from common.models import Event, User, add_event
 from common.reply import Reply, SMTPError
 from common.smtp import Handler, MailEnvelope, MailSession, limits_from, serve
 from mda import maildir, mbox
+from mda.outbound import Outbound
 from mda.quota import QuotaExceeded
+from mda.rules import Box as RulesBox
+from mda.rules import Rules, RulesPolicy
 
 log = logging.getLogger("mda")
 
@@ -57,6 +61,7 @@ class Mailbox:
     store: str  # maildir | mbox
     path: Path
     quota: int
+    mailbox: str = ""  # the users table's name for it (where the user's Sieve scripts live)
 
 
 @dataclass(frozen=True)
@@ -67,12 +72,20 @@ class DeliveryPolicy:
     mail_root: Path
     recipient_delimiter: str
     lock_timeout: float
+    # Users' Sieve scripts (mda/rules.py): their size limit, and where and how often
+    # their redirects and vacation replies are sent (the MTA's internal listener).
+    sieve_max_size: int = 64 * 1024
+    sends_per_hour: int = 500
+    internal: Endpoint | None = None
+    send_timeout: float = 60.0
 
     @classmethod
     def from_config(cls, cfg: Config) -> DeliveryPolicy:
         return cls(
             hostname=cfg.mailroom.hostname, mail_root=cfg.mail_root.resolve(),
             recipient_delimiter=cfg.mda.recipient_delimiter, lock_timeout=cfg.mda.lock_timeout,
+            sieve_max_size=cfg.mda.sieve_max_size, sends_per_hour=cfg.msa.max_messages_per_hour,
+            internal=cfg.endpoint("mta.internal"), send_timeout=min(cfg.smtp.idle_timeout, 60.0),
         )
 
 
@@ -97,6 +110,7 @@ class LMTPHandler(Handler):
         self.directory = directory or Directory(db.read_engine)
         self.mail_root = policy.mail_root
         self.mailboxes: dict[str, Mailbox] = {}
+        self.rules: Rules | None = None  # made at the first DATA, on the daemon's event loop
 
     def reset(self, session: MailSession) -> None:
         self.mailboxes = {}
@@ -135,7 +149,7 @@ class LMTPHandler(Handler):
         if not user.mailbox or not path.is_relative_to(self.mail_root) or path == self.mail_root:
             log.error("user %s has a mailbox outside the mail root (%r); refusing", user.address, user.mailbox)
             return None
-        return Mailbox(user.address, user.store, path, user.quota)
+        return Mailbox(user.address, user.store, path, user.quota, user.mailbox)
 
     async def refused(self, session: MailSession, envelope: MailEnvelope, reply: Reply) -> None:
         # Too big or a line too long: the trace should say so for each recipient.
@@ -157,6 +171,8 @@ class LMTPHandler(Handler):
             body = head.replace(b"\r\n", b"\n") + b"\n\n" + rest if blank else envelope.content
         else:
             body = envelope.content.replace(b"\r\n", b"\n")
+        if self.rules is None:
+            self.rules = self._make_rules(asyncio.get_running_loop())
         try:
             # Not in the database pool: a delivery may wait up to lock_timeout
             # for an mbox lock, and must not hold up other sessions' lookups.
@@ -210,6 +226,14 @@ class LMTPHandler(Handler):
         outcomes = [(rcpt, reply, path) for rcpt, (reply, path) in results.items()]
         return [results[rcpt][0] for rcpt in recipients], outcomes
 
+    def _make_rules(self, loop: asyncio.AbstractEventLoop) -> Rules:
+        p = self.policy
+        outbound = None
+        if p.internal is not None:
+            outbound = Outbound(p.internal, hostname=p.hostname, timeout=p.send_timeout, loop=loop)
+        policy = RulesPolicy(p.hostname, p.mail_root, p.lock_timeout, p.sieve_max_size, p.sends_per_hour)
+        return Rules(policy, self.db, outbound)
+
     @staticmethod
     def _record(s: Connection, trace: str, outcomes: list[tuple[str, Reply, str]]) -> None:
         for rcpt, reply, path in outcomes:
@@ -233,15 +257,11 @@ class LMTPHandler(Handler):
             raise SMTPError(R.MAIL_LOOP.with_text(f"Mail loop: already delivered to {rcpt}"))
         content = f"Return-Path: <{sender}>\nDelivered-To: {rcpt}\n".encode() + body
         try:
-            if box.store == "mbox":
-                mbox.deliver(
-                    box.path, content, sender, delivery_id=_delivery_id(trace, rcpt),
-                    lock_timeout=self.policy.lock_timeout, quota_limit=box.quota,
-                )
-                return str(box.path)
-            name = maildir.unique_name(trace, rcpt, self.policy.hostname)
-            path, _ = maildir.deliver(box.path, content, name, quota_limit=box.quota, look_in_cur=retry)
-            return str(path)
+            # The spam verdict and the user's Sieve script decide where it goes (mda/rules.py).
+            assert self.rules is not None  # made by data(), on the event loop
+            where = RulesBox(box.user, box.store, box.path, box.quota, box.mailbox)
+            store = partial(self._store, trace, sender, rcpt, retry)
+            return self.rules.deliver(trace, sender, rcpt, where, body, content, store)
         except QuotaExceeded as exc:
             raise SMTPError(R.OVER_QUOTA.with_text(f"Mailbox full: quota of {box.quota} bytes exceeded")) from exc
         except mbox.LockTimeout as exc:
@@ -252,6 +272,30 @@ class LMTPHandler(Handler):
                 raise SMTPError(R.DISK_LOW) from exc
             raise SMTPError(R.LOCAL_ERROR) from exc
 
+
+    def _store(
+        self, trace: str, sender: str, rcpt: str, retry: bool, box: RulesBox, folder: Path | None, content: bytes,
+        name: str, flags: frozenset[str],
+    ) -> str:
+        """Store in the inbox (folder None) or in a folder of the box; the path stored at."""
+        if box.store == "mbox":
+            target = box.path if folder is None else folder
+            # Each folder has its own journal, so the same id serves them all.
+            mbox.deliver(
+                target, content, sender, delivery_id=_delivery_id(trace, rcpt), lock_timeout=self.policy.lock_timeout,
+                quota_limit=box.quota if folder is None else 0,
+            )
+            return str(target)
+        unique = maildir.unique_name(trace, rcpt, self.policy.hostname)
+        path, _ = maildir.deliver(
+            box.path, content, unique, quota_limit=box.quota, look_in_cur=retry, folder=folder,
+            flags="".join(_MAILDIR_FLAGS[f] for f in flags if f in _MAILDIR_FLAGS),
+        )
+        return str(path)
+
+
+# IMAP system flags as Maildir info letters (the "2," part of a file name).
+_MAILDIR_FLAGS = {"\\Draft": "D", "\\Flagged": "F", "\\Answered": "R", "\\Seen": "S", "\\Deleted": "T"}
 
 _EARLIER = select(Event.recipient, Event.path).where(
     Event.trace_id == bindparam("trace"), Event.hop == Hop.MDA, Event.event == EventName.DELIVERED
