@@ -15,6 +15,7 @@ loop (`asyncio.run_coroutine_threadsafe`), and the thread waits for its reply.
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from common.endpoint import Endpoint
@@ -40,6 +41,14 @@ class Outbound:
         if any(b > 0x7F for b in content):
             params.append("BODY=8BITMIME")
         future = asyncio.run_coroutine_threadsafe(self._send(sender, recipient, content, tuple(params)), self.loop)
+        return self._wait(future)
+
+    async def send_async(self, sender: str, recipient: str, content: bytes) -> Reply:
+        """The same, from the event loop."""
+        params = ("BODY=8BITMIME",) if any(b > 0x7F for b in content) else ()
+        return await self._send(sender, recipient, content, params)
+
+    def _wait(self, future: Future[Reply]) -> Reply:
         try:
             return future.result(self.timeout * 2)
         except FutureTimeout:

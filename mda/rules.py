@@ -69,6 +69,15 @@ class RulesPolicy:
     sends_per_hour: int
 
 
+@dataclass(frozen=True)
+class AutoReply:
+    """A vacation reply to send: for `user`'s delivery, to `to`."""
+
+    user: str
+    to: str
+    content: bytes
+
+
 # store(box, folder path or None for the inbox, content, name/id, flags) -> path stored at
 Store = Callable[[Box, Path | None, bytes, str, frozenset[str]], str]
 
@@ -80,11 +89,14 @@ class Rules:
         self.outbound = outbound
 
     def deliver(
-        self, trace: str, sender: str, rcpt: str, box: Box, body: bytes, content: bytes, store: Store
+        self, trace: str, sender: str, rcpt: str, box: Box, body: bytes, content: bytes, store: Store,
+        replies: list[AutoReply] | None = None,
     ) -> str:
         """Deliver `content` (the message as stored: Return-Path and Delivered-To added to
         `body`) for `rcpt`; returns the first path stored at ("" when nothing was stored).
-        Raises SMTPError with this recipient's reply when it is refused or deferred."""
+        Raises SMTPError with this recipient's reply when it is refused or deferred.
+        A vacation reply to send is added to `replies`: the caller sends it on its event
+        loop after the delivery, so no delivery thread waits for it."""
         spam = verdict.is_spam(body)
         default = folders.JUNK if spam else folders.INBOX
         message = sieve.Message(body)
@@ -107,7 +119,9 @@ class Rules:
             path = self._store_in(trace, box, name, content, flags, store)
             stored = stored or path
         if result.vacation is not None and not spam:
-            self._vacation(trace, sender, rcpt, box, message, result.vacation)
+            reply = self._vacation(trace, sender, rcpt, box, message, result.vacation)
+            if reply is not None and replies is not None:
+                replies.append(reply)
         if not places and not result.redirects:
             self._note(trace, rcpt, "discarded by the user's filter")
         return stored
@@ -212,7 +226,7 @@ class Rules:
 
     def _vacation(
         self, trace: str, sender: str, rcpt: str, box: Box, message: sieve.Message, action: sieve.Vacation
-    ) -> None:
+    ) -> AutoReply | None:
         mine = [rcpt, box.user, *action.addresses]
         why = vacation.why_not(message, sender, mine)
         if why is None and self.outbound is None:
@@ -226,16 +240,21 @@ class Rules:
                     s.commit()
         if why is not None:
             log.info("to=<%s>: no vacation reply to <%s>: %s", rcpt, sender, why)
-            return
+            return None
+        text = vacation.compose(message, action, user=box.user, sender=sender, hostname=self.policy.hostname)
+        self._note(trace, rcpt, f"vacation reply to <{sender}>")
+        return AutoReply(rcpt, sender, text)
+
+    async def send_replies(self, replies: list[AutoReply]) -> None:
+        """Send vacation replies (on the event loop, after the delivery).  One that the MTA does
+        not take is not tried again: a vacation reply is at most once, never twice."""
         assert self.outbound is not None
-        reply_text = vacation.compose(message, action, user=box.user, sender=sender, hostname=self.policy.hostname)
-        reply = self.outbound.send("", sender, reply_text)
-        if reply.code == 250:
-            log.info("to=<%s>: vacation reply to <%s>", rcpt, sender)
-            self._note(trace, rcpt, f"vacation reply to <{sender}>: {reply}")
-        else:
-            # Not sent, and not retried: a vacation reply is at most once, never twice.
-            log.warning("to=<%s>: the vacation reply to <%s> was not taken: %s", rcpt, sender, reply)
+        for r in replies:
+            answer = await self.outbound.send_async("", r.to, r.content)
+            if answer.code == 250:
+                log.info("to=<%s>: vacation reply to <%s>: %s", r.user, r.to, answer)
+            else:
+                log.warning("to=<%s>: the vacation reply to <%s> was not taken: %s", r.user, r.to, answer)
 
     def _note(self, trace: str, rcpt: str, detail: str) -> None:
         """A `filtered` event in the trace (not fsync'd: no promise rests on it)."""

@@ -21,14 +21,18 @@ also looked for in cur/, where a reader moves it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
 import errno
 import hashlib
 import logging
 import re
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Connection, bindparam, select
 
@@ -46,11 +50,13 @@ from common.smtp import Handler, MailEnvelope, MailSession, limits_from, serve
 from mda import maildir, mbox
 from mda.outbound import Outbound
 from mda.quota import QuotaExceeded
+from mda.rules import AutoReply, Rules, RulesPolicy
 from mda.rules import Box as RulesBox
-from mda.rules import Rules, RulesPolicy
 
 log = logging.getLogger("mda")
 
+# Deliveries running at once in one MDA process (each in a thread: fsync, locks).
+DELIVERY_THREADS = 32
 # How often the MDA sweeps stale files out of every Maildir's tmp/ (also once at start).
 TMP_CLEAN_INTERVAL = 3600.0
 
@@ -176,10 +182,14 @@ class LMTPHandler(Handler):
         try:
             # Not in the database pool: a delivery may wait up to lock_timeout
             # for an mbox lock, and must not hold up other sessions' lookups.
-            replies, outcomes = await asyncio.to_thread(
-                self._deliver_all, envelope.trace_id, envelope.mail_from, envelope.rcpt_tos, body,
-                CLIENT_RECORDS in envelope.params, RETRY in envelope.params,
+            auto: list[AutoReply] = []
+            call = partial(
+                contextvars.copy_context().run, self._deliver_all, envelope.trace_id, envelope.mail_from,
+                envelope.rcpt_tos, body, CLIENT_RECORDS in envelope.params, RETRY in envelope.params, auto,
             )
+            replies, outcomes = await asyncio.get_running_loop().run_in_executor(_delivery_threads(), call)
+            if auto:  # vacation replies: sent after the delivery, never holding it up
+                _background(self.rules.send_replies(auto))
         except Exception:
             # Never a single reply in LMTP (the client would wait for the rest).
             log.exception("delivery failed")
@@ -200,7 +210,7 @@ class LMTPHandler(Handler):
 
     def _deliver_all(
         self, trace: str, sender: str, recipients: list[str], body: bytes, path_in_reply: bool = False,
-        retry: bool = False,
+        retry: bool = False, auto: list[AutoReply] | None = None,
     ) -> tuple[list[Reply], list[tuple[str, Reply, str]]]:
         """Store the message for each recipient; returns the replies and the events to record."""
         trace_id.set(trace)
@@ -215,7 +225,7 @@ class LMTPHandler(Handler):
                 continue  # the same RCPT twice: one copy, the same answer twice
             box = self.mailboxes[rcpt]
             try:
-                path = self._deliver_one(trace, sender, rcpt, box, body, earlier.get(rcpt), retry=retry)
+                path = self._deliver_one(trace, sender, rcpt, box, body, earlier.get(rcpt), retry=retry, auto=auto)
                 text = f"Ok: delivered to {box.store} ({trace})"
                 reply = Reply(250, "2.0.0", text + (PATH_MARK + path if path_in_reply else ""))
                 log.info("delivered to=<%s> %s=%s", rcpt, box.store, path)
@@ -248,7 +258,7 @@ class LMTPHandler(Handler):
 
     def _deliver_one(
         self, trace: str, sender: str, rcpt: str, box: Mailbox, body: bytes, earlier: str | None = None,
-        *, retry: bool = False,
+        *, retry: bool = False, auto: list[AutoReply] | None = None,
     ) -> str:
         if earlier is not None:
             log.info("to=<%s>: already delivered (%s), not storing again", rcpt, earlier)
@@ -261,7 +271,7 @@ class LMTPHandler(Handler):
             assert self.rules is not None  # made by data(), on the event loop
             where = RulesBox(box.user, box.store, box.path, box.quota, box.mailbox)
             store = partial(self._store, trace, sender, rcpt, retry)
-            return self.rules.deliver(trace, sender, rcpt, where, body, content, store)
+            return self.rules.deliver(trace, sender, rcpt, where, body, content, store, auto)
         except QuotaExceeded as exc:
             raise SMTPError(R.OVER_QUOTA.with_text(f"Mailbox full: quota of {box.quota} bytes exceeded")) from exc
         except mbox.LockTimeout as exc:
@@ -296,6 +306,25 @@ class LMTPHandler(Handler):
 
 # IMAP system flags as Maildir info letters (the "2," part of a file name).
 _MAILDIR_FLAGS = {"\\Draft": "D", "\\Flagged": "F", "\\Answered": "R", "\\Seen": "S", "\\Deleted": "T"}
+
+_threads: concurrent.futures.ThreadPoolExecutor | None = None
+_tasks: set[asyncio.Task[None]] = set()
+
+
+def _delivery_threads() -> concurrent.futures.ThreadPoolExecutor:
+    """The MDA's own threads for deliveries (an mbox lock, a redirect handed to the MTA may
+    wait in one), apart from the event loop's default pool, which others in the process use."""
+    global _threads
+    if _threads is None:
+        _threads = concurrent.futures.ThreadPoolExecutor(DELIVERY_THREADS, thread_name_prefix="delivery")
+    return _threads
+
+
+def _background(coro: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(coro)
+    _tasks.add(task)  # held until done (the loop keeps only a weak reference)
+    task.add_done_callback(_tasks.discard)
+
 
 _EARLIER = select(Event.recipient, Event.path).where(
     Event.trace_id == bindparam("trace"), Event.hop == Hop.MDA, Event.event == EventName.DELIVERED
