@@ -32,10 +32,15 @@ from __future__ import annotations
 
 import contextlib
 import email
+import email.base64mime
+import email.charset
 import email.errors
+import email.feedparser
 import email.header
 import email.message
+import email.parser
 import email.policy
+import email.quoprimime
 import email.utils
 import hashlib
 import re
