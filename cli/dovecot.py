@@ -294,7 +294,10 @@ service auth-worker {{
     # Users' filters: ManageSieve, and learning spam from IMAP moves (cli/dovecot_sieve.py).
     text += dovecot_sieve.render(cfg, no_chroot)
     if ids.as_root and dovecot_sieve.learning_on(cfg):
-        os.chown(dovecot_sieve.learn_dir(cfg), ids.uid, ids.gid)  # Pigeonhole keeps compiled scripts there
+        # Dovecot's imap processes read the scripts and keep their compiled forms there.
+        learn = dovecot_sieve.learn_dir(cfg)
+        for path in (learn, *learn.iterdir()):
+            os.chown(path, ids.uid, ids.gid)
     out = config_file(cfg)
     out.write_text(text)
     return out

@@ -58,7 +58,9 @@ def why_not(cfg: Config) -> str | None:
 def user_fields(cfg: Config, mailbox: str) -> list[str]:
     """The users file's fields for one user: where their Sieve scripts are."""
     folder = sieve_dir(cfg.mail_root.resolve(), mailbox)
-    return [f"userdb_sieve=file:{folder}/scripts;active={folder}/active.sieve"]
+    # The Sieve folder is also the user's home for Dovecot: Pigeonhole keeps its
+    # duplicate-suppression database there.
+    return [f"userdb_sieve=file:{folder}/scripts;active={folder}/active.sieve", f"userdb_home={folder}"]
 
 
 def protocols(cfg: Config) -> str:

@@ -189,13 +189,14 @@ def render(cfg: Config, account: Account | None) -> Path:
     redis_password = secret(cfg, "redis")
     owner = f" owner={account.name}" if account is not None else ""
     files = {
-        # override.d replaces a whole section: nothing of the stock file's
-        # `password = "q1"` and `secure_ip = 127.0.0.1` survives.
+        # override.d replaces the keys it names: the stock file's `password = "q1"` and
+        # `secure_ip = 127.0.0.1` (loopback needs no password) must each be named.
         "override.d/worker-normal.inc": f"bind_socket = {_ucl(f.scanner)};\ncount = 1;\nmime = true;\n",
         "override.d/worker-controller.inc": (
             f"bind_socket = {_ucl(f.controller)};\n"
             f"bind_socket = {_ucl(f'{sock} mode=0600{owner}')};\n"
             f"count = 1;\npassword = {_ucl(controller_hash)};\nenable_password = {_ucl(controller_hash)};\n"
+            "secure_ip = [];\n"
             'static_dir = "${WWWDIR}";\n'
         ),
         "override.d/worker-proxy.inc": "enabled = false;\n",
@@ -204,6 +205,7 @@ def render(cfg: Config, account: Account | None) -> Path:
         "local.d/redis.conf": f"servers = {_ucl(f'{redis_host}:{redis_port}')};\npassword = {_ucl(redis_password)};\n",
         "local.d/classifier-bayes.conf": f'backend = "redis";\nmin_learns = {f.bayes_min_learns};\n',
         "local.d/options.inc": _options(cfg),
+        "local.d/actions.conf": f"add_header = {f.spam_score};\n",
         # The blocklists: on only behind a resolver of our own (see dnsbl_active).
         "override.d/rbl.conf": "" if dnsbl_active(cfg) else "enabled = false;\n",
     }

@@ -161,6 +161,7 @@ class FilterSection:
     scanner: str = field(default="127.0.0.1:2783", metadata=_meta("listen?", "Supervised rspamd: its normal worker (the scanner the MTA asks); loopback only"))
     controller: str = field(default="127.0.0.1:2784", metadata=_meta("listen?", "Supervised rspamd: its controller (learning, statistics, web interface; the password is RUN_DIR/rspamd/controller.secret); loopback only"))
     redis: str = field(default="127.0.0.1:2785", metadata=_meta("listen?", "Supervised rspamd: the Redis holding its Bayes statistics and other state (password RUN_DIR/rspamd/redis.secret); loopback only"))
+    spam_score: float = field(default=6.0, metadata=_meta("score", "Supervised rspamd: the score from which a message is spam (rspamd's \"add header\" action): it is delivered to the user's Junk folder"))
     bayes_min_learns: int = field(default=50, metadata=_meta("int", "Supervised rspamd: spam and ham messages each that Bayes must have learnt before it scores (rspamd's own default is 200, which a small site reaches slowly)"))
     timeout: float = field(default=20.0, metadata=_meta("duration", "How long to wait for the filter's verdict"))
     when_down: str = field(default="accept_unscanned", metadata=_meta("whendown", "When the filter fails: accept_unscanned (with a header saying so) or defer (451 4.7.1)"))
@@ -363,6 +364,10 @@ def _convert(kind: str, value: object) -> object:
             return value
         case "duration":
             return parse_duration(value)
+        case "score":
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"expected a positive number like 6.0, got {value!r}")
+            return float(value)
         case "speed":
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ValueError(f"expected a positive number (1 is real time), got {value!r}")

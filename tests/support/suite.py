@@ -199,7 +199,8 @@ class Installation:
             with_filter = self.config.filter.supervised
             for key, port in self.ports.items():
                 if (with_dovecot or key not in DOVECOT_PORTS) and (with_filter or key not in FILTER_PORTS):
-                    wait_port(port, timeout=60 if key in FILTER_PORTS else 20)
+                    # rspamadm (hashing, configtest) runs before supervisord: longer with the filter.
+                    wait_port(port, timeout=90 if with_filter else 20)
         except TimeoutError:
             self.stop()
             raise AssertionError("the suite did not start:\n" + self.log_path.read_text()[-4000:]) from None
