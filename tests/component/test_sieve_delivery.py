@@ -257,7 +257,8 @@ def test_vacation_never_answers_robots_lists_or_spam(
     inst: Installation, stack: Stack, sender: str, extra: str, to: str
 ) -> None:
     script(inst, ALICE, VACATION)
-    assert lmtp(stack, sender, [ALICE], msg("x", frm=sender or "x@example.net", to=to, extra=extra))[0].startswith("250")
+    reply = lmtp(stack, sender, [ALICE], msg("x", frm=sender or "x@example.net", to=to, extra=extra))
+    assert reply[0].startswith("250")
     assert queued(inst) == []
 
 
@@ -296,15 +297,18 @@ def test_a_vacation_storm_of_a_thousand_senders(inst: Installation, stack: Stack
 
 
 def _notices(inst: Installation) -> list[Path]:
-    return [p for p in maildir_messages(inst.mailbox(ALICE)) if b"Subject: Your mail filter has an error" in p.read_bytes()]
+    subject = b"Subject: Your mail filter has an error"
+    return [p for p in maildir_messages(inst.mailbox(ALICE)) if subject in p.read_bytes()]
 
 
-def test_a_script_that_cannot_be_parsed_loses_no_mail_and_is_reported_once(inst: Installation, stack: Stack) -> None:
+def test_a_script_that_cannot_be_parsed_loses_no_mail_and_is_reported_once(
+    inst: Installation, stack: Stack
+) -> None:
     script(inst, ALICE, 'require ["fileinto"];\nif header :contains "subject" "x" { fileinto "X" \n')
     for i in range(3):
         assert lmtp(stack, "carol@example.net", [ALICE], msg(f"m{i}"))[0].startswith("250")
     notices = _notices(inst)
-    assert len(notices) == 1 and b"parsing error" in notices[0].read_bytes() or b"cannot parse" in notices[0].read_bytes()
+    assert len(notices) == 1 and b"parse" in notices[0].read_bytes()
     assert len(maildir_messages(inst.mailbox(ALICE))) == 4  # three messages and one notice
     trace_details = _filter_events(inst)
     assert any("Sieve script failed" in d for d in trace_details)

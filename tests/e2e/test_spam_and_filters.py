@@ -162,6 +162,8 @@ class _Sieve(SieveClient):  # type: ignore[misc]
 
 
 def test_managesieve_upload_and_activation_then_delivery(suite: Installation) -> None:
+    shown = suite.cli("client-config", ALICE).stdout
+    assert f"ManageSieve mail.test port {suite.ports['sieve']} STARTTLS" in shown, shown
     c = _Sieve("127.0.0.1", suite.ports["sieve"])
     assert c.connect(ALICE, PASSWORD, starttls=True)
     try:
