@@ -43,6 +43,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from cli import dovecot_sieve
 from common.config import Config, parse_hostport
 from common.db import Database
 from common.models import User
@@ -130,7 +131,7 @@ def user_line(cfg: Config, user: User) -> str | None:
     """One passwd-file line; None for a user who cannot log in (no password) or cannot be written."""
     if not user.password_hash.startswith("$argon2") or any(c in user.address for c in ":\n\r\0"):
         return None
-    fields = [f"userdb_mail={mail_location(cfg, user)}"]
+    fields = [f"userdb_mail={mail_location(cfg, user)}", *dovecot_sieve.user_fields(cfg, user.mailbox)]
     if user.quota > 0 and user.store == "maildir":
         # Only for Maildir: Dovecot's Maildir++ backend is the MDA's bookkeeping; an
         # mbox is measured by the MDA as one file's size, which no backend reports.
@@ -226,7 +227,7 @@ def render_config(cfg: Config, ids: MailIds) -> Path:
 base_dir = {base}
 state_dir = {state}
 instance_name = {instance}
-protocols = imap pop3
+protocols = imap pop3{dovecot_sieve.protocols(cfg)}
 listen = 127.0.0.1
 log_path = /dev/stderr
 log_timestamp = "%Y-%m-%d %H:%M:%S "
@@ -261,7 +262,7 @@ pop3_uidl_format = %08Xu%08Xv
 # The users file sets `quota` and `quota_rule` for each Maildir user with a quota.
 mail_plugins = $mail_plugins quota
 protocol imap {{
-  mail_plugins = $mail_plugins imap_quota
+  mail_plugins = $mail_plugins imap_quota{dovecot_sieve.imap_plugins(cfg)}
 }}
 
 passdb {{
@@ -290,6 +291,13 @@ service auth-worker {{
   user = {ids.name}
 }}
 """
+    # Users' filters: ManageSieve, and learning spam from IMAP moves (cli/dovecot_sieve.py).
+    text += dovecot_sieve.render(cfg, no_chroot)
+    if ids.as_root and dovecot_sieve.learning_on(cfg):
+        # Dovecot's imap processes read the scripts and keep their compiled forms there.
+        learn = dovecot_sieve.learn_dir(cfg)
+        for path in (learn, *learn.iterdir()):
+            os.chown(path, ids.uid, ids.gid)
     out = config_file(cfg)
     out.write_text(text)
     return out

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from cli import dkim as dkimcmd
 from cli import dns as dnscmd
-from cli import dovecot, postmaster, setup, supervise, trace
+from cli import dovecot, dovecot_sieve, postmaster, rspamd, setup, supervise, trace
 from cli import lab as labcmd
 from cli import queue as queuecmd
 from cli.show import clean, public_config
@@ -61,7 +61,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     try:
         base.mkdir(parents=True, exist_ok=True)
         os.chmod(base, privileges.PRIVATE_DIR)
-        conf.write_text(configmod.render_default(args.domain.lower(), args.hostname, acct.name, imap=_has_dovecot()))
+        conf.write_text(configmod.render_default(
+            args.domain.lower(), args.hostname, acct.name, imap=_has_dovecot(), rspamd=rspamd.installed()
+        ))
         cfg = configmod.load(conf)
         privileges.private_dir(cfg.mail_root, acct)
         privileges.private_dir(cfg.run_dir, acct)
@@ -286,6 +288,9 @@ def cmd_client_config(args: argparse.Namespace, cfg: configmod.Config) -> int:
         print(autoconfig.render_xml(settings, domain), end="")
         return 0
     print(autoconfig.render_text(settings, address), end="")
+    if cfg.imap.enabled and dovecot_sieve.managesieve_on(cfg):  # users' filters (Thunderbird, Roundcube)
+        print(f"Filters:   ManageSieve {cfg.mailroom.hostname} port {configmod.parse_hostport(cfg.imap.sieve)[1]} "
+              "STARTTLS, normal password")
     with _db(cfg).read() as s:
         if find_user(s, address) is None:
             print(f"note: {address} is not a user yet (`mailroom user add {address}`)")

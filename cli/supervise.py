@@ -9,7 +9,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from cli import dovecot, watch
+from cli import dovecot, rspamd, watch
 from cli.watch import failure_file
 from common import config as configmod
 from common import privileges
@@ -19,8 +19,8 @@ from common.db import Database
 from common.endpoint import BindError
 
 # The four daemons (cli/watch.py stops the suite when one cannot start), the web
-# program and Dovecot.
-PROGRAMS = (*watch.PROGRAMS, "web", "imap")
+# program, Dovecot, and the supervised content filter.
+PROGRAMS = (*watch.PROGRAMS, "web", "imap", "redis", "rspamd")
 # Package data, so an installed Mailroom (a wheel, not a checkout) finds it too.
 TEMPLATE = "supervisord.conf.in"
 
@@ -57,7 +57,7 @@ def _imap_program(cfg: Config, common: str, *, with_imap: bool) -> str:
     return _IMAP.format(dovecot=program, conf=dovecot.config_file(cfg), common=common)
 
 
-def render(cfg: Config, *, log_file: str = "/dev/stdout", with_imap: bool = False) -> Path:
+def render(cfg: Config, *, log_file: str = "/dev/stdout", with_imap: bool = False, with_filter: bool = False) -> Path:
     """Write RUN_DIR/supervisord.conf for this config; returns its path."""
     run_dir = cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -67,6 +67,8 @@ def render(cfg: Config, *, log_file: str = "/dev/stdout", with_imap: bool = Fals
         run_dir=run_dir, python=sys.executable, config=cfg.path, common=common,
         imap=_imap_program(cfg, common, with_imap=with_imap), **_mta_processes(cfg.mta.processes),
     )
+    if with_filter:  # rspamd and its Redis (cli/rspamd.py)
+        text += rspamd.programs(cfg, common, _root_switch(cfg))
     if cfg.lab.enabled:
         text += _LAB.format(python=sys.executable, config=cfg.path, common=common)
     text += _WATCH.format(python=sys.executable, run_dir=run_dir)
@@ -157,7 +159,10 @@ def run(cfg: Config) -> int:
         db.close()
     if why_not:
         print(f"mailroom: {why_not}", file=sys.stderr, flush=True)
-    conf = render(cfg, with_imap=why_not is None)
+    filter_down = rspamd.prepare(cfg, _root_switch(cfg)) if cfg.filter.supervised else "off"
+    if filter_down and cfg.filter.supervised:
+        print(f"mailroom: {filter_down}", file=sys.stderr, flush=True)
+    conf = render(cfg, with_imap=why_not is None, with_filter=filter_down is None)
     run_dir = cfg.run_dir.resolve()
     for old in (run_dir / "stopped", *(failure_file(run_dir, p) for p in PROGRAMS)):
         with contextlib.suppress(FileNotFoundError):
@@ -167,6 +172,12 @@ def run(cfg: Config) -> int:
     argv = [sys.executable, "-m", "cli.watch", "run", str(run_dir), "relay" if not _stdout_reopens() else "direct",
             sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)]
     os.execv(sys.executable, argv)
+
+
+def _root_switch(cfg: Config) -> privileges.Account | None:
+    """Whom supervisord starts a program as that cannot drop root itself: the Mailroom
+    user when we are root (preflight checked it), else nobody (we are not root)."""
+    return privileges.account(cfg) if os.getuid() == 0 else None
 
 
 def _stdout_reopens() -> bool:

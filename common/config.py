@@ -23,6 +23,8 @@ from common.endpoint import Endpoint
 DEFAULT_PATH = "./var/mailroom.toml"
 # More MTA listener processes than this would be a typo, not a host.
 MAX_MTA_PROCESSES = 64
+# [filter] rspamd: `mailroom run` runs rspamd and its Redis itself.
+SUPERVISED = "supervised"
 
 
 class ConfigError(Exception):
@@ -110,6 +112,7 @@ class MDASection:
     recipient_delimiter: str = field(default="+", metadata=_meta("str", "user+tag@domain is delivered to user (empty: off)"))
     default_store: str = field(default="maildir", metadata=_meta("store", "Store for new users: maildir or mbox"))
     lock_timeout: float = field(default=30.0, metadata=_meta("duration", "How long to wait for an mbox lock (then 451 4.2.0)"))
+    sieve_max_size: int = field(default=64 * 1024, metadata=_meta("size", "Largest Sieve script a user may have (ManageSieve refuses a larger upload; the MDA ignores a larger file and delivers to the inbox)"))
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,7 @@ class IMAPSection:
     imaps: str = field(default="127.0.0.1:2993", metadata=_meta("listen?", "IMAP over implicit TLS (the 993 role); empty: off"))
     pop3s: str = field(default="127.0.0.1:2995", metadata=_meta("listen?", "POP3 over implicit TLS (the 995 role); empty: off"))
     dovecot: str = field(default="dovecot", metadata=_meta("str", "The dovecot program: a name looked up in PATH and the sbin folders, or a path"))
+    sieve: str = field(default="127.0.0.1:2190", metadata=_meta("listen?", "ManageSieve (RFC 5804, the 4190 role; STARTTLS) for users' Sieve filters, when dovecot-managesieved is installed; empty: off"))
 
 
 @dataclass(frozen=True)
@@ -172,10 +176,24 @@ class MailAuthSection:
 
 @dataclass(frozen=True)
 class FilterSection:
-    rspamd: str = field(default="", metadata=_meta("hostport?", "rspamd's normal worker (host:port) scanning public mail before the 250; empty: off"))
+    rspamd: str = field(default="", metadata=_meta("rspamd", "rspamd scanning public mail before the 250: \"supervised\" (`mailroom run` runs Debian's rspamd and a Redis for it, on the addresses below), host:port of an rspamd run elsewhere (its normal worker), or empty: off"))
+    scanner: str = field(default="127.0.0.1:2783", metadata=_meta("listen?", "Supervised rspamd: its normal worker (the scanner the MTA asks); loopback only"))
+    controller: str = field(default="127.0.0.1:2784", metadata=_meta("listen?", "Supervised rspamd: its controller (learning, statistics, web interface; the password is RUN_DIR/rspamd/controller.secret); loopback only"))
+    redis: str = field(default="127.0.0.1:2785", metadata=_meta("listen?", "Supervised rspamd: the Redis holding its Bayes statistics and other state (password RUN_DIR/rspamd/redis.secret); loopback only"))
+    spam_score: float = field(default=6.0, metadata=_meta("score", "Supervised rspamd: the score from which a message is spam (rspamd's \"add header\" action): it is delivered to the user's Junk folder"))
+    bayes_min_learns: int = field(default=50, metadata=_meta("int", "Supervised rspamd: spam and ham messages each that Bayes must have learnt before it scores (rspamd's own default is 200, which a small site reaches slowly)"))
     timeout: float = field(default=20.0, metadata=_meta("duration", "How long to wait for the filter's verdict"))
     when_down: str = field(default="accept_unscanned", metadata=_meta("whendown", "When the filter fails: accept_unscanned (with a header saying so) or defer (451 4.7.1)"))
     dnsbl_zones: list[str] = field(default_factory=list, metadata=_meta("domains", "DNS blocklist zones checked at connect (554 5.7.1 when listed); empty: off"))
+
+    @property
+    def supervised(self) -> bool:
+        return self.rspamd == SUPERVISED
+
+    @property
+    def scanner_address(self) -> str:
+        """The rspamd normal worker the MTA asks (host:port), or "" when there is no filter."""
+        return self.scanner if self.supervised else self.rspamd
 
 
 @dataclass(frozen=True)
@@ -367,6 +385,10 @@ def _convert(kind: str, value: object) -> object:
             return value
         case "duration":
             return parse_duration(value)
+        case "score":
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"expected a positive number like 6.0, got {value!r}")
+            return float(value)
         case "speed":
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ValueError(f"expected a positive number (1 is real time), got {value!r}")
@@ -427,6 +449,12 @@ def _convert(kind: str, value: object) -> object:
             assert isinstance(value, str)
             if value:
                 parse_hostport(value)
+            return value
+        case "rspamd":
+            need(str, '"supervised", host:port, or empty for off')
+            assert isinstance(value, str)
+            if value and value != SUPERVISED:
+                parse_hostport(value, 11333)
             return value
         case "hostport?":
             need(str, "host:port")
@@ -531,6 +559,12 @@ def _check(cfg: Config) -> None:
         if not _loopback_address(host):
             # The AD bit travels unsigned: only a resolver on this host can be believed.
             raise ConfigError(f"outbound_tls.dnssec_resolvers: must be a loopback address, got {resolver!r}")
+    if cfg.filter.supervised:
+        for key in ("scanner", "controller", "redis"):
+            value = getattr(cfg.filter, key)
+            # Redis and the controller trust what they are told: only this host may reach them.
+            if not value or not Endpoint.parse(value).is_loopback():
+                raise ConfigError(f"filter.{key}: a supervised rspamd needs a loopback host:port, got {value!r}")
     if cfg.lab.enabled and not cfg.lab.dns:
         raise ConfigError("lab.dns: the lab needs its DNS server's address")
     if cfg.lab.time_warp != 1.0 and not cfg.lab.time_warp_since:
@@ -547,7 +581,7 @@ def _loopback_address(host: str) -> bool:
         return False
 
 
-def render_default(domain: str, hostname: str, user: str = "", *, imap: bool = False) -> str:
+def render_default(domain: str, hostname: str, user: str = "", *, imap: bool = False, rspamd: bool = False) -> str:
     """The config `mailroom init` writes: development ports, everything under one folder."""
     return f"""\
 # Mailroom configuration. `mailroom config show` prints every setting with its value.
@@ -595,6 +629,8 @@ enabled = {"true" if imap else "false"}
 imap = "127.0.0.1:2143"
 imaps = "127.0.0.1:2993"
 pop3s = "127.0.0.1:2995"
+# ManageSieve for users' filters (Thunderbird, Roundcube); needs dovecot-managesieved.
+sieve = "127.0.0.1:2190"
 
 [web]
 listen = "127.0.0.1:8025"
@@ -612,7 +648,12 @@ dmarc_reject = true
 dns_error = "defer"
 
 [filter]
-rspamd = ""
+# "supervised": `mailroom run` runs rspamd and its Redis (see docs/operations.md,
+# "Spam and filters"); host:port: an rspamd run elsewhere; "": no content filter.
+rspamd = "{"supervised" if rspamd else ""}"
+scanner = "127.0.0.1:2783"
+controller = "127.0.0.1:2784"
+redis = "127.0.0.1:2785"
 when_down = "accept_unscanned"
 dnsbl_zones = []
 """

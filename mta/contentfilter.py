@@ -23,6 +23,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from common import verdict
 from common.config import parse_hostport
 from common.reply import Reply
 from mta.authdns import DNSTempError, Resolver
@@ -34,7 +35,7 @@ SPAM_SOFT_REJECT = Reply(451, "4.7.1", "Message deferred by the content filter, 
 FILTER_DOWN = Reply(451, "4.7.1", "Content filter unavailable, try again later")
 DNSBL_LISTED = Reply(554, "5.7.1", "Client address {ip} is listed at {zone}")
 # Headers the filter's verdict is written in: a copy from outside must not survive.
-VERDICT_HEADERS = ("X-Spam-Flag", "X-Spam-Status", "X-Mailroom-Filter")
+VERDICT_HEADERS = verdict.HEADERS
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from common import verdict as spam_verdict
 from common.config import Config
 from common.reply import Reply
 from mta import srs
@@ -63,8 +64,8 @@ def _state(config: Config) -> _State:
         signer=dkimmod.Signer(config.resolve(config.dkim.key_dir), config.dkim.selectors),
         resolver=SyncResolver(config.dns.nameservers, config.dns.timeout),
     )
-    if config.filter.rspamd:
-        st.filter = contentfilter.Rspamd(config.filter.rspamd, timeout=config.filter.timeout)
+    if config.filter.scanner_address:
+        st.filter = contentfilter.Rspamd(config.filter.scanner_address, timeout=config.filter.timeout)
     _current = (config, st)
     return st
 
@@ -140,9 +141,9 @@ async def check_inbound(
             seal_domain = cfg.mailauth.srs_domain or local[0]
             sealed = await asyncio.to_thread(st.signer.seal, headers + content, seal_domain, cfg.mailroom.hostname)
             headers = sealed + headers
+    # Spam verdict fields only ever come from our own filter (the MDA files by them).
+    content = spam_verdict.strip(content)
     if st.filter is not None:
-        for name in contentfilter.VERDICT_HEADERS:
-            content = checks.strip_header(content, name)
         scanned = await st.filter.scan(
             headers + content, client_ip=client_ip, helo=helo, mail_from=mail_from,
             recipients=recipients, queue_id=trace, hostname=cfg.mailroom.hostname,
