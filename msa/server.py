@@ -10,7 +10,8 @@ hears 451 4.4.1 and keeps the message.
 
 Who may send: only an authenticated user (AUTH over TLS only), and only as
 one of their own addresses (common.users.addresses_of, plus +tags) in the
-envelope (553 5.7.1) and in From:/Sender: (550 5.7.1).  Limits: failed
+envelope (553 5.7.1) and in From:/Sender: and Resent-From:/Resent-Sender:
+(550 5.7.1).  Limits: failed
 logins per client address, messages and recipients per user per hour, and
 connections per client address over both roles together ([msa] settings).
 
@@ -229,16 +230,17 @@ class SubmissionHandler(Handler):
         assert isinstance(envelope.content, bytes) and session.user is not None
         hostname = self.policy.hostname
         header, _ = submission.split_message(envelope.content)
-        try:
-            shown = submission.from_addresses(header)
-        except submission.UnreadableHeader as exc:
-            log.warning("user %s sent an unreadable header: %s", session.user, exc)
-            unreadable = R.HEADER_SENDER_DENIED.with_text("From:/Sender: header cannot be read unambiguously")
-            raise SMTPError(unreadable) from None
-        for a in shown:
-            if not self.owns(a):
-                log.warning("user %s may not send with From: %s", session.user, a)
-                raise SMTPError(R.HEADER_SENDER_DENIED)
+        for name in submission.SENDER_FIELDS:  # one at a time, so the refusal names the field
+            try:
+                shown = submission.from_addresses(header, (name,))
+            except submission.UnreadableHeader as exc:
+                log.warning("user %s sent an unreadable header: %s", session.user, exc)
+                unreadable = R.HEADER_SENDER_DENIED.with_text(f"{name}: header cannot be read unambiguously")
+                raise SMTPError(unreadable) from None
+            for a in shown:
+                if not self.owns(a):
+                    log.warning("user %s may not send with %s: %s", session.user, name, a)
+                    raise SMTPError(R.HEADER_SENDER_DENIED.with_text(f"{name}: header address not owned by you"))
         now = self.clock.now()
         received = submission.received_header(
             helo=session.host_name or "unknown", client_ip=session.client_ip,
