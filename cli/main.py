@@ -29,8 +29,9 @@ from common.clock import for_lab
 from common.clock import use as use_clock
 from common.db import Database
 from common.models import Alias, Domain, User
+from common.passwords import WeakPassword
 from common.tls import make_self_signed
-from common.users import find_user, hash_password, mailbox_name
+from common.users import find_user, hash_new_password, mailbox_name
 from web import autoconfig
 
 
@@ -132,7 +133,13 @@ def _user(args: argparse.Namespace, cfg: configmod.Config) -> int:
         return 1
     # Ask (and hash) before opening the write transaction: it holds SQLite's
     # write lock, and every daemon would wait while the operator types.
-    hashed = hash_password(_password(args)) if args.action in ("add", "passwd") else ""
+    hashed = ""
+    if args.action in ("add", "passwd"):
+        try:
+            hashed = hash_new_password(_password(args), address)
+        except WeakPassword as exc:
+            print(f"{shown}: password refused: {exc}", file=sys.stderr)
+            return 1
     with db.write() as s:
         user = find_user(s, address)
         if args.action == "add":
