@@ -147,13 +147,23 @@ class SubmissionHandler(Handler):
             self.owned = owned
             log.info("authenticated %s from %s", login, ip)
             return
+        await self._failed(session, f"authentication failed for {login[:64]!r}")
+        raise SMTPError(R.AUTH_FAILED)
+
+    async def auth_garbled(self, session: MailSession) -> None:
+        # Credentials that do not even decode are a guess like any other: the same
+        # count, delay and lockout, or a guesser would have a free channel.
+        await self._failed(session, "undecodable AUTH credentials")
+
+    async def _failed(self, session: MailSession, what: str) -> None:
+        """Count a failed login, then wait the growing delay; 421 once the address is locked out."""
+        ip = session.client_ip
         count = self.limiters.failures.failed(ip)
         counters.inc(counters.LOGIN_FAILURES, listener=session.listener)  # in memory: no write for an attacker
-        log.warning("authentication failed for %r from %s (%d)", login[:64], ip, count)
+        log.warning("%s from %s (%d)", what, ip, count)
         if self.limiters.failures.is_locked(ip):
             raise SMTPError(R.TOO_MANY_AUTH_FAILURES)
         await asyncio.sleep(self.limiters.failures.delay(count))
-        raise SMTPError(R.AUTH_FAILED)
 
     def _check(self, login: str, password: str) -> tuple[bool, set[str]]:
         with self.db.read() as s:
