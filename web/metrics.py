@@ -123,8 +123,9 @@ class DaemonCounters(Collector):
         yield family("mailroom_connections", "Client connections by listener, accepted or refused by the "
                      "connection caps ([smtp] max_connections, max_connections_per_client)",
                      counters.CONNECTIONS, ["listener", "result"])
-        tls = CounterMetricFamily("mailroom_tls_sessions", "Messages by direction (in: received; out: handed "
-                                  "to a remote host), hop and whether the session was encrypted (TLS)",
+        tls = CounterMetricFamily("mailroom_tls_sessions", "Messages by direction (in: received from a client or "
+                                  "another host, not the MSA's hand-off to the MTA; out: handed to a remote host), "
+                                  "hop and whether the session was encrypted (TLS)",
                                   labels=["direction", "hop", "tls"])
         with self.lock:
             received = sorted(self.tls_in.items())
@@ -185,8 +186,12 @@ class Metrics:
         if hop == Hop.QMGR and event in FINAL and is_trace_id(trace):
             arrived = dt.datetime(1970, 1, 1) + dt.timedelta(microseconds=trace_time_us(trace))
             self.delivery_seconds.labels(event).observe(max((when - arrived).total_seconds(), 0.0))
-        if event == EventName.RECEIVED and hop in (Hop.MSA, Hop.MTA):
-            # The receiving hops note "tls=yes" in the event's detail.
+        # The receiving hops note "tls=yes" in the event's detail.  The MTA's internal
+        # listener takes what our own MSA already received (and counted) from the client:
+        # that hop is not incoming mail, and its loopback session says nothing of TLS.
+        if event == EventName.RECEIVED and (
+            hop == Hop.MSA or hop == Hop.MTA and not str(row["detail"]).startswith("internal ")
+        ):
             key = (hop, "yes" if "tls=yes" in row["detail"] else "no")
             with self.daemons.lock:
                 self.daemons.tls_in[key] = self.daemons.tls_in.get(key, 0.0) + 1
