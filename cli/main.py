@@ -264,22 +264,19 @@ def cmd_queue(args: argparse.Namespace, cfg: configmod.Config) -> int:
             return 1
         print(json.dumps(items, indent=2) if args.json else queuecmd.render_text(items))
         return 0
-    if action == "flush":
-        print(f"{queuecmd.flush(cfg, db, ident)} recipient(s) due now")
-        return 0
-    if not ident:
+    if action != "flush" and not ident:
         print(f"queue {action} needs a message id", file=sys.stderr)
         return 1
-    if action in ("hold", "release"):
-        ok = queuecmd.set_held(cfg, db, ident, action == "hold")
+    if action == "flush":
+        done = queuecmd.flush(cfg, db, ident)
+    elif action in ("hold", "release"):
+        done = queuecmd.set_held(cfg, db, ident, action == "hold")
     elif action == "delete":
-        ok = queuecmd.delete(db, ident) > 0
+        done = queuecmd.delete(db, ident)
     else:
-        ok = queuecmd.bounce_now(cfg, db, ident) > 0
-    if not ok:
-        print(f"{clean(ident)}: not in the queue", file=sys.stderr)
-        return 1
-    return 0
+        done = queuecmd.bounce_now(cfg, db, ident)
+    print(done.text, file=sys.stdout if done.ok else sys.stderr)
+    return 0 if done.ok else 1
 
 
 def cmd_client_config(args: argparse.Namespace, cfg: configmod.Config) -> int:
