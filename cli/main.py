@@ -361,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("id", nargs="?")
     t.add_argument("--json", action="store_true")
     t.add_argument("--follow", "-f", action="store_true",
-                   help="print each hop as it happens (without ID: every message's)")
+                   help="print each hop as it happens (without ID: every message's, until Ctrl-C; with ID: "
+                   "until every recipient has its final outcome; an unknown ID is waited for 10 s)")
 
     cc = sub.add_parser("client-config", help="the settings a mail client needs for ADDRESS")
     cc.add_argument("address")
