@@ -54,6 +54,13 @@ class QueueCollector(Collector):
     def __init__(self, db: Database) -> None:
         self.db = db
 
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # What registration asks for, without a query: the web program may start
+        # before the daemons have created the schema.
+        for name in ("mailroom_queue_recipients", "mailroom_queue_messages", "mailroom_queue_held_messages",
+                     "mailroom_queue_oldest_age_seconds"):
+            yield GaugeMetricFamily(name, "")
+
     def collect(self) -> Iterator[GaugeMetricFamily]:
         pending = (QUEUED, ACTIVE)
         with self.db.read() as s:
