@@ -82,7 +82,7 @@ class Policy:
 
 
 def classify(
-    reply: Reply, age: float, attempts: int, policy: Policy, *, mda_away: bool = False
+    reply: Reply, age: float, attempts: int, policy: Policy, *, mda_away: bool = False, warned: bool = True
 ) -> tuple[Outcome, float]:
     """The one decision: (outcome, seconds until the next try; 0 unless deferred).
 
@@ -90,6 +90,11 @@ def classify(
     local one when the hand-off to our own MDA failed for a reason of this host:
     the MDA away, a local error), or expired once the
     message is `max_queue_lifetime` old.  `attempts` counts this one.
+
+    A message whose sender has not been warned yet (`warned` False) is tried
+    again no later than when it is `delay_warning` old: the warning goes with
+    that attempt, so it comes when the setting says, not up to a retry interval
+    (an hour) later.
     """
     if reply.code < 400:
         return Outcome.DELIVERED, 0.0
@@ -97,7 +102,10 @@ def classify(
         return Outcome.BOUNCED, 0.0
     if age >= policy.max_queue_lifetime:
         return Outcome.EXPIRED, 0.0
-    return Outcome.DEFERRED, policy.next_wait(attempts, local=mda_away)
+    wait = policy.next_wait(attempts, local=mda_away)
+    if not warned and policy.delay_warning > 0 and age < policy.delay_warning:
+        wait = min(wait, policy.delay_warning - age)
+    return Outcome.DEFERRED, wait
 
 
 @dataclass(frozen=True)

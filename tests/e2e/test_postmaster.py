@@ -61,7 +61,8 @@ def test_init_postmaster_names_where_postmaster_and_abuse_go(tmp_path: Path) -> 
     assert "postmaster@example.org and abuse@example.org go to admin@elsewhere.test" in r.stdout
     conf = ["--config", str(root / "mailroom.toml")]
     add = subprocess.run([sys.executable, "-m", "cli.main", *conf, "user", "add", "alice@example.org",
-                          "--password-stdin"], input="kettle drum under the stairs\n", capture_output=True, text=True, timeout=60, cwd=REPO)
+                          "--password-stdin"], input="kettle drum under the stairs\n", capture_output=True, text=True,
+                         timeout=60, cwd=REPO)
     assert add.returncode == 0, add.stderr
     listed = subprocess.run([sys.executable, "-m", "cli.main", *conf, "alias", "list"],
                             capture_output=True, text=True, timeout=60, cwd=REPO).stdout.splitlines()
