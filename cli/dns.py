@@ -2,7 +2,8 @@
 
 Without --check it prints the records in zone-file form: MX, SPF, one DKIM
 record per key (old selectors stay until their mail has arrived), DMARC,
-MTA-STS and TLS-RPT, and the reverse DNS the host name needs.  With --check
+MTA-STS and TLS-RPT, the reverse DNS the host name needs, and the SRV
+records mail clients look for (RFC 6186).  With --check
 it asks the configured resolver (`[dns] nameservers`) for each and reports it
 as present, missing or different; the exit status is 1 when any is not present.
 """
@@ -112,7 +113,42 @@ def render(cfg: configmod.Config, domain: str) -> str:
         "; Reverse DNS (set by whoever owns the address, usually the hosting provider):",
         f";   {host}. IN A <address>   and   the PTR of <address> -> {host}.",
     ]
+    lines += srv_lines(cfg, domain)
     return "\n".join(lines) + "\n"
+
+
+def srv_lines(cfg: configmod.Config, domain: str) -> list[str]:
+    """SRV records that let a mail client find its servers from the address alone (RFC 6186;
+    _submissions, RFC 8314 5.1), for the listeners as configured: a service that is off
+    gets the target "." (RFC 6186 3.4: decidedly not available)."""
+    host = cfg.mailroom.hostname.rstrip(".")
+    imap = cfg.imap.enabled
+    # The priority counts across the services of one kind (RFC 6186 3.4): implicit TLS
+    # first, as RFC 8314 asks, and IMAP before POP3.
+    services = [
+        ("_submissions", 0, "msa.submissions", "implicit TLS (RFC 8314)"),
+        ("_submission", 10, "msa.submission", "STARTTLS"),
+        ("_imaps", 0, "imap.imaps" if imap else "", "implicit TLS"),
+        ("_imap", 10, "imap.imap" if imap else "", "STARTTLS"),
+        ("_pop3s", 20, "imap.pop3s" if imap else "", "implicit TLS"),
+    ]
+    out = ["; SRV: where mail clients find the servers (RFC 6186, RFC 8314), the ports as configured"]
+    for name, priority, key, note in services:
+        port = _client_port(cfg, key)
+        target = f"{priority} 1 {port} {host}." if port else "0 0 0 ."
+        out.append(f"{name}._tcp.{domain}. IN SRV {target}   ; {note}" + ("" if port else ": off here"))
+    return out
+
+
+def _client_port(cfg: configmod.Config, key: str) -> int | None:
+    """The TCP port a client reaches `key`'s listener on; None when it is off or a Unix socket."""
+    if not key:
+        return None
+    if key.startswith("imap."):
+        listen = getattr(cfg.imap, key.split(".", 1)[1])
+        return configmod.parse_hostport(listen)[1] if listen else None
+    where = cfg.endpoint(key)
+    return None if where.is_unix else where.port
 
 
 def _quote(r: Record) -> str:

@@ -283,6 +283,19 @@ service pop3-login {{
 {_listener("pop3s", cfg.imap.pop3s, ssl=True)}{no_chroot}}}
 service anvil {{
 {no_chroot}}}
+# Failed logins, counted by Dovecot's own statistics (an event per finished
+# authentication, grouped by protocol): the web program reads them from the
+# stats-reader socket for /metrics beside the MSA's (web/dovecot_stats.py).
+metric auth_failures {{
+  filter = event=auth_request_finished AND NOT success=yes
+  group_by = service
+}}
+service stats {{
+  unix_listener stats-reader {{
+    user = {ids.name}
+    mode = 0600
+  }}
+{no_chroot}}}
 # The users file belongs to the Mailroom user; so does the process reading it.
 service auth {{
   user = {ids.name}
@@ -300,7 +313,20 @@ service auth-worker {{
             os.chown(path, ids.uid, ids.gid)
     out = config_file(cfg)
     out.write_text(text)
+    _name_stats_socket(cfg, base / "stats-reader", ids)
     return out
+
+
+def _name_stats_socket(cfg: Config, path: Path, ids: MailIds) -> None:
+    """Say where Dovecot's stats-reader socket is, for the web program's /metrics
+    (web/dovecot_stats.py): the base folder may be a short one under /tmp."""
+    from web.dovecot_stats import SOCKET_FILE
+
+    pointer = cfg.run_dir.resolve() / SOCKET_FILE
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    pointer.write_text(f"{path}\n")
+    if ids.as_root:
+        os.chown(pointer, ids.uid, ids.gid)
 
 
 def prepare(cfg: Config, db: Database) -> str | None:

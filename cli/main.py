@@ -29,8 +29,9 @@ from common.clock import for_lab
 from common.clock import use as use_clock
 from common.db import Database
 from common.models import Alias, Domain, User
+from common.passwords import WeakPassword
 from common.tls import make_self_signed
-from common.users import find_user, hash_password, mailbox_name
+from common.users import find_user, hash_new_password, mailbox_name
 from web import autoconfig
 
 
@@ -134,7 +135,13 @@ def _user(args: argparse.Namespace, cfg: configmod.Config) -> int:
         return 1
     # Ask (and hash) before opening the write transaction: it holds SQLite's
     # write lock, and every daemon would wait while the operator types.
-    hashed = hash_password(_password(args)) if args.action in ("add", "passwd") else ""
+    hashed = ""
+    if args.action in ("add", "passwd"):
+        try:
+            hashed = hash_new_password(_password(args), address)
+        except WeakPassword as exc:
+            print(f"{shown}: password refused: {exc}", file=sys.stderr)
+            return 1
     with db.write() as s:
         user = find_user(s, address)
         if args.action == "add":
@@ -259,22 +266,19 @@ def cmd_queue(args: argparse.Namespace, cfg: configmod.Config) -> int:
             return 1
         print(json.dumps(items, indent=2) if args.json else queuecmd.render_text(items))
         return 0
-    if action == "flush":
-        print(f"{queuecmd.flush(cfg, db, ident)} recipient(s) due now")
-        return 0
-    if not ident:
+    if action != "flush" and not ident:
         print(f"queue {action} needs a message id", file=sys.stderr)
         return 1
-    if action in ("hold", "release"):
-        ok = queuecmd.set_held(cfg, db, ident, action == "hold")
+    if action == "flush":
+        done = queuecmd.flush(cfg, db, ident)
+    elif action in ("hold", "release"):
+        done = queuecmd.set_held(cfg, db, ident, action == "hold")
     elif action == "delete":
-        ok = queuecmd.delete(db, ident) > 0
+        done = queuecmd.delete(db, ident)
     else:
-        ok = queuecmd.bounce_now(cfg, db, ident) > 0
-    if not ok:
-        print(f"{clean(ident)}: not in the queue", file=sys.stderr)
-        return 1
-    return 0
+        done = queuecmd.bounce_now(cfg, db, ident)
+    print(done.text, file=sys.stdout if done.ok else sys.stderr)
+    return 0 if done.ok else 1
 
 
 def cmd_client_config(args: argparse.Namespace, cfg: configmod.Config) -> int:
@@ -362,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("id", nargs="?")
     t.add_argument("--json", action="store_true")
     t.add_argument("--follow", "-f", action="store_true",
-                   help="print each hop as it happens (without ID: every message's)")
+                   help="print each hop as it happens (without ID: every message's, until Ctrl-C; with ID: "
+                   "until every recipient has its final outcome; an unknown ID is waited for 10 s)")
 
     cc = sub.add_parser("client-config", help="the settings a mail client needs for ADDRESS")
     cc.add_argument("address")

@@ -15,6 +15,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from common import passwords
 from common.address import lookup_key, split
 from common.models import Alias, User
 
@@ -25,6 +26,13 @@ _DUMMY_HASH = _hasher.hash("not a password")
 
 def hash_password(password: str) -> str:
     return _hasher.hash(password)
+
+
+def hash_new_password(password: str, address: str) -> str:
+    """The hash to store for a password being set for `address`, once the password
+    passes the rule every setter applies (common/passwords.py; WeakPassword if not)."""
+    passwords.check(password, address=address)
+    return hash_password(password)
 
 
 def check_password(user: User | None, password: str) -> bool:

@@ -313,7 +313,7 @@ class QueueManager:
         settled: list[Settled] = []
         for res in results:
             reply, n = res.reply, attempts[res.recipient_id] + 1
-            outcome, wait = classify(reply, age, n, self.policy, mda_away=res.retry_soon)
+            outcome, wait = classify(reply, age, n, self.policy, mda_away=res.retry_soon, warned=job.warned)
             text = str(reply)
             mda_event: EventName | None = None
             mda_path = ""

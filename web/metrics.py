@@ -14,7 +14,9 @@ deliveries.  The daemons count those in memory and save them every few seconds
 to `<run_dir>/metrics/<program>.json` (common/counters.py; one file per MTA
 process, `mta_0.json`, ..., with `[mta] processes` above 1); `DaemonCounters`
 reads every file there at scrape time and sums them.  A daemon starts from its file's values, so
-these counters carry on across a restart too.
+these counters carry on across a restart too.  Dovecot counts the IMAP and
+POP3 login failures itself; they are asked of it at scrape time
+(web/dovecot_stats.py).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from common.db import Database
 from common.events import FINAL, EventName, Hop
 from common.log import is_trace_id, trace_time_us
 from common.models import ACTIVE, QUEUED, Message, Recipient, utcnow
+from web import dovecot_stats
 
 # Seconds: from a few milliseconds (a local hand-off) to the five-day lifetime.
 HOP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900,
@@ -50,6 +53,13 @@ class QueueCollector(Collector):
 
     def __init__(self, db: Database) -> None:
         self.db = db
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # What registration asks for, without a query: the web program may start
+        # before the daemons have created the schema.
+        for name in ("mailroom_queue_recipients", "mailroom_queue_messages", "mailroom_queue_held_messages",
+                     "mailroom_queue_oldest_age_seconds"):
+            yield GaugeMetricFamily(name, "")
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         pending = (QUEUED, ACTIVE)
@@ -89,6 +99,7 @@ class DaemonCounters(Collector):
 
     def __init__(self) -> None:
         self.folder: Path | None = None  # <run_dir>/metrics; None: no daemon files (tests of the web alone)
+        self.run_dir: Path | None = None  # where Dovecot's stats socket is named (web/dovecot_stats.py)
         self.listeners: dict[str, str] = {}  # listening address -> the setting that names it
         self.tls_in: dict[tuple[str, str], float] = {}  # (hop, tls) -> messages received
         self.lock = threading.Lock()
@@ -118,13 +129,19 @@ class DaemonCounters(Collector):
                     fam.add_metric([d.get(label, "") for label in labels], value)
             return fam
 
-        yield family("mailroom_login_failures", "Failed logins (wrong name or password) at the MSA, by listener",
-                     counters.LOGIN_FAILURES, ["listener"])
+        logins = family("mailroom_login_failures", "Failed logins (wrong name or password, undecodable "
+                        "credentials) by listener: the MSA's by setting, Dovecot's as imap and pop3 (counted by "
+                        "Dovecot, from zero again when it restarts)", counters.LOGIN_FAILURES, ["listener"])
+        sock = dovecot_stats.socket_path(self.run_dir) if self.run_dir is not None else None
+        for protocol, value in sorted(dovecot_stats.auth_failures(sock).items() if sock else []):
+            logins.add_metric([protocol], value)
+        yield logins
         yield family("mailroom_connections", "Client connections by listener, accepted or refused by the "
                      "connection caps ([smtp] max_connections, max_connections_per_client)",
                      counters.CONNECTIONS, ["listener", "result"])
-        tls = CounterMetricFamily("mailroom_tls_sessions", "Messages by direction (in: received; out: handed "
-                                  "to a remote host), hop and whether the session was encrypted (TLS)",
+        tls = CounterMetricFamily("mailroom_tls_sessions", "Messages by direction (in: received from a client or "
+                                  "another host, not the MSA's hand-off to the MTA; out: handed to a remote host), "
+                                  "hop and whether the session was encrypted (TLS)",
                                   labels=["direction", "hop", "tls"])
         with self.lock:
             received = sorted(self.tls_in.items())
@@ -185,8 +202,12 @@ class Metrics:
         if hop == Hop.QMGR and event in FINAL and is_trace_id(trace):
             arrived = dt.datetime(1970, 1, 1) + dt.timedelta(microseconds=trace_time_us(trace))
             self.delivery_seconds.labels(event).observe(max((when - arrived).total_seconds(), 0.0))
-        if event == EventName.RECEIVED and hop in (Hop.MSA, Hop.MTA):
-            # The receiving hops note "tls=yes" in the event's detail.
+        # The receiving hops note "tls=yes" in the event's detail.  The MTA's internal
+        # listener takes what our own MSA already received (and counted) from the client:
+        # that hop is not incoming mail, and its loopback session says nothing of TLS.
+        if event == EventName.RECEIVED and (
+            hop == Hop.MSA or hop == Hop.MTA and not str(row["detail"]).startswith("internal ")
+        ):
             key = (hop, "yes" if "tls=yes" in row["detail"] else "no")
             with self.daemons.lock:
                 self.daemons.tls_in[key] = self.daemons.tls_in.get(key, 0.0) + 1
@@ -194,6 +215,7 @@ class Metrics:
     def read_daemons(self, cfg: Config) -> None:
         """Where the daemons of `cfg` save their counters, and the names of their listeners."""
         self.daemons.folder = cfg.run_dir / "metrics"
+        self.daemons.run_dir = cfg.run_dir
         names: dict[str, str] = {}
         for key in LISTENER_SETTINGS:
             try:

@@ -454,10 +454,11 @@ def test_retry_schedule_delay_warning_once_and_expiry(rig_args: Any) -> None:
             rig.clock.advance(1)
             await rig.run()
             await rig.close()
-        # Tries at 0, +5m, +10m later, +20m, then every 20m (the last wait repeats)
-        # until the message is older than max_queue_lifetime.
-        assert attempts_at == [0, 300, 900, 2100, 3300, 4500], attempts_at
-        assert r.attempts == 6
+        # Tries at 0, +5m, +10m later, then at the delay warning's time (1000 s: the
+        # warning goes with that attempt, when it is due, not 20 minutes later), then
+        # every 20m (the last wait repeats) until the message is older than max_queue_lifetime.
+        assert attempts_at == [0, 300, 900, 1000, 2200, 3400, 4600], attempts_at
+        assert r.attempts == 7
         assert len(rig.dsns()) == 2  # exactly one delay warning and one final bounce
         msgs = [x.parsed() for x in sender_mx.received]
         assert len(msgs) == 2

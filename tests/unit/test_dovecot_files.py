@@ -163,6 +163,8 @@ SAME = (
     "ssl = required", "auth_mechanisms = plain login", "mbox_write_locks = dotlock fcntl",
     "mail_plugins = \" quota\"", "  mail_plugins = \" quota imap_quota\"", "  driver = passwd-file",
     "protocols = imap pop3 sieve", "  sieve_max_redirects = 4",
+    # Failed logins, which the web program reads for /metrics (web/dovecot_stats.py).
+    "  filter = event=auth_request_finished AND NOT success=yes", "  group_by = service",
 )
 
 
