@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from importlib import resources
@@ -20,7 +21,7 @@ from common.endpoint import BindError
 
 # The four daemons (cli/watch.py stops the suite when one cannot start), the web
 # program and Dovecot.
-PROGRAMS = (*watch.PROGRAMS, "web", "imap")
+PROGRAMS = (*watch.PROGRAMS, "web", "imap", "renew")
 # Package data, so an installed Mailroom (a wheel, not a checkout) finds it too.
 TEMPLATE = "supervisord.conf.in"
 
@@ -50,6 +51,14 @@ priority = 5
 {common}"""
 
 
+# The certificate renewer (cli/renewer.py), when ACME is on.
+_RENEW = """\
+[program:renew]
+command = {python} -m cli.renewer --config {config}
+priority = 60
+{common}"""
+
+
 def _imap_program(cfg: Config, common: str, *, with_imap: bool) -> str:
     program = dovecot.find_dovecot(cfg)
     if not with_imap or program is None:
@@ -66,6 +75,8 @@ def render(cfg: Config, *, log_file: str = "/dev/stdout", with_imap: bool = Fals
     text = template.format(
         run_dir=run_dir, python=sys.executable, config=cfg.path, common=common,
         imap=_imap_program(cfg, common, with_imap=with_imap), **_mta_processes(cfg.mta.processes),
+        renew=_RENEW.format(python=sys.executable, config=cfg.path, common=common) if cfg.acme.directory
+        else "; renew: no certificate renewer ([acme] directory is empty)",
     )
     if cfg.lab.enabled:
         text += _LAB.format(python=sys.executable, config=cfg.path, common=common)
@@ -181,6 +192,24 @@ def _stdout_reopens() -> bool:
     except OSError:
         return False
     return True
+
+
+# What `mailroom reload` signals (SIGHUP): the daemons and the web program (common/reload.py,
+# web/public.py), the certificate renewer (it looks again at once: cli/renewer.py), and
+# Dovecot's master, which reads its configuration and certificate again and keeps its pid.
+RELOADED = ("mda", "qmgr", "mta", "msa", "web", "renew", "imap")
+
+
+def reload(cfg: Config, *, skip: tuple[str, ...] = ()) -> int:
+    """SIGHUP to every running program that reloads; one line when the suite is not running."""
+    run_dir = cfg.run_dir.resolve()
+    conf = run_dir / "supervisord.conf"
+    if not (run_dir / "supervisor.sock").exists() or not conf.exists():
+        print("not running: the daemons read the certificate and the settings when they start")
+        return 0
+    present = set(re.findall(r"(?m)^\[program:([^\]]+)\]", conf.read_text()))
+    specs = [program_spec(cfg, p) for p in RELOADED if p in present and p not in skip]
+    return ctl(cfg, "signal", "HUP", *specs)
 
 
 def ctl(cfg: Config, *args: str) -> int:

@@ -37,6 +37,7 @@ from common.db import Database
 from common.events import FINAL, EventName, Hop
 from common.log import is_trace_id, trace_time_us
 from common.models import ACTIVE, QUEUED, Message, Recipient, utcnow
+from common.tls import read_certificate
 
 # Seconds: from a few milliseconds (a local hand-off) to the five-day lifetime.
 HOP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900,
@@ -137,6 +138,29 @@ class DaemonCounters(Collector):
         yield tls
 
 
+class CertificateCollector(Collector):
+    """When the certificate every listener serves (`[tls] cert`) expires, read at each scrape,
+    so a renewal shows at once: alert when it comes within a few weeks (the renewer starts a
+    month before, for a 90-day certificate)."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.path is None:
+            return
+        try:
+            info = read_certificate(self.path)
+        except (OSError, ValueError):
+            return
+        gauge = GaugeMetricFamily(
+            "mailroom_certificate_expiry_timestamp_seconds",
+            "When the TLS certificate expires (Unix time), by file and first name", labels=["file", "name"],
+        )
+        gauge.add_metric([str(self.path), info.names[0] if info.names else ""], info.not_after.timestamp())
+        yield gauge
+
+
 class Metrics:
     """The registry behind /metrics, fed with rows of the events table in id order."""
 
@@ -156,6 +180,8 @@ class Metrics:
         )
         self.daemons = DaemonCounters()
         self.registry.register(self.daemons)
+        self.certificate = CertificateCollector()
+        self.registry.register(self.certificate)
         self.rows_read = Counter("mailroom_events_read", "Rows of the trace table read so far",
                                      registry=self.registry)
         if db is not None:
@@ -194,6 +220,7 @@ class Metrics:
     def read_daemons(self, cfg: Config) -> None:
         """Where the daemons of `cfg` save their counters, and the names of their listeners."""
         self.daemons.folder = cfg.run_dir / "metrics"
+        self.certificate.path = cfg.resolve(cfg.tls.cert)
         names: dict[str, str] = {}
         for key in LISTENER_SETTINGS:
             try:
