@@ -78,6 +78,10 @@ class Files:
         return cls(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key), cfg.resolve(cfg.acme.dir))
 
     @property
+    def account_key(self) -> Path:
+        return self.acme_dir / "account.key"
+
+    @property
     def next_key(self) -> Path:
         return self.acme_dir / "next-key.pem"
 
@@ -105,7 +109,7 @@ def acme_server(cfg: configmod.Config) -> acme_order.Server:
     ca = cfg.acme.directory_ca_file
     return acme_order.Server(
         directory=cfg.acme.directory, ca_file=cfg.resolve(ca) if ca else None, email=cfg.acme.email,
-        account_key=files.acme_dir / "account.key", challenges=files.acme_dir / "challenges",
+        account_key=files.account_key, challenges=files.acme_dir / "challenges",
     )
 
 
@@ -143,6 +147,11 @@ def issue(cfg: configmod.Config, *, rollover: bool = False) -> Issued:
     files = Files.of(cfg)
     owner = _owner(cfg)
     _private_dir(files.acme_dir, owner)
+    # Made here rather than by the library's glue, so that they are the Mailroom user's:
+    # the web program, which reads the challenges, serves as that user.
+    _private_dir(files.acme_dir / "challenges", owner)
+    if not files.account_key.exists():
+        _write_private(files.account_key, new_key("ecdsa-p256"), owner)
     with _locked(files.acme_dir / "lock"):
         key_pem, changed = _choose_key(cfg, files, rollover=rollover)
         names = wanted_names(cfg)

@@ -71,7 +71,7 @@ def records(cfg: configmod.Config, domain: str) -> list[Record]:
     out += [
         Record("DMARC", f"_dmarc.{domain}", "TXT", f"v=DMARC1; p=quarantine; rua=mailto:postmaster@{domain}",
                _starts("v=DMARC1")),
-        Record("MTA-STS", f"_mta-sts.{domain}", "TXT", mta_sts.txt_record(cfg), _same(mta_sts.txt_record(cfg))),
+        Record("MTA-STS", f"_mta-sts.{domain}", "TXT", mta_sts.txt_record(cfg), _starts("v=STSv1")),
         Record("TLS-RPT", f"_smtp._tls.{domain}", "TXT", f"v=TLSRPTv1; rua=mailto:postmaster@{domain}",
                _starts("v=TLSRPTv1")),
     ]

@@ -65,25 +65,29 @@ def make_ca(folder: Path, name: str = "Mailroom test CA") -> tuple[Path, Path]:
     return _write(folder, "ca", cert, key)
 
 
-def issue(folder: Path, stem: str, ca: tuple[Path, Path], names: list[str], *, days: int = 30) -> tuple[Path, Path]:
-    """A server certificate for `names` (DNS names or IP addresses) signed by `ca`: (cert, key)."""
+def issue(
+    folder: Path, stem: str, ca: tuple[Path, Path], names: list[str], *, days: int = 30,
+    not_before: dt.datetime | None = None, key: ec.EllipticCurvePrivateKey | None = None,
+) -> tuple[Path, Path]:
+    """A server certificate for `names` (DNS names or IP addresses) signed by `ca`: (cert, key),
+    valid `days` from `not_before` (default: five minutes ago), with `key` or a new one."""
     ca_cert = x509.load_pem_x509_certificate(ca[0].read_bytes())
     ca_key = serialization.load_pem_private_key(ca[1].read_bytes(), None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = key or ec.generate_private_key(ec.SECP256R1())
     alt: list[x509.GeneralName] = []
     for n in names:
         try:
             alt.append(x509.IPAddress(ipaddress.ip_address(n)))
         except ValueError:
             alt.append(x509.DNSName(n))
-    now = dt.datetime.now(dt.UTC)
+    start = not_before or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
         .issuer_name(ca_cert.subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        .not_valid_before(start).not_valid_after(start + dt.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName(alt), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
@@ -114,8 +118,8 @@ class Pebble:
         self.management_port = free_port()
         self.start_timeout = start_timeout
         self.dir = Path(tempfile.mkdtemp(prefix="mailroom-pebble-"))
-        self.ca_file, ca_key = make_ca(self.dir, "pebble's HTTPS test CA")
-        self._https = issue(self.dir, "https", (self.ca_file, ca_key), ["127.0.0.1", "localhost"])
+        self.ca_file, self.ca_key = make_ca(self.dir, "pebble's HTTPS test CA")
+        self._https = issue(self.dir, "https", (self.ca_file, self.ca_key), ["127.0.0.1", "localhost"])
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.dir / "pebble.log"
 
