@@ -608,6 +608,16 @@ pop3s = "127.0.0.1:2995"
 
 [web]
 listen = "127.0.0.1:8025"
+# For the Internet (docs/operations.md, "Putting Mailroom on the Internet"):
+# http = "0.0.0.0:80"      # ACME HTTP-01 answers and mail client autoconfig
+# https = "0.0.0.0:443"    # the MTA-STS policy at mta-sts.DOMAIN
+
+[acme]
+# directory = "https://acme-v02.api.letsencrypt.org/directory"   # then `mailroom cert request`
+# email = "postmaster@{domain}"
+
+[mta_sts]
+mode = "testing"
 
 [dns]
 nameservers = []
