@@ -15,8 +15,9 @@ SIGHUP the same way, and keep serving throughout:
    error line, and the certificate served so far stays.
 
 DKIM keys need nothing more: the MTA reads `[dkim] key_dir` again whenever
-the folder changes, and a reload that changed `[dkim]` (a selector, say)
-gives it a new config object, so its keys are read afresh (mta/mailauth.py).
+the folder changes, and every reload gives it a new config object, from
+which it builds its signer (and resolver and filter client) again, so its
+keys are read afresh, a selector changed in `[dkim]` included (mta/mailauth.py).
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ def reread(current: Config) -> Config:
         log.error("reload: config error, nothing changed: %s", exc)
         return current
     merged, waiting = merge(current, fresh)
+    # A new object even when nothing changed: what a daemon built from its config (the
+    # MTA's DKIM keys, resolver, filter client) is built again, so a key file replaced
+    # in place, which the folder's time does not show, is read again too.
+    merged = dataclasses.replace(merged)
     if waiting:
         log.warning("reload: changed in the file, takes effect at the next restart: %s", ", ".join(waiting))
     if merged.mailroom.log_level != current.mailroom.log_level:

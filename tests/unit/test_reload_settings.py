@@ -59,4 +59,9 @@ def test_reread_logs_what_waits_and_keeps_serving_on_a_bad_file(
     assert "takes effect at the next restart: mta.max_hops" in caplog.text
     (tmp_path / "mailroom.toml").write_text('[mailroom]\ndomains = ["example.org"]\n[mta]\nmax_hops = "ten"\n')
     assert reload.reread(merged) is merged
+    # Read again with nothing changed: equal, but a new object (the MTA rebuilds its signer from it).
+    (tmp_path / "mailroom.toml").write_text(
+        '[mailroom]\ndomains = ["example.org"]\nhostname = "mail.example.org"\nlog_level = "debug"\n')
+    again = reload.reread(merged)
+    assert again == merged and again is not merged
     assert "reload: config error, nothing changed: mta.max_hops" in caplog.text
