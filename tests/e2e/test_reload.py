@@ -12,6 +12,7 @@ not load changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import smtplib
@@ -29,13 +30,16 @@ from common.models import Message
 from common.tls import make_self_signed, read_certificate
 from mta import dkim
 from tests.support.pebble import wait_until
+from tests.support.ports import free_port
 from tests.support.postfix import smtp_source
-from tests.support.suite import PASSWORD, Installation, running, tls_client_context
+from tests.support.suite import PASSWORD, Installation, tls_client_context
+from tests.support.suite import running as _running
 from tests.support.tls_probe import IMPLICIT, STARTTLS, fingerprint, served
 
 pytestmark = pytest.mark.timeout(300)
 
 PROGRAMS = ("mta", "msa", "web", "qmgr", "mda", "imap")
+running = contextlib.contextmanager(_running)  # the suite started, and stopped at the end of the block
 SOURCE = "source@source.test"
 
 
@@ -199,6 +203,8 @@ def test_reload_takes_dkim_keys_and_a_selector_and_names_what_waits_for_a_restar
     first = re.findall(r"example\.org\.(mr\d+)\.rsa\.key", " ".join(p.name for p in (inst.root / "dkim").iterdir()))
     assert first  # the key set `mailroom init` made
     inst.set("dkim", "selectors", f'{{ "example.org" = "{first[0]}" }}')
+    # Outside mail waits (nothing listens there), so its queued, signed copy stays to be read.
+    inst.set("mta.transport", '"outside.test"', f'"127.0.0.1:{free_port()}"')
     inst.give(inst.root / "dkim")
     with running(inst):
         pid = inst.program_pid("mta")
