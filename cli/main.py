@@ -1,4 +1,4 @@
-"""`mailroom`: the operator's command (init, run, status, reload, user, alias, queue, trace, config, client-config, cert, lab).
+"""`mailroom`: the operator's command (init, run, status, reload, user, alias, queue, trace, config, cert, lab...).
 
 Every command takes --config FILE (default $MAILROOM_CONFIG or ./var/mailroom.toml).
 User, alias, queue and trace commands work on the database directly, so they

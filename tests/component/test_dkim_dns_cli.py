@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from mta import dkim
-from web import mta_sts
 from tests.support.dns_server import DNSServer
 from tests.support.suite import Installation
+from web import mta_sts
 
 pytestmark = pytest.mark.timeout(120)
 
