@@ -139,6 +139,9 @@ def preflight(cfg: Config) -> str | None:
     # All at once, as the daemons hold them: two addresses of one setting that
     # overlap ([::]:25 and 0.0.0.0:25) are found here too.
     endpoints = {key: cfg.endpoints(key) for key in configmod.listener_keys()}
+    # The web program's optional listeners for the Internet (the 80 and 443 roles), when on.
+    endpoints.update({key: cfg.endpoints(key) for key, on in (("web.http", cfg.web.http), ("web.https", cfg.web.https))
+                      if on})
     try:
         bound = bind_all(endpoints)
     except BindError as exc:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from common.tls import new_key
+from tests.support.peers import require
 from tests.support.suite import Installation
 
 pytestmark = pytest.mark.timeout(120)
@@ -21,9 +22,9 @@ def _records(inst: Installation) -> str:
 
 
 def _openssl_tlsa(key: Path) -> str:
-    der = subprocess.run(["openssl", "pkey", "-in", str(key), "-pubout", "-outform", "DER"],
+    der = subprocess.run([require("openssl"), "pkey", "-in", str(key), "-pubout", "-outform", "DER"],
                          capture_output=True, check=True).stdout
-    digest = subprocess.run(["openssl", "dgst", "-sha256", "-r"], input=der, capture_output=True, check=True)
+    digest = subprocess.run([require("openssl"), "dgst", "-sha256", "-r"], input=der, capture_output=True, check=True)
     return "3 1 1 " + digest.stdout.split()[0].decode()
 
 

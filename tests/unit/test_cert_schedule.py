@@ -11,6 +11,7 @@ from cli import cert
 from common import config
 from common.tls import key_type_of, new_key, read_certificate, tlsa_3_1_1
 from tests.support.pebble import issue, make_ca
+from tests.support.peers import require
 
 NAMES = ["mail.example.org", "mta-sts.example.org", "autoconfig.example.org"]
 
@@ -80,9 +81,9 @@ def test_wanted_names_are_the_host_and_the_web_names_of_each_domain(tmp_path: Pa
 def test_tlsa_3_1_1_is_the_sha256_of_the_key_as_openssl_computes_it(tmp_path: Path) -> None:
     cert_path = _certificate(tmp_path, NAMES, dt.datetime.now(dt.UTC))
     key_path = cert_path.with_suffix(".key")
-    der = subprocess.run(["openssl", "pkey", "-in", str(key_path), "-pubout", "-outform", "DER"],
+    der = subprocess.run([require("openssl"), "pkey", "-in", str(key_path), "-pubout", "-outform", "DER"],
                          capture_output=True, check=True).stdout
-    digest = subprocess.run(["openssl", "dgst", "-sha256", "-r"], input=der, capture_output=True,
+    digest = subprocess.run([require("openssl"), "dgst", "-sha256", "-r"], input=der, capture_output=True,
                             check=True).stdout.split()[0].decode()
     assert tlsa_3_1_1(key_path.read_bytes()) == f"3 1 1 {digest}"
     assert read_certificate(cert_path).tlsa == f"3 1 1 {digest}"  # the certificate's key: the same record
