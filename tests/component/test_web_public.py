@@ -120,9 +120,9 @@ def test_sighup_serves_a_changed_policy_from_the_same_process(web: Web) -> None:
 def test_mailroom_run_names_a_public_web_port_already_taken(installation: Installation) -> None:
     from cli import supervise
 
+    port = free_port()
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
+        taken.bind(("127.0.0.1", port))
         taken.listen()
-        port = taken.getsockname()[1]
         installation.set("web", "https", f'"127.0.0.1:{port}"')
         assert supervise.preflight(installation.config) == f"[web] https = 127.0.0.1:{port}: address already in use"
