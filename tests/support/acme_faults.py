@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import Self
 
 from tests.support.pebble import Pebble, issue
+from tests.support.ports import free_port
 
 
 @dataclass
@@ -68,7 +69,7 @@ class FaultyACME:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(str(cert), str(key))
         upstream = ssl.create_default_context(cafile=str(pebble.ca_file))
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self.state, pebble.port, upstream))
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), _handler(self.state, pebble.port, upstream))
         self.server.daemon_threads = True
         self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
