@@ -297,6 +297,9 @@ def cmd_request(cfg: configmod.Config, *, rollover: bool = False, reload: bool =
     except acme_order.ACMEError as exc:
         print(f"mailroom cert: {exc}; the certificate in {cfg.resolve(cfg.tls.cert)} is unchanged", file=sys.stderr)
         return 1
+    except OSError as exc:  # a folder or file this command may not write: said, not a traceback
+        print(f"mailroom cert: {exc}; the certificate in {cfg.resolve(cfg.tls.cert)} is unchanged", file=sys.stderr)
+        return 1
     info = got.info
     print(f"issued in {got.seconds:.1f}s: {', '.join(info.names)}, valid until {_when(info.not_after)} "
           f"(renewal from {_when(info.renewal_due())})")

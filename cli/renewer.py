@@ -87,11 +87,14 @@ class Renewer:
         self._said = ""
         log.info("renewing: %s", why)
         before = _fingerprint(cfg)
-        if self.attempt() and _fingerprint(cfg) != before:
+        if self.attempt():
             self.failures = 0
-            log.info("renewed; reloading the daemons")
-            supervise.reload(cfg, skip=("renew",))
-            return 0.0  # look again: the next due time comes from the new certificate
+            if _fingerprint(cfg) != before:
+                log.info("renewed; reloading the daemons")
+                supervise.reload(cfg, skip=("renew",))
+                return 0.0  # look again: the next due time comes from the new certificate
+            # The child found nothing due (the files changed meanwhile): look again, not at once.
+            return cfg.acme.retry_schedule[0]
         self.failures += 1
         schedule = cfg.acme.retry_schedule
         wait = schedule[min(self.failures, len(schedule)) - 1]
