@@ -21,10 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 from prometheus_client.parser import text_string_to_metric_families
 
 from cli import cert
-from common.tls import read_certificate, tlsa_3_1_1
+from common.tls import key_type_of, read_certificate, tlsa_3_1_1
 from tests.support.acme_faults import Fault, FaultyACME
 from tests.support.dns_server import DNSServer
 from tests.support.pebble import Pebble, wait_until
@@ -220,6 +221,23 @@ def test_a_name_the_acme_server_cannot_validate_is_named(stack: Stack) -> None:
     assert "is [web] http reachable on port 80 of every name?" in r.stderr
     assert stack.fingerprint() == before and stack.mta_serves(before)
     assert not list((inst.root / "acme-elsewhere" / "challenges").iterdir())  # answers removed
+
+
+def test_an_rsa_key_type_gets_a_certificate_with_an_rsa_key(stack: Stack) -> None:
+    inst = stack.inst
+    inst.set("acme", "key_type", '"rsa-2048"')
+    try:
+        r = inst.cli("cert", "renew")  # the key is no longer of the configured type: due now
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "issued in" in r.stdout and "new key:" in r.stdout
+        assert key_type_of((inst.root / "tls" / "key.pem").read_bytes()) == "rsa-2048"
+        assert key_type_of((inst.root / "acme" / "next-key.pem").read_bytes()) == "rsa-2048"
+        new = stack.fingerprint()
+        wait_until(lambda: stack.mta_serves(new), 30, "the certificate with an RSA key")
+        leaf = verified(inst.ports["smtp"], "mail.test", stack.roots, STARTTLS)
+        assert isinstance(leaf.public_key(), rsa.RSAPublicKey) and leaf.public_key().key_size == 2048
+    finally:
+        inst.set("acme", "key_type", '"ecdsa-p256"')
 
 
 def test_request_refuses_without_a_directory(tmp_path: Path) -> None:
