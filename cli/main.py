@@ -1,4 +1,4 @@
-"""`mailroom`: the operator's command (init, run, status, user, alias, queue, trace, config, client-config, lab).
+"""`mailroom`: the operator's command (init, run, status, reload, user, alias, queue, trace, config, cert, lab...).
 
 Every command takes --config FILE (default $MAILROOM_CONFIG or ./var/mailroom.toml).
 User, alias, queue and trace commands work on the database directly, so they
@@ -17,6 +17,7 @@ from pathlib import Path
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from cli import cert as certcmd
 from cli import dkim as dkimcmd
 from cli import dns as dnscmd
 from cli import dovecot, dovecot_sieve, postmaster, rspamd, setup, supervise, trace
@@ -332,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("run", help="run every daemon under supervisord, in the foreground")
     sub.add_parser("status", help="each daemon's state")
+    sub.add_parser("reload", help="every daemon takes a new certificate and the settings that can change "
+                   "safely (SIGHUP), without a restart")
     for name in ("stop", "start", "restart"):
         sp = sub.add_parser(name, help=f"{name} a daemon (or all)")
         sp.add_argument("program", nargs="?", default="all", choices=(*supervise.PROGRAMS, "all"))
@@ -373,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("address")
     cc.add_argument("--xml", action="store_true", help="the autoconfig XML the web program serves")
     dkimcmd.add_parser(sub)
+    certcmd.add_parser(sub)
     dnscmd.add_parser(sub)
     labcmd.add_parser(sub)
 
@@ -413,7 +417,13 @@ def _main(argv: list[str] | None) -> int:
         case "run":
             return supervise.run(cfg)
         case "status":
-            return supervise.ctl(cfg, "status")
+            code = supervise.ctl(cfg, "status")
+            print(certcmd.expiry_line(cfg))
+            return code
+        case "reload":
+            return supervise.reload(cfg)
+        case "cert":
+            return certcmd.run(args, cfg)
         case "stop" | "start" | "restart":
             return supervise.ctl(cfg, args.command, supervise.program_spec(cfg, args.program))
         case "user":

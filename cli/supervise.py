@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from importlib import resources
@@ -19,8 +20,8 @@ from common.db import Database
 from common.endpoint import BindError
 
 # The four daemons (cli/watch.py stops the suite when one cannot start), the web
-# program, Dovecot, and the supervised content filter.
-PROGRAMS = (*watch.PROGRAMS, "web", "imap", "redis", "rspamd")
+# program, Dovecot, the certificate renewer and the supervised content filter.
+PROGRAMS = (*watch.PROGRAMS, "web", "imap", "renew", "redis", "rspamd")
 # Package data, so an installed Mailroom (a wheel, not a checkout) finds it too.
 TEMPLATE = "supervisord.conf.in"
 
@@ -50,6 +51,14 @@ priority = 5
 {common}"""
 
 
+# The certificate renewer (cli/renewer.py), when ACME is on.
+_RENEW = """\
+[program:renew]
+command = {python} -m cli.renewer --config {config}
+priority = 60
+{common}"""
+
+
 def _imap_program(cfg: Config, common: str, *, with_imap: bool) -> str:
     program = dovecot.find_dovecot(cfg)
     if not with_imap or program is None:
@@ -66,6 +75,8 @@ def render(cfg: Config, *, log_file: str = "/dev/stdout", with_imap: bool = Fals
     text = template.format(
         run_dir=run_dir, python=sys.executable, config=cfg.path, common=common,
         imap=_imap_program(cfg, common, with_imap=with_imap), **_mta_processes(cfg.mta.processes),
+        renew=_RENEW.format(python=sys.executable, config=cfg.path, common=common) if cfg.acme.directory
+        else "; renew: no certificate renewer ([acme] directory is empty)",
     )
     if with_filter:  # rspamd and its Redis (cli/rspamd.py)
         text += rspamd.programs(cfg, common, _root_switch(cfg))
@@ -130,6 +141,9 @@ def preflight(cfg: Config) -> str | None:
     # All at once, as the daemons hold them: two addresses of one setting that
     # overlap ([::]:25 and 0.0.0.0:25) are found here too.
     endpoints = {key: cfg.endpoints(key) for key in configmod.listener_keys()}
+    # The web program's optional listeners for the Internet (the 80 and 443 roles), when on.
+    endpoints.update({key: cfg.endpoints(key) for key, on in (("web.http", cfg.web.http), ("web.https", cfg.web.https))
+                      if on})
     try:
         bound = bind_all(endpoints)
     except BindError as exc:
@@ -192,6 +206,24 @@ def _stdout_reopens() -> bool:
     except OSError:
         return False
     return True
+
+
+# What `mailroom reload` signals (SIGHUP): the daemons and the web program (common/reload.py,
+# web/public.py), the certificate renewer (it looks again at once: cli/renewer.py), and
+# Dovecot's master, which reads its configuration and certificate again and keeps its pid.
+RELOADED = ("mda", "qmgr", "mta", "msa", "web", "renew", "imap")
+
+
+def reload(cfg: Config, *, skip: tuple[str, ...] = ()) -> int:
+    """SIGHUP to every running program that reloads; one line when the suite is not running."""
+    run_dir = cfg.run_dir.resolve()
+    conf = run_dir / "supervisord.conf"
+    if not (run_dir / "supervisor.sock").exists() or not conf.exists():
+        print("not running: the daemons read the certificate and the settings when they start")
+        return 0
+    present = set(re.findall(r"(?m)^\[program:([^\]]+)\]", conf.read_text()))
+    specs = [program_spec(cfg, p) for p in RELOADED if p in present and p not in skip]
+    return ctl(cfg, "signal", "HUP", *specs)
 
 
 def ctl(cfg: Config, *args: str) -> int:

@@ -25,6 +25,8 @@ DEFAULT_PATH = "./var/mailroom.toml"
 MAX_MTA_PROCESSES = 64
 # [filter] rspamd: `mailroom run` runs rspamd and its Redis itself.
 SUPERVISED = "supervised"
+# The certificate key types `[acme] key_type` may name (common/tls.py makes them).
+KEY_TYPES = ("ecdsa-p256", "rsa-2048")
 
 
 class ConfigError(Exception):
@@ -130,6 +132,8 @@ class IMAPSection:
 @dataclass(frozen=True)
 class WebSection:
     listen: list[str] = field(default_factory=lambda: ["127.0.0.1:8025"], metadata=_meta("listen", "HTTP listener of the web program (mail client autoconfig, the live page at /, /metrics); read-only"))
+    http: str = field(default="", metadata=_meta("listen?", "Plain HTTP for the Internet (the port 80 role): ACME HTTP-01 challenges and mail client autoconfig, nothing else; empty: off"))
+    https: str = field(default="", metadata=_meta("listen?", "HTTPS for the Internet with the [tls] certificate (the port 443 role): the MTA-STS policy at mta-sts.DOMAIN and mail client autoconfig; empty: off"))
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,27 @@ class FilterSection:
 
 
 @dataclass(frozen=True)
+class ACMESection:
+    """Certificates from an ACME server (RFC 8555; Let's Encrypt): `mailroom cert`, and the renewer `mailroom run` supervises."""
+
+    directory: str = field(default="", metadata=_meta("url?", "The ACME server's directory URL (https://acme-v02.api.letsencrypt.org/directory); empty: off"))
+    directory_ca_file: str = field(default="", metadata=_meta("path", "PEM file of CAs to trust for the ACME server's own HTTPS (a private ACME server); empty: the system's CAs"))
+    email: str = field(default="", metadata=_meta("str", "Contact address given to the ACME server (expiry notices); empty: none"))
+    key_type: str = field(default="ecdsa-p256", metadata=_meta("keytype", "The certificate's key: ecdsa-p256 or rsa-2048"))
+    dir: str = field(default="acme", metadata=_meta("path", "Folder of the account key, the next certificate key and the HTTP-01 challenge files (owner-only)"))
+    retry_schedule: list[float] = field(default_factory=lambda: [60.0, 300.0, 1800.0, 7200.0, 21600.0], metadata=_meta("durations", "The renewer's waits after a failed attempt (longer when the server asks, as with a 429); the last one repeats"))
+
+
+@dataclass(frozen=True)
+class MTASTSSection:
+    """The MTA-STS policy we publish for our own domains (RFC 8461), served at https://mta-sts.DOMAIN/.well-known/mta-sts.txt by [web] https."""
+
+    mode: str = field(default="testing", metadata=_meta("stsmode", "enforce (senders deliver only over verified TLS to the mx below), testing (they deliver anyway and report), or none (withdraw a policy)"))
+    mx: list[str] = field(default_factory=list, metadata=_meta("mxpatterns", "MX host names senders may deliver to (*.example.org allowed); empty: [mailroom] hostname"))
+    max_age: float = field(default=7 * 86400.0, metadata=_meta("stsmaxage", "How long senders may keep the policy (at most a year)"))
+
+
+@dataclass(frozen=True)
 class LabSection:
     """A lab Internet on loopback addresses for learning (`mailroom lab`, docs/lab.md); never in production."""
 
@@ -226,6 +251,8 @@ class Config:
     dkim: DKIMSection = field(default_factory=DKIMSection)
     mailauth: MailAuthSection = field(default_factory=MailAuthSection)
     filter: FilterSection = field(default_factory=FilterSection)
+    acme: ACMESection = field(default_factory=ACMESection)
+    mta_sts: MTASTSSection = field(default_factory=MTASTSSection)
     lab: LabSection = field(default_factory=LabSection)
 
     @property
@@ -368,6 +395,33 @@ def _convert(kind: str, value: object) -> object:
             need(dict, "a table of name = text")
             assert isinstance(value, dict)
             return {str(k).lower(): str(v) for k, v in value.items()}
+        case "url?":
+            need(str, "an https:// URL")
+            assert isinstance(value, str)
+            if value and not re.fullmatch(r"https://[^\s/]+(/\S*)?", value):
+                raise ValueError(f"expected an https:// URL (RFC 8555 6.1: ACME is spoken over HTTPS), got {value!r}")
+            return value
+        case "keytype":
+            if value not in KEY_TYPES:
+                raise ValueError(f"expected {' or '.join(KEY_TYPES)}, got {value!r}")
+            return value
+        case "stsmode":
+            if value not in ("enforce", "testing", "none"):
+                raise ValueError(f"expected enforce, testing or none, got {value!r}")
+            return value
+        case "mxpatterns":
+            need(list, "a list of host names")
+            assert isinstance(value, list)
+            for v in value:
+                # RFC 8461 4.1: a name, or "*." and a name (the wildcard is one whole left-most label).
+                if not isinstance(v, str) or not re.fullmatch(r"(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+\.?", v):
+                    raise ValueError(f"not a host name or *.host name: {v!r}")
+            return [v.lower().rstrip(".") for v in value]
+        case "stsmaxage":
+            seconds = parse_duration(value)
+            if not 0 <= seconds <= 31557600:
+                raise ValueError(f"must be between 0 and 31557600 seconds (RFC 8461 3.2), got {value!r}")
+            return seconds
         case "logformat":
             if value not in ("text", "json"):
                 raise ValueError(f"expected text or json, got {value!r}")
@@ -634,6 +688,16 @@ sieve = "127.0.0.1:2190"
 
 [web]
 listen = "127.0.0.1:8025"
+# For the Internet (docs/operations.md, "Putting Mailroom on the Internet"):
+# http = "0.0.0.0:80"      # ACME HTTP-01 answers and mail client autoconfig
+# https = "0.0.0.0:443"    # the MTA-STS policy at mta-sts.DOMAIN
+
+[acme]
+# directory = "https://acme-v02.api.letsencrypt.org/directory"   # then `mailroom cert request`
+# email = "postmaster@{domain}"
+
+[mta_sts]
+mode = "testing"
 
 [dns]
 nameservers = []

@@ -39,6 +39,7 @@ from common.db import Database
 from common.events import FINAL, EventName, Hop
 from common.log import is_trace_id, trace_time_us
 from common.models import ACTIVE, QUEUED, Message, Recipient, utcnow
+from common.tls import read_certificate
 from web import dovecot_stats
 
 # Seconds: from a few milliseconds (a local hand-off) to the five-day lifetime.
@@ -154,6 +155,29 @@ class DaemonCounters(Collector):
         yield tls
 
 
+class CertificateCollector(Collector):
+    """When the certificate every listener serves (`[tls] cert`) expires, read at each scrape,
+    so a renewal shows at once: alert when it comes within a few weeks (the renewer starts a
+    month before, for a 90-day certificate)."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.path is None:
+            return
+        try:
+            info = read_certificate(self.path)
+        except (OSError, ValueError):
+            return
+        gauge = GaugeMetricFamily(
+            "mailroom_certificate_expiry_timestamp_seconds",
+            "When the TLS certificate expires (Unix time), by file and first name", labels=["file", "name"],
+        )
+        gauge.add_metric([str(self.path), info.names[0] if info.names else ""], info.not_after.timestamp())
+        yield gauge
+
+
 class Metrics:
     """The registry behind /metrics, fed with rows of the events table in id order."""
 
@@ -173,6 +197,8 @@ class Metrics:
         )
         self.daemons = DaemonCounters()
         self.registry.register(self.daemons)
+        self.certificate = CertificateCollector()
+        self.registry.register(self.certificate)
         self.rows_read = Counter("mailroom_events_read", "Rows of the trace table read so far",
                                      registry=self.registry)
         if db is not None:
@@ -216,6 +242,7 @@ class Metrics:
         """Where the daemons of `cfg` save their counters, and the names of their listeners."""
         self.daemons.folder = cfg.run_dir / "metrics"
         self.daemons.run_dir = cfg.run_dir
+        self.certificate.path = cfg.resolve(cfg.tls.cert)
         names: dict[str, str] = {}
         for key in LISTENER_SETTINGS:
             try:

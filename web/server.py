@@ -40,6 +40,7 @@ from common.config import Config
 from common.daemon import bind_all
 from common.endpoint import BindError
 from web import autoconfig, autodiscover, mobileconfig
+from web.public import Public
 
 if TYPE_CHECKING:
     from web.live import Live
@@ -254,13 +255,15 @@ def drop_privileges(user: str) -> None:
     log.info("dropped privileges to %s", user)
 
 
-async def run(cfg: Config, socks: list[socket.socket], live: Live) -> None:
+async def run(cfg: Config, socks: list[socket.socket], live: Live, public: Public | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     routes = {**ROUTES, **live.routes()}
     servers = [await serve(cfg, sock, routes) for sock in socks]
+    # [web] http and https (the Internet's), and SIGHUP's reload (web/public.py).
+    servers += await (public or Public(cfg, [], [], None)).serve(ROUTES)
     tail = asyncio.create_task(live.feed.run(stop))
     log.info("http on %s", ", ".join(cfg.web.listen))
     await stop.wait()
@@ -288,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     clock.use(clock.for_lab(cfg.lab.time_warp, cfg.lab.time_warp_since))
     try:
         socks = bind(cfg)
+        public = Public.prepare(cfg)
     except BindError as exc:  # names the setting and the address: "[web] listen = 127.0.0.1:8025: ..."
         print(f"web: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -299,4 +303,4 @@ def main(argv: list[str] | None = None) -> None:
 
     live = Live(Database(cfg.database_url, threads=2))
     drop_privileges(cfg.mailroom.user)
-    asyncio.run(run(cfg, socks, live))
+    asyncio.run(run(cfg, socks, live, public))
