@@ -43,6 +43,7 @@ from sqlalchemy.engine import make_url
 
 from common import config as configmod
 from common import counters, privileges
+from common import dns as dnsmod
 from common import log as logmod
 from common.clock import Clock, for_lab
 from common.clock import use as use_clock
@@ -68,8 +69,9 @@ T = TypeVar("T")
 
 @dataclass
 class Context:
-    """What a service gets: the config, the database, a clock, a stop signal, and
-    the listeners and TLS context the skeleton prepared before the switch."""
+    """What a service gets: the config, the database, a clock, a stop signal, the
+    listeners and TLS context the skeleton prepared before the switch, and the
+    process's one DNS resolver."""
 
     config: Config
     db: Database
@@ -77,6 +79,13 @@ class Context:
     stop: asyncio.Event
     sockets: dict[str, list[socket.socket]] = field(default_factory=dict)
     tls_context: ssl.SSLContext | None = None
+    dns_resolver: dnsmod.Resolver | None = None
+
+    def resolver(self) -> dnsmod.Resolver:
+        """The process's asynchronous, caching resolver (common/dns.py), built once."""
+        if self.dns_resolver is None:
+            self.dns_resolver = dnsmod.from_settings(resolver_settings(self.config))
+        return self.dns_resolver
 
     def socket(self, key: str) -> list[socket.socket]:
         """The bound sockets for listener setting `key` ("mta.smtp"), one per address,
@@ -95,6 +104,17 @@ class Context:
 
 
 Service = Callable[[Context], Awaitable[None]]
+
+
+def resolver_settings(cfg: Config) -> dnsmod.Settings:
+    """What the resolver is built from: `[dns]`, pointed at the supervised unbound
+    when `[dns] resolver = "unbound"` (cli/unbound.py starts it)."""
+    d = cfg.dns
+    nameservers = (d.unbound_listen,) if d.resolver == "unbound" else tuple(d.nameservers)
+    limits = dnsmod.CacheLimits(
+        entries=d.cache_entries, max_ttl=d.max_ttl, max_negative_ttl=d.max_negative_ttl, failure_ttl=d.failure_ttl,
+    )
+    return dnsmod.Settings(nameservers=nameservers, timeout=d.timeout, limits=limits)
 
 
 def setting_name(key: str) -> str:
@@ -272,6 +292,7 @@ def _prepare(
     return Context(
         config=cfg, db=db, clock=clock, stop=asyncio.Event(),
         sockets=sockets, tls_context=tls_context,
+        dns_resolver=dnsmod.from_settings(resolver_settings(cfg)),
     )
 
 

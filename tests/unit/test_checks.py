@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,10 @@ def zone(keys: list[dkim.Key], *, dmarc: str = "v=DMARC1; p=reject", **extra: An
 
 def evaluate(message: bytes, records: dict[str, Any], *, ip: str = SENDER_IP,
              mail_from: str = "alice@example.net", helo: str = "mx.example.net") -> checks.Verdict:
-    return checks.evaluate(
+    return asyncio.run(checks.evaluate(
         message, client_ip=ip, helo=helo, mail_from=mail_from, hostname="mail.example.org",
         resolver=FakeResolver(records),
-    )
+    ))
 
 
 def decide(verdict: checks.Verdict, **kw: Any) -> checks.Decision:
@@ -220,6 +221,6 @@ def test_arc_chain_sealed_by_a_forwarder_verifies(keys: list[dkim.Key]) -> None:
         dkimpy.arc_sign(ar + signed, keys[0].dns_selector.encode(), b"example.net", keys[0].private,
                         b"fwd.example.net")
     ) + ar + signed
-    assert checks.check_arc(sealed, FakeResolver(zone(keys))) == "pass"
+    assert asyncio.run(checks.check_arc(sealed, FakeResolver(zone(keys)))) == "pass"
     broken = sealed.replace(b"Hello Bob.", b"Hello Eve.")
-    assert checks.check_arc(broken, FakeResolver(zone(keys))) == "fail"
+    assert asyncio.run(checks.check_arc(broken, FakeResolver(zone(keys)))) == "fail"
