@@ -224,3 +224,30 @@ def test_arc_chain_sealed_by_a_forwarder_verifies(keys: list[dkim.Key]) -> None:
     assert asyncio.run(checks.check_arc(sealed, FakeResolver(zone(keys)))) == "pass"
     broken = sealed.replace(b"Hello Bob.", b"Hello Eve.")
     assert asyncio.run(checks.check_arc(broken, FakeResolver(zone(keys)))) == "fail"
+
+
+def test_at_most_five_signatures_are_verified_the_from_domains_first(keys: list[dkim.Key]) -> None:
+    # 200 signatures of other domains above the author's two: verifying each would cost
+    # a key lookup apiece (RFC 6376 6.1 lets a verifier stop at a few).
+    signed = dkim.sign(MESSAGE, keys) + MESSAGE
+    forged = b"".join(
+        f"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=spam{i}.test; s=s{i};\r\n"
+        f"\th=from; bh=AAAA; b=BBBB{i}\r\n".encode()
+        for i in range(200)
+    )
+    resolver = FakeResolver(zone(keys))
+    v = asyncio.run(checks.evaluate(
+        forged + signed, client_ip=OTHER_IP, helo="mx.example.net", mail_from="alice@example.net",
+        hostname="mail.example.org", resolver=resolver,
+    ))
+    key_queries = [q for q in resolver.queries() if "._domainkey." in q[0]]
+    assert len(key_queries) <= checks.MAX_SIGNATURES
+    assert len(v.dkim) == checks.MAX_SIGNATURES
+    # The author's signatures were among those verified, so DMARC passes on them.
+    assert [(r.result, r.domain) for r in v.dkim if r.domain == "example.net"] == [
+        ("pass", "example.net"), ("pass", "example.net"),
+    ]
+    assert v.dmarc.result == "pass"
+    # Without an author's signature the first ones are taken, in order.
+    chosen = checks.choose(checks.signatures(forged + MESSAGE), "example.net")
+    assert [s.domain for s in chosen] == [f"spam{i}.test" for i in range(5)]
