@@ -9,7 +9,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from cli import dovecot, watch
+from cli import dovecot, unbound, watch
 from cli.watch import failure_file
 from common import config as configmod
 from common import privileges
@@ -69,6 +69,7 @@ def render(cfg: Config, *, log_file: str = "/dev/stdout", with_imap: bool = Fals
     )
     if cfg.lab.enabled:
         text += _LAB.format(python=sys.executable, config=cfg.path, common=common)
+    text += unbound.program(cfg, common)  # the local validating resolver, when chosen
     text += _WATCH.format(python=sys.executable, run_dir=run_dir)
     out = run_dir / "supervisord.conf"
     out.write_text(text)
@@ -157,6 +158,9 @@ def run(cfg: Config) -> int:
         db.close()
     if why_not:
         print(f"mailroom: {why_not}", file=sys.stderr, flush=True)
+    if cfg.dns.resolver == "unbound" and (problem := unbound.prepare(cfg, user=_unbound_user(cfg))):
+        print(f"mailroom run: {problem}", file=sys.stderr)
+        return 1
     conf = render(cfg, with_imap=why_not is None)
     run_dir = cfg.run_dir.resolve()
     for old in (run_dir / "stopped", *(failure_file(run_dir, p) for p in PROGRAMS)):
@@ -167,6 +171,11 @@ def run(cfg: Config) -> int:
     argv = [sys.executable, "-m", "cli.watch", "run", str(run_dir), "relay" if not _stdout_reopens() else "direct",
             sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)]
     os.execv(sys.executable, argv)
+
+
+def _unbound_user(cfg: Config) -> str | None:
+    """Whom unbound becomes after binding: the Mailroom user, when started as root."""
+    return cfg.mailroom.user or None if os.geteuid() == 0 else None
 
 
 def _stdout_reopens() -> bool:
