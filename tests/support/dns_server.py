@@ -270,9 +270,11 @@ class _Zone:
         # zone apex.  Resolvers only use the SOA's minimum (negative TTL).
         labels = qname.labels[-3:] if len(qname.labels) > 3 else qname.labels
         apex = dns.name.Name(labels)
+        mname = dns.name.from_text("ns", origin=apex)  # "ns." for the root itself
+        rname = dns.name.from_text("hostmaster", origin=apex)
         return dns.rrset.from_text(
             apex, self.ttl, "IN", "SOA",
-            f"ns.{apex} hostmaster.{apex} 1 3600 600 86400 {self.ttl}",
+            f"{mname} {rname} 1 3600 600 86400 {self.ttl}",
         )
 
 
