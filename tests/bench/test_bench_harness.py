@@ -41,7 +41,7 @@ def test_bench_runs_a_tiny_load_and_prints_its_summary_line(tmp_path: Path) -> N
     m = LAST_LINE.fullmatch(lines[-1])
     assert m, lines[-5:]
     assert float(m.group(1)) > 0 and float(m.group(4)) > 0 and float(m.group(5)) > 0 and float(m.group(6)) > 0
-    assert float(m.group(7)) > 0 and float(m.group(8)) > 0  # checks_ratio, dns_stall_ratio
+    assert float(m.group(7)) > 0 and float(m.group(8)) > 0, lines[-14:]  # checks_ratio, dns_stall_ratio
     assert any("end to end (in Maildir)" in line for line in lines)
     assert any("Mailroom mta" in line for line in lines)  # CPU per process
     figures = json.loads(out.read_text())
