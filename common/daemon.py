@@ -37,13 +37,12 @@ import ssl
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from sqlalchemy.engine import make_url
 
 from common import config as configmod
 from common import counters, privileges
-from common import dns as dnsmod
 from common import log as logmod
 from common.clock import Clock, for_lab
 from common.clock import use as use_clock
@@ -52,6 +51,11 @@ from common.db import Database
 from common.endpoint import BindError, Endpoint, overlapping, v6only
 from common.privileges import StartError
 from common.tls import server_context
+
+if TYPE_CHECKING:
+    # dnspython's resolver takes a tenth of a second to import: loaded by the daemons
+    # that look something up (the MTA, the queue manager), when they first do.
+    from common import dns as dnsmod
 
 log = logging.getLogger("daemon")
 
@@ -82,8 +86,11 @@ class Context:
     dns_resolver: dnsmod.Resolver | None = None
 
     def resolver(self) -> dnsmod.Resolver:
-        """The process's asynchronous, caching resolver (common/dns.py), built once."""
+        """The process's asynchronous, caching resolver (common/dns.py), built once, at
+        the first lookup; every component of the process is handed this one."""
         if self.dns_resolver is None:
+            from common import dns as dnsmod
+
             self.dns_resolver = dnsmod.from_settings(resolver_settings(self.config))
         return self.dns_resolver
 
@@ -109,6 +116,8 @@ Service = Callable[[Context], Awaitable[None]]
 def resolver_settings(cfg: Config) -> dnsmod.Settings:
     """What the resolver is built from: `[dns]`, pointed at the supervised unbound
     when `[dns] resolver = "unbound"` (cli/unbound.py starts it)."""
+    from common import dns as dnsmod
+
     d = cfg.dns
     nameservers = (d.unbound_listen,) if d.resolver == "unbound" else tuple(d.nameservers)
     limits = dnsmod.CacheLimits(
@@ -292,7 +301,6 @@ def _prepare(
     return Context(
         config=cfg, db=db, clock=clock, stop=asyncio.Event(),
         sockets=sockets, tls_context=tls_context,
-        dns_resolver=dnsmod.from_settings(resolver_settings(cfg)),
     )
 
 
