@@ -51,6 +51,7 @@ import dns.rdatatype
 import dns.resolver
 
 from common import counters
+from common.config import parse_hostport
 
 # What the daemons count (web/metrics.py names the Prometheus series after them).
 QUERIES = "dns_queries"  # labels: type, result (answer | nxdomain | nodata | timeout | failure)
@@ -125,7 +126,7 @@ class Wire:
             self._r = dns.asyncresolver.Resolver(configure=False)
             servers: list[str | dns.nameserver.Nameserver] = []
             for ns in nameservers:
-                host, port = _hostport(ns)
+                host, port = parse_hostport(ns, 53)
                 servers.append(dns.nameserver.Do53Nameserver(host, port))
             self._r.nameservers = servers
         else:
@@ -162,17 +163,6 @@ class Wire:
         # The TTL of the whole CNAME chain: its shortest link.
         ttl = float(found.chaining_result.minimum_ttl)
         return Answer(name, rdtype, tuple(found.rrset), secure=_secure(response), ttl=ttl)
-
-
-def _hostport(value: str) -> tuple[str, int]:
-    v = value.strip()
-    if v.startswith("["):
-        host, _, rest = v[1:].partition("]")
-        return host, int(rest.lstrip(":") or 53)
-    if v.count(":") == 1:
-        host, _, port = v.partition(":")
-        return host, int(port)
-    return v, 53
 
 
 def _secure(response: dns.message.Message | None) -> bool:
@@ -299,15 +289,6 @@ class Settings:
 def from_settings(settings: Settings) -> Cache:
     """The process's resolver: the wire under a cache."""
     return Cache(Wire(settings.nameservers, settings.timeout), settings.limits)
-
-
-async def within(seconds: float, lookups: Any) -> Any:
-    """Await `lookups` for at most `seconds`; DNSTempError (a timeout) after that."""
-    try:
-        async with asyncio.timeout(seconds):
-            return await lookups
-    except TimeoutError:
-        raise DNSTempError(f"lookups not finished within {seconds:g}s", timeout=True) from None
 
 
 async def validates(nameservers: Sequence[str] = (), *, name: str = ".", timeout: float = 5.0) -> bool | None:
