@@ -54,6 +54,7 @@ class ChecksSystem(MailroomSystem):
         self.inst.set("dns", "nameservers", f'["{dns.address}"]')
         self.inst.set("dns", "timeout", f'"{timeout:g}s"')
         self.inst.set("dns", "failure_ttl", '"0s"')
+        self.inst.set("imap", "enabled", "false")  # not measured here: one program fewer to start
 
 
 def start_dns() -> DNSServer:
