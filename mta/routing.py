@@ -14,7 +14,7 @@ import socket
 from dataclasses import dataclass, field
 
 from common.config import parse_hostport
-from common.dns import DNSTempError, Resolver
+from common.dns import DNSTempError, Resolver, Wire
 from common.reply import Reply
 
 
@@ -45,6 +45,12 @@ def _is_local_address(ip: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def make_resolver(nameservers: list[str], timeout: float) -> Wire:
+    """An uncached resolver on `nameservers`, for tests and tools that route without a daemon
+    (the daemons are handed their process's caching one: common/daemon.py Context.resolver)."""
+    return Wire(nameservers, timeout)
 
 
 async def route(
