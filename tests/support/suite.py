@@ -165,8 +165,9 @@ class Installation:
 
     # --- the real processes ------------------------------------------------------
 
-    def start(self) -> None:
-        """Start supervisord with every program, as `mailroom run` does."""
+    def start(self, timeout: float = 20.0) -> None:
+        """Start supervisord with every program, as `mailroom run` does; each listener
+        must answer within `timeout` seconds."""
         # Private like everything else in the installation (what the daemons log names users).
         log = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         self.supervisor = subprocess.Popen(
@@ -181,7 +182,7 @@ class Installation:
         try:
             for key, port in self.ports.items():
                 if with_dovecot or key not in DOVECOT_PORTS:
-                    wait_port(port)
+                    wait_port(port, timeout)
         except TimeoutError:
             self.stop()
             raise AssertionError("the suite did not start:\n" + self.log_path.read_text()[-4000:]) from None
