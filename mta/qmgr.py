@@ -48,7 +48,6 @@ from mta import bounce, mailauth, mtasts, options, queue, tlsrpt
 from mta.courier import Attempt, Courier, Delivered
 from mta.delivery import LocalDelivery, RemoteDelivery
 from mta.queue import Outcome, Policy, Settled, classify
-from mta.routing import make_resolver
 from mta.tlsdns import DNSSECResolver
 from mta.tlspolicy import Planner, Table
 
@@ -409,7 +408,7 @@ async def run(ctx: Context) -> None:
     )
     remote = RemoteDelivery(
         hostname=cfg.mailroom.hostname,
-        resolver=make_resolver(cfg.dns.nameservers, cfg.dns.timeout),
+        resolver=ctx.resolver(),
         relayhost=mta.relayhost,
         relayhost_auth=(mta.relayhost_username, mta.relayhost_password)
         if mta.relayhost_username else None,
