@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
-from common import counters, dsn
+from common import counters, dsn, headers
 from common import reply as R
 from common.address import lookup_key
 from common.clock import Clock
@@ -229,8 +229,14 @@ class SubmissionHandler(Handler):
         assert isinstance(envelope.content, bytes) and session.user is not None
         hostname = self.policy.hostname
         header, _ = submission.split_message(envelope.content)
+        # Bounded before anything parses it, and parsed in a worker thread: a
+        # stranger's header never holds the event loop (common/headers.py).
+        too_big = headers.check(header)
+        if too_big is not None:
+            log.warning("user %s sent a header over the limits: %s", session.user, too_big)
+            raise SMTPError(too_big)
         try:
-            shown = submission.from_addresses(header)
+            shown = await asyncio.to_thread(submission.from_addresses, header)
         except submission.UnreadableHeader as exc:
             log.warning("user %s sent an unreadable header: %s", session.user, exc)
             unreadable = R.HEADER_SENDER_DENIED.with_text("From:/Sender: header cannot be read unambiguously")

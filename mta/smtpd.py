@@ -23,6 +23,7 @@ from pathlib import Path
 from sqlalchemy import Connection
 from sqlalchemy.exc import OperationalError
 
+from common import headers
 from common import reply as R
 from common.address import domain_of
 from common.clock import Clock
@@ -173,6 +174,12 @@ class SMTPHandler(Handler):
     async def data(self, session: MailSession, envelope: MailEnvelope) -> Reply:
         assert isinstance(envelope.content, bytes) and envelope.mail_from is not None
         header = _header_of(envelope.content)
+        # Before anything parses it (sender checks, DMARC, signing): within the limits,
+        # or refused, so no header can hold the loop or a worker (common/headers.py).
+        too_big = headers.check(header)
+        if too_big is not None:
+            log.warning("refused a header over the limits from %s: %s", session.client_ip, too_big)
+            raise SMTPError(too_big)
         hops = len(re.findall(rb"(?im)^received:", header))
         if hops > self.policy.max_hops:
             log.warning("mail loop: %d Received headers", hops)
