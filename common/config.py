@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from common.endpoint import Endpoint
+from common.numbers import is_decimal
 
 DEFAULT_PATH = "./var/mailroom.toml"
 # More MTA listener processes than this would be a typo, not a host.
@@ -63,6 +64,8 @@ class SMTPSection:
     max_connections: int = field(default=1000, metadata=_meta("int", "Connections per listener; more get 421 4.7.0"))
     max_connections_per_client: int = field(default=50, metadata=_meta("int", "Connections per client address; more get 421 4.7.0"))
     max_errors: int = field(default=20, metadata=_meta("int", "Errors in one session before disconnecting"))
+    stress_threshold: int = field(default=80, metadata=_meta("int", "Stress mode (as Postfix's smtpd) from this percentage of max_connections open: idle and TLS handshake timeouts become stress_timeout, until the count is back under three quarters of it (0: off)"))
+    stress_timeout: float = field(default=10.0, metadata=_meta("duration", "Idle and TLS handshake timeout under stress"))
 
 
 @dataclass(frozen=True)
@@ -263,9 +266,10 @@ def listener_keys() -> list[str]:
 
 # --- value parsing ---------------------------------------------------------
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+# ASCII digits only (re.ASCII): "٥m" is no duration, "١٠MiB" no size.
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.ASCII)
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.I)
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.I | re.ASCII)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
@@ -306,7 +310,7 @@ def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, in
         if default_port is None:
             raise ValueError(f"expected host:port, got {value!r}")
         return host, default_port
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not is_decimal(port_text) or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"bad port in {value!r}")
     if not host:
         raise ValueError(f"missing host in {value!r}")
@@ -494,6 +498,8 @@ def _check(cfg: Config) -> None:
     if cfg.mta.processes > 1 and all(e.is_unix for e in cfg.endpoints("mta.smtp")):
         # The processes share TCP ports; a Unix socket is served by one process only.
         raise ConfigError("mta.processes: several processes need a TCP address in mta.smtp to share")
+    if cfg.smtp.stress_threshold > 100:
+        raise ConfigError(f"smtp.stress_threshold: a percentage of max_connections, 0 (off) to 100, got {cfg.smtp.stress_threshold}")
     if cfg.smtp.max_recipients < 1:
         raise ConfigError("smtp.max_recipients: must be at least 1")
     if cfg.lab.enabled and not cfg.lab.dns:

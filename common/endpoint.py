@@ -20,6 +20,8 @@ import socket
 import stat
 from dataclasses import dataclass
 
+from common.numbers import is_decimal
+
 UNIX_PREFIX = "unix:"
 
 
@@ -61,7 +63,7 @@ class Endpoint:
             raise ValueError(f"expected host:port or unix:/path, got {text!r}")
         if not host:
             raise ValueError(f"missing host in {text!r}")
-        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        if not is_decimal(port_text) or not 0 <= int(port_text) <= 65535:  # ASCII digits: "٢٥" is no port
             raise ValueError(f"bad port in {text!r}")
         return cls(host=host, port=int(port_text))
 

@@ -24,6 +24,7 @@ import ssl
 from dataclasses import dataclass, field
 
 from common.endpoint import Endpoint
+from common.numbers import is_decimal
 from common.reply import Reply, parse_reply
 
 log = logging.getLogger("smtp_client")
@@ -146,7 +147,7 @@ class Client:
             if not raw:
                 raise NextHopError(Reply(451, "4.4.2", f"{self.peer} closed the connection"))
             text = raw.decode("utf-8", "replace").rstrip("\r\n")
-            if len(text) < 3 or not text[:3].isdigit():
+            if len(text) < 3 or not is_decimal(text[:3]):  # "²²⁰" is no reply code
                 raise NextHopError(Reply(451, "4.5.0", f"{self.peer} sent garbage: {text[:60]!r}"))
             code = int(text[:3])
             lines.append(text[4:])

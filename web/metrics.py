@@ -123,6 +123,9 @@ class DaemonCounters(Collector):
         yield family("mailroom_connections", "Client connections by listener, accepted or refused by the "
                      "connection caps ([smtp] max_connections, max_connections_per_client)",
                      counters.CONNECTIONS, ["listener", "result"])
+        yield family("mailroom_stress", "Times a listener entered stress mode near its connection cap "
+                     "([smtp] stress_threshold): idle and TLS handshake timeouts shortened to stress_timeout",
+                     counters.STRESS, ["listener"])
         tls = CounterMetricFamily("mailroom_tls_sessions", "Messages by direction (in: received; out: handed "
                                   "to a remote host), hop and whether the session was encrypted (TLS)",
                                   labels=["direction", "hop", "tls"])

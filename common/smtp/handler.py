@@ -74,6 +74,11 @@ class Handler:
     offers_requiretls = False
     requiretls_in_clear = False
 
+    def needs_login(self, session: MailSession) -> bool:
+        """Whether this client must log in before it may send (and, until it has,
+        may be made to give way to a newer connection when the listener is full)."""
+        return False
+
     async def connect(self, session: MailSession) -> None:
         """Before the greeting; raise SMTPError to turn the client away."""
 

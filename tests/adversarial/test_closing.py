@@ -160,7 +160,7 @@ def test_hello_names_with_control_characters_get_501(stack: Stack, key: str, bad
     s = run(stack.ports[key], [(None, "220 ")], tls=key == "submissions")
     try:
         for verb in verbs:
-            play(s, [(verb.encode() + b" evil" + bad + b".example\r\n", "501 5.5.2")])
+            play(s, [(verb.encode() + b" evil" + bad + b".example\r\n", "501 5.5.4")])
         # A clean name is still welcome, and the session goes on.
         play(s, [(line(f"{verbs[-1]} client.example"), "250 "), (line("NOOP"), "250 2.0.0")])
     finally:
