@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from common.endpoint import Endpoint
+from common.endpoint import UNIX_PREFIX, Endpoint
 from common.numbers import is_decimal
 
 DEFAULT_PATH = "./var/mailroom.toml"
+# The MSA's hand-off to the MTA: a Unix socket in the private run folder (common/hop_secret.py).
+INTERNAL_SOCKET = "unix:run/internal.sock"
 # More MTA listener processes than this would be a typo, not a host.
 MAX_MTA_PROCESSES = 64
 
@@ -83,7 +85,7 @@ class MSASection:
 @dataclass(frozen=True)
 class MTASection:
     smtp: list[str] = field(default_factory=lambda: ["127.0.0.1:2525"], metadata=_meta("listen", "Public listener (the port 25 role)"))
-    internal: list[str] = field(default_factory=lambda: ["127.0.0.1:10025"], metadata=_meta("listen", "Internal listener for the MSA; loopback or unix:/path only"))
+    internal: list[str] = field(default_factory=lambda: [INTERNAL_SOCKET], metadata=_meta("listen", "Internal listener for the MSA: a Unix socket (only the daemons' uid may connect; a relative path is in the config's folder) or a loopback address (the MSA then logs in with <run_dir>/internal.secret)"))
     trusted_networks: list[str] = field(default_factory=list, metadata=_meta("networks", "Client networks allowed to relay through the public listener"))
     max_hops: int = field(default=50, metadata=_meta("int", "More Received headers than this is a mail loop (554 5.4.6)"))
     min_free_disk: int = field(default=100 * 1024 * 1024, metadata=_meta("size", "Below this much free space, MAIL gets 452 4.3.1"))
@@ -235,7 +237,8 @@ class Config:
         (validated at load), in the order written."""
         section, _, name = key.partition(".")
         value = getattr(getattr(self, section), name)
-        return [Endpoint.parse(v) for v in ([value] if isinstance(value, str) else value)]
+        base = str(self.base)  # a relative unix:run/x.sock is in the config's folder, as every path
+        return [Endpoint.parse(v, base) for v in ([value] if isinstance(value, str) else value)]
 
     def endpoint(self, key: str) -> Endpoint:
         """The first address of listener setting `key`: the one to connect to
@@ -401,7 +404,12 @@ def _convert(kind: str, value: object) -> object:
             for item in items:
                 if not isinstance(item, str):
                     raise ValueError(f"expected {what}, got {item!r}")
-                addresses.append(str(Endpoint.parse(item)))
+                text = item.strip()
+                if text.startswith(UNIX_PREFIX) and not text[len(UNIX_PREFIX):].startswith("/"):
+                    Endpoint.parse(text, base="/")  # checked now; Config.endpoints puts it in the config's folder
+                    addresses.append(text)
+                else:
+                    addresses.append(str(Endpoint.parse(text)))
             if len(set(addresses)) != len(addresses):
                 raise ValueError(f"an address is listed twice in {value!r}")
             return addresses
@@ -536,7 +544,9 @@ submissions = "127.0.0.1:2465"
 
 [mta]
 smtp = "127.0.0.1:2525"
-internal = "127.0.0.1:10025"
+# The MSA's hand-off: a Unix socket in the run folder that only the daemons' user may use.
+# A loopback address works too (then the MSA logs in with run/internal.secret).
+internal = "{INTERNAL_SOCKET}"
 trusted_networks = []
 max_hops = 50
 retry_schedule = ["5m", "10m", "20m", "40m", "1h"]

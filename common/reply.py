@@ -121,4 +121,9 @@ CHUNK_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit; closing c
 HEADER_SENDER_DENIED = Reply(550, "5.7.1", "From: header address not owned by you")
 SENDER_DENIED = Reply(553, "5.7.1", "Sender address not owned by you")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+# The MTA's internal listener takes only our MSA: on its Unix socket, the uid the
+# daemons run as (SO_PEERCRED); over TCP, AUTH with the installation's secret first.
+NOT_OUR_MSA = Reply(554, "5.7.1", "This listener is for Mailroom's MSA only")
+TRACE_SYNTAX = Reply(501, "5.5.4", "XTRACE must be 18 hexadecimal digits (0-9, A-F)")
+TRACE_TAKEN = Reply(554, "5.5.4", "XTRACE names a message already queued; not queued again")
 MAIL_LOOP = Reply(554, "5.4.6", "Too many hops, mail loop detected")

@@ -196,8 +196,9 @@ class Client:
             raise NextHopError(Reply(451, "4.7.5", f"TLS with {self.peer} failed: {exc}")) from exc
         self.tls = True
 
-    async def auth_plain(self, user: str, password: str) -> Reply:
-        if not self.tls:
+    async def auth_plain(self, user: str, password: str, *, clear_ok: bool = False) -> Reply:
+        """AUTH PLAIN; never without TLS unless `clear_ok` (our own internal hop, on loopback)."""
+        if not self.tls and not clear_ok:
             return Reply(530, "5.7.0", "Refusing to send a password without TLS")
         token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
         await self._write(f"AUTH PLAIN {token}\r\n".encode())

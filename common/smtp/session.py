@@ -39,7 +39,9 @@ import binascii
 import contextvars
 import ipaddress
 import logging
+import socket
 import ssl
+import struct
 from base64 import b64decode
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
@@ -80,6 +82,8 @@ _WAITING_VERBS: dict[type, frozenset[bytes]] = {}
 # size bound keeps replies with variable text from growing it without end.
 _WIRE: dict[tuple[Reply, tuple[str, ...]], bytes] = {}
 _WIRE_MAX = 1024
+# struct ucred (pid, uid, gid), as SO_PEERCRED gives it.
+_UCRED = struct.calcsize("3i")
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,8 @@ class Session(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.session.peer = peer
         self.session.client_ip = client_address(peer[0]) if isinstance(peer, tuple) and peer else "local"
+        if self.session.client_ip == "local":
+            self.session.peer_uid = peer_uid(transport)  # who connected, as the kernel says
         self._admitted = self.listener.connections.admit(self, self.session.client_ip, self.limits, self.listener.name)
         self.session.listener = self.listener.name
         # In memory (common/counters.py): a connection never costs a database write.
@@ -522,7 +528,7 @@ class Session(asyncio.Protocol):
                 lines.append("BINARYMIME")
         if lst.tls_context is not None and not session.tls:
             lines.append("STARTTLS")
-        if self.handler.offers_auth and session.tls:
+        if self.handler.offers_auth and (session.tls or self.handler.auth_in_clear):
             lines.append("AUTH PLAIN LOGIN")
         if self.handler.offers_dsn:
             lines.append("DSN")
@@ -546,7 +552,7 @@ class Session(asyncio.Protocol):
             self._reset_transaction()
             self.session = MailSession(
                 peer=self.session.peer, client_ip=self.session.client_ip, tls=True, errors=self.session.errors,
-                listener=self.session.listener,
+                listener=self.session.listener, peer_uid=self.session.peer_uid,
             )
 
     async def _start_tls(self) -> bool:
@@ -579,7 +585,7 @@ class Session(asyncio.Protocol):
         session = self.session
         if not self.handler.offers_auth:
             raise SMTPError(R.NOT_AVAILABLE.with_text("AUTH not available here"))
-        if not session.tls:
+        if not session.tls and not self.handler.auth_in_clear:
             raise SMTPError(R.ENCRYPTION_REQUIRED)
         if not session.extended_smtp:
             raise SMTPError(R.BAD_SEQUENCE.with_text("Send EHLO first"))
@@ -899,6 +905,18 @@ def _wire_form(reply: Reply, more: tuple[str, ...]) -> bytes:
     else:
         out = last + "\r\n"
     return out.encode("utf-8", "surrogateescape")
+
+
+def peer_uid(transport: asyncio.BaseTransport) -> int | None:
+    """The uid of the process at the other end of a Unix socket (SO_PEERCRED), or None."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED))
+    except OSError:
+        return None
+    return int(uid)
 
 
 def client_address(ip: str) -> str:
