@@ -160,17 +160,38 @@ def test_the_mta_bounds_the_header_of_public_mail_too(tmp_path_factory: pytest.T
     stack = Stack(inst)
     try:
         _ctx, public, _internal = stack.listen_mta(tls=False)
+        many = "".join(f"X-Field-{i}: v\r\n" for i in range(1500))
         with smtplib.SMTP("127.0.0.1", public, timeout=30) as c:
             c.ehlo("sender.example.net")
-            for from_value, expected in (
-                (ATTACK_FROM.replace("alice@example.org", "someone@example.net"), b"5.3.4 Message header too big"),
-                ("(" * 5000 + "x@example.net", b"2.0.0 Ok"),  # unreadable, but no longer a RecursionError (421)
+            for body, expected in (
+                (message(ATTACK_FROM.replace("alice@example.org", "x@example.net")), b"5.3.4 Message header too big"),
+                (message("x@example.net", many), b"5.3.4 Message header has too many fields"),
+                # Unreadable, but no longer a RecursionError (421).
+                (message("(" * 5000 + "x@example.net"), b"2.0.0 Ok"),
             ):
                 c.mail("someone@example.net")
                 c.rcpt("alice@example.org")
-                code, text = c.data(message(from_value))
+                code, text = c.data(body)
                 assert text.startswith(expected), (code, text[:80])
                 c.rset()
+        # Our own Authentication-Results are stripped from what comes in; reading the
+        # authserv-id behind 200,000 unclosed "(" took 20 s of the event loop.
+        bomb = message("Someone <x@example.net>", f"Authentication-Results: {fold('(' * 200_000)} mail.test;\r\n")
+        c2 = Client.session(public, timeout=30)
+        try:
+            c2.cmd("EHLO sender.example.net")
+            assert c2.cmd("MAIL FROM:<x@example.net>").code == 250
+            assert c2.cmd("RCPT TO:<alice@example.org>").code == 250
+            assert c2.cmd("DATA").code == 354
+            c2.send(stuff(bomb))
+            waited = greeting_time(public)
+            reply = c2.reply()
+            assert reply.code == 250, reply
+            assert waited < 2.0, f"a new client waited {waited:.1f} s for its greeting"
+        finally:
+            c2.quit()
+        with smtplib.SMTP("127.0.0.1", public, timeout=30) as c:
+            c.ehlo("sender.example.net")
             c.mail("someone@example.net")
             c.rcpt("alice@example.org")
             code, text = c.data(message("Someone <someone@example.net>"))

@@ -29,7 +29,23 @@ def test_a_header_at_the_limits_passes_and_one_octet_more_does_not() -> None:
     big = b"X-Filler: " + b"y" * 900 + b"\r\n"
     header = big * (headers.MAX_HEADER // len(big) + 1) + field("From", "a@b.c")
     assert len(header) > headers.MAX_HEADER
-    assert str(headers.check(header)) == "552 5.3.4 Message header too big (over 1048576 octets)"
+    assert str(headers.check(header)) == "552 5.3.4 Message header too big (over 262144 octets)"
+
+
+def test_a_header_of_too_many_fields_is_refused_before_any_pass_over_them() -> None:
+    fields = b"".join(b"X-%d: v\r\n" % i for i in range(headers.MAX_FIELDS))
+    assert headers.check(fields) is None
+    refused = headers.check(fields + b"X-One-More: v\r\n")
+    assert str(refused) == "552 5.3.4 Message header has too many fields (over 1000)"
+    # Folded lines are part of their field, not fields of their own.
+    assert headers.check(b"X-Folded: " + b"\r\n v" * 5000 + b"\r\n") is None
+
+
+def test_comments_are_removed_in_linear_time_and_deep_nesting_is_not_read() -> None:
+    assert headers.without_comments(b" (a comment) mail.test (x (nested) y); spf=pass") == b"  mail.test ; spf=pass"
+    assert headers.without_comments(b"(" * 100_000 + b"mail.test;") == b"(" * 100_000 + b"mail.test;"
+    assert headers.without_comments(b"(" * 50_000 + b")" * 50_000 + b" mail.test;") is None
+    assert headers.without_comments(b"((((((((x)))))))) mail.test;") == b" mail.test;"  # 8 deep: read
 
 
 def test_folded_and_obsolete_forms_are_counted_as_the_reader_sees_them() -> None:
