@@ -1,4 +1,4 @@
-"""Who may open a session on a listener: the connection caps, and stress mode.
+"""Who may open a session on a listener: the connection caps, stress mode, the peer's uid.
 
 - `max_connections` per listener (or per group of listeners that share one
   `Connections`: the MSA's 587 and 465 roles), and `max_connections_per_client`
@@ -18,15 +18,22 @@
   full.  So a local process that opens connections and stays silent cannot
   keep the MSA out: the MSA's connection proves itself within a millisecond,
   while the intruder's are the oldest unproven ones.
+- On a Unix socket the kernel says who connected (`peer_uid`, SO_PEERCRED):
+  a handler may turn away any uid but the one it serves (the MTA's internal
+  listener takes only the daemons' own, the MSA's).
 
-Counting is in memory, per process; nothing here touches a socket: a session
-(`common/smtp/session.py`) asks to be admitted and says when it leaves.
+Counting is in memory, per process; nothing here touches a socket but to ask
+its peer's uid: a session (`common/smtp/session.py`) asks to be admitted and
+says when it leaves.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import socket
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -38,6 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("smtp")
 
+# struct ucred (pid, uid, gid), as SO_PEERCRED gives it.
+_UCRED = struct.calcsize("3i")
 # The prefix one IPv6 client gets (RFC 6177: a /64 is the least a site is given;
 # the interface identifier in the low 64 bits is the host's to choose).
 IPV6_CLIENT_PREFIX = 64
@@ -130,6 +139,18 @@ class Connections:
             return
         for m in list(self.members):
             m.under_stress()
+
+
+def peer_uid(transport: asyncio.BaseTransport) -> int | None:
+    """The uid of the process at the other end of a Unix socket (SO_PEERCRED), or None."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED))
+    except OSError:
+        return None
+    return int(uid)
 
 
 def stress_start(limits: Limits) -> int:

@@ -39,9 +39,7 @@ import binascii
 import contextvars
 import ipaddress
 import logging
-import socket
 import ssl
-import struct
 from base64 import b64decode
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
@@ -54,6 +52,7 @@ from common.log import trace_id
 from common.reply import Reply, SMTPError
 from common.smtp import wire
 from common.smtp.admission import Connections as Connections  # re-exported: where it used to live
+from common.smtp.admission import peer_uid
 from common.smtp.handler import Handler, MailEnvelope, MailSession
 from common.smtp.params import bdat_args, hello_name, size_param
 
@@ -82,8 +81,6 @@ _WAITING_VERBS: dict[type, frozenset[bytes]] = {}
 # size bound keeps replies with variable text from growing it without end.
 _WIRE: dict[tuple[Reply, tuple[str, ...]], bytes] = {}
 _WIRE_MAX = 1024
-# struct ucred (pid, uid, gid), as SO_PEERCRED gives it.
-_UCRED = struct.calcsize("3i")
 
 
 @dataclass(frozen=True)
@@ -905,18 +902,6 @@ def _wire_form(reply: Reply, more: tuple[str, ...]) -> bytes:
     else:
         out = last + "\r\n"
     return out.encode("utf-8", "surrogateescape")
-
-
-def peer_uid(transport: asyncio.BaseTransport) -> int | None:
-    """The uid of the process at the other end of a Unix socket (SO_PEERCRED), or None."""
-    sock = transport.get_extra_info("socket")
-    if sock is None or sock.family != socket.AF_UNIX:
-        return None
-    try:
-        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED))
-    except OSError:
-        return None
-    return int(uid)
 
 
 def client_address(ip: str) -> str:
