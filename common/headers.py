@@ -13,7 +13,7 @@ passed the header, in one pass over its octets:
   and MAX_FIELDS fields (1,000: a mailing list's message has about a hundred),
   so that the passes the sender checks make over every field stay short;
 - each originator field we parse (From, Sender, Resent-From, Resent-Sender,
-  RFC 5322 3.6.2 and 3.6.6): at most MAX_ADDRESS_FIELD characters unfolded
+  RFC 5322 3.6.2 and 3.6.6): at most MAX_ADDRESS_FIELD octets unfolded
   (16 KiB: a hundred mailboxes with display names fit easily), and at most
   MAX_ENCODED_WORDS encoded words (128: a long name in any script is a dozen).
 
@@ -42,13 +42,14 @@ ORIGINATOR_FIELDS = ("From", "Sender", "Resent-From", "Resent-Sender")
 # RFC 3463 X.3.4: a size limit; 552 as for a message over the SIZE limit (RFC 5321 4.2.2).
 HEADER_TOO_BIG = Reply(552, "5.3.4", f"Message header too big (over {MAX_HEADER} octets)")
 TOO_MANY_FIELDS = Reply(552, "5.3.4", f"Message header has too many fields (over {MAX_FIELDS})")
-FIELD_TOO_LONG = Reply(552, "5.3.4", "{name}: field too long (over {limit} characters)")
+FIELD_TOO_LONG = Reply(552, "5.3.4", "{name}: field too long (over {limit} octets)")
 TOO_MANY_ENCODED_WORDS = Reply(552, "5.3.4", "{name}: too many encoded words (over {limit})")
 
 _HEADER_END = re.compile(rb"\r\n\r\n|\A\r\n")
 _FOLD = re.compile(r"\r\n(?=[ \t])")
-_ORIGINATOR = re.compile(r"(from|sender|resent-from|resent-sender)[ \t]*:", re.I)
+_ORIGINATOR = re.compile(rb"(from|sender|resent-from|resent-sender)[ \t]*:", re.I)
 _NAMES = {n.lower(): n for n in ORIGINATOR_FIELDS}
+_FIRST = frozenset(b"FfSsRr")  # the first octets of their names
 
 
 def split(content: bytes) -> tuple[bytes, bytes]:
@@ -79,18 +80,23 @@ def check(header: bytes) -> Reply | None:
     """The limit `header` breaks (a reply that says which), or None when it may be parsed."""
     if len(header) > MAX_HEADER:
         return HEADER_TOO_BIG
-    # Lines that do not continue a field (counted in C: no Python loop over a stranger's fields).
-    if header.count(b"\r\n") - header.count(b"\r\n ") - header.count(b"\r\n\t") > MAX_FIELDS:
+    # Unfolded, counted and split in C, as `_lines` reads them: no Python loop over a
+    # stranger's fields before their number is known.
+    unfolded = header.replace(b"\r\n ", b" ").replace(b"\r\n\t", b"\t")
+    if unfolded.count(b"\r\n") > MAX_FIELDS:
         return TOO_MANY_FIELDS
-    for line in _lines(header):
+    # Only lines that could start an originator field are looked at (a few in a usual header).
+    for line in unfolded.split(b"\r\n"):
+        if not line or line[0] not in _FIRST:
+            continue
         m = _ORIGINATOR.match(line)
         if m is None:
             continue
         value = line[m.end() :]
-        name = _NAMES[m.group(1).lower()]
+        name = _NAMES[m.group(1).decode().lower()]
         if len(value) > MAX_ADDRESS_FIELD:
             return FIELD_TOO_LONG.with_text(FIELD_TOO_LONG.text.format(name=name, limit=MAX_ADDRESS_FIELD))
-        if value.count("=?") > MAX_ENCODED_WORDS:
+        if value.count(b"=?") > MAX_ENCODED_WORDS:
             return TOO_MANY_ENCODED_WORDS.with_text(
                 TOO_MANY_ENCODED_WORDS.text.format(name=name, limit=MAX_ENCODED_WORDS)
             )

@@ -20,7 +20,7 @@ def test_a_header_at_the_limits_passes_and_one_octet_more_does_not() -> None:
     at = field("From", "a" * (headers.MAX_ADDRESS_FIELD - 10) + " <a@b.c>"[: 10])
     assert headers.check(at) is None
     over = field("From", "a" * (headers.MAX_ADDRESS_FIELD + 1))
-    assert str(headers.check(over)) == "552 5.3.4 From: field too long (over 16384 characters)"
+    assert str(headers.check(over)) == "552 5.3.4 From: field too long (over 16384 octets)"
     words = " ".join(["=?utf-8?q?a?="] * headers.MAX_ENCODED_WORDS)
     assert headers.check(field("From", words + " <a@b.c>")) is None
     assert str(headers.check(field("Sender", words + " =?utf-8?q?a?= <a@b.c>"))) == (
