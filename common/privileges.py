@@ -26,6 +26,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import hop_secret
 from common.config import Config
 
 log = logging.getLogger("daemon")
@@ -172,6 +173,8 @@ def secure(cfg: Config, acct: Account) -> None:
     for path in database_files(cfg):
         make_private(path, acct, what="database file", own=True)
     make_private(cfg.path, acct, what="config")
+    # Made by whichever process needed it first (perhaps root, in a test or a command).
+    make_private(cfg.run_dir / hop_secret.FILE, acct, what="internal hop secret", own=True)
     make_private(cfg.resolve(cfg.tls.key), acct, what="TLS key")
     key_dir = cfg.resolve(cfg.dkim.key_dir)
     if key_dir.is_dir():  # made by `mailroom init` or `mailroom dkim keygen`, perhaps as root

@@ -38,7 +38,6 @@ LISTENERS = {
     ("msa", "submission"): "127.0.0.1:2587",
     ("msa", "submissions"): "127.0.0.1:2465",
     ("mta", "smtp"): "127.0.0.1:2525",
-    ("mta", "internal"): "127.0.0.1:10025",
     ("mda", "lmtp"): "127.0.0.1:2424",
     ("imap", "imap"): "127.0.0.1:2143",
     ("imap", "imaps"): "127.0.0.1:2993",
@@ -55,15 +54,16 @@ DOVECOT_PORTS = ("imap", "imaps", "pop3s", "sieve")
 FILTER_PORTS = ("scanner", "controller", "redis")
 
 
-def wait_port(port: int, timeout: float = 20.0) -> None:
+def wait_port(port: int | str, timeout: float = 20.0) -> None:
+    """Until something listens on 127.0.0.1:`port`, or on the Unix socket at the path `port`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with socket.socket() as s:
+        with socket.socket(socket.AF_UNIX if isinstance(port, str) else socket.AF_INET) as s:
             s.settimeout(0.5)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex(port if isinstance(port, str) else ("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
+    raise TimeoutError(f"nothing listening on {port if isinstance(port, str) else f'127.0.0.1:{port}'}")
 
 
 def _reachable(root: Path) -> Path:
@@ -112,6 +112,11 @@ class Installation:
     @property
     def config(self) -> configmod.Config:
         return configmod.load(self.config_path)
+
+    @property
+    def internal_socket(self) -> str:
+        """The MTA's internal listener as `mailroom init` sets it: a Unix socket in the run folder."""
+        return self.config.endpoint("mta.internal").path
 
     def set(self, section: str, key: str, value: str) -> None:
         """Change one setting (a TOML value) in the config file."""
