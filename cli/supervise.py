@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import secrets
+import stat
 import subprocess
 import sys
 from importlib import resources
@@ -35,11 +38,23 @@ startsecs = 1
 startretries = 10
 stopsignal = TERM
 stopwaitsecs = 15
-redirect_stderr = true
-stdout_logfile = {stdout}
-stdout_logfile_maxbytes = 0
-stdout_capture_maxbytes = 4096
+{output}
 environment = PYTHONUNBUFFERED="1\""""
+
+# What supervisord does with a program's output, the same for every program.  Each
+# program writes its log to a file of its own ([mailroom] log_dir, PROGRAM.log), so
+# its output is only what it prints when it cannot start or crashes: passed on to
+# `mailroom run`'s output, and (as PROCESS_LOG events) to the watcher, which keeps
+# each program's last line.  Capture mode stays off (capture_maxbytes 0): with it
+# supervisord would obey tags in the output, and text from the network must never
+# steer it.  With `log_dir = ""` the daemons log to stderr instead: every line then
+# goes through here, and no events are sent (the watcher would read every line).
+_OUTPUT = """\
+redirect_stderr = true
+stdout_logfile = {output}
+stdout_logfile_maxbytes = 0
+stdout_capture_maxbytes = 0
+stdout_events_enabled = {events}"""
 
 
 # Dovecot's master runs in the foreground (-F) and stops its children on TERM.
@@ -57,22 +72,38 @@ def _imap_program(cfg: Config, common: str, *, with_imap: bool) -> str:
     return _IMAP.format(dovecot=program, conf=dovecot.config_file(cfg), common=common)
 
 
-def render(cfg: Config, *, log_file: str = "/dev/stdout", with_imap: bool = False) -> Path:
-    """Write RUN_DIR/supervisord.conf for this config; returns its path."""
+def render(cfg: Config, *, output: str = "/dev/stdout", with_imap: bool = False) -> Path:
+    """Write RUN_DIR/supervisord.conf for this config (owner-only: it holds the
+    control socket's password); returns its path.  `output`: where supervisord
+    writes what the programs print."""
     run_dir = cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     template = resources.files("cli").joinpath(TEMPLATE).read_text()
-    common = _COMMON.format(base=cfg.base, stdout=log_file)
+    events = "true" if cfg.log_dir is not None else "false"
+    common = _COMMON.format(base=cfg.base, output=_OUTPUT.format(output=output, events=events))
     text = template.format(
         run_dir=run_dir, python=sys.executable, config=cfg.path, common=common,
+        password=secrets.token_urlsafe(24),
+        # Run as root, supervisord stays root (it starts each daemon as root, to bind
+        # its ports); said outright, so it does not warn about it (CRIT) at every start.
+        supervisord_user="user = root" if os.geteuid() == 0 else "",
         imap=_imap_program(cfg, common, with_imap=with_imap), **_mta_processes(cfg.mta.processes),
     )
     if cfg.lab.enabled:
         text += _LAB.format(python=sys.executable, config=cfg.path, common=common)
     text += _WATCH.format(python=sys.executable, run_dir=run_dir)
     out = run_dir / "supervisord.conf"
-    out.write_text(text)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w") as f:
+        os.fchmod(fd, 0o600)
+        f.write(text)
     return out
+
+
+def program_log(cfg: Config, program: str) -> Path | None:
+    """Where supervised program `program` writes its log (`[mailroom] log_dir`/PROGRAM.log),
+    or None when the programs log to standard error (`log_dir = ""`)."""
+    return None if cfg.log_dir is None else cfg.log_dir / f"{program}.log"
 
 
 def _mta_processes(n: int) -> dict[str, str]:
@@ -103,9 +134,11 @@ priority = 5
 
 _WATCH = """
 [eventlistener:watch]
-; A daemon that could not start stops the whole suite, and `mailroom run` says why.
+; A daemon that could not start stops the whole suite, and `mailroom run` says why
+; (the last line the daemon printed: PROCESS_LOG events).
 command = {python} -m cli.watch listen {run_dir}
-events = PROCESS_STATE_EXITED,PROCESS_STATE_FATAL,PROCESS_COMMUNICATION_STDOUT
+events = PROCESS_STATE_EXITED,PROCESS_STATE_FATAL,PROCESS_LOG
+buffer_size = 100
 priority = 1
 autorestart = true
 stdout_logfile = NONE
@@ -149,6 +182,10 @@ def run(cfg: Config) -> int:
         print(f"mailroom run: {problem}", file=sys.stderr)
         return 1
     os.umask(privileges.UMASK)
+    acct = privileges.account(cfg)
+    if cfg.log_dir is not None:
+        # Made now, the Mailroom user's: the web program and Dovecot write there too.
+        privileges.private_dir(cfg.log_dir, acct)
     db = Database(cfg.database_url, threads=1)
     try:
         db.create_schema()
@@ -157,16 +194,36 @@ def run(cfg: Config) -> int:
         db.close()
     if why_not:
         print(f"mailroom: {why_not}", file=sys.stderr, flush=True)
+    if cfg.log_dir is not None:
+        print(f"mailroom: each program logs to {cfg.log_dir}/PROGRAM.log; here: supervisord, "
+              "and what a program prints when it cannot start or crashes", flush=True)
     conf = render(cfg, with_imap=why_not is None)
     run_dir = cfg.run_dir.resolve()
     for old in (run_dir / "stopped", *(failure_file(run_dir, p) for p in PROGRAMS)):
         with contextlib.suppress(FileNotFoundError):
             old.unlink()
+    _append_only_output()
     # The rest of `mailroom run`'s life is spent waiting: a small process of the standard
     # library only (cli/watch.py) stays as supervisord's parent, not this one.
     argv = [sys.executable, "-m", "cli.watch", "run", str(run_dir), "relay" if not _stdout_reopens() else "direct",
             sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)]
     os.execv(sys.executable, argv)
+
+
+def _append_only_output() -> None:
+    """Make our standard output and error append-only (O_APPEND) when they are files.
+
+    Several writers share them: supervisord writes its own lines through the
+    descriptor it inherits, and each program's output through its own open of
+    /dev/stdout (supervisord opens it O_APPEND).  A file the shell opened with `>`
+    is not O_APPEND: the inherited descriptor keeps its own offset, and
+    supervisord's lines would land over what the programs appended meanwhile.
+    With O_APPEND on it too, every write lands at the end, whole.
+    """
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
 
 
 def _stdout_reopens() -> bool:

@@ -26,6 +26,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import log as logmod
 from common.config import Config
 
 log = logging.getLogger("daemon")
@@ -178,6 +179,21 @@ def secure(cfg: Config, acct: Account) -> None:
         private_dir(key_dir, acct)
         for path in key_dir.iterdir():
             make_private(path, acct, what="DKIM key", own=True)
+
+
+def open_log(cfg: Config, acct: Account, program: str) -> None:
+    """Send this process's log records to `[mailroom] log_dir`/PROGRAM.log from now on
+    (the folder made owner-only and the Mailroom user's, the file too); nothing when
+    log_dir is empty (they stay on standard error).  Called before the switch: a
+    folder it cannot make is a StartError."""
+    folder = cfg.log_dir
+    if folder is None:
+        return
+    try:
+        private_dir(folder, acct)
+        logmod.to_file(folder / f"{program}.log", owner=(acct.uid, acct.gid) if os.getuid() == 0 else None)
+    except OSError as exc:
+        raise StartError(f"[mailroom] log_dir = {cfg.mailroom.log_dir}: {exc.strerror or exc} ({folder})") from None
 
 
 def hand_over(path: str, acct: Account) -> None:
