@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import fcntl
 import os
 import secrets
+import socket
 import stat
 import subprocess
 import sys
@@ -240,7 +242,38 @@ def _stdout_reopens() -> bool:
     return True
 
 
+def credentials(cfg: Config) -> tuple[str, str]:
+    """The user name and password of the running supervisord's control socket (from
+    RUN_DIR/supervisord.conf, where `mailroom run` wrote them), for an XML-RPC client."""
+    parser = configparser.RawConfigParser(strict=False)
+    parser.read(cfg.run_dir.resolve() / "supervisord.conf")
+    return parser.get("supervisorctl", "username", fallback=""), parser.get("supervisorctl", "password", fallback="")
+
+
+# `mailroom status|stop|start|restart` when no supervisord answers: LSB's "program is
+# not running" (supervisorctl's status uses it too, for a program that is not running).
+EXIT_NOT_RUNNING = 3
+
+
+def _supervisord_answers(sock: Path) -> bool | None:
+    """Does a supervisord listen on its control socket?  None when we may not ask."""
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(sock))
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+            return False  # never started, or stopped (or killed, leaving the socket file)
+        except PermissionError:
+            return None
+    return True
+
+
 def ctl(cfg: Config, *args: str) -> int:
+    """supervisorctl with `args` against this installation's supervisord; when none is
+    running, one line that says so on stdout and EXIT_NOT_RUNNING."""
+    sock = cfg.run_dir.resolve() / "supervisor.sock"
+    if _supervisord_answers(sock) is False:
+        print(f"mailroom is not running (nothing answers on {sock}); `mailroom run` starts it")
+        return EXIT_NOT_RUNNING
     conf = cfg.run_dir.resolve() / "supervisord.conf"
     if not conf.exists():
         conf = render(cfg)
