@@ -153,13 +153,18 @@ def preflight(cfg: Config) -> str | None:
 
     Checked here, before supervisord starts anything, because supervisord
     would restart a daemon that cannot start again and again: no serving as
-    root without `[mailroom] user`, and every listener's address free and
-    permitted (bound once and let go, as the daemon will bind it).
+    root without `[mailroom] user`, Mailroom's code readable by that user (the
+    daemons read some of it after the switch), and every listener's address
+    free and permitted (bound once and let go, as the daemon will bind it).
     """
     try:
-        privileges.account(cfg)
+        acct = privileges.account(cfg)
     except privileges.StartError as exc:
         return str(exc)
+    # As root: each daemon becomes the Mailroom user and still reads code after that.
+    closed = privileges.code_problem(acct)
+    if closed:
+        return closed
     # All at once, as the daemons hold them: two addresses of one setting that
     # overlap ([::]:25 and 0.0.0.0:25) are found here too.
     endpoints = {key: cfg.endpoints(key) for key in configmod.listener_keys()}

@@ -258,6 +258,9 @@ def _prepare(
     make_url(cfg.database_url).get_dialect().import_dbapi()
     for name in preload:
         importlib.import_module(name)
+    from common import schema  # (alembic: loaded here, not by every command that imports this module)
+
+    schema.scripts()  # the migration scripts, read while the code is surely readable
     mail_group = writes_mail and acct.mail_gid is not None
     privileges.become(acct, umask=privileges.MAIL_UMASK if mail_group else privileges.UMASK)
     # Only now can a client connect: the first byte it sends reaches the Mailroom user.
