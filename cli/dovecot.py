@@ -177,6 +177,9 @@ def _base_dir(cfg: Config) -> Path:
     natural = cfg.run_dir.resolve() / "dovecot" / "run"
     if len(str(natural)) <= MAX_BASE_DIR:
         natural.mkdir(parents=True, exist_ok=True)
+        # The mode Dovecot wants for it (it would fix it itself, with a warning at every
+        # start); run/ above stays the Mailroom user's alone.
+        natural.chmod(0o755)
         return natural
     digest = hashlib.sha256(str(cfg.run_dir.resolve()).encode()).hexdigest()[:12]
     short = Path(tempfile.gettempdir()) / f"mailroom-dovecot-{os.geteuid()}-{digest}"
