@@ -46,7 +46,8 @@ class MailroomSection:
     domains: list[str] = field(default_factory=list, metadata=_meta("domains", "Mail domains delivered here (local domains)"))
     database: str = field(default="sqlite:///mailroom.db", metadata=_meta("dburl", "SQLAlchemy URL of the shared database"))
     mail_root: str = field(default="mail", metadata=_meta("path", "Folder under which every mailbox lives"))
-    run_dir: str = field(default="run", metadata=_meta("path", "Folder for sockets, pid files and process logs"))
+    run_dir: str = field(default="run", metadata=_meta("path", "Folder for sockets, pid files and supervisord's own log"))
+    log_dir: str = field(default="log", metadata=_meta("path", "Folder of the log files, one per program (msa.log, mta.log, ...), each reopened when logrotate moves it; empty: standard error (the journal when systemd runs a daemon)"))
     log_level: str = field(default="info", metadata=_meta("loglevel", "debug shows every SMTP/LMTP line (AUTH redacted)"))
     log_format: str = field(default="text", metadata=_meta("logformat", "text (one readable line per record) or json (one JSON object per line, trace_id a field)"))
     user: str = field(default="", metadata=_meta("str", "The account every daemon serves as; started as root, they bind ports and then become it (required as root)"))
@@ -293,6 +294,11 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return self.resolve(self.mailroom.run_dir)
+
+    @property
+    def log_dir(self) -> Path | None:
+        """Where each program writes its log file; None: to standard error."""
+        return self.resolve(self.mailroom.log_dir) if self.mailroom.log_dir else None
 
     @property
     def queue_dir(self) -> Path:
@@ -691,6 +697,8 @@ user = "{user}"
 database = "sqlite:///mailroom.db"
 mail_root = "mail"
 run_dir = "run"
+# Each program's log: log/msa.log, log/mta.log, ... (deploy/logrotate.conf rotates them).
+log_dir = "log"
 log_level = "info"
 
 [tls]

@@ -301,7 +301,8 @@ def files_outside_mail_root(stack: Stack) -> list[Path]:
     """Files that appeared in the installation folder, but not where they belong."""
     assert stack.inst is not None
     root, config = stack.inst.root, stack.config
-    allowed = (config.mail_root, config.run_dir, root / "tls", config.resolve(config.dkim.key_dir))
+    allowed = (config.mail_root, config.run_dir, root / "tls", config.resolve(config.dkim.key_dir),
+               *([config.log_dir] if config.log_dir is not None else []))
     return [
         p for p in root.rglob("*")
         if p.is_file() and not any(p.is_relative_to(a) for a in allowed)

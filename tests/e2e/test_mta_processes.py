@@ -178,14 +178,13 @@ def test_a_killed_process_comes_back_while_the_other_serves_and_sigterm_stops_bo
 
 def test_an_mta_process_that_cannot_start_stops_the_suite_with_its_line(installation: Installation) -> None:
     # The real template for two processes, where the MTA's command only says why it cannot
-    # start, the way the skeleton does (status 78, the line between supervisord's capture tags).
+    # start, the way the skeleton does (status 78, after one line on stderr).
     inst = installation
     inst.set("mta", "processes", "2")
     cfg = inst.config
     conf = supervise.render(cfg)
     line = "mta: cannot start: a line from the test"
-    fail = (f"import sys; sys.stdout.write('<!--XSUPERVISOR:BEGIN-->{line}<!--XSUPERVISOR:END-->'); "
-            "sys.stdout.flush(); sys.exit(78)")
+    fail = f"import sys; sys.stderr.write('{line}\\n'); sys.stderr.flush(); sys.exit(78)"
     text = conf.read_text()
     mta_command = f"{sys.executable} -m mta --config {cfg.path} --instance %(process_num)d"
     assert mta_command in text

@@ -224,8 +224,22 @@ class Installation:
                 proc.wait(10)
         self._log.close()
 
+    def output(self) -> str:
+        """What `mailroom run` printed: supervisord's lines, and what a program printed
+        when it could not start or crashed."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log(self, program: str) -> str:
+        """Program `program`'s own log file ([mailroom] log_dir/PROGRAM.log), "" if none yet."""
+        folder = self.config.log_dir
+        path = folder / f"{program}.log" if folder is not None else None
+        return path.read_text(errors="replace") if path is not None and path.exists() else ""
+
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        """Everything the suite wrote: `mailroom run`'s output, then each program's log file."""
+        folder = self.config.log_dir
+        files = sorted(folder.glob("*.log")) if folder is not None and folder.is_dir() else []
+        return self.output() + "".join(f.read_text(errors="replace") for f in files)
 
     def program_pid(self, name: str) -> int:
         r = self.cli("status")
@@ -314,7 +328,8 @@ def ids(pid: int) -> tuple[list[int], list[int], str]:
 
 class Daemons:
     """Single daemons of an installation started the way supervisord starts them
-    (`python -m msa --config FILE`), each with its own log file."""
+    (`python -m msa --config FILE`): what each prints (stdout and stderr) goes to a
+    file of the test's, and each writes its log where the config says."""
 
     def __init__(self, inst: Installation) -> None:
         self.inst = inst
@@ -334,8 +349,14 @@ class Daemons:
     def log_path(self, module: str) -> Path:
         return self.inst.root.parent / f"{self.inst.root.name}-{module}.log"
 
-    def log(self, module: str) -> str:
+    def output(self, module: str) -> str:
+        """What the daemon printed (the one line of a daemon that cannot start)."""
         return self.log_path(module).read_text(errors="replace")
+
+    def log(self, module: str) -> str:
+        """What the daemon printed, then its log file ([mailroom] log_dir/PROGRAM.log)."""
+        program = module.rsplit(".", 1)[-1]  # mta.qmgr -> qmgr
+        return self.output(module) + self.inst.log(program)
 
     def stop(self) -> None:
         for proc in self.procs.values():
