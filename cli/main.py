@@ -17,6 +17,7 @@ from pathlib import Path
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from cli import checks as statuschecks
 from cli import dkim as dkimcmd
 from cli import dns as dnscmd
 from cli import dovecot, postmaster, setup, supervise, trace
@@ -364,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--xml", action="store_true", help="the autoconfig XML the web program serves")
     dkimcmd.add_parser(sub)
     dnscmd.add_parser(sub)
+    statuschecks.add_parser(sub)
     labcmd.add_parser(sub)
 
     c = sub.add_parser("config", help="the effective configuration")
@@ -422,6 +424,8 @@ def _main(argv: list[str] | None) -> int:
             return dkimcmd.run(args, cfg)
         case "dns":
             return dnscmd.run(args, cfg)
+        case "status-checks":
+            return statuschecks.run(args, cfg)
     return 2
 
 
