@@ -17,12 +17,14 @@ from pathlib import Path
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from cli import backup as backupcmd
 from cli import checks as statuschecks
 from cli import dkim as dkimcmd
 from cli import dns as dnscmd
-from cli import dovecot, postmaster, setup, supervise, trace
+from cli import dovecot, postmaster, setup, storecheck, supervise, trace
 from cli import lab as labcmd
 from cli import queue as queuecmd
+from cli import restore as restorecmd
 from cli.show import clean, public_config
 from common import config as configmod
 from common import privileges
@@ -366,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     dkimcmd.add_parser(sub)
     dnscmd.add_parser(sub)
     statuschecks.add_parser(sub)
+    backupcmd.add_parser(sub)
+    restorecmd.add_parser(sub)
+    storecheck.add_parser(sub)
     labcmd.add_parser(sub)
 
     c = sub.add_parser("config", help="the effective configuration")
@@ -394,6 +399,8 @@ def _main(argv: list[str] | None) -> int:
         return cmd_init(args)
     if args.command == "lab":  # may make its installation first
         return labcmd.run(args)
+    if args.command == "restore":  # needs no installation: it makes one
+        return restorecmd.run(args)
     try:
         cfg = configmod.load(args.config)
     except configmod.ConfigError as exc:
@@ -405,7 +412,9 @@ def _main(argv: list[str] | None) -> int:
         case "run":
             return supervise.run(cfg)
         case "status":
-            return supervise.ctl(cfg, "status")
+            code = supervise.ctl(cfg, "status")
+            print(backupcmd.status_line(cfg))
+            return code
         case "stop" | "start" | "restart":
             return supervise.ctl(cfg, args.command, supervise.program_spec(cfg, args.program))
         case "user":
@@ -426,6 +435,10 @@ def _main(argv: list[str] | None) -> int:
             return dnscmd.run(args, cfg)
         case "status-checks":
             return statuschecks.run(args, cfg)
+        case "backup":
+            return backupcmd.run(args, cfg)
+        case "check":
+            return storecheck.run(args, cfg, _db(cfg))
     return 2
 
 

@@ -173,6 +173,17 @@ class LabSection:
 
 
 @dataclass(frozen=True)
+class BackupSection:
+    """Backups (`mailroom backup`, `mailroom restore`; docs/operations.md, "Backups and upgrades")."""
+
+    dir: str = field(default="backup", metadata=_meta("path", "Folder the backups go to (`mailroom backup --to` overrides); better on another disk, copied off the host"))
+    key: str = field(default="backup.key", metadata=_meta("path", "The backup key made by `mailroom backup init`; keep a copy away from this host: without it no backup can be read"))
+    at: str = field(default="", metadata=_meta("time?", "Local time of the daily backup, HH:MM (\"03:30\"); empty: no scheduled backup"))
+    keep_days: int = field(default=7, metadata=_meta("int", "Keep the last backup of each of this many days"))
+    keep_weeks: int = field(default=4, metadata=_meta("int", "Keep the last backup of each of this many weeks, as well"))
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     mailroom: MailroomSection = field(default_factory=MailroomSection)
@@ -188,6 +199,7 @@ class Config:
     mailauth: MailAuthSection = field(default_factory=MailAuthSection)
     filter: FilterSection = field(default_factory=FilterSection)
     lab: LabSection = field(default_factory=LabSection)
+    backup: BackupSection = field(default_factory=BackupSection)
 
     @property
     def base(self) -> Path:
@@ -350,6 +362,12 @@ def _convert(kind: str, value: object) -> object:
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ValueError(f"expected a positive number (1 is real time), got {value!r}")
             return float(value)
+        case "time?":
+            need(str, 'a time of day like "03:30"')
+            assert isinstance(value, str)
+            if value and not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", value):
+                raise ValueError(f'expected a time of day like "03:30", got {value!r}')
+            return value
         case "datetime?":
             need(str, "a date and time like 2026-12-01T18:00:00")
             assert isinstance(value, str)
@@ -571,4 +589,12 @@ dns_error = "defer"
 rspamd = ""
 when_down = "accept_unscanned"
 dnsbl_zones = []
+
+[backup]
+# `mailroom backup init` makes the key; then a backup runs every day at `at`.
+dir = "backup"
+key = "backup.key"
+at = ""
+keep_days = 7
+keep_weeks = 4
 """
