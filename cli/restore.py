@@ -157,9 +157,27 @@ def _write_all(folder: Folder, manifest: dict[str, Any], stage: Path, key: Key) 
         key_path.write_text(key.text)
         os.chmod(key_path, 0o600)
     _relocate(stage / _safe(manifest["config"]), manifest.get("relocate", {}))
+    if manifest["database"]["kind"] == "sqlite":
+        _release_claims(stage / _safe(manifest["database"]["path"]))
     for path, mode in sorted(modes, key=lambda pm: len(pm[0].parts), reverse=True):
         os.chmod(path, mode & 0o7777)
     return len(manifest["files"])
+
+
+def _release_claims(db: Path) -> None:
+    """The snapshot's in-flight deliveries go back to the queue (mta/queue.py, release_restored)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from mta import queue
+
+    engine = create_engine(f"sqlite:///{db}")
+    try:
+        with Session(engine) as s:
+            queue.release_restored(s)
+            s.commit()
+    finally:
+        engine.dispose()
 
 
 def _relocate(config: Path, settings: dict[str, str]) -> None:
