@@ -24,8 +24,8 @@ import pytest
 
 from cli.storecheck import _index_mbox
 from mda.maildir import unique_name
-from tests.support.postfix import smtp_source
 from tests.support import suite as suite_module
+from tests.support.postfix import smtp_source
 from tests.support.suite import Installation, _reachable, free_port, wait_port
 
 pytestmark = pytest.mark.timeout(420)
