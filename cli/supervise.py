@@ -19,8 +19,8 @@ from common.db import Database
 from common.endpoint import BindError
 
 # The four daemons (cli/watch.py stops the suite when one cannot start), the web
-# program and Dovecot.
-PROGRAMS = (*watch.PROGRAMS, "web", "imap")
+# program, Dovecot and the daily jobs.
+PROGRAMS = (*watch.PROGRAMS, "web", "imap", "schedule")
 # Package data, so an installed Mailroom (a wheel, not a checkout) finds it too.
 TEMPLATE = "supervisord.conf.in"
 

@@ -178,7 +178,7 @@ class BackupSection:
 
     dir: str = field(default="backup", metadata=_meta("path", "Folder the backups go to (`mailroom backup --to` overrides); better on another disk, copied off the host"))
     key: str = field(default="backup.key", metadata=_meta("path", "The backup key made by `mailroom backup init`; keep a copy away from this host: without it no backup can be read"))
-    at: str = field(default="", metadata=_meta("time?", "Local time of the daily backup, HH:MM (\"03:30\"); empty: no scheduled backup"))
+    at: str = field(default="", metadata=_meta("time?", "Local time of the daily backup, HH:MM (\"03:30\"; HH:MM:SS also); empty: no scheduled backup"))
     keep_days: int = field(default=7, metadata=_meta("int", "Keep the last backup of each of this many days"))
     keep_weeks: int = field(default=4, metadata=_meta("int", "Keep the last backup of each of this many weeks, as well"))
 
@@ -365,7 +365,7 @@ def _convert(kind: str, value: object) -> object:
         case "time?":
             need(str, 'a time of day like "03:30"')
             assert isinstance(value, str)
-            if value and not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", value):
+            if value and not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d(:[0-5]\d)?", value):
                 raise ValueError(f'expected a time of day like "03:30", got {value!r}')
             return value
         case "datetime?":

@@ -31,7 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from common import counters
+from common import backupstatus, counters
 from common.config import Config
 from common.db import Database
 from common.events import FINAL, EventName, Hop
@@ -77,6 +77,26 @@ class QueueCollector(Collector):
         age = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
         yield GaugeMetricFamily("mailroom_queue_oldest_age_seconds",
                                 "Age of the oldest message in the queue (0 when it is empty)", value=max(age, 0.0))
+
+
+class BackupCollector(Collector):
+    """The last backup's outcome (RUN_DIR/backup.json, written by `mailroom backup`), read at each scrape."""
+
+    def __init__(self) -> None:
+        self.run_dir: Path | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        last = backupstatus.read(self.run_dir) if self.run_dir is not None else None
+        yield GaugeMetricFamily("mailroom_backup_last_success_timestamp_seconds",
+                                "When the last successful backup finished (Unix time; 0: never)",
+                                value=last.last_ok if last else 0.0)
+        yield GaugeMetricFamily("mailroom_backup_last_run_timestamp_seconds",
+                                "When the last backup, successful or not, finished (Unix time; 0: never)",
+                                value=last.finished if last else 0.0)
+        yield GaugeMetricFamily("mailroom_backup_last_run_ok", "1 when the last backup succeeded, 0 when it failed "
+                                "or none has run", value=1.0 if last and last.ok else 0.0)
+        yield GaugeMetricFamily("mailroom_backup_last_new_bytes", "Bytes the last backup stored that the backup "
+                                "folder did not hold yet", value=float(last.new_bytes) if last else 0.0)
 
 
 # The listener settings whose address a daemon's counters name, shown by setting instead.
@@ -160,6 +180,8 @@ class Metrics:
                                      registry=self.registry)
         if db is not None:
             self.registry.register(QueueCollector(db))
+        self.backup = BackupCollector()
+        self.registry.register(self.backup)
         self._last: OrderedDict[str, dt.datetime] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -194,6 +216,7 @@ class Metrics:
     def read_daemons(self, cfg: Config) -> None:
         """Where the daemons of `cfg` save their counters, and the names of their listeners."""
         self.daemons.folder = cfg.run_dir / "metrics"
+        self.backup.run_dir = cfg.run_dir
         names: dict[str, str] = {}
         for key in LISTENER_SETTINGS:
             try:
