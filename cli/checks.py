@@ -437,6 +437,13 @@ def render(report: Report) -> list[str]:
     return lines
 
 
+def run_all(cfg: Config) -> Report:
+    """Every check, asking `[dns] nameservers` (what the admin page shows)."""
+    from mta.authdns import SyncResolver
+
+    return everything(cfg, SyncResolver(cfg.dns.nameservers, cfg.dns.timeout))
+
+
 # --- `mailroom status-checks` ---------------------------------------------------------
 
 

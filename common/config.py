@@ -126,6 +126,7 @@ class IMAPSection:
 @dataclass(frozen=True)
 class WebSection:
     listen: list[str] = field(default_factory=lambda: ["127.0.0.1:8025"], metadata=_meta("listen", "HTTP listener of the web program (mail client autoconfig, the live page at /, /metrics); read-only"))
+    admin: list[str] = field(default_factory=list, metadata=_meta("listen*", "HTTPS listener (TLS only, [tls] cert and key) of the admin page at /admin and users' own page at /account; keep it on loopback or a private network (`mailroom init` writes 127.0.0.1:8443); [] turns it off"))
 
 
 @dataclass(frozen=True)
@@ -268,7 +269,8 @@ def listener_keys() -> list[str]:
         cls = hints[section.name]
         if dataclasses.is_dataclass(cls):
             keys += [
-                f"{section.name}.{f.name}" for f in dataclasses.fields(cls) if f.metadata.get("kind") == "listen"
+                f"{section.name}.{f.name}" for f in dataclasses.fields(cls)
+                if f.metadata.get("kind") in ("listen", "listen*")
             ]
     return keys
 
@@ -405,11 +407,11 @@ def _convert(kind: str, value: object) -> object:
                 if not isinstance(d, str) or not re.fullmatch(r"[A-Za-z0-9.-]+", d):
                     raise ValueError(f"not a domain name: {d!r}")
             return [d.lower().rstrip(".") for d in value]
-        case "listen":
-            # One address or several, each served alike: ["0.0.0.0:25", "[::1]:25"].
+        case "listen" | "listen*":
+            # One address or several, each served alike: ["0.0.0.0:25", "[::1]:25"]; listen* may be [] (off).
             what = "host:port, [IPv6]:port or unix:/path, or a list of them"
             items = [value] if isinstance(value, str) else value
-            if not isinstance(items, list) or not items:
+            if not isinstance(items, list) or (not items and kind == "listen"):
                 raise ValueError(f"expected {what}, got {value!r}")
             addresses: list[str] = []
             for item in items:
@@ -572,6 +574,8 @@ pop3s = "127.0.0.1:2995"
 
 [web]
 listen = "127.0.0.1:8025"
+# The admin page, over TLS only (`mailroom admin add NAME` makes an account).
+admin = "127.0.0.1:8443"
 
 [dns]
 nameservers = []

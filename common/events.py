@@ -25,7 +25,7 @@ class Hop(StrEnum):
     MTA = "mta"  # the MTA's listener (smtpd): received and queued
     QMGR = "qmgr"  # the queue manager: delivery attempts, DSNs
     MDA = "mda"  # local delivery into a mailbox (LMTP)
-    ADMIN = "admin"  # the operator, through `mailroom queue`
+    ADMIN = "admin"  # the operator, through `mailroom queue` or the admin page
 
 
 class EventName(StrEnum):
@@ -44,6 +44,7 @@ class EventName(StrEnum):
     HELD = "held"  # admin: `mailroom queue hold`
     RELEASED = "released"  # admin: `mailroom queue release`
     DELETED = "deleted"  # admin: `mailroom queue delete`
+    CHANGED = "changed"  # admin: a change made on the admin page (or a user's own page); the detail says who and what
 
 
 # The events that end one recipient's journey through the queue manager.

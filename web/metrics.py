@@ -199,7 +199,7 @@ class Metrics:
         if prev is None and is_trace_id(trace):
             # The trace id starts with the arrival time: the first hop is timed from there.
             prev = dt.datetime(1970, 1, 1) + dt.timedelta(microseconds=trace_time_us(trace))
-        if prev is not None and when >= prev:
+        if prev is not None and when >= prev and is_trace_id(trace):  # not the admin page's changes (ADMIN)
             self.hop_seconds.labels(hop, event).observe((when - prev).total_seconds())
         self._last[trace] = max(when, prev) if prev is not None else when
         while len(self._last) > REMEMBERED_TRACES:

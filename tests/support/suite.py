@@ -44,6 +44,7 @@ LISTENERS = {
     ("imap", "imaps"): "127.0.0.1:2993",
     ("imap", "pop3s"): "127.0.0.1:2995",
     ("web", "listen"): "127.0.0.1:8025",
+    ("web", "admin"): "127.0.0.1:8443",
 }
 # Served by Dovecot, which `mailroom run` starts only when it can (cli/dovecot.py).
 DOVECOT_PORTS = ("imap", "imaps", "pop3s")
