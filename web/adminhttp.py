@@ -28,6 +28,7 @@ log = logging.getLogger("web.admin")
 
 MAX_HEAD = 8192
 MAX_BODY = 64 * 1024
+MAX_DISCARD = 1024 * 1024  # a larger form than MAX_BODY, up to this, is read (and dropped) before the 413
 MAX_FIELDS = 50
 TIMEOUT = 15.0
 
@@ -141,6 +142,10 @@ async def _read(reader: asyncio.StreamReader, client: str) -> Request:
             raise BadRequest(HTTPStatus.BAD_REQUEST, "bad Content-Length")
         length = int(length_text)
         if length > MAX_BODY:
+            if length <= MAX_DISCARD:
+                # Read and thrown away, so the client is reading when the answer comes (a close with
+                # its bytes unread would reset the connection before it sees the 413).
+                await reader.readexactly(length)
             raise BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the form is larger than {MAX_BODY} bytes")
         body = await reader.readexactly(length)
     return _parse(head, body, client)
