@@ -20,6 +20,7 @@ from cli import accounts, admins, dovecot, postmaster, setup, storecheck, superv
 from cli import backup as backupcmd
 from cli import checks as statuschecks
 from cli import dkim as dkimcmd
+from cli import dmarc as dmarccmd
 from cli import dns as dnscmd
 from cli import lab as labcmd
 from cli import queue as queuecmd
@@ -318,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     restorecmd.add_parser(sub)
     storecheck.add_parser(sub)
     admins.add_parser(sub)
+    dmarccmd.add_parser(sub)
     labcmd.add_parser(sub)
 
     c = sub.add_parser("config", help="the effective configuration")
@@ -388,6 +390,8 @@ def _main(argv: list[str] | None) -> int:
             return storecheck.run(args, cfg, _db(cfg))
         case "admin":
             return admins.run(args, cfg, _db(cfg), _password)
+        case "dmarc":
+            return dmarccmd.run(args, cfg, _db(cfg))
     return 2
 
 

@@ -55,9 +55,8 @@ def jobs(cfg: configmod.Config) -> list[Job]:
     out = []
     if cfg.backup.at:
         out.append(Job("backup", cfg.backup.at, ("backup",)))
-    dmarc = getattr(cfg, "dmarc", None)
-    if dmarc is not None and dmarc.reports and dmarc.report_at:
-        out.append(Job("dmarc reports", dmarc.report_at, ("dmarc", "report")))
+    if cfg.dmarc.reports and cfg.dmarc.report_at:
+        out.append(Job("dmarc reports", cfg.dmarc.report_at, ("dmarc", "report")))
     return out
 
 

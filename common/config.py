@@ -174,6 +174,16 @@ class LabSection:
 
 
 @dataclass(frozen=True)
+class DMARCSection:
+    """DMARC aggregate reports (RFC 7489 7.2) about the mail we receive (mta/dmarcreport.py)."""
+
+    reports: bool = field(default=True, metadata=_meta("bool", "Record the DMARC verdict of every message from the Internet and send each domain that asks (rua=) a daily report"))
+    report_at: str = field(default="00:15", metadata=_meta("time?", "Local time the reports of the UTC days that have ended go out (`mailroom dmarc report`); empty: only by hand"))
+    report_from: str = field(default="", metadata=_meta("str", "Sender of the reports; empty: postmaster@ the first local domain"))
+    org_name: str = field(default="", metadata=_meta("str", "Who the reports say they are from (org_name); empty: the host name"))
+
+
+@dataclass(frozen=True)
 class BackupSection:
     """Backups (`mailroom backup`, `mailroom restore`; docs/operations.md, "Backups and upgrades")."""
 
@@ -201,6 +211,7 @@ class Config:
     filter: FilterSection = field(default_factory=FilterSection)
     lab: LabSection = field(default_factory=LabSection)
     backup: BackupSection = field(default_factory=BackupSection)
+    dmarc: DMARCSection = field(default_factory=DMARCSection)
 
     @property
     def base(self) -> Path:

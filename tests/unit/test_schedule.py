@@ -18,7 +18,9 @@ def test_next_run_is_today_if_still_ahead_else_tomorrow() -> None:
 
 
 def test_only_what_the_config_asks_for_is_planned(tmp_path: Path) -> None:
-    raw = {"mailroom": {"domains": ["example.org"]}}
+    raw: dict[str, dict[str, object]] = {"mailroom": {"domains": ["example.org"]}, "dmarc": {"reports": False}}
     assert jobs(configmod.from_dict(raw, tmp_path / "m.toml")) == []
     cfg = configmod.from_dict({**raw, "backup": {"at": "03:30"}}, tmp_path / "m.toml")
     assert [(j.name, j.at, j.argv) for j in jobs(cfg)] == [("backup", "03:30", ("backup",))]
+    default = configmod.from_dict({"mailroom": {"domains": ["example.org"]}}, tmp_path / "m.toml")
+    assert [(j.name, j.at, j.argv) for j in jobs(default)] == [("dmarc reports", "00:15", ("dmarc", "report"))]
