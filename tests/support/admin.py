@@ -126,12 +126,3 @@ class AdminClient:
     def login(self, name: str = ADMIN, password: str = ADMIN_PASSWORD) -> Page:
         self.get("/login")
         return self.post("/login", {"name": name, "password": password})
-
-
-def wait_until(predicate: object, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    raise AssertionError("timed out")
