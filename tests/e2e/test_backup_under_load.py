@@ -48,7 +48,7 @@ def _adopt(root: Path, log: Path) -> Installation:
     inst.log_path = log
     inst.ports = {}
     text = inst.config_path.read_text()
-    for key in ("submission", "submissions", "smtp", "internal", "lmtp", "imap", "imaps", "pop3s", "listen"):
+    for key in ("submission", "submissions", "smtp", "internal", "lmtp", "imap", "imaps", "pop3s", "listen", "admin"):
         port = free_port()
         inst.ports[key] = port
         text = re.sub(rf'(?m)^{key} = "127\.0\.0\.1:\d+"', f'{key} = "127.0.0.1:{port}"', text)
