@@ -77,7 +77,7 @@ def _password(password: str, address: str) -> str:
     try:
         return hash_new_password(password, address)
     except WeakPassword as exc:
-        raise Refused(f"password refused: {exc}") from None
+        raise Refused(f"{clean(address)}: password refused: {exc}") from None
 
 
 def add_user(cfg: Config, db: Database, address: str, password: str, *, store: str | None = None,
