@@ -238,8 +238,8 @@ def run(args: argparse.Namespace, cfg: configmod.Config, resolver: Resolver | No
         print(json.dumps(report.as_json(), indent=2))
     else:
         print("\n".join(checks.render(report)))
-        print(unbound.validation_line(cfg))  # whether the resolver the daemons use validates DNSSEC
-        if not report.unreachable:
+        if not report.unreachable:  # (when it is, the one line above says all)
+            print(unbound.validation_line(cfg))  # whether the resolver the daemons use validates DNSSEC
             weak = sum(c.level == checks.WARN for c in report.checks)
             print("some records are missing or different" if not report.ok else
                   "all records present" + (f"; {weak} could be better (see above)" if weak else ""))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from common import config as configmod
 from common import log as logmod
+from common import privileges
 
 log = logging.getLogger("schedule")
 
@@ -106,6 +107,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"schedule: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     logmod.setup("schedule", cfg.mailroom.log_level, cfg.mailroom.log_format)
+    try:  # its own log file, as every daemon's
+        privileges.open_helper_log(cfg, "schedule")
+    except privileges.StartError as exc:
+        print(f"schedule: {exc}", file=sys.stderr)
+        raise SystemExit(78) from None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -329,16 +329,16 @@ class AdminSite:
             raise BadRequest(HTTPStatus.BAD_REQUEST, "id: a trace id (18 hex digits)")
         cfg, db = self.cfg, self.db
 
-        def act() -> str:
+        def act() -> str:  # the same actions, and the same words, as `mailroom queue`
             if action in ("hold", "release"):
-                if not queuecmd.set_held(cfg, db, ident, action == "hold"):
-                    raise accounts.Refused(f"{ident}: not in the queue")
-                return f"{ident}: {'held' if action == 'hold' else 'released'}"
-            if action == "delete":
-                if not queuecmd.delete(db, ident):
-                    raise accounts.Refused(f"{ident}: not in the queue")
-                return f"{ident}: deleted"
-            return f"{queuecmd.flush(cfg, db, ident or None)} recipient(s) due now"
+                done = queuecmd.set_held(cfg, db, ident, action == "hold")
+            elif action == "delete":
+                done = queuecmd.delete(db, ident)
+            else:
+                done = queuecmd.flush(cfg, db, ident or None)
+            if not done.ok:
+                raise accounts.Refused(done.text)
+            return done.text
 
         if action not in ("hold", "release", "delete", "flush"):
             raise BadRequest(HTTPStatus.BAD_REQUEST, "action: hold, release, delete or flush")

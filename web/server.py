@@ -293,15 +293,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"web: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     logmod.setup("web", cfg.mailroom.log_level, cfg.mailroom.log_format)
-    # Its own log file, as every daemon's (common/privileges.py), owned by the user it
-    # serves as.  Unlike the daemons it may stay root when no [mailroom] user is set
-    # (drop_privileges below): it then logs to standard error.
-    if cfg.mailroom.user or os.getuid() != 0:
-        try:
-            privileges.open_log(cfg, privileges.account(cfg), "web")
-        except privileges.StartError as exc:
-            print(f"web: {exc}", file=sys.stderr)
-            raise SystemExit(78) from None
+    try:  # its own log file, as every daemon's
+        privileges.open_helper_log(cfg, "web")
+    except privileges.StartError as exc:
+        print(f"web: {exc}", file=sys.stderr)
+        raise SystemExit(78) from None
     # The daemons' now (lab time in a lab): the queue's ages are measured against it.
     clock.use(clock.for_lab(cfg.lab.time_warp, cfg.lab.time_warp_since))
     try:

@@ -48,10 +48,11 @@ def _adopt(root: Path, log: Path) -> Installation:
     inst.log_path = log
     inst.ports = {}
     text = inst.config_path.read_text()
-    for key in ("submission", "submissions", "smtp", "internal", "lmtp", "imap", "imaps", "pop3s", "listen", "admin"):
+    for key in ("internal", *(key for _, key in suite_module.LISTENERS)):
         port = free_port()
-        inst.ports[key] = port
-        text = re.sub(rf'(?m)^{key} = "127\.0\.0\.1:\d+"', f'{key} = "127.0.0.1:{port}"', text)
+        text, found = re.subn(rf'(?m)^{key} = "127\.0\.0\.1:\d+"', f'{key} = "127.0.0.1:{port}"', text)
+        if found:
+            inst.ports[key] = port
     inst.config_path.write_text(text)
     return inst
 
