@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import socket
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from http import HTTPStatus
@@ -123,8 +122,8 @@ class Public:
         return cls(cfg, bound.get("web.http", []), bound.get("web.https", []), tls)
 
     async def serve(self, base: Mapping[str, Handler]) -> list[asyncio.Server]:
-        """Start serving (with `base`, the program's public routes: autoconfig); SIGHUP reloads."""
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
+        """Start serving (with `base`, the program's public routes: autoconfig); SIGHUP
+        calls `reload` (web/server.py)."""
         plain = Routes(base, challenges=True)
         secure = Routes({**base, mta_sts.PATH: mta_sts_policy})
 

@@ -140,8 +140,16 @@ async def run(cfg: Config, socks: list[socket.socket], live: Live, public: Publi
     routes = {**ROUTES, **live.routes()}
     servers = [await serve(cfg, sock, routes) for sock in socks]
     # [web] http and https (the Internet's), and SIGHUP's reload (web/public.py).
-    servers += await (public or Public(cfg, [], [], None)).serve(ROUTES)
+    public = public or Public(cfg, [], [], None)
+    servers += await public.serve(ROUTES)
     servers += await admin.serve() if admin is not None else []  # the admin page, TLS only (web/admin.py)
+
+    def reload() -> None:  # `mailroom reload`: the MTA-STS policy, and the certificate for both TLS listeners
+        public.reload()
+        if admin is not None:
+            admin.reload(public.config)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     tail = asyncio.create_task(live.feed.run(stop))
     log.info("http on %s%s", ", ".join(cfg.web.listen),
              f"; admin page (https) on {', '.join(cfg.web.admin)}" if admin is not None else "")
