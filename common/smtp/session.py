@@ -37,13 +37,11 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextvars
-import ipaddress
 import logging
 import ssl
 from base64 import b64decode
 from collections.abc import Awaitable, Callable, Coroutine, Generator
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from common import address as addr
 from common import counters, dsn
@@ -51,10 +49,12 @@ from common import reply as R
 from common.log import trace_id
 from common.reply import Reply, SMTPError
 from common.smtp import wire
-from common.smtp.admission import Connections as Connections  # re-exported: where it used to live
-from common.smtp.admission import peer_uid
+from common.smtp.admission import client_address, peer_uid
 from common.smtp.handler import Handler, MailEnvelope, MailSession
 from common.smtp.params import bdat_args, hello_name, size_param
+
+if TYPE_CHECKING:
+    from common.smtp.serve import Listener
 
 log = logging.getLogger("smtp")
 T = TypeVar("T")
@@ -81,47 +81,6 @@ _WAITING_VERBS: dict[type, frozenset[bytes]] = {}
 # size bound keeps replies with variable text from growing it without end.
 _WIRE: dict[tuple[Reply, tuple[str, ...]], bytes] = {}
 _WIRE_MAX = 1024
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one listener allows (the [smtp] settings, changed per listener)."""
-
-    max_message_size: int = 35 * 1024 * 1024
-    max_recipients: int = 100
-    idle_timeout: float = 300.0
-    session_timeout: float = 1800.0
-    max_connections: int = 1000
-    max_connections_per_client: int = 50
-    max_errors: int = 20
-    tls_handshake_timeout: float = 30.0
-    # Stress mode (common/smtp/admission.py): from this percentage of max_connections
-    # (0: never), the idle and TLS handshake timeouts are stress_timeout.
-    stress_threshold: int = 80
-    stress_timeout: float = 10.0
-
-
-@dataclass(frozen=True)
-class Listener:
-    """How one listener speaks: what is the same for all of its sessions."""
-
-    hostname: str
-    limits: Limits
-    connections: Connections
-    tls_context: ssl.SSLContext | None = None
-    implicit_tls: bool = False
-    require_starttls: bool = False
-    lmtp: bool = False
-    utf8: bool = True
-    name: str = ""  # the listening address, as metrics label it
-    # Made once here rather than once per connection (see __post_init__).
-    greeting: Reply = field(init=False, repr=False, compare=False)
-    helo_reply: Reply = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        kind = "LMTP" if self.lmtp else "ESMTP"
-        object.__setattr__(self, "greeting", Reply(220, "", f"{self.hostname} {kind} Mailroom"))
-        object.__setattr__(self, "helo_reply", Reply(250, "", self.hostname))
 
 
 class Session(asyncio.Protocol):
@@ -171,7 +130,7 @@ class Session(asyncio.Protocol):
         self.session.client_ip = client_address(peer[0]) if isinstance(peer, tuple) and peer else "local"
         if self.session.client_ip == "local":
             self.session.peer_uid = peer_uid(transport)  # who connected, as the kernel says
-        self._admitted = self.listener.connections.admit(self, self.session.client_ip, self.limits, self.listener.name)
+        self._admitted = self.listener.admit(self, self.session.client_ip)
         self.session.listener = self.listener.name
         # In memory (common/counters.py): a connection never costs a database write.
         counters.inc(counters.CONNECTIONS, listener=self.listener.name,
@@ -185,7 +144,7 @@ class Session(asyncio.Protocol):
             assert ctx is not None  # serve() refuses implicit TLS without one
             self._handshake = _Started(self._loop.start_tls(
                 self.transport, self, ctx, server_side=True,
-                ssl_handshake_timeout=self._handshake_timeout(),
+                ssl_handshake_timeout=self.listener.handshake_timeout(),
             ))
         self._task = self._loop.create_task(self._run(), context=self._context)
 
@@ -344,14 +303,14 @@ class Session(asyncio.Protocol):
             transport.resume_reading()
         self._linger = self._loop.call_later(_LINGER, transport.abort)
 
-    # --- admission, timeouts ------------------------------------------------------------------
+    # --- admission (common/smtp/admission.py asks), timeouts ---------------------------------
 
     def _release(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
         if self._linger is not None:
             self._linger.cancel()
-        self.listener.connections.release(self, self.limits, self.listener.name)
+        self.listener.release(self)
 
     @property
     def unproven(self) -> bool:
@@ -368,18 +327,10 @@ class Session(asyncio.Protocol):
             self._timer.cancel()
             self._timer = self._loop.call_later(0, self._check_time, context=self._context)
 
-    def _idle_timeout(self) -> float:
-        lim = self.limits
-        return min(lim.idle_timeout, lim.stress_timeout) if self.listener.connections.stressed else lim.idle_timeout
-
-    def _handshake_timeout(self) -> float:
-        lim = self.limits
-        stressed = self.listener.connections.stressed
-        return min(lim.tls_handshake_timeout, lim.stress_timeout) if stressed else lim.tls_handshake_timeout
-
     def _start_timer(self) -> None:
         self._started = self._loop.time()
-        self._timer = self._loop.call_later(min(self._idle_timeout(), self.limits.session_timeout), self._check_time)
+        first = min(self.listener.idle_timeout(), self.limits.session_timeout)
+        self._timer = self._loop.call_later(first, self._check_time)
 
     def _check_time(self) -> None:
         """One timer for both limits: re-armed for whichever comes first."""
@@ -388,7 +339,7 @@ class Session(asyncio.Protocol):
         # Idle is the client's silence while we wait for it, not our own time spent
         # executing its command (a slow disk or next hop must not end the session).
         waiting = self._wakeup is not None
-        idle = self._idle_timeout()
+        idle = self.listener.idle_timeout()
         idle_left = idle - (now - self._last_input) if waiting else idle
         if session_left <= 0:
             self._reply(R.SESSION_TIMEOUT)
@@ -563,7 +514,7 @@ class Session(asyncio.Protocol):
         try:
             new = await (handshake or self._loop.start_tls(
                 transport, self, ctx, server_side=True,
-                ssl_handshake_timeout=self._handshake_timeout(),
+                ssl_handshake_timeout=self.listener.handshake_timeout(),
             ))
         except OSError as exc:  # ssl.SSLError, resets and handshake timeouts are all OSErrors
             log.info("%s: TLS handshake failed: %s", self.session.client_ip, _reason(exc))
@@ -912,19 +863,6 @@ def _wire_form(reply: Reply, more: tuple[str, ...]) -> bytes:
     else:
         out = last + "\r\n"
     return out.encode("utf-8", "surrogateescape")
-
-
-def client_address(ip: str) -> str:
-    """The address as policies see it: an IPv4-mapped IPv6 address becomes plain IPv4."""
-    if ":" not in ip:
-        return ip  # IPv4 already (the common case: no parsing per connection)
-    try:
-        a = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
-        return str(a.ipv4_mapped)
-    return ip
 
 
 def _accepted(result: Reply | None) -> Reply | None:
