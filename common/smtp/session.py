@@ -44,14 +44,14 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from common import address as addr
-from common import counters, dsn
+from common import counters
 from common import reply as R
 from common.log import trace_id
 from common.reply import Reply, SMTPError
 from common.smtp import wire
 from common.smtp.admission import client_address, peer_uid
 from common.smtp.handler import Handler, MailEnvelope, MailSession
-from common.smtp.params import bdat_args, hello_name, size_param
+from common.smtp.params import bdat_args, hello_name, mail_params, rcpt_params
 
 if TYPE_CHECKING:
     from common.smtp.serve import Listener
@@ -610,7 +610,12 @@ class Session(asyncio.Protocol):
         if arg[:5].upper() != "FROM:":
             raise SMTPError(R.PARAM_SYNTAX.with_text("Syntax: MAIL FROM:<address>"))
         sender, params = addr.parse_path(arg[5:], sender=True, utf8=self.listener.utf8)
-        envelope.params = self._mail_params(params)
+        h = self.handler
+        envelope.params = mail_params(
+            params, max_size=self.limits.max_message_size, utf8=self.listener.utf8, dsn=h.offers_dsn,
+            requiretls=self._requiretls_offered(), binarymime=h.offers_chunking and h.offers_binarymime,
+            keywords=h.ehlo_keywords,
+        )
         envelope.smtp_utf8 = "SMTPUTF8" in envelope.params
         envelope.body_type = envelope.params.get("BODY", "7BIT").upper()
         result = _accepted(await self.handler.mail(session, envelope, sender))
@@ -621,35 +626,6 @@ class Session(asyncio.Protocol):
         h = self.handler
         return h.offers_requiretls and (self.session.tls or h.requiretls_in_clear)
 
-    def _mail_params(self, params: list[str]) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for p in params:
-            key, _, value = p.partition("=")
-            key = key.upper()
-            if key in out:
-                raise SMTPError(R.PARAM_SYNTAX.with_text(f"{key[:30]} given twice"))
-            if key in ("RET", "ENVID") and self.handler.offers_dsn:
-                value = dsn.parse_ret(value) if key == "RET" else dsn.parse_envid(value)
-            elif key == "REQUIRETLS" and self._requiretls_offered():
-                if value:
-                    raise SMTPError(R.PARAM_SYNTAX.with_text("REQUIRETLS takes no value"))
-            elif key == "SIZE":
-                size_param(value, self.limits.max_message_size)
-            elif key == "BODY":
-                if value.upper() not in self._body_types():
-                    raise SMTPError(R.PARAM_SYNTAX.with_text(f"BODY must be {' or '.join(self._body_types())}"))
-            elif key == "SMTPUTF8":
-                if value or not self.listener.utf8:
-                    raise SMTPError(R.PARAM_SYNTAX.with_text("SMTPUTF8 takes no value"))
-            elif key not in self.handler.ehlo_keywords:
-                raise SMTPError(R.PARAM_NOT_RECOGNIZED.with_text(f"Unsupported parameter {key[:30]}"))
-            out[key] = value
-        return out
-
-    def _body_types(self) -> tuple[str, ...]:
-        h = self.handler
-        return ("7BIT", "8BITMIME", "BINARYMIME") if h.offers_chunking and h.offers_binarymime else ("7BIT", "8BITMIME")
-
     async def _rcpt(self, arg: str) -> None:
         session, envelope = self.session, self.envelope
         if envelope.mail_from is None:
@@ -657,33 +633,20 @@ class Session(asyncio.Protocol):
         if arg[:3].upper() != "TO:":
             raise SMTPError(R.PARAM_SYNTAX.with_text("Syntax: RCPT TO:<address>"))
         recipient, params = addr.parse_path(arg[3:], sender=False, utf8=self.listener.utf8)
-        rcpt_params = self._rcpt_params(params) if params else None
+        taken = rcpt_params(params, dsn=self.handler.offers_dsn) if params else None
         if len(envelope.rcpt_tos) >= self.limits.max_recipients:
             self._reply(R.TOO_MANY_RECIPIENTS, counts=False)
             return
-        if rcpt_params is not None:
-            envelope.rcpt_params[recipient] = rcpt_params  # the handler may pass them on
+        if taken is not None:
+            envelope.rcpt_params[recipient] = taken  # the handler may pass them on
         try:
             result = _accepted(await self.handler.rcpt(session, envelope, recipient))
         except SMTPError:
-            if rcpt_params is not None and recipient not in envelope.rcpt_tos:
+            if taken is not None and recipient not in envelope.rcpt_tos:
                 envelope.rcpt_params.pop(recipient, None)
             raise
         envelope.rcpt_tos.append(recipient)
         self._reply(result or R.RECIPIENT_OK)
-
-    def _rcpt_params(self, params: list[str]) -> dict[str, str]:
-        """NOTIFY and ORCPT (RFC 3461 4.1, 4.2), where DSN is offered; nothing else."""
-        out: dict[str, str] = {}
-        for p in params:
-            key, _, value = p.partition("=")
-            key = key.upper()
-            if not self.handler.offers_dsn or key not in ("NOTIFY", "ORCPT"):
-                raise SMTPError(R.PARAM_NOT_RECOGNIZED.with_text(f"Unsupported parameter {key[:30]}"))
-            if key in out:
-                raise SMTPError(R.PARAM_SYNTAX.with_text(f"{key} given twice"))
-            out[key] = dsn.parse_notify(value) if key == "NOTIFY" else dsn.parse_orcpt(value)
-        return out
 
     def _ready_for_message(self) -> None:
         envelope = self.envelope
