@@ -35,11 +35,9 @@ CHUNKING (RFC 3030), STARTTLS, AUTH; DSN (RFC 3461) and REQUIRETLS
 from __future__ import annotations
 
 import asyncio
-import binascii
 import contextvars
 import logging
 import ssl
-from base64 import b64decode
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
@@ -48,7 +46,7 @@ from common import counters
 from common import reply as R
 from common.log import trace_id
 from common.reply import Reply, SMTPError
-from common.smtp import wire
+from common.smtp import sasl, wire
 from common.smtp.admission import client_address, peer_uid
 from common.smtp.handler import Handler, MailEnvelope, MailSession
 from common.smtp.params import bdat_args, hello_name, mail_params, rcpt_params
@@ -551,36 +549,24 @@ class Session(asyncio.Protocol):
             raise SMTPError(R.BAD_SEQUENCE.with_text("Already authenticated"))
         if self.envelope.mail_from is not None:
             raise SMTPError(R.BAD_SEQUENCE.with_text("AUTH not allowed during a transaction"))
-        mechanism, _, initial = arg.partition(" ")
-        mechanism = mechanism.upper()
-        if mechanism == "PLAIN":
-            blob = _b64(initial.strip()) if initial else await self._challenge("")
-            if blob is None:
-                return
-            parts = blob.split(b"\x00")
-            if len(parts) != 3:
-                raise SMTPError(R.AUTH_SYNTAX.with_text("Cannot split AUTH PLAIN value"))
-            login, password = parts[1], parts[2]
-        elif mechanism == "LOGIN":
-            got = _b64(initial.strip()) if initial else await self._challenge("VXNlcm5hbWU6")  # "Username:"
-            if got is None:
-                return
-            login = got
-            got = await self._challenge("UGFzc3dvcmQ6")  # "Password:"
-            if got is None:
-                return
-            password = got
-        elif not mechanism:
-            raise SMTPError(R.PARAM_SYNTAX.with_text("Syntax: AUTH mechanism"))
-        else:
-            raise SMTPError(R.AUTH_MECHANISM)
-        name = login.decode("utf-8", "replace")
-        await self.handler.authenticate(session, name, password.decode("utf-8", "replace"))
-        session.user = name.lower()
+        # The mechanism's challenges and their answers (common/smtp/sasl.py, which
+        # refuses a bad mechanism at the first step, before any challenge).
+        steps = sasl.exchange(arg)
+        try:
+            challenge = next(steps)
+            while True:
+                line = await self._challenge(challenge)
+                if line is None:
+                    return  # the client went away, or sent what is not an answer
+                challenge = steps.send(line)
+        except StopIteration as done:
+            login, password = done.value
+        await self.handler.authenticate(session, login, password)
+        session.user = login.lower()
         self._reply(R.AUTH_OK)
 
     async def _challenge(self, prompt: str) -> bytes | None:
-        """Send a 334 challenge and read the answer; None when the exchange ended."""
+        """Send a 334 challenge and read the answer line; None when the exchange ended."""
         self._reply(Reply(334, "", prompt))
         item = await self._next()
         if item is None:
@@ -588,9 +574,7 @@ class Session(asyncio.Protocol):
         if not isinstance(item, wire.Command):
             await self._item(item)
             return None
-        if item.line == b"*":
-            raise SMTPError(R.AUTH_CANCELLED)
-        return _b64(item.line.decode("ascii", "replace"))
+        return item.line
 
     # --- the transaction ---------------------------------------------------------------------------
 
@@ -834,13 +818,6 @@ def _accepted(result: Reply | None) -> Reply | None:
         log.error("handler returned %s instead of raising SMTPError", result)
         raise SMTPError(result)
     return result
-
-
-def _b64(text: str) -> bytes:
-    try:
-        return b64decode(text.encode("ascii", "replace"), validate=True)
-    except (binascii.Error, ValueError):
-        raise SMTPError(R.AUTH_SYNTAX.with_text("Cannot decode base64")) from None
 
 
 def _redact(line: bytes) -> str:
