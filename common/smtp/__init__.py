@@ -5,7 +5,9 @@
 - `handler`: the contract a daemon implements (return data, or raise `SMTPError(Reply)`);
 - `serve`: serving sessions on a bound socket; `Limits` and `Listener`, set once per listener;
 - `admission`: the connection caps (IPv6 by /64) and stress mode;
-- `params`: the arguments the engine checks itself (HELO name, BDAT size, SIZE=).
+- `schedule`: which commands a session executes at once and which in its task;
+- `params`: the arguments the engine checks itself (HELO name, BDAT size, MAIL and RCPT parameters);
+- `sasl`: AUTH PLAIN and LOGIN as a pure exchange (challenges out, answers in).
 """
 
 from common.smtp.admission import Connections

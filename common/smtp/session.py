@@ -10,7 +10,8 @@ executed by the same code whichever way they come:
   `data_received`: no task wake-up per command;
 - the first command that may wait (STARTTLS, AUTH, BDAT, a handler's MAIL or
   RCPT, the end of a message: the handler's verdict) is handed to the task,
-  which executes it and everything after it until it waits for the client again.
+  which executes it and everything after it until it waits for the client again
+  (common/smtp/schedule.py says which commands may wait).
 
 So a pipelined batch is executed in order, and nothing after a closing reply
 is ever executed: the reader is emptied and no further command is pulled.
@@ -30,6 +31,11 @@ QUIT.  Extensions advertised: PIPELINING (RFC 2920), SIZE (RFC 1870),
 8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531), ENHANCEDSTATUSCODES (RFC 2034),
 CHUNKING (RFC 3030), STARTTLS, AUTH; DSN (RFC 3461) and REQUIRETLS
 (RFC 8689, after STARTTLS) where the handler honours them.
+
+What is not the state machine lives beside it: the listener's settings,
+admission and stress-aware timeouts (`serve.Listener`, `admission`), the
+checks of command arguments and MAIL/RCPT parameters (`params`) and the AUTH
+exchange's decoding (`sasl`); those are pure or hold no session state.
 """
 
 from __future__ import annotations
@@ -38,8 +44,8 @@ import asyncio
 import contextvars
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Coroutine, Generator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, cast
 
 from common import address as addr
 from common import counters
@@ -50,12 +56,12 @@ from common.smtp import sasl, wire
 from common.smtp.admission import client_address, peer_uid
 from common.smtp.handler import Handler, MailEnvelope, MailSession
 from common.smtp.params import bdat_args, hello_name, mail_params, rcpt_params
+from common.smtp.schedule import Started, waiting_verbs
 
 if TYPE_CHECKING:
     from common.smtp.serve import Listener
 
 log = logging.getLogger("smtp")
-T = TypeVar("T")
 
 # Replies that end the session (RFC 5321 3.8 for 421; 521 as Postfix says it for bare LF).
 _CLOSING = frozenset({421, 521})
@@ -69,11 +75,6 @@ _LINGER = 2.0
 _BEFORE_TLS = frozenset({b"NOOP", b"EHLO", b"HELO", b"LHLO", b"STARTTLS", b"QUIT", b"RSET", b"AUTH", b"HELP"})
 # Commands allowed while a BDAT transaction is open (RFC 3030 2).
 _DURING_BDAT = frozenset({b"BDAT", b"RSET", b"QUIT", b"NOOP"})
-# Commands that may wait for something (a TLS handshake, the client's next line)
-# and so always run in the session's task; MAIL and RCPT join them when the
-# handler has a hook for them (see _waiting_verbs).
-_MAY_WAIT = frozenset({b"STARTTLS", b"AUTH", b"BDAT"})
-_WAITING_VERBS: dict[type, frozenset[bytes]] = {}
 # The wire form of replies already written once.  Most replies are the same few
 # constants, and formatting and encoding each again is per-command work; the
 # size bound keeps replies with variable text from growing it without end.
@@ -101,8 +102,8 @@ class Session(asyncio.Protocol):
         self._context = contextvars.Context()
         self._parked = False  # the task waits for the client's next command
         self._pending: wire.Item | None = None  # read at once, left for the task to execute
-        self._waits = _waiting_verbs(type(handler))
-        self._handshake: _Started[asyncio.Transport | None] | None = None  # implicit TLS, started
+        self._waits = waiting_verbs(type(handler))
+        self._handshake: Started[asyncio.Transport | None] | None = None  # implicit TLS, started
         self._eof = False  # the client will send no more
         self._closing = False  # a closing reply was sent: execute nothing more
         self._paused = False
@@ -140,7 +141,7 @@ class Session(asyncio.Protocol):
             # task finishes the handshake.
             ctx = self.listener.tls_context
             assert ctx is not None  # serve() refuses implicit TLS without one
-            self._handshake = _Started(self._loop.start_tls(
+            self._handshake = Started(self._loop.start_tls(
                 self.transport, self, ctx, server_side=True,
                 ssl_handshake_timeout=self.listener.handshake_timeout(),
             ))
@@ -745,59 +746,6 @@ _COMMANDS: dict[bytes, Callable[[Session, str], Awaitable[None]]] = {
     b"BDAT": Session._bdat, b"RSET": Session._rset, b"NOOP": Session._noop, b"VRFY": Session._vrfy,
     b"HELP": Session._help, b"QUIT": Session._quit,
 }  # fmt: skip
-
-
-def _waiting_verbs(handler: type[Handler]) -> frozenset[bytes]:
-    """The commands that may wait with this kind of handler: MAIL and RCPT too
-    when it has a hook for them (its own `mail` or `rcpt`)."""
-    verbs = _WAITING_VERBS.get(handler)
-    if verbs is None:
-        extra = {b"MAIL"} if handler.mail is not Handler.mail else set()
-        if handler.rcpt is not Handler.rcpt:
-            extra.add(b"RCPT")
-        verbs = _WAITING_VERBS[handler] = _MAY_WAIT | extra
-    return verbs
-
-
-class _Started(Generic[T]):
-    """A coroutine whose first step runs now, from a callback (say, connection_made);
-    awaiting this, in a task, runs the rest and gives its result."""
-
-    def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
-        self._coro = coro
-        self._first: Any = None
-        self._result: T | None = None
-        self._error: BaseException | None = None
-        self._done = False
-        try:
-            self._first = coro.send(None)
-        except StopIteration as stop:
-            self._done, self._result = True, cast(T, stop.value)
-        except Exception as exc:  # raised where it is awaited, as if it had run there
-            self._done, self._error = True, exc
-
-    def __await__(self) -> Generator[Any, Any, T]:
-        if self._done:
-            if self._error is not None:
-                raise self._error
-            return cast(T, self._result)
-        coro, out = self._coro, self._first
-        while True:
-            try:
-                sent = yield out  # what the coroutine waits for, waited for by our task
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:  # cancelled, say: the coroutine hears of it
-                try:
-                    out = coro.throw(exc)
-                except StopIteration as stop:
-                    return cast(T, stop.value)
-            else:
-                try:
-                    out = coro.send(sent)
-                except StopIteration as stop:
-                    return cast(T, stop.value)
 
 
 def _wire_form(reply: Reply, more: tuple[str, ...]) -> bytes:
