@@ -15,8 +15,7 @@ from pathlib import Path
 
 from common.reply import Reply, SMTPError
 from common.smtp.handler import Handler, MailEnvelope, MailSession
-from common.smtp.serve import serve
-from common.smtp.session import Limits
+from common.smtp.serve import Limits, serve
 from lab import scenarios
 from lab.scenarios import Host
 

@@ -18,13 +18,15 @@
   full.  So a local process that opens connections and stays silent cannot
   keep the MSA out: the MSA's connection proves itself within a millisecond,
   while the intruder's are the oldest unproven ones.
+- `client_address`: the client's address as policies see it (an IPv4-mapped
+  IPv6 address is plain IPv4), what the caps count and `in_networks` checks.
 - On a Unix socket the kernel says who connected (`peer_uid`, SO_PEERCRED):
   a handler may turn away any uid but the one it serves (the MTA's internal
   listener takes only the daemons' own, the MSA's).
 
 Counting is in memory, per process; nothing here touches a socket but to ask
-its peer's uid: a session (`common/smtp/session.py`) asks to be admitted and
-says when it leaves.
+its peer's uid: a session (`common/smtp/session.py`) asks its listener
+(`common/smtp/serve.py`) to be admitted and says when it leaves.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from typing import TYPE_CHECKING, Protocol
 from common import counters
 
 if TYPE_CHECKING:
-    from common.smtp.session import Limits
+    from common.smtp.serve import Limits
 
 log = logging.getLogger("smtp")
 
@@ -50,6 +52,19 @@ _UCRED = struct.calcsize("3i")
 # The prefix one IPv6 client gets (RFC 6177: a /64 is the least a site is given;
 # the interface identifier in the low 64 bits is the host's to choose).
 IPV6_CLIENT_PREFIX = 64
+
+
+def client_address(ip: str) -> str:
+    """The address as policies see it: an IPv4-mapped IPv6 address becomes plain IPv4."""
+    if ":" not in ip:
+        return ip  # IPv4 already (the common case: no parsing per connection)
+    try:
+        a = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
+        return str(a.ipv4_mapped)
+    return ip
 
 
 def client_key(ip: str) -> str:

@@ -1,8 +1,9 @@
-"""Command arguments the engine checks itself: the HELO/EHLO/LHLO name, BDAT's size, SIZE=.
+"""Command arguments the engine checks itself: the HELO/EHLO/LHLO name, BDAT's size, MAIL and RCPT parameters.
 
 Pure functions over the argument text (as the session decoded it: UTF-8, with
 undecodable octets kept as surrogates).  A bad argument raises SMTPError with
-the reply; nothing here knows about sessions.
+the reply; nothing here knows about sessions: what the listener offers (DSN,
+REQUIRETLS, BINARYMIME, SMTPUTF8, the handler's own keywords) is passed in.
 
 Numbers are ASCII digits only (common/numbers.py): `int()` took `BDAT ٥ LAST`
 for 5.  A name must be what RFC 5321 4.1.1.1 allows after HELO/EHLO: a domain
@@ -22,6 +23,7 @@ import re
 import unicodedata
 
 from common import reply as R
+from common.dsn import parse_envid, parse_notify, parse_orcpt, parse_ret
 from common.numbers import decimal, is_decimal
 from common.reply import SMTPError
 
@@ -111,3 +113,59 @@ def size_param(value: str, limit: int) -> int:
     if size > limit:
         raise SMTPError(R.MESSAGE_TOO_BIG)
     return size
+
+
+def mail_params(
+    params: list[str], *, max_size: int, utf8: bool, dsn: bool, requiretls: bool, binarymime: bool,
+    keywords: tuple[str, ...],
+) -> dict[str, str]:
+    """MAIL FROM's parameters, checked: each one at most once, with a value it may have.
+
+    What the listener offers decides what is taken: RET and ENVID when `dsn`
+    (RFC 3461 4.3, 4.4), REQUIRETLS when `requiretls` (RFC 8689), BODY=BINARYMIME
+    when `binarymime` (RFC 3030 3), SMTPUTF8 when `utf8` (RFC 6531), and the
+    handler's own `keywords` (XTRACE) as they are; SIZE= and BODY= always.
+    """
+    out: dict[str, str] = {}
+    for p in params:
+        key, _, value = p.partition("=")
+        key = key.upper()
+        if key in out:
+            raise SMTPError(R.PARAM_SYNTAX.with_text(f"{key[:30]} given twice"))
+        if key in ("RET", "ENVID") and dsn:
+            value = parse_ret(value) if key == "RET" else parse_envid(value)
+        elif key == "REQUIRETLS" and requiretls:
+            if value:
+                raise SMTPError(R.PARAM_SYNTAX.with_text("REQUIRETLS takes no value"))
+        elif key == "SIZE":
+            size_param(value, max_size)
+        elif key == "BODY":
+            types = body_types(binarymime=binarymime)
+            if value.upper() not in types:
+                raise SMTPError(R.PARAM_SYNTAX.with_text(f"BODY must be {' or '.join(types)}"))
+        elif key == "SMTPUTF8":
+            if value or not utf8:
+                raise SMTPError(R.PARAM_SYNTAX.with_text("SMTPUTF8 takes no value"))
+        elif key not in keywords:
+            raise SMTPError(R.PARAM_NOT_RECOGNIZED.with_text(f"Unsupported parameter {key[:30]}"))
+        out[key] = value
+    return out
+
+
+def body_types(*, binarymime: bool) -> tuple[str, ...]:
+    """What BODY= may say (RFC 6152; BINARYMIME, RFC 3030 3, only where offered)."""
+    return ("7BIT", "8BITMIME", "BINARYMIME") if binarymime else ("7BIT", "8BITMIME")
+
+
+def rcpt_params(params: list[str], *, dsn: bool) -> dict[str, str]:
+    """RCPT TO's parameters: NOTIFY and ORCPT (RFC 3461 4.1, 4.2), where DSN is offered; nothing else."""
+    out: dict[str, str] = {}
+    for p in params:
+        key, _, value = p.partition("=")
+        key = key.upper()
+        if not dsn or key not in ("NOTIFY", "ORCPT"):
+            raise SMTPError(R.PARAM_NOT_RECOGNIZED.with_text(f"Unsupported parameter {key[:30]}"))
+        if key in out:
+            raise SMTPError(R.PARAM_SYNTAX.with_text(f"{key} given twice"))
+        out[key] = parse_notify(value) if key == "NOTIFY" else parse_orcpt(value)
+    return out

@@ -1,12 +1,19 @@
-"""Serving SMTP/LMTP sessions on a listening socket.
+"""Serving SMTP/LMTP sessions on a listening socket, and what is set once per listener.
 
 The daemon skeleton binds the socket (while it may still be root), loads the
 TLS context and drops privileges; `serve` then only turns each accepted
-connection into a `Session` with a fresh handler.  Admission (connection caps
-per listener and per client address), the idle and whole-session timeouts and
-the TLS handshake (STARTTLS, or implicit TLS on the 465 role, done by the
-session itself so that a failed handshake is one log line) live in the
-session; this module holds what is set once per listener.
+connection into a `Session` with a fresh handler and the listener's `Listener`.
+
+- `Limits`: what a listener allows.  It is the `[smtp]` section of the config
+  (common/config.py writes the defaults, once) with the one value the config
+  does not set, the TLS handshake timeout; `limits_from` makes it from the
+  loaded section, with per-listener changes.
+- `Listener`: how one listener speaks (host name, TLS, LMTP, SMTPUTF8), its
+  admission (`Connections`, common/smtp/admission.py: the caps and stress
+  mode), and the idle and TLS handshake timeouts as they are now (shorter
+  under stress).  The session asks it to be admitted and says when it leaves;
+  the session itself keeps the timers and does the TLS handshake (STARTTLS,
+  or implicit TLS on the 465 role), so that a failed handshake is one log line.
 """
 
 from __future__ import annotations
@@ -16,23 +23,75 @@ import ipaddress
 import socket
 import ssl
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from common.config import SMTPSection
 from common.endpoint import Endpoint
-from common.smtp.admission import Connections
+from common.reply import Reply
+from common.smtp.admission import Connections, Member, client_address
 from common.smtp.handler import Handler
-from common.smtp.session import Limits, Listener, Session, client_address
+from common.smtp.session import Session
 
 # As Endpoint.listen: asyncio listens again with this when it starts serving.
 BACKLOG = 1024
 
 
+@dataclass(frozen=True)
+class Limits(SMTPSection):
+    """What one listener allows: the [smtp] settings (their defaults are the config's),
+    changed per listener, and what the config does not set."""
+
+    tls_handshake_timeout: float = 30.0
+
+
 def limits_from(smtp: SMTPSection, **overrides: Any) -> Limits:
-    """The [smtp] limits of the config, with per-listener changes."""
-    values = {f: getattr(smtp, f) for f in Limits.__dataclass_fields__ if hasattr(smtp, f)}
+    """The [smtp] settings of the config as a listener's limits, with per-listener changes."""
+    values = {f.name: getattr(smtp, f.name) for f in fields(smtp)}
     values.update(overrides)
     return Limits(**values)
+
+
+@dataclass(frozen=True)
+class Listener:
+    """How one listener speaks and whom it admits: what is the same for all of its sessions."""
+
+    hostname: str
+    limits: Limits
+    connections: Connections
+    tls_context: ssl.SSLContext | None = None
+    implicit_tls: bool = False
+    require_starttls: bool = False
+    lmtp: bool = False
+    utf8: bool = True
+    name: str = ""  # the listening address, as metrics label it
+    # Made once here rather than once per connection (see __post_init__).
+    greeting: Reply = field(init=False, repr=False, compare=False)
+    helo_reply: Reply = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        kind = "LMTP" if self.lmtp else "ESMTP"
+        object.__setattr__(self, "greeting", Reply(220, "", f"{self.hostname} {kind} Mailroom"))
+        object.__setattr__(self, "helo_reply", Reply(250, "", self.hostname))
+
+    def admit(self, member: Member, ip: str) -> bool:
+        """Count a new connection from `ip` in, or False when a cap is reached."""
+        return self.connections.admit(member, ip, self.limits, self.name)
+
+    def release(self, member: Member) -> None:
+        """A session is gone (or was made to give way): count it out."""
+        self.connections.release(member, self.limits, self.name)
+
+    def idle_timeout(self) -> float:
+        """How long a client may stay silent, now: stress_timeout at most under stress."""
+        lim = self.limits
+        return min(lim.idle_timeout, lim.stress_timeout) if self.connections.stressed else lim.idle_timeout
+
+    def handshake_timeout(self) -> float:
+        """How long a TLS handshake may take, now: stress_timeout at most under stress."""
+        lim = self.limits
+        stressed = self.connections.stressed
+        return min(lim.tls_handshake_timeout, lim.stress_timeout) if stressed else lim.tls_handshake_timeout
 
 
 async def serve(

@@ -10,7 +10,8 @@ executed by the same code whichever way they come:
   `data_received`: no task wake-up per command;
 - the first command that may wait (STARTTLS, AUTH, BDAT, a handler's MAIL or
   RCPT, the end of a message: the handler's verdict) is handed to the task,
-  which executes it and everything after it until it waits for the client again.
+  which executes it and everything after it until it waits for the client again
+  (common/smtp/schedule.py says which commands may wait).
 
 So a pipelined batch is executed in order, and nothing after a closing reply
 is ever executed: the reader is emptied and no further command is pulled.
@@ -30,34 +31,37 @@ QUIT.  Extensions advertised: PIPELINING (RFC 2920), SIZE (RFC 1870),
 8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531), ENHANCEDSTATUSCODES (RFC 2034),
 CHUNKING (RFC 3030), STARTTLS, AUTH; DSN (RFC 3461) and REQUIRETLS
 (RFC 8689, after STARTTLS) where the handler honours them.
+
+What is not the state machine lives beside it: the listener's settings,
+admission and stress-aware timeouts (`serve.Listener`, `admission`), the
+checks of command arguments and MAIL/RCPT parameters (`params`) and the AUTH
+exchange's decoding (`sasl`); those are pure or hold no session state.
 """
 
 from __future__ import annotations
 
 import asyncio
-import binascii
 import contextvars
-import ipaddress
 import logging
 import ssl
-from base64 import b64decode
-from collections.abc import Awaitable, Callable, Coroutine, Generator
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar, cast
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, cast
 
 from common import address as addr
-from common import counters, dsn
+from common import counters
 from common import reply as R
 from common.log import trace_id
 from common.reply import Reply, SMTPError
-from common.smtp import wire
-from common.smtp.admission import Connections as Connections  # re-exported: where it used to live
-from common.smtp.admission import peer_uid
+from common.smtp import sasl, wire
+from common.smtp.admission import client_address, peer_uid
 from common.smtp.handler import Handler, MailEnvelope, MailSession
-from common.smtp.params import bdat_args, hello_name, size_param
+from common.smtp.params import bdat_args, hello_name, mail_params, rcpt_params
+from common.smtp.schedule import Started, waiting_verbs
+
+if TYPE_CHECKING:
+    from common.smtp.serve import Listener
 
 log = logging.getLogger("smtp")
-T = TypeVar("T")
 
 # Replies that end the session (RFC 5321 3.8 for 421; 521 as Postfix says it for bare LF).
 _CLOSING = frozenset({421, 521})
@@ -71,57 +75,11 @@ _LINGER = 2.0
 _BEFORE_TLS = frozenset({b"NOOP", b"EHLO", b"HELO", b"LHLO", b"STARTTLS", b"QUIT", b"RSET", b"AUTH", b"HELP"})
 # Commands allowed while a BDAT transaction is open (RFC 3030 2).
 _DURING_BDAT = frozenset({b"BDAT", b"RSET", b"QUIT", b"NOOP"})
-# Commands that may wait for something (a TLS handshake, the client's next line)
-# and so always run in the session's task; MAIL and RCPT join them when the
-# handler has a hook for them (see _waiting_verbs).
-_MAY_WAIT = frozenset({b"STARTTLS", b"AUTH", b"BDAT"})
-_WAITING_VERBS: dict[type, frozenset[bytes]] = {}
 # The wire form of replies already written once.  Most replies are the same few
 # constants, and formatting and encoding each again is per-command work; the
 # size bound keeps replies with variable text from growing it without end.
 _WIRE: dict[tuple[Reply, tuple[str, ...]], bytes] = {}
 _WIRE_MAX = 1024
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one listener allows (the [smtp] settings, changed per listener)."""
-
-    max_message_size: int = 35 * 1024 * 1024
-    max_recipients: int = 100
-    idle_timeout: float = 300.0
-    session_timeout: float = 1800.0
-    max_connections: int = 1000
-    max_connections_per_client: int = 50
-    max_errors: int = 20
-    tls_handshake_timeout: float = 30.0
-    # Stress mode (common/smtp/admission.py): from this percentage of max_connections
-    # (0: never), the idle and TLS handshake timeouts are stress_timeout.
-    stress_threshold: int = 80
-    stress_timeout: float = 10.0
-
-
-@dataclass(frozen=True)
-class Listener:
-    """How one listener speaks: what is the same for all of its sessions."""
-
-    hostname: str
-    limits: Limits
-    connections: Connections
-    tls_context: ssl.SSLContext | None = None
-    implicit_tls: bool = False
-    require_starttls: bool = False
-    lmtp: bool = False
-    utf8: bool = True
-    name: str = ""  # the listening address, as metrics label it
-    # Made once here rather than once per connection (see __post_init__).
-    greeting: Reply = field(init=False, repr=False, compare=False)
-    helo_reply: Reply = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        kind = "LMTP" if self.lmtp else "ESMTP"
-        object.__setattr__(self, "greeting", Reply(220, "", f"{self.hostname} {kind} Mailroom"))
-        object.__setattr__(self, "helo_reply", Reply(250, "", self.hostname))
 
 
 class Session(asyncio.Protocol):
@@ -144,8 +102,8 @@ class Session(asyncio.Protocol):
         self._context = contextvars.Context()
         self._parked = False  # the task waits for the client's next command
         self._pending: wire.Item | None = None  # read at once, left for the task to execute
-        self._waits = _waiting_verbs(type(handler))
-        self._handshake: _Started[asyncio.Transport | None] | None = None  # implicit TLS, started
+        self._waits = waiting_verbs(type(handler))
+        self._handshake: Started[asyncio.Transport | None] | None = None  # implicit TLS, started
         self._eof = False  # the client will send no more
         self._closing = False  # a closing reply was sent: execute nothing more
         self._paused = False
@@ -171,7 +129,7 @@ class Session(asyncio.Protocol):
         self.session.client_ip = client_address(peer[0]) if isinstance(peer, tuple) and peer else "local"
         if self.session.client_ip == "local":
             self.session.peer_uid = peer_uid(transport)  # who connected, as the kernel says
-        self._admitted = self.listener.connections.admit(self, self.session.client_ip, self.limits, self.listener.name)
+        self._admitted = self.listener.admit(self, self.session.client_ip)
         self.session.listener = self.listener.name
         # In memory (common/counters.py): a connection never costs a database write.
         counters.inc(counters.CONNECTIONS, listener=self.listener.name,
@@ -183,9 +141,9 @@ class Session(asyncio.Protocol):
             # task finishes the handshake.
             ctx = self.listener.tls_context
             assert ctx is not None  # serve() refuses implicit TLS without one
-            self._handshake = _Started(self._loop.start_tls(
+            self._handshake = Started(self._loop.start_tls(
                 self.transport, self, ctx, server_side=True,
-                ssl_handshake_timeout=self._handshake_timeout(),
+                ssl_handshake_timeout=self.listener.handshake_timeout(),
             ))
         self._task = self._loop.create_task(self._run(), context=self._context)
 
@@ -344,14 +302,14 @@ class Session(asyncio.Protocol):
             transport.resume_reading()
         self._linger = self._loop.call_later(_LINGER, transport.abort)
 
-    # --- admission, timeouts ------------------------------------------------------------------
+    # --- admission (common/smtp/admission.py asks), timeouts ---------------------------------
 
     def _release(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
         if self._linger is not None:
             self._linger.cancel()
-        self.listener.connections.release(self, self.limits, self.listener.name)
+        self.listener.release(self)
 
     @property
     def unproven(self) -> bool:
@@ -368,18 +326,10 @@ class Session(asyncio.Protocol):
             self._timer.cancel()
             self._timer = self._loop.call_later(0, self._check_time, context=self._context)
 
-    def _idle_timeout(self) -> float:
-        lim = self.limits
-        return min(lim.idle_timeout, lim.stress_timeout) if self.listener.connections.stressed else lim.idle_timeout
-
-    def _handshake_timeout(self) -> float:
-        lim = self.limits
-        stressed = self.listener.connections.stressed
-        return min(lim.tls_handshake_timeout, lim.stress_timeout) if stressed else lim.tls_handshake_timeout
-
     def _start_timer(self) -> None:
         self._started = self._loop.time()
-        self._timer = self._loop.call_later(min(self._idle_timeout(), self.limits.session_timeout), self._check_time)
+        first = min(self.listener.idle_timeout(), self.limits.session_timeout)
+        self._timer = self._loop.call_later(first, self._check_time)
 
     def _check_time(self) -> None:
         """One timer for both limits: re-armed for whichever comes first."""
@@ -388,7 +338,7 @@ class Session(asyncio.Protocol):
         # Idle is the client's silence while we wait for it, not our own time spent
         # executing its command (a slow disk or next hop must not end the session).
         waiting = self._wakeup is not None
-        idle = self._idle_timeout()
+        idle = self.listener.idle_timeout()
         idle_left = idle - (now - self._last_input) if waiting else idle
         if session_left <= 0:
             self._reply(R.SESSION_TIMEOUT)
@@ -563,7 +513,7 @@ class Session(asyncio.Protocol):
         try:
             new = await (handshake or self._loop.start_tls(
                 transport, self, ctx, server_side=True,
-                ssl_handshake_timeout=self._handshake_timeout(),
+                ssl_handshake_timeout=self.listener.handshake_timeout(),
             ))
         except OSError as exc:  # ssl.SSLError, resets and handshake timeouts are all OSErrors
             log.info("%s: TLS handshake failed: %s", self.session.client_ip, _reason(exc))
@@ -600,36 +550,24 @@ class Session(asyncio.Protocol):
             raise SMTPError(R.BAD_SEQUENCE.with_text("Already authenticated"))
         if self.envelope.mail_from is not None:
             raise SMTPError(R.BAD_SEQUENCE.with_text("AUTH not allowed during a transaction"))
-        mechanism, _, initial = arg.partition(" ")
-        mechanism = mechanism.upper()
-        if mechanism == "PLAIN":
-            blob = _b64(initial.strip()) if initial else await self._challenge("")
-            if blob is None:
-                return
-            parts = blob.split(b"\x00")
-            if len(parts) != 3:
-                raise SMTPError(R.AUTH_SYNTAX.with_text("Cannot split AUTH PLAIN value"))
-            login, password = parts[1], parts[2]
-        elif mechanism == "LOGIN":
-            got = _b64(initial.strip()) if initial else await self._challenge("VXNlcm5hbWU6")  # "Username:"
-            if got is None:
-                return
-            login = got
-            got = await self._challenge("UGFzc3dvcmQ6")  # "Password:"
-            if got is None:
-                return
-            password = got
-        elif not mechanism:
-            raise SMTPError(R.PARAM_SYNTAX.with_text("Syntax: AUTH mechanism"))
-        else:
-            raise SMTPError(R.AUTH_MECHANISM)
-        name = login.decode("utf-8", "replace")
-        await self.handler.authenticate(session, name, password.decode("utf-8", "replace"))
-        session.user = name.lower()
+        # The mechanism's challenges and their answers (common/smtp/sasl.py, which
+        # refuses a bad mechanism at the first step, before any challenge).
+        steps = sasl.exchange(arg)
+        try:
+            challenge = next(steps)
+            while True:
+                line = await self._challenge(challenge)
+                if line is None:
+                    return  # the client went away, or sent what is not an answer
+                challenge = steps.send(line)
+        except StopIteration as done:
+            login, password = done.value
+        await self.handler.authenticate(session, login, password)
+        session.user = login.lower()
         self._reply(R.AUTH_OK)
 
     async def _challenge(self, prompt: str) -> bytes | None:
-        """Send a 334 challenge and read the answer; None when the exchange ended."""
+        """Send a 334 challenge and read the answer line; None when the exchange ended."""
         self._reply(Reply(334, "", prompt))
         item = await self._next()
         if item is None:
@@ -637,9 +575,7 @@ class Session(asyncio.Protocol):
         if not isinstance(item, wire.Command):
             await self._item(item)
             return None
-        if item.line == b"*":
-            raise SMTPError(R.AUTH_CANCELLED)
-        return _b64(item.line.decode("ascii", "replace"))
+        return item.line
 
     # --- the transaction ---------------------------------------------------------------------------
 
@@ -659,7 +595,12 @@ class Session(asyncio.Protocol):
         if arg[:5].upper() != "FROM:":
             raise SMTPError(R.PARAM_SYNTAX.with_text("Syntax: MAIL FROM:<address>"))
         sender, params = addr.parse_path(arg[5:], sender=True, utf8=self.listener.utf8)
-        envelope.params = self._mail_params(params)
+        h = self.handler
+        envelope.params = mail_params(
+            params, max_size=self.limits.max_message_size, utf8=self.listener.utf8, dsn=h.offers_dsn,
+            requiretls=self._requiretls_offered(), binarymime=h.offers_chunking and h.offers_binarymime,
+            keywords=h.ehlo_keywords,
+        )
         envelope.smtp_utf8 = "SMTPUTF8" in envelope.params
         envelope.body_type = envelope.params.get("BODY", "7BIT").upper()
         result = _accepted(await self.handler.mail(session, envelope, sender))
@@ -670,35 +611,6 @@ class Session(asyncio.Protocol):
         h = self.handler
         return h.offers_requiretls and (self.session.tls or h.requiretls_in_clear)
 
-    def _mail_params(self, params: list[str]) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for p in params:
-            key, _, value = p.partition("=")
-            key = key.upper()
-            if key in out:
-                raise SMTPError(R.PARAM_SYNTAX.with_text(f"{key[:30]} given twice"))
-            if key in ("RET", "ENVID") and self.handler.offers_dsn:
-                value = dsn.parse_ret(value) if key == "RET" else dsn.parse_envid(value)
-            elif key == "REQUIRETLS" and self._requiretls_offered():
-                if value:
-                    raise SMTPError(R.PARAM_SYNTAX.with_text("REQUIRETLS takes no value"))
-            elif key == "SIZE":
-                size_param(value, self.limits.max_message_size)
-            elif key == "BODY":
-                if value.upper() not in self._body_types():
-                    raise SMTPError(R.PARAM_SYNTAX.with_text(f"BODY must be {' or '.join(self._body_types())}"))
-            elif key == "SMTPUTF8":
-                if value or not self.listener.utf8:
-                    raise SMTPError(R.PARAM_SYNTAX.with_text("SMTPUTF8 takes no value"))
-            elif key not in self.handler.ehlo_keywords:
-                raise SMTPError(R.PARAM_NOT_RECOGNIZED.with_text(f"Unsupported parameter {key[:30]}"))
-            out[key] = value
-        return out
-
-    def _body_types(self) -> tuple[str, ...]:
-        h = self.handler
-        return ("7BIT", "8BITMIME", "BINARYMIME") if h.offers_chunking and h.offers_binarymime else ("7BIT", "8BITMIME")
-
     async def _rcpt(self, arg: str) -> None:
         session, envelope = self.session, self.envelope
         if envelope.mail_from is None:
@@ -706,33 +618,20 @@ class Session(asyncio.Protocol):
         if arg[:3].upper() != "TO:":
             raise SMTPError(R.PARAM_SYNTAX.with_text("Syntax: RCPT TO:<address>"))
         recipient, params = addr.parse_path(arg[3:], sender=False, utf8=self.listener.utf8)
-        rcpt_params = self._rcpt_params(params) if params else None
+        taken = rcpt_params(params, dsn=self.handler.offers_dsn) if params else None
         if len(envelope.rcpt_tos) >= self.limits.max_recipients:
             self._reply(R.TOO_MANY_RECIPIENTS, counts=False)
             return
-        if rcpt_params is not None:
-            envelope.rcpt_params[recipient] = rcpt_params  # the handler may pass them on
+        if taken is not None:
+            envelope.rcpt_params[recipient] = taken  # the handler may pass them on
         try:
             result = _accepted(await self.handler.rcpt(session, envelope, recipient))
         except SMTPError:
-            if rcpt_params is not None and recipient not in envelope.rcpt_tos:
+            if taken is not None and recipient not in envelope.rcpt_tos:
                 envelope.rcpt_params.pop(recipient, None)
             raise
         envelope.rcpt_tos.append(recipient)
         self._reply(result or R.RECIPIENT_OK)
-
-    def _rcpt_params(self, params: list[str]) -> dict[str, str]:
-        """NOTIFY and ORCPT (RFC 3461 4.1, 4.2), where DSN is offered; nothing else."""
-        out: dict[str, str] = {}
-        for p in params:
-            key, _, value = p.partition("=")
-            key = key.upper()
-            if not self.handler.offers_dsn or key not in ("NOTIFY", "ORCPT"):
-                raise SMTPError(R.PARAM_NOT_RECOGNIZED.with_text(f"Unsupported parameter {key[:30]}"))
-            if key in out:
-                raise SMTPError(R.PARAM_SYNTAX.with_text(f"{key} given twice"))
-            out[key] = dsn.parse_notify(value) if key == "NOTIFY" else dsn.parse_orcpt(value)
-        return out
 
     def _ready_for_message(self) -> None:
         envelope = self.envelope
@@ -849,59 +748,6 @@ _COMMANDS: dict[bytes, Callable[[Session, str], Awaitable[None]]] = {
 }  # fmt: skip
 
 
-def _waiting_verbs(handler: type[Handler]) -> frozenset[bytes]:
-    """The commands that may wait with this kind of handler: MAIL and RCPT too
-    when it has a hook for them (its own `mail` or `rcpt`)."""
-    verbs = _WAITING_VERBS.get(handler)
-    if verbs is None:
-        extra = {b"MAIL"} if handler.mail is not Handler.mail else set()
-        if handler.rcpt is not Handler.rcpt:
-            extra.add(b"RCPT")
-        verbs = _WAITING_VERBS[handler] = _MAY_WAIT | extra
-    return verbs
-
-
-class _Started(Generic[T]):
-    """A coroutine whose first step runs now, from a callback (say, connection_made);
-    awaiting this, in a task, runs the rest and gives its result."""
-
-    def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
-        self._coro = coro
-        self._first: Any = None
-        self._result: T | None = None
-        self._error: BaseException | None = None
-        self._done = False
-        try:
-            self._first = coro.send(None)
-        except StopIteration as stop:
-            self._done, self._result = True, cast(T, stop.value)
-        except Exception as exc:  # raised where it is awaited, as if it had run there
-            self._done, self._error = True, exc
-
-    def __await__(self) -> Generator[Any, Any, T]:
-        if self._done:
-            if self._error is not None:
-                raise self._error
-            return cast(T, self._result)
-        coro, out = self._coro, self._first
-        while True:
-            try:
-                sent = yield out  # what the coroutine waits for, waited for by our task
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:  # cancelled, say: the coroutine hears of it
-                try:
-                    out = coro.throw(exc)
-                except StopIteration as stop:
-                    return cast(T, stop.value)
-            else:
-                try:
-                    out = coro.send(sent)
-                except StopIteration as stop:
-                    return cast(T, stop.value)
-
-
 def _wire_form(reply: Reply, more: tuple[str, ...]) -> bytes:
     """A reply as it goes on the wire: continuation lines `more`, then the last line."""
     last = f"{reply.code} {reply.status} {reply.text}" if reply.status else f"{reply.code} {reply.text}"
@@ -914,32 +760,12 @@ def _wire_form(reply: Reply, more: tuple[str, ...]) -> bytes:
     return out.encode("utf-8", "surrogateescape")
 
 
-def client_address(ip: str) -> str:
-    """The address as policies see it: an IPv4-mapped IPv6 address becomes plain IPv4."""
-    if ":" not in ip:
-        return ip  # IPv4 already (the common case: no parsing per connection)
-    try:
-        a = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
-        return str(a.ipv4_mapped)
-    return ip
-
-
 def _accepted(result: Reply | None) -> Reply | None:
     """A handler refuses only by raising; a refusal returned by mistake is refused all the same."""
     if result is not None and not result.is_ok:
         log.error("handler returned %s instead of raising SMTPError", result)
         raise SMTPError(result)
     return result
-
-
-def _b64(text: str) -> bytes:
-    try:
-        return b64decode(text.encode("ascii", "replace"), validate=True)
-    except (binascii.Error, ValueError):
-        raise SMTPError(R.AUTH_SYNTAX.with_text("Cannot decode base64")) from None
 
 
 def _redact(line: bytes) -> str:

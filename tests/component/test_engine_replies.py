@@ -19,7 +19,9 @@ import pytest
 from common import reply as R
 from common.reply import Reply
 from common.smtp import Handler, Limits, MailEnvelope, MailSession
-from common.smtp.session import Connections, Listener, Session
+from common.smtp.admission import Connections
+from common.smtp.serve import Listener
+from common.smtp.session import Session
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -155,7 +155,7 @@ def test_any_bytes_give_items_or_wait_and_memory_stays_bounded(chunks: list[byte
 
 def test_ipv4_mapped_client_addresses_are_seen_as_ipv4() -> None:
     from common.smtp import in_networks
-    from common.smtp.session import client_address
+    from common.smtp.admission import client_address
 
     assert client_address("::ffff:192.0.2.7") == "192.0.2.7"
     assert client_address("2001:db8::1") == "2001:db8::1" and client_address("192.0.2.7") == "192.0.2.7"
