@@ -14,7 +14,7 @@ from cli.show import clean
 from common.config import Config
 from common.db import Database
 from common.models import FINAL_STATES, Message, Recipient, utcnow
-from mta import queue
+from mta import queue, wakeup
 
 
 def _pending(s: Any, ident: str | None = None) -> list[Message]:
@@ -85,7 +85,7 @@ def flush(cfg: Config, db: Database, ident: str | None) -> int:
     with db.write() as s:
         n = queue.make_due(s, ident.upper() if ident else None, utcnow())
         s.commit()
-    queue.wake_qmgr(cfg.qmgr_socket)
+    wakeup.send(cfg.qmgr_socket)
     return n
 
 
@@ -94,7 +94,7 @@ def set_held(cfg: Config, db: Database, ident: str, held: bool) -> bool:
         done = queue.hold(s, ident.upper(), held)
         s.commit()
     if done and not held:
-        queue.wake_qmgr(cfg.qmgr_socket)
+        wakeup.send(cfg.qmgr_socket)
     return done
 
 
@@ -111,5 +111,5 @@ def bounce_now(cfg: Config, db: Database, ident: str) -> int:
     with db.write() as s:
         n = queue.return_to_sender(s, ident.upper(), hostname=cfg.mailroom.hostname, now=utcnow())
         s.commit()
-    queue.wake_qmgr(cfg.qmgr_socket)
+    wakeup.send(cfg.qmgr_socket)
     return n

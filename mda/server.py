@@ -8,14 +8,15 @@ never from the address, so no address can point outside the mail root.
 
 Each delivery records a `delivered` event with its path, each refusal a
 `refused` event with the reply.  Our queue manager asks for them with the MAIL
-parameter XRECORD ("the client records the outcome"): then the MDA writes no
-row of its own, each 250 carries the path (`path=...`), and the queue manager
-records the MDA's events in the same transaction as its settle.  A redelivery of a (trace id, recipient) that
-already has a `delivered` event (the queue manager crashed before it recorded
-our 250) is answered 250 without storing the message again; without such an
-event the stores themselves recognise it (the Maildir name, the mbox journal),
-and with XRETRY (an earlier attempt may have stored it) the Maildir copy is
-also looked for in cur/, where a reader moves it.
+parameter XRECORD ("the client records the outcome", common/lmtp_ext.py): then
+the MDA writes no row of its own, each 250 carries the path (`path=...`), and
+the queue manager records the MDA's events in the same transaction as its
+settle.  A redelivery of a (trace id, recipient) that already has a
+`delivered` event (the queue manager crashed before it recorded our 250) is
+answered 250 without storing the message again; without such an event the
+stores themselves recognise it (the Maildir name, the mbox journal), and with
+XRETRY (an earlier attempt may have stored it) the Maildir copy is also looked
+for in cur/, where a reader moves it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 
 from sqlalchemy import Connection, bindparam, select
 
+from common import lmtp_ext
 from common import reply as R
 from common.config import Config
 from common.daemon import Context, serve_until_stopped
@@ -76,18 +78,8 @@ class DeliveryPolicy:
         )
 
 
-# The MAIL parameter by which the client takes on recording the outcomes.
-CLIENT_RECORDS = "XRECORD"
-# What a 250 adds before the mailbox path when the client records the outcome.
-PATH_MARK = " path="
-# The MAIL parameter by which the client says an earlier attempt may have stored
-# this message (its 250 was lost): a Maildir copy is then looked for in cur/ too,
-# where a reader moves it out of new/.
-RETRY = "XRETRY"
-
-
 class LMTPHandler(Handler):
-    ehlo_keywords = ("XTRACE", CLIENT_RECORDS, RETRY)
+    ehlo_keywords = ("XTRACE", lmtp_ext.XRECORD, lmtp_ext.XRETRY)
     # A BODY=BINARYMIME message is stored with its body octets as they came.
     offers_binarymime = True
 
@@ -112,7 +104,7 @@ class LMTPHandler(Handler):
         box = await self.db.run(self._lookup, recipient)
         if box is None:
             log.info("refused to=<%s>: user unknown", recipient)
-            if CLIENT_RECORDS not in envelope.params:
+            if lmtp_ext.XRECORD not in envelope.params:
                 await self.db.write_batched(
                     self._record, envelope.trace_id, [(recipient, R.UNKNOWN_USER, "")], relaxed=True
                 )
@@ -139,7 +131,7 @@ class LMTPHandler(Handler):
 
     async def refused(self, session: MailSession, envelope: MailEnvelope, reply: Reply) -> None:
         # Too big or a line too long: the trace should say so for each recipient.
-        if CLIENT_RECORDS in envelope.params:
+        if lmtp_ext.XRECORD in envelope.params:
             return  # the client records each recipient's reply itself
         outcomes = [(rcpt, reply, "") for rcpt in dict.fromkeys(envelope.rcpt_tos)]
         try:
@@ -162,13 +154,13 @@ class LMTPHandler(Handler):
             # for an mbox lock, and must not hold up other sessions' lookups.
             replies, outcomes = await asyncio.to_thread(
                 self._deliver_all, envelope.trace_id, envelope.mail_from, envelope.rcpt_tos, body,
-                CLIENT_RECORDS in envelope.params, RETRY in envelope.params,
+                lmtp_ext.XRECORD in envelope.params, lmtp_ext.XRETRY in envelope.params,
             )
         except Exception:
             # Never a single reply in LMTP (the client would wait for the rest).
             log.exception("delivery failed")
             return [R.LOCAL_ERROR] * len(envelope.rcpt_tos)
-        if CLIENT_RECORDS in envelope.params:
+        if lmtp_ext.XRECORD in envelope.params:
             # The queue manager records the outcomes (paths in the replies)
             # with its settle: no write transaction here at all.
             return replies
@@ -201,7 +193,9 @@ class LMTPHandler(Handler):
             try:
                 path = self._deliver_one(trace, sender, rcpt, box, body, earlier.get(rcpt), retry=retry)
                 text = f"Ok: delivered to {box.store} ({trace})"
-                reply = Reply(250, "2.0.0", text + (PATH_MARK + path if path_in_reply else ""))
+                reply = Reply(250, "2.0.0", text)
+                if path_in_reply:
+                    reply = lmtp_ext.with_path(reply, path)
                 log.info("delivered to=<%s> %s=%s", rcpt, box.store, path)
             except SMTPError as exc:
                 path, reply = "", exc.reply
