@@ -2,7 +2,9 @@
 
 Without --check it prints the records in zone-file form: MX, SPF, one DKIM
 record per key (old selectors stay until their mail has arrived), DMARC,
-MTA-STS and TLS-RPT, and the reverse DNS the host name needs.  With --check
+MTA-STS (its id changes whenever the policy does) and TLS-RPT, the DANE
+TLSA records of the MX host's current and next keys, the reverse DNS the
+host name needs, and the SRV records mail clients look for (RFC 6186).  With --check
 it asks the configured resolver (`[dns] nameservers`) for each and reports it
 as present, missing or different; the exit status is 1 when any is not present.
 """
@@ -15,10 +17,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cli import unbound
 from cli.dkim import zone_lines
 from common import config as configmod
+from common.tls import tlsa_3_1_1
 from mta import dkim
 from mta.authdns import DNSTempError, Resolver, SyncResolver, txt
+from web import mta_sts
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -67,10 +72,27 @@ def records(cfg: configmod.Config, domain: str) -> list[Record]:
     out += [
         Record("DMARC", f"_dmarc.{domain}", "TXT", f"v=DMARC1; p=quarantine; rua=mailto:postmaster@{domain}",
                _starts("v=DMARC1")),
-        Record("MTA-STS", f"_mta-sts.{domain}", "TXT", "v=STSv1; id=1", _starts("v=STSv1")),
+        Record("MTA-STS", f"_mta-sts.{domain}", "TXT", mta_sts.txt_record(cfg), _starts("v=STSv1")),
         Record("TLS-RPT", f"_smtp._tls.{domain}", "TXT", f"v=TLSRPTv1; rua=mailto:postmaster@{domain}",
                _starts("v=TLSRPTv1")),
     ]
+    return out
+
+
+def tlsa_records(cfg: configmod.Config) -> list[Record]:
+    """DANE-EE `3 1 1` (RFC 7672 3.1.1: the SHA-256 of the key, so a renewal that keeps the key
+    keeps the record true) for the MX host's current key and, once there is one, the next
+    (`mailroom cert renew --new-key` moves to it; publish it well before)."""
+    name = f"_25._tcp.{cfg.mailroom.hostname.rstrip('.')}"
+    out: list[Record] = []
+    keys = [cfg.resolve(cfg.tls.key), cfg.resolve(cfg.acme.dir) / "next-key.pem"]
+    for path in keys:
+        try:
+            value = tlsa_3_1_1(path.read_bytes())
+        except (OSError, ValueError, TypeError):
+            continue
+        if all(r.value != value for r in out):
+            out.append(Record("TLSA", name, "TLSA", value, _same(value)))
     return out
 
 
@@ -102,17 +124,55 @@ def render(cfg: configmod.Config, domain: str) -> str:
     keys = [k for k in dkim.load_keys(cfg.resolve(cfg.dkim.key_dir)) if k.domain == domain]
     lines.append("; DKIM (one record per key; keep old selectors published while their mail may be in transit)")
     lines += zone_lines(keys) or [f"; none yet: mailroom dkim keygen {domain}"]
+    lines.append(f"; MTA-STS: the web program serves https://mta-sts.{domain}{mta_sts.PATH} ([web] https, "
+                 "a certificate naming the host: `mailroom cert request`); it reads:")
+    lines += [f";   {line}" for line in mta_sts.policy(cfg).splitlines()]
+    lines.append("; (the id in the TXT record above changes with the policy: publish it again after a change)")
+    tlsa = tlsa_records(cfg)
+    if tlsa:
+        lines.append("; DANE (in a DNSSEC-signed zone only): the MX host's current key"
+                     + (" and the next one (publish both; renewals keep the key)" if len(tlsa) > 1 else ""))
+        lines += [f"{r.name}. IN TLSA {r.value}" for r in tlsa]
     lines += [
-        f"; MTA-STS also needs https://mta-sts.{domain}/.well-known/mta-sts.txt containing:",
-        ";   version: STSv1",
-        ";   mode: testing",
-        f";   mx: {host}",
-        ";   max_age: 604800",
-        "; (change id= in the TXT record whenever the policy file changes)",
         "; Reverse DNS (set by whoever owns the address, usually the hosting provider):",
         f";   {host}. IN A <address>   and   the PTR of <address> -> {host}.",
     ]
+    lines += srv_lines(cfg, domain)
     return "\n".join(lines) + "\n"
+
+
+def srv_lines(cfg: configmod.Config, domain: str) -> list[str]:
+    """SRV records that let a mail client find its servers from the address alone (RFC 6186;
+    _submissions, RFC 8314 5.1), for the listeners as configured: a service that is off
+    gets the target "." (RFC 6186 3.4: decidedly not available)."""
+    host = cfg.mailroom.hostname.rstrip(".")
+    imap = cfg.imap.enabled
+    # The priority counts across the services of one kind (RFC 6186 3.4): implicit TLS
+    # first, as RFC 8314 asks, and IMAP before POP3.
+    services = [
+        ("_submissions", 0, "msa.submissions", "implicit TLS (RFC 8314)"),
+        ("_submission", 10, "msa.submission", "STARTTLS"),
+        ("_imaps", 0, "imap.imaps" if imap else "", "implicit TLS"),
+        ("_imap", 10, "imap.imap" if imap else "", "STARTTLS"),
+        ("_pop3s", 20, "imap.pop3s" if imap else "", "implicit TLS"),
+    ]
+    out = ["; SRV: where mail clients find the servers (RFC 6186, RFC 8314), the ports as configured"]
+    for name, priority, key, note in services:
+        port = _client_port(cfg, key)
+        target = f"{priority} 1 {port} {host}." if port else "0 0 0 ."
+        out.append(f"{name}._tcp.{domain}. IN SRV {target}   ; {note}" + ("" if port else ": off here"))
+    return out
+
+
+def _client_port(cfg: configmod.Config, key: str) -> int | None:
+    """The TCP port a client reaches `key`'s listener on; None when it is off or a Unix socket."""
+    if not key:
+        return None
+    if key.startswith("imap."):
+        listen = getattr(cfg.imap, key.split(".", 1)[1])
+        return configmod.parse_hostport(listen)[1] if listen else None
+    where = cfg.endpoint(key)
+    return None if where.is_unix else where.port
 
 
 def _quote(r: Record) -> str:
@@ -182,5 +242,6 @@ def run(args: argparse.Namespace, cfg: configmod.Config, resolver: Resolver | No
         return 0
     lines, ok = check(cfg, domain, resolver or SyncResolver(cfg.dns.nameservers, cfg.dns.timeout))
     print("\n".join(lines))
+    print(unbound.validation_line(cfg))  # whether the resolver the daemons use validates DNSSEC
     print("all records present" if ok else "some records are missing or different")
     return 0 if ok else 1

@@ -43,6 +43,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from cli import dovecot_sieve
 from common.config import Config, parse_hostport
 from common.db import Database
 from common.models import User
@@ -130,7 +131,7 @@ def user_line(cfg: Config, user: User) -> str | None:
     """One passwd-file line; None for a user who cannot log in (no password) or cannot be written."""
     if not user.password_hash.startswith("$argon2") or any(c in user.address for c in ":\n\r\0"):
         return None
-    fields = [f"userdb_mail={mail_location(cfg, user)}"]
+    fields = [f"userdb_mail={mail_location(cfg, user)}", *dovecot_sieve.user_fields(cfg, user.mailbox)]
     if user.quota > 0 and user.store == "maildir":
         # Only for Maildir: Dovecot's Maildir++ backend is the MDA's bookkeeping; an
         # mbox is measured by the MDA as one file's size, which no backend reports.
@@ -226,7 +227,7 @@ def render_config(cfg: Config, ids: MailIds) -> Path:
 base_dir = {base}
 state_dir = {state}
 instance_name = {instance}
-protocols = imap pop3
+protocols = imap pop3{dovecot_sieve.protocols(cfg)}
 listen = 127.0.0.1
 log_path = /dev/stderr
 log_timestamp = "%Y-%m-%d %H:%M:%S "
@@ -261,7 +262,7 @@ pop3_uidl_format = %08Xu%08Xv
 # The users file sets `quota` and `quota_rule` for each Maildir user with a quota.
 mail_plugins = $mail_plugins quota
 protocol imap {{
-  mail_plugins = $mail_plugins imap_quota
+  mail_plugins = $mail_plugins imap_quota{dovecot_sieve.imap_plugins(cfg)}
 }}
 
 passdb {{
@@ -282,6 +283,19 @@ service pop3-login {{
 {_listener("pop3s", cfg.imap.pop3s, ssl=True)}{no_chroot}}}
 service anvil {{
 {no_chroot}}}
+# Failed logins, counted by Dovecot's own statistics (an event per finished
+# authentication, grouped by protocol): the web program reads them from the
+# stats-reader socket for /metrics beside the MSA's (web/dovecot_stats.py).
+metric auth_failures {{
+  filter = event=auth_request_finished AND NOT success=yes
+  group_by = service
+}}
+service stats {{
+  unix_listener stats-reader {{
+    user = {ids.name}
+    mode = 0600
+  }}
+{no_chroot}}}
 # The users file belongs to the Mailroom user; so does the process reading it.
 service auth {{
   user = {ids.name}
@@ -290,9 +304,29 @@ service auth-worker {{
   user = {ids.name}
 }}
 """
+    # Users' filters: ManageSieve, and learning spam from IMAP moves (cli/dovecot_sieve.py).
+    text += dovecot_sieve.render(cfg, no_chroot)
+    if ids.as_root and dovecot_sieve.learning_on(cfg):
+        # Dovecot's imap processes read the scripts and keep their compiled forms there.
+        learn = dovecot_sieve.learn_dir(cfg)
+        for path in (learn, *learn.iterdir()):
+            os.chown(path, ids.uid, ids.gid)
     out = config_file(cfg)
     out.write_text(text)
+    _name_stats_socket(cfg, base / "stats-reader", ids)
     return out
+
+
+def _name_stats_socket(cfg: Config, path: Path, ids: MailIds) -> None:
+    """Say where Dovecot's stats-reader socket is, for the web program's /metrics
+    (web/dovecot_stats.py): the base folder may be a short one under /tmp."""
+    from web.dovecot_stats import SOCKET_FILE
+
+    pointer = cfg.run_dir.resolve() / SOCKET_FILE
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    pointer.write_text(f"{path}\n")
+    if ids.as_root:
+        os.chown(pointer, ids.uid, ids.gid)
 
 
 def prepare(cfg: Config, db: Database) -> str | None:

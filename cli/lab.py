@@ -1,11 +1,16 @@
 """`mailroom lab`: start Mailroom inside a lab Internet, and send each scenario's message.
 
-`mailroom lab start` (or plain `mailroom lab`) makes a lab installation the first
-time (`mailroom init` in ./var-lab, a user to send as, DNS pointed at the lab's
-own server, MX hosts on 127.0.0.x, lab time running [lab] time_warp times
-faster), then runs it as `mailroom run` does.  `mailroom lab send SCENARIO`
-submits that scenario's message through the MSA, as a mail client would.
-docs/lab.md walks through every scenario.
+`mailroom lab create` makes a lab installation (`mailroom init` in ./var-lab, a
+user to send as, DNS pointed at the lab's own server, MX hosts on 127.0.0.x,
+lab time running [lab] time_warp times faster) without starting it;
+`mailroom lab start` (or plain `mailroom lab`) makes one the first time too,
+then runs it as `mailroom run` does.  Ports are chosen at creation
+(--dns-port, --mx-port, --port-offset for Mailroom's own listeners) and live
+in the config file after that ([lab] dns, [mta] remote_port, the listeners).
+`mailroom lab env` prints them as shell variables, which the commands in
+docs/lab.md use.  `mailroom lab send SCENARIO` submits that scenario's message
+through the MSA, as a mail client would.  docs/lab.md walks through every
+scenario.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import re
 import secrets
+import shlex
 import shutil
 import smtplib
 import ssl
@@ -30,11 +37,17 @@ LAB_DIR = "./var-lab"
 LAB_DOMAIN = "mailroom.test"
 LAB_HOSTNAME = "mail.mailroom.test"
 LAB_SENDER = f"learner@{LAB_DOMAIN}"
-LAB_DNS = "127.0.0.1:2553"
+LAB_DNS_PORT = 2553
+LAB_DNS = f"127.0.0.1:{LAB_DNS_PORT}"
 LAB_MX_PORT = 2526  # every lab MX host listens here, each at its own 127.0.0.x
 LAB_POLICY_PORT = 2443  # the MTA-STS policy host (real ones on 443)
 LAB_DNSSEC = "127.0.0.1:2554"  # the validating resolver of the DANE scenario
 DEFAULT_WARP = 3600.0
+# How often the queue manager looks for due mail, in lab time: the default poll of
+# one real second would be an hour of lab time at 3600x, and a delay warning due at
+# 4 h would come up to an hour late.
+LAB_POLL = 300.0
+MIN_POLL = 0.1  # real seconds: the scans cost little, but not nothing
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -45,10 +58,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     act = p.add_subparsers(dest="action")
+    create = act.add_parser("create", help="make a lab installation, without starting it")
     start = act.add_parser("start", help="create the lab installation if needed, and run it (the default)")
-    start.add_argument("--dir", help=f"the lab installation's folder (default {LAB_DIR}, or --config's)")
-    start.add_argument("--warp", type=float, default=None,
-                       help=f"lab time speed for a new installation (default {DEFAULT_WARP:g}x)")
+    for sp in (create, start):
+        sp.add_argument("--dir", help=f"the lab installation's folder (default {LAB_DIR}, or --config's)")
+        sp.add_argument("--warp", type=float, default=None,
+                        help=f"lab time speed for a new installation (default {DEFAULT_WARP:g}x)")
+        sp.add_argument("--dns-port", type=_port, default=None,
+                        help=f"a new lab's DNS server port on 127.0.0.1 (default {LAB_DNS_PORT})")
+        sp.add_argument("--mx-port", type=_port, default=None,
+                        help=f"the port every lab MX host of a new lab listens on (default {LAB_MX_PORT})")
+        sp.add_argument("--port-offset", type=int, default=None,
+                        help="added to each of Mailroom's own development ports in a new lab (2587, 2525, ... "
+                        "and the web's 8025), to run it beside another Mailroom (default 0)")
+    act.add_parser("env", help="the lab's ports and sender as shell variables: eval \"$(mailroom lab env)\"")
     send = act.add_parser("send", help="submit one scenario's message through the MSA",
                           description="Scenarios:\n" + scenarios.help_text(),
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,6 +85,17 @@ def config_path(args: argparse.Namespace) -> Path:
     return Path(args.config or os.environ.get("MAILROOM_CONFIG") or Path(LAB_DIR) / "mailroom.toml").absolute()
 
 
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and 0 < int(text) < 65536):
+        raise argparse.ArgumentTypeError(f"not a port: {text!r}")
+    return int(text)
+
+
+# What a creation option sets, and where it lives in the config afterwards.
+_CREATION = {"warp": "[lab] time_warp", "dns_port": "[lab] dns and [dns] nameservers",
+             "mx_port": "[mta] remote_port", "port_offset": "the listener settings"}
+
+
 def run(args: argparse.Namespace) -> int:
     action = args.action or "start"
     if action == "list":
@@ -69,14 +103,21 @@ def run(args: argparse.Namespace) -> int:
             print(f"{s.name:<15} {s.recipient:<28} {s.summary}\n{'':<15} expect: {s.outcome}")
         return 0
     path = config_path(args)
-    warp = getattr(args, "warp", None)
-    if action == "start" and not path.exists():
-        made = create(path.parent, warp or DEFAULT_WARP)
-        if made:
+    chosen: dict[str, float] = {k: getattr(args, k) for k in _CREATION if getattr(args, k, None) is not None}
+    if action == "create" and path.exists():
+        print(f"mailroom lab create: {clean(path)} exists; `mailroom lab start --dir {clean(path.parent)}` runs it",
+              file=sys.stderr)
+        return 1
+    if action in ("create", "start") and not path.exists():
+        made = create(path.parent, float(chosen.get("warp", DEFAULT_WARP)),
+                      dns_port=int(chosen.get("dns_port", LAB_DNS_PORT)),
+                      mx_port=int(chosen.get("mx_port", LAB_MX_PORT)), port_offset=int(chosen.get("port_offset", 0)))
+        if made or action == "create":
             return made
-    elif warp is not None:
-        print(f"mailroom lab: --warp only chooses the speed of a new lab; this one's is [lab] time_warp in "
-              f"{clean(path)}", file=sys.stderr)
+    elif chosen:
+        where = ", ".join(_CREATION[k] for k in chosen)
+        print(f"mailroom lab: --{'/--'.join(k.replace('_', '-') for k in chosen)} only choose for a new lab; "
+              f"this one's are in {clean(path)} ({where})", file=sys.stderr)
     try:
         cfg = configmod.load(path)
     except configmod.ConfigError as exc:
@@ -88,13 +129,23 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if action == "send":
         return send(cfg, scenarios.BY_NAME[args.scenario])
+    if action == "env":
+        print(env(cfg), end="")
+        return 0
     print(f"lab Internet: DNS at {cfg.lab.dns}, MX hosts on 127.0.0.11-21 port {cfg.mta.remote_port}, "
           f"lab time {cfg.lab.time_warp:g}x; send with `mailroom --config {path} lab send SCENARIO`", flush=True)
     return supervise.run(cfg)
 
 
-def create(base: Path, warp: float) -> int:
-    """A new lab installation in `base`: `mailroom init`, lab settings, a user to send as."""
+def create(
+    base: Path, warp: float, *, dns_port: int = LAB_DNS_PORT, mx_port: int = LAB_MX_PORT, port_offset: int = 0,
+    listeners: dict[str, int] | None = None,
+) -> int:
+    """A new lab installation in `base`: `mailroom init`, lab settings, a user to send as.
+
+    Ports: the lab DNS on 127.0.0.1:`dns_port`, every lab MX host on `mx_port`;
+    each of Mailroom's listeners on its development port plus `port_offset`, or
+    on the port `listeners` names for it (by setting name: "submission", "lmtp"...)."""
     cli = [sys.executable, "-m", "cli.main"]
     r = subprocess.run([*cli, "init", "--dir", str(base), "--domain", LAB_DOMAIN, "--hostname", LAB_HOSTNAME])
     if r.returncode:
@@ -103,10 +154,16 @@ def create(base: Path, warp: float) -> int:
     password = secrets.token_urlsafe(12)
     since = dt.datetime.now(dt.UTC).replace(tzinfo=None, microsecond=0).isoformat()
     text = conf.read_text()
-    for old, new in (
-        ("nameservers = []", f'nameservers = ["{LAB_DNS}"]'),
-        ("[mta]\n", f"[mta]\n# The lab's MX hosts listen here (real ones on 25).\nremote_port = {LAB_MX_PORT}\n"),
-    ):
+    dns = f"127.0.0.1:{dns_port}"
+    poll = max(MIN_POLL, min(1.0, LAB_POLL / warp))
+    edits = [
+        ("nameservers = []", f'nameservers = ["{dns}"]'),
+        ("[mta]\n", f"[mta]\n# The lab's MX hosts listen here (real ones on 25).\nremote_port = {mx_port}\n"
+                    f"# Look for due mail every {LAB_POLL / 60:g} lab minutes (real seconds here).\n"
+                    f'poll_interval = "{poll:g}s"\n'),
+    ]
+    edits += _listener_edits(text, port_offset, listeners or {})
+    for old, new in edits:
         if old not in text:
             print(f"mailroom lab: {conf} does not look as `mailroom init` writes it ({old!r})", file=sys.stderr)
             return 1
@@ -115,7 +172,7 @@ def create(base: Path, warp: float) -> int:
 [lab]
 # The lab Internet (docs/lab.md): a DNS server and MX hosts on 127.0.0.x, run with the daemons.
 enabled = true
-dns = "{LAB_DNS}"
+dns = "{dns}"
 # Lab time runs this many times faster: retries, delay warnings and bounces in minutes.
 time_warp = {warp:g}
 time_warp_since = "{since}"
@@ -151,6 +208,39 @@ dnssec_resolvers = ["{LAB_DNSSEC}"]
               file=sys.stderr)
         text = text.replace(f'dnssec = "{LAB_DNSSEC}"\n', "").replace(f'dnssec_resolvers = ["{LAB_DNSSEC}"]\n', "")
     return text
+
+
+# Mailroom's own TCP listeners as `mailroom init` writes them (setting = "127.0.0.1:PORT").
+_LISTENER = re.compile(r'^(submission|submissions|smtp|internal|lmtp|imap|imaps|pop3s|listen) = "127\.0\.0\.1:(\d+)"$',
+                       re.M)
+
+
+def _listener_edits(text: str, offset: int, chosen: dict[str, int]) -> list[tuple[str, str]]:
+    """(line, new line) for each listener moved: to chosen[setting], or by `offset`."""
+    edits = []
+    for m in _LISTENER.finditer(text):
+        key, port = m.group(1), int(m.group(2))
+        new = chosen.get(key, port + offset)
+        if new != port:
+            if not 0 < new < 65536:
+                raise SystemExit(f"mailroom lab: --port-offset {offset} puts {key} on {new}, not a port")
+            edits.append((m.group(0), f'{key} = "127.0.0.1:{new}"'))
+    return edits
+
+
+def env(cfg: configmod.Config) -> str:
+    """The lab's ports and sender as shell assignments (docs/lab.md's commands use them)."""
+    _, dns_port = configmod.parse_hostport(cfg.lab.dns)
+    host, port = cfg.endpoint("msa.submission").hostport
+    values = {
+        "MAILROOM_CONFIG": str(cfg.path),
+        "LAB_DNS_PORT": str(dns_port),
+        "LAB_MX_PORT": str(cfg.mta.remote_port),
+        "LAB_SUBMISSION": f"{host}:{port}",
+        "LAB_SENDER": cfg.lab.sender,
+        "LAB_PASSWORD": cfg.lab.sender_password,
+    }
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in values.items())
 
 
 def send(cfg: configmod.Config, s: scenarios.Scenario) -> int:

@@ -1,4 +1,4 @@
-"""`mailroom`: the operator's command (init, run, status, user, alias, queue, trace, config, client-config, lab).
+"""`mailroom`: the operator's command (init, run, status, reload, user, alias, queue, trace, config, cert, lab...).
 
 Every command takes --config FILE (default $MAILROOM_CONFIG or ./var/mailroom.toml).
 User, alias, queue and trace commands work on the database directly, so they
@@ -17,9 +17,10 @@ from pathlib import Path
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from cli import cert as certcmd
 from cli import dkim as dkimcmd
 from cli import dns as dnscmd
-from cli import dovecot, postmaster, setup, supervise, trace
+from cli import dovecot, dovecot_sieve, postmaster, rspamd, setup, supervise, trace
 from cli import lab as labcmd
 from cli import queue as queuecmd
 from cli.show import clean, public_config
@@ -29,8 +30,9 @@ from common.clock import for_lab
 from common.clock import use as use_clock
 from common.db import Database
 from common.models import Alias, Domain, User
+from common.passwords import WeakPassword
 from common.tls import make_self_signed
-from common.users import find_user, hash_password, mailbox_name
+from common.users import find_user, hash_new_password, mailbox_name
 from web import autoconfig
 
 
@@ -61,7 +63,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     try:
         base.mkdir(parents=True, exist_ok=True)
         os.chmod(base, privileges.PRIVATE_DIR)
-        conf.write_text(configmod.render_default(args.domain.lower(), args.hostname, acct.name, imap=_has_dovecot()))
+        conf.write_text(configmod.render_default(
+            args.domain.lower(), args.hostname, acct.name, imap=_has_dovecot(), rspamd=rspamd.installed()
+        ))
         cfg = configmod.load(conf)
         privileges.private_dir(cfg.mail_root, acct)
         privileges.private_dir(cfg.run_dir, acct)
@@ -132,7 +136,13 @@ def _user(args: argparse.Namespace, cfg: configmod.Config) -> int:
         return 1
     # Ask (and hash) before opening the write transaction: it holds SQLite's
     # write lock, and every daemon would wait while the operator types.
-    hashed = hash_password(_password(args)) if args.action in ("add", "passwd") else ""
+    hashed = ""
+    if args.action in ("add", "passwd"):
+        try:
+            hashed = hash_new_password(_password(args), address)
+        except WeakPassword as exc:
+            print(f"{shown}: password refused: {exc}", file=sys.stderr)
+            return 1
     with db.write() as s:
         user = find_user(s, address)
         if args.action == "add":
@@ -257,22 +267,19 @@ def cmd_queue(args: argparse.Namespace, cfg: configmod.Config) -> int:
             return 1
         print(json.dumps(items, indent=2) if args.json else queuecmd.render_text(items))
         return 0
-    if action == "flush":
-        print(f"{queuecmd.flush(cfg, db, ident)} recipient(s) due now")
-        return 0
-    if not ident:
+    if action != "flush" and not ident:
         print(f"queue {action} needs a message id", file=sys.stderr)
         return 1
-    if action in ("hold", "release"):
-        ok = queuecmd.set_held(cfg, db, ident, action == "hold")
+    if action == "flush":
+        done = queuecmd.flush(cfg, db, ident)
+    elif action in ("hold", "release"):
+        done = queuecmd.set_held(cfg, db, ident, action == "hold")
     elif action == "delete":
-        ok = queuecmd.delete(db, ident) > 0
+        done = queuecmd.delete(db, ident)
     else:
-        ok = queuecmd.bounce_now(cfg, db, ident) > 0
-    if not ok:
-        print(f"{clean(ident)}: not in the queue", file=sys.stderr)
-        return 1
-    return 0
+        done = queuecmd.bounce_now(cfg, db, ident)
+    print(done.text, file=sys.stdout if done.ok else sys.stderr)
+    return 0 if done.ok else 1
 
 
 def cmd_client_config(args: argparse.Namespace, cfg: configmod.Config) -> int:
@@ -286,6 +293,9 @@ def cmd_client_config(args: argparse.Namespace, cfg: configmod.Config) -> int:
         print(autoconfig.render_xml(settings, domain), end="")
         return 0
     print(autoconfig.render_text(settings, address), end="")
+    if cfg.imap.enabled and dovecot_sieve.managesieve_on(cfg):  # users' filters (Thunderbird, Roundcube)
+        print(f"Filters:   ManageSieve {cfg.mailroom.hostname} port {configmod.parse_hostport(cfg.imap.sieve)[1]} "
+              "STARTTLS, normal password")
     with _db(cfg).read() as s:
         if find_user(s, address) is None:
             print(f"note: {address} is not a user yet (`mailroom user add {address}`)")
@@ -323,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("run", help="run every daemon under supervisord, in the foreground")
     sub.add_parser("status", help="each daemon's state")
+    sub.add_parser("reload", help="every daemon takes a new certificate and the settings that can change "
+                   "safely (SIGHUP), without a restart")
     for name in ("stop", "start", "restart"):
         sp = sub.add_parser(name, help=f"{name} a daemon (or all)")
         sp.add_argument("program", nargs="?", default="all", choices=(*supervise.PROGRAMS, "all"))
@@ -357,12 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("id", nargs="?")
     t.add_argument("--json", action="store_true")
     t.add_argument("--follow", "-f", action="store_true",
-                   help="print each hop as it happens (without ID: every message's)")
+                   help="print each hop as it happens (without ID: every message's, until Ctrl-C; with ID: "
+                   "until every recipient has its final outcome; an unknown ID is waited for 10 s)")
 
     cc = sub.add_parser("client-config", help="the settings a mail client needs for ADDRESS")
     cc.add_argument("address")
     cc.add_argument("--xml", action="store_true", help="the autoconfig XML the web program serves")
     dkimcmd.add_parser(sub)
+    certcmd.add_parser(sub)
     dnscmd.add_parser(sub)
     labcmd.add_parser(sub)
 
@@ -403,7 +417,13 @@ def _main(argv: list[str] | None) -> int:
         case "run":
             return supervise.run(cfg)
         case "status":
-            return supervise.ctl(cfg, "status")
+            code = supervise.ctl(cfg, "status")
+            print(certcmd.expiry_line(cfg))
+            return code
+        case "reload":
+            return supervise.reload(cfg)
+        case "cert":
+            return certcmd.run(args, cfg)
         case "stop" | "start" | "restart":
             return supervise.ctl(cfg, args.command, supervise.program_spec(cfg, args.program))
         case "user":

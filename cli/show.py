@@ -36,8 +36,8 @@ SECRET = "********"
 def public_config(cfg: Config) -> dict[str, Any]:
     """The effective configuration as `config show` prints it: every secret as ********.
 
-    Secrets are the settings the schema marks as such, and the password in a
-    database URL (postgresql+psycopg://user:PASSWORD@host/db).
+    Secrets are the settings the schema marks as such, and every credential in
+    the database URL (`mask_url`).
     """
     data = cfg.as_dict()
     for section in dataclasses.fields(cfg):
@@ -47,8 +47,29 @@ def public_config(cfg: Config) -> dict[str, Any]:
         for setting in dataclasses.fields(value):
             if setting.metadata.get("kind") == "secret" and data[section.name][setting.name]:
                 data[section.name][setting.name] = SECRET
-    data["mailroom"]["database"] = _URL_PASSWORD.sub(rf"\1{SECRET}@", data["mailroom"]["database"])
+    data["mailroom"]["database"] = mask_url(data["mailroom"]["database"])
     return data
 
 
-_URL_PASSWORD = re.compile(r"^([a-z0-9+.-]+://[^:/@]*:)[^@]*@", re.I)
+# user:PASSWORD@ before the path or query (a password may itself hold an @ or a /).
+_URL_PASSWORD = re.compile(r"^([a-z0-9+.-]+://[^:/@?#]*:)[^?#]*@", re.I)
+# A query parameter whose name says it carries a secret: libpq's password and
+# sslpassword, and the tokens and keys of other drivers.  Masking a harmless one
+# (sslkey, a file name) costs nothing; printing a password costs much.
+_SECRET_NAME = re.compile(r"pass|pwd|secret|token|key|auth|cred", re.I)
+
+
+def mask_url(url: str) -> str:
+    """A database URL with every credential in it as ********: the password of the
+    user part (postgresql+psycopg://user:PASSWORD@host/db) and the value of every
+    query parameter that holds one (?password=..., &sslpassword=...)."""
+    url = _URL_PASSWORD.sub(rf"\1{SECRET}@", url)
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url
+    query, hash_sep, fragment = query.partition("#")
+    pairs = []
+    for pair in query.split("&"):
+        name, eq, value = pair.partition("=")
+        pairs.append(f"{name}={SECRET}" if eq and value and _SECRET_NAME.search(name) else pair)
+    return base + sep + "&".join(pairs) + hash_sep + (SECRET if fragment else "")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
 
-from cli import dovecot, watch
+from cli import dovecot, rspamd, unbound, watch
 from cli.watch import failure_file
 from common import config as configmod
 from common import privileges
@@ -19,8 +20,8 @@ from common.db import Database
 from common.endpoint import BindError
 
 # The four daemons (cli/watch.py stops the suite when one cannot start), the web
-# program and Dovecot.
-PROGRAMS = (*watch.PROGRAMS, "web", "imap")
+# program, Dovecot, the certificate renewer and the supervised content filter.
+PROGRAMS = (*watch.PROGRAMS, "web", "imap", "renew", "redis", "rspamd")
 # Package data, so an installed Mailroom (a wheel, not a checkout) finds it too.
 TEMPLATE = "supervisord.conf.in"
 
@@ -50,6 +51,14 @@ priority = 5
 {common}"""
 
 
+# The certificate renewer (cli/renewer.py), when ACME is on.
+_RENEW = """\
+[program:renew]
+command = {python} -m cli.renewer --config {config}
+priority = 60
+{common}"""
+
+
 def _imap_program(cfg: Config, common: str, *, with_imap: bool) -> str:
     program = dovecot.find_dovecot(cfg)
     if not with_imap or program is None:
@@ -57,7 +66,7 @@ def _imap_program(cfg: Config, common: str, *, with_imap: bool) -> str:
     return _IMAP.format(dovecot=program, conf=dovecot.config_file(cfg), common=common)
 
 
-def render(cfg: Config, *, log_file: str = "/dev/stdout", with_imap: bool = False) -> Path:
+def render(cfg: Config, *, log_file: str = "/dev/stdout", with_imap: bool = False, with_filter: bool = False) -> Path:
     """Write RUN_DIR/supervisord.conf for this config; returns its path."""
     run_dir = cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -66,9 +75,14 @@ def render(cfg: Config, *, log_file: str = "/dev/stdout", with_imap: bool = Fals
     text = template.format(
         run_dir=run_dir, python=sys.executable, config=cfg.path, common=common,
         imap=_imap_program(cfg, common, with_imap=with_imap), **_mta_processes(cfg.mta.processes),
+        renew=_RENEW.format(python=sys.executable, config=cfg.path, common=common) if cfg.acme.directory
+        else "; renew: no certificate renewer ([acme] directory is empty)",
     )
+    if with_filter:  # rspamd and its Redis (cli/rspamd.py)
+        text += rspamd.programs(cfg, common, _root_switch(cfg))
     if cfg.lab.enabled:
         text += _LAB.format(python=sys.executable, config=cfg.path, common=common)
+    text += unbound.program(cfg, common)  # the local validating resolver, when chosen
     text += _WATCH.format(python=sys.executable, run_dir=run_dir)
     out = run_dir / "supervisord.conf"
     out.write_text(text)
@@ -128,6 +142,9 @@ def preflight(cfg: Config) -> str | None:
     # All at once, as the daemons hold them: two addresses of one setting that
     # overlap ([::]:25 and 0.0.0.0:25) are found here too.
     endpoints = {key: cfg.endpoints(key) for key in configmod.listener_keys()}
+    # The web program's optional listeners for the Internet (the 80 and 443 roles), when on.
+    endpoints.update({key: cfg.endpoints(key) for key, on in (("web.http", cfg.web.http), ("web.https", cfg.web.https))
+                      if on})
     try:
         bound = bind_all(endpoints)
     except BindError as exc:
@@ -157,7 +174,13 @@ def run(cfg: Config) -> int:
         db.close()
     if why_not:
         print(f"mailroom: {why_not}", file=sys.stderr, flush=True)
-    conf = render(cfg, with_imap=why_not is None)
+    if cfg.dns.resolver == "unbound" and (problem := unbound.prepare(cfg, user=_unbound_user(cfg))):
+        print(f"mailroom run: {problem}", file=sys.stderr)
+        return 1
+    filter_down = rspamd.prepare(cfg, _root_switch(cfg)) if cfg.filter.supervised else "off"
+    if filter_down and cfg.filter.supervised:
+        print(f"mailroom: {filter_down}", file=sys.stderr, flush=True)
+    conf = render(cfg, with_imap=why_not is None, with_filter=filter_down is None)
     run_dir = cfg.run_dir.resolve()
     for old in (run_dir / "stopped", *(failure_file(run_dir, p) for p in PROGRAMS)):
         with contextlib.suppress(FileNotFoundError):
@@ -167,6 +190,17 @@ def run(cfg: Config) -> int:
     argv = [sys.executable, "-m", "cli.watch", "run", str(run_dir), "relay" if not _stdout_reopens() else "direct",
             sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)]
     os.execv(sys.executable, argv)
+
+
+def _root_switch(cfg: Config) -> privileges.Account | None:
+    """Whom supervisord starts a program as that cannot drop root itself: the Mailroom
+    user when we are root (preflight checked it), else nobody (we are not root)."""
+    return privileges.account(cfg) if os.getuid() == 0 else None
+
+
+def _unbound_user(cfg: Config) -> str | None:
+    """Whom unbound becomes after binding: the Mailroom user, when started as root."""
+    return cfg.mailroom.user or None if os.geteuid() == 0 else None
 
 
 def _stdout_reopens() -> bool:
@@ -181,6 +215,24 @@ def _stdout_reopens() -> bool:
     except OSError:
         return False
     return True
+
+
+# What `mailroom reload` signals (SIGHUP): the daemons and the web program (common/reload.py,
+# web/public.py), the certificate renewer (it looks again at once: cli/renewer.py), and
+# Dovecot's master, which reads its configuration and certificate again and keeps its pid.
+RELOADED = ("mda", "qmgr", "mta", "msa", "web", "renew", "imap")
+
+
+def reload(cfg: Config, *, skip: tuple[str, ...] = ()) -> int:
+    """SIGHUP to every running program that reloads; one line when the suite is not running."""
+    run_dir = cfg.run_dir.resolve()
+    conf = run_dir / "supervisord.conf"
+    if not (run_dir / "supervisor.sock").exists() or not conf.exists():
+        print("not running: the daemons read the certificate and the settings when they start")
+        return 0
+    present = set(re.findall(r"(?m)^\[program:([^\]]+)\]", conf.read_text()))
+    specs = [program_spec(cfg, p) for p in RELOADED if p in present and p not in skip]
+    return ctl(cfg, "signal", "HUP", *specs)
 
 
 def ctl(cfg: Config, *args: str) -> int:

@@ -23,6 +23,10 @@ from common.endpoint import Endpoint
 DEFAULT_PATH = "./var/mailroom.toml"
 # More MTA listener processes than this would be a typo, not a host.
 MAX_MTA_PROCESSES = 64
+# [filter] rspamd: `mailroom run` runs rspamd and its Redis itself.
+SUPERVISED = "supervised"
+# The certificate key types `[acme] key_type` may name (common/tls.py makes them).
+KEY_TYPES = ("ecdsa-p256", "rsa-2048")
 
 
 class ConfigError(Exception):
@@ -110,6 +114,7 @@ class MDASection:
     recipient_delimiter: str = field(default="+", metadata=_meta("str", "user+tag@domain is delivered to user (empty: off)"))
     default_store: str = field(default="maildir", metadata=_meta("store", "Store for new users: maildir or mbox"))
     lock_timeout: float = field(default=30.0, metadata=_meta("duration", "How long to wait for an mbox lock (then 451 4.2.0)"))
+    sieve_max_size: int = field(default=64 * 1024, metadata=_meta("size", "Largest Sieve script a user may have (ManageSieve refuses a larger upload; the MDA ignores a larger file and delivers to the inbox)"))
 
 
 @dataclass(frozen=True)
@@ -121,17 +126,29 @@ class IMAPSection:
     imaps: str = field(default="127.0.0.1:2993", metadata=_meta("listen?", "IMAP over implicit TLS (the 993 role); empty: off"))
     pop3s: str = field(default="127.0.0.1:2995", metadata=_meta("listen?", "POP3 over implicit TLS (the 995 role); empty: off"))
     dovecot: str = field(default="dovecot", metadata=_meta("str", "The dovecot program: a name looked up in PATH and the sbin folders, or a path"))
+    sieve: str = field(default="127.0.0.1:2190", metadata=_meta("listen?", "ManageSieve (RFC 5804, the 4190 role; STARTTLS) for users' Sieve filters, when dovecot-managesieved is installed; empty: off"))
 
 
 @dataclass(frozen=True)
 class WebSection:
     listen: list[str] = field(default_factory=lambda: ["127.0.0.1:8025"], metadata=_meta("listen", "HTTP listener of the web program (mail client autoconfig, the live page at /, /metrics); read-only"))
+    http: str = field(default="", metadata=_meta("listen?", "Plain HTTP for the Internet (the port 80 role): ACME HTTP-01 challenges and mail client autoconfig, nothing else; empty: off"))
+    https: str = field(default="", metadata=_meta("listen?", "HTTPS for the Internet with the [tls] certificate (the port 443 role): the MTA-STS policy at mta-sts.DOMAIN and mail client autoconfig; empty: off"))
 
 
 @dataclass(frozen=True)
 class DNSSection:
+    """Every daemon has one asynchronous, caching resolver (common/dns.py)."""
+
+    resolver: str = field(default="system", metadata=_meta("resolver", "system: ask the nameservers below (or /etc/resolv.conf's); unbound: `mailroom run` starts a local validating (DNSSEC) unbound on unbound_listen, forwarding to the nameservers below when some are listed, and every daemon asks it"))
     nameservers: list[str] = field(default_factory=list, metadata=_meta("hostports", "host:port of DNS servers; empty: the system's"))
-    timeout: float = field(default=10.0, metadata=_meta("duration", "Lifetime of one DNS lookup"))
+    timeout: float = field(default=10.0, metadata=_meta("duration", "Lifetime of one DNS lookup; a sender check whose lookups take longer is a temperror for that message ([mailauth] dns_error)"))
+    cache_entries: int = field(default=10_000, metadata=_meta("int", "Answers each daemon keeps in memory (least recently used dropped first; 0: no cache)"))
+    max_ttl: float = field(default=86_400.0, metadata=_meta("duration", "An answer is kept for its TTL, at most this long"))
+    max_negative_ttl: float = field(default=3_600.0, metadata=_meta("duration", "\"No such name/record\" is kept for its SOA minimum (RFC 2308), at most this long"))
+    failure_ttl: float = field(default=5.0, metadata=_meta("failurettl", "A failed lookup (timeout, SERVFAIL) is remembered this long, 0 to 30 s, so a dead zone is not asked by every message"))
+    unbound_listen: str = field(default="127.0.0.1:2053", metadata=_meta("hostport?", "Loopback address of the supervised unbound (resolver = \"unbound\")"))
+    trust_anchor: str = field(default="/usr/share/dns/root.key", metadata=_meta("path", "DNSSEC trust anchor file unbound validates from (default: the root's, Debian's dns-root-data)"))
 
 
 @dataclass(frozen=True)
@@ -172,10 +189,45 @@ class MailAuthSection:
 
 @dataclass(frozen=True)
 class FilterSection:
-    rspamd: str = field(default="", metadata=_meta("hostport?", "rspamd's normal worker (host:port) scanning public mail before the 250; empty: off"))
+    rspamd: str = field(default="", metadata=_meta("rspamd", "rspamd scanning public mail before the 250: \"supervised\" (`mailroom run` runs Debian's rspamd and a Redis for it, on the addresses below), host:port of an rspamd run elsewhere (its normal worker), or empty: off"))
+    scanner: str = field(default="127.0.0.1:2783", metadata=_meta("listen?", "Supervised rspamd: its normal worker (the scanner the MTA asks); loopback only"))
+    controller: str = field(default="127.0.0.1:2784", metadata=_meta("listen?", "Supervised rspamd: its controller (learning, statistics, web interface; the password is RUN_DIR/rspamd/controller.secret); loopback only"))
+    redis: str = field(default="127.0.0.1:2785", metadata=_meta("listen?", "Supervised rspamd: the Redis holding its Bayes statistics and other state (password RUN_DIR/rspamd/redis.secret); loopback only"))
+    spam_score: float = field(default=6.0, metadata=_meta("score", "Supervised rspamd: the score from which a message is spam (rspamd's \"add header\" action): it is delivered to the user's Junk folder"))
+    bayes_min_learns: int = field(default=50, metadata=_meta("int", "Supervised rspamd: spam and ham messages each that Bayes must have learnt before it scores (rspamd's own default is 200, which a small site reaches slowly)"))
     timeout: float = field(default=20.0, metadata=_meta("duration", "How long to wait for the filter's verdict"))
     when_down: str = field(default="accept_unscanned", metadata=_meta("whendown", "When the filter fails: accept_unscanned (with a header saying so) or defer (451 4.7.1)"))
     dnsbl_zones: list[str] = field(default_factory=list, metadata=_meta("domains", "DNS blocklist zones checked at connect (554 5.7.1 when listed); empty: off"))
+
+    @property
+    def supervised(self) -> bool:
+        return self.rspamd == SUPERVISED
+
+    @property
+    def scanner_address(self) -> str:
+        """The rspamd normal worker the MTA asks (host:port), or "" when there is no filter."""
+        return self.scanner if self.supervised else self.rspamd
+
+
+@dataclass(frozen=True)
+class ACMESection:
+    """Certificates from an ACME server (RFC 8555; Let's Encrypt): `mailroom cert`, and the renewer `mailroom run` supervises."""
+
+    directory: str = field(default="", metadata=_meta("url?", "The ACME server's directory URL (https://acme-v02.api.letsencrypt.org/directory); empty: off"))
+    directory_ca_file: str = field(default="", metadata=_meta("path", "PEM file of CAs to trust for the ACME server's own HTTPS (a private ACME server); empty: the system's CAs"))
+    email: str = field(default="", metadata=_meta("str", "Contact address given to the ACME server (expiry notices); empty: none"))
+    key_type: str = field(default="ecdsa-p256", metadata=_meta("keytype", "The certificate's key: ecdsa-p256 or rsa-2048"))
+    dir: str = field(default="acme", metadata=_meta("path", "Folder of the account key, the next certificate key and the HTTP-01 challenge files (owner-only)"))
+    retry_schedule: list[float] = field(default_factory=lambda: [60.0, 300.0, 1800.0, 7200.0, 21600.0], metadata=_meta("durations", "The renewer's waits after a failed attempt (longer when the server asks, as with a 429); the last one repeats"))
+
+
+@dataclass(frozen=True)
+class MTASTSSection:
+    """The MTA-STS policy we publish for our own domains (RFC 8461), served at https://mta-sts.DOMAIN/.well-known/mta-sts.txt by [web] https."""
+
+    mode: str = field(default="testing", metadata=_meta("stsmode", "enforce (senders deliver only over verified TLS to the mx below), testing (they deliver anyway and report), or none (withdraw a policy)"))
+    mx: list[str] = field(default_factory=list, metadata=_meta("mxpatterns", "MX host names senders may deliver to (*.example.org allowed); empty: [mailroom] hostname"))
+    max_age: float = field(default=7 * 86400.0, metadata=_meta("stsmaxage", "How long senders may keep the policy (at most a year)"))
 
 
 @dataclass(frozen=True)
@@ -208,6 +260,8 @@ class Config:
     dkim: DKIMSection = field(default_factory=DKIMSection)
     mailauth: MailAuthSection = field(default_factory=MailAuthSection)
     filter: FilterSection = field(default_factory=FilterSection)
+    acme: ACMESection = field(default_factory=ACMESection)
+    mta_sts: MTASTSSection = field(default_factory=MTASTSSection)
     lab: LabSection = field(default_factory=LabSection)
 
     @property
@@ -350,10 +404,46 @@ def _convert(kind: str, value: object) -> object:
             need(dict, "a table of name = text")
             assert isinstance(value, dict)
             return {str(k).lower(): str(v) for k, v in value.items()}
+        case "url?":
+            need(str, "an https:// URL")
+            assert isinstance(value, str)
+            if value and not re.fullmatch(r"https://[^\s/]+(/\S*)?", value):
+                raise ValueError(f"expected an https:// URL (RFC 8555 6.1: ACME is spoken over HTTPS), got {value!r}")
+            return value
+        case "keytype":
+            if value not in KEY_TYPES:
+                raise ValueError(f"expected {' or '.join(KEY_TYPES)}, got {value!r}")
+            return value
+        case "stsmode":
+            if value not in ("enforce", "testing", "none"):
+                raise ValueError(f"expected enforce, testing or none, got {value!r}")
+            return value
+        case "mxpatterns":
+            need(list, "a list of host names")
+            assert isinstance(value, list)
+            for v in value:
+                # RFC 8461 4.1: a name, or "*." and a name (the wildcard is one whole left-most label).
+                if not isinstance(v, str) or not re.fullmatch(r"(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+\.?", v):
+                    raise ValueError(f"not a host name or *.host name: {v!r}")
+            return [v.lower().rstrip(".") for v in value]
+        case "stsmaxage":
+            seconds = parse_duration(value)
+            if not 0 <= seconds <= 31557600:
+                raise ValueError(f"must be between 0 and 31557600 seconds (RFC 8461 3.2), got {value!r}")
+            return seconds
         case "logformat":
             if value not in ("text", "json"):
                 raise ValueError(f"expected text or json, got {value!r}")
             return value
+        case "resolver":
+            if value not in ("system", "unbound"):
+                raise ValueError(f"expected system or unbound, got {value!r}")
+            return value
+        case "failurettl":
+            seconds = parse_duration(value)
+            if seconds > 30:
+                raise ValueError(f"at most 30s (a failure must not outlive the outage), got {value!r}")
+            return seconds
         case "dnserror" | "whendown":
             choices = ("defer", "accept") if kind == "dnserror" else ("accept_unscanned", "defer")
             if value not in choices:
@@ -367,6 +457,10 @@ def _convert(kind: str, value: object) -> object:
             return value
         case "duration":
             return parse_duration(value)
+        case "score":
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"expected a positive number like 6.0, got {value!r}")
+            return float(value)
         case "speed":
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ValueError(f"expected a positive number (1 is real time), got {value!r}")
@@ -427,6 +521,12 @@ def _convert(kind: str, value: object) -> object:
             assert isinstance(value, str)
             if value:
                 parse_hostport(value)
+            return value
+        case "rspamd":
+            need(str, '"supervised", host:port, or empty for off')
+            assert isinstance(value, str)
+            if value and value != SUPERVISED:
+                parse_hostport(value, 11333)
             return value
         case "hostport?":
             need(str, "host:port")
@@ -531,6 +631,21 @@ def _check(cfg: Config) -> None:
         if not _loopback_address(host):
             # The AD bit travels unsigned: only a resolver on this host can be believed.
             raise ConfigError(f"outbound_tls.dnssec_resolvers: must be a loopback address, got {resolver!r}")
+    if cfg.filter.supervised:
+        for key in ("scanner", "controller", "redis"):
+            value = getattr(cfg.filter, key)
+            # Redis and the controller trust what they are told: only this host may reach them.
+            if not value or not Endpoint.parse(value).is_loopback():
+                raise ConfigError(f"filter.{key}: a supervised rspamd needs a loopback host:port, got {value!r}")
+    if cfg.dns.resolver == "unbound":
+        # Answers from it are trusted (DNSSEC's AD flag): only a loopback hop is safe to trust.
+        try:
+            where = Endpoint.parse(cfg.dns.unbound_listen)
+            loopback = not where.is_unix and where.is_loopback()
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ConfigError(f"dns.unbound_listen: must be a loopback host:port, got {cfg.dns.unbound_listen!r}")
     if cfg.lab.enabled and not cfg.lab.dns:
         raise ConfigError("lab.dns: the lab needs its DNS server's address")
     if cfg.lab.time_warp != 1.0 and not cfg.lab.time_warp_since:
@@ -547,7 +662,7 @@ def _loopback_address(host: str) -> bool:
         return False
 
 
-def render_default(domain: str, hostname: str, user: str = "", *, imap: bool = False) -> str:
+def render_default(domain: str, hostname: str, user: str = "", *, imap: bool = False, rspamd: bool = False) -> str:
     """The config `mailroom init` writes: development ports, everything under one folder."""
     return f"""\
 # Mailroom configuration. `mailroom config show` prints every setting with its value.
@@ -595,11 +710,26 @@ enabled = {"true" if imap else "false"}
 imap = "127.0.0.1:2143"
 imaps = "127.0.0.1:2993"
 pop3s = "127.0.0.1:2995"
+# ManageSieve for users' filters (Thunderbird, Roundcube); needs dovecot-managesieved.
+sieve = "127.0.0.1:2190"
 
 [web]
 listen = "127.0.0.1:8025"
+# For the Internet (docs/operations.md, "Putting Mailroom on the Internet"):
+# http = "0.0.0.0:80"      # ACME HTTP-01 answers and mail client autoconfig
+# https = "0.0.0.0:443"    # the MTA-STS policy at mta-sts.DOMAIN
+
+[acme]
+# directory = "https://acme-v02.api.letsencrypt.org/directory"   # then `mailroom cert request`
+# email = "postmaster@{domain}"
+
+[mta_sts]
+mode = "testing"
 
 [dns]
+# system: the nameservers below, or /etc/resolv.conf's; unbound: a local validating
+# resolver that `mailroom run` starts (Debian's unbound), which every daemon asks.
+resolver = "system"
 nameservers = []
 
 [dkim]
@@ -612,7 +742,12 @@ dmarc_reject = true
 dns_error = "defer"
 
 [filter]
-rspamd = ""
+# "supervised": `mailroom run` runs rspamd and its Redis (see docs/operations.md,
+# "Spam and filters"); host:port: an rspamd run elsewhere; "": no content filter.
+rspamd = "{"supervised" if rspamd else ""}"
+scanner = "127.0.0.1:2783"
+controller = "127.0.0.1:2784"
+redis = "127.0.0.1:2785"
 when_down = "accept_unscanned"
 dnsbl_zones = []
 """

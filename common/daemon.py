@@ -13,7 +13,9 @@ One order for every daemon, so no daemon can get it wrong:
    even connect to a process that is still root;
 6. open the database, check it is writable, bring its schema up to date;
 7. run the service (it serves on the bound sockets) until SIGTERM/SIGINT,
-   then let it drain.
+   then let it drain.  SIGHUP (`mailroom reload`) reads the certificate and
+   the settings that can change safely again, without closing a listener
+   (common/reload.py).
 
 The event loop is uvloop's (libuv; transports, handles and the poller in C:
 the listener's per-connection cost is mostly the loop's), unless the
@@ -37,20 +39,26 @@ import ssl
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from sqlalchemy.engine import make_url
 
 from common import config as configmod
 from common import counters, privileges
 from common import log as logmod
+from common import reload as reloadmod
 from common.clock import Clock, for_lab
 from common.clock import use as use_clock
 from common.config import Config
 from common.db import Database
 from common.endpoint import BindError, Endpoint, overlapping, v6only
 from common.privileges import StartError
-from common.tls import server_context
+from common.tls import ServerTLS
+
+if TYPE_CHECKING:
+    # dnspython's resolver takes a tenth of a second to import: loaded by the daemons
+    # that look something up (the MTA, the queue manager), when they first do.
+    from common import dns as dnsmod
 
 log = logging.getLogger("daemon")
 
@@ -68,15 +76,26 @@ T = TypeVar("T")
 
 @dataclass
 class Context:
-    """What a service gets: the config, the database, a clock, a stop signal, and
-    the listeners and TLS context the skeleton prepared before the switch."""
+    """What a service gets: the config, the database, a clock, a stop signal, the
+    listeners and TLS context the skeleton prepared before the switch, and the
+    process's one DNS resolver."""
 
     config: Config
     db: Database
     clock: Clock
     stop: asyncio.Event
     sockets: dict[str, list[socket.socket]] = field(default_factory=dict)
-    tls_context: ssl.SSLContext | None = None
+    server_tls: ServerTLS | None = None
+    dns_resolver: dnsmod.Resolver | None = None
+
+    def resolver(self) -> dnsmod.Resolver:
+        """The process's asynchronous, caching resolver (common/dns.py), built once, at
+        the first lookup; every component of the process is handed this one."""
+        if self.dns_resolver is None:
+            from common import dns as dnsmod
+
+            self.dns_resolver = dnsmod.from_settings(resolver_settings(self.config))
+        return self.dns_resolver
 
     def socket(self, key: str) -> list[socket.socket]:
         """The bound sockets for listener setting `key` ("mta.smtp"), one per address,
@@ -86,15 +105,28 @@ class Context:
         return socks if socks is not None else bind_all({key: self.config.endpoints(key)})[key]
 
     def tls(self) -> ssl.SSLContext:
-        """The server TLS context, loaded once."""
-        if self.tls_context is None:
-            self.tls_context = server_context(
+        """The server TLS context, loaded once; a reload changes the certificate it serves."""
+        if self.server_tls is None:
+            self.server_tls = ServerTLS(
                 self.config.resolve(self.config.tls.cert), self.config.resolve(self.config.tls.key)
             )
-        return self.tls_context
+        return self.server_tls.context
 
 
 Service = Callable[[Context], Awaitable[None]]
+
+
+def resolver_settings(cfg: Config) -> dnsmod.Settings:
+    """What the resolver is built from: `[dns]`, pointed at the supervised unbound
+    when `[dns] resolver = "unbound"` (cli/unbound.py starts it)."""
+    from common import dns as dnsmod
+
+    d = cfg.dns
+    nameservers = (d.unbound_listen,) if d.resolver == "unbound" else tuple(d.nameservers)
+    limits = dnsmod.CacheLimits(
+        entries=d.cache_entries, max_ttl=d.max_ttl, max_negative_ttl=d.max_negative_ttl, failure_ttl=d.failure_ttl,
+    )
+    return dnsmod.Settings(nameservers=nameservers, timeout=d.timeout, limits=limits)
 
 
 def setting_name(key: str) -> str:
@@ -242,10 +274,10 @@ def _prepare(
         for endpoint in addresses:
             if endpoint.is_unix:
                 privileges.hand_over(endpoint.path, acct)
-    tls_context = None
+    server_tls = None
     if tls:
         try:
-            tls_context = server_context(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key))
+            server_tls = ServerTLS(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key))
         except (OSError, ssl.SSLError) as exc:
             raise StartError(f"[tls] cert = {cfg.tls.cert}, key = {cfg.tls.key}: {exc}") from None
     # The database driver (sqlite3, psycopg) is loaded now: after the switch the
@@ -271,7 +303,7 @@ def _prepare(
     use_clock(clock)  # for the times written without one (column defaults)
     return Context(
         config=cfg, db=db, clock=clock, stop=asyncio.Event(),
-        sockets=sockets, tls_context=tls_context,
+        sockets=sockets, server_tls=server_tls,
     )
 
 
@@ -280,11 +312,19 @@ async def _run(process: str, service: Service, ctx: Context) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, ctx.stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _hangup, ctx)
     log.info("starting (event loop: %s)", "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio")
     # Counted in memory, saved for the web program's /metrics (common/counters.py).
     async with counters.saved(ctx.config.run_dir / "metrics" / f"{process}.json"):
         await service(ctx)
     log.info("stopped")
+
+
+def _hangup(ctx: Context) -> None:
+    """`mailroom reload`: the settings that can change safely, and the certificate (common/reload.py)."""
+    ctx.config = reloadmod.reread(ctx.config)
+    if ctx.server_tls is not None:
+        reloadmod.certificate(ctx.server_tls, ctx.config)
 
 
 async def serve_until_stopped(ctx: Context, servers: list[asyncio.Server], grace: float = 10.0) -> None:

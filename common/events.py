@@ -44,6 +44,7 @@ class EventName(StrEnum):
     HELD = "held"  # admin: `mailroom queue hold`
     RELEASED = "released"  # admin: `mailroom queue release`
     DELETED = "deleted"  # admin: `mailroom queue delete`
+    FILTERED = "filtered"  # mda: the user's Sieve filter redirected, replied or failed (the detail says)
 
 
 # The events that end one recipient's journey through the queue manager.

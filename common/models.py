@@ -20,6 +20,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    UniqueConstraint,
     insert,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
@@ -68,6 +69,33 @@ class DirectoryGeneration(Base):
     __tablename__ = "directory_generation"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     value: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class VacationReply(Base):
+    """The vacation memory (RFC 5230 4.2): when `user` last answered `sender` for the
+    vacation action `handle`, so that a sender hears it at most once per :days."""
+
+    __tablename__ = "vacation_replies"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user: Mapped[str] = mapped_column(String(320))
+    sender: Mapped[str] = mapped_column(String(320))  # lower-case
+    handle: Mapped[str] = mapped_column(String(64))
+    sent: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    __table_args__ = (UniqueConstraint("user", "sender", "handle", name="uq_vacation_replies"),)
+
+
+class SieveSend(Base):
+    """One message a user's Sieve script sent (a redirect, a vacation reply): counted
+    against the user's hourly sending limit, as their submissions are; an hour's worth kept."""
+
+    __tablename__ = "sieve_sends"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user: Mapped[str] = mapped_column(String(320))
+    time: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    kind: Mapped[str] = mapped_column(String(12))  # redirect | vacation
+
+    __table_args__ = (Index("ix_sieve_sends_user_time", "user", "time"),)
 
 
 class Message(Base):

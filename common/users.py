@@ -8,12 +8,14 @@ callers in an event loop run it in a thread (`Database.run`).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from common import passwords
 from common.address import lookup_key, split
 from common.models import Alias, User
 
@@ -24,6 +26,13 @@ _DUMMY_HASH = _hasher.hash("not a password")
 
 def hash_password(password: str) -> str:
     return _hasher.hash(password)
+
+
+def hash_new_password(password: str, address: str) -> str:
+    """The hash to store for a password being set for `address`, once the password
+    passes the rule every setter applies (common/passwords.py; WeakPassword if not)."""
+    passwords.check(password, address=address)
+    return hash_password(password)
 
 
 def check_password(user: User | None, password: str) -> bool:
@@ -59,3 +68,18 @@ def addresses_of(session: Session, login: str) -> set[str]:
     sources = session.scalars(select(Alias.source).where(Alias.target == login.lower()))
     owned.update(s for s in sources if not s.startswith("@"))
     return owned
+
+
+# Where users' Sieve scripts live: beside the mailboxes, under a folder no mailbox
+# name can take (a mailbox is "domain/local", and no domain starts with a dot).
+SIEVE_ROOT = ".sieve"
+
+
+def sieve_dir(mail_root: Path, mailbox: str) -> Path:
+    """The folder of a user's Sieve scripts (Dovecot's ManageSieve writes them there, the
+    MDA runs `active.sieve`, the link to the active one), from the users table's mailbox name."""
+    return mail_root / SIEVE_ROOT / mailbox
+
+
+def active_sieve(mail_root: Path, mailbox: str) -> Path:
+    return sieve_dir(mail_root, mailbox) / "active.sieve"

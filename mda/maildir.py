@@ -58,7 +58,8 @@ def unique_name(trace_id: str, recipient: str, hostname: str) -> str:
 
 
 def deliver(
-    maildir: Path, content: bytes, name: str, *, quota_limit: int = 0, look_in_cur: bool = False
+    maildir: Path, content: bytes, name: str, *, quota_limit: int = 0, look_in_cur: bool = False,
+    folder: Path | None = None, flags: str = "",
 ) -> tuple[Path, bool]:
     """Store `content` as new/<name>; returns (path, stored_now).
 
@@ -67,20 +68,33 @@ def deliver(
     it), a copy a reader has since moved to cur/ (as `<name>:2,FLAGS`) counts
     too; that costs a listing of cur/, so only retries ask for it.  Raises
     quota.QuotaExceeded when it would not fit.
+
+    `folder` is a Maildir++ subfolder of `maildir` (`.Junk`) to store in
+    instead of the inbox (created on first use; the quota stays the whole
+    Maildir's).  `flags` (IMAP system flags as Maildir letters, "FS") store
+    the message in cur/ as `<name>:2,FLAGS`, already flagged.
     """
     ensure(maildir)
-    new_path = maildir / "new" / name
-    if new_path.exists():
-        return new_path, False
-    if look_in_cur:
-        seen = _in_cur(maildir, name)
+    target = maildir
+    if folder is not None:
+        ensure(folder)
+        marker = folder / "maildirfolder"  # Maildir++: this folder belongs to the Maildir above
+        if not marker.exists():
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, 0o660))
+        target = folder
+    flags = "".join(sorted(set(flags)))
+    new_path = target / "new" / name if not flags else target / "cur" / f"{name}:2,{flags}"
+    if (target / "new" / name).exists():
+        return target / "new" / name, False
+    if look_in_cur or flags:
+        seen = _in_cur(target, name)
         if seen is not None:
             return seen, False
     if quota_limit > 0:
         quota.check_maildir(maildir, quota_limit, len(content))
     else:
         quota.forget(maildir)
-    fd, tmp_path = _create_tmp(maildir, name.rsplit(".", 1)[-1])
+    fd, tmp_path = _create_tmp(target, name.rsplit(".", 1)[-1])
     try:
         view = memoryview(content)
         while view:
@@ -98,7 +112,7 @@ def deliver(
         stored = False  # a concurrent redelivery won the race
     finally:
         os.unlink(tmp_path)
-    _sync_new_entry(maildir / "new")
+    _sync_new_entry(new_path.parent)
     if stored and quota_limit > 0:
         quota.record(maildir, len(content))
     return new_path, stored

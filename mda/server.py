@@ -22,14 +22,18 @@ for in cur/, where a reader moves it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
 import errno
 import hashlib
 import logging
 import re
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Connection, bindparam, select
 
@@ -39,16 +43,22 @@ from common.config import Config
 from common.daemon import Context, serve_until_stopped
 from common.db import Database
 from common.directory import Directory, UserEntry
+from common.endpoint import Endpoint
 from common.events import EventName, Hop
 from common.log import is_trace_id, new_trace_id, trace_id
 from common.models import Event, User, add_event
 from common.reply import Reply, SMTPError
 from common.smtp import Handler, MailEnvelope, MailSession, limits_from, serve
 from mda import maildir, mbox
+from mda.outbound import Outbound
 from mda.quota import QuotaExceeded
+from mda.rules import AutoReply, Rules, RulesPolicy
+from mda.rules import Box as RulesBox
 
 log = logging.getLogger("mda")
 
+# Deliveries running at once in one MDA process (each in a thread: fsync, locks).
+DELIVERY_THREADS = 32
 # How often the MDA sweeps stale files out of every Maildir's tmp/ (also once at start).
 TMP_CLEAN_INTERVAL = 3600.0
 
@@ -59,6 +69,7 @@ class Mailbox:
     store: str  # maildir | mbox
     path: Path
     quota: int
+    mailbox: str = ""  # the users table's name for it (where the user's Sieve scripts live)
 
 
 @dataclass(frozen=True)
@@ -69,12 +80,20 @@ class DeliveryPolicy:
     mail_root: Path
     recipient_delimiter: str
     lock_timeout: float
+    # Users' Sieve scripts (mda/rules.py): their size limit, and where and how often
+    # their redirects and vacation replies are sent (the MTA's internal listener).
+    sieve_max_size: int = 64 * 1024
+    sends_per_hour: int = 500
+    internal: Endpoint | None = None
+    send_timeout: float = 60.0
 
     @classmethod
     def from_config(cls, cfg: Config) -> DeliveryPolicy:
         return cls(
             hostname=cfg.mailroom.hostname, mail_root=cfg.mail_root.resolve(),
             recipient_delimiter=cfg.mda.recipient_delimiter, lock_timeout=cfg.mda.lock_timeout,
+            sieve_max_size=cfg.mda.sieve_max_size, sends_per_hour=cfg.msa.max_messages_per_hour,
+            internal=cfg.endpoint("mta.internal"), send_timeout=min(cfg.smtp.idle_timeout, 60.0),
         )
 
 
@@ -89,6 +108,7 @@ class LMTPHandler(Handler):
         self.directory = directory or Directory(db.read_engine)
         self.mail_root = policy.mail_root
         self.mailboxes: dict[str, Mailbox] = {}
+        self.rules: Rules | None = None  # made at the first DATA, on the daemon's event loop
 
     def reset(self, session: MailSession) -> None:
         self.mailboxes = {}
@@ -127,7 +147,7 @@ class LMTPHandler(Handler):
         if not user.mailbox or not path.is_relative_to(self.mail_root) or path == self.mail_root:
             log.error("user %s has a mailbox outside the mail root (%r); refusing", user.address, user.mailbox)
             return None
-        return Mailbox(user.address, user.store, path, user.quota)
+        return Mailbox(user.address, user.store, path, user.quota, user.mailbox)
 
     async def refused(self, session: MailSession, envelope: MailEnvelope, reply: Reply) -> None:
         # Too big or a line too long: the trace should say so for each recipient.
@@ -149,13 +169,19 @@ class LMTPHandler(Handler):
             body = head.replace(b"\r\n", b"\n") + b"\n\n" + rest if blank else envelope.content
         else:
             body = envelope.content.replace(b"\r\n", b"\n")
+        if self.rules is None:
+            self.rules = self._make_rules(asyncio.get_running_loop())
         try:
             # Not in the database pool: a delivery may wait up to lock_timeout
             # for an mbox lock, and must not hold up other sessions' lookups.
-            replies, outcomes = await asyncio.to_thread(
-                self._deliver_all, envelope.trace_id, envelope.mail_from, envelope.rcpt_tos, body,
-                lmtp_ext.XRECORD in envelope.params, lmtp_ext.XRETRY in envelope.params,
+            auto: list[AutoReply] = []
+            call = partial(
+                contextvars.copy_context().run, self._deliver_all, envelope.trace_id, envelope.mail_from,
+                envelope.rcpt_tos, body, lmtp_ext.XRECORD in envelope.params, lmtp_ext.XRETRY in envelope.params, auto,
             )
+            replies, outcomes = await asyncio.get_running_loop().run_in_executor(_delivery_threads(), call)
+            if auto:  # vacation replies: sent after the delivery, never holding it up
+                _background(self.rules.send_replies(auto))
         except Exception:
             # Never a single reply in LMTP (the client would wait for the rest).
             log.exception("delivery failed")
@@ -176,7 +202,7 @@ class LMTPHandler(Handler):
 
     def _deliver_all(
         self, trace: str, sender: str, recipients: list[str], body: bytes, path_in_reply: bool = False,
-        retry: bool = False,
+        retry: bool = False, auto: list[AutoReply] | None = None,
     ) -> tuple[list[Reply], list[tuple[str, Reply, str]]]:
         """Store the message for each recipient; returns the replies and the events to record."""
         trace_id.set(trace)
@@ -191,7 +217,7 @@ class LMTPHandler(Handler):
                 continue  # the same RCPT twice: one copy, the same answer twice
             box = self.mailboxes[rcpt]
             try:
-                path = self._deliver_one(trace, sender, rcpt, box, body, earlier.get(rcpt), retry=retry)
+                path = self._deliver_one(trace, sender, rcpt, box, body, earlier.get(rcpt), retry=retry, auto=auto)
                 text = f"Ok: delivered to {box.store} ({trace})"
                 reply = Reply(250, "2.0.0", text)
                 if path_in_reply:
@@ -203,6 +229,14 @@ class LMTPHandler(Handler):
             results[rcpt] = (reply, path)
         outcomes = [(rcpt, reply, path) for rcpt, (reply, path) in results.items()]
         return [results[rcpt][0] for rcpt in recipients], outcomes
+
+    def _make_rules(self, loop: asyncio.AbstractEventLoop) -> Rules:
+        p = self.policy
+        outbound = None
+        if p.internal is not None:
+            outbound = Outbound(p.internal, hostname=p.hostname, timeout=p.send_timeout, loop=loop)
+        policy = RulesPolicy(p.hostname, p.mail_root, p.lock_timeout, p.sieve_max_size, p.sends_per_hour)
+        return Rules(policy, self.db, outbound)
 
     @staticmethod
     def _record(s: Connection, trace: str, outcomes: list[tuple[str, Reply, str]]) -> None:
@@ -218,7 +252,7 @@ class LMTPHandler(Handler):
 
     def _deliver_one(
         self, trace: str, sender: str, rcpt: str, box: Mailbox, body: bytes, earlier: str | None = None,
-        *, retry: bool = False,
+        *, retry: bool = False, auto: list[AutoReply] | None = None,
     ) -> str:
         if earlier is not None:
             log.info("to=<%s>: already delivered (%s), not storing again", rcpt, earlier)
@@ -227,15 +261,11 @@ class LMTPHandler(Handler):
             raise SMTPError(R.MAIL_LOOP.with_text(f"Mail loop: already delivered to {rcpt}"))
         content = f"Return-Path: <{sender}>\nDelivered-To: {rcpt}\n".encode() + body
         try:
-            if box.store == "mbox":
-                mbox.deliver(
-                    box.path, content, sender, delivery_id=_delivery_id(trace, rcpt),
-                    lock_timeout=self.policy.lock_timeout, quota_limit=box.quota,
-                )
-                return str(box.path)
-            name = maildir.unique_name(trace, rcpt, self.policy.hostname)
-            path, _ = maildir.deliver(box.path, content, name, quota_limit=box.quota, look_in_cur=retry)
-            return str(path)
+            # The spam verdict and the user's Sieve script decide where it goes (mda/rules.py).
+            assert self.rules is not None  # made by data(), on the event loop
+            where = RulesBox(box.user, box.store, box.path, box.quota, box.mailbox)
+            store = partial(self._store, trace, sender, rcpt, retry)
+            return self.rules.deliver(trace, sender, rcpt, where, body, content, store, auto)
         except QuotaExceeded as exc:
             raise SMTPError(R.OVER_QUOTA.with_text(f"Mailbox full: quota of {box.quota} bytes exceeded")) from exc
         except mbox.LockTimeout as exc:
@@ -245,6 +275,49 @@ class LMTPHandler(Handler):
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SMTPError(R.DISK_LOW) from exc
             raise SMTPError(R.LOCAL_ERROR) from exc
+
+
+    def _store(
+        self, trace: str, sender: str, rcpt: str, retry: bool, box: RulesBox, folder: Path | None, content: bytes,
+        name: str, flags: frozenset[str],
+    ) -> str:
+        """Store in the inbox (folder None) or in a folder of the box; the path stored at."""
+        if box.store == "mbox":
+            target = box.path if folder is None else folder
+            # Each folder has its own journal, so the same id serves them all.
+            mbox.deliver(
+                target, content, sender, delivery_id=_delivery_id(trace, rcpt), lock_timeout=self.policy.lock_timeout,
+                quota_limit=box.quota if folder is None else 0,
+            )
+            return str(target)
+        unique = maildir.unique_name(trace, rcpt, self.policy.hostname)
+        path, _ = maildir.deliver(
+            box.path, content, unique, quota_limit=box.quota, look_in_cur=retry, folder=folder,
+            flags="".join(_MAILDIR_FLAGS[f] for f in flags if f in _MAILDIR_FLAGS),
+        )
+        return str(path)
+
+
+# IMAP system flags as Maildir info letters (the "2," part of a file name).
+_MAILDIR_FLAGS = {"\\Draft": "D", "\\Flagged": "F", "\\Answered": "R", "\\Seen": "S", "\\Deleted": "T"}
+
+_threads: concurrent.futures.ThreadPoolExecutor | None = None
+_tasks: set[asyncio.Task[None]] = set()
+
+
+def _delivery_threads() -> concurrent.futures.ThreadPoolExecutor:
+    """The MDA's own threads for deliveries (an mbox lock, a redirect handed to the MTA may
+    wait in one), apart from the event loop's default pool, which others in the process use."""
+    global _threads
+    if _threads is None:
+        _threads = concurrent.futures.ThreadPoolExecutor(DELIVERY_THREADS, thread_name_prefix="delivery")
+    return _threads
+
+
+def _background(coro: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(coro)
+    _tasks.add(task)  # held until done (the loop keeps only a weak reference)
+    task.add_done_callback(_tasks.discard)
 
 
 _EARLIER = select(Event.recipient, Event.path).where(

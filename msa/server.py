@@ -10,7 +10,8 @@ hears 451 4.4.1 and keeps the message.
 
 Who may send: only an authenticated user (AUTH over TLS only), and only as
 one of their own addresses (common.users.addresses_of, plus +tags) in the
-envelope (553 5.7.1) and in From:/Sender: (550 5.7.1).  Limits: failed
+envelope (553 5.7.1) and in From:/Sender: and Resent-From:/Resent-Sender:
+(550 5.7.1).  Limits: failed
 logins per client address, messages and recipients per user per hour, and
 connections per client address over both roles together ([msa] settings).
 
@@ -146,13 +147,23 @@ class SubmissionHandler(Handler):
             self.owned = owned
             log.info("authenticated %s from %s", login, ip)
             return
+        await self._failed(session, f"authentication failed for {login[:64]!r}")
+        raise SMTPError(R.AUTH_FAILED)
+
+    async def auth_garbled(self, session: MailSession) -> None:
+        # Credentials that do not even decode are a guess like any other: the same
+        # count, delay and lockout, or a guesser would have a free channel.
+        await self._failed(session, "undecodable AUTH credentials")
+
+    async def _failed(self, session: MailSession, what: str) -> None:
+        """Count a failed login, then wait the growing delay; 421 once the address is locked out."""
+        ip = session.client_ip
         count = self.limiters.failures.failed(ip)
         counters.inc(counters.LOGIN_FAILURES, listener=session.listener)  # in memory: no write for an attacker
-        log.warning("authentication failed for %r from %s (%d)", login[:64], ip, count)
+        log.warning("%s from %s (%d)", what, ip, count)
         if self.limiters.failures.is_locked(ip):
             raise SMTPError(R.TOO_MANY_AUTH_FAILURES)
         await asyncio.sleep(self.limiters.failures.delay(count))
-        raise SMTPError(R.AUTH_FAILED)
 
     def _check(self, login: str, password: str) -> tuple[bool, set[str]]:
         with self.db.read() as s:
@@ -229,16 +240,17 @@ class SubmissionHandler(Handler):
         assert isinstance(envelope.content, bytes) and session.user is not None
         hostname = self.policy.hostname
         header, _ = submission.split_message(envelope.content)
-        try:
-            shown = submission.from_addresses(header)
-        except submission.UnreadableHeader as exc:
-            log.warning("user %s sent an unreadable header: %s", session.user, exc)
-            unreadable = R.HEADER_SENDER_DENIED.with_text("From:/Sender: header cannot be read unambiguously")
-            raise SMTPError(unreadable) from None
-        for a in shown:
-            if not self.owns(a):
-                log.warning("user %s may not send with From: %s", session.user, a)
-                raise SMTPError(R.HEADER_SENDER_DENIED)
+        for name in submission.SENDER_FIELDS:  # one at a time, so the refusal names the field
+            try:
+                shown = submission.from_addresses(header, (name,))
+            except submission.UnreadableHeader as exc:
+                log.warning("user %s sent an unreadable header: %s", session.user, exc)
+                unreadable = R.HEADER_SENDER_DENIED.with_text(f"{name}: header cannot be read unambiguously")
+                raise SMTPError(unreadable) from None
+            for a in shown:
+                if not self.owns(a):
+                    log.warning("user %s may not send with %s: %s", session.user, name, a)
+                    raise SMTPError(R.HEADER_SENDER_DENIED.with_text(f"{name}: header address not owned by you"))
         now = self.clock.now()
         received = submission.received_header(
             helo=session.host_name or "unknown", client_ip=session.client_ip,

@@ -3,8 +3,9 @@
 - 8.2/8.3: add Date and Message-ID when the client left them out;
 - a Received header saying the message came in authenticated (ESMTPSA,
   RFC 3848) and carrying the trace id;
-- the From: (and Sender:) addresses must belong to the authenticated user
-  (6.1 lets us refuse mail the user may not send).  Reading those fields is
+- the From: and Sender: addresses, and Resent-From: and Resent-Sender: of a
+  message the user resends (RFC 5322 3.6.6), must belong to the authenticated
+  user (6.1 lets us refuse mail the user may not send).  Reading those fields is
   deliberately strict: a field we cannot parse cleanly, or a display name
   that itself looks like someone else's address, is refused rather than
   guessed at, because the recipient's reader may show it differently.
@@ -53,14 +54,18 @@ class UnreadableHeader(ValueError):
     """A From:/Sender: field whose addresses cannot be told for sure."""
 
 
-def from_addresses(header: bytes) -> list[str]:
-    """Every address the From: and Sender: fields show, lower-cased.
+# The fields that name who sends: the author and sender, and who resent it.
+SENDER_FIELDS = ("From", "Sender", "Resent-From", "Resent-Sender")
+
+
+def from_addresses(header: bytes, names: tuple[str, ...] = SENDER_FIELDS) -> list[str]:
+    """Every address the fields `names` (default every sender field) show, lower-cased.
 
     Raises UnreadableHeader when a field is empty or does not parse into
     plain addresses, so the caller refuses it instead of letting it through.
     """
     found: list[str] = []
-    for name in ("From", "Sender"):
+    for name in names:
         for value in header_values(header, name):
             parsed = [a for _, a in email.utils.getaddresses([value])]
             if not parsed or any(not a or a.startswith("@") or "@" not in a for a in parsed):

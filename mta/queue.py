@@ -104,7 +104,7 @@ class Policy:
 
 
 def classify(
-    reply: Reply, age: float, attempts: int, policy: Policy, *, mda_away: bool = False
+    reply: Reply, age: float, attempts: int, policy: Policy, *, mda_away: bool = False, warned: bool = True
 ) -> tuple[Outcome, float]:
     """The one decision: (outcome, seconds until the next try; 0 unless deferred).
 
@@ -112,6 +112,11 @@ def classify(
     local one when the hand-off to our own MDA failed for a reason of this host:
     the MDA away, a local error), or expired once the
     message is `max_queue_lifetime` old.  `attempts` counts this one.
+
+    A message whose sender has not been warned yet (`warned` False) is tried
+    again no later than when it is `delay_warning` old: the warning goes with
+    that attempt, so it comes when the setting says, not up to a retry interval
+    (an hour) later.
     """
     if reply.code < 400:
         return Outcome.DELIVERED, 0.0
@@ -119,7 +124,10 @@ def classify(
         return Outcome.BOUNCED, 0.0
     if age >= policy.max_queue_lifetime:
         return Outcome.EXPIRED, 0.0
-    return Outcome.DEFERRED, policy.next_wait(attempts, local=mda_away)
+    wait = policy.next_wait(attempts, local=mda_away)
+    if not warned and policy.delay_warning > 0 and age < policy.delay_warning:
+        wait = min(wait, policy.delay_warning - age)
+    return Outcome.DEFERRED, wait
 
 
 # --- accept: the MTA's listener queues a message --------------------------------------------------
@@ -490,7 +498,7 @@ def settle(
     for res in results:
         rcpt = res.recipient
         reply, n = res.reply, rcpt.attempts + 1
-        outcome, wait = classify(reply, age, n, policy, mda_away=res.retry_soon)
+        outcome, wait = classify(reply, age, n, policy, mda_away=res.retry_soon, warned=job.warned)
         text = str(reply)
         # The MDA's answer, which it left to us to record (XRECORD): its hop in
         # the trace, with the mailbox path its 250 carried.
@@ -688,20 +696,45 @@ _DROP_BODY = update(Message).where(Message.id == bindparam("trace")).values(body
 
 
 def make_due(session: Session, trace: str | None, now: dt.datetime) -> int:
-    """Flush: make the waiting recipients (of one message, or all) due now."""
-    q = update(Recipient).where(Recipient.state == QUEUED)
+    """Flush: make the waiting recipients (of one message, or all) due now.
+    A held message's are left as they are: it waits for its release."""
+    q = update(Recipient).where(
+        Recipient.state == QUEUED, Recipient.message_id.not_in(select(Message.id).where(Message.held.is_(True)))
+    )
     if trace:
         q = q.where(Recipient.message_id == trace)
     return int(getattr(session.execute(q.values(next_attempt=now)), "rowcount", 0) or 0)
 
 
-def hold(session: Session, trace: str, held: bool) -> bool:
-    """Hold a message that still has recipients to deliver (or release it)."""
+def held_state(session: Session, trace: str) -> bool | None:
+    """Whether a message in the queue is held; None when it is not in the queue
+    (unknown, or every recipient already has its final outcome)."""
     if not _unfinished(session, trace):
+        return None
+    return bool(session.scalar(select(Message.held).where(Message.id == trace)))
+
+
+def held_count(session: Session) -> int:
+    """Messages in the queue that are held."""
+    waiting = select(Recipient.message_id).where(Recipient.state.not_in(FINAL_STATES))
+    return int(session.scalar(select(func.count()).where(Message.held.is_(True), Message.id.in_(waiting))) or 0)
+
+
+def hold(session: Session, trace: str, held: bool) -> bool:
+    """Hold a message that still has recipients to deliver (or release it).
+
+    False, and nothing recorded, when it is not in the queue or is already so."""
+    if held_state(session, trace) in (None, held):
         return False
     session.execute(update(Message).where(Message.id == trace).values(held=held))
     add_event(session, trace, Hop.ADMIN, EventName.HELD if held else EventName.RELEASED)
     return True
+
+
+def unfinished_count(session: Session, trace: str) -> int:
+    """How many of a message's recipients are still waiting for their outcome."""
+    q = select(func.count()).where(Recipient.message_id == trace, Recipient.state.not_in(FINAL_STATES))
+    return int(session.scalar(q) or 0)
 
 
 def delete(session: Session, trace: str) -> int:

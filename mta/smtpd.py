@@ -23,6 +23,7 @@ from pathlib import Path
 from sqlalchemy.exc import OperationalError
 
 from common import reply as R
+from common import verdict
 from common.address import domain_of
 from common.clock import Clock
 from common.config import Config
@@ -84,7 +85,8 @@ class SMTPHandler(Handler):
         self.db = db
         self.clock = clock
         self.internal = policy.internal
-        self.ehlo_keywords = ("XTRACE",) if policy.internal else ()
+        # XREDIRECT=<user>: the MDA passes on a message for that user's Sieve redirect (mda/outbound.py).
+        self.ehlo_keywords = ("XTRACE", "XREDIRECT") if policy.internal else ()
         self.requiretls_in_clear = policy.internal  # our MSA took it over TLS
         # RCPT address -> what it expands to, for the transaction in progress.
         self.expanded: dict[str, aliases.Expansion] = {}
@@ -177,16 +179,24 @@ class SMTPHandler(Handler):
             raise SMTPError(R.MAIL_LOOP)
         now = self.clock.now()
         recipients: list[queue.QueuedRecipient] = []
+        # A user's filter redirecting: that user is the original recipient, so the message leaves
+        # with an SRS sender, as when an alias forwards (the queue manager's rule).
+        redirector = envelope.params.get("XREDIRECT", "") if self.internal else ""
+        if domain_of(redirector) not in self.policy.local_domains:
+            redirector = ""
         for rcpt in envelope.rcpt_tos:
             exp = self.expanded[rcpt]
             dsn = envelope.rcpt_params.get(rcpt, {})
             for a in [*exp.local, *exp.remote]:
                 if all(a != r.address for r in recipients):
                     recipients.append(
-                        queue.QueuedRecipient(a, rcpt, notify=dsn.get("NOTIFY", ""), orcpt=dsn.get("ORCPT", ""))
+                        queue.QueuedRecipient(
+                            a, redirector or rcpt, notify=dsn.get("NOTIFY", ""), orcpt=dsn.get("ORCPT", "")
+                        )
                     )
         content, added = envelope.content, b""
         if self.may_relay(session):  # ours: DKIM-signed once, here, when it leaves our domains
+            content = verdict.strip(content)  # no spam verdict but our filter's reaches the MDA
             added = await mailauth.sign_outgoing(
                 self.auth, content, trusted=True, recipients=[r.address for r in recipients]
             )
@@ -263,7 +273,7 @@ def _header_of(content: bytes) -> bytes:
 # The listener settings this daemon serves; the skeleton binds them before the switch.
 LISTENERS = ("mta.smtp", "mta.internal")
 # What sender authentication imports on first use (mta/mailauth.py).
-PRELOAD = ("mta.checks", "mta.dmarc", "mta.dkim", "mta.contentfilter", "mta.authdns", "nacl.signing", "spf")
+PRELOAD = ("mta.checks", "mta.dmarc", "mta.dkim", "mta.spf", "mta.contentfilter", "nacl.signing")
 
 
 async def run(ctx: Context) -> None:

@@ -2,7 +2,7 @@
 
 The MTA sends one after each commit, naming the message it has just queued
 (its trace id), and the queue manager claims that message at once, by its id.
-`mailroom queue` sends one naming nothing, which asks for a scan of
+`mailroom queue` sends one naming nothing (`scan`), which asks for a scan of
 everything due.  The datagram carries no state: what is to be delivered is in
 the queue (mta/queue.py), and a wake-up that is lost only makes the mail wait
 for the queue manager's next periodic scan.
@@ -51,6 +51,19 @@ def send(path: os.PathLike[str] | str, trace: str = "") -> None:
         _lost = True
     except OSError:
         pass
+
+
+def scan(path: os.PathLike[str] | str) -> bool:
+    """Ask the queue manager for a scan of everything due; whether one listens (and so was woken)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.setblocking(False)
+        try:
+            s.sendto(SCAN, os.fspath(path))
+        except BlockingIOError:
+            return True  # it listens, and has wake-ups waiting already
+        except OSError:  # no socket file, or nobody bound to it
+            return False
+    return True
 
 
 def named(data: bytes) -> str | None:

@@ -23,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from common.db import Database
+from common.events import EventName, Hop
 from common.models import ACTIVE, QUEUED, Event, Message, Recipient, utcnow
 from web.metrics import Metrics
 
@@ -113,12 +114,28 @@ class Feed:
                     rows: list[dict[str, Any]] = [dict(zip(_ROW_KEYS, r, strict=True)) for r in found]
                 if not rows:
                     return total
+                self._add_recipients(rows)
                 self.metrics.observe(rows)
                 self.last_id = rows[-1]["id"]
                 self.recent.extend(rows)
                 self._unsent.extend(rows[-RECENT:])
                 del self._unsent[:-RECENT]
                 total += len(rows)
+
+    def _add_recipients(self, rows: list[dict[str, Any]]) -> None:
+        """Give each `queued` event the message's recipients: the page names them all from
+        the start, not only those with an outcome yet (a slow remote host may take minutes,
+        and a message's outcomes are recorded together)."""
+        queued = [r for r in rows if r["event"] == EventName.QUEUED and r["hop"] == Hop.MTA]
+        by_trace: dict[str, list[str]] = {}
+        for start in range(0, len(queued), 500):  # SQLite's limit on bound parameters
+            traces = [r["trace"] for r in queued[start:start + 500]]
+            with self.db.read() as s:
+                for trace, address in s.execute(select(Recipient.message_id, Recipient.address)
+                                                .where(Recipient.message_id.in_(traces)).order_by(Recipient.id)):
+                    by_trace.setdefault(trace, []).append(address)
+        for r in queued:
+            r["recipients"] = by_trace.get(r["trace"], [])
 
     def _take_unsent(self) -> list[dict[str, Any]]:
         with self._lock:

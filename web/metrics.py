@@ -14,7 +14,9 @@ deliveries.  The daemons count those in memory and save them every few seconds
 to `<run_dir>/metrics/<program>.json` (common/counters.py; one file per MTA
 process, `mta_0.json`, ..., with `[mta] processes` above 1); `DaemonCounters`
 reads every file there at scrape time and sums them.  A daemon starts from its file's values, so
-these counters carry on across a restart too.
+these counters carry on across a restart too.  Dovecot counts the IMAP and
+POP3 login failures itself; they are asked of it at scrape time
+(web/dovecot_stats.py).
 """
 
 from __future__ import annotations
@@ -27,16 +29,19 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from common import counters
+from common import dns as dnsmod
 from common.config import Config
 from common.db import Database
 from common.events import FINAL, EventName, Hop
 from common.log import is_trace_id, trace_time_us
 from common.models import ACTIVE, QUEUED, Message, Recipient, utcnow
+from common.tls import read_certificate
+from web import dovecot_stats
 
 # Seconds: from a few milliseconds (a local hand-off) to the five-day lifetime.
 HOP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900,
@@ -50,6 +55,13 @@ class QueueCollector(Collector):
 
     def __init__(self, db: Database) -> None:
         self.db = db
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # What registration asks for, without a query: the web program may start
+        # before the daemons have created the schema.
+        for name in ("mailroom_queue_recipients", "mailroom_queue_messages", "mailroom_queue_held_messages",
+                     "mailroom_queue_oldest_age_seconds"):
+            yield GaugeMetricFamily(name, "")
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         pending = (QUEUED, ACTIVE)
@@ -89,6 +101,7 @@ class DaemonCounters(Collector):
 
     def __init__(self) -> None:
         self.folder: Path | None = None  # <run_dir>/metrics; None: no daemon files (tests of the web alone)
+        self.run_dir: Path | None = None  # where Dovecot's stats socket is named (web/dovecot_stats.py)
         self.listeners: dict[str, str] = {}  # listening address -> the setting that names it
         self.tls_in: dict[tuple[str, str], float] = {}  # (hop, tls) -> messages received
         self.lock = threading.Lock()
@@ -107,7 +120,7 @@ class DaemonCounters(Collector):
                 found[key] = found.get(key, 0.0) + e["value"]
         return found
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
         got = self.totals()
 
         def family(name: str, text: str, counter: str, labels: list[str]) -> CounterMetricFamily:
@@ -118,13 +131,19 @@ class DaemonCounters(Collector):
                     fam.add_metric([d.get(label, "") for label in labels], value)
             return fam
 
-        yield family("mailroom_login_failures", "Failed logins (wrong name or password) at the MSA, by listener",
-                     counters.LOGIN_FAILURES, ["listener"])
+        logins = family("mailroom_login_failures", "Failed logins (wrong name or password, undecodable "
+                        "credentials) by listener: the MSA's by setting, Dovecot's as imap and pop3 (counted by "
+                        "Dovecot, from zero again when it restarts)", counters.LOGIN_FAILURES, ["listener"])
+        sock = dovecot_stats.socket_path(self.run_dir) if self.run_dir is not None else None
+        for protocol, value in sorted(dovecot_stats.auth_failures(sock).items() if sock else []):
+            logins.add_metric([protocol], value)
+        yield logins
         yield family("mailroom_connections", "Client connections by listener, accepted or refused by the "
                      "connection caps ([smtp] max_connections, max_connections_per_client)",
                      counters.CONNECTIONS, ["listener", "result"])
-        tls = CounterMetricFamily("mailroom_tls_sessions", "Messages by direction (in: received; out: handed "
-                                  "to a remote host), hop and whether the session was encrypted (TLS)",
+        tls = CounterMetricFamily("mailroom_tls_sessions", "Messages by direction (in: received from a client or "
+                                  "another host, not the MSA's hand-off to the MTA; out: handed to a remote host), "
+                                  "hop and whether the session was encrypted (TLS)",
                                   labels=["direction", "hop", "tls"])
         with self.lock:
             received = sorted(self.tls_in.items())
@@ -135,6 +154,59 @@ class DaemonCounters(Collector):
                 d = dict(pairs)
                 tls.add_metric(["out", d.get("hop", ""), d.get("tls", "")], value)
         yield tls
+        yield from dns_families(got, family)
+
+
+def dns_families(
+    got: dict[tuple[str, tuple[tuple[str, str], ...]], float], family: Any,
+) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+    """What the daemons' resolvers counted (common/dns.py), summed over the daemons."""
+    yield family("mailroom_dns_queries", "DNS queries sent by the daemons' resolvers, by record type and result "
+                 "(answer, nxdomain, nodata, timeout, failure)", dnsmod.QUERIES, ["type", "result"])
+    yield family("mailroom_dns_cache_hits", "DNS lookups answered without a query of their own, by record type: "
+                 "from the cache, or joined to the same query already in flight", dnsmod.CACHE_HITS, ["type", "how"])
+    hist = HistogramMetricFamily("mailroom_dns_query_seconds", "Time the daemons' DNS queries took, by record type",
+                                 labels=["type"])
+    buckets: dict[str, dict[str, float]] = {}
+    sums: dict[str, float] = {}
+    for (name, pairs), value in got.items():
+        labels = dict(pairs)
+        if name == dnsmod.QUERY_SECONDS + "_bucket":
+            per = buckets.setdefault(labels.get("type", ""), {})
+            per[labels.get("le", "+Inf")] = per.get(labels.get("le", "+Inf"), 0.0) + value
+        elif name == dnsmod.QUERY_SECONDS + "_sum":
+            sums[labels.get("type", "")] = sums.get(labels.get("type", ""), 0.0) + value
+    for rdtype in sorted(buckets):
+        # The daemons count each query in its own bucket; Prometheus's are cumulative.
+        running, cumulative = 0.0, []
+        for bound in [*(str(b) for b in dnsmod.BUCKETS), "+Inf"]:
+            running += buckets[rdtype].get(bound, 0.0)
+            cumulative.append((bound, running))
+        hist.add_metric([rdtype], cumulative, sums.get(rdtype, 0.0))
+    yield hist
+
+
+class CertificateCollector(Collector):
+    """When the certificate every listener serves (`[tls] cert`) expires, read at each scrape,
+    so a renewal shows at once: alert when it comes within a few weeks (the renewer starts a
+    month before, for a 90-day certificate)."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.path is None:
+            return
+        try:
+            info = read_certificate(self.path)
+        except (OSError, ValueError):
+            return
+        gauge = GaugeMetricFamily(
+            "mailroom_certificate_expiry_timestamp_seconds",
+            "When the TLS certificate expires (Unix time), by file and first name", labels=["file", "name"],
+        )
+        gauge.add_metric([str(self.path), info.names[0] if info.names else ""], info.not_after.timestamp())
+        yield gauge
 
 
 class Metrics:
@@ -156,6 +228,8 @@ class Metrics:
         )
         self.daemons = DaemonCounters()
         self.registry.register(self.daemons)
+        self.certificate = CertificateCollector()
+        self.registry.register(self.certificate)
         self.rows_read = Counter("mailroom_events_read", "Rows of the trace table read so far",
                                      registry=self.registry)
         if db is not None:
@@ -185,8 +259,12 @@ class Metrics:
         if hop == Hop.QMGR and event in FINAL and is_trace_id(trace):
             arrived = dt.datetime(1970, 1, 1) + dt.timedelta(microseconds=trace_time_us(trace))
             self.delivery_seconds.labels(event).observe(max((when - arrived).total_seconds(), 0.0))
-        if event == EventName.RECEIVED and hop in (Hop.MSA, Hop.MTA):
-            # The receiving hops note "tls=yes" in the event's detail.
+        # The receiving hops note "tls=yes" in the event's detail.  The MTA's internal
+        # listener takes what our own MSA already received (and counted) from the client:
+        # that hop is not incoming mail, and its loopback session says nothing of TLS.
+        if event == EventName.RECEIVED and (
+            hop == Hop.MSA or hop == Hop.MTA and not str(row["detail"]).startswith("internal ")
+        ):
             key = (hop, "yes" if "tls=yes" in row["detail"] else "no")
             with self.daemons.lock:
                 self.daemons.tls_in[key] = self.daemons.tls_in.get(key, 0.0) + 1
@@ -194,6 +272,8 @@ class Metrics:
     def read_daemons(self, cfg: Config) -> None:
         """Where the daemons of `cfg` save their counters, and the names of their listeners."""
         self.daemons.folder = cfg.run_dir / "metrics"
+        self.daemons.run_dir = cfg.run_dir
+        self.certificate.path = cfg.resolve(cfg.tls.cert)
         names: dict[str, str] = {}
         for key in LISTENER_SETTINGS:
             try:

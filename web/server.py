@@ -1,13 +1,15 @@
 """The web program: a small HTTP/1.1 server for what mail clients and operators fetch over HTTP.
 
-It serves the autoconfig XML (web/autoconfig.py), and, over the shared
+It serves the autoconfig XML (web/autoconfig.py), Outlook's Autodiscover
+(web/autodiscover.py) and an Apple profile (web/mobileconfig.py), and, over the shared
 database, the live page at `/` and Prometheus metrics at `/metrics`
 (web/live.py).  More pages are added by putting a handler in `ROUTES` (or
 passing a table to `serve`).  It only reads the config and the database: it
 never talks to the MSA, MTA or MDA, and never writes.
 
-Deliberately tiny: GET and HEAD, one request per connection, a size limit on
-the request head and a timeout, so a slow or hostile client costs little.
+Deliberately tiny: GET and HEAD (and POST, with a small body, where a client
+must: Autodiscover), one request per connection, a size limit on the request
+head and body and a timeout, so a slow or hostile client costs little.
 Handlers are plain functions run in a thread (they query the database); one
 that streams (Server-Sent Events) returns a `Response` with `stream` set.
 """
@@ -18,6 +20,7 @@ import argparse
 import asyncio
 import codecs
 import contextlib
+import dataclasses
 import logging
 import os
 import pwd
@@ -36,7 +39,8 @@ from common import log as logmod
 from common.config import Config
 from common.daemon import bind_all
 from common.endpoint import BindError
-from web import autoconfig
+from web import autoconfig, autodiscover, mobileconfig
+from web.public import Public
 
 if TYPE_CHECKING:
     from web.live import Live
@@ -53,6 +57,7 @@ class Request:
     path: str
     query: dict[str, list[str]]
     headers: dict[str, str]  # names lower-cased
+    body: bytes = b""  # a POST's (POST_ROUTES only, at most MAX_BODY)
 
 
 @dataclass(frozen=True)
@@ -69,23 +74,68 @@ class Response:
 Handler = Callable[[Config, Request], Response]
 
 
+def _domain(cfg: Config, request: Request, address: str, prefix: str) -> str:
+    """The local domain of `address`, else of the Host (`prefix`DOMAIN), else the first local one."""
+    domain = address.rsplit("@", 1)[1].lower() if "@" in address else ""
+    if not cfg.is_local_domain(domain):
+        host = request.headers.get("host", "").rsplit(":", 1)[0].lower().removeprefix(prefix)
+        domain = host if cfg.is_local_domain(host) else cfg.mailroom.domains[0]
+    return domain
+
+
+def _address_asked(request: Request) -> str:
+    return ((request.query.get("emailaddress") or request.query.get("email") or [""])[0]).strip().lower()
+
+
 def autoconfig_xml(cfg: Config, request: Request) -> Response:
     """Mozilla autoconfig for the domain of ?emailaddress=, else of the Host (autoconfig.DOMAIN)."""
-    domain = ""
-    address = (request.query.get("emailaddress") or [""])[0]
-    if "@" in address:
-        domain = address.rsplit("@", 1)[1].lower()
-    if not cfg.is_local_domain(domain):
-        host = request.headers.get("host", "").rsplit(":", 1)[0].lower().removeprefix("autoconfig.")
-        domain = host if cfg.is_local_domain(host) else cfg.mailroom.domains[0]
+    domain = _domain(cfg, request, _address_asked(request), "autoconfig.")
     xml = autoconfig.render_xml(autoconfig.settings(cfg), domain)
     return Response(HTTPStatus.OK, xml.encode(), "application/xml; charset=utf-8")
+
+
+def autodiscover_xml(cfg: Config, request: Request) -> Response:
+    """Outlook's Autodiscover (POX): POSTed request, or GET ?emailaddress=; errors as Autodiscover errors."""
+    if request.method == "POST":
+        address, schema = autodiscover.read_request(request.body)
+    else:
+        address, schema = _address_asked(request), ""
+    if schema and schema != autodiscover.OUTLOOK_SCHEMA:
+        xml = autodiscover.render_error(autodiscover.SCHEMA_NOT_SERVED, "Only the Outlook schema (2006a) is served")
+    elif request.method == "POST" and not address:
+        xml = autodiscover.render_error(autodiscover.INVALID_REQUEST, "No EMailAddress in the request")
+    elif address and ("@" not in address or not cfg.is_local_domain(address.rsplit("@", 1)[1])):
+        xml = autodiscover.render_error(autodiscover.INVALID_REQUEST, "Not an address of this mail host")
+    else:
+        xml = autodiscover.render(autoconfig.settings(cfg), address)
+    return Response(HTTPStatus.OK, xml.encode(), "application/xml; charset=utf-8")
+
+
+def apple_profile(cfg: Config, request: Request) -> Response:
+    """An unsigned Apple configuration profile for ?emailaddress= (or the Host's domain)."""
+    address = _address_asked(request)
+    domain = _domain(cfg, request, address, "autoconfig.")
+    if not address.endswith("@" + domain):
+        address = ""  # not ours: the device asks for it
+    try:
+        body = mobileconfig.render(autoconfig.settings(cfg), domain, address)
+    except LookupError as exc:
+        return Response(HTTPStatus.NOT_FOUND, f"{exc}\n".encode())
+    return Response(HTTPStatus.OK, body, mobileconfig.CONTENT_TYPE,
+                    headers={"Content-Disposition": f'attachment; filename="{domain}.mobileconfig"'})
 
 
 ROUTES: dict[str, Handler] = {
     "/.well-known/autoconfig/mail/config-v1.1.xml": autoconfig_xml,
     "/mail/config-v1.1.xml": autoconfig_xml,
+    # Outlook asks for either spelling.
+    "/autodiscover/autodiscover.xml": autodiscover_xml,
+    "/Autodiscover/Autodiscover.xml": autodiscover_xml,
+    "/mail.mobileconfig": apple_profile,
 }
+# Paths that also take POST (with a body of at most MAX_BODY bytes): Outlook POSTs its request.
+POST_ROUTES = frozenset({"/autodiscover/autodiscover.xml", "/Autodiscover/Autodiscover.xml"})
+MAX_BODY = 16 * 1024
 
 
 def parse_head(head: bytes) -> Request:
@@ -110,9 +160,24 @@ def respond(cfg: Config, request: Request, routes: Mapping[str, Handler]) -> Res
     handler = routes.get(request.path)
     if handler is None:
         return Response(HTTPStatus.NOT_FOUND, b"not found\n")
-    if request.method not in ("GET", "HEAD"):
-        return Response(HTTPStatus.METHOD_NOT_ALLOWED, b"GET or HEAD only\n", headers={"Allow": "GET, HEAD"})
+    allowed = ("GET", "HEAD", "POST") if request.path in POST_ROUTES else ("GET", "HEAD")
+    if request.method not in allowed:
+        return Response(HTTPStatus.METHOD_NOT_ALLOWED, f"{' or '.join(allowed)} only\n".encode(),
+                        headers={"Allow": ", ".join(allowed)})
     return handler(cfg, request)
+
+
+async def read_body(request: Request, reader: asyncio.StreamReader) -> Request | Response:
+    """A POST's body (Content-Length, at most MAX_BODY), or the refusal to send instead."""
+    if request.method != "POST" or request.path not in POST_ROUTES:
+        return request
+    length = request.headers.get("content-length", "")
+    if not length.isascii() or not length.isdigit():
+        return Response(HTTPStatus.LENGTH_REQUIRED, b"Content-Length required\n")
+    if int(length) > MAX_BODY:
+        return Response(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, b"request too large\n")
+    body = await asyncio.wait_for(reader.readexactly(int(length)), TIMEOUT)
+    return dataclasses.replace(request, body=body)
 
 
 def encode(response: Response, *, head_only: bool = False) -> bytes:
@@ -138,7 +203,8 @@ async def handle(
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
             request = parse_head(head[:-4])
             method = request.method
-            response = await asyncio.to_thread(respond, cfg, request, routes)
+            got = await read_body(request, reader)
+            response = got if isinstance(got, Response) else await asyncio.to_thread(respond, cfg, got, routes)
         except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, ValueError, TimeoutError):
             response = Response(HTTPStatus.BAD_REQUEST, b"bad request\n")
         except Exception:
@@ -189,13 +255,15 @@ def drop_privileges(user: str) -> None:
     log.info("dropped privileges to %s", user)
 
 
-async def run(cfg: Config, socks: list[socket.socket], live: Live) -> None:
+async def run(cfg: Config, socks: list[socket.socket], live: Live, public: Public | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     routes = {**ROUTES, **live.routes()}
     servers = [await serve(cfg, sock, routes) for sock in socks]
+    # [web] http and https (the Internet's), and SIGHUP's reload (web/public.py).
+    servers += await (public or Public(cfg, [], [], None)).serve(ROUTES)
     tail = asyncio.create_task(live.feed.run(stop))
     log.info("http on %s", ", ".join(cfg.web.listen))
     await stop.wait()
@@ -223,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     clock.use(clock.for_lab(cfg.lab.time_warp, cfg.lab.time_warp_since))
     try:
         socks = bind(cfg)
+        public = Public.prepare(cfg)
     except BindError as exc:  # names the setting and the address: "[web] listen = 127.0.0.1:8025: ..."
         print(f"web: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -234,4 +303,4 @@ def main(argv: list[str] | None = None) -> None:
 
     live = Live(Database(cfg.database_url, threads=2))
     drop_privileges(cfg.mailroom.user)
-    asyncio.run(run(cfg, socks, live))
+    asyncio.run(run(cfg, socks, live, public))

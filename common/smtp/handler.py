@@ -93,6 +93,11 @@ class Handler:
         """Check a login (AUTH PLAIN/LOGIN over TLS); raise SMTPError to refuse."""
         raise SMTPError(AUTH_FAILED)
 
+    async def auth_garbled(self, session: MailSession) -> None:
+        """AUTH credentials that could not be decoded (bad base64, a PLAIN value that does
+        not split): count it as a failed login where logins are counted.  The engine
+        then answers 501 5.5.2, unless this raises SMTPError with another reply."""
+
     async def refused(self, session: MailSession, envelope: MailEnvelope, reply: Reply) -> None:
         """The engine refused the message itself after DATA (too big, line too long)."""
 

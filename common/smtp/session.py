@@ -576,6 +576,16 @@ class Session(asyncio.Protocol):
         return True
 
     async def _auth(self, arg: str) -> None:
+        try:
+            await self._auth_exchange(arg)
+        except SMTPError as exc:
+            # Undecodable credentials (bad base64, a PLAIN value that does not split)
+            # are a failed login too: the handler counts them toward its lockout.
+            if (exc.reply.code, exc.reply.status) == (R.AUTH_SYNTAX.code, R.AUTH_SYNTAX.status):
+                await self.handler.auth_garbled(self.session)
+            raise
+
+    async def _auth_exchange(self, arg: str) -> None:
         session = self.session
         if not self.handler.offers_auth:
             raise SMTPError(R.NOT_AVAILABLE.with_text("AUTH not available here"))

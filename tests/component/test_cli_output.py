@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cli.show import public_config
 from common import config as configmod
 from common.models import add_event
 from mta import queue
@@ -118,14 +119,32 @@ def test_config_show_hides_secrets(installation: Installation) -> None:
 
 
 def test_the_password_in_a_database_url_is_hidden(tmp_path: Path) -> None:
-    from cli.show import public_config
-
     raw = {"mailroom": {"domains": ["example.org"],
                         "database": "postgresql+psycopg://mail:pa55w0rd@db.example.org/mailroom"}}
     cfg = configmod.from_dict(raw, tmp_path / "mailroom.toml")
     shown = public_config(cfg)
     assert shown["mailroom"]["database"] == "postgresql+psycopg://mail:********@db.example.org/mailroom"
     assert cfg.mailroom.database.endswith("pa55w0rd@db.example.org/mailroom")  # the config itself is untouched
+
+
+def test_every_credential_in_a_database_url_is_hidden(tmp_path: Path) -> None:
+    """libpq takes the password as a query parameter too (and sslpassword, the key's passphrase)."""
+    url = ("postgresql+psycopg://mail@db.example.org/mailroom?sslmode=verify-full&password=pa55w0rd"
+           "&sslpassword=k3yphrase&application_name=mailroom")
+    conf = tmp_path / "mailroom.toml"
+    conf.write_text(f'[mailroom]\ndomains = ["example.org"]\ndatabase = "{url}"\n')
+    for args in (("config", "show"), ("config", "show", "--json")):
+        r = subprocess.run([sys.executable, "-m", "cli.main", "--config", str(conf), *args],
+                           capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert "pa55w0rd" not in r.stdout and "k3yphrase" not in r.stdout, r.stdout
+        assert ("postgresql+psycopg://mail@db.example.org/mailroom?sslmode=verify-full&password=********"
+                "&sslpassword=********&application_name=mailroom") in r.stdout
+    # Both forms at once, and a password holding an @ and a /.
+    raw = {"mailroom": {"domains": ["example.org"],
+                        "database": "postgresql+psycopg://mail:p@ss/w0rd@db/mr?password=again"}}
+    shown = public_config(configmod.from_dict(raw, tmp_path / "other.toml"))
+    assert shown["mailroom"]["database"] == "postgresql+psycopg://mail:********@db/mr?password=********"
 
 
 # --- a reader that goes away -------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 from mta import dkim
 from tests.support.dns_server import DNSServer
 from tests.support.suite import Installation
+from web import mta_sts
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,7 +56,7 @@ def test_dns_prints_every_record(inst: Installation) -> None:
     out = r.stdout
     for line in ("example.org. IN MX 10 mail.test.", 'example.org. IN TXT "v=spf1 mx -all"',
                  '_dmarc.example.org. IN TXT "v=DMARC1; p=quarantine; rua=mailto:postmaster@example.org"',
-                 '_mta-sts.example.org. IN TXT "v=STSv1; id=1"',
+                 f'_mta-sts.example.org. IN TXT "v=STSv1; id={mta_sts.policy_id(inst.config)}"',
                  '_smtp._tls.example.org. IN TXT "v=TLSRPTv1; rua=mailto:postmaster@example.org"'):
         assert line in out, out
     assert out.count("._domainkey.example.org. IN TXT") == 4  # two key sets by now
@@ -84,6 +85,8 @@ def test_dns_check_all_present(inst: Installation, tmp_path: Path) -> None:
         assert r.returncode == 0, r.stdout + r.stderr
         assert "all records present" in r.stdout
         assert r.stdout.count("present ") >= 9
+        # Whether the resolver in use validates DNSSEC (the test server does not).
+        assert re.search(rf"(?m)^DNSSEC\s+resolver {server.address} does not validate", r.stdout), r.stdout
         assert ("example.org", "MX") in [(n.rstrip("."), t) for n, t in server.queries()]
 
 

@@ -8,6 +8,7 @@ different client addresses are 127.0.0.x source addresses.
 
 from __future__ import annotations
 
+import base64
 import time
 from pathlib import Path
 
@@ -60,6 +61,38 @@ def test_failed_logins_are_slowed_then_refused_with_421_and_locked_out(tmp_path:
         time.sleep(max(0.0, 3.2 - (time.monotonic() - locked_at)))
         again = logged_in(inst, source="127.0.0.2")
         again.quit()
+
+
+def test_undecodable_credentials_count_as_failed_logins(tmp_path: Path) -> None:
+    """Bad base64, or a PLAIN value that does not split, is a failed login: counted on
+    /metrics and toward the lockout, so a guesser gets no free channel."""
+    from common import counters
+
+    def failures() -> float:
+        return sum(e["value"] for e in counters.COUNTERS.entries() if e["name"] == counters.LOGIN_FAILURES)
+
+    inst = _inst(tmp_path, max_auth_failures="3", auth_failure_window='"10m"', auth_lockout='"1h"')
+    with running(inst, "mta", "msa"):
+        before = failures()
+        c = submission(inst, source="127.0.0.6")
+        code, text = c.docmd("AUTH", "PLAIN not*base64!")
+        assert (code, text[:6]) == (501, b"5.5.2 "), text
+        assert failures() == before + 1
+        code, text = c.docmd("AUTH", "PLAIN " + base64.b64encode(b"no separators here").decode())
+        assert (code, text[:6]) == (501, b"5.5.2 "), text
+        assert failures() == before + 2
+        code, text = c.docmd("AUTH", "LOGIN")  # the username's challenge, answered with garbage
+        assert code == 334, text
+        code, text = c.docmd("%%%")
+        assert (code, text[:6]) == (421, b"4.7.0 "), text  # the third failure: locked out
+        c.close()
+        assert failures() == before + 3
+        # Locked out now, even with the right password.
+        r = Client.connect(inst.ports["submission"], source="127.0.0.6")
+        assert r.reply().text.startswith("421 4.7.0 ")
+        r.close()
+        # Another address is not, and logs in.
+        logged_in(inst, source="127.0.0.7").quit()
 
 
 def test_a_locked_out_address_cannot_log_in_on_an_open_session(tmp_path: Path) -> None:

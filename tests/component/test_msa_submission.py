@@ -277,6 +277,37 @@ def test_from_header_of_someone_else_is_refused_with_550(stack: Stack, inst: Ins
     assert message_count(inst) == before  # the MTA never got it
 
 
+@pytest.mark.parametrize(
+    ("header", "field"),
+    [
+        ("From: alice@example.org\r\nResent-From: bob@example.org\r\n", "Resent-From"),
+        ("Resent-From: Bob <bob@example.org>\r\nFrom: alice@example.org\r\n", "Resent-From"),
+        ("From: alice@example.org\r\nResent-From: alice@example.org\r\nResent-Sender: info@example.org\r\n",
+         "Resent-Sender"),
+        ("From: alice@example.org\r\nRESENT-FROM : bob@example.org\r\n", "Resent-From"),  # any case, obs. space
+        ("From: alice@example.org\r\nResent-From: \"bob@example.org\" <alice@example.org>\r\n", "Resent-From"),
+    ],
+)
+def test_resent_from_of_someone_else_is_refused_and_the_session_goes_on(
+    stack: Stack, inst: Installation, header: str, field: str
+) -> None:
+    """A resent message (RFC 5322 3.6.6) names who resent it: the same binding as From:."""
+    before = message_count(inst)
+    c = logged_in(inst)
+    try:
+        code, reply = send(c, "alice@example.org", ["bob@example.org"], header.encode() + b"Subject: t\r\n\r\nb\r\n")
+        assert code == 550 and reply.startswith(f"5.7.1 {field}: header address not owned by you"), (header, reply)
+        assert message_count(inst) == before  # the MTA never got it
+        # The same session sends what she may.
+        code, reply = send(c, "alice@example.org", ["bob@example.org"],
+                           b"From: alice@example.org\r\nResent-From: sales@example.org\r\n"
+                           b"Resent-Sender: alice+lists@example.org\r\nSubject: t\r\n\r\nb\r\n")
+        assert code == 250, reply
+    finally:
+        c.close()
+    assert message_count(inst) == before + 1
+
+
 def test_sender_binding_applies_after_a_fresh_login_too(stack: Stack, inst: Installation) -> None:
     c = logged_in(inst, "bob@example.org")
     try:
@@ -438,7 +469,7 @@ def test_the_client_hears_250_only_after_the_mta_said_250(scripted: tuple[Stack,
         c.cmd("STARTTLS")
         c.starttls()
         c.cmd("EHLO client.test")
-        assert c.cmd("AUTH PLAIN AGFsaWNlQGV4YW1wbGUub3JnAGNvcnJlY3QgaG9yc2UgYmF0dGVyeSBzdGFwbGU=").code == 235
+        assert c.auth_plain("alice@example.org", PASSWORD).code == 235
         assert c.cmd("MAIL FROM:<alice@example.org>").text.startswith("250")
         assert c.cmd("RCPT TO:<bob@example.org>").text.startswith("250")
         assert c.cmd("DATA").text.startswith("354")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from common.models import User
-from tests.harness.client import auth_plain, submission
+from tests.harness.client import PASSWORD, auth_plain, submission
 from tests.harness.services import Stack, running
 from tests.support.suite import Installation
 
@@ -57,33 +57,34 @@ def stored_hash(inst: Installation, address: str) -> str:
 
 
 def test_add_passwd_del_list(stack: Stack, inst: Installation) -> None:
-    r = inst.cli("user", "add", "carol@example.org", "--password-stdin", stdin="first secret\n")
+    r = inst.cli("user", "add", "carol@example.org", "--password-stdin", stdin="first long secret phrase\n")
     assert r.returncode == 0, r.stderr
     assert stored_hash(inst, "carol@example.org").startswith("$argon2id$")
     # Not in any file of the installation (database, WAL, logs).  grep runs in its own
     # process: closing a descriptor of the database here would drop this process's
     # SQLite locks (POSIX lock semantics) under the MSA that runs in it.
-    found = subprocess.run(["grep", "-rlF", "first secret", str(inst.root)], capture_output=True, text=True)
+    found = subprocess.run(["grep", "-rlF", "first long secret phrase", str(inst.root)], capture_output=True, text=True)
     assert found.returncode == 1, found.stdout
-    assert can_login(inst, "carol@example.org", "first secret", "127.0.0.2")
+    assert can_login(inst, "carol@example.org", "first long secret phrase", "127.0.0.2")
 
     listed = inst.cli("user", "list")
     assert listed.returncode == 0 and listed.stdout.split()[0] == "carol@example.org"
     assert "argon2" not in listed.stdout
 
-    r = inst.cli("user", "passwd", "carol@example.org", "--password-stdin", stdin="second secret\n")
+    r = inst.cli("user", "passwd", "carol@example.org", "--password-stdin", stdin="second long secret phrase\n")
     assert r.returncode == 0, r.stderr
-    assert not can_login(inst, "carol@example.org", "first secret", "127.0.0.3")  # the old one stops working
-    assert can_login(inst, "carol@example.org", "second secret", "127.0.0.4")
+    # The old one stops working.
+    assert not can_login(inst, "carol@example.org", "first long secret phrase", "127.0.0.3")
+    assert can_login(inst, "carol@example.org", "second long secret phrase", "127.0.0.4")
 
     r = inst.cli("user", "del", "carol@example.org")
     assert r.returncode == 0, r.stderr
-    assert not can_login(inst, "carol@example.org", "second secret", "127.0.0.5")
+    assert not can_login(inst, "carol@example.org", "second long secret phrase", "127.0.0.5")
     assert "carol@example.org" not in inst.cli("user", "list").stdout
 
 
 def test_mistakes_are_refused_with_a_message(inst: Installation) -> None:
-    inst.cli("user", "add", "dave@example.org", "--password-stdin", stdin="pw\n")
+    assert inst.cli("user", "add", "dave@example.org", "--password-stdin", stdin=PASSWORD + "\n").returncode == 0
     cases = [
         (("user", "add", "dave@example.org", "--password-stdin"), "pw\n", "exists"),
         (("user", "add", "eve@elsewhere.test", "--password-stdin"), "pw\n", "not in a local domain"),
@@ -95,6 +96,33 @@ def test_mistakes_are_refused_with_a_message(inst: Installation) -> None:
         r = inst.cli(*args, stdin=stdin)
         assert r.returncode != 0 and message in r.stderr, (args, r.stderr)
     assert "erin@" not in inst.cli("user", "list").stdout
+
+
+@pytest.mark.parametrize(
+    ("weak", "why"),
+    [
+        ("x", "too short: 1 character; at least 15"),
+        ("fourteen chars", "too short: 14 characters"),
+        ("Correct Horse Battery Staple", "a well-known password"),
+        ("password1234567", "a well-known password"),
+        ("123456789012345", "too predictable"),
+        ("abcabcabcabcabcabc", "too predictable"),
+        ("gina's long mail password", "it contains 'gina'"),
+        ("a passphrase with example in it", "it contains 'example'"),
+    ],
+)
+def test_a_weak_password_is_refused_by_add_and_passwd(stack: Stack, inst: Installation, weak: str, why: str) -> None:
+    r = inst.cli("user", "add", "gina@example.org", "--password-stdin", stdin=weak + "\n")
+    assert r.returncode == 1 and f"gina@example.org: password refused: {why}" in r.stderr, r.stderr
+    assert "gina@" not in inst.cli("user", "list").stdout  # nothing was added
+    r = inst.cli("user", "add", "gina@example.org", "--password-stdin", stdin=PASSWORD + "\n")
+    assert r.returncode == 0, r.stderr
+    before = stored_hash(inst, "gina@example.org")
+    r = inst.cli("user", "passwd", "gina@example.org", "--password-stdin", stdin=weak + "\n")
+    assert r.returncode == 1 and f"password refused: {why}" in r.stderr, r.stderr
+    assert stored_hash(inst, "gina@example.org") == before  # the old password stays
+    assert can_login(inst, "gina@example.org", PASSWORD, "127.0.0.6")
+    assert not can_login(inst, "gina@example.org", weak, "127.0.0.7")
 
 
 @pytest.mark.parametrize("option", ["--password", "-p", "--pass"])
@@ -169,12 +197,12 @@ def test_password_from_the_prompt(stack: Stack, inst: Installation) -> None:
         finally:
             conn.close()
 
-    code, out = _run_on_a_terminal(inst, "user", "add", "grace@example.org", typed=["typed secret", "typed secret"],
-                                   at_prompt=others_can_write)
+    typed = ["typed long secret", "typed long secret"]
+    code, out = _run_on_a_terminal(inst, "user", "add", "grace@example.org", typed=typed, at_prompt=others_can_write)
     assert code == 0, out
-    assert "typed secret" not in out  # not echoed
-    assert can_login(inst, "grace@example.org", "typed secret", "127.0.0.6")
+    assert "typed long secret" not in out  # not echoed
+    assert can_login(inst, "grace@example.org", "typed long secret", "127.0.0.6")
 
     code, out = _run_on_a_terminal(inst, "user", "passwd", "grace@example.org", typed=["one", "two"])
     assert code != 0 and "passwords differ" in out
-    assert can_login(inst, "grace@example.org", "typed secret", "127.0.0.7")  # unchanged
+    assert can_login(inst, "grace@example.org", "typed long secret", "127.0.0.7")  # unchanged

@@ -28,6 +28,7 @@ from sqlalchemy import select, update
 
 from common.clock import FakeClock
 from common.db import Database
+from common.dns import Wire
 from common.models import Event, Message, Recipient
 from common.reply import Reply
 from common.smtp import Handler, Limits, MailEnvelope, MailSession, serve
@@ -36,7 +37,6 @@ from mta import queue, wakeup
 from mta.courier import Attempt, Delivered
 from mta.delivery import LocalDelivery, RemoteDelivery
 from mta.qmgr import Policy, QueueManager
-from mta.routing import make_resolver
 from tests.support.dns_server import DNSServer
 from tests.support.ports import free_port
 
@@ -217,7 +217,7 @@ class Rig:
         self.db.create_schema()
         self.clock = FakeClock(dt.datetime(2030, 1, 1, 12, 0, 0))
         args: dict[str, Any] = {
-            "hostname": "mail.test", "resolver": make_resolver([dns.address], 1.0), "relayhost": "",
+            "hostname": "mail.test", "resolver": Wire([dns.address], 1.0), "relayhost": "",
             "relayhost_auth": None, "transport": {}, "remote_port": port, "per_destination": 10,
             "connect_timeout": 2.0, "timeout": 2.0,
         }
@@ -454,10 +454,11 @@ def test_retry_schedule_delay_warning_once_and_expiry(rig_args: Any) -> None:
             rig.clock.advance(1)
             await rig.run()
             await rig.close()
-        # Tries at 0, +5m, +10m later, +20m, then every 20m (the last wait repeats)
-        # until the message is older than max_queue_lifetime.
-        assert attempts_at == [0, 300, 900, 2100, 3300, 4500], attempts_at
-        assert r.attempts == 6
+        # Tries at 0, +5m, +10m later, then at the delay warning's time (1000 s: the
+        # warning goes with that attempt, when it is due, not 20 minutes later), then
+        # every 20m (the last wait repeats) until the message is older than max_queue_lifetime.
+        assert attempts_at == [0, 300, 900, 1000, 2200, 3400, 4600], attempts_at
+        assert r.attempts == 7
         assert len(rig.dsns()) == 2  # exactly one delay warning and one final bounce
         msgs = [x.parsed() for x in sender_mx.received]
         assert len(msgs) == 2

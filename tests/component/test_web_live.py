@@ -108,6 +108,20 @@ def table_counts(db: Database) -> dict[tuple[str, str], int]:
     return {(hop, event): n for hop, event, n in rows}
 
 
+def test_the_msa_hand_off_is_not_counted_as_incoming_mail(web: Web) -> None:
+    """A submission is received once, at the MSA (over TLS); the MSA's loopback hand-off to the
+    MTA's internal listener is no unencrypted incoming message.  Mail from another host is."""
+    record_journey(web.db, deferred=False)  # msa received tls=yes, then mta received "internal from ..."
+    with web.db.write() as s:
+        add_event(s, new_trace_id(), "mta", "received", detail="smtp from 192.0.2.7 helo=mx.other.test")
+        add_event(s, new_trace_id(), "mta", "received", detail="smtp from 192.0.2.8 helo=mx.tls.test tls=yes")
+        s.commit()
+    web.start()
+    m = web.metrics()
+    tls = {tuple(v for _, v in labels): n for (name, labels), n in m.items() if name == "mailroom_tls_sessions_total"}
+    assert tls == {("in", "msa", "yes"): 1, ("in", "mta", "no"): 1, ("in", "mta", "yes"): 1}, tls
+
+
 def test_metrics_count_the_trace_table_and_the_queue(web: Web) -> None:
     record_journey(web.db, deferred=False)  # before the start: read back from the table
     web.start()

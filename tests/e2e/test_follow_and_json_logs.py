@@ -85,7 +85,7 @@ def test_trace_follow_and_json_logs(json_suite: Installation) -> None:
     finally:
         everyone.stop()
 
-    # One message, as JSON: its past first, then whatever comes (here: nothing more).
+    # One message, as JSON: its past first, then whatever comes (here: nothing more), to its end.
     one = Follower(suite, trace, "--json")
     try:
         first = one.until(r'"event": "queued"')
@@ -93,6 +93,7 @@ def test_trace_follow_and_json_logs(json_suite: Installation) -> None:
         assert all(e["trace"] == trace for e in events)
         rest = one.until(r'"hop": "qmgr", "event": "delivered"')
         assert all(json.loads(x)["trace"] == trace for x in rest)
+        assert one.proc.wait(20) == 0  # every recipient has its outcome: it ends by itself
     finally:
         one.stop()
     suite.wait_for(lambda: len(maildir_messages(suite.mailbox("alice@example.org"))) == 1, what="delivery")

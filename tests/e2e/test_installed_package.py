@@ -97,7 +97,7 @@ def test_a_wheel_installed_in_a_fresh_venv_inits_runs_and_delivers(workdir: Path
         text = text.replace(f'{key} = "{default}"', f'{key} = "127.0.0.1:{ports[key]}"')
     conf.write_text(text)
     _run([mailroom, "--config", str(conf), "user", "add", "alice@example.org", "--password-stdin"], workdir, env,
-         stdin="pw-for-alice\n")
+         stdin="pw-of-the-first-user\n")
     mailbox = site / "mail" / "example.org" / "alice"
 
     log = open(workdir / "run.log", "wb")  # noqa: SIM115 - closed below

@@ -8,7 +8,9 @@ the same web program must agree with the trace table.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
 import urllib.request
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.browser import Browser, pixels
-from tests.support.suite import Installation, maildir_messages
+from tests.support.suite import Installation, maildir_messages, running
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -85,3 +87,39 @@ def test_a_submitted_message_moves_across_the_live_page_to_the_mailbox(suite: In
     assert exported == counted  # one message in this installation: its trace is the whole table
     queue = {s.name: s.value for s in families["mailroom_queue_messages"].samples}
     assert queue == {"mailroom_queue_messages": 0.0}
+
+
+
+def test_every_recipient_of_a_message_is_on_the_live_page(installation: Installation) -> None:
+    """A message to a local user and to a remote host that never answers: its row names both
+    at once (from the MTA's queued event), not only the recipient that already has an outcome;
+    a page opened later shows both too."""
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, and never says a word
+    text = installation.config_path.read_text()
+    installation.config_path.write_text(text.replace(
+        "[mta.transport]\n", f'[mta.transport]\n"remote.test" = "127.0.0.1:{silent.getsockname()[1]}"\n', 1))
+    url = f"http://127.0.0.1:{installation.ports['listen']}/"
+    with contextlib.contextmanager(running)(installation) as suite:
+        browser = Browser()
+        try:
+            browser.navigate(url)
+            browser.wait("document.getElementById('status').textContent === 'live'", what="the live stream")
+            code, reply = suite.submit("alice@example.org", ["alice@example.org", "x@remote.test"],
+                                       b"Subject: two of us\r\n\r\nhi\r\n")
+            assert code == 250
+            m = re.search(rb"queued as ([0-9A-F]{18})", reply)
+            assert m, reply
+            trace = m.group(1).decode()
+            suite.wait_for(lambda: len(maildir_messages(suite.mailbox("alice@example.org"))) == 1, what="delivery")
+            row = f"document.querySelector('#messages tr[data-trace=\"{trace}\"]')"
+            to = browser.wait(f"{row} && {row}.querySelector('.to').textContent.includes('alice') && "
+                              f"{row}.querySelector('.to').textContent", what="the message on the page")
+            assert to == "alice@example.org, x@remote.test", to
+            # The remote attempt is still waiting for a greeting: no event names x@remote.test yet.
+            assert not [e for e in suite.trace(trace)["events"] if e["recipient"] == "x@remote.test"]
+            browser.navigate(url)  # a page opened now starts from the recent events: the same
+            to = browser.wait(f"{row} && {row}.querySelector('.to').textContent", what="the row after a reload")
+            assert to == "alice@example.org, x@remote.test", to
+        finally:
+            browser.close()
+            silent.close()

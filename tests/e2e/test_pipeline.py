@@ -133,7 +133,10 @@ def test_every_event_the_pipeline_records_is_named_by_the_enums(installation: In
         assert suite.cli("queue", "delete", waiting["deleted"]).returncode == 0
         assert suite.cli("queue", "bounce", waiting["returned"]).returncode == 0
         time.sleep(max(0.0, queued + LIFETIME + 0.5 - time.monotonic()))  # the next attempt expires it
-        assert suite.cli("queue", "flush", waiting["expires"]).returncode == 0
+        flushed = suite.cli("queue", "flush", waiting["expires"])
+        # On a slow machine the attempt of the first flush may already have come after the
+        # lifetime, and expired it: then it is no longer in the queue, and flush says so.
+        assert flushed.returncode == 0 or "not in the queue" in flushed.stderr, flushed.stderr
         # alice's own copy, and three notices: small's bounce, the expiry, the operator's return.
         suite.wait_for(lambda: len(maildir_messages(alice)) == 4, timeout=60, what="alice's four messages")
         db = suite.db()

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_postmaster_of_every_local_domain_is_accepted_and_delivered(tmp_path: Path) -> None:
     inst = Installation(tmp_path / "m")
     inst.set("mailroom", "domains", '["example.org", "example.net"]')
-    first = inst.cli("user", "add", "alice@example.org", "--password-stdin", stdin="pw\n")
+    first = inst.cli("user", "add", "alice@example.org", "--password-stdin", stdin="kettle drum under the stairs\n")
     assert first.returncode == 0, first.stderr
     assert "postmaster@example.org -> alice@example.org" in first.stdout  # said, not silent
     inst.add_user("bob@example.org")  # not the first: the role addresses stay with alice
@@ -61,7 +61,8 @@ def test_init_postmaster_names_where_postmaster_and_abuse_go(tmp_path: Path) -> 
     assert "postmaster@example.org and abuse@example.org go to admin@elsewhere.test" in r.stdout
     conf = ["--config", str(root / "mailroom.toml")]
     add = subprocess.run([sys.executable, "-m", "cli.main", *conf, "user", "add", "alice@example.org",
-                          "--password-stdin"], input="pw\n", capture_output=True, text=True, timeout=60, cwd=REPO)
+                          "--password-stdin"], input="kettle drum under the stairs\n", capture_output=True, text=True,
+                         timeout=60, cwd=REPO)
     assert add.returncode == 0, add.stderr
     listed = subprocess.run([sys.executable, "-m", "cli.main", *conf, "alias", "list"],
                             capture_output=True, text=True, timeout=60, cwd=REPO).stdout.splitlines()

@@ -238,20 +238,20 @@ def _msa_login_ok(inst: Installation, login: str, password: str) -> bool:
 
 def test_user_add_passwd_and_del_count_at_the_next_login_without_a_restart(suite: Installation) -> None:
     frank = "frank@example.org"
-    assert not _imap_login_ok(suite, frank, "first password")
-    r = suite.cli("user", "add", frank, "--password-stdin", stdin="first password\n")
+    assert not _imap_login_ok(suite, frank, "first password, long enough")
+    r = suite.cli("user", "add", frank, "--password-stdin", stdin="first password, long enough\n")
     assert r.returncode == 0, r.stderr
-    assert _imap_login_ok(suite, frank, "first password")
+    assert _imap_login_ok(suite, frank, "first password, long enough")
     # A password of the same length, within the same second: still noticed.
-    r = suite.cli("user", "passwd", frank, "--password-stdin", stdin="other password\n")
+    r = suite.cli("user", "passwd", frank, "--password-stdin", stdin="other password, long enough\n")
     assert r.returncode == 0, r.stderr
     for login_ok in (_imap_login_ok, _msa_login_ok):
-        assert not login_ok(suite, frank, "first password"), login_ok
-        assert login_ok(suite, frank, "other password"), login_ok
+        assert not login_ok(suite, frank, "first password, long enough"), login_ok
+        assert login_ok(suite, frank, "other password, long enough"), login_ok
     r = suite.cli("user", "del", frank)
     assert r.returncode == 0, r.stderr
-    assert not _imap_login_ok(suite, frank, "other password")
-    assert not _msa_login_ok(suite, frank, "other password")
+    assert not _imap_login_ok(suite, frank, "other password, long enough")
+    assert not _msa_login_ok(suite, frank, "other password, long enough")
 
 
 def test_logins_are_the_address_as_on_the_msa(suite: Installation) -> None:

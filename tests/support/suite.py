@@ -44,9 +44,15 @@ LISTENERS = {
     ("imap", "imaps"): "127.0.0.1:2993",
     ("imap", "pop3s"): "127.0.0.1:2995",
     ("web", "listen"): "127.0.0.1:8025",
+    ("imap", "sieve"): "127.0.0.1:2190",
+    ("filter", "scanner"): "127.0.0.1:2783",
+    ("filter", "controller"): "127.0.0.1:2784",
+    ("filter", "redis"): "127.0.0.1:2785",
 }
 # Served by Dovecot, which `mailroom run` starts only when it can (cli/dovecot.py).
-DOVECOT_PORTS = ("imap", "imaps", "pop3s")
+DOVECOT_PORTS = ("imap", "imaps", "pop3s", "sieve")
+# Served by the supervised rspamd and its Redis, only with [filter] rspamd = "supervised".
+FILTER_PORTS = ("scanner", "controller", "redis")
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:
@@ -96,6 +102,9 @@ class Installation:
         # Sender checks ask DNS for every public message; tests talk only to loopback,
         # so a test that wants them turns them on with its own DNS server.
         text = text.replace("[mailauth]\ncheck = true", "[mailauth]\ncheck = false")
+        # `mailroom init` runs rspamd when it is installed; a test that wants the filter says so
+        # (`Installation.supervise_filter`), the others deliver unscanned, as before.
+        text = re.sub(r'(?m)^rspamd = "supervised"$', 'rspamd = ""', text)
         self.config_path.write_text(text + extra)
         self.supervisor: subprocess.Popen[bytes] | None = None
         self.log_path = root / "suite.log"
@@ -117,6 +126,14 @@ class Installation:
         else:  # a section `mailroom init` does not write ([smtp], say)
             text = text.rstrip("\n") + f"\n\n[{section}]\n{key} = {value}\n"
         self.config_path.write_text(text)
+
+    def supervise_filter(self, *, min_learns: int = 50, nameserver: str = "") -> None:
+        """Let `mailroom run` run rspamd and its Redis (`[filter] rspamd = "supervised"`), asking
+        the DNS server `nameserver` (a test's own; none: a closed loopback port, so rspamd never
+        asks outside this host)."""
+        self.set("filter", "rspamd", '"supervised"')
+        self.set("filter", "bayes_min_learns", str(min_learns))
+        self.set("dns", "nameservers", f'["{nameserver or f"127.0.0.1:{free_port()}"}"]')
 
     def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         """Run the real `mailroom` command against this installation."""
@@ -165,8 +182,9 @@ class Installation:
 
     # --- the real processes ------------------------------------------------------
 
-    def start(self) -> None:
-        """Start supervisord with every program, as `mailroom run` does."""
+    def start(self, timeout: float = 20.0) -> None:
+        """Start supervisord with every program, as `mailroom run` does; each listener
+        must answer within `timeout` seconds."""
         # Private like everything else in the installation (what the daemons log names users).
         log = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         self.supervisor = subprocess.Popen(
@@ -179,9 +197,11 @@ class Installation:
 
         with_dovecot = dovecot.why_not(self.config) is None
         try:
+            with_filter = self.config.filter.supervised
             for key, port in self.ports.items():
-                if with_dovecot or key not in DOVECOT_PORTS:
-                    wait_port(port)
+                if (with_dovecot or key not in DOVECOT_PORTS) and (with_filter or key not in FILTER_PORTS):
+                    # rspamadm (hashing, configtest) runs before supervisord: longer with the filter.
+                    wait_port(port, max(timeout, 90) if with_filter else timeout)
         except TimeoutError:
             self.stop()
             raise AssertionError("the suite did not start:\n" + self.log_path.read_text()[-4000:]) from None

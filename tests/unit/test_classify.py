@@ -43,3 +43,18 @@ def test_every_outcome_leaves_a_state() -> None:
         Outcome.DELIVERED: "delivered", Outcome.BOUNCED: "bounced", Outcome.EXPIRED: "expired",
         Outcome.DEFERRED: "queued",
     }
+
+
+@pytest.mark.parametrize(
+    ("age", "attempts", "warned", "wait"),
+    [
+        (10.0, 3, False, 590.0),  # 900 s by the schedule, but the warning is due at 600 s
+        (500.0, 1, False, 60.0),  # the schedule comes first anyway
+        (10.0, 3, True, 900.0),  # warned already: the schedule alone
+        (650.0, 3, False, 900.0),  # past the warning time: it goes with this attempt
+    ],
+)
+def test_the_next_try_of_an_unwarned_message_comes_when_the_warning_is_due(
+    age: float, attempts: int, warned: bool, wait: float
+) -> None:
+    assert classify(FULL, age, attempts, POLICY, warned=warned) == (Outcome.DEFERRED, wait)
