@@ -178,9 +178,10 @@ def _user(args: argparse.Namespace, cfg: configmod.Config) -> int:
 
 
 def _password(args: argparse.Namespace) -> str:
-    """From a prompt (twice, not echoed) or one line of stdin; never from argv,
-    where other local users could read it in `ps` and it would stay in shell history."""
-    if args.password_stdin:
+    """From a prompt (twice, not echoed) or one line of stdin (--password-stdin, or
+    whenever stdin is not a terminal: `echo pw | mailroom user add ...`); never from
+    argv, where other local users could read it in `ps` and it would stay in shell history."""
+    if args.password_stdin or not sys.stdin.isatty():
         pw = sys.stdin.readline().rstrip("\r\n")
     else:
         pw = getpass.getpass("Password: ")

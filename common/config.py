@@ -18,9 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from common.endpoint import Endpoint
+from common.endpoint import UNIX_PREFIX, Endpoint
+from common.numbers import is_decimal
 
 DEFAULT_PATH = "./var/mailroom.toml"
+# The MSA's hand-off to the MTA: a Unix socket in the private run folder (common/hop_secret.py).
+INTERNAL_SOCKET = "unix:run/internal.sock"
 # More MTA listener processes than this would be a typo, not a host.
 MAX_MTA_PROCESSES = 64
 # [filter] rspamd: `mailroom run` runs rspamd and its Redis itself.
@@ -43,7 +46,8 @@ class MailroomSection:
     domains: list[str] = field(default_factory=list, metadata=_meta("domains", "Mail domains delivered here (local domains)"))
     database: str = field(default="sqlite:///mailroom.db", metadata=_meta("dburl", "SQLAlchemy URL of the shared database"))
     mail_root: str = field(default="mail", metadata=_meta("path", "Folder under which every mailbox lives"))
-    run_dir: str = field(default="run", metadata=_meta("path", "Folder for sockets, pid files and process logs"))
+    run_dir: str = field(default="run", metadata=_meta("path", "Folder for sockets, pid files and supervisord's own log"))
+    log_dir: str = field(default="log", metadata=_meta("path", "Folder of the log files, one per program (msa.log, mta.log, ...), each reopened when logrotate moves it; empty: standard error (the journal when systemd runs a daemon)"))
     log_level: str = field(default="info", metadata=_meta("loglevel", "debug shows every SMTP/LMTP line (AUTH redacted)"))
     log_format: str = field(default="text", metadata=_meta("logformat", "text (one readable line per record) or json (one JSON object per line, trace_id a field)"))
     user: str = field(default="", metadata=_meta("str", "The account every daemon serves as; started as root, they bind ports and then become it (required as root)"))
@@ -67,6 +71,8 @@ class SMTPSection:
     max_connections: int = field(default=1000, metadata=_meta("int", "Connections per listener; more get 421 4.7.0"))
     max_connections_per_client: int = field(default=50, metadata=_meta("int", "Connections per client address; more get 421 4.7.0"))
     max_errors: int = field(default=20, metadata=_meta("int", "Errors in one session before disconnecting"))
+    stress_threshold: int = field(default=80, metadata=_meta("int", "Stress mode (as Postfix's smtpd) from this percentage of max_connections open: idle and TLS handshake timeouts become stress_timeout, until the count is back under three quarters of it (0: off)"))
+    stress_timeout: float = field(default=10.0, metadata=_meta("duration", "Idle and TLS handshake timeout under stress"))
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,7 @@ class MSASection:
 @dataclass(frozen=True)
 class MTASection:
     smtp: list[str] = field(default_factory=lambda: ["127.0.0.1:2525"], metadata=_meta("listen", "Public listener (the port 25 role)"))
-    internal: list[str] = field(default_factory=lambda: ["127.0.0.1:10025"], metadata=_meta("listen", "Internal listener for the MSA; loopback or unix:/path only"))
+    internal: list[str] = field(default_factory=lambda: [INTERNAL_SOCKET], metadata=_meta("listen", "Internal listener for the MSA: a Unix socket (only the daemons' uid may connect; a relative path is in the config's folder) or a loopback address (the MSA then logs in with <run_dir>/internal.secret)"))
     trusted_networks: list[str] = field(default_factory=list, metadata=_meta("networks", "Client networks allowed to relay through the public listener"))
     max_hops: int = field(default=50, metadata=_meta("int", "More Received headers than this is a mail loop (554 5.4.6)"))
     min_free_disk: int = field(default=100 * 1024 * 1024, metadata=_meta("size", "Below this much free space, MAIL gets 452 4.3.1"))
@@ -290,6 +296,11 @@ class Config:
         return self.resolve(self.mailroom.run_dir)
 
     @property
+    def log_dir(self) -> Path | None:
+        """Where each program writes its log file; None: to standard error."""
+        return self.resolve(self.mailroom.log_dir) if self.mailroom.log_dir else None
+
+    @property
     def queue_dir(self) -> Path:
         """The folder holding the queue: the SQLite database's, else run_dir."""
         url = self.database_url
@@ -307,7 +318,8 @@ class Config:
         (validated at load), in the order written."""
         section, _, name = key.partition(".")
         value = getattr(getattr(self, section), name)
-        return [Endpoint.parse(v) for v in ([value] if isinstance(value, str) else value)]
+        base = str(self.base)  # a relative unix:run/x.sock is in the config's folder, as every path
+        return [Endpoint.parse(v, base) for v in ([value] if isinstance(value, str) else value)]
 
     def endpoint(self, key: str) -> Endpoint:
         """The first address of listener setting `key`: the one to connect to
@@ -338,9 +350,10 @@ def listener_keys() -> list[str]:
 
 # --- value parsing ---------------------------------------------------------
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+# ASCII digits only (re.ASCII): "٥m" is no duration, "١٠MiB" no size.
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.ASCII)
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.I)
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.I | re.ASCII)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
@@ -381,7 +394,7 @@ def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, in
         if default_port is None:
             raise ValueError(f"expected host:port, got {value!r}")
         return host, default_port
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not is_decimal(port_text) or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"bad port in {value!r}")
     if not host:
         raise ValueError(f"missing host in {value!r}")
@@ -512,7 +525,12 @@ def _convert(kind: str, value: object) -> object:
             for item in items:
                 if not isinstance(item, str):
                     raise ValueError(f"expected {what}, got {item!r}")
-                addresses.append(str(Endpoint.parse(item)))
+                text = item.strip()
+                if text.startswith(UNIX_PREFIX) and not text[len(UNIX_PREFIX):].startswith("/"):
+                    Endpoint.parse(text, base="/")  # checked now; Config.endpoints puts it in the config's folder
+                    addresses.append(text)
+                else:
+                    addresses.append(str(Endpoint.parse(text)))
             if len(set(addresses)) != len(addresses):
                 raise ValueError(f"an address is listed twice in {value!r}")
             return addresses
@@ -624,6 +642,8 @@ def _check(cfg: Config) -> None:
     if cfg.mta.processes > 1 and all(e.is_unix for e in cfg.endpoints("mta.smtp")):
         # The processes share TCP ports; a Unix socket is served by one process only.
         raise ConfigError("mta.processes: several processes need a TCP address in mta.smtp to share")
+    if cfg.smtp.stress_threshold > 100:
+        raise ConfigError(f"smtp.stress_threshold: a percentage of max_connections, 0 (off) to 100, got {cfg.smtp.stress_threshold}")
     if cfg.smtp.max_recipients < 1:
         raise ConfigError("smtp.max_recipients: must be at least 1")
     for resolver in cfg.outbound_tls.dnssec_resolvers:
@@ -677,6 +697,8 @@ user = "{user}"
 database = "sqlite:///mailroom.db"
 mail_root = "mail"
 run_dir = "run"
+# Each program's log: log/msa.log, log/mta.log, ... (deploy/logrotate.conf rotates them).
+log_dir = "log"
 log_level = "info"
 
 [tls]
@@ -689,7 +711,9 @@ submissions = "127.0.0.1:2465"
 
 [mta]
 smtp = "127.0.0.1:2525"
-internal = "127.0.0.1:10025"
+# The MSA's hand-off: a Unix socket in the run folder that only the daemons' user may use.
+# A loopback address works too (then the MSA logs in with run/internal.secret).
+internal = "{INTERNAL_SOCKET}"
 trusted_networks = []
 max_hops = 50
 retry_schedule = ["5m", "10m", "20m", "40m", "1h"]

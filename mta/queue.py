@@ -159,6 +159,11 @@ class Incoming:
     # The "expanded" success notices asked for (an alias of several targets given
     # NOTIFY=SUCCESS): queued in the commit that stores the message.
     notices: list[bounce.Failure] = field(default_factory=list)
+    named: bool = False  # the client named the trace id (our MSA's XTRACE), so it may be taken
+
+
+class TraceTaken(Exception):
+    """XTRACE named a message already in the queue."""
 
 
 def accept(conn: Connection, msg: Incoming, hostname: str, local_domains: Collection[str], window: float) -> str:
@@ -168,8 +173,13 @@ def accept(conn: Connection, msg: Incoming, hostname: str, local_domains: Collec
     fsync'd before any reply it holds is sent.  A message the client sent
     again because it never saw our 250 (mta/resubmit.py; looked for within
     `window` seconds, 0: never) is not queued twice: the answer names the
-    first one's trace id, and both traces say so.
+    first one's trace id, and both traces say so.  Raises TraceTaken when
+    the trace id the client named is a message's already.
     """
+    # A trace id the client named (XTRACE) and already taken would mix two messages'
+    # events and fail the insert.  Asked in this write transaction, so no race.
+    if msg.named and conn.execute(_QUEUED, {"trace": msg.trace}).first() is not None:
+        raise TraceTaken(msg.trace)
     add_event(conn, msg.trace, Hop.MTA, EventName.RECEIVED, time=msg.received, detail=msg.arrival)
     earlier = None
     if window > 0:
@@ -198,6 +208,9 @@ def accept(conn: Connection, msg: Incoming, hostname: str, local_domains: Collec
             local=domain_of(msg.sender) in local_domains,
         )
     return msg.trace
+
+
+_QUEUED = select(Message.id).where(Message.id == bindparam("trace"))
 
 
 def enqueue(

@@ -141,6 +141,9 @@ class DaemonCounters(Collector):
         yield family("mailroom_connections", "Client connections by listener, accepted or refused by the "
                      "connection caps ([smtp] max_connections, max_connections_per_client)",
                      counters.CONNECTIONS, ["listener", "result"])
+        yield family("mailroom_stress", "Times a listener entered stress mode near its connection cap "
+                     "([smtp] stress_threshold): idle and TLS handshake timeouts shortened to stress_timeout",
+                     counters.STRESS, ["listener"])
         tls = CounterMetricFamily("mailroom_tls_sessions", "Messages by direction (in: received from a client or "
                                   "another host, not the MSA's hand-off to the MTA; out: handed to a remote host), "
                                   "hop and whether the session was encrypted (TLS)",

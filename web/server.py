@@ -33,7 +33,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
-from common import clock
+from common import clock, privileges
 from common import config as configmod
 from common import log as logmod
 from common.config import Config
@@ -287,6 +287,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"web: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     logmod.setup("web", cfg.mailroom.log_level, cfg.mailroom.log_format)
+    try:  # its own log file, as every daemon's (common/privileges.py)
+        privileges.open_log(cfg, privileges.account(cfg), "web")
+    except privileges.StartError as exc:
+        print(f"web: {exc}", file=sys.stderr)
+        raise SystemExit(78) from None
     # The daemons' now (lab time in a lab): the queue's ages are measured against it.
     clock.use(clock.for_lab(cfg.lab.time_warp, cfg.lab.time_warp_since))
     try:
