@@ -25,8 +25,8 @@ from common.db import Database
 from common.endpoint import BindError
 
 # The four daemons (cli/watch.py stops the suite when one cannot start), the web
-# program, Dovecot, the certificate renewer and the supervised content filter.
-PROGRAMS = (*watch.PROGRAMS, "web", "imap", "renew", "redis", "rspamd")
+# program, Dovecot, the certificate renewer, the supervised content filter and the daily jobs.
+PROGRAMS = (*watch.PROGRAMS, "web", "imap", "renew", "redis", "rspamd", "schedule")
 # Package data, so an installed Mailroom (a wheel, not a checkout) finds it too.
 TEMPLATE = "supervisord.conf.in"
 

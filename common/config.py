@@ -140,6 +140,7 @@ class WebSection:
     listen: list[str] = field(default_factory=lambda: ["127.0.0.1:8025"], metadata=_meta("listen", "HTTP listener of the web program (mail client autoconfig, the live page at /, /metrics); read-only"))
     http: str = field(default="", metadata=_meta("listen?", "Plain HTTP for the Internet (the port 80 role): ACME HTTP-01 challenges and mail client autoconfig, nothing else; empty: off"))
     https: str = field(default="", metadata=_meta("listen?", "HTTPS for the Internet with the [tls] certificate (the port 443 role): the MTA-STS policy at mta-sts.DOMAIN and mail client autoconfig; empty: off"))
+    admin: list[str] = field(default_factory=list, metadata=_meta("listen*", "HTTPS listener (TLS only, [tls] cert and key) of the admin page at /admin and users' own page at /account; keep it on loopback or a private network (`mailroom init` writes 127.0.0.1:8443); [] turns it off"))
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,27 @@ class LabSection:
 
 
 @dataclass(frozen=True)
+class DMARCSection:
+    """DMARC aggregate reports (RFC 7489 7.2) about the mail we receive (mta/dmarcreport.py)."""
+
+    reports: bool = field(default=True, metadata=_meta("bool", "Record the DMARC verdict of every message from the Internet and send each domain that asks (rua=) a daily report"))
+    report_at: str = field(default="00:15", metadata=_meta("time?", "Local time the reports of the UTC days that have ended go out (`mailroom dmarc report`); empty: only by hand"))
+    report_from: str = field(default="", metadata=_meta("str", "Sender of the reports; empty: postmaster@ the first local domain"))
+    org_name: str = field(default="", metadata=_meta("str", "Who the reports say they are from (org_name); empty: the host name"))
+
+
+@dataclass(frozen=True)
+class BackupSection:
+    """Backups (`mailroom backup`, `mailroom restore`; docs/operations.md, "Backups and upgrades")."""
+
+    dir: str = field(default="backup", metadata=_meta("path", "Folder the backups go to (`mailroom backup --to` overrides); better on another disk, copied off the host"))
+    key: str = field(default="backup.key", metadata=_meta("path", "The backup key made by `mailroom backup init`; keep a copy away from this host: without it no backup can be read"))
+    at: str = field(default="", metadata=_meta("time?", "Local time of the daily backup, HH:MM (\"03:30\"; HH:MM:SS also); empty: no scheduled backup"))
+    keep_days: int = field(default=7, metadata=_meta("int", "Keep the last backup of each of this many days"))
+    keep_weeks: int = field(default=4, metadata=_meta("int", "Keep the last backup of each of this many weeks, as well"))
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     mailroom: MailroomSection = field(default_factory=MailroomSection)
@@ -269,6 +291,8 @@ class Config:
     acme: ACMESection = field(default_factory=ACMESection)
     mta_sts: MTASTSSection = field(default_factory=MTASTSSection)
     lab: LabSection = field(default_factory=LabSection)
+    backup: BackupSection = field(default_factory=BackupSection)
+    dmarc: DMARCSection = field(default_factory=DMARCSection)
 
     @property
     def base(self) -> Path:
@@ -343,7 +367,8 @@ def listener_keys() -> list[str]:
         cls = hints[section.name]
         if dataclasses.is_dataclass(cls):
             keys += [
-                f"{section.name}.{f.name}" for f in dataclasses.fields(cls) if f.metadata.get("kind") == "listen"
+                f"{section.name}.{f.name}" for f in dataclasses.fields(cls)
+                if f.metadata.get("kind") in ("listen", "listen*")
             ]
     return keys
 
@@ -478,6 +503,12 @@ def _convert(kind: str, value: object) -> object:
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ValueError(f"expected a positive number (1 is real time), got {value!r}")
             return float(value)
+        case "time?":
+            need(str, 'a time of day like "03:30"')
+            assert isinstance(value, str)
+            if value and not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d(:[0-5]\d)?", value):
+                raise ValueError(f'expected a time of day like "03:30", got {value!r}')
+            return value
         case "datetime?":
             need(str, "a date and time like 2026-12-01T18:00:00")
             assert isinstance(value, str)
@@ -515,11 +546,11 @@ def _convert(kind: str, value: object) -> object:
                 if not isinstance(d, str) or not re.fullmatch(r"[A-Za-z0-9.-]+", d):
                     raise ValueError(f"not a domain name: {d!r}")
             return [d.lower().rstrip(".") for d in value]
-        case "listen":
-            # One address or several, each served alike: ["0.0.0.0:25", "[::1]:25"].
+        case "listen" | "listen*":
+            # One address or several, each served alike: ["0.0.0.0:25", "[::1]:25"]; listen* may be [] (off).
             what = "host:port, [IPv6]:port or unix:/path, or a list of them"
             items = [value] if isinstance(value, str) else value
-            if not isinstance(items, list) or not items:
+            if not isinstance(items, list) or (not items and kind == "listen"):
                 raise ValueError(f"expected {what}, got {value!r}")
             addresses: list[str] = []
             for item in items:
@@ -739,6 +770,8 @@ sieve = "127.0.0.1:2190"
 
 [web]
 listen = "127.0.0.1:8025"
+# The admin page, over TLS only (`mailroom admin add NAME` makes an account).
+admin = "127.0.0.1:8443"
 # For the Internet (docs/operations.md, "Putting Mailroom on the Internet"):
 # http = "0.0.0.0:80"      # ACME HTTP-01 answers and mail client autoconfig
 # https = "0.0.0.0:443"    # the MTA-STS policy at mta-sts.DOMAIN
@@ -774,4 +807,12 @@ controller = "127.0.0.1:2784"
 redis = "127.0.0.1:2785"
 when_down = "accept_unscanned"
 dnsbl_zones = []
+
+[backup]
+# `mailroom backup init` makes the key; then a backup runs every day at `at`.
+dir = "backup"
+key = "backup.key"
+at = ""
+keep_days = 7
+keep_weeks = 4
 """

@@ -200,6 +200,13 @@ def open_log(cfg: Config, acct: Account, program: str) -> None:
         raise StartError(f"[mailroom] log_dir = {cfg.mailroom.log_dir}: {exc.strerror or exc} ({folder})") from None
 
 
+def open_helper_log(cfg: Config, program: str) -> None:
+    """open_log for the programs beside the daemons (web, renew, schedule), which may
+    stay root when no `[mailroom] user` is set: then they log to standard error."""
+    if cfg.mailroom.user or os.getuid() != 0:
+        open_log(cfg, account(cfg), program)
+
+
 def hand_over(path: str, acct: Account) -> None:
     """A Unix socket bound as root becomes the Mailroom user's (its clients run as that user)."""
     if os.getuid() == 0:

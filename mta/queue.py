@@ -12,6 +12,7 @@ move it:
                     active  -> expired     4xx, and older than max_queue_lifetime (a notice)
                     active  -> queued      4xx: next_attempt later, on the retry schedule
     release_stale   active  -> queued      its queue manager died mid-delivery
+    release_restored active -> queued      a database restored from a backup (cli/restore.py)
     bring_forward, make_due  queued: next_attempt now (the MDA is back; a flush)
     hold            a held message's queued recipients are not claimed (release undoes it)
     delete          queued/active -> deleted   (postsuper -d: nobody is told)
@@ -426,6 +427,17 @@ def release_stale(session: Session, host: str) -> int:
     session.commit()
     return int(getattr(result, "rowcount", 0) or 0)
 
+
+def release_restored(session: Session) -> int:
+    """In a database just restored from a backup no queue manager holds anything: every
+    claim belongs to a process of the installation the backup was taken from, which may
+    even still run on this host.  Put them all back, counting the cut attempt as
+    `release_stale` does."""
+    result = session.execute(
+        update(Recipient).where(Recipient.state == ACTIVE)
+        .values(state=QUEUED, owner="", attempts=Recipient.attempts + 1)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 # --- settle: the queue manager records what the next hop said -------------------------------------

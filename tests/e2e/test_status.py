@@ -3,7 +3,8 @@
 Running: supervisorctl's table, exit 0.  Not running (never started, stopped,
 or killed, which leaves supervisord's socket file behind): one line on stdout
 that says so and how to start it, exit 3 (LSB's "program is not running"),
-never supervisorctl's "...supervisor.sock no such file".
+never supervisorctl's "...supervisor.sock no such file".  `status` adds what
+holds whether or not it runs: the certificate's expiry and the last backup.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ NOT_RUNNING = re.compile(r"mailroom is not running \(nothing answers on (\S+)/su
 def assert_not_running(inst: Installation, *args: str) -> None:
     r = inst.cli(*args)
     assert (r.returncode, r.stderr) == (3, ""), (args, r.returncode, r.stdout, r.stderr)
-    m = NOT_RUNNING.fullmatch(r.stdout)
+    first, _, rest = r.stdout.partition("\n")
+    m = NOT_RUNNING.fullmatch(first + "\n")
+    if args == ("status",):
+        [cert, backup] = rest.splitlines()
+        assert cert.startswith("certificate ") and backup.startswith("backup: "), r.stdout
+    else:
+        assert rest == "", r.stdout
     assert m and m.group(1) == str(inst.config.run_dir.resolve()), (args, r.stdout)
 
 

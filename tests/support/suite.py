@@ -47,6 +47,7 @@ LISTENERS = {
     ("filter", "scanner"): "127.0.0.1:2783",
     ("filter", "controller"): "127.0.0.1:2784",
     ("filter", "redis"): "127.0.0.1:2785",
+    ("web", "admin"): "127.0.0.1:8443",
 }
 # Served by Dovecot, which `mailroom run` starts only when it can (cli/dovecot.py).
 DOVECOT_PORTS = ("imap", "imaps", "pop3s", "sieve")
