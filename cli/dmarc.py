@@ -25,7 +25,7 @@ from common.db import Database
 from common.events import Hop
 from common.log import new_trace_id
 from common.models import DMARCVerdict, utcnow
-from mta import dmarcreport, queue
+from mta import dmarcreport, queue, resubmit, wakeup
 from mta.authdns import DNSTempError, Resolver, SyncResolver, txt
 from mta.dmarc import org_domain
 
@@ -117,7 +117,7 @@ def report(cfg: Config, db: Database, resolver: Resolver, *, before: dt.date, dr
             s.execute(delete(DMARCVerdict).where(DMARCVerdict.time < cutoff - KEEP))
             s.commit()
         if queued:
-            queue.wake_qmgr(cfg.qmgr_socket)
+            wakeup.send(cfg.qmgr_socket)
     return lines
 
 
@@ -142,6 +142,6 @@ def _queue(cfg: Config, db: Database, sender: str, to: str, message: bytes) -> s
         else:
             targets = [to]
         queue.enqueue(s, trace=trace, sender=sender, body=body, now=utcnow(), hop=Hop.QMGR,
-                      recipients=[queue.QueuedRecipient(t, to) for t in targets], digest=queue.digest(body))
+                      recipients=[queue.QueuedRecipient(t, to) for t in targets], digest=resubmit.digest(body))
         s.commit()
     return trace

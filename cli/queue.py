@@ -6,7 +6,6 @@ config), so ages and "due now" agree with the queue manager's, lab time in a lab
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +15,7 @@ from cli.show import clean
 from common.config import Config
 from common.db import Database
 from common.models import FINAL_STATES, Message, Recipient, utcnow
-from mta import queue
+from mta import queue, wakeup
 
 
 def _pending(s: Any, ident: str | None = None) -> list[Message]:
@@ -92,15 +91,7 @@ class Done:
 
 def qmgr_running(cfg: Config) -> bool:
     """Whether a queue manager listens on its wake-up socket (and so was just woken)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.setblocking(False)
-        try:
-            s.sendto(queue.SCAN, str(cfg.qmgr_socket))
-        except BlockingIOError:
-            return True  # it listens, and has wake-ups waiting already
-        except OSError:  # no socket file, or nobody bound to it
-            return False
-    return True
+    return wakeup.scan(cfg.qmgr_socket)
 
 
 def _not_running(cfg: Config) -> str:

@@ -4,7 +4,7 @@ The database says, for every local delivery, "trace id T was stored for
 recipient R" (an `mda delivered` event, with the file).  This command looks for
 each such message in R's mailbox today and compares it with what was queued:
 the message's digest (`messages.digest`: sha256 of what the sender wrote, its
-Received fields left out, mta/queue.py) against the stored copy's, once the
+Received fields left out, mta/resubmit.py) against the stored copy's, once the
 fields our own hops put on top (Return-Path, Delivered-To, Received,
 Authentication-Results, a DKIM or ARC signature, the filter's verdict) are set
 aside, and the line ends the MDA changed (CRLF -> LF) are put back.
@@ -39,7 +39,7 @@ from common.db import Database
 from common.events import EventName, Hop
 from common.models import ACTIVE, QUEUED, Event, Message, Recipient, User
 from mta.checks import header_fields
-from mta.queue import digest
+from mta.resubmit import digest
 
 # Fields our hops add on top of a message (MTA: Received, results, signatures, the
 # filter's verdict; MDA: Return-Path, Delivered-To).

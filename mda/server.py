@@ -8,14 +8,15 @@ never from the address, so no address can point outside the mail root.
 
 Each delivery records a `delivered` event with its path, each refusal a
 `refused` event with the reply.  Our queue manager asks for them with the MAIL
-parameter XRECORD ("the client records the outcome"): then the MDA writes no
-row of its own, each 250 carries the path (`path=...`), and the queue manager
-records the MDA's events in the same transaction as its settle.  A redelivery of a (trace id, recipient) that
-already has a `delivered` event (the queue manager crashed before it recorded
-our 250) is answered 250 without storing the message again; without such an
-event the stores themselves recognise it (the Maildir name, the mbox journal),
-and with XRETRY (an earlier attempt may have stored it) the Maildir copy is
-also looked for in cur/, where a reader moves it.
+parameter XRECORD ("the client records the outcome", common/lmtp_ext.py): then
+the MDA writes no row of its own, each 250 carries the path (`path=...`), and
+the queue manager records the MDA's events in the same transaction as its
+settle.  A redelivery of a (trace id, recipient) that already has a
+`delivered` event (the queue manager crashed before it recorded our 250) is
+answered 250 without storing the message again; without such an event the
+stores themselves recognise it (the Maildir name, the mbox journal), and with
+XRETRY (an earlier attempt may have stored it) the Maildir copy is also looked
+for in cur/, where a reader moves it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, select
 
+from common import lmtp_ext
 from common import reply as R
 from common.config import Config
 from common.daemon import Context, serve_until_stopped
@@ -95,18 +97,8 @@ class DeliveryPolicy:
         )
 
 
-# The MAIL parameter by which the client takes on recording the outcomes.
-CLIENT_RECORDS = "XRECORD"
-# What a 250 adds before the mailbox path when the client records the outcome.
-PATH_MARK = " path="
-# The MAIL parameter by which the client says an earlier attempt may have stored
-# this message (its 250 was lost): a Maildir copy is then looked for in cur/ too,
-# where a reader moves it out of new/.
-RETRY = "XRETRY"
-
-
 class LMTPHandler(Handler):
-    ehlo_keywords = ("XTRACE", CLIENT_RECORDS, RETRY)
+    ehlo_keywords = ("XTRACE", lmtp_ext.XRECORD, lmtp_ext.XRETRY)
     # A BODY=BINARYMIME message is stored with its body octets as they came.
     offers_binarymime = True
 
@@ -132,7 +124,7 @@ class LMTPHandler(Handler):
         box = await self.db.run(self._lookup, recipient)
         if box is None:
             log.info("refused to=<%s>: user unknown", recipient)
-            if CLIENT_RECORDS not in envelope.params:
+            if lmtp_ext.XRECORD not in envelope.params:
                 await self.db.write_batched(
                     self._record, envelope.trace_id, [(recipient, R.UNKNOWN_USER, "")], relaxed=True
                 )
@@ -159,7 +151,7 @@ class LMTPHandler(Handler):
 
     async def refused(self, session: MailSession, envelope: MailEnvelope, reply: Reply) -> None:
         # Too big or a line too long: the trace should say so for each recipient.
-        if CLIENT_RECORDS in envelope.params:
+        if lmtp_ext.XRECORD in envelope.params:
             return  # the client records each recipient's reply itself
         outcomes = [(rcpt, reply, "") for rcpt in dict.fromkeys(envelope.rcpt_tos)]
         try:
@@ -185,7 +177,7 @@ class LMTPHandler(Handler):
             auto: list[AutoReply] = []
             call = partial(
                 contextvars.copy_context().run, self._deliver_all, envelope.trace_id, envelope.mail_from,
-                envelope.rcpt_tos, body, CLIENT_RECORDS in envelope.params, RETRY in envelope.params, auto,
+                envelope.rcpt_tos, body, lmtp_ext.XRECORD in envelope.params, lmtp_ext.XRETRY in envelope.params, auto,
             )
             replies, outcomes = await asyncio.get_running_loop().run_in_executor(_delivery_threads(), call)
             if auto:  # vacation replies: sent after the delivery, never holding it up
@@ -194,7 +186,7 @@ class LMTPHandler(Handler):
             # Never a single reply in LMTP (the client would wait for the rest).
             log.exception("delivery failed")
             return [R.LOCAL_ERROR] * len(envelope.rcpt_tos)
-        if CLIENT_RECORDS in envelope.params:
+        if lmtp_ext.XRECORD in envelope.params:
             # The queue manager records the outcomes (paths in the replies)
             # with its settle: no write transaction here at all.
             return replies
@@ -227,7 +219,9 @@ class LMTPHandler(Handler):
             try:
                 path = self._deliver_one(trace, sender, rcpt, box, body, earlier.get(rcpt), retry=retry, auto=auto)
                 text = f"Ok: delivered to {box.store} ({trace})"
-                reply = Reply(250, "2.0.0", text + (PATH_MARK + path if path_in_reply else ""))
+                reply = Reply(250, "2.0.0", text)
+                if path_in_reply:
+                    reply = lmtp_ext.with_path(reply, path)
                 log.info("delivered to=<%s> %s=%s", rcpt, box.store, path)
             except SMTPError as exc:
                 path, reply = "", exc.reply

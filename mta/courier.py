@@ -11,8 +11,9 @@ and it never writes to the database.  Two couriers implement it
   once per recipient after DATA, because each mailbox succeeds or fails on its
   own.  Sessions are pooled and reused.  Where the MDA offers them, MAIL FROM
   says XRECORD (the MDA writes no event row; its outcome comes back in the
-  reply, and the queue manager records it with its own settle) and XRETRY (an
-  earlier attempt may have stored the message already: look for that copy).
+  reply, with the path of the copy, and the queue manager records it with its
+  own settle) and XRETRY (an earlier attempt may have stored the message
+  already: look for that copy); common/lmtp_ext.py explains both.
   The MDA takes 8-bit, binary and UTF-8 mail, so nothing is ever refused here
   for its content; the body type is only declared.
 
@@ -31,7 +32,7 @@ recipient, so the mail waits and is tried again rather than bounced.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from common.address import domain_of
@@ -71,6 +72,9 @@ class Delivered:
     # The MDA wrote no event of its own (XRECORD): its outcomes, carried in its
     # replies, are ours to record.
     ours_to_record: bool = False
+    # Then, for each recipient in the attempt's order, the file the MDA stored
+    # its copy in ("" where it refused), taken out of the reply's text.
+    paths: list[str] = field(default_factory=list)
     # The hop took NOTIFY/ORCPT: reporting success is its job from now on (RFC 3461 5.2.2).
     dsn_passed: bool = False
 

@@ -14,7 +14,7 @@ import ssl
 from collections import defaultdict
 from dataclasses import dataclass
 
-from common import counters
+from common import counters, lmtp_ext
 from common.dns import Resolver
 from common.endpoint import Endpoint
 from common.events import Hop
@@ -26,11 +26,6 @@ from mta.courier import Attempt, Delivered
 from mta.tlspolicy import Planner
 
 log = logging.getLogger("delivery")
-
-# The MAIL parameter that tells our MDA an earlier attempt of this message may
-# have stored it (a crash lost the 250): it then looks harder for that copy.
-RETRY = "XRETRY"
-
 
 class LocalDelivery:
     """LMTP to the MDA, over a small pool of reused sessions.
@@ -56,7 +51,7 @@ class LocalDelivery:
         # The body type and SMTPUTF8 are declared; our MDA takes them all.
         params = attempt.outbound.local_params(attempt.body)
         if attempt.retry:
-            params = (*params, RETRY)  # sent only where the MDA offers it
+            params = (*params, lmtp_ext.XRETRY)  # sent only where the MDA offers it
         async with self.slots:
             while self.idle:
                 pooled = self.idle.pop()
@@ -81,10 +76,10 @@ class LocalDelivery:
         """The replies (see deliver); None when a reused session turned out dead before taking anything on."""
         # XRECORD, where the MDA offers it: it writes no row of its own, and the
         # queue manager records its outcomes with the settle.
-        ours = "XRECORD" in client.extensions
-        if RETRY not in client.extensions:
-            params = tuple(p for p in params if p != RETRY)
-        mail_params = (f"XTRACE={attempt.trace}", *(("XRECORD",) if ours else ()), *params)
+        ours = lmtp_ext.XRECORD in client.extensions
+        if lmtp_ext.XRETRY not in client.extensions:
+            params = tuple(p for p in params if p != lmtp_ext.XRETRY)
+        mail_params = (f"XTRACE={attempt.trace}", *((lmtp_ext.XRECORD,) if ours else ()), *params)
         try:
             replies = await client.send(attempt.sender, attempt.recipients, attempt.body, mail_params=mail_params)
         except NextHopError as exc:
@@ -98,7 +93,11 @@ class LocalDelivery:
                 return None
         else:
             self.idle.append(client)
-        return Delivered(replies, str(self.lmtp), ours_to_record=ours and client.mail_accepted)
+        if not (ours and client.mail_accepted):
+            return Delivered(replies, str(self.lmtp))
+        # Each 250 names the mailbox file: taken out here, carried on as a value of its own.
+        split = [lmtp_ext.split_path(r) for r in replies]
+        return Delivered([r for r, _ in split], str(self.lmtp), ours_to_record=True, paths=[p for _, p in split])
 
     async def close(self) -> None:
         """Say QUIT on every pooled session (at shutdown)."""

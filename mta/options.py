@@ -3,7 +3,8 @@
 The listener stored it with the message and each recipient (DSN: RET, ENVID,
 NOTIFY, ORCPT, RFC 3461; BODY=8BITMIME, RFC 6152; SMTPUTF8, RFC 6531;
 REQUIRETLS, RFC 8689).  The queue manager reads it back with its claim
-(`queue.claim` fills an `Asked` per message), and before MAIL FROM
+(`queue.claim` fills an `Asked` per message, and each `queue.Claimed`
+recipient carries its own NOTIFY and ORCPT), and before MAIL FROM
 `refusal` says whether this next hop may take the message at all,
 `mail_params`/`rcpt_params` what to declare to it.
 
@@ -14,10 +15,14 @@ converting would change a signed body and is not needed by any peer we know.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from common import dsn
 from common.reply import Reply
+
+if TYPE_CHECKING:  # a type only: mta/queue.py imports this module (Asked), not the other way round
+    from mta.queue import Claimed
 
 NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "The next hop does not support SMTPUTF8, which this message needs")  # RFC 6531 3.2
 NEEDS_8BITMIME = Reply(554, "5.6.3", "The next hop does not support 8BITMIME, which this message needs")  # RFC 6152 3
@@ -31,15 +36,13 @@ _HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 @dataclass
 class Asked:
-    """One message's options, and its claimed recipients' (by recipient id)."""
+    """One message's options (its recipients' own are in their `queue.Claimed`)."""
 
     ret: str = ""
     envid: str = ""
     body_type: str = "7BIT"
     smtputf8: bool = False
     requiretls: bool = False
-    notify: dict[int, str] = field(default_factory=dict)
-    orcpt: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -47,7 +50,7 @@ class Outbound:
     """What goes with one transaction to one next hop (recipients in send order)."""
 
     asked: Asked
-    recipient_ids: list[int]
+    recipients: list[Claimed]
     # Set by the delivery: the hop offered DSN and got NOTIFY/ORCPT, so it (or
     # a later hop) reports success itself; we report "relayed" only otherwise.
     dsn_passed: bool = False
@@ -110,7 +113,4 @@ class Outbound:
         if "DSN" not in extensions:
             return None
         self.dsn_passed = True
-        a = self.asked
-        return [
-            tuple(dsn.rcpt_params(notify=a.notify.get(i, ""), orcpt=a.orcpt.get(i, ""))) for i in self.recipient_ids
-        ]
+        return [tuple(dsn.rcpt_params(notify=r.notify, orcpt=r.orcpt)) for r in self.recipients]

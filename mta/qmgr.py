@@ -3,7 +3,8 @@
 Each round it claims due recipients, groups them per message and next hop
 (local domains: one LMTP transaction to the MDA; remote domains: SMTP per
 domain), hands each group to the courier for that hop (mta/courier.py), and
-settles every outcome in one transaction per message:
+settles every outcome in one transaction per message (mta/queue.py, where
+every change of queue state is made):
 
     2xx -> delivered      5xx -> bounced (DSN to the sender)
            (a success notice when the recipient asked NOTIFY=SUCCESS and no
@@ -13,75 +14,38 @@ settles every outcome in one transaction per message:
            sent once when it is older than delay_warning.
 
 It is woken by a datagram on run/qmgr.sock when mail arrives (Postfix's qmgr
-trigger).  The MTA's datagram names the message it has just committed, and
-that message is claimed at once by its id; a scan for everything due (retries,
-operator flushes, anything whose datagram was lost) runs at start, when a
-datagram names no message, and every poll_interval.
+trigger, mta/wakeup.py).  The MTA's datagram names the message it has just
+committed, and that message is claimed at once by its id; a scan for
+everything due (retries, operator flushes, anything whose datagram was lost)
+runs at start, when a datagram names no message, and every poll_interval.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
-import datetime as dt
 import logging
 import socket
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Connection, bindparam, update
+from sqlalchemy import Connection
 from sqlalchemy.exc import OperationalError
 
-from common import dsn
 from common.address import domain_of
 from common.clock import Clock
 from common.daemon import Context, resolver_settings
 from common.db import Database
-from common.events import EventName
-from common.log import is_trace_id, trace_id
-from common.models import Message
+from common.log import trace_id
 from common.reply import Reply
-from mta import bounce, mailauth, mtasts, options, queue, tlsrpt
+from mta import mailauth, mtasts, options, queue, tlsrpt, wakeup
 from mta.courier import Attempt, Courier, Delivered
 from mta.delivery import LocalDelivery, RemoteDelivery
-from mta.queue import Outcome, Policy, Settled, classify
+from mta.queue import Claimed, Policy, Result
 from mta.tlsdns import DNSSECResolver
 from mta.tlspolicy import Planner, Table
 
 log = logging.getLogger("qmgr")
-
-# How the MDA's 250 names the mailbox path when we record its outcome (mda/server.py).
-PATH_MARK = " path="
-
-
-@dataclass
-class Result:
-    """One recipient's part of a courier's answer, as the settle reads it."""
-
-    recipient_id: int
-    address: str
-    reply: Reply
-    remote: str = ""  # the remote host that answered (never our MDA: it is no "Remote-MTA")
-    local: bool = False  # handed to the MDA over LMTP
-    dsn_passed: bool = False  # the next hop took NOTIFY/ORCPT: success is its to report
-    mda_left_record: bool = False  # the MDA left its own event to us (XRECORD)
-
-    @property
-    def mda_away(self) -> bool:
-        """The hand-off to our MDA itself failed (X.4.x: no connection, or it was lost),
-        as opposed to a temporary refusal the MDA gave (a full mailbox, a lock)."""
-        return self.local and self.reply.is_temporary and self.reply.status.startswith("4.4.")
-
-    @property
-    def retry_soon(self) -> bool:
-        """A local hand-off failed for a reason of our own host (X.4.x: the MDA away;
-        X.3.x: a local error, a busy database, a full disk): retried on the short
-        local schedule, not after the minutes a remote host is given."""
-        return self.mda_away or (self.local and self.reply.is_temporary and self.reply.status.startswith("4.3."))
-
 
 class QueueManager:
     def __init__(
@@ -121,10 +85,10 @@ class QueueManager:
         self.tasks: set[asyncio.Task[None]] = set()
 
     def woken_by(self, data: bytes) -> None:
-        """A wake-up datagram: the trace id of a message just queued, or anything else for a scan."""
-        text = data.decode("ascii", "replace")
-        if is_trace_id(text):
-            self.woken[text] = None
+        """A wake-up datagram (mta/wakeup.py): a message just queued, or a scan for everything due."""
+        trace = wakeup.named(data)
+        if trace is not None:
+            self.woken[trace] = None
         else:
             self.scan_asked = True
         self.wake.set()
@@ -159,17 +123,7 @@ class QueueManager:
 
     async def listen(self, path: Path) -> asyncio.DatagramTransport:
         """Bind the wake-up socket (a datagram socket at `path`)."""
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        # Bound here and handed over: uvloop takes a Unix datagram socket only as `sock`.
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            sock.bind(str(path))
-        except OSError:
-            sock.close()
-            raise
-        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(lambda: _Wakeup(self), sock=sock)
-        return transport
+        return await wakeup.listen(path, self.woken_by)
 
     async def serve(
         self, stop: asyncio.Event, poll_interval: float, *, every_minute: Callable[[], Awaitable[None]] | None = None
@@ -208,10 +162,8 @@ class QueueManager:
 
     async def _process(self, job: queue.Job) -> None:
         trace_id.set(job.trace)
-        # What the sender asked decides how it may go (REQUIRETLS): read with the claim.
-        asked = job.asked
         results: list[Result] = []
-        for part in await asyncio.gather(*(self._deliver(c, a) for c, a in self._attempts(job, asked))):
+        for part in await asyncio.gather(*(self._deliver(c, a) for c, a in self._attempts(job))):
             results.extend(part)
         mda_back = False
         if any(r.mda_away for r in results):
@@ -225,7 +177,7 @@ class QueueManager:
             try:
                 # Outcomes of messages finishing together share one commit; it is
                 # not fsync'd (no reply rests on it; see run_once).
-                settled = await self.db.write_batched(self._settle, job, results, mda_back, asked, relaxed=True)
+                settled = await self.db.write_batched(self._settle, job, results, mda_back, relaxed=True)
                 break
             except OperationalError as exc:
                 log.warning("cannot record delivery results yet, retrying: %s", exc.orig)
@@ -243,28 +195,29 @@ class QueueManager:
         if notices or mda_back:
             self.wake.set()
 
-    def _attempts(self, job: queue.Job, asked: options.Asked) -> list[tuple[Courier, Attempt]]:
+    def _attempts(self, job: queue.Job) -> list[tuple[Courier, Attempt]]:
         """One attempt per next hop: every local recipient in one LMTP transaction to
         the MDA; remote ones per domain and envelope sender (a forward may be sent
         as an SRS address of its own)."""
-        local: list[tuple[int, str, int]] = []
-        remote: defaultdict[tuple[str, str], list[tuple[int, str, int]]] = defaultdict(list)
-        for rid, a, n in job.recipients:
-            if domain_of(a) in self.local_domains:
-                local.append((rid, a, n))
+        local: list[Claimed] = []
+        remote: defaultdict[tuple[str, str], list[Claimed]] = defaultdict(list)
+        for r in job.recipients:
+            if domain_of(r.address) in self.local_domains:
+                local.append(r)
             else:
-                sender = self.sender_for(job.sender, job.originals.get(rid, ""), a)
-                remote[(domain_of(a), sender)].append((rid, a, n))
-        groups: list[tuple[Courier, str, list[tuple[int, str, int]]]] = []
+                sender = self.sender_for(job.sender, r.original, r.address)
+                remote[(domain_of(r.address), sender)].append(r)
+        groups: list[tuple[Courier, str, list[Claimed]]] = []
         if local:
             groups.append((self.local, job.sender, local))
         groups += [(self.remote, sender, rcpts) for (_, sender), rcpts in remote.items()]
         return [
             (courier, Attempt(
-                job.trace, sender, [a for _, a, _ in rcpts], job.body,
-                options.Outbound(asked, [rid for rid, _, _ in rcpts]),
+                job.trace, sender, [r.address for r in rcpts], job.body,
+                # What the sender asked decides how it may go (REQUIRETLS): read with the claim.
+                options.Outbound(job.asked, rcpts),
                 # An earlier attempt may have stored it already (its 250 was lost to a crash).
-                retry=any(n > 0 for _, _, n in rcpts),
+                retry=any(r.attempts > 0 for r in rcpts),
             ))
             for courier, sender, rcpts in groups
         ]
@@ -284,117 +237,19 @@ class QueueManager:
             got = Delivered([reply] * len(attempt.recipients))
         # Our own MDA is no remote host: its name goes in neither the trace detail nor a DSN.
         remote = "" if courier.local else got.host
+        paths = got.paths or [""] * len(got.replies)
         return [
-            Result(rid, a, r, remote, local=courier.local, dsn_passed=got.dsn_passed,
-                   mda_left_record=got.ours_to_record)
-            for rid, a, r in zip(attempt.outbound.recipient_ids, attempt.recipients, got.replies, strict=True)
+            Result(rcpt, reply, remote, local=courier.local, dsn_passed=got.dsn_passed,
+                   mda_left_record=got.ours_to_record, mda_path=path)
+            for rcpt, reply, path in zip(attempt.outbound.recipients, got.replies, paths, strict=True)
         ]
 
-
-    def _settle(
-        self, s: Connection, job: queue.Job, results: list[Result], mda_back: bool = False,
-        asked: options.Asked | None = None,
-    ) -> _Settlement:
+    def _settle(self, s: Connection, job: queue.Job, results: list[Result], mda_back: bool = False) -> queue.Settlement:
         """Record every outcome and queue the DSNs (run inside a shared relaxed batch)."""
-        now = self.clock.now()
-        done = _Settlement()
-        if mda_back:
-            moved = queue.bring_forward(s, self.local_domains, now)
-            if moved:
-                done.lines.append(("the MDA takes mail again: %d waiting local recipients are due now", (moved,)))
-        attempts = {rid: n for rid, _, n in job.recipients}
-        age = (now - job.received).total_seconds()
-        asked = asked or options.Asked()
-        failures: list[bounce.Failure] = []
-        delayed: list[bounce.Failure] = []
-        succeeded: list[bounce.Failure] = []
-        deferred = False
-        settled: list[Settled] = []
-        for res in results:
-            reply, n = res.reply, attempts[res.recipient_id] + 1
-            outcome, wait = classify(reply, age, n, self.policy, mda_away=res.retry_soon, warned=job.warned)
-            text = str(reply)
-            mda_event: EventName | None = None
-            mda_path = ""
-            if res.mda_left_record and not res.mda_away:
-                # The MDA's answer, which it left to us to record (XRECORD): its
-                # hop in the trace, with the mailbox path its 250 carries.
-                text, _, mda_path = text.partition(PATH_MARK)
-                mda_event = EventName.DELIVERED if reply.is_ok else EventName.REFUSED
-            detail = text + (f" (via {res.remote})" if res.remote else "")
-            settled.append(Settled(
-                res.recipient_id, res.address, outcome, n, text, detail,
-                next_attempt=now + dt.timedelta(seconds=wait) if outcome is Outcome.DEFERRED else None,
-                mda_event=mda_event, mda_detail=text, mda_path=mda_path,
-            ))
-            done.lines.append(("%s to=<%s> attempts=%d: %s", (outcome, res.address, n, detail)))
-            # RFC 3461 4.1: only the notices the recipient asked for (NOTIFY).
-            notify = asked.notify.get(res.recipient_id, "")
-            failure = bounce.Failure(
-                res.address, job.originals.get(res.recipient_id, ""), reply, res.remote,
-                orcpt=asked.orcpt.get(res.recipient_id, ""),
-            )
-            if outcome in (Outcome.BOUNCED, Outcome.EXPIRED):
-                if dsn.wants(notify, "FAILURE"):
-                    failures.append(failure)
-            elif outcome is Outcome.DEFERRED:
-                deferred = True
-                if dsn.wants(notify, "DELAY"):
-                    delayed.append(failure)
-            elif dsn.wants(notify, "SUCCESS") and not res.dsn_passed:
-                # RFC 3461 5.2.2: delivered by us, or relayed to a hop that cannot tell.
-                action = "delivered" if res.local else "relayed"
-                succeeded.append(dataclasses.replace(failure, action=action))
-        queue.record_outcomes(s, job.trace, settled, now)
-        may_notify = job.sender != "" and not job.is_bounce
-        if failures and may_notify:
-            self._send_dsn(s, done, job, failures, now, asked, delayed=False)
-        if succeeded and may_notify:
-            self._send_dsn(s, done, job, succeeded, now, asked, success=True)
-        warn = self.policy.delay_warning
-        if deferred and not job.warned and warn > 0 and age >= warn:
-            if delayed and may_notify:
-                self._send_dsn(s, done, job, delayed, now, asked, delayed=True)
-            s.execute(_WARNED, {"trace": job.trace})
-        if not deferred:  # a deferred recipient is still queued: the body must stay
-            # Every recipient left was in this job and is final now: no need to read them.
-            queue.drop_body_if_done(s, job.trace, all_final=job.unfinished == len(job.recipients))
-        return done
-
-    def _send_dsn(
-        self, s: Connection, done: _Settlement, job: queue.Job, failures: list[bounce.Failure], now: dt.datetime,
-        asked: options.Asked, *, delayed: bool = False, success: bool = False,
-    ) -> None:
-        notice = queue.enqueue_dsn(
-            s, hostname=self.hostname, trace=job.trace, sender=job.sender, original=job.body,
-            received=job.received, failures=failures, now=now, delayed=delayed,
-            success=success, envid=asked.envid, ret=asked.ret,
-            # To a local sender the notice's one hop is our MDA (BINARYMIME, on this host).
-            body_type=asked.body_type, requiretls=asked.requiretls,
-            local=domain_of(job.sender) in self.local_domains,
+        return queue.settle(
+            s, job, results, now=self.clock.now(), policy=self.policy, hostname=self.hostname,
+            local_domains=self.local_domains, mda_back=mda_back,
         )
-        kind = "success notice" if success else "delay warning" if delayed else "bounce"
-        done.lines.append(("%s to=<%s> queued as %s", (kind, job.sender, notice)))
-        done.notices.append(notice)
-
-
-@dataclass
-class _Settlement:
-    """What a settle leaves to do once committed: the DSNs it queued (trace ids) and its log lines."""
-
-    notices: list[str] = dataclasses.field(default_factory=list)
-    lines: list[tuple[str, tuple[object, ...]]] = dataclasses.field(default_factory=list)
-
-
-_WARNED = update(Message).where(Message.id == bindparam("trace")).values(warned=True)
-
-
-class _Wakeup(asyncio.DatagramProtocol):
-    def __init__(self, qm: QueueManager) -> None:
-        self.qm = qm
-
-    def datagram_received(self, data: bytes, addr: object) -> None:
-        self.qm.woken_by(data)
 
 
 async def run(ctx: Context) -> None:

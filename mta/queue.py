@@ -1,32 +1,55 @@
 """The durable queue: messages and their recipients in the shared database.
 
-`enqueue` is the promise behind the MTA's 250: message, recipients and the
-`queued` event go in one transaction, committed with synchronous=FULL, before
-the reply is sent.  The queue manager `claim`s due recipients (state active,
-owned by it), delivers them, and settles the outcomes (`classify`, then
-`record_outcomes`) in a relaxed transaction shared with other claims and
-settles.  A crash between claim and settle leaves recipients active; the next
-queue manager start puts them back (`release_stale`), so at worst a message is
-delivered twice, never lost.  The operator's actions (`mailroom queue`: flush,
-hold and release, delete, return to sender) are here too, so this module is the
-only code that changes queue state.
+This module is the only code that changes queue state.  A recipient
+(`recipients.state`) is in one of these states, and only these functions
+move it:
+
+    accept          (new)   -> queued      the MTA's listener, before its 250
+    enqueue         (new)   -> queued      notices and reports we write ourselves
+    claim           queued  -> active      the queue manager takes it to deliver
+    settle          active  -> delivered   2xx from the next hop
+                    active  -> bounced     5xx (a notice to the sender)
+                    active  -> expired     4xx, and older than max_queue_lifetime (a notice)
+                    active  -> queued      4xx: next_attempt later, on the retry schedule
+    release_stale   active  -> queued      its queue manager died mid-delivery
+    release_restored active -> queued      a database restored from a backup (cli/restore.py)
+    bring_forward, make_due  queued: next_attempt now (the MDA is back; a flush)
+    hold            a held message's queued recipients are not claimed (release undoes it)
+    delete          queued/active -> deleted   (postsuper -d: nobody is told)
+    return_to_sender  queued/active -> bounced (a notice to the sender)
+
+delivered, bounced, expired and deleted are final; once every recipient of a
+message is final its body is dropped (`drop_body_if_done`).  A message's
+`warned` is set by settle once a delay warning went out.  Notices (bounces,
+delay warnings, success notices) are messages of their own, queued by
+`enqueue_dsn` in the same transaction as what called for them.
+
+`accept` is the promise behind the MTA's 250: message, recipients and events
+go in one transaction, committed with synchronous=FULL (the MTA's group
+commit, common/db.py), before the reply is sent.  The queue manager's claims
+and settles share relaxed (not fsync'd) commits: no reply rests on them, and
+a lost one only means a recipient is delivered again.  A crash between claim
+and settle leaves recipients active; the next queue manager start puts them
+back (`release_stale`), so at worst a message is delivered twice, never lost.
+The operator's actions (`mailroom queue`: flush, hold and release, delete,
+return to sender) are at the end.
 """
 
 from __future__ import annotations
 
-import atexit
+import dataclasses
 import datetime as dt
-import hashlib
 import os
-import re
-import socket
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from sqlalchemy import Connection, bindparam, func, insert, or_, select, text, update
+from sqlalchemy import Connection, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
+from common import dsn
+from common.address import domain_of
 from common.db import connection_of
 from common.events import EventName, Hop
 from common.log import new_trace_id
@@ -44,7 +67,7 @@ from common.models import (
     add_event,
 )
 from common.reply import Reply
-from mta import bounce
+from mta import bounce, resubmit
 from mta.options import Asked
 
 
@@ -108,62 +131,7 @@ def classify(
     return Outcome.DEFERRED, wait
 
 
-@dataclass(frozen=True)
-class Settled:
-    """One recipient's outcome, as `record_outcomes` writes it."""
-
-    recipient_id: int
-    address: str
-    outcome: Outcome
-    attempts: int
-    reply: str
-    detail: str
-    next_attempt: dt.datetime | None = None  # deferred only
-    # The MDA's own event (delivered / refused), when it asked us to record it.
-    mda_event: EventName | None = None
-    mda_detail: str = ""
-    mda_path: str = ""
-
-
-# Plain Core executemany on the batch's Connection, no ORM bulk-update machinery.
-_SETTLE = (
-    update(Recipient)
-    .where(Recipient.id == bindparam("b_id"))
-    .values(state=bindparam("b_state"), attempts=bindparam("b_attempts"), last_reply=bindparam("b_reply"), owner="")
-)
-_DEFER = _SETTLE.values(next_attempt=bindparam("b_next"))
-_EVENT = insert(Event)
-
-
-def record_outcomes(conn: Connection, trace: str, settled: list[Settled], now: dt.datetime) -> None:
-    """Every recipient's new state and the hops' events, a few executemany statements.
-
-    Core statements on the tables, prepared once: this runs for every message.
-    """
-    done = [_settle_row(x) for x in settled if x.next_attempt is None]
-    deferred = [{**_settle_row(x), "b_next": x.next_attempt} for x in settled if x.next_attempt is not None]
-    if done:
-        conn.execute(_SETTLE, done)
-    if deferred:
-        conn.execute(_DEFER, deferred)
-    events: list[dict[str, object]] = []
-    for x in settled:
-        if x.mda_event:
-            events.append(_event(trace, Hop.MDA, x.mda_event, x.address, x.mda_detail, x.mda_path, now))
-        events.append(_event(trace, Hop.QMGR, EventName(x.outcome), x.address, x.detail, "", now))
-    if events:
-        conn.execute(_EVENT, events)
-
-
-def _settle_row(x: Settled) -> dict[str, object]:
-    return {"b_id": x.recipient_id, "b_state": STATE_AFTER[x.outcome], "b_attempts": x.attempts, "b_reply": x.reply}
-
-
-def _event(
-    trace: str, hop: Hop, event: EventName, recipient: str, detail: str, path: str, now: dt.datetime
-) -> dict[str, object]:
-    return {"trace_id": trace, "hop": hop, "event": event, "recipient": recipient, "detail": detail,
-            "path": path, "time": now}
+# --- accept: the MTA's listener queues a message --------------------------------------------------
 
 
 @dataclass
@@ -172,6 +140,78 @@ class QueuedRecipient:
     original: str
     notify: str = ""  # RFC 3461 NOTIFY, as the engine checked it
     orcpt: str = ""  # RFC 3461 ORCPT: "addr-type;address"
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A message the MTA's listener received, as `accept` stores it."""
+
+    trace: str
+    sender: str
+    body: bytes  # as queued: our Received field and the headers we added come first
+    recipients: list[QueuedRecipient]  # aliases expanded
+    given: list[str]  # the RCPT addresses as the client gave them (sent again, they are the same)
+    received: dt.datetime
+    client: str
+    arrival: str  # the `received` event's detail: which listener, the client, its HELO, TLS
+    message_id: str
+    digest: str  # of what the sender wrote (mta/resubmit.py)
+    asked: Asked  # what the sender asked of delivery (RET, ENVID, BODY, SMTPUTF8, REQUIRETLS)
+    # The "expanded" success notices asked for (an alias of several targets given
+    # NOTIFY=SUCCESS): queued in the commit that stores the message.
+    notices: list[bounce.Failure] = field(default_factory=list)
+    named: bool = False  # the client named the trace id (our MSA's XTRACE), so it may be taken
+
+
+class TraceTaken(Exception):
+    """XTRACE named a message already in the queue."""
+
+
+def accept(conn: Connection, msg: Incoming, hostname: str, local_domains: Collection[str], window: float) -> str:
+    """Queue a message the MTA received; returns the trace id its 250 names.
+
+    In the caller's transaction, which backs the 250: the MTA's group commit,
+    fsync'd before any reply it holds is sent.  A message the client sent
+    again because it never saw our 250 (mta/resubmit.py; looked for within
+    `window` seconds, 0: never) is not queued twice: the answer names the
+    first one's trace id, and both traces say so.  Raises TraceTaken when
+    the trace id the client named is a message's already.
+    """
+    # A trace id the client named (XTRACE) and already taken would mix two messages'
+    # events and fail the insert.  Asked in this write transaction, so no race.
+    if msg.named and conn.execute(_QUEUED, {"trace": msg.trace}).first() is not None:
+        raise TraceTaken(msg.trace)
+    add_event(conn, msg.trace, Hop.MTA, EventName.RECEIVED, time=msg.received, detail=msg.arrival)
+    earlier = None
+    if window > 0:
+        earlier = resubmit.find(
+            conn, message_id=msg.message_id, sender=msg.sender, originals=msg.given,
+            digest=msg.digest, since=msg.received - dt.timedelta(seconds=window),
+        )
+    if earlier is not None:
+        add_event(conn, msg.trace, Hop.MTA, EventName.RESUBMITTED, time=msg.received,
+                  detail=f"the same message as {earlier}: not queued")
+        add_event(conn, earlier, Hop.MTA, EventName.RESUBMITTED, time=msg.received,
+                  detail=f"sent again from {msg.client} as {msg.trace}: answered with this trace id")
+        return earlier
+    a = msg.asked
+    enqueue(
+        conn, trace=msg.trace, sender=msg.sender, body=msg.body, recipients=msg.recipients, now=msg.received,
+        client=msg.client, message_id=msg.message_id, digest=msg.digest,
+        options={"ret": a.ret, "envid": a.envid, "body_type": a.body_type, "smtputf8": a.smtputf8,
+                 "requiretls": a.requiretls},
+    )
+    if msg.notices and msg.sender:  # never to <>
+        enqueue_dsn(
+            conn, hostname=hostname, trace=msg.trace, sender=msg.sender, original=msg.body,
+            received=msg.received, failures=msg.notices, now=msg.received, hop=Hop.MTA, success=True,
+            envid=a.envid, ret=a.ret, body_type=a.body_type, requiretls=a.requiretls,
+            local=domain_of(msg.sender) in local_domains,
+        )
+    return msg.trace
+
+
+_QUEUED = select(Message.id).where(Message.id == bindparam("trace"))
 
 
 def enqueue(
@@ -227,67 +267,19 @@ _INSERT_MESSAGE = insert(Message)
 _INSERT_RECIPIENT = insert(Recipient)
 
 
-# A Received field (RFC 5322 3.6.7), folded lines included.
-_RECEIVED = re.compile(rb"(?im)^received:[^\n]*\n(?:[ \t][^\n]*\n)*")
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
+# --- claim: the queue manager takes due recipients ------------------------------------------------
 
 
-def digest(content: bytes) -> str:
-    """sha256 of a message without its Received fields.
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """One recipient taken for a delivery round: all that the delivery and the settle read of it."""
 
-    Each hop (our MSA included) adds a Received field with its own time, so
-    the same message sent twice differs only there; everything the sender
-    wrote, Date and Message-ID included, must be the same.
-    """
-    end = _HEADER_END.search(content)
-    split = end.end() if end else len(content)
-    header = _RECEIVED.sub(b"", content[:split])
-    return hashlib.sha256(header + content[split:]).hexdigest()
-
-
-def find_resubmission(
-    conn: Connection | Session,
-    *,
-    message_id: str,
-    sender: str,
-    originals: list[str],
-    digest: str,
-    since: dt.datetime,
-) -> str | None:
-    """The trace id of the same message queued since `since`, or None.
-
-    The same message is: the same Message-ID, envelope sender, body digest and
-    set of recipients (as given at RCPT).  A client that never saw our 250
-    sends exactly that again; a different message reusing a Message-ID has
-    another digest and is queued as usual.
-    """
-    if not message_id:
-        return None
-    conn = connection_of(conn)
-    if conn.dialect.name == "postgresql":
-        # Two MTAs (or two sessions of one) may check the same message at once;
-        # on SQLite the write transaction already excludes the other, here a lock
-        # on the Message-ID, held to the commit, makes the second wait and then
-        # see the first (each statement reads what is committed by then).
-        key = int.from_bytes(hashlib.sha256(message_id.encode()).digest()[:8], "big", signed=True)
-        conn.execute(_LOCK_MESSAGE_ID, {"key": key})
-    candidates = conn.execute(
-        _RESUBMISSIONS, {"mid": message_id, "sender": sender, "digest": digest, "since": since}
-    ).scalars().all()
-    wanted = {a.lower() for a in originals}
-    for trace in candidates:
-        had = conn.execute(_ORIGINALS, {"trace": trace}).scalars().all()
-        if {a.lower() for a in had} == wanted:
-            return trace
-    return None
-
-
-_RESUBMISSIONS = select(Message.id).where(
-    Message.message_id == bindparam("mid"), Message.sender == bindparam("sender"),
-    Message.digest == bindparam("digest"), Message.received >= bindparam("since"),
-)
-_ORIGINALS = select(Recipient.original).where(Recipient.message_id == bindparam("trace"))
-_LOCK_MESSAGE_ID = text("SELECT pg_advisory_xact_lock(:key)")
+    id: int
+    address: str
+    original: str  # as given at RCPT (a notice names it)
+    attempts: int  # the tries before this one
+    notify: str = ""  # RFC 3461 NOTIFY
+    orcpt: str = ""  # RFC 3461 ORCPT: "addr-type;address"
 
 
 @dataclass
@@ -301,10 +293,8 @@ class Job:
     warned: bool
     is_bounce: bool
     message_id: str
-    recipients: list[tuple[int, str, int]] = field(default_factory=list)  # (id, address, attempts)
-    # id -> the address as given at RCPT (for DSNs); read at claim time, so
-    # settling needs no query of its own.
-    originals: dict[int, str] = field(default_factory=dict)
+    owner: str  # who holds the claims (`owner_id`); the settle hands them back
+    recipients: list[Claimed] = field(default_factory=list)
     # What the sender asked of delivery, read with the claim (one query per
     # batch, not one read transaction per message before each delivery).
     asked: Asked = field(default_factory=Asked)
@@ -354,13 +344,11 @@ def claim(
             m = messages[r.message_id]
             assert m.body is not None
             job = jobs[r.message_id] = Job(
-                m.id, m.sender, m.body, m.received, m.warned, m.is_bounce, m.message_id,
+                m.id, m.sender, m.body, m.received, m.warned, m.is_bounce, m.message_id, owner,
                 asked=Asked(m.ret, m.envid, m.body_type, bool(m.smtputf8), bool(m.requiretls)),
                 unfinished=m.unfinished,
             )
-        job.recipients.append((r.id, r.address, r.attempts))
-        job.originals[r.id] = r.original
-        job.asked.notify[r.id], job.asked.orcpt[r.id] = r.notify, r.orcpt
+        job.recipients.append(Claimed(r.id, r.address, r.original, r.attempts, r.notify, r.orcpt))
     return list(jobs.values())
 
 
@@ -450,6 +438,193 @@ def release_restored(session: Session) -> int:
         .values(state=QUEUED, owner="", attempts=Recipient.attempts + 1)
     )
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+# --- settle: the queue manager records what the next hop said -------------------------------------
+
+
+@dataclass(frozen=True)
+class Result:
+    """The next hop's answer for one claimed recipient, as the settle reads it."""
+
+    recipient: Claimed
+    reply: Reply
+    remote: str = ""  # the remote host that answered (never our MDA: it is no "Remote-MTA")
+    local: bool = False  # handed to the MDA over LMTP
+    dsn_passed: bool = False  # the next hop took NOTIFY/ORCPT: success is its to report
+    mda_left_record: bool = False  # the MDA left its own event to us (XRECORD, common/lmtp_ext.py)
+    mda_path: str = ""  # where the MDA stored the copy, when it left its event to us
+
+    @property
+    def mda_away(self) -> bool:
+        """The hand-off to our MDA itself failed (X.4.x: no connection, or it was lost),
+        as opposed to a temporary refusal the MDA gave (a full mailbox, a lock)."""
+        return self.local and self.reply.is_temporary and self.reply.status.startswith("4.4.")
+
+    @property
+    def retry_soon(self) -> bool:
+        """A local hand-off failed for a reason of our own host (X.4.x: the MDA away;
+        X.3.x: a local error, a busy database, a full disk): retried on the short
+        local schedule, not after the minutes a remote host is given."""
+        return self.mda_away or (self.local and self.reply.is_temporary and self.reply.status.startswith("4.3."))
+
+
+@dataclass(frozen=True)
+class Settled:
+    """One recipient's outcome, as `record_outcomes` writes it."""
+
+    recipient_id: int
+    address: str
+    outcome: Outcome
+    attempts: int
+    reply: str
+    detail: str
+    next_attempt: dt.datetime | None = None  # deferred only
+    # The MDA's own event (delivered / refused), when it asked us to record it.
+    mda_event: EventName | None = None
+    mda_detail: str = ""
+    mda_path: str = ""
+
+
+@dataclass
+class Settlement:
+    """What a settle leaves to do once committed: the notices it queued (trace ids) and its log lines."""
+
+    notices: list[str] = field(default_factory=list)
+    lines: list[tuple[str, tuple[object, ...]]] = field(default_factory=list)
+
+
+def settle(
+    conn: Connection, job: Job, results: list[Result], *, now: dt.datetime, policy: Policy, hostname: str,
+    local_domains: list[str], mda_back: bool = False,
+) -> Settlement:
+    """Record every outcome of `job`'s delivery round and queue the notices they call for.
+
+    Each reply is classified (`classify`); the sender gets a bounce for the
+    recipients that failed, a success notice for those that asked for one
+    (and whose next hop will not send it), and once, when the message is
+    older than `delay_warning`, a delay warning for those still waiting.
+    `mda_back`: the
+    MDA takes mail again after refusing it for a while, so the local mail
+    waiting for it is due now.  Run inside the queue manager's shared relaxed
+    batch.
+    """
+    done = Settlement()
+    if mda_back:
+        moved = bring_forward(conn, local_domains, now)
+        if moved:
+            done.lines.append(("the MDA takes mail again: %d waiting local recipients are due now", (moved,)))
+    age = (now - job.received).total_seconds()
+    failures: list[bounce.Failure] = []
+    delayed: list[bounce.Failure] = []
+    succeeded: list[bounce.Failure] = []
+    deferred = False
+    settled: list[Settled] = []
+    for res in results:
+        rcpt = res.recipient
+        reply, n = res.reply, rcpt.attempts + 1
+        outcome, wait = classify(reply, age, n, policy, mda_away=res.retry_soon, warned=job.warned)
+        text = str(reply)
+        # The MDA's answer, which it left to us to record (XRECORD): its hop in
+        # the trace, with the mailbox path its 250 carried.
+        mda_event: EventName | None = None
+        if res.mda_left_record and not res.mda_away:
+            mda_event = EventName.DELIVERED if reply.is_ok else EventName.REFUSED
+        detail = text + (f" (via {res.remote})" if res.remote else "")
+        settled.append(Settled(
+            rcpt.id, rcpt.address, outcome, n, text, detail,
+            next_attempt=now + dt.timedelta(seconds=wait) if outcome is Outcome.DEFERRED else None,
+            mda_event=mda_event, mda_detail=text, mda_path=res.mda_path,
+        ))
+        done.lines.append(("%s to=<%s> attempts=%d: %s", (outcome, rcpt.address, n, detail)))
+        # RFC 3461 4.1: only the notices the recipient asked for (NOTIFY).
+        failure = bounce.Failure(rcpt.address, rcpt.original, reply, res.remote, orcpt=rcpt.orcpt)
+        if outcome in (Outcome.BOUNCED, Outcome.EXPIRED):
+            if dsn.wants(rcpt.notify, "FAILURE"):
+                failures.append(failure)
+        elif outcome is Outcome.DEFERRED:
+            deferred = True
+            if dsn.wants(rcpt.notify, "DELAY"):
+                delayed.append(failure)
+        elif dsn.wants(rcpt.notify, "SUCCESS") and not res.dsn_passed:
+            # RFC 3461 5.2.2: delivered by us, or relayed to a hop that cannot tell.
+            action = "delivered" if res.local else "relayed"
+            succeeded.append(dataclasses.replace(failure, action=action))
+    record_outcomes(conn, job.trace, settled, now)
+    may_notify = job.sender != "" and not job.is_bounce
+    local_sender = domain_of(job.sender) in local_domains
+    if failures and may_notify:
+        _notify(conn, done, job, failures, now, hostname, local_sender)
+    if succeeded and may_notify:
+        _notify(conn, done, job, succeeded, now, hostname, local_sender, success=True)
+    warn = policy.delay_warning
+    if deferred and not job.warned and warn > 0 and age >= warn:
+        if delayed and may_notify:
+            _notify(conn, done, job, delayed, now, hostname, local_sender, delayed=True)
+        conn.execute(_WARNED, {"trace": job.trace})
+    if not deferred:  # a deferred recipient is still queued: the body must stay
+        # Every recipient left was in this job and is final now: no need to read them.
+        drop_body_if_done(conn, job.trace, all_final=job.unfinished == len(job.recipients))
+    return done
+
+
+def _notify(
+    conn: Connection, done: Settlement, job: Job, failures: list[bounce.Failure], now: dt.datetime,
+    hostname: str, local_sender: bool, *, delayed: bool = False, success: bool = False,
+) -> None:
+    asked = job.asked
+    notice = enqueue_dsn(
+        conn, hostname=hostname, trace=job.trace, sender=job.sender, original=job.body,
+        received=job.received, failures=failures, now=now, delayed=delayed,
+        success=success, envid=asked.envid, ret=asked.ret,
+        # To a local sender the notice's one hop is our MDA (BINARYMIME, on this host).
+        body_type=asked.body_type, requiretls=asked.requiretls, local=local_sender,
+    )
+    kind = "success notice" if success else "delay warning" if delayed else "bounce"
+    done.lines.append(("%s to=<%s> queued as %s", (kind, job.sender, notice)))
+    done.notices.append(notice)
+
+
+def record_outcomes(conn: Connection, trace: str, settled: list[Settled], now: dt.datetime) -> None:
+    """Every recipient's new state and the hops' events, a few executemany statements.
+
+    Core statements on the tables, prepared once: this runs for every message.
+    """
+    done = [_settle_row(x) for x in settled if x.next_attempt is None]
+    deferred = [{**_settle_row(x), "b_next": x.next_attempt} for x in settled if x.next_attempt is not None]
+    if done:
+        conn.execute(_SETTLE, done)
+    if deferred:
+        conn.execute(_DEFER, deferred)
+    events: list[dict[str, object]] = []
+    for x in settled:
+        if x.mda_event:
+            events.append(_event(trace, Hop.MDA, x.mda_event, x.address, x.mda_detail, x.mda_path, now))
+        events.append(_event(trace, Hop.QMGR, EventName(x.outcome), x.address, x.detail, "", now))
+    if events:
+        conn.execute(_EVENT, events)
+
+
+def _settle_row(x: Settled) -> dict[str, object]:
+    return {"b_id": x.recipient_id, "b_state": STATE_AFTER[x.outcome], "b_attempts": x.attempts, "b_reply": x.reply}
+
+
+def _event(
+    trace: str, hop: Hop, event: EventName, recipient: str, detail: str, path: str, now: dt.datetime
+) -> dict[str, object]:
+    return {"trace_id": trace, "hop": hop, "event": event, "recipient": recipient, "detail": detail,
+            "path": path, "time": now}
+
+
+# Plain Core executemany on the batch's Connection, no ORM bulk-update machinery.
+_SETTLE = (
+    update(Recipient)
+    .where(Recipient.id == bindparam("b_id"))
+    .values(state=bindparam("b_state"), attempts=bindparam("b_attempts"), last_reply=bindparam("b_reply"), owner="")
+)
+_DEFER = _SETTLE.values(next_attempt=bindparam("b_next"))
+_EVENT = insert(Event)
+_WARNED = update(Message).where(Message.id == bindparam("trace")).values(warned=True)
 
 
 def enqueue_dsn(
@@ -629,37 +804,3 @@ def _finish(session: Session, trace: str, state: str, reply: str = "") -> int:
         .values(**values)
     )
     return int(getattr(result, "rowcount", 0) or 0)
-
-
-def wake_qmgr(path: os.PathLike[str] | str, trace: str = "") -> None:
-    """Tell the queue manager there is new mail (Postfix's qmgr trigger).
-
-    With `trace`, the datagram names the message just committed, and the queue
-    manager claims it at once by its id; without, it looks for everything due.
-    Best effort: if nobody listens the queue manager still finds the mail on
-    its next periodic scan.  The kernel keeps only a few datagrams waiting
-    (net.unix.max_dgram_qlen, 10): when one was refused, the next wake-up that
-    gets through asks for a scan as well, so the refused one is found then.
-    """
-    global _wake_socket, _wake_lost
-    try:
-        if _wake_socket is None:
-            # One socket for the process, not three system calls more per message.
-            _wake_socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            _wake_socket.setblocking(False)
-            atexit.register(_wake_socket.close)
-        target = os.fspath(path)
-        if _wake_lost:
-            _wake_socket.sendto(SCAN, target)
-            _wake_lost = False
-        _wake_socket.sendto(trace.encode("ascii") if trace else SCAN, target)
-    except BlockingIOError:
-        _wake_lost = True
-    except OSError:
-        pass
-
-
-# What a wake-up datagram without a trace id says: look for everything due.
-SCAN = b"w"
-_wake_socket: socket.socket | None = None
-_wake_lost = False

@@ -10,8 +10,8 @@ connected (SO_PEERCRED) and any uid but the daemons' own is turned away (554
 5.7.0; common/hop_secret.py).  XTRACE must be a well-formed id (501 5.5.4) that
 names no message already queued (554 5.5.4).
 
-The 250 after DATA is sent only after `queue.enqueue` committed the message
-and its recipients (fsync'd); then the queue manager is woken.
+The 250 after DATA is sent only after `queue.accept` committed the message
+and its recipients (fsync'd); then the queue manager is woken (mta/wakeup.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from sqlalchemy import Connection, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from common import headers, hop_secret, verdict
@@ -37,12 +36,11 @@ from common.config import Config
 from common.daemon import Context, serve_until_stopped
 from common.db import Database
 from common.directory import Directory
-from common.events import EventName, Hop
 from common.log import is_trace_id, new_trace_id, trace_id
-from common.models import Message, add_event
 from common.reply import Reply, SMTPError
 from common.smtp import Handler, MailEnvelope, MailSession, in_networks, limits_from, serve
-from mta import aliases, bounce, mailauth, queue
+from mta import aliases, bounce, mailauth, queue, resubmit, wakeup
+from mta.options import Asked
 
 log = logging.getLogger("smtpd")
 
@@ -262,20 +260,32 @@ class SMTPHandler(Handler):
                 raise SMTPError(inbound.reply)
             content, added = inbound.content, inbound.headers
         body = self._received_header(session, envelope, now) + added + content
-        # What the sender wrote, to know it again if sent twice (the signatures and
-        # results we add carry times of their own): worked out before the write
-        # transaction, not while holding the write lock.
-        ident = _message_id(header), queue.digest(envelope.content)
+        p = envelope.params
+        incoming = queue.Incoming(
+            trace=envelope.trace_id, sender=envelope.mail_from, body=body, recipients=recipients,
+            given=list(envelope.rcpt_tos), received=now, client=session.client_ip,
+            arrival=f"{'internal' if self.internal else 'smtp'} from {session.client_ip}"
+            f" helo={session.host_name}" + (" tls=yes" if session.tls else ""),
+            # What the sender wrote, to know it again if sent twice (the signatures and
+            # results we add carry times of their own): worked out before the write
+            # transaction, not while holding the write lock.
+            message_id=resubmit.message_id(header), digest=resubmit.digest(envelope.content),
+            asked=Asked(ret=p.get("RET", ""), envid=p.get("ENVID", ""), body_type=envelope.body_type,
+                        smtputf8=envelope.smtp_utf8, requiretls="REQUIRETLS" in p),
+            notices=[self.notices[r] for r in dict.fromkeys(envelope.rcpt_tos) if r in self.notices],
+            named=self.internal,  # by our MSA (XTRACE): it must name no message already queued
+        )
+        policy = self.policy
         try:
             # Group commit: sessions finishing DATA together share one fsync'd
             # commit, and each 250 still waits for the commit that holds its message.
             queued = await self.db.write_batched(
-                self._store_and_notify, envelope, body, recipients, session, ident, now
+                queue.accept, incoming, policy.hostname, policy.local_domains, policy.resubmission_window
             )
-        except TraceTaken:
+        except queue.TraceTaken:
             log.warning("XTRACE %s names a message already queued: refused", envelope.trace_id)
             raise SMTPError(R.TRACE_TAKEN) from None
-        except IntegrityError as exc:  # a race the check in _store cannot see: one line, no traceback
+        except IntegrityError as exc:  # a race the check in queue.accept cannot see: one line, no traceback
             log.error("cannot queue: %s", str(exc.orig)[:200])
             raise SMTPError(R.LOCAL_ERROR) from None
         except (OSError, OperationalError) as exc:
@@ -292,78 +302,8 @@ class SMTPHandler(Handler):
             envelope.mail_from, len(body), len(recipients), session.client_ip,
         )
         # Naming the message: the queue manager claims it at once, by its id.
-        queue.wake_qmgr(self.policy.qmgr_socket, envelope.trace_id)
+        wakeup.send(self.policy.qmgr_socket, envelope.trace_id)
         return Reply(250, "2.0.0", f"Ok: queued as {envelope.trace_id}")
-
-    def _store_and_notify(
-        self,
-        s: Connection,
-        envelope: MailEnvelope,
-        body: bytes,
-        recipients: list[queue.QueuedRecipient],
-        session: MailSession,
-        ident: tuple[str, str],
-        now: dt.datetime,
-    ) -> str:
-        """`_store`, and in the same commit the "expanded" notices asked for (`_note_expansion`)."""
-        trace = self._store(s, envelope, body, recipients, session, ident, now)
-        sender = envelope.mail_from or ""
-        expanded = [self.notices[r] for r in dict.fromkeys(envelope.rcpt_tos) if r in self.notices]
-        if expanded and sender and trace == envelope.trace_id:  # not for <>, nor a resubmission
-            p = envelope.params
-            queue.enqueue_dsn(
-                s, hostname=self.policy.hostname, trace=trace, sender=sender, original=body, received=now,
-                failures=expanded, now=now, hop=Hop.MTA, success=True, envid=p.get("ENVID", ""),
-                ret=p.get("RET", ""), body_type=envelope.body_type, requiretls="REQUIRETLS" in p,
-                local=domain_of(sender) in self.policy.local_domains,
-            )
-        return trace
-
-    def _store(
-        self,
-        s: Connection,
-        envelope: MailEnvelope,
-        body: bytes,
-        recipients: list[queue.QueuedRecipient],
-        session: MailSession,
-        ident: tuple[str, str],
-        now: dt.datetime,
-    ) -> str:
-        """Queue the message; returns its trace id, an earlier one for a resubmission."""
-        trace, sender = envelope.trace_id, envelope.mail_from or ""
-        # The MSA names the trace id (XTRACE): a name already taken would mix two messages'
-        # events and fail the insert.  Asked in this write transaction, so no race.
-        if self.internal and s.execute(select(Message.id).where(Message.id == trace)).first() is not None:
-            raise TraceTaken(trace)
-        add_event(
-            s, trace, Hop.MTA, EventName.RECEIVED, time=now,
-            detail=f"{'internal' if self.internal else 'smtp'} from {session.client_ip}"
-            f" helo={session.host_name}" + (" tls=yes" if session.tls else ""),
-        )
-        message_id, digest = ident  # its Message-ID and the digest of what the sender wrote
-        window = self.policy.resubmission_window
-        earlier = None
-        if window > 0:
-            earlier = queue.find_resubmission(
-                s, message_id=message_id, sender=sender, originals=list(envelope.rcpt_tos),
-                digest=digest, since=now - dt.timedelta(seconds=window),
-            )
-        if earlier is not None:
-            add_event(s, trace, Hop.MTA, EventName.RESUBMITTED, time=now,
-                      detail=f"the same message as {earlier}: not queued")
-            add_event(s, earlier, Hop.MTA, EventName.RESUBMITTED, time=now,
-                      detail=f"sent again from {session.client_ip} as {trace}: answered with this trace id")
-            return earlier
-        p = envelope.params
-        options = {
-            "ret": p.get("RET", ""), "envid": p.get("ENVID", ""), "body_type": envelope.body_type,
-            "smtputf8": envelope.smtp_utf8, "requiretls": "REQUIRETLS" in p,
-        }
-        queue.enqueue(
-            s, trace=trace, sender=sender, body=body, recipients=recipients, now=now,
-            client=session.client_ip, message_id=message_id, digest=digest, options=options,
-        )
-        return trace
 
     def _received_header(self, session: MailSession, envelope: MailEnvelope, now: dt.datetime) -> bytes:
         # RFC 5321 4.4: who we heard from, who we are, how, the id, and when.
@@ -384,18 +324,9 @@ class SMTPHandler(Handler):
         return text.encode("utf-8", "surrogateescape")
 
 
-class TraceTaken(Exception):
-    """XTRACE named a message already in the queue."""
-
-
 def _header_of(content: bytes) -> bytes:
     m = _HEADER_END.search(content)
     return content[: m.start() + 2] if m else content
-
-
-def _message_id(header: bytes) -> str:
-    m = re.search(rb"(?im)^message-id:\s*(<[^>\r\n]{1,900}>)", header)
-    return m.group(1).decode("utf-8", "replace") if m else ""
 
 
 # The listener settings this daemon serves; the skeleton binds them before the switch.

@@ -24,7 +24,7 @@ from common.log import new_trace_id
 from common.models import Event
 from common.smtp import Limits, serve
 from mda.server import DeliveryPolicy, LMTPHandler
-from mta import options
+from mta import options, queue
 from mta.courier import Attempt, Courier, Delivered
 from mta.delivery import LocalDelivery, RemoteDelivery
 from tests.support.ports import free_port
@@ -80,8 +80,8 @@ async def next_hops(inst: Installation) -> AsyncIterator[tuple[LocalDelivery, Re
 
 def attempt(trace: str, recipients: list[str], *, sender: str = SENDER, body: bytes = BODY,
             asked: options.Asked | None = None) -> Attempt:
-    ids = list(range(1, len(recipients) + 1))
-    return Attempt(trace, sender, recipients, body, options.Outbound(asked or options.Asked(), ids))
+    claimed = [queue.Claimed(n, a, a, 0) for n, a in enumerate(recipients, 1)]
+    return Attempt(trace, sender, recipients, body, options.Outbound(asked or options.Asked(), claimed))
 
 
 def test_both_couriers_take_one_attempt_and_answer_with_one_delivered(installation: Installation) -> None:
@@ -109,7 +109,7 @@ def test_both_couriers_take_one_attempt_and_answer_with_one_delivered(installati
     # Our MDA offers XRECORD: it wrote no event and its 250 names the mailbox file, for
     # the queue manager to record.  A remote host records nothing of ours.
     assert by_lmtp.ours_to_record and not by_smtp.ours_to_record
-    assert by_lmtp.replies[0].text.endswith(f" path={stored}")
+    assert by_lmtp.paths == [str(stored)] and "path=" not in by_lmtp.replies[0].text
     db = installation.db()
     with db.read() as s:
         assert s.scalars(select(Event).where(Event.trace_id == trace)).all() == []
@@ -182,4 +182,4 @@ def test_a_retry_is_announced_to_our_mda_so_it_finds_the_copy_a_reader_moved(ins
     first, again = asyncio.run(go())
     assert [r.code for r in first.replies] == [250] and [r.code for r in again.replies] == [250]
     [kept] = maildir_messages(box)
-    assert kept.parent.name == "cur" and again.replies[0].text.endswith(f" path={kept}")
+    assert kept.parent.name == "cur" and again.paths == [str(kept)]

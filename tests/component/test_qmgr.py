@@ -33,7 +33,7 @@ from common.models import Event, Message, Recipient
 from common.reply import Reply
 from common.smtp import Handler, Limits, MailEnvelope, MailSession, serve
 from common.tls import make_self_signed, server_context
-from mta import queue
+from mta import queue, wakeup
 from mta.courier import Attempt, Delivered
 from mta.delivery import LocalDelivery, RemoteDelivery
 from mta.qmgr import Policy, QueueManager
@@ -732,6 +732,34 @@ def test_the_mdas_outcomes_are_recorded_with_the_settle_when_it_leaves_them_to_u
     asyncio.run(go())
 
 
+def test_a_success_notice_for_a_local_delivery_names_no_mailbox_path(rig_args: Any) -> None:
+    # The MDA's 250 names the file it stored the copy in (XRECORD, common/lmtp_ext.py),
+    # for our trace alone: the sender's notice quotes the reply without it.
+    async def go() -> None:
+        from common.log import new_trace_id
+
+        script = RecordingMDA({})
+        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(), lmtp=True)
+        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
+        trace = new_trace_id()
+        with rig.db.write() as s:
+            queue.enqueue(s, trace=trace, sender=SENDER, body=BODY, now=rig.clock.now(), recipients=[
+                queue.QueuedRecipient("alice@example.org", "alice@example.org", notify="SUCCESS")])
+            s.commit()
+        await rig.run()
+        [notice] = rig.dsns()
+        stored = [e.path for e in rig.events(trace) if e.hop == "mda"]
+        await rig.close()
+        lmtp.close()
+        await lmtp.wait_closed()
+        assert stored == ["/mail/alice@example.org"]  # the trace has it
+        assert notice.body is not None and b"Diagnostic-Code: smtp; 250 2.0.0 Ok: delivered to maildir\n" in (
+            notice.body.replace(b"\r\n", b"\n"))
+        assert b"path=" not in notice.body and b"/mail/" not in notice.body
+
+    asyncio.run(go())
+
+
 class _BrokenLocal(LocalDelivery):
     async def deliver(self, attempt: Attempt) -> Delivered:
         raise RuntimeError("a bug in the hand-off")
@@ -829,7 +857,7 @@ def test_a_message_named_by_the_mtas_wake_up_is_claimed_at_once_without_a_scan(r
             await asyncio.sleep(0.3)  # the scan at start has found the queue empty
             unnamed = rig.enqueue(["alice@example.org"])  # queued, but nobody said so
             named = rig.enqueue(["bob@example.org"])
-            queue.wake_qmgr(sock, named)
+            wakeup.send(sock, named)
             for _ in range(100):
                 if rig.recipients(named)["bob@example.org"].state == "delivered":
                     break
@@ -837,7 +865,7 @@ def test_a_message_named_by_the_mtas_wake_up_is_claimed_at_once_without_a_scan(r
             assert rig.recipients(named)["bob@example.org"].state == "delivered"
             assert script.transactions == [["bob@example.org"]]
             assert rig.recipients(unnamed)["alice@example.org"].state == "queued"
-            queue.wake_qmgr(sock)  # a wake-up naming nothing (`mailroom queue flush`): a scan
+            wakeup.send(sock)  # a wake-up naming nothing (`mailroom queue flush`): a scan
             for _ in range(100):
                 if rig.recipients(unnamed)["alice@example.org"].state == "delivered":
                     break
@@ -866,7 +894,7 @@ def test_a_bounce_queued_by_the_settle_goes_out_without_waiting_for_a_scan(rig_a
             serving = asyncio.create_task(rig.qm.serve(stop, poll_interval=3600.0))
             try:
                 await asyncio.sleep(0.3)
-                queue.wake_qmgr(sock, rig.enqueue(["carol@example.org"]))
+                wakeup.send(sock, rig.enqueue(["carol@example.org"]))
                 for _ in range(100):
                     if sender_mx.received:
                         break

@@ -28,7 +28,7 @@ from common.db import Database
 from common.dns import Wire
 from common.models import DELIVERED, Event, Recipient
 from common.reply import Reply
-from mta import queue
+from mta import queue, resubmit
 from mta.courier import Attempt, Delivered
 from mta.delivery import RemoteDelivery
 from mta.qmgr import Policy, QueueManager
@@ -142,8 +142,8 @@ class RecordingLMTP:
         await asyncio.sleep(0.001)  # let the other queue managers run their claims meanwhile
         self.received.update(attempt.recipients)
         # Like our MDA asked XRECORD: the queue manager records the MDA's events too.
-        return Delivered([Reply(250, "2.0.0", "Ok path=/mail/x") for _ in attempt.recipients], "mda.test",
-                         ours_to_record=True)
+        return Delivered([Reply(250, "2.0.0", "Ok") for _ in attempt.recipients], "mda.test",
+                         ours_to_record=True, paths=["/mail/x"] * len(attempt.recipients))
 
     async def close(self) -> None:
         pass
@@ -291,14 +291,14 @@ def test_the_same_message_checked_by_two_sessions_at_once_is_queued_once(
     seen: list[str | None] = []
     try:
         with db.write() as first:
-            assert queue.find_resubmission(first, **check) is None
+            assert resubmit.find(first, **check) is None
             queue.enqueue(first, trace="0192F3A1B2C3D4E5F6", sender="a@example.net", body=b"x", now=now,
                           recipients=[queue.QueuedRecipient("b@example.org", "b@example.org")],
                           message_id="<same@example.net>", digest="d" * 64)
 
             def second() -> None:
                 with db.write() as s:
-                    seen.append(queue.find_resubmission(s, **check))
+                    seen.append(resubmit.find(s, **check))
                     s.commit()
 
             t = threading.Thread(target=second)

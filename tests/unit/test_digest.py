@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mta.queue import digest
+from mta.resubmit import digest
 
 MESSAGE = b"From: a@example.org\r\nMessage-ID: <1@x>\r\nSubject: s\r\n\r\nbody\r\nReceived: in the body\r\n"
 

@@ -10,7 +10,7 @@ from sqlalchemy import select, update
 from common.clock import SystemClock
 from common.db import Database
 from common.models import ACTIVE, DELIVERED, QUEUED, Recipient
-from mta import queue
+from mta import queue, wakeup
 
 
 def _queue_one(db: Database, trace: str) -> None:
@@ -73,9 +73,9 @@ def test_the_claim_returns_each_jobs_delivery_options(tmp_path: Path) -> None:
         asked = jobs["0000000000001AAAAA"].asked
         assert (asked.ret, asked.envid, asked.body_type, asked.smtputf8, asked.requiretls) == (
             "HDRS", "QQ314159", "8BITMIME", True, True)
-        by_address = {a: rid for rid, a, _ in jobs["0000000000001AAAAA"].recipients}
-        assert asked.notify == {by_address["b@example.org"]: "SUCCESS,DELAY", by_address["c@example.org"]: ""}
-        assert asked.orcpt == {by_address["b@example.org"]: "rfc822;b@example.org", by_address["c@example.org"]: ""}
+        # Each claimed recipient carries its own NOTIFY and ORCPT.
+        assert {r.address: (r.notify, r.orcpt) for r in jobs["0000000000001AAAAA"].recipients} == {
+            "b@example.org": ("SUCCESS,DELAY", "rfc822;b@example.org"), "c@example.org": ("", "")}
         plain = jobs["0000000000002BBBBB"].asked
         assert (plain.ret, plain.envid, plain.body_type, plain.smtputf8, plain.requiretls) == (
             "", "", "7BIT", False, False)
@@ -113,12 +113,12 @@ def test_a_wake_up_the_kernel_refused_makes_the_next_one_ask_for_a_scan(tmp_path
         qmgr.setblocking(False)
         traces = [f"{n:018X}" for n in range(64)]  # more than any queue keeps
         for t in traces:
-            queue.wake_qmgr(path, t)
+            wakeup.send(path, t)
         got = _drain(qmgr)
         assert got and got == [t.encode() for t in traces[: len(got)]] and len(got) < len(traces)
-        queue.wake_qmgr(path, "00000000000000FFFF")
-        assert _drain(qmgr) == [queue.SCAN, b"00000000000000FFFF"]
-        queue.wake_qmgr(path, "00000000000000FFFE")  # nothing lost since: the trace id alone
+        wakeup.send(path, "00000000000000FFFF")
+        assert _drain(qmgr) == [wakeup.SCAN, b"00000000000000FFFF"]
+        wakeup.send(path, "00000000000000FFFE")  # nothing lost since: the trace id alone
         assert _drain(qmgr) == [b"00000000000000FFFE"]
 
 
