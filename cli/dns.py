@@ -21,8 +21,8 @@ from cli import unbound
 from cli.dkim import zone_lines
 from common import config as configmod
 from common.tls import tlsa_3_1_1
-from mta import dkim
-from mta.authdns import DNSTempError, Resolver, SyncResolver, txt
+from mta.auth import dkim
+from mta.auth.authdns import DNSTempError, Resolver, SyncResolver, txt
 from web import mta_sts
 
 

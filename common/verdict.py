@@ -1,7 +1,7 @@
 """The content filter's verdict on its way from the MTA to the MDA: header fields only we write.
 
 The MTA asks rspamd and writes the answer on top of the message
-(`X-Spam-Flag: YES`, `X-Spam-Status: Yes, score=...`, mta/contentfilter.py);
+(`X-Spam-Flag: YES`, `X-Spam-Status: Yes, score=...`, mta/auth/contentfilter.py);
 the MDA reads it to file spam into the user's Junk folder.  A header is
 something any sender can write, so the MTA removes every copy of these fields
 from every message it receives, on both listeners, before it adds its own: what

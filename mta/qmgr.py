@@ -44,7 +44,8 @@ from common.events import EventName
 from common.log import is_trace_id, trace_id
 from common.models import Message
 from common.reply import Reply
-from mta import bounce, mailauth, mtasts, options, queue, tlsrpt
+from mta import bounce, mtasts, options, queue, tlsrpt
+from mta.auth import mailauth
 from mta.courier import Attempt, Courier, Delivered
 from mta.delivery import LocalDelivery, RemoteDelivery
 from mta.queue import Outcome, Policy, Settled, classify

@@ -36,7 +36,8 @@ from common.log import is_trace_id, new_trace_id, trace_id
 from common.models import add_event
 from common.reply import Reply, SMTPError
 from common.smtp import Handler, MailEnvelope, MailSession, in_networks, limits_from, serve
-from mta import aliases, bounce, mailauth, queue
+from mta import aliases, bounce, queue
+from mta.auth import mailauth
 
 log = logging.getLogger("smtpd")
 
@@ -334,8 +335,10 @@ def _message_id(header: bytes) -> str:
 
 # The listener settings this daemon serves; the skeleton binds them before the switch.
 LISTENERS = ("mta.smtp", "mta.internal")
-# What sender authentication imports on first use (mta/mailauth.py).
-PRELOAD = ("mta.checks", "mta.dmarc", "mta.dkim", "mta.spf", "mta.contentfilter", "nacl.signing")
+# What sender authentication imports on first use (mta/auth/mailauth.py).
+PRELOAD = (
+    "mta.auth.checks", "mta.auth.dmarc", "mta.auth.dkim", "mta.auth.spf", "mta.auth.contentfilter", "nacl.signing",
+)
 
 
 async def run(ctx: Context) -> None:

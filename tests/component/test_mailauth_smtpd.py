@@ -22,7 +22,7 @@ from sqlalchemy import select
 from cli.main import main as mailroom_main
 from common.dns import Wire
 from common.models import Message, Recipient
-from mta import checks, dkim
+from mta.auth import checks, dkim
 from tests.harness.services import Stack
 from tests.support.dns_server import DNSServer
 from tests.support.ports import free_port
@@ -223,7 +223,7 @@ def test_trusted_network_on_the_public_listener_is_signed(inst: Installation, re
 
 
 def test_bounce_to_an_srs_address_goes_back_to_the_sender(mta: MTA) -> None:
-    from mta import mailauth
+    from mta.auth import mailauth
 
     srs_address = mailauth.srs_codec(mta.ctx.config).forward("alice@example.net")
     code, text = mta.send("", [srs_address], b"From: MAILER-DAEMON@elsewhere.test\r\nSubject: bounce\r\n\r\nx\r\n",

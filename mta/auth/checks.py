@@ -2,8 +2,8 @@
 
 Functions over plain data: the message bytes, the client's address, its HELO
 name, the envelope sender and the process's asynchronous resolver
-(common/dns.py).  `evaluate` runs the four checks (RFC 7208 in mta/spf.py,
-RFC 6376 and RFC 8617 with dkimpy, RFC 7489 in mta/dmarc.py) and returns a
+(common/dns.py).  `evaluate` runs the four checks (RFC 7208 in mta/auth/spf.py,
+RFC 6376 and RFC 8617 with dkimpy, RFC 7489 in mta/auth/dmarc.py) and returns a
 `Verdict`; `decide` turns it into an SMTP reply or headers following the
 configured policy; both are tested with a dictionary for DNS.
 
@@ -36,10 +36,10 @@ import dkim.util
 
 from common.dns import DNSTempError, Resolver
 from common.reply import Reply
-from mta import dmarc, spf
-from mta.dkim import from_domain
-from mta.dmarc import DMARCResult
-from mta.spf import SPFResult
+from mta.auth import dmarc, spf
+from mta.auth.dkim import from_domain
+from mta.auth.dmarc import DMARCResult
+from mta.auth.spf import SPFResult
 
 log = logging.getLogger("checks")
 

@@ -2,8 +2,8 @@
 
 Each function here is one hook, called with one line from the listener
 (mta/smtpd.py), so the listener keeps its shape and the logic stays in the
-modules that own it: mta/dkim.py (signing), mta/checks.py, mta/spf.py and mta/dmarc.py (SPF,
-DKIM, DMARC, ARC verdicts), mta/srs.py (sender rewriting) and mta/contentfilter.py
+modules that own it: mta/auth/dkim.py (signing), mta/auth/checks.py, mta/auth/spf.py and mta/auth/dmarc.py (SPF,
+DKIM, DMARC, ARC verdicts), mta/auth/srs.py (sender rewriting) and mta/auth/contentfilter.py
 (rspamd, DNS blocklists).  The process-wide state (keys, SRS secret) is built
 once per process from the config, on first use; DNS is the process's one
 resolver, which the daemon skeleton built (`Settings.resolver()`).
@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Protocol
 from common import verdict as spam_verdict
 from common.config import Config
 from common.reply import Reply
-from mta import srs
+from mta.auth import srs
 
 if TYPE_CHECKING:
     from common.dns import Resolver
-    from mta import contentfilter
-    from mta import dkim as dkimmod
+    from mta.auth import contentfilter
+    from mta.auth import dkim as dkimmod
 
 # mta.checks, mta.dkim and mta.contentfilter bring dkimpy and the public suffix list
 # (a third of a second): imported on first use, so a daemon starts listening as
@@ -58,8 +58,8 @@ def _state(config: Config) -> _State:
     global _current
     if _current is not None and _current[0] is config:
         return _current[1]
-    from mta import contentfilter
-    from mta import dkim as dkimmod
+    from mta.auth import contentfilter
+    from mta.auth import dkim as dkimmod
 
     st = _State(signer=dkimmod.Signer(config.resolve(config.dkim.key_dir), config.dkim.selectors))
     if config.filter.scanner_address:
@@ -78,7 +78,7 @@ def srs_codec(config: Config) -> srs.SRS:
 
 async def sign_outgoing(ctx: Settings, content: bytes, *, trusted: bool, recipients: list[str]) -> bytes:
     """DKIM-Signature headers to put on `content` when it is ours and leaves; else b""."""
-    from mta import dkim as dkimmod
+    from mta.auth import dkim as dkimmod
 
     cfg = ctx.config
     if not cfg.dkim.sign:
@@ -113,7 +113,7 @@ async def check_inbound(
     `deliver_to` (the recipients after alias expansion): when some are outside
     addresses the message is forwarded, and gets our ARC seal over our results.
     """
-    from mta import checks, contentfilter
+    from mta.auth import checks, contentfilter
 
     cfg = ctx.config
     st = _state(cfg)
@@ -160,7 +160,7 @@ async def check_connect(ctx: Settings, client_ip: str) -> Reply | None:
     cfg = ctx.config
     if not cfg.filter.dnsbl_zones:
         return None
-    from mta import contentfilter
+    from mta.auth import contentfilter
 
     return await contentfilter.dnsbl_check(
         client_ip, cfg.filter.dnsbl_zones, ctx.resolver(), timeout=cfg.dns.timeout
