@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
-from common import counters, dsn
+from common import counters, dsn, message
 from common import reply as R
 from common.address import lookup_key
 from common.clock import Clock
@@ -239,7 +239,7 @@ class SubmissionHandler(Handler):
     async def data(self, session: MailSession, envelope: MailEnvelope) -> Reply:
         assert isinstance(envelope.content, bytes) and session.user is not None
         hostname = self.policy.hostname
-        header, _ = submission.split_message(envelope.content)
+        header = message.header_of(envelope.content)
         for name in submission.SENDER_FIELDS:  # one at a time, so the refusal names the field
             try:
                 shown = submission.from_addresses(header, (name,))

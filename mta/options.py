@@ -13,10 +13,9 @@ converting would change a signed body and is not needed by any peer we know.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
-from common import dsn
+from common import dsn, message
 from common.reply import Reply
 
 NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "The next hop does not support SMTPUTF8, which this message needs")  # RFC 6531 3.2
@@ -25,8 +24,6 @@ NEEDS_BINARYMIME = Reply(
     554, "5.6.3", "The next hop does not support BINARYMIME and CHUNKING, which this message needs"
 )  # RFC 3030 3
 NEEDS_REQUIRETLS = Reply(550, "5.7.10", "REQUIRETLS needed")  # RFC 8689 5
-
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 
 @dataclass
@@ -69,8 +66,7 @@ class Outbound:
             return False
         if not (sender + "".join(recipients)).isascii():
             return True
-        m = _HEADER_END.search(body)
-        return not (body[: m.start()] if m else body).isascii()
+        return not message.header_of(body).isascii()
 
     def refusal(self, extensions: dict[str, str], sender: str, recipients: list[str], body: bytes) -> Reply | None:
         """Why this hop may not have the message (a permanent reply), or None."""

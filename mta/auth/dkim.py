@@ -28,6 +28,8 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from common.message import fields, values
+
 log = logging.getLogger("dkim")
 
 ALGORITHMS = ("rsa", "ed25519")
@@ -210,22 +212,15 @@ def arc_seal(message: bytes, keys: list[Key], authserv_id: str) -> bytes:
 
 
 def _present_headers(message: bytes) -> set[str]:
-    end = message.find(b"\r\n\r\n")
-    head = message if end < 0 else message[: end + 2]
-    return {m.group(1).decode("ascii").lower() for m in re.finditer(rb"(?m)^([!-9;-~]+):", head)}
+    return {f.name.lower() for f in fields(message)}
 
 
 def from_domain(message: bytes) -> str | None:
     """The domain of the single From: address, or None (none, several, or unparsable)."""
-    end = message.find(b"\r\n\r\n")
-    head = message if end < 0 else message[: end + 2]
-    values = [
-        re.sub(rb"\r\n[ \t]", b" ", m.group(1)).decode("utf-8", "replace")
-        for m in re.finditer(rb"(?im)^from:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)", head)
-    ]
-    if len(values) != 1:
+    found = values(message, "From")
+    if len(found) != 1:
         return None
-    addrs = [a for _, a in email.utils.getaddresses(values) if a]
+    addrs = [a for _, a in email.utils.getaddresses(found) if a]
     if len(addrs) != 1 or "@" not in addrs[0]:
         return None
     return addrs[0].rsplit("@", 1)[1].lower().rstrip(".") or None
