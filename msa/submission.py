@@ -22,10 +22,12 @@ import email.utils
 import re
 import secrets
 
-from common import message
+from common import headers, message
 
-# Anything a reader could take for an address, wherever it stands in the field.
-_ADDRESS_LIKE = re.compile(r"[^\s<>()\[\],;:\"'@]+@[^\s<>()\[\],;:\"'@]+")
+# Anything a reader could take for an address, wherever it stands in the field.  The
+# look-behind starts a match only where a word starts: without it a long word with
+# no "@" was scanned again from each of its characters (quadratic).
+_ADDRESS_LIKE = re.compile(r"(?<![^\s<>()\[\],;:\"'@])[^\s<>()\[\],;:\"'@]+@[^\s<>()\[\],;:\"'@]+")
 
 
 class UnreadableHeader(ValueError):
@@ -41,11 +43,12 @@ def from_addresses(header: bytes, names: tuple[str, ...] = SENDER_FIELDS) -> lis
 
     Raises UnreadableHeader when a field is empty or does not parse into
     plain addresses, so the caller refuses it instead of letting it through.
+    The caller passes the header through `common.headers.check` first.
     """
     found: list[str] = []
     for name in names:
         for value in message.values(header, name):
-            parsed = [a for _, a in email.utils.getaddresses([value])]
+            parsed = headers.addresses(value)  # None: over the limits the caller checked first
             if not parsed or any(not a or a.startswith("@") or "@" not in a for a in parsed):
                 raise UnreadableHeader(f"{name}: {value[:80]!r}")
             try:

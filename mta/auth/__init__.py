@@ -14,6 +14,8 @@ listener, mta/smtpd.py, calls them through one `MailAuth`, mailauth.py):
    and ARC (RFC 8617: what the forwarders before us saw).  The verdict
    becomes a refusal, or an Authentication-Results field on top of the
    message; one that we forward outside gets our ARC seal (`dkim.py`).
+   When the From: domain has a DMARC record, `dmarcreport.py` keeps the
+   verdict for the daily aggregate report (`mailroom dmarc report` sends it).
 4. Then `contentfilter.py` asks rspamd, whose answer is a refusal or the
    X-Spam fields the MDA files by.
 

@@ -6,9 +6,10 @@ rspamd client, the SRS codec and the policy (`AuthPolicy`: the settings it
 applies), and passed to the listener and the queue manager.  Each method is
 one hook, called with one line, so the callers keep their shape and the logic
 stays in the modules that own it: dkim.py (signing), checks.py, spf.py and
-dmarc.py (the verdicts), srs.py (sender rewriting), contentfilter.py (rspamd,
-DNS blocklists).  The order a message meets them is in this package's
-__init__.py.
+dmarc.py (the verdicts), dmarcreport.py (each verdict kept for the daily DMARC
+reports, in the database it is given), srs.py (sender rewriting),
+contentfilter.py (rspamd, DNS blocklists).  The order a message meets them is
+in this package's __init__.py.
 
 `mailroom reload` gives a daemon a new config object (common/reload.py), with
 new [dkim], [mailauth] and [filter] settings; `Current` builds a new MailAuth
@@ -30,6 +31,7 @@ from common.reply import Reply
 from mta.auth import srs
 
 if TYPE_CHECKING:
+    from common.db import Database
     from common.dns import Resolver
     from mta.auth import contentfilter
     from mta.auth import dkim as dkimmod
@@ -57,6 +59,7 @@ class AuthPolicy:
     dns_timeout: float  # seconds one check may wait for its lookups
     filter_when_down: str  # accept_unscanned or defer, when rspamd cannot be asked
     dnsbl_zones: tuple[str, ...]  # DNS blocklists asked at connect (none: off)
+    dmarc_reports: bool  # keep each DMARC verdict for the daily aggregate reports
 
     @classmethod
     def from_config(cls, cfg: Config) -> AuthPolicy:
@@ -67,6 +70,7 @@ class AuthPolicy:
             dmarc_reject=ma.dmarc_reject, defer_on_dns_error=ma.dns_error == "defer",
             quarantine_header=ma.quarantine_header, dns_timeout=cfg.dns.timeout,
             filter_when_down=cfg.filter.when_down, dnsbl_zones=tuple(cfg.filter.dnsbl_zones),
+            dmarc_reports=cfg.dmarc.reports,
         )
 
 
@@ -84,17 +88,18 @@ class MailAuth:
 
     def __init__(
         self, *, policy: AuthPolicy, signer: dkimmod.Signer, resolver: Resolver, srs_codec: srs.SRS,
-        content_filter: contentfilter.Rspamd | None = None,
+        content_filter: contentfilter.Rspamd | None = None, db: Database | None = None,
     ) -> None:
         self.policy = policy
         self.signer = signer
         self.resolver = resolver
         self.srs_codec = srs_codec
         self.content_filter = content_filter
+        self.db = db  # where DMARC verdicts are kept for the reports (None: nowhere)
 
     @classmethod
-    def from_config(cls, cfg: Config, resolver: Resolver) -> MailAuth:
-        """The MailAuth of `cfg`, over the process's resolver (what the wiring builds)."""
+    def from_config(cls, cfg: Config, resolver: Resolver, db: Database | None = None) -> MailAuth:
+        """The MailAuth of `cfg`, over the process's resolver and database (what the wiring builds)."""
         from mta.auth import contentfilter
         from mta.auth import dkim as dkimmod
 
@@ -108,6 +113,7 @@ class MailAuth:
                 srs.load_secret(cfg.run_dir), policy.forwarder_domain, max_age_days=cfg.mailauth.srs_max_age
             ),
             content_filter=contentfilter.Rspamd(f.scanner_address, timeout=f.timeout) if f.scanner_address else None,
+            db=db,
         )
 
     async def check_connect(self, client_ip: str) -> Reply | None:
@@ -180,6 +186,13 @@ class MailAuth:
                 quarantine_header=p.quarantine_header,
             )
             log.info("auth %s", verdict.summary())
+            if p.dmarc_reports and self.db is not None:  # kept for the daily DMARC aggregate reports
+                from mta.auth import dmarcreport
+
+                await dmarcreport.record(
+                    self.db, verdict, reply_code=decision.reply.code if decision.reply else None,
+                    quarantine_header=p.quarantine_header,
+                )
             if decision.reply is not None:
                 return Inbound(decision.reply, b"", content)
             headers += decision.headers
@@ -225,13 +238,14 @@ class Current:
     changed) builds the MailAuth again.
     """
 
-    def __init__(self, config: Callable[[], Config], resolver: Resolver) -> None:
+    def __init__(self, config: Callable[[], Config], resolver: Resolver, db: Database | None = None) -> None:
         self.config = config
         self.resolver = resolver
+        self.db = db
         self._built: tuple[Config, MailAuth] | None = None
 
     def __call__(self) -> MailAuth:
         cfg = self.config()
         if self._built is None or self._built[0] is not cfg:
-            self._built = (cfg, MailAuth.from_config(cfg, self.resolver))
+            self._built = (cfg, MailAuth.from_config(cfg, self.resolver, self.db))
         return self._built[1]

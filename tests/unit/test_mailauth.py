@@ -12,6 +12,8 @@ import pytest
 
 from common import config as configmod
 from common.config import Config
+from common.db import Database
+from common.models import DMARCVerdict
 from mta.auth import dkim, srs
 from mta.auth.mailauth import AuthPolicy, Current, MailAuth
 from tests.harness.dns import FakeResolver
@@ -30,7 +32,7 @@ def policy(**changes: Any) -> AuthPolicy:
     values: dict[str, Any] = dict(
         hostname="mail.example.org", local_domains=("example.org",), forwarder_domain="example.org",
         sign=True, check=True, dmarc_reject=True, defer_on_dns_error=True, quarantine_header="X-Q",
-        dns_timeout=5.0, filter_when_down="accept_unscanned", dnsbl_zones=(),
+        dns_timeout=5.0, filter_when_down="accept_unscanned", dnsbl_zones=(), dmarc_reports=False,
     )
     values.update(changes)
     return AuthPolicy(**values)
@@ -43,11 +45,13 @@ def key_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def made(key_dir: Path, resolver: FakeResolver | None = None, **changes: Any) -> MailAuth:
+def made(
+    key_dir: Path, resolver: FakeResolver | None = None, db: Database | None = None, **changes: Any
+) -> MailAuth:
     """A MailAuth from values alone: no config file, no context, no module state."""
     return MailAuth(
         policy=policy(**changes), signer=dkim.Signer(key_dir, {}), resolver=resolver or FakeResolver({}),
-        srs_codec=srs.SRS(b"a secret of this test", "example.org"),
+        srs_codec=srs.SRS(b"a secret of this test", "example.org"), db=db,
     )
 
 
@@ -94,6 +98,35 @@ def test_inbound_checks_use_the_resolver_and_policy_given(key_dir: Path) -> None
     assert kept.reply is None
     assert kept.headers.startswith(b"Authentication-Results: mail.example.org;")
     assert b"dmarc=fail (p=reject)" in kept.headers and b"X-Q: dmarc=fail" in kept.headers
+
+
+def test_dmarc_verdicts_are_kept_in_the_database_it_was_given(key_dir: Path, tmp_path: Path) -> None:
+    records = {"example.net": {"TXT": ["v=spf1 -all"]}, "_dmarc.example.net": {"TXT": ["v=DMARC1; p=reject"]}}
+    db = Database(f"sqlite:///{tmp_path}/m.db", threads=1)
+    db.create_schema()
+
+    async def receive(auth: MailAuth, trace: str) -> None:
+        inbound = await auth.check_inbound(
+            OUTSIDE, client_ip=SENDER_IP, helo="mx.example.net", mail_from="alice@example.net",
+            recipients=["bob@example.org"], trace=trace,
+        )
+        assert inbound.reply is not None and inbound.reply.code == 550
+
+    def kept() -> list[tuple[str, str, str, str]]:
+        with db.write() as s:
+            rows = s.query(DMARCVerdict).all()
+            return [(r.source_ip, r.header_from, r.result, r.disposition) for r in rows]
+
+    try:
+        # Reports off, or no database given: nothing is kept.
+        asyncio.run(receive(made(key_dir, FakeResolver(records), db), "T1"))
+        asyncio.run(receive(made(key_dir, FakeResolver(records), None, dmarc_reports=True), "T2"))
+        assert kept() == []
+        # Reports on: the refused message's verdict is in the database MailAuth was built with.
+        asyncio.run(receive(made(key_dir, FakeResolver(records), db, dmarc_reports=True), "T3"))
+        assert kept() == [(SENDER_IP, "example.net", "fail", "reject")]
+    finally:
+        db.close()
 
 
 def test_current_builds_again_only_for_a_new_config(tmp_path: Path) -> None:
