@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from common import backupstatus
 from common.config import Config
-from mta.authdns import DNSTempError, Resolver, txt
+from mta.auth.authdns import DNSTempError, Resolver, txt
 
 if TYPE_CHECKING:
     from cli.dns import Record
@@ -161,7 +161,7 @@ def _spf_note(r: Record, resolver: Resolver, host_addresses: Callable[[], list[s
     """Whether the published SPF record lets this host's addresses pass, whatever its text."""
     from common.dns import Resolver as AsyncResolver
     from common.dns import Wire
-    from mta.checks import check_spf
+    from mta.auth.checks import check_spf
 
     domain = r.name
     try:
@@ -170,7 +170,7 @@ def _spf_note(r: Record, resolver: Resolver, host_addresses: Callable[[], list[s
         return ""
     if not addresses:
         return ""
-    # SPF is evaluated the way the MTA does (mta/spf.py, asynchronous), asking the same nameservers
+    # SPF is evaluated the way the MTA does (mta/auth/spf.py, asynchronous), asking the same nameservers
     # (or the resolver itself, when it also answers asynchronously, as the tests' dictionary does).
     inner = getattr(resolver, "inner", resolver)  # behind Watched
     wire: AsyncResolver
@@ -481,7 +481,7 @@ def render(report: Report) -> list[str]:
 
 def run_all(cfg: Config) -> Report:
     """Every check, asking `[dns] nameservers` (what the admin page shows)."""
-    from mta.authdns import SyncResolver
+    from mta.auth.authdns import SyncResolver
 
     return everything(cfg, SyncResolver(cfg.dns.nameservers, cfg.dns.timeout))
 
@@ -497,7 +497,7 @@ def add_parser(sub: Any) -> None:
 def run(args: Any, cfg: Config, resolver: Resolver | None = None) -> int:
     import json
 
-    from mta.authdns import SyncResolver
+    from mta.auth.authdns import SyncResolver
 
     report = everything(cfg, resolver or SyncResolver(cfg.dns.nameservers, cfg.dns.timeout))
     if args.json:

@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from common import config as configmod
-from mta import dkim
+from mta.auth import dkim
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -1,7 +1,7 @@
 """`mailroom dmarc report`: send the DMARC aggregate reports of the UTC days that have ended.
 
 The MTA records the DMARC verdict of each message from the Internet whose
-From: domain publishes a record (mta/dmarcreport.py).  This command, run daily
+From: domain publishes a record (mta/auth/dmarcreport.py).  This command, run daily
 by the `schedule` program at `[dmarc] report_at`, makes one report per domain
 and day and queues it, DKIM-signed like all our mail, to each `rua=mailto:`
 address of the domain's record: unless the address is in another organization
@@ -25,9 +25,10 @@ from common.db import Database
 from common.events import Hop
 from common.log import new_trace_id
 from common.models import DMARCVerdict, utcnow
-from mta import dmarcreport, queue, resubmit, wakeup
-from mta.authdns import DNSTempError, Resolver, SyncResolver, txt
-from mta.dmarc import org_domain
+from mta import queue, resubmit, wakeup
+from mta.auth import dmarcreport
+from mta.auth.authdns import DNSTempError, Resolver, SyncResolver, txt
+from mta.auth.dmarc import org_domain
 
 KEEP = dt.timedelta(days=7)
 
@@ -124,7 +125,8 @@ def report(cfg: Config, db: Database, resolver: Resolver, *, before: dt.date, dr
 def _queue(cfg: Config, db: Database, sender: str, to: str, message: bytes) -> str | None:
     """Into the queue as our own mail, DKIM-signed by the sender's domain (when it has keys), to
     what `to` delivers to (its aliases expanded, as the MTA does at RCPT); None when nobody is there."""
-    from mta import aliases, dkim
+    from mta import aliases
+    from mta.auth import dkim
 
     signature = b""
     if cfg.dkim.sign:

@@ -26,8 +26,8 @@ from cli import checks, unbound
 from cli.dkim import zone_lines
 from common import config as configmod
 from common.tls import tlsa_3_1_1
-from mta import dkim
-from mta.authdns import Resolver, SyncResolver
+from mta.auth import dkim
+from mta.auth.authdns import Resolver, SyncResolver
 from web import mta_sts
 
 

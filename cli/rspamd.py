@@ -11,7 +11,7 @@ Redis on 6379 when the packages are installed, so ours use other ports.
 What the generated configuration says, and why:
 - every worker listens on loopback only (`[filter] scanner`, `controller`,
   `redis`; the config check refuses anything else): the scanner is what the
-  MTA asks (mta/contentfilter.py), the controller is where IMAP moves teach
+  MTA asks (mta/auth/contentfilter.py), the controller is where IMAP moves teach
   Bayes (cli/dovecot.py), Redis keeps the statistics;
 - the controller wants a password, RUN_DIR/rspamd/controller.secret (made on
   first use, owner-only), and trusts no address without it (Debian's stock

@@ -37,8 +37,8 @@ from common.address import lookup_key
 from common.config import Config
 from common.db import Database
 from common.events import EventName, Hop
+from common.message import fields as header_fields
 from common.models import ACTIVE, QUEUED, Event, Message, Recipient, User
-from mta.checks import header_fields
 from mta.resubmit import digest
 
 # Fields our hops add on top of a message (MTA: Received, results, signatures, the
@@ -193,13 +193,13 @@ def same_message(stored: bytes, want: str, body_type: str, *, mbox: bool, quaran
     fields = header_fields(crlf)
     drop = {"x-mailroom-quarantine", quarantine.lower()} | OURS
     if mbox:
-        fields = [(n, raw) for n, raw in fields if n.lower() not in DOVECOT_MBOX]
+        fields = [f for f in fields if f.name.lower() not in DOVECOT_MBOX]
     # The fields we added are on top; the sender's own may carry the same names further
     # down (a DKIM-Signature, Received), so try each cut of the top block.
     for cut in range(len(fields) + 1):
-        rest = b"".join(raw for _, raw in fields[cut:])
+        rest = b"".join(f.raw for f in fields[cut:])
         if digest(rest + body) == want:
             return True
-        if cut < len(fields) and fields[cut][0].lower() not in drop:
+        if cut < len(fields) and fields[cut].name.lower() not in drop:
             break
     return False

@@ -253,7 +253,7 @@ class LabSection:
 
 @dataclass(frozen=True)
 class DMARCSection:
-    """DMARC aggregate reports (RFC 7489 7.2) about the mail we receive (mta/dmarcreport.py)."""
+    """DMARC aggregate reports (RFC 7489 7.2) about the mail we receive (mta/auth/dmarcreport.py)."""
 
     reports: bool = field(default=True, metadata=_meta("bool", "Record the DMARC verdict of every message from the Internet and send each domain that asks (rua=) a daily report"))
     report_at: str = field(default="00:15", metadata=_meta("time?", "Local time the reports of the UTC days that have ended go out (`mailroom dmarc report`); empty: only by hand"))

@@ -30,6 +30,7 @@ from __future__ import annotations
 import email.utils
 import re
 
+from common.message import header_of, values
 from common.reply import Reply
 
 MAX_HEADER = 256 * 1024
@@ -45,43 +46,17 @@ TOO_MANY_FIELDS = Reply(552, "5.3.4", f"Message header has too many fields (over
 FIELD_TOO_LONG = Reply(552, "5.3.4", "{name}: field too long (over {limit} octets)")
 TOO_MANY_ENCODED_WORDS = Reply(552, "5.3.4", "{name}: too many encoded words (over {limit})")
 
-_HEADER_END = re.compile(rb"\r\n\r\n|\A\r\n")
-_FOLD = re.compile(r"\r\n(?=[ \t])")
 _ORIGINATOR = re.compile(rb"(from|sender|resent-from|resent-sender)[ \t]*:", re.I)
 _NAMES = {n.lower(): n for n in ORIGINATOR_FIELDS}
 _FIRST = frozenset(b"FfSsRr")  # the first octets of their names
-
-
-def split(content: bytes) -> tuple[bytes, bytes]:
-    """(the header including its last CRLF, the rest: the empty line and the body)."""
-    m = _HEADER_END.search(content)
-    if not m:
-        return content, b""
-    return content[: m.start() + 2], content[m.start() + 2 :]
-
-
-def _lines(header: bytes) -> list[str]:
-    """The header's fields, one unfolded line each (RFC 5322 2.2.3), in order."""
-    return _FOLD.sub("", header.decode("utf-8", "surrogateescape")).split("\r\n")
-
-
-def values(header: bytes, name: str) -> list[str]:
-    """The unfolded values of every `name:` field (also `name :`, RFC 5322 4.5's obsolete form)."""
-    field = re.compile(rf"{re.escape(name)}[ \t]*:", re.I)
-    out = []
-    for line in _lines(header):
-        m = field.match(line)
-        if m:
-            out.append(line[m.end() :].strip())
-    return out
 
 
 def check(header: bytes) -> Reply | None:
     """The limit `header` breaks (a reply that says which), or None when it may be parsed."""
     if len(header) > MAX_HEADER:
         return HEADER_TOO_BIG
-    # Unfolded, counted and split in C, as `_lines` reads them: no Python loop over a
-    # stranger's fields before their number is known.
+    # Unfolded, counted and split in C, as the wire writes them (CRLF): no Python loop
+    # over a stranger's fields before their number is known.
     unfolded = header.replace(b"\r\n ", b" ").replace(b"\r\n\t", b"\t")
     if unfolded.count(b"\r\n") > MAX_FIELDS:
         return TOO_MANY_FIELDS
@@ -132,7 +107,7 @@ def addresses(value: str) -> list[str] | None:
 def from_domain(message: bytes) -> str | None:
     """The domain of the single From: address, or None (none, several, unreadable,
     or a header over the limits)."""
-    header, _ = split(message)
+    header = header_of(message)
     if len(header) > MAX_HEADER:
         return None
     found = values(header, "From")

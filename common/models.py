@@ -110,7 +110,7 @@ class Admin(Base):
 
 class DMARCVerdict(Base):
     """The DMARC verdict on one message from the Internet, kept until the day's aggregate
-    report (RFC 7489 7.2) to its From: domain has gone out (mta/dmarcreport.py)."""
+    report (RFC 7489 7.2) to its From: domain has gone out (mta/auth/dmarcreport.py)."""
 
     __tablename__ = "dmarc_verdicts"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

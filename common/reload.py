@@ -17,7 +17,7 @@ SIGHUP the same way, and keep serving throughout:
 DKIM keys need nothing more: the MTA reads `[dkim] key_dir` again whenever
 the folder changes, and every reload gives it a new config object, from
 which it builds its signer (and resolver and filter client) again, so its
-keys are read afresh, a selector changed in `[dkim]` included (mta/mailauth.py).
+keys are read afresh, a selector changed in `[dkim]` included (mta/auth/mailauth.py).
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import message, verdict
 from common import reply as R
-from common import verdict
 from common.db import Database
 from common.events import EventName, Hop
 from common.log import new_trace_id
@@ -189,7 +189,7 @@ class Rules:
             why = "the message is spam"
         elif self.outbound is None:
             why = "no MTA to send through"
-        elif _delivered_to(body, target) or target.lower() in (rcpt.lower(), box.user.lower()):
+        elif delivered_to(body, target) or target.lower() in (rcpt.lower(), box.user.lower()):
             why = "it would loop (the target already had it)"
         elif not self._claim_send(box.user, "redirect"):
             why = f"the hourly sending limit of {self.policy.sends_per_hour} is reached"
@@ -286,16 +286,14 @@ def _with_flags(content: bytes, flags: frozenset[str]) -> bytes:
 
 
 def _after_trace_fields(content: bytes, extra: bytes) -> bytes:
-    head, sep, rest = content.partition(b"\n\n")
-    return head + b"\n" + extra.rstrip(b"\n") + sep + rest if sep else content + b"\n" + extra
+    header, blank, body = message.split(content)
+    return header + extra + blank + body if blank else content + b"\n" + extra
 
 
-def _delivered_to(body: bytes, address: str) -> bool:
-    head = body.split(b"\n\n", 1)[0]
-    needle = address.lower().encode()
-    return any(
-        line[13:].strip().lower() == needle for line in head.split(b"\n") if line[:13].lower() == b"delivered-to:"
-    )
+def delivered_to(body: bytes, address: str) -> bool:
+    """Does the header already say Delivered-To: `address`?  (Then delivering or redirecting
+    to it again is a loop.)"""
+    return address.lower() in (v.lower() for v in message.values(body, "Delivered-To"))
 
 
 def _notice(hostname: str, user: str, error: str) -> bytes:

@@ -28,7 +28,6 @@ import contextvars
 import errno
 import hashlib
 import logging
-import re
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from functools import partial
@@ -37,7 +36,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, select
 
-from common import lmtp_ext
+from common import lmtp_ext, message
 from common import reply as R
 from common.config import Config
 from common.daemon import Context, serve_until_stopped
@@ -52,7 +51,7 @@ from common.smtp import Handler, MailEnvelope, MailSession, limits_from, serve
 from mda import maildir, mbox
 from mda.outbound import Outbound
 from mda.quota import QuotaExceeded
-from mda.rules import AutoReply, Rules, RulesPolicy
+from mda.rules import AutoReply, Rules, RulesPolicy, delivered_to
 from mda.rules import Box as RulesBox
 
 log = logging.getLogger("mda")
@@ -165,8 +164,8 @@ class LMTPHandler(Handler):
         # store LF, as Postfix's local/virtual agents and Dovecot do.  A binary
         # body (BINARYMIME, RFC 3030) has no lines: only its header is text.
         if envelope.body_type == "BINARYMIME":
-            head, blank, rest = envelope.content.partition(b"\r\n\r\n")
-            body = head.replace(b"\r\n", b"\n") + b"\n\n" + rest if blank else envelope.content
+            header, blank, rest = message.split(envelope.content)
+            body = header.replace(b"\r\n", b"\n") + b"\n" + rest if blank else envelope.content
         else:
             body = envelope.content.replace(b"\r\n", b"\n")
         if self.rules is None:
@@ -257,7 +256,7 @@ class LMTPHandler(Handler):
         if earlier is not None:
             log.info("to=<%s>: already delivered (%s), not storing again", rcpt, earlier)
             return earlier
-        if _delivered_to(body, rcpt):
+        if delivered_to(body, rcpt):
             raise SMTPError(R.MAIL_LOOP.with_text(f"Mail loop: already delivered to {rcpt}"))
         content = f"Return-Path: <{sender}>\nDelivered-To: {rcpt}\n".encode() + body
         try:
@@ -328,21 +327,6 @@ _EARLIER = select(Event.recipient, Event.path).where(
 def _delivery_id(trace: str, rcpt: str) -> str:
     """One word naming this message for this recipient: a redelivery has the same."""
     return hashlib.sha256(f"{trace}\0{rcpt}".encode()).hexdigest()[:32]
-
-
-_HEADER_END = re.compile(rb"\n\n|\A\n")
-
-
-def _delivered_to(body: bytes, rcpt: str) -> bool:
-    """Does the header already say Delivered-To: rcpt?  (Then this is a loop.)"""
-    m = _HEADER_END.search(body)
-    header = body[: m.start()] if m else body
-    needle = rcpt.lower().encode()
-    return any(
-        line[13:].strip().lower() == needle
-        for line in header.split(b"\n")
-        if line[:13].lower() == b"delivered-to:"
-    )
 
 
 def clean_all_tmp(ctx: Context) -> int:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
-from common import counters, dsn, headers, hop_secret
+from common import counters, dsn, headers, hop_secret, message
 from common import reply as R
 from common.address import lookup_key
 from common.clock import Clock
@@ -251,7 +251,7 @@ class SubmissionHandler(Handler):
     async def data(self, session: MailSession, envelope: MailEnvelope) -> Reply:
         assert isinstance(envelope.content, bytes) and session.user is not None
         hostname = self.policy.hostname
-        header, _ = submission.split_message(envelope.content)
+        header = message.header_of(envelope.content)
         # Bounded before anything parses it, and parsed in a worker thread: a
         # stranger's header never holds the event loop (common/headers.py).
         too_big = headers.check(header)

@@ -22,23 +22,7 @@ import email.utils
 import re
 import secrets
 
-from common import headers
-
-_HEADER_END = re.compile(rb"\r\n\r\n|\A\r\n")
-
-
-def split_message(content: bytes) -> tuple[bytes, bytes]:
-    """(header including its last CRLF, the rest)."""
-    m = _HEADER_END.search(content)
-    if not m:
-        return content, b""
-    return content[: m.start() + 2], content[m.start() + 2 :]
-
-
-def header_values(header: bytes, name: str) -> list[str]:
-    """Unfolded values of every `name:` field (also `name :`, RFC 5322 4.5's obsolete form)."""
-    return headers.values(header, name)
-
+from common import headers, message
 
 # Anything a reader could take for an address, wherever it stands in the field.  The
 # look-behind starts a match only where a word starts: without it a long word with
@@ -63,7 +47,7 @@ def from_addresses(header: bytes, names: tuple[str, ...] = SENDER_FIELDS) -> lis
     """
     found: list[str] = []
     for name in names:
-        for value in header_values(header, name):
+        for value in message.values(header, name):
             parsed = headers.addresses(value)  # None: over the limits the caller checked first
             if not parsed or any(not a or a.startswith("@") or "@" not in a for a in parsed):
                 raise UnreadableHeader(f"{name}: {value[:80]!r}")
@@ -80,21 +64,20 @@ def from_addresses(header: bytes, names: tuple[str, ...] = SENDER_FIELDS) -> lis
 
 
 def fix(content: bytes, *, hostname: str, received: str, now: dt.datetime) -> bytes:
-    header, rest = split_message(content)
+    header = message.header_of(content)
     added = received
-    if not header_values(header, "Date"):
+    if not message.values(header, "Date"):
         added += f"Date: {email.utils.format_datetime(now.replace(tzinfo=dt.UTC))}\r\n"
-    if not header_values(header, "Message-ID"):
+    if not message.values(header, "Message-ID"):
         added += f"Message-ID: <{now:%Y%m%d%H%M%S}.{secrets.token_hex(8)}@{hostname}>\r\n"
-    return added.encode("utf-8") + header + rest
+    return added.encode("utf-8") + content
 
 
 def received_header(
     *, helo: str, client_ip: str, hostname: str, user: str, trace: str, now: dt.datetime
 ) -> str:
     date = email.utils.format_datetime(now.replace(tzinfo=dt.UTC))
-    return (
-        f"Received: from {helo} ([{client_ip}])\r\n"
-        f"\t(authenticated sender {user})\r\n"
-        f"\tby {hostname} (Mailroom) with ESMTPSA id {trace};\r\n\t{date}\r\n"
-    )
+    return message.fold("Received", [
+        f"from {helo} ([{client_ip}])", f"(authenticated sender {user})",
+        f"by {hostname} (Mailroom) with ESMTPSA id {trace};", date,
+    ])

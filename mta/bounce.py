@@ -21,12 +21,10 @@ import secrets
 from dataclasses import dataclass
 from enum import StrEnum
 
+from common import message
 from common.reply import Reply
 
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 _LINE_END = re.compile(rb"\r?\n")
-# A Message-ID field, folded lines included (RFC 5322 3.6.4).
-_MESSAGE_ID = re.compile(rb"(?im)^message-id:[^\n]*\n?(?:[ \t][^\n]*\n?)*")
 
 
 class Returned(StrEnum):
@@ -174,12 +172,12 @@ def compose(
         if success:
             returned_part = returned_part.replace("Undelivered", "Delivered")
     else:
-        m = _HEADER_END.search(original)
-        headers = original[: m.start()] if m else original
-        if form is Returned.REDACTED:
-            found = _MESSAGE_ID.search(headers)
-            headers = found.group(0).rstrip(b"\r\n") if found else b""
-        returned_bytes = _crlf(headers.decode("utf-8", "replace").replace("\r\n", "\n") + "\n")
+        header = message.header_of(original)
+        if form is Returned.REDACTED:  # the Message-ID field alone, folded lines included (RFC 5322 3.6.4)
+            ids = [f.raw for f in message.fields(header) if f.name.lower() == "message-id"]
+            header = ids[0] if ids else b""
+        text = header.decode("utf-8", "replace").replace("\r\n", "\n")
+        returned_bytes = _crlf(text if text.endswith("\n") else text + "\n")
         returned_part = "Content-Description: Undelivered Message Headers\nContent-Type: text/rfc822-headers\n\n"
     head = (
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>\n"

@@ -14,11 +14,10 @@ converting would change a signed body and is not needed by any peer we know.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from common import dsn
+from common import dsn, message
 from common.reply import Reply
 
 if TYPE_CHECKING:  # a type only: mta/queue.py imports this module (Asked), not the other way round
@@ -30,8 +29,6 @@ NEEDS_BINARYMIME = Reply(
     554, "5.6.3", "The next hop does not support BINARYMIME and CHUNKING, which this message needs"
 )  # RFC 3030 3
 NEEDS_REQUIRETLS = Reply(550, "5.7.10", "REQUIRETLS needed")  # RFC 8689 5
-
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 
 @dataclass
@@ -72,8 +69,7 @@ class Outbound:
             return False
         if not (sender + "".join(recipients)).isascii():
             return True
-        m = _HEADER_END.search(body)
-        return not (body[: m.start()] if m else body).isascii()
+        return not message.header_of(body).isascii()
 
     def refusal(self, extensions: dict[str, str], sender: str, recipients: list[str], body: bytes) -> Reply | None:
         """Why this hop may not have the message (a permanent reply), or None."""

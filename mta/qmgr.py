@@ -38,7 +38,8 @@ from common.daemon import Context, resolver_settings
 from common.db import Database
 from common.log import trace_id
 from common.reply import Reply
-from mta import mailauth, mtasts, options, queue, tlsrpt, wakeup
+from mta import mtasts, options, queue, tlsrpt, wakeup
+from mta.auth import mailauth
 from mta.courier import Attempt, Courier, Delivered
 from mta.delivery import LocalDelivery, RemoteDelivery
 from mta.queue import Claimed, Policy, Result
@@ -256,7 +257,8 @@ async def run(ctx: Context) -> None:
     cfg = ctx.config
     mta = cfg.mta
     public = cfg.endpoint("mta.smtp")
-    tls_policy, reporter = _outbound_tls(ctx)
+    auth = mailauth.Current(lambda: ctx.config, ctx.resolver())  # SRS and signing; built again after a reload
+    tls_policy, reporter = _outbound_tls(ctx, auth)
     local = LocalDelivery(
         cfg.endpoint("mda.lmtp"), hostname=cfg.mailroom.hostname, sessions=mta.lmtp_sessions,
         timeout=cfg.smtp.idle_timeout,
@@ -283,9 +285,7 @@ async def run(ctx: Context) -> None:
         policy=Policy(mta.retry_schedule, mta.max_queue_lifetime, mta.delay_warning, mta.local_retry_schedule),
         local_domains=cfg.mailroom.domains, hostname=cfg.mailroom.hostname,
         local=local, remote=remote,
-        sender_for=lambda sender, original, rcpt: mailauth.forward_sender(
-            ctx, sender, original=original, recipient=rcpt
-        ),
+        sender_for=lambda sender, original, rcpt: auth().forward_sender(sender, original=original, recipient=rcpt),
     )
     released = await ctx.db.run(_release, ctx.db, qm.host)
     if released:
@@ -318,7 +318,7 @@ async def run(ctx: Context) -> None:
             await reporter.save()
 
 
-def _outbound_tls(ctx: Context) -> tuple[Planner, tlsrpt.Reporter | None]:
+def _outbound_tls(ctx: Context, auth: Callable[[], mailauth.MailAuth]) -> tuple[Planner, tlsrpt.Reporter | None]:
     """The outbound TLS policy (mta/tlspolicy.py) and the TLS-RPT reporter, from `[outbound_tls]`."""
     cfg = ctx.config
     ot = cfg.outbound_tls
@@ -344,7 +344,7 @@ def _outbound_tls(ctx: Context) -> tuple[Planner, tlsrpt.Reporter | None]:
     sender = ot.tlsrpt_from or f"postmaster@{cfg.mailroom.domains[0]}"
 
     async def sign(content: bytes, recipients: list[str]) -> bytes:
-        return await mailauth.sign_outgoing(ctx, content, trusted=True, recipients=recipients)
+        return await auth().sign_outgoing(content, trusted=True, recipients=recipients)
 
     reporter = tlsrpt.Reporter(
         db=ctx.db, clock=ctx.clock, recorder=recorder, resolver=resolver, hostname=cfg.mailroom.hostname,

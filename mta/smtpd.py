@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -39,7 +40,8 @@ from common.directory import Directory
 from common.log import is_trace_id, new_trace_id, trace_id
 from common.reply import Reply, SMTPError
 from common.smtp import Handler, MailEnvelope, MailSession, in_networks, limits_from, serve
-from mta import aliases, bounce, mailauth, queue, resubmit, wakeup
+from mta import aliases, bounce, queue, resubmit, wakeup
+from mta.auth import mailauth
 from mta.options import Asked
 
 log = logging.getLogger("smtpd")
@@ -89,12 +91,12 @@ class SMTPHandler(Handler):
     offers_binarymime = True
 
     def __init__(
-        self, policy: ReceivePolicy, db: Database, clock: Clock, auth: mailauth.Settings,
+        self, policy: ReceivePolicy, db: Database, clock: Clock, auth: Callable[[], mailauth.MailAuth],
         directory: Directory | None = None,
     ) -> None:
         self.policy = policy
         self.directory = directory or Directory(db.read_engine)
-        self.auth = auth  # sender authentication, signing, SRS and the filter read their own settings
+        self.auth = auth  # sender authentication, signing, SRS and the filter: the MailAuth in force
         self.db = db
         self.clock = clock
         self.internal = policy.internal
@@ -136,7 +138,7 @@ class SMTPHandler(Handler):
                             session.peer_uid, self.policy.msa_uid)
                 raise SMTPError(R.NOT_OUR_MSA)
             return
-        if not self.may_relay(session) and (refusal := await mailauth.check_connect(self.auth, session.client_ip)):
+        if not self.may_relay(session) and (refusal := await self.auth().check_connect(session.client_ip)):
             raise SMTPError(refusal)
 
     async def authenticate(self, session: MailSession, login: str, password: str) -> None:
@@ -164,7 +166,7 @@ class SMTPHandler(Handler):
         given = recipient  # the key DATA looks the expansion up by (envelope.rcpt_tos)
         if "@" not in recipient:  # <postmaster>, RFC 5321 4.5.1
             recipient = f"postmaster@{policy.local_domains[0]}"
-        srs_target = mailauth.rewrite_recipient(self.auth, recipient)  # a bounce to an SRS sender
+        srs_target = self.auth().rewrite_recipient(recipient)  # a bounce to an SRS sender
         if isinstance(srs_target, Reply):
             raise SMTPError(srs_target)
         if srs_target is not None:
@@ -247,12 +249,12 @@ class SMTPHandler(Handler):
         content, added = envelope.content, b""
         if self.may_relay(session):  # ours: DKIM-signed once, here, when it leaves our domains
             content = verdict.strip(content)  # no spam verdict but our filter's reaches the MDA
-            added = await mailauth.sign_outgoing(
-                self.auth, content, trusted=True, recipients=[r.address for r in recipients]
+            added = await self.auth().sign_outgoing(
+                content, trusted=True, recipients=[r.address for r in recipients]
             )
         else:  # from the Internet: SPF, DKIM, DMARC, ARC, then the content filter
-            inbound = await mailauth.check_inbound(
-                self.auth, content, client_ip=session.client_ip, helo=session.host_name or "",
+            inbound = await self.auth().check_inbound(
+                content, client_ip=session.client_ip, helo=session.host_name or "",
                 mail_from=envelope.mail_from, recipients=list(envelope.rcpt_tos), trace=envelope.trace_id,
                 deliver_to=[r.address for r in recipients],
             )
@@ -331,8 +333,10 @@ def _header_of(content: bytes) -> bytes:
 
 # The listener settings this daemon serves; the skeleton binds them before the switch.
 LISTENERS = ("mta.smtp", "mta.internal")
-# What sender authentication imports on first use (mta/mailauth.py).
-PRELOAD = ("mta.checks", "mta.dmarc", "mta.dkim", "mta.spf", "mta.contentfilter", "nacl.signing")
+# What sender authentication imports on first use (mta/auth/mailauth.py).
+PRELOAD = (
+    "mta.auth.checks", "mta.auth.dmarc", "mta.auth.dkim", "mta.auth.spf", "mta.auth.contentfilter", "nacl.signing",
+)
 
 
 async def run(ctx: Context) -> None:
@@ -340,10 +344,11 @@ async def run(ctx: Context) -> None:
     limits = limits_from(cfg.smtp)
 
     directory = Directory(ctx.db.read_engine)  # one copy for every session of both listeners
+    auth = mailauth.Current(lambda: ctx.config, ctx.resolver(), ctx.db)  # built again after a reload
 
     def handler(internal: bool) -> partial[SMTPHandler]:
         return partial(
-            SMTPHandler, ReceivePolicy.from_config(cfg, internal=internal), ctx.db, ctx.clock, ctx, directory
+            SMTPHandler, ReceivePolicy.from_config(cfg, internal=internal), ctx.db, ctx.clock, auth, directory
         )
 
     public = await serve(

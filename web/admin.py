@@ -57,7 +57,7 @@ MAX_QUOTA = 20
 MAX_TOKEN = 100
 # Modules loaded late by what the pages call (the checks, the queue's bounce, DNS), loaded before
 # the switch to the Mailroom user: after it Python's own library may not be readable.
-PRELOAD = ("cli.dns", "mta.checks", "mta.dkim", "mta.bounce", "mta.aliases", "cryptography.x509",
+PRELOAD = ("cli.dns", "mta.auth.checks", "mta.auth.dkim", "mta.bounce", "mta.aliases", "cryptography.x509",
            "cryptography.hazmat.primitives.serialization", "concurrent.futures.thread")
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from mta import dkim
+from mta.auth import dkim
 from tests.support.dns_server import DNSServer
 from tests.support.suite import Installation
 from web import mta_sts

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from common import headers
-from mta.dkim import from_domain
+from mta.auth.dkim import from_domain
 from tests.harness.client import PASSWORD, Client, logged_in, stuff
 from tests.harness.services import Stack, installation, running
 from tests.support.suite import Installation

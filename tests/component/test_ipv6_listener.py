@@ -17,6 +17,7 @@ import pytest
 
 from common.models import Message
 from common.smtp import limits_from
+from mta.auth.mailauth import Current
 from mta.smtpd import ReceivePolicy, SMTPHandler
 from tests.component.test_delivery_options import shared
 from tests.component.test_mta_smtpd import MSG, _queued_id
@@ -37,7 +38,8 @@ class DualStack:
         policy = ReceivePolicy.from_config(ctx.config, internal=False)
         policy = ReceivePolicy(**{**policy.__dict__, "trusted_networks": ("127.0.0.0/8",)})
         self.port = self.stack.listen(
-            partial(SMTPHandler, policy, ctx.db, ctx.clock, ctx), endpoint="[::]:0",
+            partial(SMTPHandler, policy, ctx.db, ctx.clock, Current(lambda: ctx.config, ctx.resolver())),
+            endpoint="[::]:0",
             limits=limits_from(ctx.config.smtp, max_connections_per_client=1),
         )
 

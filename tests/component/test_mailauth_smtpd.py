@@ -23,7 +23,7 @@ from cli.main import main as mailroom_main
 from common import hop_secret
 from common.dns import Wire
 from common.models import Message, Recipient
-from mta import checks, dkim
+from mta.auth import checks, dkim
 from tests.harness.services import Stack
 from tests.support.dns_server import DNSServer
 from tests.support.ports import free_port
@@ -226,9 +226,10 @@ def test_trusted_network_on_the_public_listener_is_signed(inst: Installation, re
 
 
 def test_bounce_to_an_srs_address_goes_back_to_the_sender(mta: MTA) -> None:
-    from mta import mailauth
+    from mta.auth.mailauth import MailAuth
 
-    srs_address = mailauth.srs_codec(mta.ctx.config).forward("alice@example.net")
+    codec = MailAuth.from_config(mta.ctx.config, mta.ctx.resolver()).srs_codec  # the MTA's secret, in its run folder
+    srs_address = codec.forward("alice@example.net")
     code, text = mta.send("", [srs_address], b"From: MAILER-DAEMON@elsewhere.test\r\nSubject: bounce\r\n\r\nx\r\n",
                           helo="elsewhere.test")
     assert code == 250, text

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mta import tlsrpt
+from mta.auth.mailauth import Current
 from mta.qmgr import _outbound_tls
 from mta.tlspolicy import Level
 from tests.support.suite import Installation
@@ -28,7 +29,7 @@ def test_the_settings_reach_the_policy_and_the_reporter(tmp_path: Path, caplog: 
 
     async def go() -> None:
         ctx = inst.context()
-        planner, reporter = _outbound_tls(ctx)
+        planner, reporter = _outbound_tls(ctx, Current(lambda: ctx.config, ctx.resolver()))
         assert planner.table.lookup("partner.test") is Level.VERIFY
         assert planner.use_dane and planner.resolver is not None and planner.resolver.trusted
         assert planner.policies is not None and planner.policies.timeout == 7.0
@@ -58,7 +59,7 @@ def test_a_resolver_elsewhere_turns_dane_off_with_a_warning(tmp_path: Path, capl
 
     async def go() -> None:
         ctx = inst.context()
-        planner, reporter = _outbound_tls(ctx)
+        planner, reporter = _outbound_tls(ctx, Current(lambda: ctx.config, ctx.resolver()))
         assert planner.resolver is not None and not planner.resolver.trusted
         assert reporter is None and planner.recorder is None
         ctx.db.close()

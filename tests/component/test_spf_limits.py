@@ -1,4 +1,4 @@
-"""SPF (mta/spf.py) under the limits of RFC 7208 4.6.4 and against bad answers, over a real
+"""SPF (mta/auth/spf.py) under the limits of RFC 7208 4.6.4 and against bad answers, over a real
 DNS server on loopback (tests/support/dns_server.py) and the process resolver's wire layer.
 
 Each limit keeps a message from costing more than a few queries: a record that
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from common.dns import Wire
-from mta import spf
+from mta.auth import spf
 from tests.support.dns_server import DNSServer
 
 pytestmark = pytest.mark.timeout(60)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from mta import dkim
+from mta.auth import dkim
 from tests.support.admin import ADMIN, ADMIN_PASSWORD, add_admin
 from tests.support.browser import Browser
 from tests.support.dns_server import DNSServer

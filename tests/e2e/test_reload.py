@@ -28,7 +28,7 @@ from sqlalchemy import func, select
 
 from common.models import Message
 from common.tls import make_self_signed, read_certificate
-from mta import dkim
+from mta.auth import dkim
 from tests.support.pebble import wait_until
 from tests.support.ports import free_port
 from tests.support.postfix import smtp_source

@@ -8,7 +8,7 @@ answers through the one resolver interface every component is given:
   of dnspython records (nxdomain for no such name, no records for no such
   record), `DNSTempError` for SERVFAIL/REFUSED and TIMEOUT (timeout=True);
 - `query(name, rdtype)` for the blocking face of one-shot commands
-  (mta/authdns.py, `mailroom dns --check`): plain values, [] for no such name
+  (mta/auth/authdns.py, `mailroom dns --check`): plain values, [] for no such name
   or record, DNSTempError for a failure.
 
 As the real server does, it follows a CNAME and answers NODATA (not NXDOMAIN)
@@ -31,7 +31,7 @@ import dns.rdatatype
 import dns.resolver
 
 from common.dns import Answer, DNSTempError
-from mta.authdns import _value
+from mta.auth.authdns import _value
 from tests.support.dns_server import normalize_records
 
 
@@ -104,7 +104,7 @@ class FakeResolver:
             raise DNSTempError(f"{name} {rdtype}: SERVFAIL") from None
         return Answer(name, rdtype, tuple(records), ttl=self.ttl)
 
-    # --- the blocking face of one-shot commands (mta/authdns.py) -----------------------------
+    # --- the blocking face of one-shot commands (mta/auth/authdns.py) -----------------------------
 
     def query(self, name: str, rdtype: str) -> list[Any]:
         try:

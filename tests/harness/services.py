@@ -213,6 +213,7 @@ class Stack:
         STARTTLS on the public one with the installation's certificate when `tls`.
         Returns (context, public port, internal port)."""
         from common.tls import server_context
+        from mta.auth.mailauth import Current
         from mta.smtpd import ReceivePolicy, SMTPHandler
 
         ctx = self.context()
@@ -220,11 +221,12 @@ class Stack:
         for name, values in sections.items():
             cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **values)})
         ctx.config = cfg
+        auth = Current(lambda: ctx.config, ctx.resolver())  # as mta/smtpd.py's run builds it
         ports = []
         for internal in (False, True):
             policy = ReceivePolicy.from_config(cfg, internal=internal)
             ports.append(self.listen(
-                functools.partial(SMTPHandler, policy, ctx.db, ctx.clock, ctx), limits=limits_from(cfg.smtp),
+                functools.partial(SMTPHandler, policy, ctx.db, ctx.clock, auth), limits=limits_from(cfg.smtp),
                 tls_context=server_context(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key))
                 if tls and not internal else None,
             ))

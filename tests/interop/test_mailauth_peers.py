@@ -31,7 +31,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mta import dkim
+from mta.auth import dkim
 from tests.support import peers
 from tests.support.dns_server import DNSServer
 from tests.support.rspamd import RspamdServer

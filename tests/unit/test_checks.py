@@ -10,7 +10,7 @@ from typing import Any
 import dkim as dkimpy
 import pytest
 
-from mta import checks, dkim
+from mta.auth import checks, dkim
 from tests.harness.dns import FakeResolver
 
 SENDER_IP = "192.0.2.10"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from mta.contentfilter import Scan, decide, dnsbl_check, dnsbl_names
+from mta.auth.contentfilter import Scan, decide, dnsbl_check, dnsbl_names
 from tests.harness.dns import FakeResolver
 
 

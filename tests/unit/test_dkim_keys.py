@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mta.dkim import Key, from_domain, outgoing_domain, signing_keys
+from mta.auth.dkim import Key, from_domain, outgoing_domain, signing_keys
 
 KEYS = [
     Key("example.org", "old", "rsa", b"", mtime=1.0), Key("example.org", "old", "ed25519", b"", mtime=1.0),

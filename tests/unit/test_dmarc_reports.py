@@ -1,4 +1,4 @@
-"""The parts of DMARC aggregate reports that decide (mta/dmarcreport.py): pct, where reports
+"""The parts of DMARC aggregate reports that decide (mta/auth/dmarcreport.py): pct, where reports
 go and how large, what each verdict records, and the XML of RFC 7489 appendix C."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from common.models import DMARCVerdict
-from mta import dmarcreport
-from mta.checks import DKIMResult, SPFResult, Verdict
-from mta.dmarc import DMARCResult, check_dmarc
+from mta.auth import dmarcreport
+from mta.auth.checks import DKIMResult, SPFResult, Verdict
+from mta.auth.dmarc import DMARCResult, check_dmarc
 from tests.harness.dns import FakeResolver
 
 

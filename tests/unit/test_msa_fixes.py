@@ -6,6 +6,7 @@ import datetime as dt
 
 import pytest
 
+from common import message
 from msa import submission as sub
 
 pytestmark = pytest.mark.timeout(5)
@@ -44,12 +45,12 @@ def test_unreadable_from_is_an_error(header: bytes) -> None:
 def test_fix_adds_date_message_id_and_received_in_front() -> None:
     content = b"Subject: s\r\n\r\nbody\r\n"
     out = sub.fix(content, hostname="mail.test", received="Received: x\r\n", now=NOW)
-    header, body = sub.split_message(out)
+    header, blank, body = message.split(out)
     assert out.startswith(b"Received: x\r\n")
-    assert sub.header_values(header, "Date") == ["Sat, 28 Nov 2026 22:03:01 +0000"]
-    (mid,) = sub.header_values(header, "Message-ID")
+    assert message.values(header, "Date") == ["Sat, 28 Nov 2026 22:03:01 +0000"]
+    (mid,) = message.values(header, "Message-ID")
     assert mid.startswith("<20261128220301.") and mid.endswith("@mail.test>")
-    assert body == b"\r\nbody\r\n"
+    assert blank + body == b"\r\nbody\r\n"
 
 
 def test_fix_keeps_what_is_there() -> None:
@@ -60,9 +61,9 @@ def test_fix_keeps_what_is_there() -> None:
 
 def test_fix_on_a_message_without_header() -> None:
     out = sub.fix(b"\r\njust a body\r\n", hostname="h", received="Received: x\r\n", now=NOW)
-    header, body = sub.split_message(out)
-    assert sub.header_values(header, "Date") and sub.header_values(header, "Message-ID")
-    assert body == b"\r\njust a body\r\n"
+    header, blank, body = message.split(out)
+    assert message.values(header, "Date") and message.values(header, "Message-ID")
+    assert blank + body == b"\r\njust a body\r\n"
 
 
 def test_received_header() -> None:

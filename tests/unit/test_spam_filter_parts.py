@@ -22,6 +22,12 @@ def test_verdict_fields_are_stripped_from_the_header_only() -> None:
     assert not verdict.is_spam(b"Subject: x\n\nX-Spam-Flag: YES\n")
 
 
+def test_a_verdict_field_last_in_the_header_goes_with_its_whole_line_end() -> None:
+    # On the wire (CRLF) a CR was left behind, and the stored message got a second empty line.
+    assert verdict.strip(b"Subject: x\r\nX-Spam-Flag: YES\r\n\r\nbody\r\n") == b"Subject: x\r\n\r\nbody\r\n"
+    assert verdict.strip(b"Subject: x\nX-Spam-Status : Yes\n\nbody\n") == b"Subject: x\n\nbody\n"
+
+
 @pytest.mark.parametrize("name", ["../..", "..", ".", "a/../b", ".hidden", "Lists..x", "", "a\x00b", "INBOX.sub"])
 def test_folder_names_that_would_leave_the_mailbox_are_refused(tmp_path: Path, name: str) -> None:
     with pytest.raises(folders.BadFolder):

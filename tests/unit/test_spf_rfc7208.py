@@ -1,4 +1,4 @@
-"""The OpenSPF test suite for RFC 7208 (release 2014.04) against our evaluator (mta/spf.py).
+"""The OpenSPF test suite for RFC 7208 (release 2014.04) against our evaluator (mta/auth/spf.py).
 
 tests/unit/data/rfc7208-tests.yml is the suite as pyspf ships it, unchanged,
 under its BSD licence (tests/unit/data/rfc7208-tests.LICENSE).  Each scenario
@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 from common.dns import Answer, DNSTempError
-from mta import spf
+from mta.auth import spf
 
 SUITE = Path(__file__).parent / "data" / "rfc7208-tests.yml"
 IN = dns.rdataclass.IN

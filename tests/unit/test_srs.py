@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mta.srs import SRS, SRSError, is_srs, load_secret
+from mta.auth.srs import SRS, SRSError, is_srs, load_secret
 
 DAY = 86400.0
 

@@ -2,8 +2,8 @@
 
 Functions over plain data: the message bytes, the client's address, its HELO
 name, the envelope sender and the process's asynchronous resolver
-(common/dns.py).  `evaluate` runs the four checks (RFC 7208 in mta/spf.py,
-RFC 6376 and RFC 8617 with dkimpy, RFC 7489 in mta/dmarc.py) and returns a
+(common/dns.py).  `evaluate` runs the four checks (RFC 7208 in mta/auth/spf.py,
+RFC 6376 and RFC 8617 with dkimpy, RFC 7489 in mta/auth/dmarc.py) and returns a
 `Verdict`; `decide` turns it into an SMTP reply or headers following the
 configured policy; both are tested with a dictionary for DNS.
 
@@ -29,18 +29,19 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import dkim
 import dkim.util
 
 from common import headers
 from common.dns import DNSTempError, Resolver
+from common.message import Field, fields, fold, remove, unfold
 from common.reply import Reply
-from mta import dmarc, spf
-from mta.dkim import from_domain
-from mta.dmarc import DMARCResult
-from mta.spf import SPFResult
+from mta.auth import dmarc, spf
+from mta.auth.dkim import from_domain
+from mta.auth.dmarc import DMARCResult
+from mta.auth.spf import SPFResult
 
 log = logging.getLogger("checks")
 
@@ -99,10 +100,9 @@ class _Signature:
         return f"{self.selector}._domainkey.{self.domain}"
 
 
-def _tags(raw: bytes) -> dict[bytes, bytes]:
-    value = raw.split(b":", 1)[1] if b":" in raw else raw
+def _tags(f: Field) -> dict[bytes, bytes]:
     try:
-        return dict(dkim.util.parse_tag_value(re.sub(rb"\r?\n", b"", value)))
+        return dict(dkim.util.parse_tag_value(unfold(f.value)))
     except dkim.util.InvalidTagValueList:
         return {}
 
@@ -114,8 +114,8 @@ def _text(tags: dict[bytes, bytes], tag: bytes) -> str:
 def signatures(message: bytes) -> list[_Signature]:
     """Every DKIM-Signature of the message, in order, with the tags that name its key."""
     out = []
-    for idx, (_, raw) in enumerate((n, v) for n, v in header_fields(message) if n.lower() == "dkim-signature"):
-        tags = _tags(raw)
+    for idx, f in enumerate(f for f in fields(message) if f.name.lower() == "dkim-signature"):
+        tags = _tags(f)
         b = re.sub(rb"\s", b"", tags.get(b"b", b""))[:8].decode("ascii", "replace")
         out.append(_Signature(idx, _text(tags, b"d").lower(), _text(tags, b"s"), _text(tags, b"a"), b))
     return out
@@ -206,16 +206,16 @@ async def check_dkim(
 
 def _arc_key_names(message: bytes) -> list[str]:
     names = []
-    for name, raw in header_fields(message):
-        if name.lower() in ("arc-seal", "arc-message-signature"):
-            tags = _tags(raw)
+    for f in fields(message):
+        if f.name.lower() in ("arc-seal", "arc-message-signature"):
+            tags = _tags(f)
             names.append(f"{_text(tags, b's')}._domainkey.{_text(tags, b'd').lower()}")
     return list(dict.fromkeys(names))
 
 
 async def check_arc(message: bytes, resolver: Resolver, *, timeout: float = DEFAULT_TIMEOUT) -> str:
     """The ARC chain's validation (RFC 8617 5.2): pass, fail, none or temperror."""
-    if not re.search(rb"(?im)^arc-seal:", _head(message)):
+    if not any(f.name.lower() == "arc-seal" for f in fields(message)):
         return "none"
     names = _arc_key_names(message)
     if len(names) > MAX_ARC_KEYS:
@@ -288,7 +288,8 @@ class Verdict:
         else:
             parts.append("dmarc=permerror (no single From: address)")
         parts.append(f"arc={self.arc}")
-        return ("Authentication-Results: " + self.hostname + ";\r\n\t" + ";\r\n\t".join(parts) + "\r\n").encode(
+        lines = [self.hostname, *parts]
+        return fold("Authentication-Results", [line + ";" for line in lines[:-1]] + lines[-1:]).encode(
             "utf-8", "replace"
         )
 
@@ -366,49 +367,25 @@ def decide(verdict: Verdict, *, dmarc_reject: bool, defer_on_dns_error: bool, qu
 # --- header surgery ------------------------------------------------------------------
 
 
-def _head(message: bytes) -> bytes:
-    end = message.find(b"\r\n\r\n")
-    return message if end < 0 else message[: end + 2]
-
-
-_FIELD = re.compile(rb"(?m)^([!-9;-~]+):.*(?:\r?\n[ \t].*)*(?:\r?\n)?")
-
-
-def header_fields(message: bytes) -> list[tuple[str, bytes]]:
-    """(name, raw field with its folded lines and CRLF) for each header field, in order."""
-    return [(m.group(1).decode("ascii"), m.group(0)) for m in _FIELD.finditer(_head(message))]
-
-
-def _remove_fields(message: bytes, drop: Any) -> bytes:
-    head = _head(message)
-    out, pos = [], 0
-    for m in _FIELD.finditer(head):
-        if drop(m.group(1).decode("ascii"), m.group(0)):
-            out.append(message[pos:m.start()])
-            pos = m.end()
-    out.append(message[pos:])
-    return b"".join(out)
-
-
 def strip_own_results(message: bytes, hostname: str) -> bytes:
     """Remove Authentication-Results fields that claim to come from us (RFC 8601 5)."""
     host = hostname.lower().encode()
 
-    def ours(name: str, raw: bytes) -> bool:
-        if name.lower() != "authentication-results":
+    def ours(f: Field) -> bool:
+        if f.name.lower() != "authentication-results":
             return False
         # Comments may precede the authserv-id: removed in linear time (common/headers.py);
         # nested too deep to read, it is not trusted as someone else's, and goes.
-        value = headers.without_comments(raw.split(b":", 1)[1])
+        value = headers.without_comments(f.value)
         if value is None:
             return True
         ident = value.split(b";", 1)[0].strip().split()
         return bool(ident) and ident[0].lower().rstrip(b".") == host
 
-    return _remove_fields(message, ours)
+    return remove(message, ours)
 
 
 def strip_header(message: bytes, name: str) -> bytes:
     """Remove every field called `name`: a header we add must not come from outside."""
     low = name.lower()
-    return _remove_fields(message, lambda n, _raw: n.lower() == low)
+    return remove(message, lambda f: f.name.lower() == low)

@@ -1,6 +1,6 @@
 """DMARC aggregate reports (RFC 7489 7.2): what we record as mail arrives, and the daily XML.
 
-As each message from the Internet is checked (mta/mailauth.py), `record` keeps
+As each message from the Internet is checked (mta/auth/mailauth.py), `record` keeps
 its verdict: the client's address, the From: domain, the SPF and DKIM results,
 the DMARC result, what we did (the disposition) and the record that applied.
 One row, written in a relaxed batch (no fsync: no reply rests on it).
@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from email.message import EmailMessage
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import escape
 
 from sqlalchemy import insert as sa_insert
@@ -37,7 +37,8 @@ from sqlalchemy import insert as sa_insert
 from common.models import DMARCVerdict
 
 if TYPE_CHECKING:
-    from mta.checks import Verdict
+    from common.db import Database
+    from mta.auth.checks import Verdict
 
 MILDER = {"reject": "quarantine", "quarantine": "none", "none": "none"}
 # A report larger than this is not sent, whatever the address accepts.
@@ -57,11 +58,6 @@ def sample(policy: str, pct: str, draw: Callable[[int], int] = random.randrange)
 
 
 # --- recording ------------------------------------------------------------------------
-
-
-class HasDatabase(Protocol):
-    @property
-    def db(self) -> Any: ...
 
 
 def verdict_row(verdict: Verdict, *, refused: bool, delivered_as_quarantine: bool, now: dt.datetime) -> dict[str, Any]:
@@ -87,16 +83,14 @@ def verdict_row(verdict: Verdict, *, refused: bool, delivered_as_quarantine: boo
     }
 
 
-async def record(ctx: object, verdict: Verdict, *, reply_code: int | None, quarantine_header: str) -> None:
+async def record(db: Database, verdict: Verdict, *, reply_code: int | None, quarantine_header: str) -> None:
     """Keep the verdict for the day's report (when the From: domain has a DMARC record).
 
     `reply_code`: our refusal, if any; a 4xx (a DNS failure: the sender tries again) is not
-    kept, or the message would be counted at each try.  `ctx` is the daemon's context;
-    without a database (a test of the hooks alone) nothing is kept."""
+    kept, or the message would be counted at each try."""
     from common.models import utcnow
 
-    db = getattr(ctx, "db", None)
-    if db is None or not verdict.dmarc.domain or not verdict.dmarc.tags or (reply_code or 500) < 500:
+    if not verdict.dmarc.domain or not verdict.dmarc.tags or (reply_code or 500) < 500:
         return  # no record, nobody to report to (RFC 7489 7.2: reports go to the record's rua)
     row = verdict_row(verdict, refused=reply_code is not None, delivered_as_quarantine=bool(quarantine_header),
                       now=utcnow())
@@ -145,7 +139,7 @@ def parse_record(text: str) -> dict[str, str]:
 
 
 def _aligned(a: str, b: str, mode: str) -> bool:
-    from mta.dmarc import org_domain
+    from mta.auth.dmarc import org_domain
 
     a, b = a.lower().rstrip("."), b.lower().rstrip(".")
     return a == b if mode == "s" else org_domain(a) == org_domain(b)

@@ -4,9 +4,9 @@ Plain data in, a `DMARCResult` out: the From: domain, the SPF result with the
 domain it was for, each DKIM result with its d= domain, and a resolver for the
 `_dmarc` record.  Organizational domains come from the public suffix list
 (publicsuffixlist ships a copy).  `pct` is honoured: a failing message not in
-the sample gets the next milder policy (mta/dmarcreport.py, RFC 7489 6.6.4).
+the sample gets the next milder policy (mta/auth/dmarcreport.py, RFC 7489 6.6.4).
 The result keeps the record's tags for the aggregate reports (`rua`,
-mta/dmarcreport.py); failure reports (`ruf`) are not sent.
+mta/auth/dmarcreport.py); failure reports (`ruf`) are not sent.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from publicsuffixlist import PublicSuffixList
 
 from common.dns import DNSTempError, Resolver
-from mta.dmarcreport import sample
+from mta.auth.dmarcreport import sample
 
 _psl: PublicSuffixList | None = None
 

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from common import headers
+from common.message import fields
 
 log = logging.getLogger("dkim")
 
@@ -211,9 +212,7 @@ def arc_seal(message: bytes, keys: list[Key], authserv_id: str) -> bytes:
 
 
 def _present_headers(message: bytes) -> set[str]:
-    end = message.find(b"\r\n\r\n")
-    head = message if end < 0 else message[: end + 2]
-    return {m.group(1).decode("ascii").lower() for m in re.finditer(rb"(?m)^([!-9;-~]+):", head)}
+    return {f.name.lower() for f in fields(message)}
 
 
 def from_domain(message: bytes) -> str | None:
