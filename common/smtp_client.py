@@ -19,7 +19,9 @@ of LMTP; RFC 3030 2 lets BDAT follow the RCPTs in the same group, since its
 octets are framed by their count, never by a reply).  The replies are read in
 order: MAIL's, one per RCPT, then one per accepted recipient, or BDAT's one
 refusal when none was accepted (the server still reads and drops the octets).
-No dot-stuffing on the way out, no dot search on the way in.
+No dot-stuffing on the way out, no dot search on the way in.  A message over
+the SIZE the server offers goes the ordinary way (the envelope first), since
+a chunk over the server's limit ends the session.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import ssl
 from dataclasses import dataclass, field
 
 from common.endpoint import Endpoint
+from common.numbers import is_decimal
 from common.reply import Reply, parse_reply
 
 log = logging.getLogger("smtp_client")
@@ -167,7 +170,7 @@ class Client:
             if not raw:
                 raise NextHopError(Reply(451, "4.4.2", f"{self.peer} closed the connection"))
             text = raw.decode("utf-8", "replace").rstrip("\r\n")
-            if len(text) < 3 or not text[:3].isdigit():
+            if len(text) < 3 or not is_decimal(text[:3]):  # "²²⁰" is no reply code
                 raise NextHopError(Reply(451, "4.5.0", f"{self.peer} sent garbage: {text[:60]!r}"))
             code = int(text[:3])
             lines.append(text[4:])
@@ -216,8 +219,9 @@ class Client:
             raise NextHopError(Reply(451, "4.7.5", f"TLS with {self.peer} failed: {exc}")) from exc
         self.tls = True
 
-    async def auth_plain(self, user: str, password: str) -> Reply:
-        if not self.tls:
+    async def auth_plain(self, user: str, password: str, *, clear_ok: bool = False) -> Reply:
+        """AUTH PLAIN; never without TLS unless `clear_ok` (our own internal hop, on loopback)."""
+        if not self.tls and not clear_ok:
             return Reply(530, "5.7.0", "Refusing to send a password without TLS")
         token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
         await self._write(f"AUTH PLAIN {token}\r\n".encode())
@@ -250,7 +254,13 @@ class Client:
         ]
         self.mail_accepted = False
         if self.lmtp and "PIPELINING" in self.extensions and "CHUNKING" in self.extensions:
-            return await self._send_in_one_round_trip(commands, len(recipients), content, BINARYMIME in mail_params)
+            binary = BINARYMIME in mail_params
+            octets = content if binary else crlf_lines(content)
+            if not self._over_size(len(octets)):
+                return await self._send_in_one_round_trip(commands, len(recipients), octets)
+            # Over the size the server offers: MAIL is refused, and a chunk that big would
+            # end the session (RFC 3030 2 lets a server close rather than read it): the
+            # envelope alone goes, below, and the session stays usable.
         if "PIPELINING" in self.extensions:
             # RFC 2920: send the whole envelope, then read the replies in order.
             await self._write("".join(c + "\r\n" for c in commands).encode("utf-8"))
@@ -291,11 +301,13 @@ class Client:
                 results[i] = final
         return results
 
-    async def _send_in_one_round_trip(
-        self, commands: list[str], count: int, content: bytes, binary: bool,
-    ) -> list[Reply]:
+    def _over_size(self, octets: int) -> bool:
+        """True when the server's EHLO SIZE (RFC 1870) is a limit and `octets` exceed it."""
+        limit = self.extensions.get("SIZE", "")
+        return is_decimal(limit) and int(limit) > 0 and octets > int(limit)
+
+    async def _send_in_one_round_trip(self, commands: list[str], count: int, octets: bytes) -> list[Reply]:
         """LMTP: MAIL, the RCPTs and `BDAT n LAST` with the message, in one write (see the module)."""
-        octets = content if binary else crlf_lines(content)
         await self._write("".join(c + "\r\n" for c in commands).encode("utf-8") + _bdat_last(octets))
         mail_reply = await self.read_reply()
         self.mail_accepted = mail_reply.code == 250

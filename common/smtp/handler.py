@@ -33,6 +33,7 @@ class MailSession:
     tls: bool = False  # the connection is encrypted (STARTTLS done, or implicit TLS)
     listener: str = ""  # the address the client connected to (host:port, unix:/path), for metrics
     user: str | None = None  # the authenticated login, lower-case
+    peer_uid: int | None = None  # on a Unix socket: the client's uid (SO_PEERCRED); None over TCP
     errors: int = 0  # client errors so far (the engine closes after too many)
 
 
@@ -73,6 +74,14 @@ class Handler:
     #: took the message over TLS and reaches us over loopback or a Unix socket.
     offers_requiretls = False
     requiretls_in_clear = False
+    #: Whether AUTH is offered without TLS too: only the internal hop, on loopback,
+    #: where only root could read the secret on the wire (and root can read its file).
+    auth_in_clear = False
+
+    def needs_login(self, session: MailSession) -> bool:
+        """Whether this client must log in before it may send (and, until it has,
+        may be made to give way to a newer connection when the listener is full)."""
+        return False
 
     async def connect(self, session: MailSession) -> None:
         """Before the greeting; raise SMTPError to turn the client away."""

@@ -102,18 +102,22 @@ def test_one_mailbox_refused_after_the_message_costs_the_others_nothing(installa
 
 
 def test_a_transaction_refused_as_a_whole_leaves_its_octets_unexecuted(installation: Installation) -> None:
-    async def go() -> tuple[list[int], list[int], list[int]]:
+    async def go() -> tuple[list[int], list[bytes], list[int], list[int]]:
         async with mda_client(installation, Limits(max_message_size=1000)) as client:
-            # Too big: refused at MAIL (SIZE), so every RCPT and the BDAT are refused too.
+            # Over the SIZE the MDA offers: the envelope goes alone (a chunk over the
+            # server's limit would end the session) and is refused at MAIL.
+            writes = count_writes(client)
             too_big = await client.send(SENDER, ["alice@example.org", "bob@example.org"], SMUGGLED)
+            too_big_writes = list(writes)
             # Nobody known: refused at RCPT, so the BDAT is refused as a whole (one reply).
             nobody = await client.send(SENDER, ["x@example.org", "y@example.org"], SMUGGLED[-200:])
             # The same session carries on.
             after = await client.send(SENDER, ["alice@example.org"], BODY)
-            return [r.code for r in too_big], [r.code for r in nobody], [r.code for r in after]
+            return [r.code for r in too_big], too_big_writes, [r.code for r in nobody], [r.code for r in after]
 
-    too_big, nobody, after = asyncio.run(go())
+    too_big, too_big_writes, nobody, after = asyncio.run(go())
     assert too_big == [552, 552] and nobody == [550, 550] and after == [250]
+    assert not any(b"BDAT" in w or b"smuggled" in w for w in too_big_writes)  # the octets never left
     assert len(maildir_messages(installation.mailbox("alice@example.org"))) == 1
     assert mbox_messages(installation.mailbox("bob@example.org")) == []  # nothing smuggled in
 
