@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))  # tests.support lives outside the installed packa
 
 from bench import cpu, dnsload, listener, loads, machine, procmem  # noqa: E402
 from bench.inotify import MaildirWatch  # noqa: E402
-from bench.report import last_line, render_table  # noqa: E402
+from bench.report import by_process_line, last_line, render_table  # noqa: E402
 
 USERS = ["load1", "load2", "load3", "warm"]
 
@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
           f" {about['fsync_4k']['median_ms']:.2f} ms, load average {about['loadavg_at_start']}"
           f" -> {about['loadavg_at_end']}; commit {about['commit'][:12]}{dirty}; {result['seconds']:.0f} s")
     print(f"figures written to {args.out}")
+    print(by_process_line(summary))
     print(last_line(summary))
     return 0
 
@@ -261,9 +262,18 @@ def _run_once(
     run["stall"] = dnsload.stall(checks, watch, messages=args.stall_messages, sessions=args.sessions,
                                  stalled=args.stall_sessions)
     print(f"load 2: {args.messages} x 5 KiB over 1 session", flush=True)
-    run["load2"] = _both(
-        order[::-1], lambda s: loads.throughput(s, watch, "load2", messages=args.messages, sessions=1)
-    )
+    run["cpu_one_session"] = {}
+
+    def load2(s: Any) -> loads.Throughput:
+        # CPU per message here too: one session shares no commit and no fsync, so
+        # what each message costs on its own shows (and which process pays it).
+        before = cpu.snapshot(s.processes)
+        result = loads.throughput(s, watch, "load2", messages=args.messages, sessions=1)
+        time.sleep(0.3)
+        run["cpu_one_session"][s.name] = cpu.use(before, cpu.snapshot(s.processes), result.delivered)
+        return result
+
+    run["load2"] = _both(order[::-1], load2)
     print(f"load 3: {args.rate:g} msgs/s for {args.duration:g} s", flush=True)
     run["load3"] = _both(order, lambda s: loads.latency(s, watch, "load3", rate=args.rate, duration=args.duration))
     run["load5"] = peaks

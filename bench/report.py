@@ -51,7 +51,7 @@ def _ratios(m: list[float], p: list[float]) -> list[float]:
     return [a / b for a, b in zip(m, p, strict=True) if b and not _nan(a) and not _nan(b)]
 
 
-def render_table(runs: list[Run], listener: dict[str, Any] | None) -> tuple[str, dict[str, float]]:
+def render_table(runs: list[Run], listener: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
     rows: list[tuple[str, str, str, str]] = []
 
     def series(load: str, system: str, get: Callable[[Any], float]) -> list[float]:
@@ -88,19 +88,22 @@ def render_table(runs: list[Run], listener: dict[str, Any] | None) -> tuple[str,
 
     section("5. CPU per delivered message during load 1, from /proc (lower is better)")
     row("   all processes", "cpu", lambda c: c.total_ms_per_msg, "ms")
-    names: dict[str, list[str]] = {M: [], P: []}
-    for system in (M, P):
-        for r in runs:
-            for name in r["cpu"][system].per_process_ms_per_msg:
-                if name not in names[system]:
-                    names[system].append(name)
-    for system in (M, P):
-        per = {n: [r["cpu"][system].per_process_ms_per_msg.get(n, 0.0) for r in runs] for n in names[system]}
-        for name in sorted(per, key=lambda n: -median(per[n])):
-            if median(per[name]) < 0.005 and max(per[name]) < 0.005:
-                continue  # a process that did nothing during the load
-            cell = _cell(per[name], "ms")
-            rows.append((f"   {system} {name}", cell if system == M else "", cell if system == P else "", ""))
+    _per_process_rows(rows, runs, "cpu")
+
+    cpu_sections = [("cpu", "5. CPU per delivered message during load 1, from /proc (lower is better)")]
+    if all("cpu_one_session" in r for r in runs):
+        cpu_sections.append(("cpu_one_session", "   the same during load 2 (one session)"))
+    by_process: dict[str, dict[str, dict[str, float]]] = {}
+    for key, title in cpu_sections[1:]:
+        section(title)
+        row("   all processes", key, lambda c: c.total_ms_per_msg, "ms")
+        _per_process_rows(rows, runs, key)
+    for key, _ in cpu_sections:
+        by_process[key] = {
+            system: {name: median([r[key][system].per_process_ms_per_msg.get(name, 0.0) for r in runs])
+                     for name in _process_names(runs, key, system)}
+            for system in (M, P)
+        }
 
     section("6. peak RSS during load 1, highest over the runs (lower is better)")
     peaks = {s: [r["load5"][s] for r in runs] for s in (M, P)}
@@ -163,14 +166,58 @@ def render_table(runs: list[Run], listener: dict[str, Any] | None) -> tuple[str,
         "postfix_cpu_ms_per_msg": median([r["cpu"][P].total_ms_per_msg for r in runs]),
         "idle1000_mb": median([r["load4"][M].rss_mb for r in runs]),
         "listener_vs_aiosmtpd": listener["listener_vs_aiosmtpd"] if listener else float("nan"),
+        # Per process (medians over the runs), so a change that moves cost from one
+        # process to another shows even when the total does not move.
+        "cpu_ms_per_msg_by_process": _busy(by_process["cpu"][M]),
+        "postfix_cpu_ms_per_msg_by_process": _busy(by_process["cpu"][P]),
         "checks_ratio": median(checks_ratios),
         "dns_stall_ratio": median(stall_ratios),
         "stall_reply_max_s": max((float(r["stall"].stalled_max_s) for r in runs if "stall" in r), default=float("nan")),
     }
+    if "cpu_one_session" in by_process:
+        summary["cpu_ms_per_msg_one_session"] = median([r["cpu_one_session"][M].total_ms_per_msg for r in runs])
+        summary["cpu_ms_per_msg_one_session_by_process"] = _busy(by_process["cpu_one_session"][M])
     return "\n".join(lines), summary
 
 
-def last_line(summary: dict[str, float]) -> str:
+def _process_names(runs: list[Run], key: str, system: str) -> list[str]:
+    names: list[str] = []
+    for r in runs:
+        for name in r[key][system].per_process_ms_per_msg:
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _per_process_rows(rows: list[tuple[str, str, str, str]], runs: list[Run], key: str) -> None:
+    """One row per process of each system: its CPU per message, median [range]."""
+    for system in (M, P):
+        names = _process_names(runs, key, system)
+        per = {n: [r[key][system].per_process_ms_per_msg.get(n, 0.0) for r in runs] for n in names}
+        for name in sorted(per, key=lambda n: -median(per[n])):
+            if median(per[name]) < 0.005 and max(per[name]) < 0.005:
+                continue  # a process that did nothing during the load
+            cell = _cell(per[name], "ms")
+            rows.append((f"   {system} {name}", cell if system == M else "", cell if system == P else "", ""))
+
+
+def _busy(per: dict[str, float]) -> dict[str, float]:
+    """The processes that did something, busiest first."""
+    return {n: round(v, 3) for n, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.005}
+
+
+def by_process_line(summary: dict[str, Any]) -> str:
+    """`cpu_ms_per_msg_by_process mda=.. mta=.. qmgr=..` (load 1, Mailroom, medians), and load 2's."""
+    def fmt(per: dict[str, float]) -> str:
+        return " ".join(f"{n.replace(' ', '_')}={v:.2f}" for n, v in per.items())
+
+    text = "cpu_ms_per_msg_by_process " + fmt(summary.get("cpu_ms_per_msg_by_process", {}))
+    if "cpu_ms_per_msg_one_session_by_process" in summary:
+        text += "\none_session_cpu_ms_per_msg_by_process " + fmt(summary["cpu_ms_per_msg_one_session_by_process"])
+    return text
+
+
+def last_line(summary: dict[str, Any]) -> str:
     """`e2e_ratio=R one_session_ratio=S p99_ms=L cpu_ms_per_msg=C idle1000_mb=M listener_vs_aiosmtpd=X
     checks_ratio=K dns_stall_ratio=D` (one line)."""
 

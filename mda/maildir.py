@@ -5,6 +5,14 @@ new/ (link() fails rather than overwriting), fsync new/, then drop the tmp
 name.  A reader never sees a half-written message, and a crash leaves at worst
 a stale file in tmp/, which `clean_tmp` removes after 36 hours (qmail's rule).
 
+System calls.  A delivery makes only the calls the promise needs: open (O_EXCL)
+in tmp/, write, fsync, close, link into new/, unlink the tmp name, and the
+fsync of new/ that concurrent deliveries share.  What a Maildir looked like
+is remembered per process (its folders exist, the device of tmp/, an
+unlimited quota's file is gone): a Maildir removed behind our back shows as
+FileNotFoundError, and the delivery then makes its folders again and goes
+once more.
+
 Names.  The tmp/ name is unique the qmail way: time, microseconds, pid, a
 per-process counter, the device of the Maildir and the host name, and O_EXCL
 makes a clash an error rather than a shared file.  The name in new/ is instead
@@ -33,16 +41,32 @@ from mda import quota
 _counter = itertools.count()
 STALE_TMP_SECONDS = 36 * 3600
 
+# Maildirs (and Maildir++ folders) known to have tmp/, new/ and cur/: the device of
+# their tmp/, which goes into tmp/ names.  Forgotten when a delivery finds one gone.
+_known: dict[Path, int] = {}
+# Unlimited Maildirs whose quota file this process has already removed.
+_unlimited: set[Path] = set()
+
 
 def ensure(maildir: Path) -> None:
     """Create tmp/, new/ and cur/ (and make their creation durable)."""
-    if all((maildir / sub).is_dir() for sub in ("tmp", "new", "cur")):
+    if maildir in _known:
         return
-    for sub in ("tmp", "new", "cur"):
-        # The daemon's umask decides what the group gets (077: nothing; 027 with a mail group: read).
-        (maildir / sub).mkdir(mode=0o770, parents=True, exist_ok=True)
-    _fsync_dir(maildir)
-    _fsync_dir(maildir.parent)
+    if not all((maildir / sub).is_dir() for sub in ("tmp", "new", "cur")):
+        for sub in ("tmp", "new", "cur"):
+            # The daemon's umask decides what the group gets (077: nothing; 027 with a mail group: read).
+            (maildir / sub).mkdir(mode=0o770, parents=True, exist_ok=True)
+        _fsync_dir(maildir)
+        _fsync_dir(maildir.parent)
+    if len(_known) > 100_000:
+        _known.clear()
+    _known[maildir] = os.stat(maildir / "tmp").st_dev
+
+
+def _forget(*maildirs: Path) -> None:
+    for m in maildirs:
+        _known.pop(m, None)
+        _unlimited.discard(m)
 
 
 def _host_part(hostname: str) -> str:
@@ -74,6 +98,21 @@ def deliver(
     Maildir's).  `flags` (IMAP system flags as Maildir letters, "FS") store
     the message in cur/ as `<name>:2,FLAGS`, already flagged.
     """
+    remembered = maildir in _known or (folder is not None and folder in _known)
+    try:
+        return _deliver(maildir, content, name, quota_limit, look_in_cur, folder, flags)
+    except FileNotFoundError:
+        if not remembered:
+            raise  # its folders were looked at just now: nothing stale to forget
+        # A folder we remembered is gone (a reader or the operator removed it):
+        # make it again and go once more (link() still refuses a second copy).
+        _forget(maildir, *(() if folder is None else (folder,)))
+        return _deliver(maildir, content, name, quota_limit, look_in_cur, folder, flags)
+
+
+def _deliver(
+    maildir: Path, content: bytes, name: str, quota_limit: int, look_in_cur: bool, folder: Path | None, flags: str,
+) -> tuple[Path, bool]:
     ensure(maildir)
     target = maildir
     if folder is not None:
@@ -84,16 +123,22 @@ def deliver(
         target = folder
     flags = "".join(sorted(set(flags)))
     new_path = target / "new" / name if not flags else target / "cur" / f"{name}:2,{flags}"
-    if (target / "new" / name).exists():
+    # A first delivery needs no look for an earlier copy: link() below refuses to
+    # overwrite one.  A retry, a flagged copy (stored in cur/, so link() cannot
+    # see one in new/) and a quota (a copy already stored must not be refused
+    # as over quota) look first.
+    if (look_in_cur or flags or quota_limit > 0) and (target / "new" / name).exists():
         return target / "new" / name, False
     if look_in_cur or flags:
         seen = _in_cur(target, name)
         if seen is not None:
             return seen, False
     if quota_limit > 0:
+        _unlimited.discard(maildir)
         quota.check_maildir(maildir, quota_limit, len(content))
-    else:
+    elif maildir not in _unlimited:
         quota.forget(maildir)
+        _unlimited.add(maildir)
     fd, tmp_path = _create_tmp(target, name.rsplit(".", 1)[-1])
     try:
         view = memoryview(content)
@@ -129,7 +174,9 @@ def _in_cur(maildir: Path, name: str) -> Path | None:
 
 
 def _create_tmp(maildir: Path, host: str) -> tuple[int, Path]:
-    dev = os.stat(maildir / "tmp").st_dev
+    dev = _known.get(maildir)
+    if dev is None:
+        dev = os.stat(maildir / "tmp").st_dev
     while True:
         now = time.time_ns() // 1000
         tmp_path = maildir / "tmp" / (

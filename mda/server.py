@@ -41,7 +41,7 @@ from common import reply as R
 from common.config import Config
 from common.daemon import Context, serve_until_stopped
 from common.db import Database
-from common.directory import Directory, UserEntry
+from common.directory import Directory, Snapshot, UserEntry
 from common.endpoint import Endpoint
 from common.events import EventName, Hop
 from common.log import is_trace_id, new_trace_id, trace_id
@@ -106,7 +106,8 @@ class LMTPHandler(Handler):
         self.db = db
         self.directory = directory or Directory(db.read_engine)
         self.mail_root = policy.mail_root
-        self.mailboxes: dict[str, Mailbox] = {}
+        # Each accepted recipient: its users-table entry and the directory generation it came from.
+        self.mailboxes: dict[str, tuple[UserEntry, int]] = {}
         self.rules: Rules | None = None  # made at the first DATA, on the daemon's event loop
 
     def reset(self, session: MailSession) -> None:
@@ -120,21 +121,43 @@ class LMTPHandler(Handler):
         trace_id.set(envelope.trace_id)
 
     async def rcpt(self, session: MailSession, envelope: MailEnvelope, recipient: str) -> None:
-        box = await self.db.run(self._lookup, recipient)
-        if box is None:
+        # From the copy of the users table in memory, with no thread hop: the
+        # delivery (the transaction's one hop) checks that the copy is still
+        # current before it stores anything.  A recipient the copy does not know
+        # may have been added a moment ago: then the database is asked here.
+        delimiter = self.policy.recipient_delimiter
+        snapshot = self.directory.cached()
+        user = snapshot.user(recipient, delimiter) if snapshot is not None else None
+        if user is None or snapshot is None:
+            snapshot = await self.db.run(self.directory.current)
+            user = snapshot.user(recipient, delimiter)
+        if user is not None:
+            # Whether its mailbox stays inside the mail root, as last seen (the
+            # delivery looks again before it stores: a symlink may have moved since).
+            key = (self.mail_root, user.mailbox)
+            if key not in _inside_root:
+                await self.db.run(self._mailbox, user)
+            if _inside_root.get(key) is None:
+                user = None
+        if user is None:
             log.info("refused to=<%s>: user unknown", recipient)
             if lmtp_ext.XRECORD not in envelope.params:
                 await self.db.write_batched(
                     self._record, envelope.trace_id, [(recipient, R.UNKNOWN_USER, "")], relaxed=True
                 )
             raise SMTPError(R.UNKNOWN_USER)
-        self.mailboxes[recipient] = box
+        self.mailboxes[recipient] = (user, snapshot.generation)
 
-    def _lookup(self, recipient: str) -> Mailbox | None:
-        # From the in-memory copy of the users table (reloaded when it changed).
-        user = self.directory.current().user(recipient, self.policy.recipient_delimiter)
-        if user is None:
-            return None
+    def _lookup(self, snapshot: Snapshot, recipient: str, user: UserEntry, generation: int) -> Mailbox | None:
+        """The mailbox of a recipient accepted at RCPT from the directory as it was at
+        `generation`, by the directory as it is now, `snapshot` (None: the user is gone,
+        or its mailbox would leave the mail root).  Blocking: called in the delivery thread."""
+        if snapshot.generation != generation:
+            found = snapshot.user(recipient, self.policy.recipient_delimiter)
+            if found is None:
+                log.info("refused to=<%s>: user unknown (removed since RCPT)", recipient)
+                return None
+            user = found
         return self._mailbox(user)
 
     def _mailbox(self, user: UserEntry) -> Mailbox | None:
@@ -143,9 +166,13 @@ class LMTPHandler(Handler):
             path = (self.mail_root / user.mailbox).resolve()
         except (ValueError, OSError):  # a NUL in the stored name, a symlink loop
             path = Path("/")
+        if len(_inside_root) > 100_000:
+            _inside_root.clear()
         if not user.mailbox or not path.is_relative_to(self.mail_root) or path == self.mail_root:
+            _inside_root[(self.mail_root, user.mailbox)] = None
             log.error("user %s has a mailbox outside the mail root (%r); refusing", user.address, user.mailbox)
             return None
+        _inside_root[(self.mail_root, user.mailbox)] = path
         return Mailbox(user.address, user.store, path, user.quota, user.mailbox)
 
     async def refused(self, session: MailSession, envelope: MailEnvelope, reply: Reply) -> None:
@@ -211,10 +238,15 @@ class LMTPHandler(Handler):
         # without XRETRY) cannot have reached us before: nothing to look up, and the
         # stores' own names and journals still refuse a second copy.
         earlier = {} if path_in_reply and not retry else self._earlier_deliveries(trace)
+        # The users table as it is now (one integer read when nothing changed since RCPT).
+        snapshot = self.directory.current()
         for rcpt in recipients:
             if rcpt in results:
                 continue  # the same RCPT twice: one copy, the same answer twice
-            box = self.mailboxes[rcpt]
+            box = self._lookup(snapshot, rcpt, *self.mailboxes[rcpt])
+            if box is None:
+                results[rcpt] = (R.UNKNOWN_USER, "")
+                continue
             try:
                 path = self._deliver_one(trace, sender, rcpt, box, body, earlier.get(rcpt), retry=retry, auto=auto)
                 text = f"Ok: delivered to {box.store} ({trace})"
@@ -301,6 +333,9 @@ class LMTPHandler(Handler):
 _MAILDIR_FLAGS = {"\\Draft": "D", "\\Flagged": "F", "\\Answered": "R", "\\Seen": "S", "\\Deleted": "T"}
 
 _threads: concurrent.futures.ThreadPoolExecutor | None = None
+# (mail root, mailbox name) -> the mailbox's resolved path, or None when it leaves the mail
+# root: what RCPT answers from without a thread hop.  Every delivery resolves again.
+_inside_root: dict[tuple[Path, str], Path | None] = {}
 _tasks: set[asyncio.Task[None]] = set()
 
 

@@ -129,10 +129,16 @@ class Message:
     def __init__(self, content: bytes) -> None:
         self.content = content
         self.size = len(content)
-        self._msg: email.message.Message = email.message_from_bytes(
-            content[: MAX_TEXT * 4], policy=email.policy.compat32
-        )
+        self._parsed: email.message.Message | None = None
         self._headers: dict[str, list[str]] = {}
+
+    @property
+    def _msg(self) -> email.message.Message:
+        # Parsed when a script first looks: most users have no script, and parsing
+        # every delivered message for nothing cost the MDA a few per cent of its time.
+        if self._parsed is None:
+            self._parsed = email.message_from_bytes(self.content[: MAX_TEXT * 4], policy=email.policy.compat32)
+        return self._parsed
 
     def header(self, name: str) -> list[str]:
         """Every value of field `name`, unfolded and with RFC 2047 words decoded."""

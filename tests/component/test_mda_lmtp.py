@@ -511,6 +511,14 @@ def test_users_added_or_moved_while_running_are_seen_at_once(inst: Installation,
             s.commit()
     finally:
         db.close()
+    # RCPT answers from the copy in memory (no database read); the delivery reads
+    # the generation before it stores, so the removed user gets 550 5.1.1 there.
+    moved = inst.config.mail_root / "example.org/dave-moved"
+    rcpt, data = client.deliver("carol@example.net", ["dave@example.org"], MESSAGE)
+    refusal = data[0] if rcpt[0].code == 250 else rcpt[0]
+    assert refusal.code == 550 and "5.1.1" in refusal.text, (rcpt, data)
+    assert len(maildir_messages(moved)) == 1
+    # Once the copy is current again, RCPT itself refuses.
     assert client.cmd("MAIL FROM:<carol@example.net>")[0] == 250
     assert client.cmd("RCPT TO:<dave@example.org>")[0] == 550
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -140,3 +141,18 @@ def test_a_retry_finds_a_copy_a_reader_moved_to_cur(tmp_path: Path) -> None:
     # A different message whose name starts the same is not taken for it.
     other = name[:-1] + "Z"
     assert maildir.deliver(box, b"Subject: y\n\n", other, look_in_cur=True)[1] is True
+
+
+def test_a_maildir_removed_behind_our_back_is_made_again(tmp_path: Path) -> None:
+    # The MDA remembers which Maildirs have their folders (no stat per delivery);
+    # one removed since (by the operator, a reader) must not fail the next delivery.
+    box = tmp_path / "box"
+    maildir.deliver(box, b"first\n", "1.M1R1.host")
+    shutil.rmtree(box)
+    path, stored = maildir.deliver(box, b"second\n", "2.M1R1.host")
+    assert stored and path.read_bytes() == b"second\n"
+    shutil.rmtree(box / "new")  # only new/: the link fails, not the open in tmp/
+    path, stored = maildir.deliver(box, b"third\n", "3.M1R1.host")
+    assert stored and path.read_bytes() == b"third\n"
+    assert list((box / "tmp").iterdir()) == []
+
