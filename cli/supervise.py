@@ -10,7 +10,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from cli import dovecot, rspamd, watch
+from cli import dovecot, roles, rspamd, watch
 from cli.watch import failure_file
 from common import config as configmod
 from common import privileges
@@ -83,6 +83,7 @@ def render(cfg: Config, *, log_file: str = "/dev/stdout", with_imap: bool = Fals
     if cfg.lab.enabled:
         text += _LAB.format(python=sys.executable, config=cfg.path, common=common)
     text += _WATCH.format(python=sys.executable, run_dir=run_dir)
+    text = roles.keep(text, cfg.mailroom.roles)  # what this node runs (cli/roles.py)
     out = run_dir / "supervisord.conf"
     out.write_text(text)
     return out
@@ -140,10 +141,10 @@ def preflight(cfg: Config) -> str | None:
         return str(exc)
     # All at once, as the daemons hold them: two addresses of one setting that
     # overlap ([::]:25 and 0.0.0.0:25) are found here too.
-    endpoints = {key: cfg.endpoints(key) for key in configmod.listener_keys()}
+    endpoints = {key: cfg.endpoints(key) for key in configmod.listener_keys() if roles.binds(key, cfg.mailroom.roles)}
     # The web program's optional listeners for the Internet (the 80 and 443 roles), when on.
     endpoints.update({key: cfg.endpoints(key) for key, on in (("web.http", cfg.web.http), ("web.https", cfg.web.https))
-                      if on})
+                      if on and roles.binds(key, cfg.mailroom.roles)})
     try:
         bound = bind_all(endpoints)
     except BindError as exc:
@@ -168,13 +169,14 @@ def run(cfg: Config) -> int:
     db = Database(cfg.database_url, threads=1)
     try:
         db.create_schema()
-        why_not = dovecot.prepare(cfg, db)
+        why_not = dovecot.prepare(cfg, db) if "imap" in cfg.mailroom.roles else "imap: not a role of this node"
     finally:
         db.close()
-    if why_not:
+    if why_not and "imap" in cfg.mailroom.roles:
         print(f"mailroom: {why_not}", file=sys.stderr, flush=True)
-    filter_down = rspamd.prepare(cfg, _root_switch(cfg)) if cfg.filter.supervised else "off"
-    if filter_down and cfg.filter.supervised:
+    runs_filter = cfg.filter.supervised and "mta" in cfg.mailroom.roles
+    filter_down = rspamd.prepare(cfg, _root_switch(cfg)) if runs_filter else "off"
+    if filter_down and runs_filter:
         print(f"mailroom: {filter_down}", file=sys.stderr, flush=True)
     conf = render(cfg, with_imap=why_not is None, with_filter=filter_down is None)
     run_dir = cfg.run_dir.resolve()

@@ -25,8 +25,10 @@ saying so rather than failing at the first submission.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
+import ssl
 from dataclasses import dataclass
 
 from sqlalchemy import Connection
@@ -73,6 +75,8 @@ class SubmissionPolicy:
     auth_lockout: float
     max_messages_per_hour: int
     max_recipients_per_hour: int
+    # The MTA on another host: TLS from the first byte, with this node's certificate (common/hop_tls.py).
+    next_hop_tls: ssl.SSLContext | None = None
 
     @classmethod
     def from_config(cls, cfg: Config) -> SubmissionPolicy:
@@ -214,7 +218,7 @@ class SubmissionHandler(Handler):
     async def _open_upstream(self, envelope: MailEnvelope) -> Client:
         client = await Client.connect(
             self.policy.next_hop, helo=self.policy.hostname, timeout=self.policy.next_hop_timeout,
-            connect_timeout=10,
+            connect_timeout=10, tls=self.policy.next_hop_tls, implicit_tls=self.policy.next_hop_tls is not None,
         )
         params = [f"XTRACE={envelope.trace_id}"]
         if envelope.smtp_utf8:
@@ -316,6 +320,8 @@ async def run(ctx: Context) -> None:
     tls = ctx.tls()
     limits = limits_from(cfg.smtp, max_connections_per_client=cfg.msa.max_connections_per_client)
     policy = SubmissionPolicy.from_config(cfg)
+    if (hops := ctx.hops()) is not None:
+        policy = dataclasses.replace(policy, next_hop_tls=hops.client_for(policy.next_hop))
     limiters = Limiters(policy, ctx.clock)
 
     def make() -> SubmissionHandler:

@@ -403,9 +403,10 @@ async def run(ctx: Context) -> None:
     mta = cfg.mta
     public = cfg.endpoint("mta.smtp")
     tls_policy, reporter = _outbound_tls(ctx)
+    lmtp, hops = cfg.endpoint("mda.lmtp"), ctx.hops()
     local = LocalDelivery(
-        cfg.endpoint("mda.lmtp"), hostname=cfg.mailroom.hostname, sessions=mta.lmtp_sessions,
-        timeout=cfg.smtp.idle_timeout,
+        lmtp, hostname=cfg.mailroom.hostname, sessions=mta.lmtp_sessions, timeout=cfg.smtp.idle_timeout,
+        tls=hops.client_for(lmtp) if hops else None,  # the store's MDA over TLS (common/hop_tls.py)
     )
     remote = RemoteDelivery(
         hostname=cfg.mailroom.hostname,

@@ -23,8 +23,8 @@ from pathlib import Path
 from sqlalchemy import Connection
 from sqlalchemy.exc import OperationalError
 
+from common import hop_tls, verdict
 from common import reply as R
-from common import verdict
 from common.address import domain_of
 from common.clock import Clock
 from common.config import Config
@@ -32,6 +32,7 @@ from common.daemon import Context, serve_until_stopped
 from common.db import Database
 from common.directory import Directory
 from common.events import EventName, Hop
+from common.hop_tls import HopTLS
 from common.log import is_trace_id, new_trace_id, trace_id
 from common.models import add_event
 from common.reply import Reply, SMTPError
@@ -79,9 +80,11 @@ class SMTPHandler(Handler):
 
     def __init__(
         self, policy: ReceivePolicy, db: Database, clock: Clock, auth: mailauth.Settings,
-        directory: Directory | None = None,
+        directory: Directory | None = None, *, peers: HopTLS | None = None,
     ) -> None:
         self.policy = policy
+        # The internal listener on an address other hosts reach: which MSAs are ours (common/hop_tls.py).
+        self.peers = peers
         self.directory = directory or Directory(db.read_engine)
         self.auth = auth  # sender authentication, signing, SRS and the filter read their own settings
         self.db = db
@@ -103,6 +106,9 @@ class SMTPHandler(Handler):
         return self.internal or in_networks(session.client_ip, list(self.policy.trusted_networks))
 
     async def connect(self, session: MailSession) -> None:
+        if self.peers is not None and not self.peers.admits(session):
+            log.warning("%s: refused, its certificate names no node of [cluster] peers", session.client_ip)
+            raise SMTPError(R.NOT_A_PEER)
         if not self.may_relay(session) and (refusal := await mailauth.check_connect(self.auth, session.client_ip)):
             raise SMTPError(refusal)
 
@@ -344,9 +350,10 @@ async def run(ctx: Context) -> None:
 
     directory = Directory(ctx.db.read_engine)  # one copy for every session of both listeners
 
-    def handler(internal: bool) -> partial[SMTPHandler]:
+    def handler(internal: bool, peers: HopTLS | None = None) -> partial[SMTPHandler]:
         return partial(
-            SMTPHandler, ReceivePolicy.from_config(cfg, internal=internal), ctx.db, ctx.clock, ctx, directory
+            SMTPHandler, ReceivePolicy.from_config(cfg, internal=internal), ctx.db, ctx.clock, ctx, directory,
+            peers=peers,
         )
 
     public = await serve(
@@ -355,11 +362,15 @@ async def run(ctx: Context) -> None:
     )
     servers = [public]
     # With [mta] processes > 1, a Unix-socket internal listener is served by the first process alone.
-    if internal_socks := ctx.socket("mta.internal"):
+    # With [cluster] on, MSAs of other hosts reach its TCP addresses: TLS, our nodes only (common/hop_tls.py).
+    plain, guarded = hop_tls.split(ctx.socket("mta.internal"), hops := ctx.hops())
+    internal_limits = limits_from(cfg.smtp, max_connections_per_client=cfg.smtp.max_connections)
+    if plain:
+        servers.append(await serve(plain, handler(True), hostname=cfg.mailroom.hostname, limits=internal_limits))
+    if guarded and hops is not None:
         servers.append(await serve(
-            internal_socks, handler(True),
-            hostname=cfg.mailroom.hostname,
-            limits=limits_from(cfg.smtp, max_connections_per_client=cfg.smtp.max_connections),
+            guarded, handler(True, hops), hostname=cfg.mailroom.hostname, limits=internal_limits,
+            tls_context=hops.server, implicit_tls=True,
         ))
     log.info("SMTP listening on %s, internal on %s", ", ".join(cfg.mta.smtp), ", ".join(cfg.mta.internal))
     await serve_until_stopped(ctx, servers)
