@@ -10,9 +10,13 @@ table shows the median and the range of each figure.  It also records the
 machine (CPU, cores, an fsync latency measured on the benchmark's disk,
 kernel, Python, Postfix) and the commit, the CPU milliseconds per delivered
 message of every process of both systems (from /proc), and then the listener
-alone (bench/listener.py).  The last line printed is
+alone (bench/listener.py).  The DNS loads (bench/dnsload.py) run against a second Mailroom with the
+sender checks on and a local DNS server.  The last line printed is
 
     e2e_ratio=R one_session_ratio=S p99_ms=L cpu_ms_per_msg=C idle1000_mb=M listener_vs_aiosmtpd=X
+    checks_ratio=K dns_stall_ratio=D
+
+(on one line).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # tests.support lives outside the installed packages
 
-from bench import cpu, listener, loads, machine, procmem  # noqa: E402
+from bench import cpu, dnsload, listener, loads, machine, procmem  # noqa: E402
 from bench.inotify import MaildirWatch  # noqa: E402
 from bench.report import last_line, render_table  # noqa: E402
 
@@ -115,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", type=Path, help="py-spy the Mailroom daemons during load 1 into this folder")
     ap.add_argument("--mta-processes", type=int, default=1, metavar="N",
                     help="Mailroom's [mta] processes: MTA listener processes sharing the port (default 1)")
+    ap.add_argument("--stall-messages", type=int,
+                    help="messages of the fast group in the DNS stall load (1000, at most --messages)")
+    ap.add_argument("--stall-sessions", type=int, default=20, help="sessions sending from the stalled domain")
+    ap.add_argument("--dns-timeout", type=float, default=5.0,
+                    help="[dns] timeout of the Mailroom with the sender checks on (seconds)")
     args = ap.parse_args(argv)
     quick = args.quick
     if args.messages is None:
@@ -125,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         args.idle = 200 if quick else 1000
     if args.listener_messages is None:
         args.listener_messages = 500 if quick else 2000
+    if args.stall_messages is None:
+        args.stall_messages = min(1000, args.messages)
     _prepare(args.idle)
     started = time.monotonic()
 
@@ -143,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     watch = MaildirWatch()
     mailroom: MailroomSystem | None = None
     postfix: PostfixSystem | None = None
+    checks: dnsload.ChecksSystem | None = None
+    dns_server = None
     runs: list[dict[str, Any]] = []
     try:
         print(f"bench: installations under {root}", flush=True)
@@ -154,6 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         for s in systems:
             for u in USERS:
                 watch.add(s.new_folder(u))
+        dns_server = dnsload.start_dns()
+        checks = dnsload.ChecksSystem(root / "checks", dns_server, timeout=args.dns_timeout,
+                                      mta_processes=args.mta_processes)
+        checks.start()
+        for u in dnsload.USERS:
+            watch.add(checks.new_folder(u))
+        loads.throughput(checks, watch, "warm", messages=20, sessions=2)
         # Warm up both (first connections, imports, caches) so load 1 measures the steady state.
         print("warm-up", flush=True)
         _both(systems, lambda s: loads.throughput(s, watch, "warm", messages=20, sessions=2))
@@ -163,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             # order flips from load to load, so neither always follows the other's leftovers.
             order = systems if i % 2 == 0 else systems[::-1]
             print(f"run {i + 1} of {args.runs}", flush=True)
-            runs.append(_run_once(args, order, watch, mailroom))
+            runs.append(_run_once(args, order, watch, mailroom, checks))
         # The idle connections last: Postfix keeps an smtpd process per connection
         # alive for max_idle (100 s) afterwards, and a thousand of them would weigh
         # on the next run's loads (and fill its memory figures).
@@ -177,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
             mailroom.stop()
         if postfix is not None:
             postfix.stop()
+        if checks is not None:
+            checks.stop()
+        if dns_server is not None:
+            dns_server.stop()
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
@@ -206,8 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_once(args: argparse.Namespace, order: list[Any], watch: MaildirWatch, mailroom: Any) -> dict[str, Any]:
-    """Loads 1 to 3 once, each against both systems in turn; load 1 also measures CPU and memory."""
+def _run_once(
+    args: argparse.Namespace, order: list[Any], watch: MaildirWatch, mailroom: Any, checks: dnsload.ChecksSystem,
+) -> dict[str, Any]:
+    """Loads 1 to 3 once, each against both systems in turn; load 1 also measures CPU and memory;
+    then the DNS loads against the Mailroom with the sender checks on."""
     run: dict[str, Any] = {"cpu": {}}
     peaks: dict[str, procmem.Peaks] = {}
     print(f"load 1: {args.messages} x 5 KiB over {args.sessions} sessions", flush=True)
@@ -227,6 +254,12 @@ def _run_once(args: argparse.Namespace, order: list[Any], watch: MaildirWatch, m
         return result
 
     run["load1"] = _both(order, load1)
+    print("load 1 with the sender checks on (a local DNS server publishing SPF and DMARC)", flush=True)
+    run["checks"] = loads.throughput(checks, watch, "checks", messages=args.messages, sessions=args.sessions)
+    print(f"dns stall: {args.stall_messages} messages over {args.sessions} sessions, alone and while"
+          f" {args.stall_sessions} sessions send from a domain whose DNS never answers", flush=True)
+    run["stall"] = dnsload.stall(checks, watch, messages=args.stall_messages, sessions=args.sessions,
+                                 stalled=args.stall_sessions)
     print(f"load 2: {args.messages} x 5 KiB over 1 session", flush=True)
     run["load2"] = _both(
         order[::-1], lambda s: loads.throughput(s, watch, "load2", messages=args.messages, sessions=1)
@@ -240,6 +273,11 @@ def _run_once(args: argparse.Namespace, order: list[Any], watch: MaildirWatch, m
           f" one session {l2[m].e2e_per_s:.0f} vs {l2[p].e2e_per_s:.0f};"
           f" p99 {l3[m].p99_ms:.1f} vs {l3[p].p99_ms:.1f} ms;"
           f" CPU {c[m].total_ms_per_msg:.2f} vs {c[p].total_ms_per_msg:.2f} ms/msg", flush=True)
+    st = run["stall"]
+    print(f"  checks on {run['checks'].e2e_per_s:.0f} vs off {l1[m].e2e_per_s:.0f} msg/s;"
+          f" stall: alone {st.alone_per_s:.0f}, with {st.stalled_sessions} stalled sessions"
+          f" {st.with_stall_per_s:.0f} msg/s ({st.ratio:.2f}); stalled replies {st.stalled_codes},"
+          f" longest wait {st.stalled_max_s:.2f} s", flush=True)
     return run
 
 

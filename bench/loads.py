@@ -44,15 +44,15 @@ class Throughput:
 
 def throughput(
     system: System, watch: MaildirWatch, user: str, *, messages: int, sessions: int,
-    timeout: float = 900.0, sampler: procmem.Sampler | None = None,
+    timeout: float = 900.0, sampler: procmem.Sampler | None = None, sender: str = "load@source.test",
 ) -> Throughput:
-    """smtp-source `messages` x 5 KiB over `sessions` sessions; wait until all are in new/."""
+    """smtp-source `messages` x 5 KiB over `sessions` sessions from `sender`; wait until all are in new/."""
     folder = system.new_folder(user)
     before = watch.count(folder)
     started = time.monotonic()
     run = smtp_source(
         f"127.0.0.1:{system.port}", count=messages, sessions=sessions, size=MESSAGE_SIZE,
-        sender="load@source.test", recipient=f"{user}@example.org", timeout=timeout, check=False,
+        sender=sender, recipient=f"{user}@example.org", timeout=timeout, check=False,
     )
     if run.process.returncode != 0:
         raise RuntimeError(f"{system.name}: smtp-source failed: {run.process.stderr.strip()[-2000:]}")

@@ -131,6 +131,24 @@ def render_table(runs: list[Run], listener: dict[str, Any] | None) -> tuple[str,
             rows.append((f"   {sink} CPU per message", _cell(listener["cpu_ms_per_msg"][sink], "ms"), "", ""))
         rows.append(("   engine / aiosmtpd (stock, asyncio's loop)", _cell(listener["ratios"], ""), "", ""))
 
+    checks_ratios: list[float] = []
+    stall_ratios: list[float] = []
+    if "checks" in first:
+        section("8. DNS: the sender checks on, a local DNS server (higher is better)")
+        checks_on = [float(r["checks"].e2e_per_s) for r in runs]
+        checks_ratios = _ratios(checks_on, [float(r["load1"][M].e2e_per_s) for r in runs])
+        rows.append(("   load 1 end to end, checks on", _cell(checks_on, "msg/s"), "", ""))
+        rows.append(("   checks on / checks off (load 1)", _cell(checks_ratios, ""), "", ""))
+        st = first["stall"]
+        rows.append((f"   {st.messages} msgs, {st.sessions} sessions, alone",
+                     _cell([float(r["stall"].alone_per_s) for r in runs], "msg/s"), "", ""))
+        rows.append((f"   the same while {st.stalled_sessions} sessions wait for DNS that never answers",
+                     _cell([float(r["stall"].with_stall_per_s) for r in runs], "msg/s"), "", ""))
+        stall_ratios = [float(r["stall"].ratio) for r in runs]
+        rows.append(("   with the stall / alone", _cell(stall_ratios, ""), "", ""))
+        rows.append(("   longest wait of a stalled message for its reply",
+                     _cell([float(r["stall"].stalled_max_s) for r in runs], "s"), "", ""))
+
     head = ("", f"{M} median [range]", f"{P} median [range]", "ratio")
     widths = [max(len(row_[i]) for row_ in [*rows, head]) for i in range(4)]
     lines = [f"{head[0]:<{widths[0]}}  {head[1]:>{widths[1]}}  {head[2]:>{widths[2]}}  {head[3]:>{widths[3]}}"]
@@ -145,12 +163,16 @@ def render_table(runs: list[Run], listener: dict[str, Any] | None) -> tuple[str,
         "postfix_cpu_ms_per_msg": median([r["cpu"][P].total_ms_per_msg for r in runs]),
         "idle1000_mb": median([r["load4"][M].rss_mb for r in runs]),
         "listener_vs_aiosmtpd": listener["listener_vs_aiosmtpd"] if listener else float("nan"),
+        "checks_ratio": median(checks_ratios),
+        "dns_stall_ratio": median(stall_ratios),
+        "stall_reply_max_s": max((float(r["stall"].stalled_max_s) for r in runs if "stall" in r), default=float("nan")),
     }
     return "\n".join(lines), summary
 
 
 def last_line(summary: dict[str, float]) -> str:
-    """`e2e_ratio=R one_session_ratio=S p99_ms=L cpu_ms_per_msg=C idle1000_mb=M listener_vs_aiosmtpd=X`."""
+    """`e2e_ratio=R one_session_ratio=S p99_ms=L cpu_ms_per_msg=C idle1000_mb=M listener_vs_aiosmtpd=X
+    checks_ratio=K dns_stall_ratio=D` (one line)."""
 
     def f(key: str, digits: int) -> str:
         v = summary.get(key, float("nan"))
@@ -158,4 +180,5 @@ def last_line(summary: dict[str, float]) -> str:
 
     return (f"e2e_ratio={f('e2e_ratio', 2)} one_session_ratio={f('one_session_ratio', 2)}"
             f" p99_ms={f('p99_ms', 1)} cpu_ms_per_msg={f('cpu_ms_per_msg', 2)}"
-            f" idle1000_mb={f('idle1000_mb', 1)} listener_vs_aiosmtpd={f('listener_vs_aiosmtpd', 2)}")
+            f" idle1000_mb={f('idle1000_mb', 1)} listener_vs_aiosmtpd={f('listener_vs_aiosmtpd', 2)}"
+            f" checks_ratio={f('checks_ratio', 2)} dns_stall_ratio={f('dns_stall_ratio', 2)}")

@@ -45,7 +45,7 @@ class MailroomSystem:
                 (box / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
             self._boxes[u] = box
         self.inst.give()  # made here as root: the MDA serves as the Mailroom user
-        self.inst.start()
+        self.inst.start(timeout=120)  # a busy machine starts daemons slowly; the loads measure, not this
 
     def stop(self) -> None:
         self.inst.stop()

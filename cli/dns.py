@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cli import unbound
 from cli.dkim import zone_lines
 from common import config as configmod
 from common.tls import tlsa_3_1_1
@@ -241,5 +242,6 @@ def run(args: argparse.Namespace, cfg: configmod.Config, resolver: Resolver | No
         return 0
     lines, ok = check(cfg, domain, resolver or SyncResolver(cfg.dns.nameservers, cfg.dns.timeout))
     print("\n".join(lines))
+    print(unbound.validation_line(cfg))  # whether the resolver the daemons use validates DNSSEC
     print("all records present" if ok else "some records are missing or different")
     return 0 if ok else 1

@@ -10,7 +10,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from cli import dovecot, roles, rspamd, watch
+from cli import dovecot, roles, rspamd, unbound, watch
 from cli.watch import failure_file
 from common import config as configmod
 from common import privileges
@@ -82,6 +82,7 @@ def render(cfg: Config, *, log_file: str = "/dev/stdout", with_imap: bool = Fals
         text += rspamd.programs(cfg, common, _root_switch(cfg))
     if cfg.lab.enabled:
         text += _LAB.format(python=sys.executable, config=cfg.path, common=common)
+    text += unbound.program(cfg, common)  # the local validating resolver, when chosen
     text += _WATCH.format(python=sys.executable, run_dir=run_dir)
     text = roles.keep(text, cfg.mailroom.roles)  # what this node runs (cli/roles.py)
     out = run_dir / "supervisord.conf"
@@ -174,6 +175,9 @@ def run(cfg: Config) -> int:
         db.close()
     if why_not and "imap" in cfg.mailroom.roles:
         print(f"mailroom: {why_not}", file=sys.stderr, flush=True)
+    if cfg.dns.resolver == "unbound" and (problem := unbound.prepare(cfg, user=_unbound_user(cfg))):
+        print(f"mailroom run: {problem}", file=sys.stderr)
+        return 1
     runs_filter = cfg.filter.supervised and "mta" in cfg.mailroom.roles
     filter_down = rspamd.prepare(cfg, _root_switch(cfg)) if runs_filter else "off"
     if filter_down and runs_filter:
@@ -194,6 +198,11 @@ def _root_switch(cfg: Config) -> privileges.Account | None:
     """Whom supervisord starts a program as that cannot drop root itself: the Mailroom
     user when we are root (preflight checked it), else nobody (we are not root)."""
     return privileges.account(cfg) if os.getuid() == 0 else None
+
+
+def _unbound_user(cfg: Config) -> str | None:
+    """Whom unbound becomes after binding: the Mailroom user, when started as root."""
+    return cfg.mailroom.user or None if os.geteuid() == 0 else None
 
 
 def _stdout_reopens() -> bool:

@@ -161,8 +161,17 @@ class WebSection:
 
 @dataclass(frozen=True)
 class DNSSection:
+    """Every daemon has one asynchronous, caching resolver (common/dns.py)."""
+
+    resolver: str = field(default="system", metadata=_meta("resolver", "system: ask the nameservers below (or /etc/resolv.conf's); unbound: `mailroom run` starts a local validating (DNSSEC) unbound on unbound_listen, forwarding to the nameservers below when some are listed, and every daemon asks it"))
     nameservers: list[str] = field(default_factory=list, metadata=_meta("hostports", "host:port of DNS servers; empty: the system's"))
-    timeout: float = field(default=10.0, metadata=_meta("duration", "Lifetime of one DNS lookup"))
+    timeout: float = field(default=10.0, metadata=_meta("duration", "Lifetime of one DNS lookup; a sender check whose lookups take longer is a temperror for that message ([mailauth] dns_error)"))
+    cache_entries: int = field(default=10_000, metadata=_meta("int", "Answers each daemon keeps in memory (least recently used dropped first; 0: no cache)"))
+    max_ttl: float = field(default=86_400.0, metadata=_meta("duration", "An answer is kept for its TTL, at most this long"))
+    max_negative_ttl: float = field(default=3_600.0, metadata=_meta("duration", "\"No such name/record\" is kept for its SOA minimum (RFC 2308), at most this long"))
+    failure_ttl: float = field(default=5.0, metadata=_meta("failurettl", "A failed lookup (timeout, SERVFAIL) is remembered this long, 0 to 30 s, so a dead zone is not asked by every message"))
+    unbound_listen: str = field(default="127.0.0.1:2053", metadata=_meta("hostport?", "Loopback address of the supervised unbound (resolver = \"unbound\")"))
+    trust_anchor: str = field(default="/usr/share/dns/root.key", metadata=_meta("path", "DNSSEC trust anchor file unbound validates from (default: the root's, Debian's dns-root-data)"))
 
 
 @dataclass(frozen=True)
@@ -462,6 +471,15 @@ def _convert(kind: str, value: object) -> object:
             if value not in ("text", "json"):
                 raise ValueError(f"expected text or json, got {value!r}")
             return value
+        case "resolver":
+            if value not in ("system", "unbound"):
+                raise ValueError(f"expected system or unbound, got {value!r}")
+            return value
+        case "failurettl":
+            seconds = parse_duration(value)
+            if seconds > 30:
+                raise ValueError(f"at most 30s (a failure must not outlive the outage), got {value!r}")
+            return seconds
         case "dnserror" | "whendown":
             choices = ("defer", "accept") if kind == "dnserror" else ("accept_unscanned", "defer")
             if value not in choices:
@@ -681,6 +699,15 @@ def _check(cfg: Config) -> None:
             # Redis and the controller trust what they are told: only this host may reach them.
             if not value or not Endpoint.parse(value).is_loopback():
                 raise ConfigError(f"filter.{key}: a supervised rspamd needs a loopback host:port, got {value!r}")
+    if cfg.dns.resolver == "unbound":
+        # Answers from it are trusted (DNSSEC's AD flag): only a loopback hop is safe to trust.
+        try:
+            where = Endpoint.parse(cfg.dns.unbound_listen)
+            loopback = not where.is_unix and where.is_loopback()
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ConfigError(f"dns.unbound_listen: must be a loopback host:port, got {cfg.dns.unbound_listen!r}")
     if cfg.lab.enabled and not cfg.lab.dns:
         raise ConfigError("lab.dns: the lab needs its DNS server's address")
     if cfg.lab.time_warp != 1.0 and not cfg.lab.time_warp_since:
@@ -762,6 +789,9 @@ listen = "127.0.0.1:8025"
 mode = "testing"
 
 [dns]
+# system: the nameservers below, or /etc/resolv.conf's; unbound: a local validating
+# resolver that `mailroom run` starts (Debian's unbound), which every daemon asks.
+resolver = "system"
 nameservers = []
 
 [dkim]

@@ -39,7 +39,7 @@ import ssl
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from sqlalchemy.engine import make_url
 
@@ -55,6 +55,11 @@ from common.endpoint import BindError, Endpoint, overlapping, v6only
 from common.hop_tls import HopTLS
 from common.privileges import StartError
 from common.tls import ServerTLS
+
+if TYPE_CHECKING:
+    # dnspython's resolver takes a tenth of a second to import: loaded by the daemons
+    # that look something up (the MTA, the queue manager), when they first do.
+    from common import dns as dnsmod
 
 log = logging.getLogger("daemon")
 
@@ -72,8 +77,9 @@ T = TypeVar("T")
 
 @dataclass
 class Context:
-    """What a service gets: the config, the database, a clock, a stop signal, and
-    the listeners and TLS context the skeleton prepared before the switch."""
+    """What a service gets: the config, the database, a clock, a stop signal, the
+    listeners and TLS context the skeleton prepared before the switch, and the
+    process's one DNS resolver."""
 
     config: Config
     db: Database
@@ -82,6 +88,16 @@ class Context:
     sockets: dict[str, list[socket.socket]] = field(default_factory=dict)
     server_tls: ServerTLS | None = None
     hop_tls: HopTLS | None = None
+    dns_resolver: dnsmod.Resolver | None = None
+
+    def resolver(self) -> dnsmod.Resolver:
+        """The process's asynchronous, caching resolver (common/dns.py), built once, at
+        the first lookup; every component of the process is handed this one."""
+        if self.dns_resolver is None:
+            from common import dns as dnsmod
+
+            self.dns_resolver = dnsmod.from_settings(resolver_settings(self.config))
+        return self.dns_resolver
 
     def socket(self, key: str) -> list[socket.socket]:
         """The bound sockets for listener setting `key` ("mta.smtp"), one per address,
@@ -106,6 +122,19 @@ class Context:
 
 
 Service = Callable[[Context], Awaitable[None]]
+
+
+def resolver_settings(cfg: Config) -> dnsmod.Settings:
+    """What the resolver is built from: `[dns]`, pointed at the supervised unbound
+    when `[dns] resolver = "unbound"` (cli/unbound.py starts it)."""
+    from common import dns as dnsmod
+
+    d = cfg.dns
+    nameservers = (d.unbound_listen,) if d.resolver == "unbound" else tuple(d.nameservers)
+    limits = dnsmod.CacheLimits(
+        entries=d.cache_entries, max_ttl=d.max_ttl, max_negative_ttl=d.max_negative_ttl, failure_ttl=d.failure_ttl,
+    )
+    return dnsmod.Settings(nameservers=nameservers, timeout=d.timeout, limits=limits)
 
 
 def setting_name(key: str) -> str:

@@ -1,30 +1,25 @@
-"""The DNS lookups of sender authentication, through the configured nameservers.
+"""The blocking face of common/dns.py, for one-shot commands (`mailroom dns --check`).
 
-The checks (pyspf, dkimpy, our DMARC code) are synchronous libraries; they run
-in a worker thread and ask a `Resolver` here, so every lookup goes to
-`[dns] nameservers` and unit tests can hand in answers from a dictionary
-(tests/harness/dns.py) instead.  An answer is a list of values: TXT as bytes
-(strings joined), A/AAAA and PTR as text, MX as (preference, exchange).  No
-such name or no such record is an empty list; a failure to learn the answer
-(timeout, SERVFAIL) raises `DNSTempError`, which the checks record as
-`temperror`, never as a pass.
+The daemons never use it: they are given the process's asynchronous, caching
+resolver (common/dns.py) and await it on their event loop.  A command that
+runs once and prints, outside any event loop, asks here instead: each
+`query` runs one lookup on a private event loop, through the same `Wire` the
+daemons use (no cache: the command wants what DNS says now).  An answer is a
+list of values: TXT as bytes (strings joined), A/AAAA and PTR as text, MX as
+(preference, exchange).  No such name or no such record is an empty list; a
+failure to learn the answer raises `DNSTempError`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-import dns.exception
-import dns.nameserver
-import dns.rdatatype
-import dns.resolver
+from common.dns import DNSTempError, Wire
 
-from common.config import parse_hostport
-
-
-class DNSTempError(Exception):
-    """The answer could not be had now; asking again later may work."""
+__all__ = ["DNSTempError", "Resolver", "SyncResolver", "txt"]
 
 
 class Resolver(Protocol):
@@ -32,30 +27,19 @@ class Resolver(Protocol):
 
 
 class SyncResolver:
-    """A blocking dnspython resolver for worker threads."""
+    """Blocking lookups through the configured nameservers (empty: the system's)."""
 
     def __init__(self, nameservers: Sequence[str], timeout: float) -> None:
-        if nameservers:
-            self._r = dns.resolver.Resolver(configure=False)
-            servers: list[str | dns.nameserver.Nameserver] = []
-            for ns in nameservers:
-                host, port = parse_hostport(ns, 53)
-                servers.append(dns.nameserver.Do53Nameserver(host, port))
-            self._r.nameservers = servers
-        else:
-            self._r = dns.resolver.Resolver()
-        self._r.lifetime = timeout
+        self.nameservers = tuple(nameservers)
+        self.timeout = timeout
 
     def query(self, name: str, rdtype: str) -> list[Any]:
-        try:
-            answer = self._r.resolve(name.rstrip(".") + ".", rdtype, search=False, raise_on_no_answer=False)
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            return []
-        except (dns.exception.Timeout, dns.resolver.NoNameservers, dns.resolver.LifetimeTimeout) as exc:
-            raise DNSTempError(f"{name} {rdtype}: {exc.__class__.__name__}") from None
-        except dns.exception.DNSException as exc:
-            raise DNSTempError(f"{name} {rdtype}: {exc}") from None
-        return [_value(rdtype, rd) for rd in answer]
+        async def ask() -> list[Any]:
+            answer = await Wire(self.nameservers, self.timeout).lookup(name, rdtype)
+            return [_value(rdtype.upper(), rd) for rd in answer.records]
+
+        with contextlib.closing(asyncio.new_event_loop()) as loop:
+            return loop.run_until_complete(ask())
 
 
 def _value(rdtype: str, rd: Any) -> Any:

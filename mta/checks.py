@@ -1,76 +1,76 @@
 """Sender authentication of mail from the Internet: SPF, DKIM, ARC, and the verdict.
 
-Pure functions over plain data: the message bytes, the client's address, its
-HELO name, the envelope sender and a `Resolver` (mta/authdns.py).  `evaluate`
-runs the four checks (RFC 7208 with pyspf, RFC 6376 and RFC 8617 with dkimpy,
-RFC 7489 in mta/dmarc.py) and returns a `Verdict`; `decide` turns it into
-an SMTP reply or headers following the configured policy; both are tested
-with a dictionary for DNS.
+Functions over plain data: the message bytes, the client's address, its HELO
+name, the envelope sender and the process's asynchronous resolver
+(common/dns.py).  `evaluate` runs the four checks (RFC 7208 in mta/spf.py,
+RFC 6376 and RFC 8617 with dkimpy, RFC 7489 in mta/dmarc.py) and returns a
+`Verdict`; `decide` turns it into an SMTP reply or headers following the
+configured policy; both are tested with a dictionary for DNS.
+
+No check holds a thread while it waits for DNS: SPF asks the resolver as it
+goes; for DKIM and ARC the keys the signatures name are fetched first, all at
+once, and dkimpy then verifies (CPU only, in a worker thread) with those
+answers.  Each check has `timeout` seconds for its lookups; one that runs
+out is `temperror` for this message alone.
 
 A DNS failure is never a pass: it is `temperror`, and `decide` answers 451 for
 it unless DMARC already passes without the missing answer.
+
+At most `MAX_SIGNATURES` DKIM signatures are verified per message (RFC 6376
+6.1 lets a verifier limit them): each costs a key lookup, and a message of a
+thousand signatures must not cost a thousand queries.  Those of the From:
+domain (or its parent) come first, then the others in order.
 """
 
 from __future__ import annotations
 
-import contextvars
+import asyncio
+import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import dkim
 import dkim.util
-import spf
 
+from common.dns import DNSTempError, Resolver
 from common.reply import Reply
-from mta.authdns import DNSTempError, Resolver, txt
+from mta import dmarc, spf
 from mta.dkim import from_domain
-from mta.dmarc import DMARCResult, check_dmarc
+from mta.dmarc import DMARCResult
+from mta.spf import SPFResult
+
+log = logging.getLogger("checks")
 
 # RFC 7489 7.1 / RFC 7372: DMARC refusals and temporary failures.
 DMARC_REJECT = Reply(550, "5.7.1", "Message refused: DMARC policy of the From: domain ({domain}) says reject")
 AUTH_TEMPERROR = Reply(451, "4.7.1", "Temporary DNS failure while checking the sender ({what}), try again later")
 
+MAX_SIGNATURES = 5  # DKIM signatures verified per message (RFC 6376 6.1)
+MAX_ARC_KEYS = 10  # distinct keys an ARC chain may need (each one a lookup)
+DEFAULT_TIMEOUT = 10.0  # seconds for one check's lookups ([dns] timeout)
+
+T = TypeVar("T")
+
+__all__ = ["SPFResult", "DKIMResult", "Verdict", "evaluate", "decide", "check_spf", "check_dkim", "check_arc"]
+
+
+async def _bounded(seconds: float, work: Awaitable[T], on_timeout: Callable[[], T]) -> T:
+    """`work`, or what `on_timeout` says when its lookups take longer than `seconds`."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await work
+    except TimeoutError:
+        return on_timeout()
+
+
 # --- SPF -----------------------------------------------------------------------
 
-# pyspf asks a module-level function; it reads the resolver of the check in
-# progress from this variable (each check runs in its own thread's context).
-_spf_resolver: contextvars.ContextVar[Resolver] = contextvars.ContextVar("spf_resolver")
 
-
-def _spf_lookup(name: str, qtype: str, strict: Any = True, timeout: Any = 20) -> list[tuple[tuple[str, str], Any]]:
-    resolver = _spf_resolver.get()
-    try:
-        values = resolver.query(name, qtype)
-    except DNSTempError as exc:
-        raise spf.TempError(f"DNS {exc}") from None
-    if qtype in ("TXT", "SPF"):
-        return [((name, qtype), [v]) for v in values]
-    return [((name, qtype), v) for v in values]
-
-
-spf.DNSLookup = _spf_lookup
-
-
-@dataclass(frozen=True)
-class SPFResult:
-    result: str  # pass, fail, softfail, neutral, none, permerror, temperror
-    identity: str  # "mailfrom" or "helo"
-    domain: str
-    explanation: str = ""
-
-
-def check_spf(client_ip: str, mail_from: str, helo: str, resolver: Resolver) -> SPFResult:
+async def check_spf(client_ip: str, mail_from: str, helo: str, resolver: Resolver) -> SPFResult:
     """RFC 7208 on the MAIL FROM domain, or on the HELO name for the null sender."""
-    token = _spf_resolver.set(resolver)
-    try:
-        q = spf.query(i=client_ip, s=mail_from, h=helo, timeout=20)
-        result, _code, explanation = q.check()
-    finally:
-        _spf_resolver.reset(token)
-    identity = "mailfrom" if mail_from else "helo"
-    domain = mail_from.rsplit("@", 1)[1].lower() if mail_from and "@" in mail_from else helo.lower()
-    return SPFResult(str(result), identity, domain, str(explanation))
+    return await spf.check(resolver, client_ip=client_ip, mail_from=mail_from, helo=helo)
 
 
 # --- DKIM and ARC ------------------------------------------------------------------
@@ -85,63 +85,156 @@ class DKIMResult:
     b: str  # the first characters of b=, to tell signatures apart (RFC 6008)
 
 
-class _DNSFunc:
-    """dkimpy's TXT lookup on our resolver; remembers whether an answer was missing."""
+@dataclass(frozen=True)
+class _Signature:
+    index: int  # among the message's DKIM-Signature fields, for dkimpy's verify(idx=)
+    domain: str
+    selector: str
+    algorithm: str
+    b: str
 
-    def __init__(self, resolver: Resolver) -> None:
-        self.resolver = resolver
-        self.temp = False
-
-    def __call__(self, name: bytes | str, timeout: float = 5) -> bytes | None:
-        text = name.decode() if isinstance(name, bytes) else name
-        try:
-            found = txt(self.resolver, text)
-        except DNSTempError as exc:
-            self.temp = True
-            raise dkim.DnsTimeoutError(str(exc)) from None
-        return found[0] if found else None
+    @property
+    def key_name(self) -> str:
+        return f"{self.selector}._domainkey.{self.domain}"
 
 
-def check_dkim(message: bytes, resolver: Resolver) -> list[DKIMResult]:
-    """Each DKIM-Signature, in order, verified."""
-    out: list[DKIMResult] = []
-    sigs = [v for n, v in header_fields(message) if n.lower() == "dkim-signature"]
-    for idx, raw in enumerate(sigs):
-        value = raw.split(b":", 1)[1] if b":" in raw else raw
-        try:
-            tags = dkim.util.parse_tag_value(re.sub(rb"\r?\n", b"", value))
-        except dkim.util.InvalidTagValueList:
-            tags = {}
-        d = tags.get(b"d", b"").decode("ascii", "replace").lower()
-        s = tags.get(b"s", b"").decode("ascii", "replace")
-        a = tags.get(b"a", b"").decode("ascii", "replace")
+def _tags(raw: bytes) -> dict[bytes, bytes]:
+    value = raw.split(b":", 1)[1] if b":" in raw else raw
+    try:
+        return dict(dkim.util.parse_tag_value(re.sub(rb"\r?\n", b"", value)))
+    except dkim.util.InvalidTagValueList:
+        return {}
+
+
+def _text(tags: dict[bytes, bytes], tag: bytes) -> str:
+    return tags.get(tag, b"").decode("ascii", "replace").strip()
+
+
+def signatures(message: bytes) -> list[_Signature]:
+    """Every DKIM-Signature of the message, in order, with the tags that name its key."""
+    out = []
+    for idx, (_, raw) in enumerate((n, v) for n, v in header_fields(message) if n.lower() == "dkim-signature"):
+        tags = _tags(raw)
         b = re.sub(rb"\s", b"", tags.get(b"b", b""))[:8].decode("ascii", "replace")
-        func = _DNSFunc(resolver)
-        try:
-            ok = dkim.DKIM(message).verify(idx=idx, dnsfunc=func)
-            result = "pass" if ok else ("temperror" if func.temp else "fail")
-        except dkim.DnsTimeoutError:
-            result = "temperror"
-        except dkim.ValidationError:  # body hash mismatch, expired, ...
-            result = "fail"
-        except dkim.DKIMException:  # the signature itself is malformed
-            result = "temperror" if func.temp else "permerror"
-        out.append(DKIMResult(result, d, s, a, b))
+        out.append(_Signature(idx, _text(tags, b"d").lower(), _text(tags, b"s"), _text(tags, b"a"), b))
     return out
 
 
-def check_arc(message: bytes, resolver: Resolver) -> str:
-    """The ARC chain's validation (RFC 8617 5.2): pass, fail or none."""
+def choose(sigs: list[_Signature], author_domain: str | None, limit: int = MAX_SIGNATURES) -> list[_Signature]:
+    """The signatures to verify: the From: domain's (or its parent's) first, then the rest, `limit` in all."""
+    def author(s: _Signature) -> bool:
+        return author_domain is not None and bool(s.domain) and (
+            author_domain == s.domain or author_domain.endswith("." + s.domain)
+        )
+
+    ordered = [s for s in sigs if author(s)] + [s for s in sigs if not author(s)]
+    return sorted(ordered[:limit], key=lambda s: s.index)
+
+
+_MISSING = object()
+
+
+async def _fetch_keys(names: list[str], resolver: Resolver) -> dict[str, bytes | None | DNSTempError]:
+    """Each key record's TXT (the first; None when there is none), or the failure, asked all at once."""
+    async def one(name: str) -> bytes | None | DNSTempError:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or ".." in name or name.startswith("."):
+            return None  # no query can be made of it: there is no such key
+        try:
+            texts = (await resolver.lookup(name, "TXT")).texts()
+        except DNSTempError as exc:
+            return exc
+        return texts[0] if texts else None
+
+    unique = list(dict.fromkeys(n.lower() for n in names))
+    found = await asyncio.gather(*(one(n) for n in unique))
+    return dict(zip(unique, found, strict=True))
+
+
+class _Keys:
+    """dkimpy's TXT lookup, answered from keys fetched beforehand; never the network."""
+
+    def __init__(self, keys: dict[str, bytes | None | DNSTempError]) -> None:
+        self.keys = keys
+        self.temp = False
+
+    def __call__(self, name: bytes | str, timeout: float = 5) -> bytes | None:
+        text = (name.decode() if isinstance(name, bytes) else name).lower().rstrip(".")
+        found = self.keys.get(text, _MISSING)
+        if found is _MISSING or isinstance(found, DNSTempError):
+            self.temp = True
+            raise dkim.DnsTimeoutError(f"{text}: {found if found is not _MISSING else 'not fetched'}")
+        assert found is None or isinstance(found, bytes)
+        return found
+
+
+def _verify_one(message: bytes, sig: _Signature, keys: dict[str, bytes | None | DNSTempError]) -> str:
+    func = _Keys(keys)
+    try:
+        ok = dkim.DKIM(message).verify(idx=sig.index, dnsfunc=func)
+        return "pass" if ok else ("temperror" if func.temp else "fail")
+    except dkim.DnsTimeoutError:
+        return "temperror"
+    except dkim.ValidationError:  # body hash mismatch, expired, ...
+        return "fail"
+    except dkim.DKIMException:  # the signature itself is malformed
+        return "temperror" if func.temp else "permerror"
+
+
+async def check_dkim(
+    message: bytes, resolver: Resolver, *, author_domain: str | None = None, limit: int = MAX_SIGNATURES,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> list[DKIMResult]:
+    """The chosen DKIM signatures (at most `limit`, see `choose`), in order, verified."""
+    sigs = signatures(message)
+    if not sigs:
+        return []
+    chosen = choose(sigs, author_domain, limit)
+    if len(sigs) > len(chosen):
+        log.info("%d DKIM signatures: verifying %d (at most %d per message)", len(sigs), len(chosen), limit)
+    timed_out: dict[str, bytes | None | DNSTempError] = {
+        s.key_name.lower(): DNSTempError("key lookups timed out", timeout=True) for s in chosen
+    }
+    keys = await _bounded(timeout, _fetch_keys([s.key_name for s in chosen], resolver), lambda: timed_out)
+
+    def verify_all() -> list[DKIMResult]:
+        return [DKIMResult(_verify_one(message, s, keys), s.domain, s.selector, s.algorithm, s.b) for s in chosen]
+
+    # Canonicalization and RSA are CPU work: not on the event loop, which other sessions need.
+    return await asyncio.to_thread(verify_all)
+
+
+def _arc_key_names(message: bytes) -> list[str]:
+    names = []
+    for name, raw in header_fields(message):
+        if name.lower() in ("arc-seal", "arc-message-signature"):
+            tags = _tags(raw)
+            names.append(f"{_text(tags, b's')}._domainkey.{_text(tags, b'd').lower()}")
+    return list(dict.fromkeys(names))
+
+
+async def check_arc(message: bytes, resolver: Resolver, *, timeout: float = DEFAULT_TIMEOUT) -> str:
+    """The ARC chain's validation (RFC 8617 5.2): pass, fail, none or temperror."""
     if not re.search(rb"(?im)^arc-seal:", _head(message)):
         return "none"
-    func = _DNSFunc(resolver)
-    try:
-        cv, _results, _comment = dkim.arc_verify(message, dnsfunc=func)
-    except dkim.DKIMException:
-        return "temperror" if func.temp else "fail"
-    if func.temp and cv != dkim.CV_Pass:
+    names = _arc_key_names(message)
+    if len(names) > MAX_ARC_KEYS:
+        log.info("ARC chain needs %d keys: not verified (at most %d)", len(names), MAX_ARC_KEYS)
+        return "fail"
+    keys = await _bounded(timeout, _fetch_keys(names, resolver), lambda: {})
+    if not keys:
         return "temperror"
-    return (cv or b"fail").decode()
+
+    def verify() -> str:
+        func = _Keys(keys)
+        try:
+            cv, _results, _comment = dkim.arc_verify(message, dnsfunc=func)
+        except dkim.DKIMException:
+            return "temperror" if func.temp else "fail"
+        if func.temp and cv != dkim.CV_Pass:
+            return "temperror"
+        return (cv or b"fail").decode()
+
+    return await asyncio.to_thread(verify)
 
 
 # --- together -----------------------------------------------------------------------
@@ -210,18 +303,39 @@ def _comment(v: str) -> str:
     return re.sub(r"[()\\\r\n]", "", v)
 
 
-def evaluate(
-    message: bytes, *, client_ip: str, helo: str, mail_from: str, hostname: str, resolver: Resolver
+async def evaluate(
+    message: bytes, *, client_ip: str, helo: str, mail_from: str, hostname: str, resolver: Resolver,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> Verdict:
-    """All four checks on one message received from the Internet."""
-    spf_result = check_spf(client_ip, mail_from, helo, resolver)
-    dkim_results = check_dkim(message, resolver)
-    dmarc_result = check_dmarc(
-        from_domain(message), spf=(spf_result.result, spf_result.domain),
-        dkim=[(r.result, r.domain) for r in dkim_results], resolver=resolver,
+    """All four checks on one message received from the Internet, their lookups at once;
+    each check has `timeout` seconds for its lookups, after which it is a temperror."""
+    author = from_domain(message)
+
+    async def dmarc_record() -> dmarc.Record | None:
+        if author is None:
+            return None
+        try:
+            return await dmarc.dmarc_record(author, resolver)
+        except DNSTempError:
+            return None
+
+    spf_result, dkim_results, record, arc_result = await asyncio.gather(
+        _bounded(timeout, check_spf(client_ip, mail_from, helo, resolver), lambda: _spf_timeout(mail_from, helo)),
+        check_dkim(message, resolver, author_domain=author, timeout=timeout),
+        _bounded(timeout, dmarc_record(), lambda: None),
+        check_arc(message, resolver, timeout=timeout),
     )
-    arc_result = check_arc(message, resolver)
+    dmarc_result = dmarc.verdict(
+        author, record, spf=(spf_result.result, spf_result.domain),
+        dkim=[(r.result, r.domain) for r in dkim_results],
+    )
     return Verdict(hostname, spf_result, dkim_results, dmarc_result, arc_result, mail_from, helo, client_ip)
+
+
+def _spf_timeout(mail_from: str, helo: str) -> SPFResult:
+    if mail_from:
+        return SPFResult("temperror", "mailfrom", mail_from.rpartition("@")[2].lower(), "DNS lookups timed out")
+    return SPFResult("temperror", "helo", helo.lower(), "DNS lookups timed out")
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from typing import Any
 
 from common import verdict
 from common.config import parse_hostport
+from common.dns import DNSTempError, Resolver
 from common.reply import Reply
-from mta.authdns import DNSTempError, Resolver
 
 log = logging.getLogger("filter")
 
@@ -131,19 +131,26 @@ def dnsbl_names(ip: str, zones: list[str]) -> list[str]:
     return [f"{rev}.{zone.rstrip('.')}" for zone in zones]
 
 
-def dnsbl_check(ip: str, zones: list[str], resolver: Resolver) -> Reply | None:
-    """A refusal when a zone lists `ip` (an A record in 127.0.0.0/8); a failed lookup lists nobody."""
+async def dnsbl_check(ip: str, zones: list[str], resolver: Resolver, *, timeout: float = 10.0) -> Reply | None:
+    """A refusal when a zone lists `ip` (an A record in 127.0.0.0/8); a failed or slow lookup lists
+    nobody.  The zones are asked at once, each for at most `timeout` seconds."""
     try:
         names = dnsbl_names(ip, zones)
     except ValueError:
         return None
-    for zone, name in zip(zones, names, strict=True):
+
+    async def listed(zone: str, name: str) -> bool:
         try:
-            answers = resolver.query(name, "A")
-        except DNSTempError as exc:
-            log.warning("DNSBL %s not answering: %s", zone, exc)
-            continue
-        if any(str(a).startswith("127.") for a in answers):
+            async with asyncio.timeout(timeout):
+                answer = await resolver.lookup(name, "A")
+        except (DNSTempError, TimeoutError) as exc:
+            log.warning("DNSBL %s not answering: %s", zone, exc or "timeout")
+            return False
+        return any(a.startswith("127.") for a in answer.addresses())
+
+    found = await asyncio.gather(*(listed(z, n) for z, n in zip(zones, names, strict=True)))
+    for zone, hit in zip(zones, found, strict=True):
+        if hit:
             log.info("client %s listed at %s", ip, zone)
             return DNSBL_LISTED.with_text(DNSBL_LISTED.text.format(ip=ip, zone=zone))
     return None

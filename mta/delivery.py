@@ -14,9 +14,8 @@ import ssl
 from collections import defaultdict
 from dataclasses import dataclass
 
-import dns.asyncresolver
-
 from common import counters
+from common.dns import Resolver
 from common.endpoint import Endpoint
 from common.events import Hop
 from common.reply import Reply
@@ -137,7 +136,7 @@ class RemoteDelivery:
         self,
         *,
         hostname: str,
-        resolver: dns.asyncresolver.Resolver,
+        resolver: Resolver,
         relayhost: str,
         relayhost_auth: tuple[str, str] | None,
         transport: dict[str, str],

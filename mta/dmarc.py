@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from publicsuffixlist import PublicSuffixList
 
-from mta.authdns import DNSTempError, Resolver, txt
+from common.dns import DNSTempError, Resolver
 
 _psl: PublicSuffixList | None = None
 
@@ -34,12 +34,17 @@ class DMARCResult:
     policy: str = "none"  # the policy that applies: none, quarantine, reject
 
 
-def dmarc_record(domain: str, resolver: Resolver) -> tuple[dict[str, str] | None, bool]:
-    """The DMARC record for `domain` (RFC 7489 6.6.3): (tags, found at the organizational domain)."""
+Record = tuple[dict[str, str] | None, bool]
+
+
+async def dmarc_record(domain: str, resolver: Resolver) -> Record:
+    """The DMARC record for `domain` (RFC 7489 6.6.3): (tags, found at the organizational domain).
+    Raises DNSTempError when DNS could not say."""
     for name, at_org in ((domain, False), (org_domain(domain), True)):
         if at_org and name == domain:
             break
-        records = [t for t in txt(resolver, f"_dmarc.{name}") if t.lower().startswith(b"v=dmarc1")]
+        answer = await resolver.lookup(f"_dmarc.{name}", "TXT")
+        records = [t for t in answer.texts() if t.lower().startswith(b"v=dmarc1")]
         if len(records) == 1:
             tags: dict[str, str] = {}
             for part in records[0].decode("utf-8", "replace").split(";"):
@@ -55,17 +60,29 @@ def _aligned(a: str, b: str, mode: str) -> bool:
     return a == b if mode == "s" else org_domain(a) == org_domain(b)
 
 
-def check_dmarc(
+async def check_dmarc(
     domain: str | None, *, spf: tuple[str, str], dkim: list[tuple[str, str]], resolver: Resolver
 ) -> DMARCResult:
     """`spf` is (result, domain checked), `dkim` one (result, d=) per signature."""
     if domain is None:
+        return verdict(None, None, spf=spf, dkim=dkim)
+    try:
+        record: Record | None = await dmarc_record(domain, resolver)
+    except DNSTempError:
+        record = None
+    return verdict(domain, record, spf=spf, dkim=dkim)
+
+
+def verdict(
+    domain: str | None, record: Record | None, *, spf: tuple[str, str], dkim: list[tuple[str, str]]
+) -> DMARCResult:
+    """The result for `domain` given its record (None: DNS could not say) and the other checks'."""
+    if domain is None:
         # No single From: address to check: RFC 7489 6.6.1 lets us refuse, we record it.
         return DMARCResult("permerror", "")
-    try:
-        tags, at_org = dmarc_record(domain, resolver)
-    except DNSTempError:
+    if record is None:
         return DMARCResult("temperror", domain)
+    tags, at_org = record
     if tags is None:
         return DMARCResult("none", domain)
     policy = tags.get("p", "none").lower()

@@ -2,10 +2,11 @@
 
 Each function here is one hook, called with one line from the listener
 (mta/smtpd.py), so the listener keeps its shape and the logic stays in the
-modules that own it: mta/dkim.py (signing), mta/checks.py and mta/dmarc.py (SPF, DKIM, DMARC,
-ARC verdicts), mta/srs.py (sender rewriting) and mta/contentfilter.py
-(rspamd, DNS blocklists).  The process-wide state (keys, resolver, SRS
-secret) is built once per process from the config, on first use.
+modules that own it: mta/dkim.py (signing), mta/checks.py, mta/spf.py and mta/dmarc.py (SPF,
+DKIM, DMARC, ARC verdicts), mta/srs.py (sender rewriting) and mta/contentfilter.py
+(rspamd, DNS blocklists).  The process-wide state (keys, SRS secret) is built
+once per process from the config, on first use; DNS is the process's one
+resolver, which the daemon skeleton built (`Settings.resolver()`).
 """
 
 from __future__ import annotations
@@ -21,28 +22,29 @@ from common.reply import Reply
 from mta import srs
 
 if TYPE_CHECKING:
+    from common.dns import Resolver
     from mta import contentfilter
     from mta import dkim as dkimmod
-    from mta.authdns import SyncResolver
 
-# mta.checks, mta.dkim, mta.contentfilter and mta.authdns bring dkimpy, pyspf and
-# dnspython's resolver (a third of a second): imported on first use, so a daemon
-# starts listening as fast as before (supervisord and the tests wait for the port).
+# mta.checks, mta.dkim and mta.contentfilter bring dkimpy and the public suffix list
+# (a third of a second): imported on first use, so a daemon starts listening as
+# fast as before (supervisord and the tests wait for the port).
 
 log = logging.getLogger("mailauth")
 
 
 class Settings(Protocol):
-    """What the hooks are given: the process's configuration (a daemon's Context)."""
+    """What the hooks are given: the process's configuration and resolver (a daemon's Context)."""
 
     @property
     def config(self) -> Config: ...
+
+    def resolver(self) -> Resolver: ...
 
 
 @dataclass
 class _State:
     signer: dkimmod.Signer
-    resolver: SyncResolver
     srs: srs.SRS | None = None
     filter: contentfilter.Rspamd | None = None
 
@@ -58,12 +60,8 @@ def _state(config: Config) -> _State:
         return _current[1]
     from mta import contentfilter
     from mta import dkim as dkimmod
-    from mta.authdns import SyncResolver
 
-    st = _State(
-        signer=dkimmod.Signer(config.resolve(config.dkim.key_dir), config.dkim.selectors),
-        resolver=SyncResolver(config.dns.nameservers, config.dns.timeout),
-    )
+    st = _State(signer=dkimmod.Signer(config.resolve(config.dkim.key_dir), config.dkim.selectors))
     if config.filter.scanner_address:
         st.filter = contentfilter.Rspamd(config.filter.scanner_address, timeout=config.filter.timeout)
     _current = (config, st)
@@ -124,9 +122,11 @@ async def check_inbound(
     if cfg.mailauth.quarantine_header:
         content = checks.strip_header(content, cfg.mailauth.quarantine_header)
     if cfg.mailauth.check:
-        verdict = await asyncio.to_thread(
-            checks.evaluate, content, client_ip=client_ip, helo=helo, mail_from=mail_from,
-            hostname=cfg.mailroom.hostname, resolver=st.resolver,
+        # On this event loop: the lookups are awaited, not waited for in a thread;
+        # each check has [dns] timeout for them, then it is a temperror.
+        verdict = await checks.evaluate(
+            content, client_ip=client_ip, helo=helo, mail_from=mail_from,
+            hostname=cfg.mailroom.hostname, resolver=ctx.resolver(), timeout=cfg.dns.timeout,
         )
         decision = checks.decide(
             verdict, dmarc_reject=cfg.mailauth.dmarc_reject, defer_on_dns_error=cfg.mailauth.dns_error == "defer",
@@ -162,8 +162,8 @@ async def check_connect(ctx: Settings, client_ip: str) -> Reply | None:
         return None
     from mta import contentfilter
 
-    return await asyncio.to_thread(
-        contentfilter.dnsbl_check, client_ip, cfg.filter.dnsbl_zones, _state(cfg).resolver
+    return await contentfilter.dnsbl_check(
+        client_ip, cfg.filter.dnsbl_zones, ctx.resolver(), timeout=cfg.dns.timeout
     )
 
 

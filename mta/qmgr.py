@@ -38,7 +38,7 @@ from sqlalchemy.exc import OperationalError
 from common import dsn
 from common.address import domain_of
 from common.clock import Clock
-from common.daemon import Context
+from common.daemon import Context, resolver_settings
 from common.db import Database
 from common.events import EventName
 from common.log import is_trace_id, trace_id
@@ -48,7 +48,6 @@ from mta import bounce, mailauth, mtasts, options, queue, tlsrpt
 from mta.courier import Attempt, Courier, Delivered
 from mta.delivery import LocalDelivery, RemoteDelivery
 from mta.queue import Outcome, Policy, Settled, classify
-from mta.routing import make_resolver
 from mta.tlsdns import DNSSECResolver
 from mta.tlspolicy import Planner, Table
 
@@ -410,7 +409,7 @@ async def run(ctx: Context) -> None:
     )
     remote = RemoteDelivery(
         hostname=cfg.mailroom.hostname,
-        resolver=make_resolver(cfg.dns.nameservers, cfg.dns.timeout),
+        resolver=ctx.resolver(),
         relayhost=mta.relayhost,
         relayhost_auth=(mta.relayhost_username, mta.relayhost_password)
         if mta.relayhost_username else None,
@@ -469,7 +468,9 @@ def _outbound_tls(ctx: Context) -> tuple[Planner, tlsrpt.Reporter | None]:
     """The outbound TLS policy (mta/tlspolicy.py) and the TLS-RPT reporter, from `[outbound_tls]`."""
     cfg = ctx.config
     ot = cfg.outbound_tls
-    resolver = DNSSECResolver(ot.dnssec_resolvers or cfg.dns.nameservers, cfg.dns.timeout)
+    # The DANE and MTA-STS questions go to the resolver every other lookup asks (the
+    # supervised unbound, when chosen) unless the operator named validating ones.
+    resolver = DNSSECResolver(ot.dnssec_resolvers or list(resolver_settings(cfg).nameservers), cfg.dns.timeout)
     if ot.dane:
         if resolver.trusted:
             log.info("DANE on: the AD bit of %s is believed", ", ".join(resolver.addresses))

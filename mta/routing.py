@@ -11,17 +11,10 @@ from __future__ import annotations
 
 import random
 import socket
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import dns.asyncresolver
-import dns.exception
-import dns.nameserver
-import dns.rdatatype
-import dns.resolver
 
 from common.config import parse_hostport
+from common.dns import DNSTempError, Resolver, Wire
 from common.reply import Reply
 
 
@@ -31,15 +24,6 @@ class Route:
     error: Reply | None = None  # set when there is nowhere to go
     via: str = ""  # "relayhost", "transport" or "mx", for logs
     names: dict[str, str] = field(default_factory=dict)  # address -> MX name (what TLS verifies)
-
-
-class Resolver(Protocol):
-    """What routing asks of DNS: dnspython's async resolver (`make_resolver`), or
-    answers from a dictionary in unit tests (tests/harness/dns.py).  `resolve`
-    gives the records (MX: .preference and .exchange; A/AAAA: .to_text()) and
-    raises dnspython's NXDOMAIN, NoAnswer, NoNameservers or Timeout."""
-
-    async def resolve(self, qname: str, rdtype: str) -> Iterable[Any]: ...
 
 
 def _is_us(ip: str, port: int, listening: tuple[str, int]) -> bool:
@@ -63,18 +47,10 @@ def _is_local_address(ip: str) -> bool:
         return False
 
 
-def make_resolver(nameservers: list[str], timeout: float) -> dns.asyncresolver.Resolver:
-    if not nameservers:
-        r = dns.asyncresolver.Resolver()
-    else:
-        r = dns.asyncresolver.Resolver(configure=False)
-        servers: list[str | dns.nameserver.Nameserver] = []
-        for ns in nameservers:
-            host, port = parse_hostport(ns, 53)
-            servers.append(dns.nameserver.Do53Nameserver(host, port))
-        r.nameservers = servers
-    r.lifetime = timeout
-    return r
+def make_resolver(nameservers: list[str], timeout: float) -> Wire:
+    """An uncached resolver on `nameservers`, for tests and tools that route without a daemon
+    (the daemons are handed their process's caching one: common/daemon.py Context.resolver)."""
+    return Wire(nameservers, timeout)
 
 
 async def route(
@@ -97,14 +73,13 @@ async def route(
     if domain.startswith("["):  # an address literal: deliver to that address
         return Route([(domain.strip("[]").removeprefix("IPv6:"), port)], via="literal")
     try:
-        answer = await resolver.resolve(domain, "MX")
-        mxs = sorted((r.preference, random.random(), str(r.exchange).rstrip(".")) for r in answer)
-    except dns.resolver.NXDOMAIN:
+        answer = await resolver.lookup(domain, "MX")
+    except DNSTempError as exc:
+        return Route(error=Reply(451, "4.4.3", f"DNS lookup failed for {domain}: {exc}"))
+    if answer.nxdomain:
         return Route(error=Reply(550, "5.1.2", f"Host or domain name not found: {domain}"))
-    except dns.resolver.NoAnswer:
-        mxs = [(0, 0.0, domain)]  # RFC 5321 5.1: implicit MX
-    except (dns.resolver.NoNameservers, dns.exception.Timeout) as exc:
-        return Route(error=Reply(451, "4.4.3", f"DNS lookup failed for {domain}: {type(exc).__name__}"))
+    # No MX at all: the domain's own address is its implicit MX (RFC 5321 5.1).
+    mxs = sorted((pref, random.random(), name) for pref, name in answer.mx()) if answer.records else [(0, 0.0, domain)]
     names = [name for _, _, name in mxs]
     if names == [""] or (len(mxs) == 1 and mxs[0][2] in ("", ".")):
         return Route(error=Reply(556, "5.1.10", f"Domain {domain} does not accept mail (null MX)"))
@@ -122,13 +97,13 @@ async def route(
     for name in names:
         for rdtype in ("AAAA", "A"):
             try:
-                for rr in await resolver.resolve(name, rdtype):
-                    found.append((preference.get(name, 0), rr.to_text()))
-                    names_of.setdefault(rr.to_text(), name)
-            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-                pass
-            except (dns.resolver.NoNameservers, dns.exception.Timeout):
+                addresses = (await resolver.lookup(name, rdtype)).addresses()
+            except DNSTempError:
                 failures += 1
+                continue
+            for ip in addresses:
+                found.append((preference.get(name, 0), ip))
+                names_of.setdefault(ip, name)
     # The same rule by address: an MX named anything at all may still be us.
     mine = [pref for pref, ip in found if listening is not None and _is_us(ip, port, listening)]
     if mine:

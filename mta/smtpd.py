@@ -341,7 +341,7 @@ def _message_id(header: bytes) -> str:
 # The listener settings this daemon serves; the skeleton binds them before the switch.
 LISTENERS = ("mta.smtp", "mta.internal")
 # What sender authentication imports on first use (mta/mailauth.py).
-PRELOAD = ("mta.checks", "mta.dmarc", "mta.dkim", "mta.contentfilter", "mta.authdns", "nacl.signing", "spf")
+PRELOAD = ("mta.checks", "mta.dmarc", "mta.dkim", "mta.spf", "mta.contentfilter", "nacl.signing")
 
 
 async def run(ctx: Context) -> None:

@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from common import counters
+from common import dns as dnsmod
 from common.config import Config
 from common.db import Database
 from common.events import FINAL, EventName, Hop
@@ -119,7 +120,7 @@ class DaemonCounters(Collector):
                 found[key] = found.get(key, 0.0) + e["value"]
         return found
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
         got = self.totals()
 
         def family(name: str, text: str, counter: str, labels: list[str]) -> CounterMetricFamily:
@@ -153,6 +154,36 @@ class DaemonCounters(Collector):
                 d = dict(pairs)
                 tls.add_metric(["out", d.get("hop", ""), d.get("tls", "")], value)
         yield tls
+        yield from dns_families(got, family)
+
+
+def dns_families(
+    got: dict[tuple[str, tuple[tuple[str, str], ...]], float], family: Any,
+) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+    """What the daemons' resolvers counted (common/dns.py), summed over the daemons."""
+    yield family("mailroom_dns_queries", "DNS queries sent by the daemons' resolvers, by record type and result "
+                 "(answer, nxdomain, nodata, timeout, failure)", dnsmod.QUERIES, ["type", "result"])
+    yield family("mailroom_dns_cache_hits", "DNS lookups answered without a query of their own, by record type: "
+                 "from the cache, or joined to the same query already in flight", dnsmod.CACHE_HITS, ["type", "how"])
+    hist = HistogramMetricFamily("mailroom_dns_query_seconds", "Time the daemons' DNS queries took, by record type",
+                                 labels=["type"])
+    buckets: dict[str, dict[str, float]] = {}
+    sums: dict[str, float] = {}
+    for (name, pairs), value in got.items():
+        labels = dict(pairs)
+        if name == dnsmod.QUERY_SECONDS + "_bucket":
+            per = buckets.setdefault(labels.get("type", ""), {})
+            per[labels.get("le", "+Inf")] = per.get(labels.get("le", "+Inf"), 0.0) + value
+        elif name == dnsmod.QUERY_SECONDS + "_sum":
+            sums[labels.get("type", "")] = sums.get(labels.get("type", ""), 0.0) + value
+    for rdtype in sorted(buckets):
+        # The daemons count each query in its own bucket; Prometheus's are cumulative.
+        running, cumulative = 0.0, []
+        for bound in [*(str(b) for b in dnsmod.BUCKETS), "+Inf"]:
+            running += buckets[rdtype].get(bound, 0.0)
+            cumulative.append((bound, running))
+        hist.add_metric([rdtype], cumulative, sums.get(rdtype, 0.0))
+    yield hist
 
 
 class CertificateCollector(Collector):

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 LAST_LINE = re.compile(
     r"e2e_ratio=(\d+\.\d+) one_session_ratio=(\d+\.\d+) p99_ms=(\d+\.\d+) cpu_ms_per_msg=(\d+\.\d+)"
     r" idle1000_mb=(\d+\.\d+) listener_vs_aiosmtpd=(\d+\.\d+)"
+    r" checks_ratio=(\d+\.\d+) dns_stall_ratio=(\d+\.\d+)"
 )
 
 
@@ -40,6 +41,7 @@ def test_bench_runs_a_tiny_load_and_prints_its_summary_line(tmp_path: Path) -> N
     m = LAST_LINE.fullmatch(lines[-1])
     assert m, lines[-5:]
     assert float(m.group(1)) > 0 and float(m.group(4)) > 0 and float(m.group(5)) > 0 and float(m.group(6)) > 0
+    assert float(m.group(7)) > 0 and float(m.group(8)) > 0, lines[-14:]  # checks_ratio, dns_stall_ratio
     assert any("end to end (in Maildir)" in line for line in lines)
     assert any("Mailroom mta" in line for line in lines)  # CPU per process
     figures = json.loads(out.read_text())
@@ -54,6 +56,11 @@ def test_bench_runs_a_tiny_load_and_prints_its_summary_line(tmp_path: Path) -> N
             assert run["cpu"][system]["delivered"] == 20
             assert run["cpu"][system]["total_ms_per_msg"] > 0
         assert {"mta", "qmgr", "mda"} <= set(run["cpu"]["Mailroom"]["per_process_ms_per_msg"])
+        # The DNS loads: every message of the checked load delivered; each stalled message answered
+        # (451, its checks timed out) within [dns] timeout + 1 s.
+        assert run["checks"]["delivered"] == 20
+        assert run["stall"]["stalled_replies"] > 0 and set(run["stall"]["stalled_codes"]) == {"451"}
+        assert run["stall"]["stalled_max_s"] < 5.0 + 1.0
     # The systems take turns: Mailroom first in load 1 of run 1, Postfix first in run 2.
     text = proc.stdout
     first, second = text.index("run 1 of 2"), text.index("run 2 of 2")

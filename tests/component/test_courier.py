@@ -19,6 +19,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import select
 
+from common.dns import Wire
 from common.log import new_trace_id
 from common.models import Event
 from common.smtp import Limits, serve
@@ -26,7 +27,6 @@ from mda.server import DeliveryPolicy, LMTPHandler
 from mta import options
 from mta.courier import Attempt, Courier, Delivered
 from mta.delivery import LocalDelivery, RemoteDelivery
-from mta.routing import make_resolver
 from tests.support.ports import free_port
 from tests.support.suite import Installation, maildir_messages
 
@@ -62,7 +62,7 @@ async def next_hops(inst: Installation) -> AsyncIterator[tuple[LocalDelivery, Re
         f"127.0.0.1:{mda.sockets[0].getsockname()[1]}", hostname="mail.test", sessions=1, timeout=5,
     )
     remote = RemoteDelivery(
-        hostname="mail.test", resolver=make_resolver(["127.0.0.1"], 1.0), relayhost="", relayhost_auth=None,
+        hostname="mail.test", resolver=Wire(["127.0.0.1"], 1.0), relayhost="", relayhost_auth=None,
         transport={"remote.test": f"127.0.0.1:{mx.sockets[0].getsockname()[1]}"}, remote_port=25,
         per_destination=2, connect_timeout=2.0, timeout=5.0,
     )
@@ -123,7 +123,7 @@ def test_an_unreachable_hop_is_a_temporary_failure_with_no_host_from_either_cour
         closed = free_port()  # nothing listens there
         local = LocalDelivery(f"127.0.0.1:{closed}", hostname="mail.test", sessions=1, timeout=2)
         remote = RemoteDelivery(
-            hostname="mail.test", resolver=make_resolver(["127.0.0.1"], 1.0), relayhost="", relayhost_auth=None,
+            hostname="mail.test", resolver=Wire(["127.0.0.1"], 1.0), relayhost="", relayhost_auth=None,
             transport={"remote.test": f"127.0.0.1:{closed}"}, remote_port=25, per_destination=1,
             connect_timeout=2.0, timeout=2.0,
         )

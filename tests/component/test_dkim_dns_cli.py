@@ -85,6 +85,8 @@ def test_dns_check_all_present(inst: Installation, tmp_path: Path) -> None:
         assert r.returncode == 0, r.stdout + r.stderr
         assert "all records present" in r.stdout
         assert r.stdout.count("present ") >= 9
+        # Whether the resolver in use validates DNSSEC (the test server does not).
+        assert re.search(rf"(?m)^DNSSEC\s+resolver {server.address} does not validate", r.stdout), r.stdout
         assert ("example.org", "MX") in [(n.rstrip("."), t) for n, t in server.queries()]
 
 

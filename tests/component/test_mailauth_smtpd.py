@@ -9,6 +9,7 @@ which headers were added; the SMTP reply shows what was refused.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import smtplib
 from collections.abc import Iterator
@@ -19,9 +20,9 @@ import pytest
 from sqlalchemy import select
 
 from cli.main import main as mailroom_main
+from common.dns import Wire
 from common.models import Message, Recipient
 from mta import checks, dkim
-from mta.authdns import SyncResolver
 from tests.harness.services import Stack
 from tests.support.dns_server import DNSServer
 from tests.support.ports import free_port
@@ -194,7 +195,7 @@ def test_submission_leaving_our_domain_is_signed_once_with_both_keys(mta: MTA, i
     body, _, _ = mta.stored(text)
     head = body.split(b"\r\n\r\n", 1)[0]
     assert head.count(b"DKIM-Signature:") == 2
-    results = checks.check_dkim(body, SyncResolver(inst.config.dns.nameservers, 3))
+    results = asyncio.run(checks.check_dkim(body, Wire(inst.config.dns.nameservers, 3)))
     assert [(r.result, r.domain, r.algorithm) for r in results] == [
         ("pass", "example.org", "rsa-sha256"), ("pass", "example.org", "ed25519-sha256"),
     ]
@@ -288,8 +289,7 @@ def test_forwarded_mail_is_arc_sealed_over_our_results(mta: MTA, inst: Installat
     head = re.sub(rb"\r\n\s+", b" ", body.split(b"\r\n\r\n", 1)[0])
     assert re.search(rb"(?m)^ARC-Seal: i=1; cv=none; a=rsa-sha256; d=example\.org; s=mr\d{6}-rsa", head), head
     assert re.search(rb"(?m)^ARC-Authentication-Results: i=1; mail\.test; .*dmarc=pass", head), head
-    resolver = SyncResolver(inst.config.dns.nameservers, 3)
-    assert checks.check_arc(body, resolver) == "pass"
+    assert asyncio.run(checks.check_arc(body, Wire(inst.config.dns.nameservers, 3))) == "pass"
     # Mail that is not forwarded gets no seal.
     code, text = mta.send(f"alice@{OUTSIDE}", ["alice@example.org"], dkim.sign(outside_message(), outside_keys)
                           + outside_message())

@@ -28,6 +28,7 @@ from sqlalchemy import select, update
 
 from common.clock import FakeClock
 from common.db import Database
+from common.dns import Wire
 from common.models import Event, Message, Recipient
 from common.reply import Reply
 from common.smtp import Handler, Limits, MailEnvelope, MailSession, serve
@@ -36,7 +37,6 @@ from mta import queue
 from mta.courier import Attempt, Delivered
 from mta.delivery import LocalDelivery, RemoteDelivery
 from mta.qmgr import Policy, QueueManager
-from mta.routing import make_resolver
 from tests.support.dns_server import DNSServer
 from tests.support.ports import free_port
 
@@ -217,7 +217,7 @@ class Rig:
         self.db.create_schema()
         self.clock = FakeClock(dt.datetime(2030, 1, 1, 12, 0, 0))
         args: dict[str, Any] = {
-            "hostname": "mail.test", "resolver": make_resolver([dns.address], 1.0), "relayhost": "",
+            "hostname": "mail.test", "resolver": Wire([dns.address], 1.0), "relayhost": "",
             "relayhost_auth": None, "transport": {}, "remote_port": port, "per_destination": 10,
             "connect_timeout": 2.0, "timeout": 2.0,
         }

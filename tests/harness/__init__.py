@@ -10,7 +10,7 @@
   smtplib sessions with the MSA (`submission`, `submissions`, `logged_in`).
 - `users`: users and aliases through the real `mailroom user` / `mailroom alias` code.
 - `dns`: `FakeResolver`, DNS answers from a dictionary for unit tests, behind
-  both resolver interfaces the daemons use (mta.routing.Resolver, mta.authdns.Resolver).
+  the one resolver interface the daemons use (common.dns.Resolver).
 
 It stands on tests/support, which holds what the real processes and peers need:
 `Installation` (a throwaway `mailroom init` and its daemons under supervisord),

@@ -2,13 +2,14 @@
 
 It takes the same records as the real DNS server of tests/support/dns_server.py
 (so a table can serve both, and test_routing runs each test against both) and
-answers through both resolver interfaces the daemons use:
+answers through the one resolver interface every component is given:
 
-- `await resolve(name, rdtype)` as `mta.routing.Resolver` (dnspython's async
-  resolver): dnspython records, and dnspython's exceptions for NXDOMAIN,
-  no answer, SERVFAIL/REFUSED (NoNameservers) and TIMEOUT;
-- `query(name, rdtype)` as `mta.authdns.Resolver` (the sender checks): plain
-  values, [] for no such name or record, DNSTempError for a failure.
+- `await lookup(name, rdtype)` as `common.dns.Resolver`: a `common.dns.Answer`
+  of dnspython records (nxdomain for no such name, no records for no such
+  record), `DNSTempError` for SERVFAIL/REFUSED and TIMEOUT (timeout=True);
+- `query(name, rdtype)` for the blocking face of one-shot commands
+  (mta/authdns.py, `mailroom dns --check`): plain values, [] for no such name
+  or record, DNSTempError for a failure.
 
 As the real server does, it follows a CNAME and answers NODATA (not NXDOMAIN)
 for a name that exists only as the parent of listed names.  One convenience the
@@ -29,7 +30,8 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 
-from mta.authdns import DNSTempError, _value
+from common.dns import Answer, DNSTempError
+from mta.authdns import _value
 from tests.support.dns_server import normalize_records
 
 
@@ -45,7 +47,7 @@ class FakeResolver:
     """Records as for DNSServer: {name: {"MX": [(10, "mx.test")], "A": [...], ...} or a mode
     ("SERVFAIL", "REFUSED", "NXDOMAIN", "TIMEOUT")}."""
 
-    def __init__(self, records: Mapping[str, Mapping[str, Any] | str]) -> None:
+    def __init__(self, records: Mapping[str, Mapping[str, Any] | str], *, ttl: float = 60.0) -> None:
         fixed: dict[str, Mapping[str, Any] | str] = {}
         for name, spec in records.items():
             if isinstance(spec, Mapping) and "TXT" in spec:
@@ -54,6 +56,7 @@ class FakeResolver:
                 spec = {**spec, "TXT": [_quoted(v) for v in values]}
             fixed[name] = spec
         self.records = normalize_records(fixed)
+        self.ttl = ttl
         self.asked: list[tuple[str, str]] = []
 
     def queries(self) -> list[tuple[str, str]]:
@@ -88,15 +91,20 @@ class FakeResolver:
             for text in spec.get(wanted, [])
         ]
 
-    # --- mta.routing.Resolver ------------------------------------------------------------
+    # --- common.dns.Resolver -------------------------------------------------------------
 
-    async def resolve(self, qname: str, rdtype: str) -> list[dns.rdata.Rdata]:
-        answer = self._answer(qname, rdtype)
-        if not answer:
-            raise dns.resolver.NoAnswer
-        return answer
+    async def lookup(self, name: str, rdtype: str) -> Answer:
+        try:
+            records = self._answer(name, rdtype)
+        except dns.resolver.NXDOMAIN:
+            return Answer(name, rdtype, nxdomain=True, ttl=self.ttl)
+        except dns.exception.Timeout:
+            raise DNSTempError(f"{name} {rdtype}: no answer", timeout=True) from None
+        except dns.resolver.NoNameservers:
+            raise DNSTempError(f"{name} {rdtype}: SERVFAIL") from None
+        return Answer(name, rdtype, tuple(records), ttl=self.ttl)
 
-    # --- mta.authdns.Resolver ------------------------------------------------------------
+    # --- the blocking face of one-shot commands (mta/authdns.py) -----------------------------
 
     def query(self, name: str, rdtype: str) -> list[Any]:
         try:

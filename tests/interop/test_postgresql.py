@@ -25,13 +25,13 @@ from sqlalchemy import Connection, func, select, text
 
 from common.clock import SystemClock
 from common.db import Database
+from common.dns import Wire
 from common.models import DELIVERED, Event, Recipient
 from common.reply import Reply
 from mta import queue
 from mta.courier import Attempt, Delivered
 from mta.delivery import RemoteDelivery
 from mta.qmgr import Policy, QueueManager
-from mta.routing import make_resolver
 from tests.support.postgres import PostgresServer
 from tests.support.suite import Installation, maildir_messages, mbox_messages
 
@@ -191,7 +191,7 @@ def test_queue_managers_sharing_one_queue_never_deliver_a_recipient_twice(
             db=db, clock=SystemClock(), policy=Policy([60.0], 3600.0, 0.0),
             local_domains=["example.org"], hostname=f"mx{n}.test", local=lmtp,
             remote=RemoteDelivery(  # never used: every recipient is local
-                hostname=f"mx{n}.test", resolver=make_resolver([], 1.0), relayhost="", relayhost_auth=None,
+                hostname=f"mx{n}.test", resolver=Wire([], 1.0), relayhost="", relayhost_auth=None,
                 transport={}, remote_port=25, per_destination=1, connect_timeout=1.0,
             ),
             max_in_flight=50,

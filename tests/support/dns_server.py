@@ -31,6 +31,14 @@ of their exchanges in the additional section when known.  UDP answers larger
 than 512 octets (or the client's EDNS size) are truncated (TC), so the client
 retries over TCP; ``udp_truncate=True`` forces that for every UDP answer.
 
+Scripted misbehaviour, for the tests of a resolver that must not stall:
+``delays={"slow.test": 2.5}`` answers that name (and every type of it) only
+after 2.5 seconds, over UDP and TCP alike, while every other name is answered
+at once; ``misdirect={"asked.test": "other.test"}`` answers a query for the
+first name with the records of the second, under the second's name (an answer
+for a name other than the one asked, which a resolver must not take).
+``set_records()`` keeps both unless given new ones.
+
 Handle: ``.host``, ``.port``, ``.address`` ("127.0.0.1:PORT", the form of
 ``[dns] nameservers``), ``.pid``.  ``set_records()`` takes effect for the next
 query (the server re-reads its JSON zone file whenever the file changes);
@@ -199,6 +207,8 @@ class _Zone:
         self._stamp: tuple[int, int, int] | None = None
         self.ttl = 60
         self.udp_truncate = False
+        self.delays: dict[dns.name.Name, float] = {}
+        self.misdirect: dict[dns.name.Name, dns.name.Name] = {}
         self.rrsets: dict[dns.name.Name, dict[int, dns.rrset.RRset]] = {}
         self.modes: dict[dns.name.Name, str] = {}
         self.existing: set[dns.name.Name] = set()
@@ -239,6 +249,10 @@ class _Zone:
                 name = name.parent()
         self.ttl = ttl
         self.udp_truncate = bool(data.get("udp_truncate", False))
+        self.delays = {dns.name.from_text(n): float(v) for n, v in data.get("delays", {}).items()}
+        self.misdirect = {
+            dns.name.from_text(n): dns.name.from_text(t) for n, t in data.get("misdirect", {}).items()
+        }
         self.rrsets, self.modes, self.existing = rrsets, modes, existing
         self._stamp = stamp
 
@@ -256,9 +270,11 @@ class _Zone:
         # zone apex.  Resolvers only use the SOA's minimum (negative TTL).
         labels = qname.labels[-3:] if len(qname.labels) > 3 else qname.labels
         apex = dns.name.Name(labels)
+        mname = dns.name.from_text("ns", origin=apex)  # "ns." for the root itself
+        rname = dns.name.from_text("hostmaster", origin=apex)
         return dns.rrset.from_text(
             apex, self.ttl, "IN", "SOA",
-            f"ns.{apex} hostmaster.{apex} 1 3600 600 86400 {self.ttl}",
+            f"{mname} {rname} 1 3600 600 86400 {self.ttl}",
         )
 
 
@@ -285,6 +301,15 @@ class _Responder:
             "time": time.time(),
         }
         os.write(self.log_fd, (json.dumps(entry) + "\n").encode())
+
+    def delay(self, wire: bytes) -> float:
+        """Seconds to wait before answering ``wire`` (``delays``); 0 for most names."""
+        try:
+            self.zone.refresh()
+            question = dns.message.from_wire(wire).question
+        except Exception:
+            return 0.0
+        return self.zone.delays.get(question[0].name, 0.0) if question else 0.0
 
     def respond(self, wire: bytes, proto: str) -> bytes | None:
         """The wire answer to ``wire``, or None to stay silent."""
@@ -321,10 +346,13 @@ class _Responder:
             # A broken zone file must show up as a failure, not as stale data.
             response.set_rcode(dns.rcode.SERVFAIL)
             return response.to_wire()
-        if not self._fill(response, question.name, question.rdtype):
+        # A misdirected name is answered with another name's records, under that name.
+        answered_name = self.zone.misdirect.get(question.name, question.name)
+        if not self._fill(response, answered_name, question.rdtype):
             return None
         if proto == "tcp":
-            return response.to_wire()
+            # Any size over TCP: dnspython would otherwise cap it at the query's EDNS payload.
+            return response.to_wire(max_size=65535)
         if self.zone.udp_truncate:
             response.answer = []
             response.authority = []
@@ -428,6 +456,14 @@ class _UDP(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        delay = self.responder.delay(data)
+        if delay > 0:
+            # Later, without holding up the answers to every other name meanwhile.
+            asyncio.get_running_loop().call_later(delay, self._answer, data, addr)
+        else:
+            self._answer(data, addr)
+
+    def _answer(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         answer = self.responder.respond(data, "udp")
         if answer is not None and self.transport is not None:
             self.transport.sendto(answer, addr)
@@ -443,7 +479,11 @@ async def _tcp_client(
     try:
         while True:
             length = int.from_bytes(await reader.readexactly(2), "big")
-            answer = responder.respond(await reader.readexactly(length), "tcp")
+            wire = await reader.readexactly(length)
+            delay = responder.delay(wire)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            answer = responder.respond(wire, "tcp")
             if answer is not None:
                 # TIMEOUT over TCP: keep the connection open and say nothing.
                 writer.write(len(answer).to_bytes(2, "big") + answer)
@@ -635,8 +675,12 @@ class DNSServer:
         ttl: int = 60,
         udp_truncate: bool = False,
         start_timeout: float = 10.0,
+        delays: Mapping[str, float] | None = None,
+        misdirect: Mapping[str, str] | None = None,
     ) -> None:
         self._records = normalize_records(records)
+        self._delays = {_absolute(n): float(v) for n, v in (delays or {}).items()}
+        self._misdirect = {_absolute(n): _absolute(t) for n, t in (misdirect or {}).items()}
         self._host = host
         self._requested_port = port
         self._port: int | None = None
@@ -755,11 +799,18 @@ class DNSServer:
         copy: NormalRecords = json.loads(json.dumps(self._records))  # a deep copy
         return copy
 
-    def set_records(self, records: Records, *, udp_truncate: bool | None = None) -> None:
+    def set_records(
+        self, records: Records, *, udp_truncate: bool | None = None, delays: Mapping[str, float] | None = None,
+        misdirect: Mapping[str, str] | None = None,
+    ) -> None:
         """Serve ``records`` from the next query on (the old ones are dropped)."""
         self._records = normalize_records(records)
         if udp_truncate is not None:
             self._udp_truncate = udp_truncate
+        if delays is not None:
+            self._delays = {_absolute(n): float(v) for n, v in delays.items()}
+        if misdirect is not None:
+            self._misdirect = {_absolute(n): _absolute(t) for n, t in misdirect.items()}
         if self._dir is not None:
             self._write_zone()
 
@@ -791,7 +842,10 @@ class DNSServer:
         return self._dir / "queries.jsonl"
 
     def _write_zone(self) -> None:
-        data = {"ttl": self._ttl, "udp_truncate": self._udp_truncate, "records": self._records}
+        data = {
+            "ttl": self._ttl, "udp_truncate": self._udp_truncate, "records": self._records,
+            "delays": self._delays, "misdirect": self._misdirect,
+        }
         _write_atomically(self._zone_file, json.dumps(data, indent=1))
 
 

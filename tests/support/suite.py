@@ -182,8 +182,9 @@ class Installation:
 
     # --- the real processes ------------------------------------------------------
 
-    def start(self) -> None:
-        """Start supervisord with every program, as `mailroom run` does."""
+    def start(self, timeout: float = 20.0) -> None:
+        """Start supervisord with every program, as `mailroom run` does; each listener
+        must answer within `timeout` seconds."""
         # Private like everything else in the installation (what the daemons log names users).
         log = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         self.supervisor = subprocess.Popen(
@@ -200,7 +201,7 @@ class Installation:
             for key, port in self.ports.items():
                 if (with_dovecot or key not in DOVECOT_PORTS) and (with_filter or key not in FILTER_PORTS):
                     # rspamadm (hashing, configtest) runs before supervisord: longer with the filter.
-                    wait_port(port, timeout=90 if with_filter else 20)
+                    wait_port(port, max(timeout, 90) if with_filter else timeout)
         except TimeoutError:
             self.stop()
             raise AssertionError("the suite did not start:\n" + self.log_path.read_text()[-4000:]) from None

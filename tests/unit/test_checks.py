@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,10 @@ def zone(keys: list[dkim.Key], *, dmarc: str = "v=DMARC1; p=reject", **extra: An
 
 def evaluate(message: bytes, records: dict[str, Any], *, ip: str = SENDER_IP,
              mail_from: str = "alice@example.net", helo: str = "mx.example.net") -> checks.Verdict:
-    return checks.evaluate(
+    return asyncio.run(checks.evaluate(
         message, client_ip=ip, helo=helo, mail_from=mail_from, hostname="mail.example.org",
         resolver=FakeResolver(records),
-    )
+    ))
 
 
 def decide(verdict: checks.Verdict, **kw: Any) -> checks.Decision:
@@ -220,6 +221,33 @@ def test_arc_chain_sealed_by_a_forwarder_verifies(keys: list[dkim.Key]) -> None:
         dkimpy.arc_sign(ar + signed, keys[0].dns_selector.encode(), b"example.net", keys[0].private,
                         b"fwd.example.net")
     ) + ar + signed
-    assert checks.check_arc(sealed, FakeResolver(zone(keys))) == "pass"
+    assert asyncio.run(checks.check_arc(sealed, FakeResolver(zone(keys)))) == "pass"
     broken = sealed.replace(b"Hello Bob.", b"Hello Eve.")
-    assert checks.check_arc(broken, FakeResolver(zone(keys))) == "fail"
+    assert asyncio.run(checks.check_arc(broken, FakeResolver(zone(keys)))) == "fail"
+
+
+def test_at_most_five_signatures_are_verified_the_from_domains_first(keys: list[dkim.Key]) -> None:
+    # 200 signatures of other domains above the author's two: verifying each would cost
+    # a key lookup apiece (RFC 6376 6.1 lets a verifier stop at a few).
+    signed = dkim.sign(MESSAGE, keys) + MESSAGE
+    forged = b"".join(
+        f"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=spam{i}.test; s=s{i};\r\n"
+        f"\th=from; bh=AAAA; b=BBBB{i}\r\n".encode()
+        for i in range(200)
+    )
+    resolver = FakeResolver(zone(keys))
+    v = asyncio.run(checks.evaluate(
+        forged + signed, client_ip=OTHER_IP, helo="mx.example.net", mail_from="alice@example.net",
+        hostname="mail.example.org", resolver=resolver,
+    ))
+    key_queries = [q for q in resolver.queries() if "._domainkey." in q[0]]
+    assert len(key_queries) <= checks.MAX_SIGNATURES
+    assert len(v.dkim) == checks.MAX_SIGNATURES
+    # The author's signatures were among those verified, so DMARC passes on them.
+    assert [(r.result, r.domain) for r in v.dkim if r.domain == "example.net"] == [
+        ("pass", "example.net"), ("pass", "example.net"),
+    ]
+    assert v.dmarc.result == "pass"
+    # Without an author's signature the first ones are taken, in order.
+    chosen = checks.choose(checks.signatures(forged + MESSAGE), "example.net")
+    assert [s.domain for s in chosen] == [f"spam{i}.test" for i in range(5)]

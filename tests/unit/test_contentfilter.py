@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from mta.contentfilter import Scan, decide, dnsbl_check, dnsbl_names
 from tests.harness.dns import FakeResolver
 
@@ -34,7 +36,7 @@ def test_dnsbl_names() -> None:
 
 def test_dnsbl_listed_and_not_and_failing() -> None:
     r = FakeResolver({"1.2.0.192.bl.test": {"A": ["127.0.0.2"]}, "1.2.0.192.down.test": "SERVFAIL"})
-    reply = dnsbl_check("192.0.2.1", ["down.test", "bl.test"], r)
+    reply = asyncio.run(dnsbl_check("192.0.2.1", ["down.test", "bl.test"], r))
     assert reply is not None and (reply.code, reply.status) == (554, "5.7.1") and "bl.test" in reply.text
-    assert dnsbl_check("192.0.2.2", ["bl.test"], r) is None
-    assert dnsbl_check("192.0.2.1", ["down.test"], r) is None
+    assert asyncio.run(dnsbl_check("192.0.2.2", ["bl.test"], r)) is None
+    assert asyncio.run(dnsbl_check("192.0.2.1", ["down.test"], r)) is None

@@ -32,6 +32,10 @@ def test_every_dashboard_query_names_an_exported_series(tmp_path: Path) -> None:
     saved.inc(counters.CONNECTIONS, listener="127.0.0.1:2525", result="accepted")
     saved.inc(counters.CONNECTIONS, listener="127.0.0.1:2525", result="refused")
     saved.inc(counters.TLS_OUT, hop="qmgr", tls="yes")
+    saved.inc("dns_queries", type="TXT", result="timeout")
+    saved.inc("dns_cache_hits", type="TXT", how="cached")
+    saved.inc("dns_query_seconds_bucket", type="TXT", le="0.005")
+    saved.inc("dns_query_seconds_sum", type="TXT")
     saved.save(tmp_path / "metrics" / "mta.json")
     metrics.daemons.folder = tmp_path / "metrics"
     exported = {s.name for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples}

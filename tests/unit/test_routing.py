@@ -14,7 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from mta.routing import Resolver, Route, make_resolver, route
+from common.dns import Resolver, Wire
+from mta.routing import Route, route
 from tests.harness.dns import FakeResolver
 from tests.support.dns_server import DNSServer
 
@@ -47,7 +48,7 @@ def dns_server(request: pytest.FixtureRequest) -> Iterator[DNSServer | FakeResol
 
 def _route(server: DNSServer | FakeResolver, domain: str, **kw: object) -> Route:
     async def go() -> Route:
-        resolver: Resolver = server if isinstance(server, FakeResolver) else make_resolver([server.address], 1.5)
+        resolver: Resolver = server if isinstance(server, FakeResolver) else Wire([server.address], 1.5)
         args: dict[str, object] = {"relayhost": "", "transport": {}, "own_names": {"mail.test"}, "port": 2600}
         args.update(kw)
         return await route(domain, resolver=resolver, **args)  # type: ignore[arg-type]
