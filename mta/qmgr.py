@@ -96,6 +96,7 @@ class QueueManager:
         remote: Courier,
         max_in_flight: int = 100,
         sender_for: Callable[[str, str, str], str] | None = None,
+        node: str = "",
     ) -> None:
         self.db = db
         self.clock = clock
@@ -106,7 +107,8 @@ class QueueManager:
         self.remote = remote
         # (sender, original recipient, recipient) -> the sender to send as (SRS for forwards).
         self.sender_for = sender_for or (lambda sender, original, recipient: sender)
-        self.host = socket.gethostname()
+        # Claims are owned by "node:pid.start": the node tells the hosts sharing the queue apart.
+        self.host = node or socket.gethostname()
         self.owner = queue.owner_id(self.host)
         self.in_flight = asyncio.Semaphore(max_in_flight)
         self.wake = asyncio.Event()
@@ -432,6 +434,7 @@ async def run(ctx: Context) -> None:
         sender_for=lambda sender, original, rcpt: mailauth.forward_sender(
             ctx, sender, original=original, recipient=rcpt
         ),
+        node=cfg.node,
     )
     released = await ctx.db.run(_release, ctx.db, qm.host)
     if released:
