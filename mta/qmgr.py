@@ -97,6 +97,7 @@ class QueueManager:
         max_in_flight: int = 100,
         sender_for: Callable[[str, str, str], str] | None = None,
         node: str = "",
+        lease: float = queue.LEASE,
     ) -> None:
         self.db = db
         self.clock = clock
@@ -110,6 +111,8 @@ class QueueManager:
         # Claims are owned by "node:pid.start": the node tells the hosts sharing the queue apart.
         self.host = node or socket.gethostname()
         self.owner = queue.owner_id(self.host)
+        # A claim lasts this long unless renewed; renewed a third of it apart (`serve`).
+        self.lease = lease
         self.in_flight = asyncio.Semaphore(max_in_flight)
         self.wake = asyncio.Event()
         # Messages the MTA named in its wake-ups, to claim by id; and whether a
@@ -140,7 +143,12 @@ class QueueManager:
         # both (not fsync'd: no reply rests on a claim; a power cut that loses
         # one leaves the recipient queued or active, and it is delivered again,
         # the MDA's idempotent writes absorbing the repeat).
-        jobs = await self.db.write_batched(self._claim, traces, relaxed=True)
+        try:
+            jobs = await self.db.write_batched(self._claim, traces, relaxed=True)
+        except OperationalError as exc:  # the database is away: the next scan tries again
+            log.warning("cannot claim due mail yet: %s", exc.orig)
+            self.scan_asked = False
+            return 0
         if sum(len(job.recipients) for job in jobs) >= queue.CLAIM_LIMIT:
             self.scan_asked = True  # there may be more: look again at once
         for job in jobs:
@@ -151,7 +159,18 @@ class QueueManager:
         return len(jobs)
 
     def _claim(self, conn: Connection, traces: list[str] | None = None) -> list[queue.Job]:
-        return queue.claim(conn, self.owner, self.clock.now(), queue.CLAIM_LIMIT, traces=traces)
+        return queue.claim(conn, self.owner, self.clock.now(), queue.CLAIM_LIMIT, traces=traces, lease=self.lease)
+
+    async def renew(self) -> None:
+        """Move on the leases of every recipient this queue manager holds (mta/queue.py)."""
+        try:
+            await self.db.write_batched(
+                lambda conn: queue.renew(conn, self.owner, self.clock.now(), self.lease), relaxed=True,
+            )
+        except OperationalError as exc:
+            # Past the lease, other queue managers take the recipients over, and our
+            # settles of them are dropped: nothing is delivered twice without the MDA knowing.
+            log.warning("cannot renew the leases of the recipients in hand: %s", exc.orig)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
@@ -179,8 +198,12 @@ class QueueManager:
         """Deliver until `stop` is set: what the wake-ups name at once, the rest by scans."""
         loop = asyncio.get_running_loop()
         next_scan = last_minute = loop.time()  # the first scan at once: mail queued while we were down
+        next_renewal = loop.time() + self.lease / 3
         while not stop.is_set():
             self.wake.clear()
+            if loop.time() >= next_renewal:
+                await self.renew()
+                next_renewal = loop.time() + self.lease / 3
             if self.woken:
                 traces, self.woken = list(self.woken), {}
                 await self.run_once(traces)
@@ -196,7 +219,7 @@ class QueueManager:
             stop_wait = asyncio.create_task(stop.wait())
             wake_wait = asyncio.create_task(self.wake.wait())
             await asyncio.wait(
-                [stop_wait, wake_wait], timeout=max(0.0, next_scan - loop.time()),
+                [stop_wait, wake_wait], timeout=max(0.0, min(next_scan, next_renewal) - loop.time()),
                 return_when=asyncio.FIRST_COMPLETED,
             )
             stop_wait.cancel()
@@ -300,6 +323,17 @@ class QueueManager:
         """Record every outcome and queue the DSNs (run inside a shared relaxed batch)."""
         now = self.clock.now()
         done = _Settlement()
+        # Fencing: only what this claim still holds is ours to settle.  A recipient whose
+        # lease expired while we worked (we froze, or lost the database) belongs to another
+        # queue manager now: our result is dropped, no state, event or notice written.
+        held = queue.still_held(s, [r.recipient_id for r in results], job.lease)
+        lost = [r for r in results if r.recipient_id not in held]
+        if lost:
+            results = [r for r in results if r.recipient_id in held]
+            done.lines.append(("lease lost on %d recipients (%s): another queue manager has them, our results "
+                               "are dropped", (len(lost), ", ".join(f"<{r.address}>" for r in lost))))
+            if not results:
+                return done
         if mda_back:
             moved = queue.bring_forward(s, self.local_domains, now)
             if moved:
@@ -360,7 +394,7 @@ class QueueManager:
             s.execute(_WARNED, {"trace": job.trace})
         if not deferred:  # a deferred recipient is still queued: the body must stay
             # Every recipient left was in this job and is final now: no need to read them.
-            queue.drop_body_if_done(s, job.trace, all_final=job.unfinished == len(job.recipients))
+            queue.drop_body_if_done(s, job.trace, all_final=job.unfinished == len(job.recipients) and not lost)
         return done
 
     def _send_dsn(
@@ -434,7 +468,7 @@ async def run(ctx: Context) -> None:
         sender_for=lambda sender, original, rcpt: mailauth.forward_sender(
             ctx, sender, original=original, recipient=rcpt
         ),
-        node=cfg.node,
+        node=cfg.node, lease=cfg.queue.lease,
     )
     released = await ctx.db.run(_release, ctx.db, qm.host)
     if released:

@@ -5,9 +5,14 @@
 the reply is sent.  The queue manager `claim`s due recipients (state active,
 owned by it), delivers them, and settles the outcomes (`classify`, then
 `record_outcomes`) in a relaxed transaction shared with other claims and
-settles.  A crash between claim and settle leaves recipients active; the next
-queue manager start puts them back (`release_stale`), so at worst a message is
-delivered twice, never lost.  The operator's actions (`mailroom queue`: flush,
+settles.  A claim is a lease (`[queue] lease`): its holder renews it while it
+works (`renew`); a crash between claim and settle leaves recipients active
+until their lease expires, and then any queue manager, on any node, takes them
+over (`take_over`; a queue manager that starts puts back at once what dead
+queue managers of its own node left, `release_stale`).  A settle writes only
+what its claim still holds (`still_held`, fencing): a holder that froze or lost
+the database past its lease drops its results.  So at worst a message is
+delivered twice (the MDA's stores absorb the repeat), never lost.  The operator's actions (`mailroom queue`: flush,
 hold and release, delete, return to sender) are here too, so this module is the
 only code that changes queue state.
 """
@@ -19,6 +24,7 @@ import datetime as dt
 import hashlib
 import os
 import re
+import secrets
 import socket
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -129,7 +135,8 @@ class Settled:
 _SETTLE = (
     update(Recipient)
     .where(Recipient.id == bindparam("b_id"))
-    .values(state=bindparam("b_state"), attempts=bindparam("b_attempts"), last_reply=bindparam("b_reply"), owner="")
+    .values(state=bindparam("b_state"), attempts=bindparam("b_attempts"), last_reply=bindparam("b_reply"), owner="",
+            lease="", lease_expires=None)
 )
 _DEFER = _SETTLE.values(next_attempt=bindparam("b_next"))
 _EVENT = insert(Event)
@@ -312,17 +319,26 @@ class Job:
     # state) once claimed, these included: when this job holds them all, its
     # settle knows whether the body can go without reading the states again.
     unfinished: int = 0
+    # The token of this claim's lease: the settle must show it (`still_held`).
+    lease: str = ""
 
 
 # How many recipients one claim takes at most.
 CLAIM_LIMIT = 200
+# How long a claim lasts unless renewed, when the caller does not say ([queue] lease).
+LEASE = 60.0
 
 
 def claim(
     conn: Connection | Session, owner: str, now: dt.datetime, limit: int = CLAIM_LIMIT, *,
-    traces: list[str] | None = None,
+    traces: list[str] | None = None, lease: float = LEASE,
 ) -> list[Job]:
     """Take up to `limit` due recipients (grouped per message) and mark them active.
+
+    The claim is a lease: each recipient gets the owner, a new token and an
+    expiry `lease` seconds on, which the owner moves on while it works
+    (`renew`).  A scan (no `traces`) first takes over every recipient whose
+    lease expired, whoever held it (`take_over`), and claims it with the rest.
 
     With `traces`, only those messages' due recipients: the MTA's wake-up
     names the message it just queued, and it is claimed at once, by its id,
@@ -336,12 +352,15 @@ def claim(
     """
     conn = connection_of(conn)
     if traces is None:
+        take_over(conn, now)
         rows = conn.execute(_DUE, {"now": now, "limit": limit}).all()
     else:
         rows = conn.execute(_DUE_OF, {"now": now, "limit": limit, "traces": traces}).all() if traces else []
     if not rows:
         return []
-    conn.execute(_MARK_ACTIVE, {"ids": [r.id for r in rows], "owner": owner})
+    token = secrets.token_hex(8)
+    conn.execute(_MARK_ACTIVE, {"ids": [r.id for r in rows], "owner": owner, "lease": token,
+                                "expires": now + dt.timedelta(seconds=lease)})
     # One query for every claimed message's columns and delivery options, not
     # one per message (py-spy: per-message reads were most of the claim's time,
     # and the options read a fifth of the queue manager's samples).
@@ -356,7 +375,7 @@ def claim(
             job = jobs[r.message_id] = Job(
                 m.id, m.sender, m.body, m.received, m.warned, m.is_bounce, m.message_id,
                 asked=Asked(m.ret, m.envid, m.body_type, bool(m.smtputf8), bool(m.requiretls)),
-                unfinished=m.unfinished,
+                unfinished=m.unfinished, lease=token,
             )
         job.recipients.append((r.id, r.address, r.attempts))
         job.originals[r.id] = r.original
@@ -383,7 +402,7 @@ _DUE_OF = (
 _MARK_ACTIVE = (
     update(Recipient)
     .where(Recipient.id.in_(bindparam("ids", expanding=True)), Recipient.state == QUEUED)
-    .values(state=ACTIVE, owner=bindparam("owner"))
+    .values(state=ACTIVE, owner=bindparam("owner"), lease=bindparam("lease"), lease_expires=bindparam("expires"))
 )
 _UNFINISHED = (
     select(func.count())
@@ -396,6 +415,63 @@ _MESSAGES = select(
     Message.message_id, Message.ret, Message.envid, Message.body_type, Message.smtputf8, Message.requiretls,
     _UNFINISHED.label("unfinished"),
 ).where(Message.id.in_(bindparam("ids", expanding=True)))
+
+
+def take_over(conn: Connection, now: dt.datetime) -> int:
+    """Put back in the queue every recipient whose lease expired (its holder died, froze,
+    or lost the database): due now, the cut-short attempt counted (it may have reached
+    the next hop, so the next one is a retry).  Returns how many.
+
+    Rows another transaction holds (a settle in progress, a holder frozen inside its
+    transaction) are skipped, never waited for: they are looked at again next time.
+    """
+    ids = conn.execute(_EXPIRED, {"now": now}).scalars().all()
+    if not ids:
+        return 0
+    result = conn.execute(_PUT_BACK, {"ids": list(ids), "now": now})
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def renew(conn: Connection, owner: str, now: dt.datetime, lease: float = LEASE) -> int:
+    """Move on the expiry of every lease `owner` holds; returns how many.  A lease that
+    another queue manager took over has another owner by then, and stays theirs."""
+    result = conn.execute(_RENEW, {"b_owner": owner, "expires": now + dt.timedelta(seconds=lease)})
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def still_held(conn: Connection, ids: list[int], lease: str) -> set[int]:
+    """Of the recipients `ids` claimed with token `lease`, those the claim still holds,
+    locked until the caller's commit: a settle writes only these (fencing).  The others
+    were taken over (the lease expired) or finished by the operator meanwhile."""
+    if not ids:
+        return set()
+    return set(conn.execute(_HELD, {"ids": ids, "lease": lease}).scalars())
+
+
+# A claim with no expiry was made before claims were leases: expired too.
+_EXPIRED = (
+    select(Recipient.id)
+    .where(Recipient.state == ACTIVE, or_(Recipient.lease_expires < bindparam("now"),
+                                          Recipient.lease_expires.is_(None)))
+    .with_for_update(skip_locked=True)
+)
+_PUT_BACK = (
+    update(Recipient)
+    .where(Recipient.id.in_(bindparam("ids", expanding=True)), Recipient.state == ACTIVE)
+    .values(state=QUEUED, owner="", lease="", lease_expires=None, next_attempt=bindparam("now"),
+            attempts=Recipient.attempts + 1)
+)
+_RENEW = (
+    update(Recipient)
+    .where(Recipient.owner == bindparam("b_owner"), Recipient.state == ACTIVE)
+    .values(lease_expires=bindparam("expires"))
+)
+_HELD = (
+    select(Recipient.id)
+    .where(Recipient.id.in_(bindparam("ids", expanding=True)), Recipient.state == ACTIVE,
+           Recipient.lease == bindparam("lease"))
+    .with_for_update()
+)
 
 
 def owner_id(host: str) -> str:
@@ -434,7 +510,7 @@ def release_stale(session: Session, host: str) -> int:
     result = session.execute(
         update(Recipient)
         .where(Recipient.state == ACTIVE, Recipient.owner.in_(dead))
-        .values(state=QUEUED, owner="", attempts=Recipient.attempts + 1)
+        .values(state=QUEUED, owner="", lease="", lease_expires=None, attempts=Recipient.attempts + 1)
     )
     session.commit()
     return int(getattr(result, "rowcount", 0) or 0)
@@ -608,7 +684,7 @@ def _unfinished(session: Session, trace: str) -> bool:
 
 
 def _finish(session: Session, trace: str, state: str, reply: str = "") -> int:
-    values: dict[str, object] = {"state": state, "owner": ""}
+    values: dict[str, object] = {"state": state, "owner": "", "lease": "", "lease_expires": None}
     if reply:
         values["last_reply"] = reply
     result = session.execute(
