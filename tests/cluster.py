@@ -63,7 +63,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from common.db import Database
-from common.models import ACTIVE, FINAL_STATES, Event, Recipient
+from common.models import ACTIVE, FINAL_STATES, Event, Message, Recipient
 from tests.chaos import _Forgetful, body_hash, make_message
 from tests.harness.client import Client, stuff
 from tests.support.cluster import Node, Pki
@@ -194,6 +194,11 @@ class Cluster:
             return int(s.scalar(select(func.count()).select_from(Recipient).where(
                 Recipient.state.not_in(FINAL_STATES))) or 0)
 
+    def received_at(self) -> dict[str, dt.datetime]:
+        """trace id -> when its MTA queued it."""
+        with self.db.read() as s:
+            return {t: when for t, when in s.execute(select(Message.id, Message.received))}
+
     def delivered_at(self) -> dict[tuple[str, str], dt.datetime]:
         """(trace id, recipient) -> when a queue manager recorded its delivery (the first time)."""
         with self.db.read() as s:
@@ -262,24 +267,34 @@ class Director:
             time.sleep(0.01)
         return condition()
 
+    def _stopped_holding(self, node: Node, patience: float = 20.0) -> tuple[dt.datetime, int, int]:
+        """Stop every process of `node` at a moment when its queue manager holds claims
+        (what the lease must bring back): (when, processes, claims held).  Claims last
+        milliseconds, so it stops the node, looks, and lets it go on if it held none,
+        a few milliseconds' pause; after `patience` it takes the moment it gets."""
+        deadline = time.monotonic() + patience
+        while True:
+            at = utcnow()
+            n = node.freeze()
+            held = self.cluster.held(node.name)  # cannot change while every process is stopped
+            if held or time.monotonic() > deadline:
+                return at, n, held
+            node.thaw()
+            time.sleep(random.uniform(0.05, 0.3))
+
     def _run(self) -> None:
         mx1, mx2 = self.cluster.mx
         self._wait(lambda: self.outcomes.count() >= self.messages // 4, 600)
-        # At a moment when its queue manager holds claims: what the lease must bring back.
-        self._wait(lambda: self.cluster.held("mx1") > 0, 20)
-        self.killed_at = utcnow()
-        n = mx1.kill()
-        self.held_at_kill = self.cluster.held("mx1")  # what it left: final, it is dead
+        self.killed_at, n, self.held_at_kill = self._stopped_holding(mx1)
+        mx1.kill()  # stopped a moment ago: it dies as it stood
         self.say(f"kill -9 mx1: {n} processes; it held {self.held_at_kill} claims")
         # mx2 takes them over when the lease runs out; then mx1 comes back.
         self._wait(lambda: self.cluster.held("mx1") == 0, self.lease + GRACE)
+        self.say(f"mx1's claims are taken over; mx1 starts again ({self.cluster.held('mx1')} left)")
         mx1.start()
         self.say("mx1 runs again (mailroom run)")
         self._wait(lambda: self.outcomes.count() > self.messages // 2, 600)
-        self._wait(lambda: self.cluster.held("mx2") > 0, 20)
-        self.frozen_at = utcnow()
-        n = mx2.freeze()
-        self.held_at_freeze = self.cluster.held("mx2")
+        self.frozen_at, n, self.held_at_freeze = self._stopped_holding(mx2)
         self.say(f"SIGSTOP mx2: {n} processes for {2 * self.lease:g}s; it held {self.held_at_freeze} claims")
         time.sleep(2 * self.lease)
         mx2.thaw()
@@ -287,13 +302,15 @@ class Director:
 
 
 def delays(
-    copies: list[Copy], when: dict[tuple[str, str], dt.datetime], node: str, since: dt.datetime,
+    copies: list[Copy], queued: dict[str, dt.datetime], delivered: dict[tuple[str, str], dt.datetime],
+    node: str, since: dt.datetime,
 ) -> list[float]:
-    """Seconds from `since` to the delivery of each recipient `node` queued and had not delivered by then."""
+    """Seconds from `since` to the delivery of each recipient that `node` had queued before
+    then and not yet delivered."""
     out = []
     for c in copies:
-        at = when.get((c.trace, c.rcpt))
-        if c.queued_by == node and at is not None and at > since:
+        at = delivered.get((c.trace, c.rcpt))
+        if c.queued_by == node and queued.get(c.trace, since) < since and at is not None and at > since:
             out.append((at - since).total_seconds())
     return out
 
@@ -348,7 +365,7 @@ def run(
             time.sleep(0.5)
         left = cluster.pending()
         copies = stored(cluster.store)
-        when = cluster.delivered_at()
+        when, queued = cluster.delivered_at(), cluster.received_at()
         fenced = sum(len(re.findall(r"lease lost", n.log_text())) for n in cluster.mx)
     finally:
         for node in cluster.nodes:
@@ -367,8 +384,8 @@ def run(
     wrongly = [i for i in outcomes.refused if i in found]
     duplicates = sum(len(v) - 1 for v in found.values())
     delivered = sum(1 for i in outcomes.accepted if i in found)
-    after_kill = delays(copies, when, "mx1", director.killed_at) if director.killed_at else []
-    after_freeze = delays(copies, when, "mx2", director.frozen_at) if director.frozen_at else []
+    after_kill = delays(copies, queued, when, "mx1", director.killed_at) if director.killed_at else []
+    after_freeze = delays(copies, queued, when, "mx2", director.frozen_at) if director.frozen_at else []
     max_delay = max(after_kill, default=0.0)
     by_node = {n.name: sum(1 for _, node in outcomes.accepted.values() if node == n.name) for n in cluster.mx}
     print(f"submitted in {submitted:.1f}s; accepted by {', '.join(f'{k}={v}' for k, v in by_node.items())}; "
