@@ -196,14 +196,27 @@ class QueueManager:
         self, stop: asyncio.Event, poll_interval: float, *, every_minute: Callable[[], Awaitable[None]] | None = None
     ) -> None:
         """Deliver until `stop` is set: what the wake-ups name at once, the rest by scans."""
+        # The leases are renewed by a task of their own: this loop may wait long for room
+        # (max_in_flight deliveries to slow hosts), and so does the drain at the end.
+        renewing = asyncio.create_task(self._keep_renewing())
+        try:
+            await self._scan_until(stop, poll_interval, every_minute)
+            await self.drain()
+        finally:
+            renewing.cancel()
+
+    async def _keep_renewing(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            await self.renew()
+
+    async def _scan_until(
+        self, stop: asyncio.Event, poll_interval: float, every_minute: Callable[[], Awaitable[None]] | None,
+    ) -> None:
         loop = asyncio.get_running_loop()
         next_scan = last_minute = loop.time()  # the first scan at once: mail queued while we were down
-        next_renewal = loop.time() + self.lease / 3
         while not stop.is_set():
             self.wake.clear()
-            if loop.time() >= next_renewal:
-                await self.renew()
-                next_renewal = loop.time() + self.lease / 3
             if self.woken:
                 traces, self.woken = list(self.woken), {}
                 await self.run_once(traces)
@@ -219,12 +232,11 @@ class QueueManager:
             stop_wait = asyncio.create_task(stop.wait())
             wake_wait = asyncio.create_task(self.wake.wait())
             await asyncio.wait(
-                [stop_wait, wake_wait], timeout=max(0.0, min(next_scan, next_renewal) - loop.time()),
+                [stop_wait, wake_wait], timeout=max(0.0, next_scan - loop.time()),
                 return_when=asyncio.FIRST_COMPLETED,
             )
             stop_wait.cancel()
             wake_wait.cancel()
-        await self.drain()
 
     async def drain(self) -> None:
         """Wait for every delivery in progress (tests and shutdown)."""

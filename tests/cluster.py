@@ -276,13 +276,16 @@ class Director:
     def _stopped_holding(self, node: Node, patience: float = 20.0) -> tuple[dt.datetime, int, set[tuple[str, str]]]:
         """Stop every process of `node` at a moment when its queue manager holds claims
         (what the lease must bring back): (when, processes, claims held).  Claims last
-        milliseconds, so it stops the node, looks, and lets it go on if it held none,
-        a few milliseconds' pause; after `patience` it takes the moment it gets."""
+        milliseconds, so it stops the node, looks, and lets it go on if it held none
+        (a pause of a fraction of a second); after `patience` it takes the moment it gets."""
         deadline = time.monotonic() + patience
         while True:
             at = utcnow()
             n = node.freeze()
-            held = self.cluster.claims(node.name)  # cannot change while every process is stopped
+            # PostgreSQL still finishes what the node had sent (a settle's COMMIT, say); after
+            # that, nothing of the node's changes until it is let go.
+            time.sleep(0.3)
+            held = self.cluster.claims(node.name)
             if held or time.monotonic() > deadline:
                 return at, n, held
             node.thaw()
@@ -302,7 +305,11 @@ class Director:
         self._wait(lambda: self.outcomes.count() > self.messages // 2, 600)
         self.frozen_at, n, self.held_at_freeze = self._stopped_holding(mx2)
         self.say(f"SIGSTOP mx2: {n} processes for {2 * self.lease:g}s; it held {len(self.held_at_freeze)} claims")
-        time.sleep(2 * self.lease)
+        time.sleep(self.lease + 2)
+        # What an operator sees meanwhile: mx2 silent, its leases expired or taken over.
+        status = mx1.cli("status", "--cluster")
+        self.say("mailroom status --cluster on mx1:\n" + (status.stdout or status.stderr).rstrip())
+        time.sleep(max(0.0, 2 * self.lease - (utcnow() - self.frozen_at).total_seconds()))
         mx2.thaw()
         self.say("SIGCONT mx2")
 

@@ -171,6 +171,34 @@ def test_an_expired_lease_is_taken_over_by_a_queue_manager_of_any_node(db: Datab
     assert {(r.owner, r.lease, r.lease_expires) for r in after.values()} == {("", "", None)}
 
 
+def test_a_running_queue_manager_renews_its_leases_by_itself(db: Database) -> None:
+    # mx1 as `python -m mta.qmgr` runs it (`serve`), with a short lease: while its delivery
+    # takes many leases' time, mx2 never finds the claims expired.
+    clock = FakeClock(dt.datetime(2030, 1, 1, 12, 0, 0))
+    trace = enqueue(db, clock)
+    short = 0.6
+
+    async def go() -> None:
+        frozen, taking = Held(), Held()
+        taking.release.set()
+        mx1, mx2 = manager(db, clock, "mx1", frozen), manager(db, clock, "mx2", taking)
+        mx1.lease = mx2.lease = short
+        stop = asyncio.Event()
+        serving = asyncio.create_task(mx1.serve(stop, poll_interval=0.05))
+        await frozen.answered.wait()
+        for _ in range(5):  # five leases' time on the clock, each renewed within a third of one
+            clock.advance(short)
+            await asyncio.sleep(short)
+            assert await mx2.run_once() == 0
+        stop.set()
+        frozen.release.set()
+        await serving
+
+    asyncio.run(go())
+    assert {r.state for r in recipients(db, trace).values()} == {"delivered"}
+    assert {r.attempts for r in recipients(db, trace).values()} == {1}  # mx1's one attempt, nobody else's
+
+
 def test_a_queue_manager_that_lost_its_lease_settles_nothing(
     db: Database, caplog: pytest.LogCaptureFixture,
 ) -> None:
