@@ -3,33 +3,40 @@
 Without --check it prints the records in zone-file form: MX, SPF, one DKIM
 record per key (old selectors stay until their mail has arrived), DMARC,
 MTA-STS (its id changes whenever the policy does) and TLS-RPT, the DANE
-TLSA records of the MX host's current and next keys, the reverse DNS the
-host name needs, and the SRV records mail clients look for (RFC 6186).  With --check
-it asks the configured resolver (`[dns] nameservers`) for each and reports it
-as present, missing or different; the exit status is 1 when any is not present.
+TLSA records of the MX host's current and next keys, the reverse DNS the host
+name needs (with a warning when the host name is one the Internet cannot reach,
+such as localhost), and the SRV records mail clients look for (RFC 6186).  With
+--check it asks the configured resolver (`[dns] nameservers`) for all of them at
+once and reports each as present, weak (right, but could be stronger: DMARC
+p=none, SPF ~all), missing or different, comparing with what it suggests, with
+what to publish instead (cli/checks.py, shared with the admin page).  The exit
+status is 1 when any is missing or different, 2 when DNS could not be reached.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cli import unbound
+from cli import checks, unbound
 from cli.dkim import zone_lines
 from common import config as configmod
 from common.tls import tlsa_3_1_1
 from mta import dkim
-from mta.authdns import DNSTempError, Resolver, SyncResolver, txt
+from mta.authdns import Resolver, SyncResolver
 from web import mta_sts
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("dns", help="the DNS records to publish for a domain (--check: compare with DNS)")
     p.add_argument("domain")
-    p.add_argument("--check", action="store_true", help="ask DNS and report present / missing / different")
+    p.add_argument("--check", action="store_true",
+                   help="ask DNS: present / weak / missing / different (exit 1; 2 when DNS cannot be reached)")
+    p.add_argument("--json", action="store_true", help="with --check: the report as JSON")
 
 
 @dataclass(frozen=True)
@@ -38,7 +45,7 @@ class Record:
     name: str
     rdtype: str
     value: str
-    # published values -> "present" or "different" (an empty list is "missing")
+    # published values -> "present", "weak" or "different" (an empty list is "missing")
     judge: Callable[[list[str]], str]
 
 
@@ -49,9 +56,15 @@ def _same(expected: str) -> Callable[[list[str]], str]:
     return judge
 
 
-def _starts(prefix: str) -> Callable[[list[str]], str]:
+def _starts(prefix: str, *needed: str) -> Callable[[list[str]], str]:
+    """A record of this kind (its prefix), with the tags a receiver needs (`id=`, `rua=`)."""
+
     def judge(found: list[str]) -> str:
-        return "present" if any(f.lower().startswith(prefix.lower()) for f in found) else "different"
+        mine = [f for f in found if f.lower().startswith(prefix.lower())]
+        if len(mine) != 1:
+            return "different"  # none of this kind, or two (a receiver then uses neither)
+        tags = {part.split("=", 1)[0].strip().lower() for part in mine[0].split(";") if "=" in part}
+        return "present" if all(n in tags for n in needed) else "different"
 
     return judge
 
@@ -64,17 +77,18 @@ def records(cfg: configmod.Config, domain: str) -> list[Record]:
     host = cfg.mailroom.hostname.rstrip(".")
     out = [
         Record("MX", domain, "MX", f"10 {host}.", _mx_judge(host)),
-        Record("SPF", domain, "TXT", "v=spf1 mx -all", _spf_judge),
+        Record("SPF", domain, "TXT", SPF, _spf_judge),
     ]
     for k in dkim.load_keys(cfg.resolve(cfg.dkim.key_dir)):
         if k.domain == domain:
             out.append(Record("DKIM", k.dns_name, "TXT", dkim.public_record(k), _same(dkim.public_record(k))))
     out += [
         Record("DMARC", f"_dmarc.{domain}", "TXT", f"v=DMARC1; p=quarantine; rua=mailto:postmaster@{domain}",
-               _starts("v=DMARC1")),
-        Record("MTA-STS", f"_mta-sts.{domain}", "TXT", mta_sts.txt_record(cfg), _starts("v=STSv1")),
+               _dmarc_judge),
+        # The id must be the current one: senders fetch the policy again only when it changes.
+        Record("MTA-STS", f"_mta-sts.{domain}", "TXT", mta_sts.txt_record(cfg), _same(mta_sts.txt_record(cfg))),
         Record("TLS-RPT", f"_smtp._tls.{domain}", "TXT", f"v=TLSRPTv1; rua=mailto:postmaster@{domain}",
-               _starts("v=TLSRPTv1")),
+               _starts("v=TLSRPTv1", "rua")),
     ]
     return out
 
@@ -96,6 +110,9 @@ def tlsa_records(cfg: configmod.Config) -> list[Record]:
     return out
 
 
+SPF = "v=spf1 mx -all"
+
+
 def _mx_judge(host: str) -> Callable[[list[str]], str]:
     def judge(found: list[str]) -> str:
         names = [f.split()[-1].lower().rstrip(".") for f in found]
@@ -105,17 +122,43 @@ def _mx_judge(host: str) -> Callable[[list[str]], str]:
 
 
 def _spf_judge(found: list[str]) -> str:
-    spf = [f for f in found if f.lower().startswith("v=spf1")]
-    if not spf:
-        return "missing"
-    # Two SPF records are a permanent error for every receiver (RFC 7208 4.5).
-    return "present" if len(spf) == 1 and any(m in spf[0] for m in (" mx", " a", "ip4:", "ip6:", "include:")) \
-        else "different"
+    """Our terms (`mx`) all there, and a hard fail for everyone else: other senders
+    (`include:`, `ip4:`) may be added.  `~all` is weak; `?all`, `+all`, no `all` or
+    two SPF records (a permanent error for every receiver, RFC 7208 4.5) are wrong."""
+    spf = [f for f in found if f.lower().split(" ", 1)[0] == "v=spf1"]
+    if len(spf) != 1:
+        return "different"
+    terms = spf[0].lower().split()[1:]
+    wanted = SPF.split()[1:-1]
+    if not terms or any(t not in terms for t in wanted) or any(t in ("+all", "?all", "all") for t in terms):
+        return "different"
+    if terms[-1] == "-all":
+        return "present"
+    return "weak" if terms[-1] == "~all" else "different"
+
+
+def _dmarc_judge(found: list[str]) -> str:
+    """p=quarantine or p=reject on all mail is what we suggest (either is right);
+    p=none or a pct below 100 is a step on the way (weak); anything else is wrong."""
+    mine = [f for f in found if f.lower().replace(" ", "").startswith("v=dmarc1")]
+    if len(mine) != 1:
+        return "different"  # two records: receivers use neither (RFC 7489 6.6.3)
+    tags = checks.dmarc_tags(mine[0])
+    p = tags.get("p", "").lower()
+    if p not in ("none", "quarantine", "reject"):
+        return "different"
+    pct = tags.get("pct", "100")
+    if p == "none" or pct != "100":
+        return "weak"
+    return "present"
 
 
 def render(cfg: configmod.Config, domain: str) -> str:
     host = cfg.mailroom.hostname.rstrip(".")
     lines = [f"; DNS records for {domain} (mail host {host})", ""]
+    warning = unreachable_host(host)
+    if warning:
+        lines += [f"; WARNING: {warning}", ""]
     for r in records(cfg, domain):
         if r.kind == "DKIM":
             continue
@@ -179,69 +222,46 @@ def _quote(r: Record) -> str:
     return r.value if r.rdtype == "MX" else f'"{r.value}"'
 
 
-def check(cfg: configmod.Config, domain: str, resolver: Resolver) -> tuple[list[str], bool]:
-    """One line per record; whether all are present."""
-    ok = True
-    out: list[str] = []
-    for r in records(cfg, domain):
-        try:
-            found = _published(resolver, r)
-        except DNSTempError as exc:
-            state, found = "error", [str(exc)]
-        else:
-            state = r.judge(found) if found else "missing"
-        ok &= state == "present"
-        line = f"{state:9} {r.kind:8} {r.name}"
-        if state != "present":
-            line += f"\n          want: {r.value}"
-            if found:
-                line += "\n          have: " + " | ".join(found)
-        out.append(line)
-    for line, good in _reverse(cfg.mailroom.hostname.rstrip("."), resolver):
-        ok &= good
-        out.append(line)
-    return out, ok
-
-
-def _published(resolver: Resolver, r: Record) -> list[str]:
-    if r.rdtype == "MX":
-        return [f"{p} {x}" for p, x in resolver.query(r.name, "MX")]
-    return [t.decode("utf-8", "replace") for t in txt(resolver, r.name)]
-
-
-def _reverse(host: str, resolver: Resolver) -> list[tuple[str, bool]]:
-    try:
-        addrs = [str(a) for t in ("A", "AAAA") for a in resolver.query(host, t)]
-    except DNSTempError as exc:
-        return [(f"{'error':9} {'A':8} {host}  {exc}", False)]
-    if not addrs:
-        return [(f"{'missing':9} {'A':8} {host}\n          want: the address of the mail host", False)]
-    out = [(f"{'present':9} {'A':8} {host} -> {', '.join(addrs)}", True)]
-    for a in addrs:
-        name = ipaddress.ip_address(a).reverse_pointer
-        try:
-            ptrs = [str(p).lower().rstrip(".") for p in resolver.query(name, "PTR")]
-        except DNSTempError as exc:
-            out.append((f"{'error':9} {'PTR':8} {name}  {exc}", False))
-            continue
-        state = "present" if host.lower() in ptrs else ("different" if ptrs else "missing")
-        line = f"{state:9} {'PTR':8} {name}"
-        if state != "present":
-            line += f"\n          want: {host}." + (f"\n          have: {' | '.join(ptrs)}" if ptrs else "")
-        out.append((line, state == "present"))
-    return out
-
-
 def run(args: argparse.Namespace, cfg: configmod.Config, resolver: Resolver | None = None) -> int:
     domain = args.domain.lower().rstrip(".")
     if not cfg.is_local_domain(domain):
         print(f"{domain}: not a local domain ({', '.join(cfg.mailroom.domains)})", file=sys.stderr)
         return 1
     if not args.check:
+        warning = unreachable_host(cfg.mailroom.hostname)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
         print(render(cfg, domain), end="")
         return 0
-    lines, ok = check(cfg, domain, resolver or SyncResolver(cfg.dns.nameservers, cfg.dns.timeout))
-    print("\n".join(lines))
-    print(unbound.validation_line(cfg))  # whether the resolver the daemons use validates DNSSEC
-    print("all records present" if ok else "some records are missing or different")
-    return 0 if ok else 1
+    report = checks.for_domain(cfg, domain, resolver or SyncResolver(cfg.dns.nameservers, cfg.dns.timeout))
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        print("\n".join(checks.render(report)))
+        if not report.unreachable:  # (when it is, the one line above says all)
+            print(unbound.validation_line(cfg))  # whether the resolver the daemons use validates DNSSEC
+            weak = sum(c.level == checks.WARN for c in report.checks)
+            print("some records are missing or different" if not report.ok else
+                  "all records present" + (f"; {weak} could be better (see above)" if weak else ""))
+    if report.unreachable:
+        return 2
+    return 0 if report.ok else 1
+
+
+# Names that no other host can reach: special-use names (RFC 6761, RFC 2606) and
+# a bare label.  An MX naming one of them receives nothing from the Internet.
+_NOT_PUBLIC = ("localhost", "local", "test", "example", "invalid", "internal", "home.arpa", "lan")
+
+
+def unreachable_host(hostname: str) -> str:
+    """Why mail from the Internet could not reach `hostname`, or ""."""
+    host = hostname.rstrip(".").lower()
+    try:
+        ipaddress.ip_address(host)
+        return f"[mailroom] hostname = {host} is an address; an MX record must name a host (mailroom init --hostname)"
+    except ValueError:
+        pass
+    if "." not in host or any(host == s or host.endswith("." + s) for s in _NOT_PUBLIC):
+        return (f"[mailroom] hostname = {host} is not a public name: no mail from the Internet can reach it. "
+                "Set it to this host's name in DNS (mail.example.org) before publishing these records")
+    return ""

@@ -14,16 +14,19 @@ import os
 import sys
 from pathlib import Path
 
-from sqlalchemy import delete, select
-from sqlalchemy.orm import Session
+from sqlalchemy import select
 
+from cli import accounts, admins, dovecot, dovecot_sieve, postmaster, rspamd, setup, storecheck, supervise, trace
+from cli import backup as backupcmd
 from cli import cert as certcmd
+from cli import checks as statuschecks
 from cli import cluster as clustercmd
 from cli import dkim as dkimcmd
+from cli import dmarc as dmarccmd
 from cli import dns as dnscmd
-from cli import dovecot, dovecot_sieve, postmaster, rspamd, setup, supervise, trace
 from cli import lab as labcmd
 from cli import queue as queuecmd
+from cli import restore as restorecmd
 from cli.show import clean, public_config
 from common import config as configmod
 from common import privileges
@@ -31,9 +34,8 @@ from common.clock import for_lab
 from common.clock import use as use_clock
 from common.db import Database
 from common.models import Alias, Domain, User
-from common.passwords import WeakPassword
 from common.tls import make_self_signed
-from common.users import find_user, hash_new_password, mailbox_name
+from common.users import find_user, is_disabled
 from web import autoconfig
 
 
@@ -102,86 +104,52 @@ def _has_dovecot() -> bool:
 
 
 def cmd_user(args: argparse.Namespace, cfg: configmod.Config) -> int:
-    status = 0 if args.action == "sync" else _user(args, cfg)
-    if args.action != "list":
-        # Dovecot reads its own copy of the users: a change counts at the next login.
-        try:
-            dovecot.write_users(cfg, _db(cfg))
-        except OSError as exc:
-            print(f"warning: Dovecot's users file was not rewritten ({exc}); "
-                  "IMAP and POP3 still know the old users until `mailroom user sync`", file=sys.stderr)
-            return status or 1
-    return status
-
-
-def _user(args: argparse.Namespace, cfg: configmod.Config) -> int:
     db = _db(cfg)
     if args.action == "list":
         with db.read() as s:
             for u in s.scalars(select(User).order_by(User.address)):
                 quota = f" quota={u.quota}" if u.quota else ""
-                print(f"{clean(u.address)}  {clean(u.store)}  {clean(cfg.mail_root / u.mailbox)}{quota}")
+                off = " (logins disabled)" if is_disabled(u) else ""
+                print(f"{clean(u.address)}  {clean(u.store)}  {clean(cfg.mail_root / u.mailbox)}{quota}{off}")
         return 0
-    address = args.address.lower()
-    shown = clean(address)
-    if "@" not in address or not cfg.is_local_domain(address.rsplit("@", 1)[1]):
-        print(f"{shown}: not in a local domain ({', '.join(cfg.mailroom.domains)})", file=sys.stderr)
-        return 1
-    with db.read() as s:
-        exists = find_user(s, address) is not None
-    if exists and args.action == "add":
-        print(f"{shown} exists", file=sys.stderr)
-        return 1
-    if not exists and args.action != "add":
-        print(f"{shown}: no such user", file=sys.stderr)
-        return 1
-    # Ask (and hash) before opening the write transaction: it holds SQLite's
-    # write lock, and every daemon would wait while the operator types.
-    hashed = ""
-    if args.action in ("add", "passwd"):
+    if args.action == "sync":
+        # Dovecot reads its own copy of the users: rewritten after changes made by other means.
         try:
-            hashed = hash_new_password(_password(args), address)
-        except WeakPassword as exc:
-            print(f"{shown}: password refused: {exc}", file=sys.stderr)
+            dovecot.write_users(cfg, db)
+        except OSError as exc:
+            print(f"warning: Dovecot's users file was not rewritten ({exc})", file=sys.stderr)
             return 1
-    with db.write() as s:
-        user = find_user(s, address)
-        if args.action == "add":
-            if user is not None:
-                print(f"{shown} exists", file=sys.stderr)
-                return 1
-            first = s.scalars(select(User.id)).first() is None
-            store = args.store or cfg.mda.default_store
-            name = mailbox_name(address) + (".mbox" if store == "mbox" else "")
-            s.add(User(address=address, password_hash=hashed, store=store, mailbox=name, quota=args.quota))
-            print(f"added {shown} ({store} at {clean(cfg.mail_root / name)})")
-            if first:  # the first user is postmaster unless `init --postmaster` named someone
-                for role in postmaster.point_at(s, cfg.mailroom.domains, address, only_missing=True):
-                    print(f"{clean(role)} -> {shown}")
-        elif user is None:
-            print(f"{shown}: no such user", file=sys.stderr)
-            return 1
-        elif args.action == "passwd":
-            user.password_hash = hashed
-            print(f"password changed for {shown}")
-        elif args.action == "del":
-            before = postmaster.reachable(s, cfg.mailroom.domains, cfg.mda.recipient_delimiter)
-            s.delete(user)
-            s.flush()
-            print(f"deleted {shown} (the mailbox files are kept)")
-            # Left as they are (an alias may still reach other users), but said.
-            for source in s.scalars(select(Alias.source).where(Alias.target == user.address)):
-                print(f"note: alias {clean(source)} still points to {shown}; `mailroom alias del {clean(source)} "
-                      f"{shown}` removes it")
-            _warn_lost_roles(s, cfg, before)
-        s.commit()
-    return 0
+        return 0
+    try:
+        match args.action:
+            case "add":
+                # Ask for the password only once the address is known to be free.
+                accounts.expect(cfg, db, args.address, exists=False)
+                done = accounts.add_user(cfg, db, args.address, _password(args), store=args.store, quota=args.quota)
+            case "passwd":
+                accounts.expect(cfg, db, args.address, exists=True)
+                done = accounts.set_password(cfg, db, args.address, _password(args))
+            case "quota":
+                done = accounts.set_quota(cfg, db, args.address, args.bytes)
+            case "disable" | "enable":
+                done = accounts.set_login(cfg, db, args.address, enabled=args.action == "enable")
+            case _:
+                done = accounts.delete_user(cfg, db, args.address)
+    except accounts.Refused as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    for line in done.lines:
+        print(line)
+    for warning in done.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 1 if done.unsynced else 0
 
 
 def _password(args: argparse.Namespace) -> str:
-    """From a prompt (twice, not echoed) or one line of stdin; never from argv,
-    where other local users could read it in `ps` and it would stay in shell history."""
-    if args.password_stdin:
+    """From a prompt (twice, not echoed) or one line of stdin (--password-stdin, or
+    whenever stdin is not a terminal: `echo pw | mailroom user add ...`); never from
+    argv, where other local users could read it in `ps` and it would stay in shell history."""
+    if args.password_stdin or not sys.stdin.isatty():
         pw = sys.stdin.readline().rstrip("\r\n")
     else:
         pw = getpass.getpass("Password: ")
@@ -194,54 +162,24 @@ def _password(args: argparse.Namespace) -> str:
 
 def cmd_alias(args: argparse.Namespace, cfg: configmod.Config) -> int:
     db = _db(cfg)
-    with db.write() as s:
-        if args.action == "list":
+    if args.action == "list":
+        with db.read() as s:
             for a in s.scalars(select(Alias).order_by(Alias.source, Alias.id)):
                 print(f"{clean(a.source)} -> {clean(a.target)}")
-            return 0
-        source = args.source.lower()
-        # Aliases are looked up only for local domains (a catch-all is "@domain").
-        if "@" not in source or not cfg.is_local_domain(source.rsplit("@", 1)[1]) or (
-            source.count("@") > 1
-        ):
-            print(f"{clean(source)}: not an address or @domain in a local domain "
-                  f"({', '.join(cfg.mailroom.domains)})", file=sys.stderr)
-            return 1
-        targets = [t.lower() for t in args.targets]
+        return 0
+    try:
         if args.action == "add":
-            if not targets:
-                print("alias add needs at least one target", file=sys.stderr)
-                return 1
-            bad = [t for t in targets if t.count("@") != 1 or t.startswith("@") or t.endswith("@")]
-            if bad:
-                print(f"{clean(bad[0])}: a target must be a full address (user@domain)", file=sys.stderr)
-                return 1
-            have = set(s.scalars(select(Alias.target).where(Alias.source == source)))
-            for t in targets:
-                if t not in have:
-                    s.add(Alias(source=source, target=t))
-                    have.add(t)
-            print(f"{clean(source)} -> {clean(', '.join(targets))}")
+            done = accounts.add_alias(cfg, db, args.source, args.targets)
         else:
-            q = delete(Alias).where(Alias.source == source)
-            if targets:
-                q = q.where(Alias.target.in_(targets))
-            before = postmaster.reachable(s, cfg.mailroom.domains, cfg.mda.recipient_delimiter)
-            if s.execute(q).rowcount == 0:  # type: ignore[attr-defined]
-                print(f"{clean(source)}: no such alias", file=sys.stderr)
-                return 1
-            print(f"deleted {clean(source)}" + (f" -> {clean(', '.join(targets))}" if targets else ""))
-            _warn_lost_roles(s, cfg, before)
-        s.commit()
+            done = accounts.delete_alias(cfg, db, args.source, args.targets)
+    except accounts.Refused as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    for line in done.lines:
+        print(line)
+    for warning in done.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
-
-
-def _warn_lost_roles(s: Session, cfg: configmod.Config, before: set[str]) -> None:
-    """Say which of postmaster and abuse no longer reach anyone (the change is kept)."""
-    lost = before - postmaster.reachable(s, cfg.mailroom.domains, cfg.mda.recipient_delimiter)
-    for role in sorted(lost):
-        print(f"warning: {role} now delivers to nobody, and every mail domain must have it; "
-              f"`mailroom alias add {role} ADDRESS` sets it", file=sys.stderr)
 
 
 def cmd_trace(args: argparse.Namespace, cfg: configmod.Config) -> int:
@@ -352,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "add":
             u.add_argument("--store", choices=("maildir", "mbox"))
             u.add_argument("--quota", type=int, default=0, help="bytes; 0 is unlimited")
+    uq = uact.add_parser("quota", help="set a user's quota")
+    uq.add_argument("address")
+    uq.add_argument("bytes", type=int, help="0 is unlimited")
+    for name, text in (("disable", "turn a user's logins off (mail is still delivered)"),
+                       ("enable", "turn a user's logins on again")):
+        uact.add_parser(name, help=text).add_argument("address")
     uact.add_parser("list")
     uact.add_parser("sync", help="rewrite the users file Dovecot reads (after changing users by other means)")
 
@@ -382,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     certcmd.add_parser(sub)
     clustercmd.add_parser(sub)
     dnscmd.add_parser(sub)
+    statuschecks.add_parser(sub)
+    backupcmd.add_parser(sub)
+    restorecmd.add_parser(sub)
+    storecheck.add_parser(sub)
+    admins.add_parser(sub)
+    dmarccmd.add_parser(sub)
     labcmd.add_parser(sub)
 
     c = sub.add_parser("config", help="the effective configuration")
@@ -410,6 +360,8 @@ def _main(argv: list[str] | None) -> int:
         return cmd_init(args)
     if args.command == "lab":  # may make its installation first
         return labcmd.run(args)
+    if args.command == "restore":  # needs no installation: it makes one
+        return restorecmd.run(args)
     try:
         cfg = configmod.load(args.config)
     except configmod.ConfigError as exc:
@@ -425,6 +377,7 @@ def _main(argv: list[str] | None) -> int:
         case "status":
             code = supervise.ctl(cfg, "status")
             print(certcmd.expiry_line(cfg))
+            print(backupcmd.status_line(cfg))
             return code
         case "reload":
             return supervise.reload(cfg)
@@ -450,6 +403,16 @@ def _main(argv: list[str] | None) -> int:
             return dkimcmd.run(args, cfg)
         case "dns":
             return dnscmd.run(args, cfg)
+        case "status-checks":
+            return statuschecks.run(args, cfg)
+        case "backup":
+            return backupcmd.run(args, cfg)
+        case "check":
+            return storecheck.run(args, cfg, _db(cfg))
+        case "admin":
+            return admins.run(args, cfg, _db(cfg), _password)
+        case "dmarc":
+            return dmarccmd.run(args, cfg, _db(cfg))
     return 2
 
 

@@ -42,6 +42,7 @@ from types import FrameType
 from cli import cert, supervise
 from common import config as configmod
 from common import log as logmod
+from common import privileges
 from common.tls import read_certificate
 
 log = logging.getLogger("renew")
@@ -156,6 +157,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"renew: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     logmod.setup("renew", cfg.mailroom.log_level, cfg.mailroom.log_format)
+    try:  # its own log file, as every daemon's
+        privileges.open_helper_log(cfg, "renew")
+    except privileges.StartError as exc:
+        print(f"renew: {exc}", file=sys.stderr)
+        raise SystemExit(78) from None
     renewer = Renewer(cfg)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, renewer.signal)

@@ -14,12 +14,14 @@ from collections.abc import Sequence
 
 # The supervised programs of each role.  The content filter (rspamd and its Redis)
 # scans what the public listener takes, so it runs where the MTA does; the
-# certificate renewer answers its HTTP challenges through the web program.
+# certificate renewer answers its HTTP challenges through the web program.  The daily
+# jobs (backup, DMARC aggregate reports) run on one node only, the store, where the
+# mailboxes are: on every node each domain would get its DMARC report once per node.
 PROGRAMS = {
     "msa": ("msa",),
     "mta": ("mta", "rspamd", "redis"),
     "qmgr": ("qmgr",),
-    "mda": ("mda",),
+    "mda": ("mda", "schedule"),
     "imap": ("imap",),
     "web": ("web", "renew"),
 }

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import configparser
 import contextlib
+import fcntl
 import os
 import re
+import secrets
+import socket
+import stat
 import subprocess
 import sys
 from importlib import resources
@@ -20,8 +25,8 @@ from common.db import Database
 from common.endpoint import BindError
 
 # The four daemons (cli/watch.py stops the suite when one cannot start), the web
-# program, Dovecot, the certificate renewer and the supervised content filter.
-PROGRAMS = (*watch.PROGRAMS, "web", "imap", "renew", "redis", "rspamd")
+# program, Dovecot, the certificate renewer, the supervised content filter and the daily jobs.
+PROGRAMS = (*watch.PROGRAMS, "web", "imap", "renew", "redis", "rspamd", "schedule")
 # Package data, so an installed Mailroom (a wheel, not a checkout) finds it too.
 TEMPLATE = "supervisord.conf.in"
 
@@ -36,11 +41,23 @@ startsecs = 1
 startretries = 10
 stopsignal = TERM
 stopwaitsecs = 15
-redirect_stderr = true
-stdout_logfile = {stdout}
-stdout_logfile_maxbytes = 0
-stdout_capture_maxbytes = 4096
+{output}
 environment = PYTHONUNBUFFERED="1\""""
+
+# What supervisord does with a program's output, the same for every program.  Each
+# program writes its log to a file of its own ([mailroom] log_dir, PROGRAM.log), so
+# its output is only what it prints when it cannot start or crashes: passed on to
+# `mailroom run`'s output, and (as PROCESS_LOG events) to the watcher, which keeps
+# each program's last line.  Capture mode stays off (capture_maxbytes 0): with it
+# supervisord would obey tags in the output, and text from the network must never
+# steer it.  With `log_dir = ""` the daemons log to stderr instead: every line then
+# goes through here, and no events are sent (the watcher would read every line).
+_OUTPUT = """\
+redirect_stderr = true
+stdout_logfile = {output}
+stdout_logfile_maxbytes = 0
+stdout_capture_maxbytes = 0
+stdout_events_enabled = {events}"""
 
 
 # Dovecot's master runs in the foreground (-F) and stops its children on TERM.
@@ -66,14 +83,21 @@ def _imap_program(cfg: Config, common: str, *, with_imap: bool) -> str:
     return _IMAP.format(dovecot=program, conf=dovecot.config_file(cfg), common=common)
 
 
-def render(cfg: Config, *, log_file: str = "/dev/stdout", with_imap: bool = False, with_filter: bool = False) -> Path:
-    """Write RUN_DIR/supervisord.conf for this config; returns its path."""
+def render(cfg: Config, *, output: str = "/dev/stdout", with_imap: bool = False, with_filter: bool = False) -> Path:
+    """Write RUN_DIR/supervisord.conf for this config (owner-only: it holds the
+    control socket's password); returns its path.  `output`: where supervisord
+    writes what the programs print."""
     run_dir = cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     template = resources.files("cli").joinpath(TEMPLATE).read_text()
-    common = _COMMON.format(base=cfg.base, stdout=log_file)
+    events = "true" if cfg.log_dir is not None else "false"
+    common = _COMMON.format(base=cfg.base, output=_OUTPUT.format(output=output, events=events))
     text = template.format(
         run_dir=run_dir, python=sys.executable, config=cfg.path, common=common,
+        password=secrets.token_urlsafe(24),
+        # Run as root, supervisord stays root (it starts each daemon as root, to bind
+        # its ports); said outright, so it does not warn about it (CRIT) at every start.
+        supervisord_user="user = root" if os.geteuid() == 0 else "",
         imap=_imap_program(cfg, common, with_imap=with_imap), **_mta_processes(cfg.mta.processes),
         renew=_RENEW.format(python=sys.executable, config=cfg.path, common=common) if cfg.acme.directory
         else "; renew: no certificate renewer ([acme] directory is empty)",
@@ -86,8 +110,17 @@ def render(cfg: Config, *, log_file: str = "/dev/stdout", with_imap: bool = Fals
     text += _WATCH.format(python=sys.executable, run_dir=run_dir)
     text = roles.keep(text, cfg.mailroom.roles)  # what this node runs (cli/roles.py)
     out = run_dir / "supervisord.conf"
-    out.write_text(text)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w") as f:
+        os.fchmod(fd, 0o600)
+        f.write(text)
     return out
+
+
+def program_log(cfg: Config, program: str) -> Path | None:
+    """Where supervised program `program` writes its log (`[mailroom] log_dir`/PROGRAM.log),
+    or None when the programs log to standard error (`log_dir = ""`)."""
+    return None if cfg.log_dir is None else cfg.log_dir / f"{program}.log"
 
 
 def _mta_processes(n: int) -> dict[str, str]:
@@ -118,9 +151,11 @@ priority = 5
 
 _WATCH = """
 [eventlistener:watch]
-; A daemon that could not start stops the whole suite, and `mailroom run` says why.
+; A daemon that could not start stops the whole suite, and `mailroom run` says why
+; (the last line the daemon printed: PROCESS_LOG events).
 command = {python} -m cli.watch listen {run_dir}
-events = PROCESS_STATE_EXITED,PROCESS_STATE_FATAL,PROCESS_COMMUNICATION_STDOUT
+events = PROCESS_STATE_EXITED,PROCESS_STATE_FATAL,PROCESS_LOG
+buffer_size = 100
 priority = 1
 autorestart = true
 stdout_logfile = NONE
@@ -133,13 +168,18 @@ def preflight(cfg: Config) -> str | None:
 
     Checked here, before supervisord starts anything, because supervisord
     would restart a daemon that cannot start again and again: no serving as
-    root without `[mailroom] user`, and every listener's address free and
-    permitted (bound once and let go, as the daemon will bind it).
+    root without `[mailroom] user`, Mailroom's code readable by that user (the
+    daemons read some of it after the switch), and every listener's address
+    free and permitted (bound once and let go, as the daemon will bind it).
     """
     try:
-        privileges.account(cfg)
+        acct = privileges.account(cfg)
     except privileges.StartError as exc:
         return str(exc)
+    # As root: each daemon becomes the Mailroom user and still reads code after that.
+    closed = privileges.code_problem(acct)
+    if closed:
+        return closed
     # All at once, as the daemons hold them: two addresses of one setting that
     # overlap ([::]:25 and 0.0.0.0:25) are found here too.
     endpoints = {key: cfg.endpoints(key) for key in configmod.listener_keys() if roles.binds(key, cfg.mailroom.roles)}
@@ -167,6 +207,10 @@ def run(cfg: Config) -> int:
         print(f"mailroom run: {problem}", file=sys.stderr)
         return 1
     os.umask(privileges.UMASK)
+    acct = privileges.account(cfg)
+    if cfg.log_dir is not None:
+        # Made now, the Mailroom user's: the web program and Dovecot write there too.
+        privileges.private_dir(cfg.log_dir, acct)
     db = Database(cfg.database_url, threads=1)
     try:
         db.create_schema()
@@ -182,11 +226,15 @@ def run(cfg: Config) -> int:
     filter_down = rspamd.prepare(cfg, _root_switch(cfg)) if runs_filter else "off"
     if filter_down and runs_filter:
         print(f"mailroom: {filter_down}", file=sys.stderr, flush=True)
+    if cfg.log_dir is not None:
+        print(f"mailroom: each program logs to {cfg.log_dir}/PROGRAM.log; here: supervisord, "
+              "and what a program prints when it cannot start or crashes", flush=True)
     conf = render(cfg, with_imap=why_not is None, with_filter=filter_down is None)
     run_dir = cfg.run_dir.resolve()
     for old in (run_dir / "stopped", *(failure_file(run_dir, p) for p in PROGRAMS)):
         with contextlib.suppress(FileNotFoundError):
             old.unlink()
+    _append_only_output()
     # The rest of `mailroom run`'s life is spent waiting: a small process of the standard
     # library only (cli/watch.py) stays as supervisord's parent, not this one.
     argv = [sys.executable, "-m", "cli.watch", "run", str(run_dir), "relay" if not _stdout_reopens() else "direct",
@@ -203,6 +251,22 @@ def _root_switch(cfg: Config) -> privileges.Account | None:
 def _unbound_user(cfg: Config) -> str | None:
     """Whom unbound becomes after binding: the Mailroom user, when started as root."""
     return cfg.mailroom.user or None if os.geteuid() == 0 else None
+
+
+def _append_only_output() -> None:
+    """Make our standard output and error append-only (O_APPEND) when they are files.
+
+    Several writers share them: supervisord writes its own lines through the
+    descriptor it inherits, and each program's output through its own open of
+    /dev/stdout (supervisord opens it O_APPEND).  A file the shell opened with `>`
+    is not O_APPEND: the inherited descriptor keeps its own offset, and
+    supervisord's lines would land over what the programs appended meanwhile.
+    With O_APPEND on it too, every write lands at the end, whole.
+    """
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
 
 
 def _stdout_reopens() -> bool:
@@ -237,7 +301,38 @@ def reload(cfg: Config, *, skip: tuple[str, ...] = ()) -> int:
     return ctl(cfg, "signal", "HUP", *specs)
 
 
+def credentials(cfg: Config) -> tuple[str, str]:
+    """The user name and password of the running supervisord's control socket (from
+    RUN_DIR/supervisord.conf, where `mailroom run` wrote them), for an XML-RPC client."""
+    parser = configparser.RawConfigParser(strict=False)
+    parser.read(cfg.run_dir.resolve() / "supervisord.conf")
+    return parser.get("supervisorctl", "username", fallback=""), parser.get("supervisorctl", "password", fallback="")
+
+
+# `mailroom status|stop|start|restart` when no supervisord answers: LSB's "program is
+# not running" (supervisorctl's status uses it too, for a program that is not running).
+EXIT_NOT_RUNNING = 3
+
+
+def _supervisord_answers(sock: Path) -> bool | None:
+    """Does a supervisord listen on its control socket?  None when we may not ask."""
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(sock))
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+            return False  # never started, or stopped (or killed, leaving the socket file)
+        except PermissionError:
+            return None
+    return True
+
+
 def ctl(cfg: Config, *args: str) -> int:
+    """supervisorctl with `args` against this installation's supervisord; when none is
+    running, one line that says so on stdout and EXIT_NOT_RUNNING."""
+    sock = cfg.run_dir.resolve() / "supervisor.sock"
+    if _supervisord_answers(sock) is False:
+        print(f"mailroom is not running (nothing answers on {sock}); `mailroom run` starts it")
+        return EXIT_NOT_RUNNING
     conf = cfg.run_dir.resolve() / "supervisord.conf"
     if not conf.exists():
         conf = render(cfg)

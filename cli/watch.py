@@ -8,13 +8,17 @@ stopped the suite.
 
 `python -m cli.watch listen RUN_DIR` is the event listener.  A daemon that
 cannot start (a folder it cannot write, a key that does not load) exits
-with status 2, 73 or 78 after saying why in one line, and sends supervisord
-a copy of that line between capture tags.  The listener keeps the line
-(RUN_DIR/PROGRAM.failed) and, when such a daemon exits or supervisord gives
-up on it, records which (RUN_DIR/stopped) and shuts supervisord down, so
-`mailroom run` ends with the line and status 1 instead of a loop of
-restarts.  Both import nothing but the standard library: they run for as
-long as the suite does, and should cost little memory.
+with status 2, 73 or 78 after saying why in one line on its standard error.
+The programs' logs are files of their own, so what a program prints reaches
+supervisord only when it cannot start or crashes; supervisord passes each such
+piece on as an event (PROCESS_LOG), and the listener keeps each program's last
+line.  When a daemon exits with one of those statuses, or supervisord gives up
+on it, the listener writes that line (RUN_DIR/PROGRAM.failed), records which
+program (RUN_DIR/stopped) and shuts supervisord down, so `mailroom run` ends
+with the line and status 1 instead of a loop of restarts.  Nothing a program
+prints is taken for a command: supervisord's capture mode, which would obey
+tags in the output, is off.  Both import nothing but the standard library:
+they run for as long as the suite does, and should cost little memory.
 """
 
 from __future__ import annotations
@@ -34,34 +38,44 @@ def failure_file(run_dir: Path, program: str) -> Path:
     return run_dir / f"{program}.failed"
 
 
+def last_line(text: str) -> str:
+    """The last line of `text` that is not blank (what a program said last)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
 def watch(run_dir: Path) -> None:
-    """supervisord event listener (its protocol on stdin/stdout): keeps the line each
-    daemon that cannot start sends (RUN_DIR/PROGRAM.failed); when a daemon exits
-    with a status that says it cannot start, or supervisord gives up on it, records
-    which (RUN_DIR/stopped) and shuts supervisord down."""
+    """supervisord event listener (its protocol on stdin/stdout): keeps the end of what
+    each program printed (PROCESS_LOG events); when a daemon exits with a status that
+    says it cannot start, or supervisord gives up on it, writes the daemon's last line
+    (RUN_DIR/PROGRAM.failed), records which (RUN_DIR/stopped) and shuts supervisord down."""
+    said: dict[str, str] = {}  # program -> the end of its output, a few KiB at most
+    stdin = sys.stdin.buffer
     while True:
         sys.stdout.write("READY\n")
         sys.stdout.flush()
-        header = dict(f.split(":", 1) for f in sys.stdin.readline().split())
-        payload = sys.stdin.read(int(header["len"]))
+        header = dict(f.split(":", 1) for f in stdin.readline().decode().split())
+        payload = stdin.read(int(header["len"])).decode("utf-8", "replace")
         first, _, data = payload.partition("\n")
-        fields = dict(f.split(":", 1) for f in first.split())
+        fields = dict(f.split(":", 1) for f in first.split() if ":" in f)
         event = header["eventname"]
         # By program (the group): with `[mta] processes` > 1 the processes are mta_0, mta_1, ...
         program = fields.get("groupname", "")
-        if event == "PROCESS_COMMUNICATION_STDOUT" and program in PROGRAMS:
-            failure_file(run_dir, program).write_text(data.strip() + "\n")
+        if event.startswith("PROCESS_LOG") and program in PROGRAMS:
+            said[program] = (said.get(program, "") + data)[-4096:]
         gave_up = event == "PROCESS_STATE_FATAL" or (
             event == "PROCESS_STATE_EXITED" and fields.get("expected") == "1"
         )
         if gave_up and program in PROGRAMS:
             stop = run_dir / "stopped"
             if not stop.exists():
+                why = last_line(said.get(program, ""))
+                if why:
+                    failure_file(run_dir, program).write_text(why + "\n")
                 stop.write_text(program + "\n")
                 os.kill(os.getppid(), signal.SIGTERM)
         sys.stdout.write("RESULT 2\nOK")
         sys.stdout.flush()
-
 
 
 def run(run_dir: Path, argv: list[str], *, relay: bool) -> int:
@@ -84,7 +98,7 @@ def run(run_dir: Path, argv: list[str], *, relay: bool) -> int:
     try:
         why = failure_file(run_dir, program).read_text().strip()
     except OSError:
-        why = f"{program} stopped and could not be started again (its log above says why)"
+        why = f"{program} stopped and could not be started again (its output above says why)"
     print(f"mailroom run: {why}", file=sys.stderr)
     return 1
 

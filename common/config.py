@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from common.endpoint import Endpoint
+from common.endpoint import UNIX_PREFIX, Endpoint
+from common.numbers import is_decimal
 
 DEFAULT_PATH = "./var/mailroom.toml"
 # The shortest `[queue] lease` (renewed a third of it apart).
 MIN_LEASE = 3.0
+# The MSA's hand-off to the MTA: a Unix socket in the private run folder (common/hop_secret.py).
+INTERNAL_SOCKET = "unix:run/internal.sock"
 # More MTA listener processes than this would be a typo, not a host.
 MAX_MTA_PROCESSES = 64
 # [filter] rspamd: `mailroom run` runs rspamd and its Redis itself.
@@ -47,7 +50,8 @@ class MailroomSection:
     domains: list[str] = field(default_factory=list, metadata=_meta("domains", "Mail domains delivered here (local domains)"))
     database: str = field(default="sqlite:///mailroom.db", metadata=_meta("dburl", "SQLAlchemy URL of the shared database"))
     mail_root: str = field(default="mail", metadata=_meta("path", "Folder under which every mailbox lives"))
-    run_dir: str = field(default="run", metadata=_meta("path", "Folder for sockets, pid files and process logs"))
+    run_dir: str = field(default="run", metadata=_meta("path", "Folder for sockets, pid files and supervisord's own log"))
+    log_dir: str = field(default="log", metadata=_meta("path", "Folder of the log files, one per program (msa.log, mta.log, ...), each reopened when logrotate moves it; empty: standard error (the journal when systemd runs a daemon)"))
     log_level: str = field(default="info", metadata=_meta("loglevel", "debug shows every SMTP/LMTP line (AUTH redacted)"))
     log_format: str = field(default="text", metadata=_meta("logformat", "text (one readable line per record) or json (one JSON object per line, trace_id a field)"))
     user: str = field(default="", metadata=_meta("str", "The account every daemon serves as; started as root, they bind ports and then become it (required as root)"))
@@ -73,6 +77,8 @@ class SMTPSection:
     max_connections: int = field(default=1000, metadata=_meta("int", "Connections per listener; more get 421 4.7.0"))
     max_connections_per_client: int = field(default=50, metadata=_meta("int", "Connections per client address; more get 421 4.7.0"))
     max_errors: int = field(default=20, metadata=_meta("int", "Errors in one session before disconnecting"))
+    stress_threshold: int = field(default=80, metadata=_meta("int", "Stress mode (as Postfix's smtpd) from this percentage of max_connections open: idle and TLS handshake timeouts become stress_timeout, until the count is back under three quarters of it (0: off)"))
+    stress_timeout: float = field(default=10.0, metadata=_meta("duration", "Idle and TLS handshake timeout under stress"))
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,7 @@ class MSASection:
 @dataclass(frozen=True)
 class MTASection:
     smtp: list[str] = field(default_factory=lambda: ["127.0.0.1:2525"], metadata=_meta("listen", "Public listener (the port 25 role)"))
-    internal: list[str] = field(default_factory=lambda: ["127.0.0.1:10025"], metadata=_meta("listen", "Internal listener for the MSA; loopback or unix:/path only"))
+    internal: list[str] = field(default_factory=lambda: [INTERNAL_SOCKET], metadata=_meta("listen", "Internal listener for the MSA: a Unix socket (only the daemons' uid may connect; a relative path is in the config's folder) or a loopback address (the MSA then logs in with <run_dir>/internal.secret)"))
     trusted_networks: list[str] = field(default_factory=list, metadata=_meta("networks", "Client networks allowed to relay through the public listener"))
     max_hops: int = field(default=50, metadata=_meta("int", "More Received headers than this is a mail loop (554 5.4.6)"))
     min_free_disk: int = field(default=100 * 1024 * 1024, metadata=_meta("size", "Below this much free space, MAIL gets 452 4.3.1"))
@@ -157,6 +163,7 @@ class WebSection:
     listen: list[str] = field(default_factory=lambda: ["127.0.0.1:8025"], metadata=_meta("listen", "HTTP listener of the web program (mail client autoconfig, the live page at /, /metrics); read-only"))
     http: str = field(default="", metadata=_meta("listen?", "Plain HTTP for the Internet (the port 80 role): ACME HTTP-01 challenges and mail client autoconfig, nothing else; empty: off"))
     https: str = field(default="", metadata=_meta("listen?", "HTTPS for the Internet with the [tls] certificate (the port 443 role): the MTA-STS policy at mta-sts.DOMAIN and mail client autoconfig; empty: off"))
+    admin: list[str] = field(default_factory=list, metadata=_meta("listen*", "HTTPS listener (TLS only, [tls] cert and key) of the admin page at /admin and users' own page at /account; keep it on loopback or a private network (`mailroom init` writes 127.0.0.1:8443); [] turns it off"))
 
 
 @dataclass(frozen=True)
@@ -268,6 +275,27 @@ class LabSection:
 
 
 @dataclass(frozen=True)
+class DMARCSection:
+    """DMARC aggregate reports (RFC 7489 7.2) about the mail we receive (mta/dmarcreport.py)."""
+
+    reports: bool = field(default=True, metadata=_meta("bool", "Record the DMARC verdict of every message from the Internet and send each domain that asks (rua=) a daily report"))
+    report_at: str = field(default="00:15", metadata=_meta("time?", "Local time the reports of the UTC days that have ended go out (`mailroom dmarc report`); empty: only by hand"))
+    report_from: str = field(default="", metadata=_meta("str", "Sender of the reports; empty: postmaster@ the first local domain"))
+    org_name: str = field(default="", metadata=_meta("str", "Who the reports say they are from (org_name); empty: the host name"))
+
+
+@dataclass(frozen=True)
+class BackupSection:
+    """Backups (`mailroom backup`, `mailroom restore`; docs/operations.md, "Backups and upgrades")."""
+
+    dir: str = field(default="backup", metadata=_meta("path", "Folder the backups go to (`mailroom backup --to` overrides); better on another disk, copied off the host"))
+    key: str = field(default="backup.key", metadata=_meta("path", "The backup key made by `mailroom backup init`; keep a copy away from this host: without it no backup can be read"))
+    at: str = field(default="", metadata=_meta("time?", "Local time of the daily backup, HH:MM (\"03:30\"; HH:MM:SS also); empty: no scheduled backup"))
+    keep_days: int = field(default=7, metadata=_meta("int", "Keep the last backup of each of this many days"))
+    keep_weeks: int = field(default=4, metadata=_meta("int", "Keep the last backup of each of this many weeks, as well"))
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     mailroom: MailroomSection = field(default_factory=MailroomSection)
@@ -288,6 +316,8 @@ class Config:
     acme: ACMESection = field(default_factory=ACMESection)
     mta_sts: MTASTSSection = field(default_factory=MTASTSSection)
     lab: LabSection = field(default_factory=LabSection)
+    backup: BackupSection = field(default_factory=BackupSection)
+    dmarc: DMARCSection = field(default_factory=DMARCSection)
 
     @property
     def base(self) -> Path:
@@ -324,6 +354,11 @@ class Config:
         return self.resolve(self.mailroom.run_dir)
 
     @property
+    def log_dir(self) -> Path | None:
+        """Where each program writes its log file; None: to standard error."""
+        return self.resolve(self.mailroom.log_dir) if self.mailroom.log_dir else None
+
+    @property
     def queue_dir(self) -> Path:
         """The folder holding the queue: the SQLite database's, else run_dir."""
         url = self.database_url
@@ -341,7 +376,8 @@ class Config:
         (validated at load), in the order written."""
         section, _, name = key.partition(".")
         value = getattr(getattr(self, section), name)
-        return [Endpoint.parse(v) for v in ([value] if isinstance(value, str) else value)]
+        base = str(self.base)  # a relative unix:run/x.sock is in the config's folder, as every path
+        return [Endpoint.parse(v, base) for v in ([value] if isinstance(value, str) else value)]
 
     def endpoint(self, key: str) -> Endpoint:
         """The first address of listener setting `key`: the one to connect to
@@ -365,7 +401,8 @@ def listener_keys() -> list[str]:
         cls = hints[section.name]
         if dataclasses.is_dataclass(cls):
             keys += [
-                f"{section.name}.{f.name}" for f in dataclasses.fields(cls) if f.metadata.get("kind") == "listen"
+                f"{section.name}.{f.name}" for f in dataclasses.fields(cls)
+                if f.metadata.get("kind") in ("listen", "listen*")
             ]
     return keys
 
@@ -374,9 +411,10 @@ def listener_keys() -> list[str]:
 
 # A node's name goes into claim owners ("node:pid") and certificates: no colon, no space.
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+# ASCII digits only (re.ASCII): "٥m" is no duration, "١٠MiB" no size.
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.ASCII)
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.I)
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.I | re.ASCII)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
@@ -417,7 +455,7 @@ def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, in
         if default_port is None:
             raise ValueError(f"expected host:port, got {value!r}")
         return host, default_port
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not is_decimal(port_text) or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"bad port in {value!r}")
     if not host:
         raise ValueError(f"missing host in {value!r}")
@@ -501,6 +539,12 @@ def _convert(kind: str, value: object) -> object:
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ValueError(f"expected a positive number (1 is real time), got {value!r}")
             return float(value)
+        case "time?":
+            need(str, 'a time of day like "03:30"')
+            assert isinstance(value, str)
+            if value and not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d(:[0-5]\d)?", value):
+                raise ValueError(f'expected a time of day like "03:30", got {value!r}')
+            return value
         case "datetime?":
             need(str, "a date and time like 2026-12-01T18:00:00")
             assert isinstance(value, str)
@@ -560,17 +604,22 @@ def _convert(kind: str, value: object) -> object:
                 if not isinstance(d, str) or not re.fullmatch(r"[A-Za-z0-9.-]+", d):
                     raise ValueError(f"not a domain name: {d!r}")
             return [d.lower().rstrip(".") for d in value]
-        case "listen":
-            # One address or several, each served alike: ["0.0.0.0:25", "[::1]:25"].
+        case "listen" | "listen*":
+            # One address or several, each served alike: ["0.0.0.0:25", "[::1]:25"]; listen* may be [] (off).
             what = "host:port, [IPv6]:port or unix:/path, or a list of them"
             items = [value] if isinstance(value, str) else value
-            if not isinstance(items, list) or not items:
+            if not isinstance(items, list) or (not items and kind == "listen"):
                 raise ValueError(f"expected {what}, got {value!r}")
             addresses: list[str] = []
             for item in items:
                 if not isinstance(item, str):
                     raise ValueError(f"expected {what}, got {item!r}")
-                addresses.append(str(Endpoint.parse(item)))
+                text = item.strip()
+                if text.startswith(UNIX_PREFIX) and not text[len(UNIX_PREFIX):].startswith("/"):
+                    Endpoint.parse(text, base="/")  # checked now; Config.endpoints puts it in the config's folder
+                    addresses.append(text)
+                else:
+                    addresses.append(str(Endpoint.parse(text)))
             if len(set(addresses)) != len(addresses):
                 raise ValueError(f"an address is listed twice in {value!r}")
             return addresses
@@ -686,6 +735,8 @@ def _check(cfg: Config) -> None:
     if cfg.mta.processes > 1 and all(e.is_unix for e in cfg.endpoints("mta.smtp")):
         # The processes share TCP ports; a Unix socket is served by one process only.
         raise ConfigError("mta.processes: several processes need a TCP address in mta.smtp to share")
+    if cfg.smtp.stress_threshold > 100:
+        raise ConfigError(f"smtp.stress_threshold: a percentage of max_connections, 0 (off) to 100, got {cfg.smtp.stress_threshold}")
     if cfg.smtp.max_recipients < 1:
         raise ConfigError("smtp.max_recipients: must be at least 1")
     for resolver in cfg.outbound_tls.dnssec_resolvers:
@@ -739,6 +790,8 @@ user = "{user}"
 database = "sqlite:///mailroom.db"
 mail_root = "mail"
 run_dir = "run"
+# Each program's log: log/msa.log, log/mta.log, ... (deploy/logrotate.conf rotates them).
+log_dir = "log"
 log_level = "info"
 
 [tls]
@@ -751,7 +804,9 @@ submissions = "127.0.0.1:2465"
 
 [mta]
 smtp = "127.0.0.1:2525"
-internal = "127.0.0.1:10025"
+# The MSA's hand-off: a Unix socket in the run folder that only the daemons' user may use.
+# A loopback address works too (then the MSA logs in with run/internal.secret).
+internal = "{INTERNAL_SOCKET}"
 trusted_networks = []
 max_hops = 50
 retry_schedule = ["5m", "10m", "20m", "40m", "1h"]
@@ -777,6 +832,8 @@ sieve = "127.0.0.1:2190"
 
 [web]
 listen = "127.0.0.1:8025"
+# The admin page, over TLS only (`mailroom admin add NAME` makes an account).
+admin = "127.0.0.1:8443"
 # For the Internet (docs/operations.md, "Putting Mailroom on the Internet"):
 # http = "0.0.0.0:80"      # ACME HTTP-01 answers and mail client autoconfig
 # https = "0.0.0.0:443"    # the MTA-STS policy at mta-sts.DOMAIN
@@ -812,4 +869,12 @@ controller = "127.0.0.1:2784"
 redis = "127.0.0.1:2785"
 when_down = "accept_unscanned"
 dnsbl_zones = []
+
+[backup]
+# `mailroom backup init` makes the key; then a backup runs every day at `at`.
+dir = "backup"
+key = "backup.key"
+at = ""
+keep_days = 7
+keep_weeks = 4
 """

@@ -33,6 +33,7 @@ Labels = tuple[tuple[str, str], ...]
 LOGIN_FAILURES = "login_failures"  # labels: listener
 CONNECTIONS = "connections"  # labels: listener, result (accepted | refused)
 TLS_OUT = "tls_out"  # labels: hop, tls (yes | no): messages handed to a remote host
+STRESS = "stress"  # labels: listener: times it entered stress mode (common/smtp/admission.py)
 
 
 class Counters:

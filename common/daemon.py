@@ -2,9 +2,10 @@
 
 One order for every daemon, so no daemon can get it wrong:
 
-1. parse --config, load and validate the config, set up logging;
+1. parse --config, load and validate the config, set up logging (to stderr);
 2. decide the account to serve as (started as root with no `[mailroom] user`:
-   refuse), make the run folder, mail root, database, config and key private;
+   refuse), open the daemon's log file (`[mailroom] log_dir`/PROCESS.log, the
+   account's), make the run folder, mail root, database, config and key private;
 3. parse each listener setting the daemon declares ONCE into its `Endpoint`s
    (a setting may hold several addresses) and bind them all (an address that
    cannot be bound: one line naming the setting);
@@ -22,8 +23,10 @@ the listener's per-connection cost is mostly the loop's), unless the
 environment says `MAILROOM_EVENT_LOOP=asyncio`: asyncio's own loop, for an
 operator who needs to rule the loop out.
 
-A failure in 1-6 is one line on stderr and a non-zero exit, never a traceback:
-supervisord and the operator see why at once.  A daemon's __main__ is a few lines.
+A failure in 1-6 is one line on stderr (and in the log file, once it is open)
+and a non-zero exit, never a traceback: supervisord passes stderr on to
+`mailroom run`'s output and its watcher (cli/watch.py), so the operator sees
+why at once.  A daemon's __main__ is a few lines.
 """
 
 from __future__ import annotations
@@ -217,7 +220,8 @@ def main(
     logmod.setup(process, cfg.mailroom.log_level, cfg.mailroom.log_format)
     try:
         new_loop = loop_factory()
-        ctx = _prepare(cfg, listeners, tls=tls, writes_mail=writes_mail, preload=preload, instance=instance)
+        ctx = _prepare(cfg, listeners, tls=tls, writes_mail=writes_mail, preload=preload, instance=instance,
+                       process=process)
     except BindError as exc:
         _cannot_start(str(exc), EXIT_BIND)
     except StartError as exc:
@@ -258,20 +262,21 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
 
 
 def _cannot_start(line: str, status: int) -> NoReturn:
-    """Say why in one line and exit.  Under supervisord, a copy goes between its
-    capture tags: supervisord hands it to `mailroom run`'s watcher, not to the log."""
-    print(line, file=sys.stderr, flush=True)
-    if os.environ.get("SUPERVISOR_ENABLED"):
-        sys.stdout.write(f"<!--XSUPERVISOR:BEGIN-->{line}<!--XSUPERVISOR:END-->")
-        sys.stdout.flush()
+    """Say why in one line and exit: on stderr (under supervisord, `mailroom run`'s
+    watcher keeps a program's last line of stderr), and in the log file if open."""
+    if logmod.file_path() is not None:
+        log.error("cannot start: %s", line)
+    sys.stderr.write(line + "\n")  # one write: the watcher reads it as one piece
+    sys.stderr.flush()
     raise SystemExit(status)
 
 
 def _prepare(
     cfg: Config, listeners: Sequence[str], *, tls: bool, writes_mail: bool, preload: Sequence[str],
-    instance: int | None = None,
+    instance: int | None = None, process: str = "daemon",
 ) -> Context:
     acct = privileges.account(cfg)
+    privileges.open_log(cfg, acct, process)  # every process of one program appends to one file
     privileges.secure(cfg, acct)
     endpoints = {key: cfg.endpoints(key) for key in listeners}  # each setting parsed once
     if instance:
@@ -298,6 +303,9 @@ def _prepare(
     make_url(cfg.database_url).get_dialect().import_dbapi()
     for name in preload:
         importlib.import_module(name)
+    from common import schema  # (alembic: loaded here, not by every command that imports this module)
+
+    schema.scripts()  # the migration scripts, read while the code is surely readable
     mail_group = writes_mail and acct.mail_gid is not None
     privileges.become(acct, umask=privileges.MAIL_UMASK if mail_group else privileges.UMASK)
     # Only now can a client connect: the first byte it sends reaches the Mailroom user.

@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -209,14 +208,10 @@ class Database:
         common/migrations, brought to the newest revision (a no-op when current).
         To change the schema: edit common/models.py, then
         `alembic -x ... revision --autogenerate` (see docs/operations.md)."""
-        from alembic import command
-        from alembic.config import Config as AlembicConfig
+        from common import schema
 
-        cfg = AlembicConfig()
-        cfg.set_main_option("script_location", str(Path(__file__).resolve().parent / "migrations"))
         with self.engine.connect() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+            schema.upgrade(conn)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run blocking database (or fsync) work in the pool, keeping the loop free."""

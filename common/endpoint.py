@@ -20,6 +20,8 @@ import socket
 import stat
 from dataclasses import dataclass
 
+from common.numbers import is_decimal
+
 UNIX_PREFIX = "unix:"
 
 
@@ -36,13 +38,16 @@ class Endpoint:
     path: str = ""
 
     @classmethod
-    def parse(cls, text: str) -> Endpoint:
-        """'127.0.0.1:25', '[::1]:25', 'localhost:25' or 'unix:/path'; ValueError says why not."""
+    def parse(cls, text: str, base: str = "") -> Endpoint:
+        """'127.0.0.1:25', '[::1]:25', 'localhost:25' or 'unix:/path'; ValueError says why not.
+        With `base` (the config file's folder), 'unix:run/x.sock' is a path relative to it."""
         value = text.strip()
         if value.startswith(UNIX_PREFIX):
             path = value[len(UNIX_PREFIX):]
+            if base and path and not path.startswith("/") and "\0" not in path:
+                path = os.path.join(base, path)
             if not path.startswith("/"):
-                raise ValueError(f"expected unix:/absolute/path, got {text!r}")
+                raise ValueError(f"expected unix:/absolute/path or unix:path/in/the/config/folder, got {text!r}")
             return cls(path=path)
         if value.startswith("["):
             host, bracket, rest = value[1:].partition("]")
@@ -61,7 +66,7 @@ class Endpoint:
             raise ValueError(f"expected host:port or unix:/path, got {text!r}")
         if not host:
             raise ValueError(f"missing host in {text!r}")
-        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        if not is_decimal(port_text) or not 0 <= int(port_text) <= 65535:  # ASCII digits: "٢٥" is no port
             raise ValueError(f"bad port in {text!r}")
         return cls(host=host, port=int(port_text))
 

@@ -25,7 +25,7 @@ class Hop(StrEnum):
     MTA = "mta"  # the MTA's listener (smtpd): received and queued
     QMGR = "qmgr"  # the queue manager: delivery attempts, DSNs
     MDA = "mda"  # local delivery into a mailbox (LMTP)
-    ADMIN = "admin"  # the operator, through `mailroom queue`
+    ADMIN = "admin"  # the operator, through `mailroom queue` or the admin page
 
 
 class EventName(StrEnum):
@@ -45,6 +45,7 @@ class EventName(StrEnum):
     RELEASED = "released"  # admin: `mailroom queue release`
     DELETED = "deleted"  # admin: `mailroom queue delete`
     FILTERED = "filtered"  # mda: the user's Sieve filter redirected, replied or failed (the detail says)
+    CHANGED = "changed"  # admin: a change made on the admin page (or a user's own page); the detail says who and what
 
 
 # The events that end one recipient's journey through the queue manager.

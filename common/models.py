@@ -98,6 +98,37 @@ class SieveSend(Base):
     __table_args__ = (Index("ix_sieve_sends_user_time", "user", "time"),)
 
 
+class Admin(Base):
+    """An account of the admin page (`mailroom admin add NAME`); not a mail user."""
+
+    __tablename__ = "admins"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(200))  # argon2id
+    created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class DMARCVerdict(Base):
+    """The DMARC verdict on one message from the Internet, kept until the day's aggregate
+    report (RFC 7489 7.2) to its From: domain has gone out (mta/dmarcreport.py)."""
+
+    __tablename__ = "dmarc_verdicts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    source_ip: Mapped[str] = mapped_column(String(45))
+    header_from: Mapped[str] = mapped_column(String(255), index=True)
+    envelope_from: Mapped[str] = mapped_column(String(255), default="")  # the domain
+    spf_domain: Mapped[str] = mapped_column(String(255), default="")
+    spf_result: Mapped[str] = mapped_column(String(12), default="none")
+    dkim: Mapped[str] = mapped_column(Text, default="[]")  # JSON: [[domain, selector, result], ...]
+    result: Mapped[str] = mapped_column(String(12))  # pass, fail, none, temperror, permerror
+    disposition: Mapped[str] = mapped_column(String(12), default="none")  # none, quarantine, reject
+    reason: Mapped[str] = mapped_column(String(32), default="")  # sampled_out (pct), local_policy
+    # The published record that applied (empty when none was found).
+    policy_domain: Mapped[str] = mapped_column(String(255), default="")
+    record: Mapped[str] = mapped_column(Text, default="")
+
+
 class Message(Base):
     __tablename__ = "messages"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)  # the trace id

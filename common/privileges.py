@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import grp
 import importlib
+import importlib.util
 import logging
 import os
 import pkgutil
@@ -26,6 +27,8 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import hop_secret
+from common import log as logmod
 from common.config import Config
 
 log = logging.getLogger("daemon")
@@ -172,12 +175,36 @@ def secure(cfg: Config, acct: Account) -> None:
     for path in database_files(cfg):
         make_private(path, acct, what="database file", own=True)
     make_private(cfg.path, acct, what="config")
+    # Made by whichever process needed it first (perhaps root, in a test or a command).
+    make_private(cfg.run_dir / hop_secret.FILE, acct, what="internal hop secret", own=True)
     make_private(cfg.resolve(cfg.tls.key), acct, what="TLS key")
     key_dir = cfg.resolve(cfg.dkim.key_dir)
     if key_dir.is_dir():  # made by `mailroom init` or `mailroom dkim keygen`, perhaps as root
         private_dir(key_dir, acct)
         for path in key_dir.iterdir():
             make_private(path, acct, what="DKIM key", own=True)
+
+
+def open_log(cfg: Config, acct: Account, program: str) -> None:
+    """Send this process's log records to `[mailroom] log_dir`/PROGRAM.log from now on
+    (the folder made owner-only and the Mailroom user's, the file too); nothing when
+    log_dir is empty (they stay on standard error).  Called before the switch: a
+    folder it cannot make is a StartError."""
+    folder = cfg.log_dir
+    if folder is None:
+        return
+    try:
+        private_dir(folder, acct)
+        logmod.to_file(folder / f"{program}.log", owner=(acct.uid, acct.gid) if os.getuid() == 0 else None)
+    except OSError as exc:
+        raise StartError(f"[mailroom] log_dir = {cfg.mailroom.log_dir}: {exc.strerror or exc} ({folder})") from None
+
+
+def open_helper_log(cfg: Config, program: str) -> None:
+    """open_log for the programs beside the daemons (web, renew, schedule), which may
+    stay root when no `[mailroom] user` is set: then they log to standard error."""
+    if cfg.mailroom.user or os.getuid() != 0:
+        open_log(cfg, account(cfg), program)
 
 
 def hand_over(path: str, acct: Account) -> None:
@@ -205,6 +232,43 @@ PRELOAD = (
 )
 
 
+# Mailroom's own packages: what the daemons import, and the files they read from them.
+CODE_PACKAGES = ("common", "msa", "mta", "mda", "cli", "web", "lab")
+
+
+def _may(st: os.stat_result, acct: Account, need: int) -> bool:
+    shift = 6 if st.st_uid == acct.uid else 3 if st.st_gid == acct.gid else 0
+    return (st.st_mode >> shift) & need == need
+
+
+def code_problem(acct: Account) -> str | None:
+    """As root: the one line saying that `acct` may not read Mailroom's code (a folder on
+    the way to a package, a package folder, or a file in one: the schema migrations are
+    among them), or None.  The daemons start as root and import as root, but read more
+    of the code after the switch (modules loaded on first use; the web program's files)."""
+    if os.getuid() != 0 or acct.uid == 0:
+        return None
+    for name in CODE_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            top = Path(location)
+            for p in reversed(top.parents):
+                if not _may(p.stat(), acct, 0o1):
+                    return (f"{acct.name} cannot read Mailroom's code in {top}: {p} is closed to it "
+                            f"(mode {stat.S_IMODE(p.stat().st_mode):04o}), and the daemons read the code after they "
+                            f"become {acct.name}; put the code where every user can read it (a clone, or a venv "
+                            f"with `pip install .`, under /opt or /usr/local)")
+            for folder, dirs, files in os.walk(top):
+                dirs[:] = [d for d in dirs if d != "__pycache__"]
+                here = Path(folder)
+                for path, need in [(here, 0o5), *((here / f, 0o4) for f in files)]:
+                    if not _may(path.stat(), acct, need):
+                        return (f"{acct.name} cannot read Mailroom's code: {path} is closed to it "
+                                f"(mode {stat.S_IMODE(path.stat().st_mode):04o}), and the daemons read the code after "
+                                f"they become {acct.name}; give every user read access (chmod -R a+rX {top})")
+    return None
+
+
 def preload() -> None:
     """Load now what would be loaded lazily later: after the switch the Python
     installation may not be readable (a pyenv under /root, mode 0700)."""
@@ -225,7 +289,8 @@ def become(acct: Account, *, umask: int = UMASK) -> None:
     if os.getuid() == 0:
         stdlib = sysconfig.get_paths()["stdlib"]
         unreadable = not readable_by(Path(stdlib), acct)
-        if unreadable:
+        closed_code = code_problem(acct)
+        if unreadable or closed_code:
             preload()
         # No supplementary groups: a mail group reaches new mailboxes through the
         # mail root's setgid bit, not through membership.
@@ -241,8 +306,11 @@ def become(acct: Account, *, umask: int = UMASK) -> None:
                 "switch; a Python every user can read (/usr/bin/python3 -m venv) is safer",
                 stdlib, acct.name,
             )
-            if os.environ.get("MAILROOM_IMPORT_AUDIT"):
-                sys.addaudithook(_audit_import)
+        if closed_code:
+            log.warning("%s: modules were loaded and the schema migrations read before the switch "
+                        "(`mailroom run` refuses to start so)", closed_code)
+        if (unreadable or closed_code) and os.environ.get("MAILROOM_IMPORT_AUDIT"):
+            sys.addaudithook(_audit_import)
     os.umask(umask)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.numbers import is_decimal
+
 
 @dataclass(frozen=True, slots=True)
 class Reply:
@@ -49,7 +51,7 @@ def parse_reply(code: int, lines: list[str]) -> Reply:
     text = " ".join(line.strip() for line in lines)
     first, _, rest = text.partition(" ")
     parts = first.split(".")
-    if len(parts) == 3 and all(p.isdigit() for p in parts) and first[0] == str(code)[0]:
+    if len(parts) == 3 and all(is_decimal(p) for p in parts) and first[0] == str(code)[0]:
         return Reply(code, first, rest)
     default = {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "5.0.0")
     return Reply(code, default, text)
@@ -87,7 +89,8 @@ TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 SYNTAX_ERROR = Reply(500, "5.5.2", "Syntax error, command unrecognized")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")  # RFC 5321 4.5.3.1.4/6
 PARAM_SYNTAX = Reply(501, "5.5.4", "Syntax error in parameters")
-BAD_HELLO = Reply(501, "5.5.2", "Invalid characters in the HELO/EHLO name")  # RFC 5321 4.1.1.1
+# RFC 5321 4.1.1.1: a domain or an address literal (RFC 6531 3.3: or U-labels); RFC 3463 X.5.4.
+BAD_HELLO = Reply(501, "5.5.4", "Invalid HELO/EHLO name: a domain name or an address literal is needed")
 AUTH_SYNTAX = Reply(501, "5.5.2", "Cannot decode the AUTH response")  # RFC 4954 4
 AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")  # RFC 4954 4
 NOT_AVAILABLE = Reply(502, "5.5.1", "Command not available")  # RFC 5321 4.2.4
@@ -106,15 +109,24 @@ ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for authenticati
 BARE_LINE_ENDING = Reply(521, "5.5.2", "Bare CR or LF received, closing connection (use CRLF)")
 # In a BDAT message the framing is by count, so the session can go on (RFC 3030 2).
 BARE_LINE_IN_MESSAGE = Reply(550, "5.6.0", "Bare CR or LF in message (use CRLF)")
-# Without a size the chunk's end cannot be found, so nothing after it can be read as a command.
-BDAT_SYNTAX = Reply(421, "4.5.0", "Syntax: BDAT size [LAST]; closing connection")  # RFC 3030 2
+# Without a size the chunk's end cannot be found, so nothing after it can be read as a
+# command: the session ends after this reply (RFC 3030 2).
+BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT size [LAST], the size in ASCII digits; closing connection")
 UNKNOWN_USER = Reply(550, "5.1.1", "Recipient address rejected: user unknown")
 OVER_QUOTA = Reply(552, "5.2.2", "Mailbox full")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+# A BDAT chunk over the limit is refused before its octets are read, so they cannot be
+# told from commands: the session ends after this reply (RFC 3030 2).
+CHUNK_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit; closing connection")
 HEADER_SENDER_DENIED = Reply(550, "5.7.1", "From: header address not owned by you")
 SENDER_DENIED = Reply(553, "5.7.1", "Sender address not owned by you")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 # A hop between our hosts (common/hop_tls.py) from a certificate whose node is not in [cluster] peers:
 # temporary, so that a node left out by mistake defers its mail until the list is fixed, never bounces it.
 NOT_A_PEER = Reply(421, "4.7.0", "Not a node of this installation, closing connection")
+# The MTA's internal listener takes only our MSA: on its Unix socket, the uid the
+# daemons run as (SO_PEERCRED); over TCP, AUTH with the installation's secret first.
+NOT_OUR_MSA = Reply(554, "5.7.1", "This listener is for Mailroom's MSA only")
+TRACE_SYNTAX = Reply(501, "5.5.4", "XTRACE must be 18 hexadecimal digits (0-9, A-F)")
+TRACE_TAKEN = Reply(554, "5.5.4", "XTRACE names a message already queued; not queued again")
 MAIL_LOOP = Reply(554, "5.4.6", "Too many hops, mail loop detected")

@@ -24,6 +24,7 @@ import ssl
 from dataclasses import dataclass, field
 
 from common.endpoint import Endpoint
+from common.numbers import is_decimal
 from common.reply import Reply, parse_reply
 
 log = logging.getLogger("smtp_client")
@@ -150,7 +151,7 @@ class Client:
             if not raw:
                 raise NextHopError(Reply(451, "4.4.2", f"{self.peer} closed the connection"))
             text = raw.decode("utf-8", "replace").rstrip("\r\n")
-            if len(text) < 3 or not text[:3].isdigit():
+            if len(text) < 3 or not is_decimal(text[:3]):  # "²²⁰" is no reply code
                 raise NextHopError(Reply(451, "4.5.0", f"{self.peer} sent garbage: {text[:60]!r}"))
             code = int(text[:3])
             lines.append(text[4:])
@@ -199,8 +200,9 @@ class Client:
             raise NextHopError(Reply(451, "4.7.5", f"TLS with {self.peer} failed: {exc}")) from exc
         self.tls = True
 
-    async def auth_plain(self, user: str, password: str) -> Reply:
-        if not self.tls:
+    async def auth_plain(self, user: str, password: str, *, clear_ok: bool = False) -> Reply:
+        """AUTH PLAIN; never without TLS unless `clear_ok` (our own internal hop, on loopback)."""
+        if not self.tls and not clear_ok:
             return Reply(530, "5.7.0", "Refusing to send a password without TLS")
         token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
         await self._write(f"AUTH PLAIN {token}\r\n".encode())

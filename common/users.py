@@ -44,6 +44,14 @@ def check_password(user: User | None, password: str) -> bool:
         return False
 
 
+def verify_hash(password_hash: str | None, password: str) -> bool:
+    """Does `password` match the argon2 hash (None: no such account, checked as slowly as a wrong password)?"""
+    try:
+        return _hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+    except (VerificationError, InvalidHashError):
+        return False
+
+
 def find_user(session: Session, address: str, delimiter: str = "") -> User | None:
     """The local user an address delivers to directly (user+tag@domain -> user@domain)."""
     key = lookup_key(address, delimiter)
@@ -83,3 +91,47 @@ def sieve_dir(mail_root: Path, mailbox: str) -> Path:
 
 def active_sieve(mail_root: Path, mailbox: str) -> Path:
     return sieve_dir(mail_root, mailbox) / "active.sieve"
+
+
+# --- changes: what `mailroom user` / `mailroom alias` and the admin page both do ---------
+#
+# The checks that name the config (local domains, the default store) and what follows a
+# change (Dovecot's users file, the postmaster role) are cli/accounts.py's.
+
+# A password hash that starts with this is a login turned off (the shadow file's `!`):
+# no argon2 hash starts so, so every check fails (check_password, Dovecot's users file
+# leaves it out), and taking the `!` away gives the same password back.  Mail to the
+# user is still delivered.
+DISABLED = "!"
+
+
+def is_disabled(user: User) -> bool:
+    return user.password_hash.startswith(DISABLED)
+
+
+def set_disabled(user: User, disabled: bool) -> bool:
+    """Turn the user's logins off (or on again); whether anything changed."""
+    if disabled == is_disabled(user):
+        return False
+    user.password_hash = DISABLED + user.password_hash if disabled else user.password_hash[len(DISABLED):]
+    return True
+
+
+def new_user(session: Session, address: str, password_hash: str, *, store: str, quota: int = 0) -> User:
+    """A user row with a mailbox folder of its own under the mail root (chosen now, never from the address later)."""
+    name = mailbox_name(address) + (".mbox" if store == "mbox" else "")
+    user = User(address=address.lower(), password_hash=password_hash, store=store, mailbox=name, quota=quota)
+    session.add(user)
+    return user
+
+
+def add_alias_targets(session: Session, source: str, targets: list[str]) -> list[str]:
+    """Add `source -> target` for each target not there yet; the ones added."""
+    have = set(session.scalars(select(Alias.target).where(Alias.source == source)))
+    added = []
+    for t in targets:
+        if t not in have:
+            session.add(Alias(source=source, target=t))
+            have.add(t)
+            added.append(t)
+    return added

@@ -28,12 +28,14 @@ later messages and, at its redelivery, by a second, whole copy.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import re
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from mda.quota import QuotaExceeded
@@ -361,3 +363,28 @@ def _fcntl_lock(fd: int, deadline: float) -> None:
         if time.monotonic() > deadline:
             raise LockTimeout("fcntl")
         time.sleep(0.005)
+
+
+@contextlib.contextmanager
+def held(path: Path, lock_timeout: float = 30.0) -> Iterator[int]:
+    """Hold the mailbox as a delivery does (dotlock, then fcntl) and give its open
+    descriptor: a copy read meanwhile (a backup) is whole messages, never half an append.
+    FileNotFoundError when there is no such mailbox."""
+    deadline = time.monotonic() + lock_timeout
+    mutex = _thread_locks.get(path)
+    if not mutex.acquire(timeout=max(lock_timeout, 0.001)):
+        raise LockTimeout(f"{path}: busy in this process")
+    try:
+        fd = os.open(path, os.O_RDWR)  # before the dotlock: no lock is made for a mailbox that is not there
+        try:
+            lock_path = path.with_name(path.name + ".lock")
+            _dotlock(lock_path, deadline)
+            try:
+                _fcntl_lock(fd, deadline)
+                yield fd
+            finally:
+                os.unlink(lock_path)
+        finally:
+            os.close(fd)
+    finally:
+        mutex.release()

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
-from common import counters, dsn
+from common import counters, dsn, headers, hop_secret
 from common import reply as R
 from common.address import lookup_key
 from common.clock import Clock
@@ -75,14 +75,20 @@ class SubmissionPolicy:
     auth_lockout: float
     max_messages_per_hour: int
     max_recipients_per_hour: int
-    # The MTA on another host: TLS from the first byte, with this node's certificate (common/hop_tls.py).
+    # Over TCP the MTA's internal listener takes MAIL only after AUTH with this (common/hop_secret.py);
+    # its Unix socket knows us by our uid instead.
+    next_hop_secret: str = ""
+    # The MTA on another host: TLS from the first byte, with this node's certificate (common/hop_tls.py),
+    # which proves us instead of the secret.
     next_hop_tls: ssl.SSLContext | None = None
 
     @classmethod
     def from_config(cls, cfg: Config) -> SubmissionPolicy:
         c = cfg.msa
+        next_hop = cfg.endpoint("mta.internal")
         return cls(
-            hostname=cfg.mailroom.hostname, next_hop=cfg.endpoint("mta.internal"),
+            hostname=cfg.mailroom.hostname, next_hop=next_hop,
+            next_hop_secret="" if next_hop.is_unix else hop_secret.load(cfg.run_dir),
             next_hop_timeout=cfg.smtp.idle_timeout,
             recipient_delimiter=cfg.mda.recipient_delimiter, max_auth_failures=c.max_auth_failures,
             auth_failure_window=c.auth_failure_window, auth_lockout=c.auth_lockout,
@@ -220,6 +226,13 @@ class SubmissionHandler(Handler):
             self.policy.next_hop, helo=self.policy.hostname, timeout=self.policy.next_hop_timeout,
             connect_timeout=10, tls=self.policy.next_hop_tls, implicit_tls=self.policy.next_hop_tls is not None,
         )
+        if self.policy.next_hop_secret and "AUTH" in client.extensions:
+            # Loopback only (the config allows nothing else): in the clear is safe here.
+            login = await client.auth_plain(hop_secret.LOGIN, self.policy.next_hop_secret, clear_ok=True)
+            if login.code != 235:
+                client.close()
+                log.error("the MTA refused the internal hop's secret: %s", login)
+                raise NextHopError(R.NEXT_HOP_UNAVAILABLE)
         params = [f"XTRACE={envelope.trace_id}"]
         if envelope.smtp_utf8:
             params.append("SMTPUTF8")
@@ -244,9 +257,15 @@ class SubmissionHandler(Handler):
         assert isinstance(envelope.content, bytes) and session.user is not None
         hostname = self.policy.hostname
         header, _ = submission.split_message(envelope.content)
+        # Bounded before anything parses it, and parsed in a worker thread: a
+        # stranger's header never holds the event loop (common/headers.py).
+        too_big = headers.check(header)
+        if too_big is not None:
+            log.warning("user %s sent a header over the limits: %s", session.user, too_big)
+            raise SMTPError(too_big)
         for name in submission.SENDER_FIELDS:  # one at a time, so the refusal names the field
             try:
-                shown = submission.from_addresses(header, (name,))
+                shown = await asyncio.to_thread(submission.from_addresses, header, (name,))
             except submission.UnreadableHeader as exc:
                 log.warning("user %s sent an unreadable header: %s", session.user, exc)
                 unreadable = R.HEADER_SENDER_DENIED.with_text(f"{name}: header cannot be read unambiguously")
@@ -320,8 +339,9 @@ async def run(ctx: Context) -> None:
     tls = ctx.tls()
     limits = limits_from(cfg.smtp, max_connections_per_client=cfg.msa.max_connections_per_client)
     policy = SubmissionPolicy.from_config(cfg)
-    if (hops := ctx.hops()) is not None:
-        policy = dataclasses.replace(policy, next_hop_tls=hops.client_for(policy.next_hop))
+    if (hops := ctx.hops()) is not None and (hop := hops.client_for(policy.next_hop)) is not None:
+        # The MTA's guarded listener knows us by our certificate and offers no AUTH.
+        policy = dataclasses.replace(policy, next_hop_tls=hop, next_hop_secret="")
     limiters = Limiters(policy, ctx.clock)
 
     def make() -> SubmissionHandler:

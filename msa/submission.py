@@ -22,6 +22,8 @@ import email.utils
 import re
 import secrets
 
+from common import headers
+
 _HEADER_END = re.compile(rb"\r\n\r\n|\A\r\n")
 
 
@@ -35,19 +37,13 @@ def split_message(content: bytes) -> tuple[bytes, bytes]:
 
 def header_values(header: bytes, name: str) -> list[str]:
     """Unfolded values of every `name:` field (also `name :`, RFC 5322 4.5's obsolete form)."""
-    text = header.decode("utf-8", "surrogateescape")
-    unfolded = re.sub(r"\r\n(?=[ \t])", "", text)
-    field = re.compile(rf"{re.escape(name)}[ \t]*:", re.I)
-    out = []
-    for line in unfolded.split("\r\n"):
-        m = field.match(line)
-        if m:
-            out.append(line[m.end() :].strip())
-    return out
+    return headers.values(header, name)
 
 
-# Anything a reader could take for an address, wherever it stands in the field.
-_ADDRESS_LIKE = re.compile(r"[^\s<>()\[\],;:\"'@]+@[^\s<>()\[\],;:\"'@]+")
+# Anything a reader could take for an address, wherever it stands in the field.  The
+# look-behind starts a match only where a word starts: without it a long word with
+# no "@" was scanned again from each of its characters (quadratic).
+_ADDRESS_LIKE = re.compile(r"(?<![^\s<>()\[\],;:\"'@])[^\s<>()\[\],;:\"'@]+@[^\s<>()\[\],;:\"'@]+")
 
 
 class UnreadableHeader(ValueError):
@@ -63,11 +59,12 @@ def from_addresses(header: bytes, names: tuple[str, ...] = SENDER_FIELDS) -> lis
 
     Raises UnreadableHeader when a field is empty or does not parse into
     plain addresses, so the caller refuses it instead of letting it through.
+    The caller passes the header through `common.headers.check` first.
     """
     found: list[str] = []
     for name in names:
         for value in header_values(header, name):
-            parsed = [a for _, a in email.utils.getaddresses([value])]
+            parsed = headers.addresses(value)  # None: over the limits the caller checked first
             if not parsed or any(not a or a.startswith("@") or "@" not in a for a in parsed):
                 raise UnreadableHeader(f"{name}: {value[:80]!r}")
             try:

@@ -3,17 +3,20 @@
 Plain data in, a `DMARCResult` out: the From: domain, the SPF result with the
 domain it was for, each DKIM result with its d= domain, and a resolver for the
 `_dmarc` record.  Organizational domains come from the public suffix list
-(publicsuffixlist ships a copy).  Not done: `pct` (the policy is applied to
-every failing message) and aggregate/failure reports (`rua`/`ruf`).
+(publicsuffixlist ships a copy).  `pct` is honoured: a failing message not in
+the sample gets the next milder policy (mta/dmarcreport.py, RFC 7489 6.6.4).
+The result keeps the record's tags for the aggregate reports (`rua`,
+mta/dmarcreport.py); failure reports (`ruf`) are not sent.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from publicsuffixlist import PublicSuffixList
 
 from common.dns import DNSTempError, Resolver
+from mta.dmarcreport import sample
 
 _psl: PublicSuffixList | None = None
 
@@ -32,6 +35,9 @@ class DMARCResult:
     result: str  # pass, fail, none, temperror, permerror
     domain: str  # the From: domain
     policy: str = "none"  # the policy that applies: none, quarantine, reject
+    tags: dict[str, str] = field(default_factory=dict)  # the record found ({} when none)
+    record_domain: str = ""  # where it was found: the From: domain or its organizational domain
+    sampled_out: bool = False  # pct left this failing message out: `policy` is the milder one
 
 
 Record = tuple[dict[str, str] | None, bool]
@@ -85,6 +91,7 @@ def verdict(
     tags, at_org = record
     if tags is None:
         return DMARCResult("none", domain)
+    found_at = org_domain(domain) if at_org else domain
     policy = tags.get("p", "none").lower()
     if at_org and "sp" in tags:
         policy = tags["sp"].lower()
@@ -96,8 +103,9 @@ def verdict(
     spf_ok = spf[0] == "pass" and _aligned(spf[1], domain, aspf)
     dkim_ok = any(result == "pass" and _aligned(d, domain, adkim) for result, d in dkim)
     if spf_ok or dkim_ok:
-        return DMARCResult("pass", domain, policy)
+        return DMARCResult("pass", domain, policy, tags, found_at)
     # An answer we could not get might have passed: not a failure (RFC 7489 6.6.2).
     if spf[0] == "temperror" or any(result == "temperror" for result, _ in dkim):
-        return DMARCResult("temperror", domain, policy)
-    return DMARCResult("fail", domain, policy)
+        return DMARCResult("temperror", domain, policy, tags, found_at)
+    policy, sampled_out = sample(policy, tags.get("pct", "100"))
+    return DMARCResult("fail", domain, policy, tags, found_at, sampled_out)

@@ -133,6 +133,11 @@ async def check_inbound(
             quarantine_header=cfg.mailauth.quarantine_header,
         )
         log.info("auth %s", verdict.summary())
+        if cfg.dmarc.reports:  # kept for the daily DMARC aggregate reports
+            from mta import dmarcreport
+
+            await dmarcreport.record(ctx, verdict, reply_code=decision.reply.code if decision.reply else None,
+                                     quarantine_header=cfg.mailauth.quarantine_header)
         if decision.reply is not None:
             return Inbound(decision.reply, b"", content)
         headers += decision.headers

@@ -516,6 +516,18 @@ def release_stale(session: Session, host: str) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+def release_restored(session: Session) -> int:
+    """In a database just restored from a backup no queue manager holds anything: every
+    claim belongs to a process of the installation the backup was taken from, which may
+    even still run on this host.  Put them all back, counting the cut attempt as
+    `release_stale` does."""
+    result = session.execute(
+        update(Recipient).where(Recipient.state == ACTIVE)
+        .values(state=QUEUED, owner="", lease="", lease_expires=None, attempts=Recipient.attempts + 1)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 def enqueue_dsn(
     conn: Connection | Session,
     *,

@@ -3,7 +3,12 @@
 Public: mail is accepted only for local domains, and only for recipients that
 exist (550 5.1.1 at RCPT, so we never accept-then-bounce to a forged sender);
 relaying is refused (554 5.7.1) unless the client is in trusted_networks.
-Internal: bound to loopback, it relays anywhere and keeps the MSA's trace id.
+Internal: it relays anywhere, signs with our keys and keeps the MSA's trace id,
+so it takes only our MSA.  On its Unix socket (the default) the kernel says who
+connected (SO_PEERCRED) and any uid but the daemons' own is turned away (554
+5.7.1); over TCP, MAIL needs AUTH with the installation's secret first (530
+5.7.0; common/hop_secret.py).  XTRACE must be a well-formed id (501 5.5.4) that
+names no message already queued (554 5.5.4).
 
 The 250 after DATA is sent only after `queue.enqueue` committed the message
 and its recipients (fsync'd); then the queue manager is woken.
@@ -14,16 +19,17 @@ from __future__ import annotations
 import datetime as dt
 import email.utils
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from sqlalchemy import Connection
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Connection, select
+from sqlalchemy.exc import IntegrityError, OperationalError
 
-from common import hop_tls, verdict
+from common import headers, hop_secret, hop_tls, verdict
 from common import reply as R
 from common.address import domain_of
 from common.clock import Clock
@@ -34,7 +40,7 @@ from common.directory import Directory
 from common.events import EventName, Hop
 from common.hop_tls import HopTLS
 from common.log import is_trace_id, new_trace_id, trace_id
-from common.models import add_event
+from common.models import Message, add_event
 from common.reply import Reply, SMTPError
 from common.smtp import Handler, MailEnvelope, MailSession, in_networks, limits_from, serve
 from mta import aliases, bounce, mailauth, queue
@@ -58,6 +64,10 @@ class ReceivePolicy:
     queue_dir: Path  # whose disk must have min_free_disk
     qmgr_socket: Path
     resubmission_window: float  # seconds; 0: every message is queued, even a repeat
+    # The internal listener's client: the uid our MSA runs as (the daemons' own, on a
+    # Unix socket) and the secret it logs in with (over TCP).
+    msa_uid: int = -1
+    secret: str = ""
 
     @classmethod
     def from_config(cls, cfg: Config, *, internal: bool) -> ReceivePolicy:
@@ -67,6 +77,9 @@ class ReceivePolicy:
             recipient_delimiter=cfg.mda.recipient_delimiter, max_hops=cfg.mta.max_hops,
             min_free_disk=cfg.mta.min_free_disk, queue_dir=cfg.queue_dir, qmgr_socket=cfg.qmgr_socket,
             resubmission_window=cfg.mta.resubmission_window,
+            # Called after the switch to the Mailroom user: the uid every daemon runs as.
+            msa_uid=os.getuid() if internal else -1,
+            secret=hop_secret.load(cfg.run_dir) if internal else "",
         )
 
 
@@ -93,6 +106,9 @@ class SMTPHandler(Handler):
         # XREDIRECT=<user>: the MDA passes on a message for that user's Sieve redirect (mda/outbound.py).
         self.ehlo_keywords = ("XTRACE", "XREDIRECT") if policy.internal else ()
         self.requiretls_in_clear = policy.internal  # our MSA took it over TLS
+        # Over TCP the MSA logs in with the installation's secret, on loopback (common/hop_secret.py);
+        # between hosts (a guarded listener) its node certificate is the proof, and no AUTH is offered.
+        self.offers_auth = self.auth_in_clear = policy.internal and peers is None
         # RCPT address -> what it expands to, for the transaction in progress.
         self.expanded: dict[str, aliases.Expansion] = {}
         # RCPT address -> the "expanded" notice its sender asked for (NOTIFY=SUCCESS).
@@ -102,25 +118,59 @@ class SMTPHandler(Handler):
         self.expanded = {}
         self.notices = {}
 
+    def from_msa(self, session: MailSession) -> bool:
+        """The internal listener's client is our MSA: on a Unix socket it runs as the
+        daemons' uid (SO_PEERCRED); over TCP between hosts its certificate names one of
+        our nodes (common/hop_tls.py); over TCP on loopback it logged in with the
+        installation's secret."""
+        if not self.internal:
+            return False
+        if session.peer_uid is not None:
+            return session.peer_uid == self.policy.msa_uid
+        if self.peers is not None:
+            return self.peers.admits(session)
+        return session.user is not None
+
     def may_relay(self, session: MailSession) -> bool:
-        return self.internal or in_networks(session.client_ip, list(self.policy.trusted_networks))
+        return self.from_msa(session) or (
+            not self.internal and in_networks(session.client_ip, list(self.policy.trusted_networks))
+        )
+
+    def needs_login(self, session: MailSession) -> bool:
+        # Over TCP on loopback: until the MSA's AUTH.  Between hosts the certificate proved it.
+        return self.internal and session.peer_uid is None and self.peers is None
 
     async def connect(self, session: MailSession) -> None:
         if self.peers is not None and not self.peers.admits(session):
             log.warning("%s: refused, its certificate names no node of [cluster] peers", session.client_ip)
             raise SMTPError(R.NOT_A_PEER)
+        if self.internal:
+            if session.peer_uid is not None and not self.from_msa(session):
+                log.warning("internal listener: refused a process of uid %d (only uid %d, the MSA's)",
+                            session.peer_uid, self.policy.msa_uid)
+                raise SMTPError(R.NOT_OUR_MSA)
+            return
         if not self.may_relay(session) and (refusal := await mailauth.check_connect(self.auth, session.client_ip)):
             raise SMTPError(refusal)
 
+    async def authenticate(self, session: MailSession, login: str, password: str) -> None:
+        if not self.internal or not hop_secret.matches(password, self.policy.secret):
+            log.warning("internal listener: wrong secret from %s", session.client_ip)
+            raise SMTPError(R.AUTH_FAILED)
+
     async def mail(self, session: MailSession, envelope: MailEnvelope, sender: str) -> None:
+        if self.internal and not self.from_msa(session):
+            raise SMTPError(R.AUTH_REQUIRED.with_text("Authentication required: this listener is for our MSA"))
+        given = envelope.params.get("XTRACE", "")
+        if given and not is_trace_id(given):
+            raise SMTPError(R.TRACE_SYNTAX)
         # Measured where the queue is written (the database's disk), not where we run.
         free = shutil.disk_usage(self.policy.queue_dir).free
         if free < self.policy.min_free_disk:
             log.warning("refusing mail: only %d bytes free", free)
             raise SMTPError(R.DISK_LOW)
-        given = envelope.params.get("XTRACE", "")
-        # Only the internal hop may name the trace id; anything else gets a new one.
-        envelope.trace_id = given if self.internal and is_trace_id(given) else new_trace_id()
+        # Only the internal hop may name the trace id (the public one does not take XTRACE).
+        envelope.trace_id = given or new_trace_id()
         trace_id.set(envelope.trace_id)
 
     async def rcpt(self, session: MailSession, envelope: MailEnvelope, recipient: str) -> None:
@@ -181,6 +231,12 @@ class SMTPHandler(Handler):
     async def data(self, session: MailSession, envelope: MailEnvelope) -> Reply:
         assert isinstance(envelope.content, bytes) and envelope.mail_from is not None
         header = _header_of(envelope.content)
+        # Before anything parses it (sender checks, DMARC, signing): within the limits,
+        # or refused, so no header can hold the loop or a worker (common/headers.py).
+        too_big = headers.check(header)
+        if too_big is not None:
+            log.warning("refused a header over the limits from %s: %s", session.client_ip, too_big)
+            raise SMTPError(too_big)
         hops = len(re.findall(rb"(?im)^received:", header))
         if hops > self.policy.max_hops:
             log.warning("mail loop: %d Received headers", hops)
@@ -228,6 +284,12 @@ class SMTPHandler(Handler):
             queued = await self.db.write_batched(
                 self._store_and_notify, envelope, body, recipients, session, ident, now
             )
+        except TraceTaken:
+            log.warning("XTRACE %s names a message already queued: refused", envelope.trace_id)
+            raise SMTPError(R.TRACE_TAKEN) from None
+        except IntegrityError as exc:  # a race the check in _store cannot see: one line, no traceback
+            log.error("cannot queue: %s", str(exc.orig)[:200])
+            raise SMTPError(R.LOCAL_ERROR) from None
         except (OSError, OperationalError) as exc:
             log.error("cannot queue: %s", exc)
             full = "full" in str(exc) or getattr(exc, "errno", None) == 28
@@ -281,6 +343,10 @@ class SMTPHandler(Handler):
     ) -> str:
         """Queue the message; returns its trace id, an earlier one for a resubmission."""
         trace, sender = envelope.trace_id, envelope.mail_from or ""
+        # The MSA names the trace id (XTRACE): a name already taken would mix two messages'
+        # events and fail the insert.  Asked in this write transaction, so no race.
+        if self.internal and s.execute(select(Message.id).where(Message.id == trace)).first() is not None:
+            raise TraceTaken(trace)
         add_event(
             s, trace, Hop.MTA, EventName.RECEIVED, time=now,
             detail=f"{'internal' if self.internal else 'smtp'} from {session.client_ip}"
@@ -320,12 +386,18 @@ class SMTPHandler(Handler):
             proto += "A"
         rcpt = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
         date = email.utils.format_datetime(now.replace(tzinfo=dt.UTC))
+        # TCP-info is an address literal (RFC 5321 4.4); a Unix socket (the MSA's hand-off) has none.
+        source = "(local socket)" if session.client_ip == "local" else f"([{session.client_ip}])"
         text = (
-            f"Received: from {session.host_name} ([{session.client_ip}])\r\n"
+            f"Received: from {session.host_name} {source}\r\n"
             f"\tby {self.policy.hostname} (Mailroom) with {proto}"
             f" id {envelope.trace_id}{rcpt};\r\n\t{date}\r\n"
         )
         return text.encode("utf-8", "surrogateescape")
+
+
+class TraceTaken(Exception):
+    """XTRACE named a message already in the queue."""
 
 
 def _header_of(content: bytes) -> bytes:

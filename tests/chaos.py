@@ -54,6 +54,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from supervisor.xmlrpc import SupervisorTransport
 
+from cli import supervise
 from common.models import FINAL_STATES, Recipient
 from tests.harness.client import PASSWORD, Client, stuff
 from tests.support.suite import Installation, maildir_messages, mbox_messages
@@ -198,8 +199,9 @@ def killer(inst: Installation, stop: threading.Event, every: float, rng: random.
 def program_pid(inst: Installation, name: str) -> int | None:
     """The daemon's pid from supervisord, over its XML-RPC socket (what `mailroom status`
     shows, without starting a Python process for each look: the killer must keep pace)."""
-    sock = inst.config.run_dir.resolve() / "supervisor.sock"
-    transport = SupervisorTransport(None, None, f"unix://{sock}")
+    cfg = inst.config
+    sock = cfg.run_dir.resolve() / "supervisor.sock"
+    transport = SupervisorTransport(*supervise.credentials(cfg), f"unix://{sock}")
     try:
         proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
         info = proxy.supervisor.getProcessInfo(name)

@@ -33,7 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from common import counters
+from common import backupstatus, counters
 from common import dns as dnsmod
 from common.config import Config
 from common.db import Database
@@ -91,6 +91,26 @@ class QueueCollector(Collector):
                                 "Age of the oldest message in the queue (0 when it is empty)", value=max(age, 0.0))
 
 
+class BackupCollector(Collector):
+    """The last backup's outcome (RUN_DIR/backup.json, written by `mailroom backup`), read at each scrape."""
+
+    def __init__(self) -> None:
+        self.run_dir: Path | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        last = backupstatus.read(self.run_dir) if self.run_dir is not None else None
+        yield GaugeMetricFamily("mailroom_backup_last_success_timestamp_seconds",
+                                "When the last successful backup finished (Unix time; 0: never)",
+                                value=last.last_ok if last else 0.0)
+        yield GaugeMetricFamily("mailroom_backup_last_run_timestamp_seconds",
+                                "When the last backup, successful or not, finished (Unix time; 0: never)",
+                                value=last.finished if last else 0.0)
+        yield GaugeMetricFamily("mailroom_backup_last_run_ok", "1 when the last backup succeeded, 0 when it failed "
+                                "or none has run", value=1.0 if last and last.ok else 0.0)
+        yield GaugeMetricFamily("mailroom_backup_last_new_bytes", "Bytes the last backup stored that the backup "
+                                "folder did not hold yet", value=float(last.new_bytes) if last else 0.0)
+
+
 # The listener settings whose address a daemon's counters name, shown by setting instead.
 LISTENER_SETTINGS = ("msa.submission", "msa.submissions", "mta.smtp", "mta.internal", "mda.lmtp")
 
@@ -141,6 +161,9 @@ class DaemonCounters(Collector):
         yield family("mailroom_connections", "Client connections by listener, accepted or refused by the "
                      "connection caps ([smtp] max_connections, max_connections_per_client)",
                      counters.CONNECTIONS, ["listener", "result"])
+        yield family("mailroom_stress", "Times a listener entered stress mode near its connection cap "
+                     "([smtp] stress_threshold): idle and TLS handshake timeouts shortened to stress_timeout",
+                     counters.STRESS, ["listener"])
         tls = CounterMetricFamily("mailroom_tls_sessions", "Messages by direction (in: received from a client or "
                                   "another host, not the MSA's hand-off to the MTA; out: handed to a remote host), "
                                   "hop and whether the session was encrypted (TLS)",
@@ -234,6 +257,8 @@ class Metrics:
                                      registry=self.registry)
         if db is not None:
             self.registry.register(QueueCollector(db))
+        self.backup = BackupCollector()
+        self.registry.register(self.backup)
         self._last: OrderedDict[str, dt.datetime] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -251,7 +276,7 @@ class Metrics:
         if prev is None and is_trace_id(trace):
             # The trace id starts with the arrival time: the first hop is timed from there.
             prev = dt.datetime(1970, 1, 1) + dt.timedelta(microseconds=trace_time_us(trace))
-        if prev is not None and when >= prev:
+        if prev is not None and when >= prev and is_trace_id(trace):  # not the admin page's changes (ADMIN)
             self.hop_seconds.labels(hop, event).observe((when - prev).total_seconds())
         self._last[trace] = max(when, prev) if prev is not None else when
         while len(self._last) > REMEMBERED_TRACES:
@@ -274,6 +299,7 @@ class Metrics:
         self.daemons.folder = cfg.run_dir / "metrics"
         self.daemons.run_dir = cfg.run_dir
         self.certificate.path = cfg.resolve(cfg.tls.cert)
+        self.backup.run_dir = cfg.run_dir
         names: dict[str, str] = {}
         for key in LISTENER_SETTINGS:
             try:

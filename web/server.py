@@ -5,7 +5,8 @@ It serves the autoconfig XML (web/autoconfig.py), Outlook's Autodiscover
 database, the live page at `/` and Prometheus metrics at `/metrics`
 (web/live.py).  More pages are added by putting a handler in `ROUTES` (or
 passing a table to `serve`).  It only reads the config and the database: it
-never talks to the MSA, MTA or MDA, and never writes.
+never talks to the MSA, MTA or MDA, and never writes; the admin page, on a
+listener of its own over TLS (web/admin.py), is the one part that changes things.
 
 Deliberately tiny: GET and HEAD (and POST, with a small body, where a client
 must: Autodiscover), one request per connection, a size limit on the request
@@ -26,6 +27,7 @@ import os
 import pwd
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
-from common import clock
+from common import clock, privileges
 from common import config as configmod
 from common import log as logmod
 from common.config import Config
@@ -43,6 +45,7 @@ from web import autoconfig, autodiscover, mobileconfig
 from web.public import Public
 
 if TYPE_CHECKING:
+    from web.admin import AdminSite
     from web.live import Live
 
 log = logging.getLogger("web")
@@ -255,7 +258,8 @@ def drop_privileges(user: str) -> None:
     log.info("dropped privileges to %s", user)
 
 
-async def run(cfg: Config, socks: list[socket.socket], live: Live, public: Public | None = None) -> None:
+async def run(cfg: Config, socks: list[socket.socket], live: Live, public: Public | None = None,
+              admin: AdminSite | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -264,8 +268,10 @@ async def run(cfg: Config, socks: list[socket.socket], live: Live, public: Publi
     servers = [await serve(cfg, sock, routes) for sock in socks]
     # [web] http and https (the Internet's), and SIGHUP's reload (web/public.py).
     servers += await (public or Public(cfg, [], [], None)).serve(ROUTES)
+    servers += await admin.serve() if admin is not None else []  # the admin page, TLS only (web/admin.py)
     tail = asyncio.create_task(live.feed.run(stop))
-    log.info("http on %s", ", ".join(cfg.web.listen))
+    log.info("http on %s%s", ", ".join(cfg.web.listen),
+             f"; admin page (https) on {', '.join(cfg.web.admin)}" if admin is not None else "")
     await stop.wait()
     for server in servers:
         server.close()
@@ -287,6 +293,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"web: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     logmod.setup("web", cfg.mailroom.log_level, cfg.mailroom.log_format)
+    try:  # its own log file, as every daemon's
+        privileges.open_helper_log(cfg, "web")
+    except privileges.StartError as exc:
+        print(f"web: {exc}", file=sys.stderr)
+        raise SystemExit(78) from None
     # The daemons' now (lab time in a lab): the queue's ages are measured against it.
     clock.use(clock.for_lab(cfg.lab.time_warp, cfg.lab.time_warp_since))
     try:
@@ -299,8 +310,17 @@ def main(argv: list[str] | None = None) -> None:
     # the standard library) may live where only root can read.  Read only: the
     # daemons create and migrate the schema; until they have, the feed retries.
     from common.db import Database
+    from web.admin import site
     from web.live import Live
 
     live = Live(Database(cfg.database_url, threads=2))
+    try:
+        admin = site(cfg, live.db)  # binds [web] admin and loads the TLS key, before the switch
+    except BindError as exc:
+        print(f"web: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except (OSError, ssl.SSLError) as exc:
+        print(f"web: [web] admin needs TLS: [tls] cert = {cfg.tls.cert}, key = {cfg.tls.key}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     drop_privileges(cfg.mailroom.user)
-    asyncio.run(run(cfg, socks, live, public))
+    asyncio.run(run(cfg, socks, live, public, admin))

@@ -36,6 +36,7 @@ class MailSession:
     # The client's certificate (as ssl's getpeercert() gives it), checked in the
     # handshake against the CA of a listener that asks for one; None elsewhere.
     peer_certificate: dict[str, Any] | None = None
+    peer_uid: int | None = None  # on a Unix socket: the client's uid (SO_PEERCRED); None over TCP
     errors: int = 0  # client errors so far (the engine closes after too many)
 
 
@@ -76,6 +77,14 @@ class Handler:
     #: took the message over TLS and reaches us over loopback or a Unix socket.
     offers_requiretls = False
     requiretls_in_clear = False
+    #: Whether AUTH is offered without TLS too: only the internal hop, on loopback,
+    #: where only root could read the secret on the wire (and root can read its file).
+    auth_in_clear = False
+
+    def needs_login(self, session: MailSession) -> bool:
+        """Whether this client must log in before it may send (and, until it has,
+        may be made to give way to a newer connection when the listener is full)."""
+        return False
 
     async def connect(self, session: MailSession) -> None:
         """Before the greeting; raise SMTPError to turn the client away."""

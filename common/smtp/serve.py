@@ -20,8 +20,9 @@ from typing import Any
 
 from common.config import SMTPSection
 from common.endpoint import Endpoint
+from common.smtp.admission import Connections
 from common.smtp.handler import Handler
-from common.smtp.session import Connections, Limits, Listener, Session, client_address
+from common.smtp.session import Limits, Listener, Session, client_address
 
 # As Endpoint.listen: asyncio listens again with this when it starts serving.
 BACKLOG = 1024

@@ -41,7 +41,6 @@ import ipaddress
 import logging
 import ssl
 from base64 import b64decode
-from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
@@ -52,7 +51,10 @@ from common import reply as R
 from common.log import trace_id
 from common.reply import Reply, SMTPError
 from common.smtp import wire
+from common.smtp.admission import Connections as Connections  # re-exported: where it used to live
+from common.smtp.admission import peer_uid
 from common.smtp.handler import Handler, MailEnvelope, MailSession
+from common.smtp.params import bdat_args, hello_name, size_param
 
 log = logging.getLogger("smtp")
 T = TypeVar("T")
@@ -93,14 +95,10 @@ class Limits:
     max_connections_per_client: int = 50
     max_errors: int = 20
     tls_handshake_timeout: float = 30.0
-
-
-@dataclass
-class Connections:
-    """Open connections of one listener (or of listeners that share a cap)."""
-
-    total: int = 0
-    per_client: Counter[str] = field(default_factory=Counter)
+    # Stress mode (common/smtp/admission.py): from this percentage of max_connections
+    # (0: never), the idle and TLS handshake timeouts are stress_timeout.
+    stress_threshold: int = 80
+    stress_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -151,7 +149,6 @@ class Session(asyncio.Protocol):
         self._eof = False  # the client will send no more
         self._closing = False  # a closing reply was sent: execute nothing more
         self._paused = False
-        self._counted = ""  # the client address counted in `connections`
         self._admitted = False
         self._last_input = self._loop.time()
         self._timer: asyncio.TimerHandle | None = None
@@ -172,7 +169,9 @@ class Session(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.session.peer = peer
         self.session.client_ip = client_address(peer[0]) if isinstance(peer, tuple) and peer else "local"
-        self._admitted = self._admit(self.session.client_ip)
+        if self.session.client_ip == "local":
+            self.session.peer_uid = peer_uid(transport)  # who connected, as the kernel says
+        self._admitted = self.listener.connections.admit(self, self.session.client_ip, self.limits, self.listener.name)
         self.session.listener = self.listener.name
         # In memory (common/counters.py): a connection never costs a database write.
         counters.inc(counters.CONNECTIONS, listener=self.listener.name,
@@ -186,7 +185,7 @@ class Session(asyncio.Protocol):
             assert ctx is not None  # serve() refuses implicit TLS without one
             self._handshake = _Started(self._loop.start_tls(
                 self.transport, self, ctx, server_side=True,
-                ssl_handshake_timeout=self.limits.tls_handshake_timeout,
+                ssl_handshake_timeout=self._handshake_timeout(),
             ))
         self._task = self._loop.create_task(self._run(), context=self._context)
 
@@ -347,32 +346,40 @@ class Session(asyncio.Protocol):
 
     # --- admission, timeouts ------------------------------------------------------------------
 
-    def _admit(self, ip: str) -> bool:
-        c, lim = self.listener.connections, self.limits
-        if c.total >= lim.max_connections or c.per_client[ip] >= lim.max_connections_per_client:
-            return False
-        c.total += 1
-        c.per_client[ip] += 1
-        self._counted = ip
-        return True
-
     def _release(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
         if self._linger is not None:
             self._linger.cancel()
-        if self._counted:
-            c = self.listener.connections
-            c.total -= 1
-            c.per_client[self._counted] -= 1
-            if c.per_client[self._counted] <= 0:
-                del c.per_client[self._counted]
-            self._counted = ""
+        self.listener.connections.release(self, self.limits, self.listener.name)
+
+    @property
+    def unproven(self) -> bool:
+        """Admission's question: must this session still prove who it is (log in)?"""
+        return self.session.user is None and self.handler.needs_login(self.session)
+
+    def evict(self) -> None:
+        """Admission made this session give way to a newer connection (it is already counted out)."""
+        self._context.run(self._reply, R.TOO_MANY_CONNECTIONS)
+
+    def under_stress(self) -> None:
+        """Stress mode began or ended: the idle limit changed; look again at once."""
+        if self._timer is not None and not self._closing:
+            self._timer.cancel()
+            self._timer = self._loop.call_later(0, self._check_time, context=self._context)
+
+    def _idle_timeout(self) -> float:
+        lim = self.limits
+        return min(lim.idle_timeout, lim.stress_timeout) if self.listener.connections.stressed else lim.idle_timeout
+
+    def _handshake_timeout(self) -> float:
+        lim = self.limits
+        stressed = self.listener.connections.stressed
+        return min(lim.tls_handshake_timeout, lim.stress_timeout) if stressed else lim.tls_handshake_timeout
 
     def _start_timer(self) -> None:
         self._started = self._loop.time()
-        lim = self.limits
-        self._timer = self._loop.call_later(min(lim.idle_timeout, lim.session_timeout), self._check_time)
+        self._timer = self._loop.call_later(min(self._idle_timeout(), self.limits.session_timeout), self._check_time)
 
     def _check_time(self) -> None:
         """One timer for both limits: re-armed for whichever comes first."""
@@ -381,7 +388,8 @@ class Session(asyncio.Protocol):
         # Idle is the client's silence while we wait for it, not our own time spent
         # executing its command (a slow disk or next hop must not end the session).
         waiting = self._wakeup is not None
-        idle_left = lim.idle_timeout - (now - self._last_input) if waiting else lim.idle_timeout
+        idle = self._idle_timeout()
+        idle_left = idle - (now - self._last_input) if waiting else idle
         if session_left <= 0:
             self._reply(R.SESSION_TIMEOUT)
         elif idle_left <= 0:
@@ -480,14 +488,9 @@ class Session(asyncio.Protocol):
     # --- greeting commands ---------------------------------------------------------------------
 
     def _hello_name(self, verb: str, arg: str) -> str:
-        if not arg:
-            raise SMTPError(R.PARAM_SYNTAX.with_text(f"Syntax: {verb} hostname"))
-        # A name that reaches Received: headers and terminals: printable text only.
-        # isprintable() is one C loop that is False for every control character, so
-        # the usual name is passed without looking at each character in Python.
-        if not arg.isprintable() and any(ord(c) < 0x20 or ord(c) == 0x7F for c in arg):
-            raise SMTPError(R.BAD_HELLO)
-        return arg
+        # A domain or an address literal (common/smtp/params.py): a name that reaches
+        # Received: headers and terminals is never raw octets or control characters.
+        return hello_name(verb, arg, utf8=self.listener.utf8)
 
     async def _helo(self, arg: str) -> None:
         if self.listener.lmtp:
@@ -522,7 +525,7 @@ class Session(asyncio.Protocol):
                 lines.append("BINARYMIME")
         if lst.tls_context is not None and not session.tls:
             lines.append("STARTTLS")
-        if self.handler.offers_auth and session.tls:
+        if self.handler.offers_auth and (session.tls or self.handler.auth_in_clear):
             lines.append("AUTH PLAIN LOGIN")
         if self.handler.offers_dsn:
             lines.append("DSN")
@@ -546,7 +549,8 @@ class Session(asyncio.Protocol):
             self._reset_transaction()
             self.session = MailSession(
                 peer=self.session.peer, client_ip=self.session.client_ip, tls=True, errors=self.session.errors,
-                listener=self.session.listener, peer_certificate=self.session.peer_certificate,
+                listener=self.session.listener, peer_uid=self.session.peer_uid,
+                peer_certificate=self.session.peer_certificate,
             )
 
     async def _start_tls(self) -> bool:
@@ -560,7 +564,7 @@ class Session(asyncio.Protocol):
         try:
             new = await (handshake or self._loop.start_tls(
                 transport, self, ctx, server_side=True,
-                ssl_handshake_timeout=self.limits.tls_handshake_timeout,
+                ssl_handshake_timeout=self._handshake_timeout(),
             ))
         except OSError as exc:  # ssl.SSLError, resets and handshake timeouts are all OSErrors
             log.info("%s: TLS handshake failed: %s", self.session.client_ip, _reason(exc))
@@ -592,7 +596,7 @@ class Session(asyncio.Protocol):
         session = self.session
         if not self.handler.offers_auth:
             raise SMTPError(R.NOT_AVAILABLE.with_text("AUTH not available here"))
-        if not session.tls:
+        if not session.tls and not self.handler.auth_in_clear:
             raise SMTPError(R.ENCRYPTION_REQUIRED)
         if not session.extended_smtp:
             raise SMTPError(R.BAD_SEQUENCE.with_text("Send EHLO first"))
@@ -683,10 +687,7 @@ class Session(asyncio.Protocol):
                 if value:
                     raise SMTPError(R.PARAM_SYNTAX.with_text("REQUIRETLS takes no value"))
             elif key == "SIZE":
-                if not value.isdigit():
-                    raise SMTPError(R.PARAM_SYNTAX.with_text("SIZE needs a number"))
-                if int(value) > self.limits.max_message_size:
-                    raise SMTPError(R.MESSAGE_TOO_BIG)
+                size_param(value, self.limits.max_message_size)
             elif key == "BODY":
                 if value.upper() not in self._body_types():
                     raise SMTPError(R.PARAM_SYNTAX.with_text(f"BODY must be {' or '.join(self._body_types())}"))
@@ -756,13 +757,14 @@ class Session(asyncio.Protocol):
         self.reader.start_data()
 
     async def _bdat(self, arg: str) -> None:
-        size_text, _, last_text = arg.partition(" ")
-        last = last_text.strip().upper()
-        if not size_text.isdigit() or last not in ("", "LAST"):
-            # RFC 3030 2: the octets that follow cannot be found: end the session.
-            self._reply(R.BDAT_SYNTAX)
+        args = bdat_args(arg)
+        if args is None or args[0] > self.limits.max_message_size:
+            # RFC 3030 2: the octets that follow cannot be found (no size), or are not
+            # worth reading (more than any message may hold): end the session.
+            self._reply(R.BDAT_SYNTAX if args is None else R.CHUNK_TOO_BIG, counts=False)
+            self._close()
             return
-        size = int(size_text)
+        size, last = args
         try:
             self._ready_for_message()
         except SMTPError as exc:
@@ -772,7 +774,7 @@ class Session(asyncio.Protocol):
                 self.reader.abort_message()
                 self._reply(exc.reply)
             return
-        self.reader.start_bdat(size, last=last == "LAST", binary=self.envelope.body_type == "BINARYMIME")
+        self.reader.start_bdat(size, last=last, binary=self.envelope.body_type == "BINARYMIME")
         item = await self._next()
         if item is None:
             return

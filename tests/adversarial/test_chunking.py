@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.adversarial.scripts import LISTENERS, lmtp_hello, msa_login, smtp_hello
-from tests.harness.client import line, play, run
+from tests.harness.client import CLOSED, line, play, run
 from tests.harness.services import Stack
 
 pytestmark = pytest.mark.timeout(30)
@@ -76,26 +76,43 @@ def test_bdat_rules(stack: Stack) -> None:
         (line("MAIL FROM:<a@remote.example>"), "250 2.1.0"), (line("RCPT TO:<alice@example.org>"), "250 2.1.5"),
         (line("BDAT 5") + b"ab\r\nc", "250 2.0.0"),
         (line("RSET"), "250 2.0.0"),  # drops the chunks so far
-        (line("BDAT x"), "421 4.5.0"),  # no size: nothing after it can be framed
+        (line("BDAT x"), "501 5.5.4"),  # no size: nothing after it can be framed, so the session ends
+        (None, CLOSED),
     ]).close()
     assert stack.queued() == []
 
 
-def test_bdat_over_the_size_limit_is_552(stack: Stack) -> None:
+def test_a_chunk_over_the_size_limit_is_552_at_once_and_the_session_ends(stack: Stack) -> None:
+    # Its octets are not read (RFC 3030 2 would have them read): a size beyond any
+    # message is refused before them, and what follows can no longer be framed.
     big = stack.config.smtp.max_message_size + 1
+    run(stack.ports["smtp"], [
+        *smtp_hello(), (line("MAIL FROM:<a@remote.example>"), "250 2.1.0"),
+        (line("RCPT TO:<alice@example.org>"), "250 2.1.5"),
+        (line(f"BDAT {big} LAST"), "552 5.3.4"),
+        (None, CLOSED),
+    ]).close()
+    assert stack.queued() == []
+
+
+def test_chunks_that_add_up_to_more_than_the_limit_are_read_and_refused_at_last(stack: Stack) -> None:
+    limit = stack.config.smtp.max_message_size
     s = run(stack.ports["smtp"], [
         *smtp_hello(), (line("MAIL FROM:<a@remote.example>"), "250 2.1.0"),
         (line("RCPT TO:<alice@example.org>"), "250 2.1.5"),
     ])
     try:
-        s.send(line(f"BDAT {big} LAST"))
-        chunk = b"x" * 1_000_000
-        left = big
-        while left:
-            n = min(left, len(chunk))
-            s.sock.sendall(chunk[:n])
-            left -= n
-        s.expect("552 5.3.4")
+        # Each chunk within the limit, together over it: read (memory bounded) and dropped.
+        for size, last in ((limit // 2 + 1, ""), (limit // 2 + 1, " LAST")):
+            s.send(line(f"BDAT {size}{last}"))
+            left = size
+            while left:
+                n = min(left, 1 << 20)
+                s.sock.sendall(b"x" * n)
+                left -= n
+        s.expect(["250 2.0.0", "552 5.3.4"])
+        # The session stayed in step.
+        play(s, [(line("NOOP"), "250 2.0.0")])
     finally:
         s.close()
     assert stack.queued() == []

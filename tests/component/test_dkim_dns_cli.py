@@ -67,7 +67,7 @@ def _published(inst: Installation) -> dict[str, Any]:
     records: dict[str, Any] = {
         "example.org": {"MX": [(10, "mail.test")], "TXT": ['"v=spf1 mx -all"']},
         "_dmarc.example.org": {"TXT": ['"v=DMARC1; p=reject"']},
-        "_mta-sts.example.org": {"TXT": ['"v=STSv1; id=20261201"']},
+        "_mta-sts.example.org": {"TXT": [f'"v=STSv1; id={mta_sts.policy_id(inst.config)}"']},
         "_smtp._tls.example.org": {"TXT": ['"v=TLSRPTv1; rua=mailto:tls@example.org"']},
         "mail.test": {"A": ["192.0.2.25"]},
         "25.2.0.192.in-addr.arpa": {"PTR": ["mail.test."]},

@@ -106,7 +106,7 @@ def test_the_running_mda_cleans_stale_tmp_files(inst: Installation, users: tuple
     try:
         inst.wait_for(lambda: not any(p.exists() for p in stale), timeout=10, what="tmp/ sweep")
         assert fresh.exists() and recent.exists() and kept_new.exists()
-        assert "removed 2 stale file(s)" in proc.log.read_text()
+        assert "removed 2 stale file(s)" in proc.log.read_text() + inst.log("mda")  # its own log file
     finally:
         proc.stop()
 

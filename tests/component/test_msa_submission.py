@@ -17,7 +17,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -25,7 +24,7 @@ from sqlalchemy import select
 from common import reply as R
 from common.models import Event, Message
 from common.reply import Reply, SMTPError
-from common.smtp import Handler, MailEnvelope, MailSession
+from common.smtp import Connections, Handler, MailEnvelope, MailSession
 from tests.harness.client import PASSWORD, Client, auth_plain, logged_in, submission, submissions
 from tests.harness.services import Stack, installation, running
 from tests.support.suite import Installation
@@ -450,10 +449,13 @@ class ScriptedMTA(Handler):
 
 @pytest.fixture
 def scripted(inst: Installation) -> Iterator[tuple[Stack, dict[str, object]]]:
-    """The MSA, and on the MTA's internal port a ScriptedMTA instead of the MTA."""
+    """The MSA, and on the MTA's internal socket a ScriptedMTA instead of the MTA
+    (script["connections"] counts the sessions the MSA holds with it)."""
     with running(inst, "msa") as stack:
-        script: dict[str, object] = {}
-        stack.listen(lambda: ScriptedMTA(script), endpoint=f"127.0.0.1:{inst.ports['internal']}", hostname="mta.test")
+        connections = Connections()
+        script: dict[str, object] = {"connections": connections}
+        stack.listen(lambda: ScriptedMTA(script), endpoint=f"unix:{inst.internal_socket}", hostname="mta.test",
+                     connections=connections)
         yield stack, script
 
 
@@ -524,30 +526,20 @@ def test_mta_lost_after_queueing_still_gives_250(scripted: tuple[Stack, dict[str
         c.close()
 
 
-def _established_to(port: int) -> int:
-    """Open TCP connections whose server side is 127.0.0.1:`port` (from /proc/net/tcp)."""
-    count = 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local_port = int(fields[1].split(":")[1], 16)
-        if local_port == port and fields[3] == "01":  # 01 = ESTABLISHED
-            count += 1
-    return count
-
-
 def test_a_client_hanging_up_mid_transaction_releases_the_mta_session(
     scripted: tuple[Stack, dict[str, object]], inst: Installation
 ) -> None:
-    port = inst.ports["internal"]
+    connections = scripted[1]["connections"]
+    assert isinstance(connections, Connections)
     c = logged_in(inst)
     assert c.mail("alice@example.org")[0] == 250
     assert c.rcpt("bob@example.org")[0] == 250
-    assert _established_to(port) == 1  # the MSA holds a session with the MTA
+    assert connections.total == 1  # the MSA holds a session with the MTA
     c.close()  # gone, without QUIT
     deadline = time.monotonic() + 5
-    while _established_to(port) and time.monotonic() < deadline:
+    while connections.total and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _established_to(port) == 0
+    assert connections.total == 0
 
 
 def test_mta_lost_between_recipients_fails_the_whole_transaction(

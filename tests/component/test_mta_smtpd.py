@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import select
 
 from cli.main import main as mailroom_main
+from common import hop_secret
 from common.models import Event, Message, Recipient
 from tests.harness.services import Stack
 from tests.support.suite import Installation
@@ -40,6 +41,8 @@ class MTA:
     def client(self, internal: bool = False) -> smtplib.SMTP:
         s = smtplib.SMTP("127.0.0.1", self.internal_port if internal else self.public_port, timeout=15)
         s.ehlo("client.test")
+        if internal:  # over TCP the internal listener takes our MSA only, after AUTH with the secret
+            s.login(hop_secret.LOGIN, hop_secret.load(self.inst.config.run_dir))
         return s
 
     def message(self, trace: str) -> tuple[Message, list[Recipient]]:
@@ -195,12 +198,14 @@ def test_internal_listener_relays_anywhere_and_keeps_the_trace_id(mta: MTA) -> N
     m, rcpts = mta.message(TRACE)
     assert sorted(r.address for r in rcpts) == ["bob@example.org", "someone@far.test"]
     assert m.body is not None and f"id {TRACE}".encode() in m.body
-    # A malformed trace id is not taken: a fresh one is made.
+    # A malformed trace id is refused (it used to be replaced silently); the session goes on.
     with mta.client(internal=True) as c:
-        c.mail("alice@example.org", ["XTRACE=../../x"])
+        code, text = c.mail("alice@example.org", ["XTRACE=../../x"])
+        assert (code, text[:5]) == (501, b"5.5.4"), text
+        assert c.mail("alice@example.org")[0] == 250  # no XTRACE: a fresh id is made
         c.rcpt("bob@example.org")
         code, text = c.data(MSG)
-    assert code == 250 and _queued_id(text) != "../../x"
+    assert code == 250 and _queued_id(text) != TRACE
 
 
 def test_public_listener_refuses_xtrace(mta: MTA) -> None:

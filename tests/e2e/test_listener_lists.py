@@ -27,6 +27,8 @@ ALICE = "alice@example.org"
 def doubled(installation: Installation) -> Iterator[tuple[Installation, dict[str, tuple[str, int]]]]:
     """The installation with a second address on each of its daemons' listeners, running."""
     inst = installation
+    # The internal listener on TCP here (its default is a Unix socket): the MSA logs in with the secret.
+    inst.ports["internal"] = free_port()
     second = {
         "submission": ("127.0.0.2", free_port("127.0.0.2")),
         "submissions": ("127.0.0.2", free_port("127.0.0.2")),

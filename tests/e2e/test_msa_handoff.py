@@ -36,7 +36,7 @@ def test_mta_down_gives_451_then_the_retry_is_delivered(suite: Installation) -> 
     assert r.returncode == 0, r.stdout + r.stderr
     # supervisord calls the MTA started after a second; on a busy machine it may
     # bind later still.  A real client retries later: so do we, once it listens.
-    wait_port(suite.ports["internal"])
+    wait_port(suite.internal_socket)
     code, text = _try(suite)
     assert code == 250 and re.fullmatch(rb"2\.0\.0 Ok: queued as [0-9A-F]{18}", text), text
     box = suite.mailbox(ALICE)

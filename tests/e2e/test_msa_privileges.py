@@ -64,7 +64,7 @@ def test_started_as_root_it_binds_587_and_465_then_serves_as_the_configured_user
     assert key.stat().st_uid == user.pw_uid and key.stat().st_mode & 0o077 == 0  # only mailroom reads the key
 
     mta = daemons.start("mta")
-    wait_port(inst.ports["internal"])
+    wait_port(inst.internal_socket)
     msa = daemons.start("msa")
     wait_tcp(host, 587)
     wait_tcp(host, 465)

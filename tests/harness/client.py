@@ -75,17 +75,28 @@ class Client:
 
     @classmethod
     def connect(
-        cls, port: int, *, host: str = "127.0.0.1", tls: bool = False, source: str = "", timeout: float = 10.0
+        cls, port: int | str, *, host: str = "127.0.0.1", tls: bool = False, source: str = "", timeout: float = 10.0
     ) -> Client:
-        """A connection to host:port (from `source`, another loopback address, when given);
-        `tls` is implicit TLS (the 465 role)."""
-        sock = socket.create_connection((host, port), timeout=timeout, source_address=(source, 0) if source else None)
+        """A connection to host:port (from `source`, another loopback address, when given), or to
+        the Unix socket at the path `port`; `tls` is implicit TLS (the 465 role)."""
+        if isinstance(port, str):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(port)
+            except OSError:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection(
+                (host, port), timeout=timeout, source_address=(source, 0) if source else None
+            )
         if tls:
             sock = tls_client_context().wrap_socket(sock)
         return cls(sock)
 
     @classmethod
-    def session(cls, port: int, **connect: Any) -> Client:
+    def session(cls, port: int | str, **connect: Any) -> Client:
         """A connection (arguments as for `connect`) with the server's greeting read into `greeting`."""
         c = cls.connect(port, **connect)
         c.greeting = c.reply()
@@ -225,7 +236,7 @@ class Client:
         self.close()
 
 
-def run(port: int, script: list[Step], *, tls: bool = False, timeout: float = 10.0) -> Client:
+def run(port: int | str, script: list[Step], *, tls: bool = False, timeout: float = 10.0) -> Client:
     """Connect, play the script (the first step usually expects the 220 greeting), return the client."""
     s = Client.connect(port, tls=tls, timeout=timeout)
     try:

@@ -105,6 +105,14 @@ class Stack:
         assert self.inst is not None
         return self.inst.config
 
+    def address(self, key: str) -> int | str:
+        """Where listener `key` is: its port, or the path of its Unix socket (the internal one's default)."""
+        assert self.inst is not None
+        if key == "internal":
+            where = self.inst.config.endpoint("mta.internal")
+            return where.path if where.is_unix else where.port
+        return self.inst.ports[key]
+
     # --- on the loop -------------------------------------------------------------------
 
     def run(self, coro: Awaitable[T], timeout: float = 10) -> T:
@@ -176,7 +184,7 @@ class Stack:
         probe would count against the per-client connection cap until the server
         has seen it close, and QUIT then EOF makes sure it has."""
         for key, tls in listeners:
-            port = self.ports[key]
+            port = self.address(key)
             wait_port(port, 10)
             probe = Client.connect(port, tls=tls)
             probe.reply()
@@ -189,13 +197,14 @@ class Stack:
         self, make_handler: Callable[[], Handler], *, endpoint: str = "127.0.0.1:0", limits: Limits | None = None,
         hostname: str = "mail.test", **serve_args: Any,
     ) -> int:
-        """One listener of the engine with the handler a test built; its port."""
+        """One listener of the engine with the handler a test built; its port (0 for a Unix socket)."""
         async def start() -> asyncio.Server:
             return await serve(endpoint, make_handler, hostname=hostname, limits=limits or Limits(), **serve_args)
 
         server = self.run(start())
         self.servers.append(server)
-        return int(server.sockets[0].getsockname()[1])
+        name = server.sockets[0].getsockname()
+        return int(name[1]) if isinstance(name, tuple) else 0  # 0: a Unix socket (its path is `endpoint`)
 
     def listen_mta(self, *, tls: bool = True, **sections: dict[str, Any]) -> tuple[Context, int, int]:
         """The MTA's public and internal listeners with the real handler, on 127.0.0.1:0,

@@ -17,6 +17,7 @@ import tempfile
 import time
 import urllib.request
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from tests.support.ports import free_port
 
 
 class Browser:
-    def __init__(self, width: int = 1280, height: int = 900) -> None:
+    def __init__(self, width: int = 1280, height: int = 900, extra_args: Sequence[str] = ()) -> None:
         exe = shutil.which("chromium")
         assert exe, "chromium is not installed (.ci/install-peers installs it)"
         self.port = free_port()
@@ -36,7 +37,7 @@ class Browser:
              "--disable-background-networking", "--disable-dev-shm-usage", "--hide-scrollbars",
              f"--window-size={width},{height}", "--force-device-scale-factor=1",
              "--remote-debugging-address=127.0.0.1", f"--remote-debugging-port={self.port}",
-             f"--user-data-dir={self.profile}", "about:blank"],
+             f"--user-data-dir={self.profile}", *extra_args, "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
         self.ws = websocket.create_connection(self._page_socket(), timeout=30, suppress_origin=True)

@@ -38,7 +38,6 @@ LISTENERS = {
     ("msa", "submission"): "127.0.0.1:2587",
     ("msa", "submissions"): "127.0.0.1:2465",
     ("mta", "smtp"): "127.0.0.1:2525",
-    ("mta", "internal"): "127.0.0.1:10025",
     ("mda", "lmtp"): "127.0.0.1:2424",
     ("imap", "imap"): "127.0.0.1:2143",
     ("imap", "imaps"): "127.0.0.1:2993",
@@ -48,6 +47,7 @@ LISTENERS = {
     ("filter", "scanner"): "127.0.0.1:2783",
     ("filter", "controller"): "127.0.0.1:2784",
     ("filter", "redis"): "127.0.0.1:2785",
+    ("web", "admin"): "127.0.0.1:8443",
 }
 # Served by Dovecot, which `mailroom run` starts only when it can (cli/dovecot.py).
 DOVECOT_PORTS = ("imap", "imaps", "pop3s", "sieve")
@@ -55,15 +55,16 @@ DOVECOT_PORTS = ("imap", "imaps", "pop3s", "sieve")
 FILTER_PORTS = ("scanner", "controller", "redis")
 
 
-def wait_port(port: int, timeout: float = 20.0) -> None:
+def wait_port(port: int | str, timeout: float = 20.0) -> None:
+    """Until something listens on 127.0.0.1:`port`, or on the Unix socket at the path `port`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with socket.socket() as s:
+        with socket.socket(socket.AF_UNIX if isinstance(port, str) else socket.AF_INET) as s:
             s.settimeout(0.5)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex(port if isinstance(port, str) else ("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
+    raise TimeoutError(f"nothing listening on {port if isinstance(port, str) else f'127.0.0.1:{port}'}")
 
 
 def _reachable(root: Path) -> Path:
@@ -112,6 +113,11 @@ class Installation:
     @property
     def config(self) -> configmod.Config:
         return configmod.load(self.config_path)
+
+    @property
+    def internal_socket(self) -> str:
+        """The MTA's internal listener as `mailroom init` sets it: a Unix socket in the run folder."""
+        return self.config.endpoint("mta.internal").path
 
     def set(self, section: str, key: str, value: str) -> None:
         """Change one setting (a TOML value) in the config file."""
@@ -219,8 +225,22 @@ class Installation:
                 proc.wait(10)
         self._log.close()
 
+    def output(self) -> str:
+        """What `mailroom run` printed: supervisord's lines, and what a program printed
+        when it could not start or crashed."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log(self, program: str) -> str:
+        """Program `program`'s own log file ([mailroom] log_dir/PROGRAM.log), "" if none yet."""
+        folder = self.config.log_dir
+        path = folder / f"{program}.log" if folder is not None else None
+        return path.read_text(errors="replace") if path is not None and path.exists() else ""
+
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        """Everything the suite wrote: `mailroom run`'s output, then each program's log file."""
+        folder = self.config.log_dir
+        files = sorted(folder.glob("*.log")) if folder is not None and folder.is_dir() else []
+        return self.output() + "".join(f.read_text(errors="replace") for f in files)
 
     def program_pid(self, name: str) -> int:
         r = self.cli("status")
@@ -309,7 +329,8 @@ def ids(pid: int) -> tuple[list[int], list[int], str]:
 
 class Daemons:
     """Single daemons of an installation started the way supervisord starts them
-    (`python -m msa --config FILE`), each with its own log file."""
+    (`python -m msa --config FILE`): what each prints (stdout and stderr) goes to a
+    file of the test's, and each writes its log where the config says."""
 
     def __init__(self, inst: Installation) -> None:
         self.inst = inst
@@ -329,8 +350,14 @@ class Daemons:
     def log_path(self, module: str) -> Path:
         return self.inst.root.parent / f"{self.inst.root.name}-{module}.log"
 
-    def log(self, module: str) -> str:
+    def output(self, module: str) -> str:
+        """What the daemon printed (the one line of a daemon that cannot start)."""
         return self.log_path(module).read_text(errors="replace")
+
+    def log(self, module: str) -> str:
+        """What the daemon printed, then its log file ([mailroom] log_dir/PROGRAM.log)."""
+        program = module.rsplit(".", 1)[-1]  # mta.qmgr -> qmgr
+        return self.output(module) + self.inst.log(program)
 
     def stop(self) -> None:
         for proc in self.procs.values():

@@ -41,7 +41,9 @@ def test_default_config_from_init_loads_with_the_documented_ports(tmp_path: Path
     assert cfg.msa.submission == ["127.0.0.1:2587"]
     assert cfg.msa.submissions == ["127.0.0.1:2465"]
     assert cfg.mta.smtp == ["127.0.0.1:2525"]
-    assert cfg.mta.internal == ["127.0.0.1:10025"]
+    # The MSA's hand-off: a Unix socket in the run folder (relative to the config, as every path).
+    assert cfg.mta.internal == ["unix:run/internal.sock"]
+    assert cfg.endpoint("mta.internal").path == str(tmp_path / "run" / "internal.sock")
     assert cfg.mda.lmtp == ["127.0.0.1:2424"]
     assert cfg.mta.retry_schedule == [300, 600, 1200, 2400, 3600]
     assert cfg.mta.max_queue_lifetime == 5 * 86400

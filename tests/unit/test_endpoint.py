@@ -94,7 +94,7 @@ def test_the_config_gives_every_listener_setting_as_an_endpoint(tmp_path: Path) 
     cfg = config.from_dict({"mailroom": {"domains": ["example.org"]}, "mta": {"smtp": "[::1]:2525"}},
                            tmp_path / "mailroom.toml")
     assert config.listener_keys() == [
-        "msa.submission", "msa.submissions", "mta.smtp", "mta.internal", "mda.lmtp", "web.listen"
+        "msa.submission", "msa.submissions", "mta.smtp", "mta.internal", "mda.lmtp", "web.listen", "web.admin"
     ]
     assert cfg.endpoint("mta.smtp") == Endpoint("::1", 2525)
     assert cfg.endpoint("mda.lmtp") == Endpoint("127.0.0.1", 2424)

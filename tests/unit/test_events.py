@@ -12,7 +12,7 @@ def test_the_values_are_the_words_the_events_table_holds() -> None:
     assert [str(h) for h in Hop] == ["msa", "mta", "qmgr", "mda", "admin"]
     assert [str(e) for e in EventName] == [
         "received", "relayed", "queued", "resubmitted", "delivered", "refused", "deferred", "bounced", "expired",
-        "dsn", "held", "released", "deleted", "filtered",
+        "dsn", "held", "released", "deleted", "filtered", "changed",
     ]
     assert Hop("qmgr") is Hop.QMGR and EventName("dsn") is EventName.DSN
     assert EventName.DELIVERED == "delivered" and f"{Hop.MDA}/{EventName.REFUSED}" == "mda/refused"

@@ -37,8 +37,8 @@ def test_a_node_is_named_after_its_host_unless_told(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("given", "runs"), [
     (["mta", "qmgr", "msa"], {"mta", "qmgr", "msa"}),
-    (["mda", "web"], {"mda", "web"}),
-    (list(config.ROLES), {"mta", "qmgr", "msa", "mda", "web"}),
+    (["mda", "web"], {"mda", "web", "schedule"}),
+    (list(config.ROLES), {"mta", "qmgr", "msa", "mda", "web", "schedule"}),
 ])
 def test_supervisord_runs_the_programs_of_the_roles(tmp_path: Path, given: list[str], runs: set[str]) -> None:
     cfg = load(tmp_path, f"roles = {given!r}\n".replace("'", '"'))
@@ -47,9 +47,10 @@ def test_supervisord_runs_the_programs_of_the_roles(tmp_path: Path, given: list[
     assert "[eventlistener:watch]" in conf  # of no role: on every node
 
 
-def test_the_filter_and_the_renewer_go_with_their_roles() -> None:
-    conf = "".join(f"[program:{p}]\ncommand = {p}\n\n" for p in ("rspamd", "redis", "renew", "lab"))
-    assert programs(roles.keep(conf, ["mda", "web"])) == {"renew", "lab"}
+def test_the_filter_the_renewer_and_the_daily_jobs_go_with_their_roles() -> None:
+    conf = "".join(f"[program:{p}]\ncommand = {p}\n\n" for p in ("rspamd", "redis", "renew", "schedule", "lab"))
+    assert programs(roles.keep(conf, ["mda", "web"])) == {"renew", "schedule", "lab"}
+    # The daily jobs run once, on the store: never on an MX node (a DMARC report per node).
     assert programs(roles.keep(conf, ["mta"])) == {"rspamd", "redis", "lab"}
 
 
