@@ -265,23 +265,28 @@ class Director:
         except BaseException as exc:  # reported by the main thread
             self.error = exc
 
-    def _wait(self, condition: Callable[[], bool], timeout: float) -> bool:
+    def _wait(self, condition: Callable[[], bool], timeout: float, every: float = 0.01) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if condition():
                 return True
-            time.sleep(0.01)
+            time.sleep(every)
         return condition()
 
     def _stopped_holding(self, node: Node, patience: float = 20.0) -> tuple[dt.datetime, int, set[tuple[str, str]]]:
         """Stop every process of `node` at a moment when its queue manager holds claims
         (what the lease must bring back): (when, processes, claims held).  Claims last
-        milliseconds, so it stops the node, looks, and lets it go on if it held none
-        (a pause of a fraction of a second); after `patience` it takes the moment it gets."""
+        milliseconds, so it watches the database for one and stops the node the moment
+        it sees one; if the claim was settled meanwhile, it lets the node go on (a pause
+        of a fraction of a second) and watches again.  After `patience` it takes the
+        moment it gets."""
         deadline = time.monotonic() + patience
         while True:
+            pids = node.processes()
+            self._wait(lambda: bool(self.cluster.claims(node.name)), max(0.0, deadline - time.monotonic()),
+                       every=0.005)
             at = utcnow()
-            n = node.freeze()
+            n = node.freeze(pids)
             # PostgreSQL still finishes what the node had sent (a settle's COMMIT, say); after
             # that, nothing of the node's changes until it is let go.
             time.sleep(0.3)

@@ -123,9 +123,10 @@ class Node(Installation):
             time.sleep(0.05)
         return len(pids)
 
-    def freeze(self) -> int:
-        """SIGSTOP to every process of the node (a host that hangs); how many."""
-        pids = self.processes()
+    def freeze(self, pids: Sequence[int] | None = None) -> int:
+        """SIGSTOP to every process of the node (a host that hangs), or to `pids` found
+        a moment ago (reading /proc takes longer than some moments last); how many."""
+        pids = self.processes() if pids is None else pids
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGSTOP)
