@@ -50,7 +50,7 @@ CERT_WARN_DAYS, CERT_FAIL_DAYS = 21, 7
 
 @dataclass(frozen=True)
 class Check:
-    kind: str  # MX, SPF, DKIM, DMARC, MTA-STS, TLS-RPT, A, PTR, FCDNS, TLSA, DNSBL, CERT, BACKUP, ...
+    kind: str  # MX, SPF, DKIM, DMARC, MTA-STS, TLS-RPT, A, PTR, FCDNS, TLSA, DNSBL, CERT, BACKUP, SPAM
     name: str  # what was looked at: a DNS name, a file
     level: str  # ok, warn, fail, error
     state: str  # the word shown: present, missing, different, weak, error, listed, expiring, ...
@@ -394,6 +394,31 @@ def backup_check(cfg: Config, now: float | None = None) -> Check:
     return Check("BACKUP", where, OK, "ok", want, f"{last.snapshot}, {when}")
 
 
+def spam_check(cfg: Config) -> Check:
+    """Whether rspamd scans incoming mail, and whether its DNS blocklists count
+    (cli/rspamd.py: only behind a resolver on this host)."""
+    from cli import rspamd
+
+    f = cfg.filter
+    want = "rspamd scanning mail, its blocklists asked through a resolver of our own"
+    if not f.rspamd:
+        return Check("SPAM", "[filter] rspamd", WARN, "off", want, "no content filter",
+                     'set [filter] rspamd = "supervised" (apt-get install rspamd redis-server) and restart')
+    if not f.supervised:
+        return Check("SPAM", "[filter] rspamd", OK, "elsewhere", want,
+                     f"rspamd at {f.rspamd} (its blocklists are its own)")
+    down = rspamd.why_not(cfg)
+    if down:
+        return Check("SPAM", "[filter] rspamd", FAIL, "down", want, down, "install what is missing and restart")
+    servers = ", ".join(rspamd.resolvers(cfg)) or "none"
+    if not rspamd.dnsbl_active(cfg):
+        return Check("SPAM", "[filter] rspamd", WARN, "no lists", want,
+                     f"rspamd scans; its DNS blocklists are off: its resolvers ({servers}) are not on this host, "
+                     "and the list operators refuse public resolvers",
+                     'set [dns] resolver = "unbound" (a resolver of our own) and restart')
+    return Check("SPAM", "[filter] rspamd", OK, "ok", want, f"rspamd scans, with DNS blocklists (through {servers})")
+
+
 def _ago(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s ago"
@@ -428,7 +453,7 @@ def everything(cfg: Config, resolver: Resolver) -> Report:
         (lambda d=d: domain_checks(records(cfg, d), watched, host)) for d in cfg.mailroom.domains  # type: ignore[misc]
     ]
     jobs.append(lambda: host_checks(cfg, watched))
-    checks = in_parallel(jobs) + [cert_check(cfg), backup_check(cfg)]
+    checks = in_parallel(jobs) + [cert_check(cfg), backup_check(cfg), spam_check(cfg)]
     return Report(checks, _unreachable(watched, cfg.dns.nameservers, cfg.dns.timeout))
 
 

@@ -91,11 +91,11 @@ def secret(cfg: Config, name: str) -> str:
 
 
 def resolvers(cfg: Config) -> list[str]:
-    """host:port of the DNS servers rspamd asks: those of `[dns] nameservers`, else the system's.
-
-    The one place rspamd's resolver comes from: a local resolver run by
-    Mailroom belongs here when it is configured.
-    """
+    """host:port of the DNS servers rspamd asks: the daemons' own, so that blocklist
+    operators see one local resolver (the supervised unbound with `[dns] resolver =
+    "unbound"`, else `[dns] nameservers`, else the system's)."""
+    if cfg.dns.resolver == "unbound":
+        return [_with_port(cfg.dns.unbound_listen)]
     if cfg.dns.nameservers:
         return [_with_port(s) for s in cfg.dns.nameservers]
     return [_with_port(s) for s in system_nameservers()]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -34,13 +33,14 @@ from cli import backup as backupcmd
 from cli import queue as queuecmd
 from cli import trace as tracecmd
 from common import privileges
+from common import reload as reloadmod
 from common.config import Config
 from common.daemon import bind_all
 from common.db import Database
 from common.events import EventName, Hop
 from common.log import is_trace_id
 from common.models import Admin, Alias, Event, User, add_event
-from common.tls import server_context
+from common.tls import ServerTLS
 from common.users import find_user, is_disabled, verify_hash
 from web import adminhttp
 from web import adminpages as pg
@@ -403,8 +403,8 @@ class AdminSite:
         self.socks = bind_all({"web.admin": self.cfg.endpoints("web.admin")})["web.admin"]
         for sock in self.socks:
             sock.setblocking(False)
-        self.tls: ssl.SSLContext = server_context(self.cfg.resolve(self.cfg.tls.cert),
-                                                  self.cfg.resolve(self.cfg.tls.key))
+        # Replaceable while it serves: a renewed certificate is served after `mailroom reload`.
+        self.tls = ServerTLS(self.cfg.resolve(self.cfg.tls.cert), self.cfg.resolve(self.cfg.tls.key))
         import importlib
 
         for name in PRELOAD:
@@ -412,7 +412,11 @@ class AdminSite:
         privileges.preload()
 
     async def serve(self) -> list[Any]:
-        return [await adminhttp.serve(sock, self.tls, self.respond, self.error) for sock in self.socks]
+        return [await adminhttp.serve(sock, self.tls.context, self.respond, self.error) for sock in self.socks]
+
+    def reload(self, cfg: Config) -> None:
+        """SIGHUP (`mailroom reload`): the certificate again, for the next handshakes."""
+        reloadmod.certificate(self.tls, cfg)
 
 
 def _quota(r: Request) -> int:

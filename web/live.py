@@ -20,8 +20,8 @@ from common.config import Config
 from common.db import Database
 from common.models import Event, Message
 from web.feed import Feed, event_row, public
+from web.http import Handler, Request, Response
 from web.metrics import Metrics
-from web.server import Handler, Request, Response
 
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 

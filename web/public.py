@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import socket
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from http import HTTPStatus
-from typing import TYPE_CHECKING
 
 from common import reload as reloadmod
 from common.config import Config
@@ -35,21 +33,17 @@ from common.daemon import bind_all, setting_name
 from common.endpoint import BindError, Endpoint
 from common.tls import ServerTLS
 from web import mta_sts
-
-if TYPE_CHECKING:
-    from web.server import Handler, Request, Response
+from web.http import MAX_HEAD, Handler, Request, Response, handle
 
 log = logging.getLogger("web")
 
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
-# The TLS handshake, like the request head, gets a short time (web/server.py TIMEOUT).
+# The TLS handshake, like the request head, gets a short time (web/http.py TIMEOUT).
 HANDSHAKE_TIMEOUT = 10.0
 
 
 def challenge(cfg: Config, request: Request) -> Response:
     """An HTTP-01 answer: the key authorization for the token, as written by `mailroom cert`."""
-    from web.server import Response
-
     token = request.path[len(CHALLENGE_PREFIX):]
     if not _is_token(token):
         return Response(HTTPStatus.NOT_FOUND, b"not found\n")
@@ -69,8 +63,6 @@ def _is_token(token: str) -> bool:
 
 def mta_sts_policy(cfg: Config, request: Request) -> Response:
     """The policy file, for a Host of mta-sts.DOMAIN with DOMAIN local; 404 for any other."""
-    from web.server import Response
-
     if mta_sts.domain_of_host(cfg, request.headers.get("host", "")) is None:
         return Response(HTTPStatus.NOT_FOUND, b"not found\n")
     return Response(HTTPStatus.OK, mta_sts.policy(cfg).encode(), "text/plain; charset=utf-8")
@@ -130,10 +122,8 @@ class Public:
         return cls(cfg, bound.get("web.http", []), bound.get("web.https", []), tls)
 
     async def serve(self, base: Mapping[str, Handler]) -> list[asyncio.Server]:
-        """Start serving (with `base`, the program's public routes: autoconfig); SIGHUP reloads."""
-        from web.server import MAX_HEAD, handle
-
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
+        """Start serving (with `base`, the program's public routes: autoconfig); SIGHUP
+        calls `reload` (web/server.py)."""
         plain = Routes(base, challenges=True)
         secure = Routes({**base, mta_sts.PATH: mta_sts_policy})
 

@@ -8,11 +8,7 @@ passing a table to `serve`).  It only reads the config and the database: it
 never talks to the MSA, MTA or MDA, and never writes; the admin page, on a
 listener of its own over TLS (web/admin.py), is the one part that changes things.
 
-Deliberately tiny: GET and HEAD (and POST, with a small body, where a client
-must: Autodiscover), one request per connection, a size limit on the request
-head and body and a timeout, so a slow or hostile client costs little.
-Handlers are plain functions run in a thread (they query the database); one
-that streams (Server-Sent Events) returns a `Response` with `stream` set.
+The HTTP exchange itself (request, response, limits) is web/http.py.
 """
 
 from __future__ import annotations
@@ -20,8 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import codecs
-import contextlib
-import dataclasses
 import logging
 import os
 import pwd
@@ -29,11 +23,9 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import AsyncGenerator, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from http import HTTPStatus
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qs, urlsplit
 
 from common import clock, privileges
 from common import config as configmod
@@ -42,6 +34,7 @@ from common.config import Config
 from common.daemon import bind_all
 from common.endpoint import BindError
 from web import autoconfig, autodiscover, mobileconfig
+from web.http import MAX_HEAD, Handler, Request, Response, handle
 from web.public import Public
 
 if TYPE_CHECKING:
@@ -49,32 +42,6 @@ if TYPE_CHECKING:
     from web.live import Live
 
 log = logging.getLogger("web")
-
-MAX_HEAD = 8192  # bytes of request line and headers
-TIMEOUT = 10.0  # seconds to send the request head
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: dict[str, str]  # names lower-cased
-    body: bytes = b""  # a POST's (POST_ROUTES only, at most MAX_BODY)
-
-
-@dataclass(frozen=True)
-class Response:
-    status: HTTPStatus
-    body: bytes = b""
-    content_type: str = "text/plain; charset=utf-8"
-    headers: dict[str, str] = field(default_factory=dict)
-    # Set for a stream: the body is what it yields, sent as it comes, until it ends
-    # or the client goes away (no Content-Length: the connection's end ends it).
-    stream: Callable[[], AsyncGenerator[bytes, None]] | None = None
-
-
-Handler = Callable[[Config, Request], Response]
 
 
 def _domain(cfg: Config, request: Request, address: str, prefix: str) -> str:
@@ -136,100 +103,6 @@ ROUTES: dict[str, Handler] = {
     "/Autodiscover/Autodiscover.xml": autodiscover_xml,
     "/mail.mobileconfig": apple_profile,
 }
-# Paths that also take POST (with a body of at most MAX_BODY bytes): Outlook POSTs its request.
-POST_ROUTES = frozenset({"/autodiscover/autodiscover.xml", "/Autodiscover/Autodiscover.xml"})
-MAX_BODY = 16 * 1024
-
-
-def parse_head(head: bytes) -> Request:
-    """Request line and headers (ValueError if they are not HTTP/1.x)."""
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise ValueError("bad request line")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise ValueError("bad header line")
-        headers[name.strip().lower()] = value.strip()
-    url = urlsplit(parts[1])
-    return Request(parts[0], url.path, parse_qs(url.query), headers)
-
-
-def respond(cfg: Config, request: Request, routes: Mapping[str, Handler]) -> Response:
-    handler = routes.get(request.path)
-    if handler is None:
-        return Response(HTTPStatus.NOT_FOUND, b"not found\n")
-    allowed = ("GET", "HEAD", "POST") if request.path in POST_ROUTES else ("GET", "HEAD")
-    if request.method not in allowed:
-        return Response(HTTPStatus.METHOD_NOT_ALLOWED, f"{' or '.join(allowed)} only\n".encode(),
-                        headers={"Allow": ", ".join(allowed)})
-    return handler(cfg, request)
-
-
-async def read_body(request: Request, reader: asyncio.StreamReader) -> Request | Response:
-    """A POST's body (Content-Length, at most MAX_BODY), or the refusal to send instead."""
-    if request.method != "POST" or request.path not in POST_ROUTES:
-        return request
-    length = request.headers.get("content-length", "")
-    if not length.isascii() or not length.isdigit():
-        return Response(HTTPStatus.LENGTH_REQUIRED, b"Content-Length required\n")
-    if int(length) > MAX_BODY:
-        return Response(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, b"request too large\n")
-    body = await asyncio.wait_for(reader.readexactly(int(length)), TIMEOUT)
-    return dataclasses.replace(request, body=body)
-
-
-def encode(response: Response, *, head_only: bool = False) -> bytes:
-    status = response.status
-    length = [] if response.stream is not None else [f"Content-Length: {len(response.body)}"]
-    lines = [
-        f"HTTP/1.1 {status.value} {status.phrase}",
-        f"Content-Type: {response.content_type}",
-        *length,
-        "Connection: close",
-        *(f"{k}: {v}" for k, v in response.headers.items()),
-    ]
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return head if head_only else head + response.body
-
-
-async def handle(
-    cfg: Config, routes: Mapping[str, Handler], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
-    method = ""
-    try:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-            request = parse_head(head[:-4])
-            method = request.method
-            got = await read_body(request, reader)
-            response = got if isinstance(got, Response) else await asyncio.to_thread(respond, cfg, got, routes)
-        except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, ValueError, TimeoutError):
-            response = Response(HTTPStatus.BAD_REQUEST, b"bad request\n")
-        except Exception:
-            log.exception("error answering a request")
-            response = Response(HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error\n")
-        writer.write(encode(response, head_only=method == "HEAD"))
-        await writer.drain()
-        if response.stream is not None and method != "HEAD":
-            # aclosing: a client that leaves mid-stream still runs the stream's clean-up.
-            async with contextlib.aclosing(response.stream()) as chunks:
-                async for chunk in chunks:
-                    writer.write(chunk)
-                    await writer.drain()
-        log.info("%s %s %d", method or "-", response.status.value, len(response.body))
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-
-
 def bind(cfg: Config) -> list[socket.socket]:
     """Every address of `[web] listen` (one or a list, as the daemons' listener
     settings), bound alike; BindError names the one that cannot be."""
@@ -267,8 +140,16 @@ async def run(cfg: Config, socks: list[socket.socket], live: Live, public: Publi
     routes = {**ROUTES, **live.routes()}
     servers = [await serve(cfg, sock, routes) for sock in socks]
     # [web] http and https (the Internet's), and SIGHUP's reload (web/public.py).
-    servers += await (public or Public(cfg, [], [], None)).serve(ROUTES)
+    public = public or Public(cfg, [], [], None)
+    servers += await public.serve(ROUTES)
     servers += await admin.serve() if admin is not None else []  # the admin page, TLS only (web/admin.py)
+
+    def reload() -> None:  # `mailroom reload`: the MTA-STS policy, and the certificate for both TLS listeners
+        public.reload()
+        if admin is not None:
+            admin.reload(public.config)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     tail = asyncio.create_task(live.feed.run(stop))
     log.info("http on %s%s", ", ".join(cfg.web.listen),
              f"; admin page (https) on {', '.join(cfg.web.admin)}" if admin is not None else "")

@@ -10,13 +10,17 @@ of wrong passwords, plain HTTP.  A mail user gets only their own page.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import sqlite3
+import ssl
+import time
 from collections.abc import Iterator
 from urllib.parse import urlencode
 
 import pytest
 
+from common.tls import make_self_signed
 from common.users import check_password
 from tests.support.admin import ADMIN, AdminClient, add_admin, web_program
 from tests.support.suite import Installation, free_port
@@ -281,3 +285,34 @@ def test_the_queue_can_be_held_released_flushed_and_deleted(installation: Instal
                                                                                    "delete")]
     finally:
         inst.stop()
+
+
+def _served_certificate(port: int) -> bytes:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="mail.test") as tls:
+        cert = tls.getpeercert(binary_form=True)
+    assert cert is not None
+    return cert
+
+
+def test_a_renewed_certificate_is_served_after_a_reload(installation: Installation) -> None:
+    """As after `mailroom cert` renews it: new files in place, then SIGHUP (`mailroom
+    reload`); the admin page's next handshake has the new certificate, and it still answers."""
+    inst = installation
+    add_admin(inst)
+    with web_program(inst) as proc:
+        port = inst.ports["admin"]
+        before = _served_certificate(port)
+        cert, key = inst.config.resolve(inst.config.tls.cert), inst.config.resolve(inst.config.tls.key)
+        make_self_signed(cert, key, "mail.test")
+        inst.give(cert.parent)
+        renewed = ssl.PEM_cert_to_DER_cert(cert.read_text())
+        assert renewed != before
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while _served_certificate(port) == before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _served_certificate(port) == renewed
+        assert AdminClient(port).login().status == 200

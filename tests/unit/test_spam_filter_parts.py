@@ -94,6 +94,13 @@ def test_dnsbl_only_behind_a_local_resolver(tmp_path: Path) -> None:
     assert rspamd.dnsbl_active(local) and not rspamd.dnsbl_active(public) and not rspamd.dnsbl_active(elsewhere)
 
 
+def test_rspamd_asks_the_supervised_unbound_when_the_daemons_do(tmp_path: Path) -> None:
+    forwarding = _cfg(tmp_path, '[dns]\nresolver = "unbound"\nunbound_listen = "127.0.0.1:2153"\n'
+                                'nameservers = ["9.9.9.9"]\n')
+    assert rspamd.resolvers(forwarding) == ["127.0.0.1:2153"]
+    assert rspamd.resolvers(_cfg(tmp_path, '[dns]\nnameservers = ["9.9.9.9"]\n')) == ["9.9.9.9:53"]
+
+
 def test_generated_rspamd_configuration_passes_configtest(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, '[filter]\nrspamd = "supervised"\n[dns]\nnameservers = ["9.9.9.9"]\n')
     assert rspamd.prepare(cfg, None) is None

@@ -227,6 +227,19 @@ def test_backup_age_and_outcome(tmp_path: Path) -> None:
     assert (failed.level, failed.state) == (checks.FAIL, "failed") and "No space left" in failed.found
 
 
+def test_whether_rspamd_scans_and_its_blocklists_count(tmp_path: Path) -> None:
+    off = checks.spam_check(_config(tmp_path))
+    assert (off.level, off.state) == (checks.WARN, "off")
+    supervised = {"filter": {"rspamd": "supervised"}}
+    public = checks.spam_check(_config(tmp_path, supervised | {"dns": {"nameservers": ["9.9.9.9"]}}))
+    # rspamd and redis-server are installed (.ci/install-peers), so the filter can run.
+    assert (public.level, public.state) == (checks.WARN, "no lists") and "9.9.9.9:53" in public.found, public
+    own = checks.spam_check(_config(tmp_path, supervised | {"dns": {"resolver": "unbound"}}))
+    assert (own.level, own.state) == (checks.OK, "ok") and "127.0.0.1:2053" in own.found
+    elsewhere = checks.spam_check(_config(tmp_path, {"filter": {"rspamd": "192.0.2.9:11333"}}))
+    assert (elsewhere.level, elsewhere.state) == (checks.OK, "elsewhere")
+
+
 def test_no_answer_at_all_is_one_line_not_one_error_per_record(tmp_path: Path) -> None:
     everything_times_out = {name: "TIMEOUT" for name in _base()} | {"org": "TIMEOUT"}
 
