@@ -20,6 +20,7 @@ from cli import accounts, admins, dovecot, dovecot_sieve, postmaster, rspamd, se
 from cli import backup as backupcmd
 from cli import cert as certcmd
 from cli import checks as statuschecks
+from cli import cluster as clustercmd
 from cli import dkim as dkimcmd
 from cli import dmarc as dmarccmd
 from cli import dns as dnscmd
@@ -270,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                       f"(default {setup.SYSTEM_USER}); otherwise the current user")
 
     sub.add_parser("run", help="run every daemon under supervisord, in the foreground")
-    sub.add_parser("status", help="each daemon's state")
+    status = sub.add_parser("status", help="each daemon's state")
+    status.add_argument("--cluster", action="store_true",
+                        help="every node sharing the database: its roles, last heartbeat and leases")
     sub.add_parser("reload", help="every daemon takes a new certificate and the settings that can change "
                    "safely (SIGHUP), without a restart")
     for name in ("stop", "start", "restart"):
@@ -321,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--xml", action="store_true", help="the autoconfig XML the web program serves")
     dkimcmd.add_parser(sub)
     certcmd.add_parser(sub)
+    clustercmd.add_parser(sub)
     dnscmd.add_parser(sub)
     statuschecks.add_parser(sub)
     backupcmd.add_parser(sub)
@@ -368,6 +372,8 @@ def _main(argv: list[str] | None) -> int:
     match args.command:
         case "run":
             return supervise.run(cfg)
+        case "status" if args.cluster:
+            return clustercmd.status(cfg)
         case "status":
             code = supervise.ctl(cfg, "status")
             print(certcmd.expiry_line(cfg))
@@ -377,6 +383,8 @@ def _main(argv: list[str] | None) -> int:
             return supervise.reload(cfg)
         case "cert":
             return certcmd.run(args, cfg)
+        case "cluster":
+            return clustercmd.run(args, cfg)
         case "stop" | "start" | "restart":
             return supervise.ctl(cfg, args.command, supervise.program_spec(cfg, args.program))
         case "user":

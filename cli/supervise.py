@@ -15,7 +15,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from cli import dovecot, rspamd, unbound, watch
+from cli import dovecot, roles, rspamd, unbound, watch
 from cli.watch import failure_file
 from common import config as configmod
 from common import privileges
@@ -108,6 +108,7 @@ def render(cfg: Config, *, output: str = "/dev/stdout", with_imap: bool = False,
         text += _LAB.format(python=sys.executable, config=cfg.path, common=common)
     text += unbound.program(cfg, common)  # the local validating resolver, when chosen
     text += _WATCH.format(python=sys.executable, run_dir=run_dir)
+    text = roles.keep(text, cfg.mailroom.roles)  # what this node runs (cli/roles.py)
     out = run_dir / "supervisord.conf"
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with open(fd, "w") as f:
@@ -181,10 +182,10 @@ def preflight(cfg: Config) -> str | None:
         return closed
     # All at once, as the daemons hold them: two addresses of one setting that
     # overlap ([::]:25 and 0.0.0.0:25) are found here too.
-    endpoints = {key: cfg.endpoints(key) for key in configmod.listener_keys()}
+    endpoints = {key: cfg.endpoints(key) for key in configmod.listener_keys() if roles.binds(key, cfg.mailroom.roles)}
     # The web program's optional listeners for the Internet (the 80 and 443 roles), when on.
     endpoints.update({key: cfg.endpoints(key) for key, on in (("web.http", cfg.web.http), ("web.https", cfg.web.https))
-                      if on})
+                      if on and roles.binds(key, cfg.mailroom.roles)})
     try:
         bound = bind_all(endpoints)
     except BindError as exc:
@@ -213,16 +214,17 @@ def run(cfg: Config) -> int:
     db = Database(cfg.database_url, threads=1)
     try:
         db.create_schema()
-        why_not = dovecot.prepare(cfg, db)
+        why_not = dovecot.prepare(cfg, db) if "imap" in cfg.mailroom.roles else "imap: not a role of this node"
     finally:
         db.close()
-    if why_not:
+    if why_not and "imap" in cfg.mailroom.roles:
         print(f"mailroom: {why_not}", file=sys.stderr, flush=True)
     if cfg.dns.resolver == "unbound" and (problem := unbound.prepare(cfg, user=_unbound_user(cfg))):
         print(f"mailroom run: {problem}", file=sys.stderr)
         return 1
-    filter_down = rspamd.prepare(cfg, _root_switch(cfg)) if cfg.filter.supervised else "off"
-    if filter_down and cfg.filter.supervised:
+    runs_filter = cfg.filter.supervised and "mta" in cfg.mailroom.roles
+    filter_down = rspamd.prepare(cfg, _root_switch(cfg)) if runs_filter else "off"
+    if filter_down and runs_filter:
         print(f"mailroom: {filter_down}", file=sys.stderr, flush=True)
     if cfg.log_dir is not None:
         print(f"mailroom: each program logs to {cfg.log_dir}/PROGRAM.log; here: supervisord, "

@@ -22,6 +22,8 @@ from common.endpoint import UNIX_PREFIX, Endpoint
 from common.numbers import is_decimal
 
 DEFAULT_PATH = "./var/mailroom.toml"
+# The shortest `[queue] lease` (renewed a third of it apart).
+MIN_LEASE = 3.0
 # The MSA's hand-off to the MTA: a Unix socket in the private run folder (common/hop_secret.py).
 INTERNAL_SOCKET = "unix:run/internal.sock"
 # More MTA listener processes than this would be a typo, not a host.
@@ -30,6 +32,8 @@ MAX_MTA_PROCESSES = 64
 SUPERVISED = "supervised"
 # The certificate key types `[acme] key_type` may name (common/tls.py makes them).
 KEY_TYPES = ("ecdsa-p256", "rsa-2048")
+# What `mailroom run` may start on a node ([mailroom] roles; docs/cluster.md).
+ROLES = ("msa", "mta", "qmgr", "mda", "imap", "web")
 
 
 class ConfigError(Exception):
@@ -52,6 +56,8 @@ class MailroomSection:
     log_format: str = field(default="text", metadata=_meta("logformat", "text (one readable line per record) or json (one JSON object per line, trace_id a field)"))
     user: str = field(default="", metadata=_meta("str", "The account every daemon serves as; started as root, they bind ports and then become it (required as root)"))
     mail_group: str = field(default="", metadata=_meta("str", "A group allowed to read the mail root (e.g. Dovecot's); empty: only the user"))
+    node: str = field(default="", metadata=_meta("node", "This node's name among the hosts sharing one database (claims on the queue, `mailroom status --cluster`); letters, digits, dots and dashes; empty: the machine's host name"))
+    roles: list[str] = field(default_factory=lambda: list(ROLES), metadata=_meta("roles", "What `mailroom run` starts on this node, out of msa, mta, qmgr, mda, imap, web (MX hosts: [\"mta\", \"qmgr\", \"msa\"]; the store: [\"mda\", \"imap\", \"web\"])"))
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,23 @@ class MTASection:
     concurrency_per_destination: int = field(default=10, metadata=_meta("int", "Parallel deliveries to one destination"))
     lmtp_sessions: int = field(default=10, metadata=_meta("int", "Parallel LMTP sessions to the MDA"))
     processes: int = field(default=1, metadata=_meta("int", f"Listener processes sharing the smtp and internal TCP addresses (SO_REUSEPORT), 1 to {MAX_MTA_PROCESSES}; more than 1 only when one listener process is CPU-bound and the host has cores to spare"))
+
+
+@dataclass(frozen=True)
+class QueueSection:
+    """The queue the queue managers of every node share (docs/cluster.md)."""
+
+    lease: float = field(default=60.0, metadata=_meta("duration", "How long a queue manager's claim on a recipient lasts unless it renews it (it does, a third of this apart, while it runs); a claim left to expire (its node died, froze or lost the database) is taken over by any queue manager, and its holder can no longer settle it"))
+
+
+@dataclass(frozen=True)
+class ClusterSection:
+    """Hops between hosts (docs/cluster.md): LMTP to the store's MDA, the MSA's hand-off to an MTA."""
+
+    ca: str = field(default="", metadata=_meta("path", "The installation's own CA certificate (`mailroom cluster ca`); when set, the TCP addresses of [mda] lmtp and [mta] internal speak TLS from the first byte and take only clients holding a certificate this CA signed, and this node shows its own certificate when it connects to them; empty: off, and those listeners stay on this host (loopback)"))
+    cert: str = field(default="cluster/node.pem", metadata=_meta("path", "This node's certificate, signed by the CA (`mailroom cluster cert NODE`)"))
+    key: str = field(default="cluster/node.key", metadata=_meta("path", "This node's private key (owner-only)"))
+    peers: list[str] = field(default_factory=list, metadata=_meta("nodes", "Node names whose certificates are taken (a retired node left out is refused); empty: every certificate the CA signed"))
 
 
 @dataclass(frozen=True)
@@ -280,6 +303,8 @@ class Config:
     smtp: SMTPSection = field(default_factory=SMTPSection)
     msa: MSASection = field(default_factory=MSASection)
     mta: MTASection = field(default_factory=MTASection)
+    queue: QueueSection = field(default_factory=QueueSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
     mda: MDASection = field(default_factory=MDASection)
     dns: DNSSection = field(default_factory=DNSSection)
     outbound_tls: OutboundTLSSection = field(default_factory=OutboundTLSSection)
@@ -310,6 +335,15 @@ class Config:
         if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
             return prefix + str(self.resolve(url[len(prefix):]).resolve())
         return url
+
+    @property
+    def node(self) -> str:
+        """This node's name: `[mailroom] node`, or the machine's host name."""
+        if self.mailroom.node:
+            return self.mailroom.node
+        import socket
+
+        return socket.gethostname() or "localhost"
 
     @property
     def mail_root(self) -> Path:
@@ -375,6 +409,8 @@ def listener_keys() -> list[str]:
 
 # --- value parsing ---------------------------------------------------------
 
+# A node's name goes into claim owners ("node:pid") and certificates: no colon, no space.
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}")
 # ASCII digits only (re.ASCII): "٥m" is no duration, "١٠MiB" no size.
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.ASCII)
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
@@ -535,6 +571,28 @@ def _convert(kind: str, value: object) -> object:
             if value.lower() not in ("debug", "info", "warning", "error"):
                 raise ValueError(f"expected debug, info, warning or error, got {value!r}")
             return value.lower()
+        case "node":
+            need(str, "a node name")
+            assert isinstance(value, str)
+            if value and not _NODE_NAME.fullmatch(value):
+                raise ValueError(f"expected letters, digits, dots and dashes (at most 63), got {value!r}")
+            return value
+        case "nodes":
+            need(list, "a list of node names")
+            assert isinstance(value, list)
+            for v in value:
+                if not isinstance(v, str) or not _NODE_NAME.fullmatch(v):
+                    raise ValueError(f"not a node name: {v!r}")
+            return list(value)
+        case "roles":
+            need(list, "a list of roles")
+            assert isinstance(value, list)
+            for v in value:
+                if v not in ROLES:
+                    raise ValueError(f"{v!r} is not a role; expected some of {', '.join(ROLES)}")
+            if not value:
+                raise ValueError(f"must name at least one of {', '.join(ROLES)}")
+            return list(dict.fromkeys(value))
         case "store":
             if value not in ("maildir", "mbox"):
                 raise ValueError(f"expected maildir or mbox, got {value!r}")
@@ -664,10 +722,14 @@ def _check(cfg: Config) -> None:
         raise ConfigError("mailroom.domains: at least one local domain is needed")
     for key in ("mta.internal", "mda.lmtp"):
         for where in cfg.endpoints(key):
-            if not where.is_loopback():
+            if not where.is_loopback() and not cfg.cluster.ca:
                 # These listeners trust what they are told (relaying, trace ids):
-                # only this host may reach them.
-                raise ConfigError(f"{key}: must be a loopback address or unix:/path, got {str(where)!r}")
+                # only this host may reach them, or peers proven by the cluster's CA.
+                raise ConfigError(f"{key}: must be a loopback address or unix:/path, got {str(where)!r} "
+                                  "(other hosts may reach it only over TLS with [cluster] ca set)")
+    if cfg.queue.lease < MIN_LEASE:
+        # Renewed a third of it apart: shorter would be renewals and little else.
+        raise ConfigError(f"queue.lease: must be at least {MIN_LEASE:g}s, got {cfg.queue.lease:g}s")
     if not 1 <= cfg.mta.processes <= MAX_MTA_PROCESSES:
         raise ConfigError(f"mta.processes: expected 1 to {MAX_MTA_PROCESSES}, got {cfg.mta.processes}")
     if cfg.mta.processes > 1 and all(e.is_unix for e in cfg.endpoints("mta.smtp")):

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from sqlalchemy.engine import make_url
 
 from common import config as configmod
-from common import counters, privileges
+from common import counters, node, privileges
 from common import log as logmod
 from common import reload as reloadmod
 from common.clock import Clock, for_lab
@@ -55,6 +55,7 @@ from common.clock import use as use_clock
 from common.config import Config
 from common.db import Database
 from common.endpoint import BindError, Endpoint, overlapping, v6only
+from common.hop_tls import HopTLS
 from common.privileges import StartError
 from common.tls import ServerTLS
 
@@ -89,6 +90,7 @@ class Context:
     stop: asyncio.Event
     sockets: dict[str, list[socket.socket]] = field(default_factory=dict)
     server_tls: ServerTLS | None = None
+    hop_tls: HopTLS | None = None
     dns_resolver: dnsmod.Resolver | None = None
 
     def resolver(self) -> dnsmod.Resolver:
@@ -114,6 +116,12 @@ class Context:
                 self.config.resolve(self.config.tls.cert), self.config.resolve(self.config.tls.key)
             )
         return self.server_tls.context
+
+    def hops(self) -> HopTLS | None:
+        """TLS for the hops between hosts (common/hop_tls.py), loaded once; None when `[cluster] ca` is off."""
+        if self.hop_tls is None and self.config.cluster.ca:
+            self.hop_tls = HopTLS.from_config(self.config)
+        return self.hop_tls
 
 
 Service = Callable[[Context], Awaitable[None]]
@@ -285,6 +293,11 @@ def _prepare(
             server_tls = ServerTLS(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key))
         except (OSError, ssl.SSLError) as exc:
             raise StartError(f"[tls] cert = {cfg.tls.cert}, key = {cfg.tls.key}: {exc}") from None
+    try:  # the hops between hosts (common/hop_tls.py), while the key may be root's
+        hop_tls = HopTLS.from_config(cfg)
+    except (OSError, ssl.SSLError) as exc:
+        c = cfg.cluster
+        raise StartError(f"[cluster] ca = {c.ca}, cert = {c.cert}, key = {c.key}: {exc}") from None
     # The database driver (sqlite3, psycopg) is loaded now: after the switch the
     # Python installation may be closed to the Mailroom user.
     make_url(cfg.database_url).get_dialect().import_dbapi()
@@ -311,7 +324,7 @@ def _prepare(
     use_clock(clock)  # for the times written without one (column defaults)
     return Context(
         config=cfg, db=db, clock=clock, stop=asyncio.Event(),
-        sockets=sockets, server_tls=server_tls,
+        sockets=sockets, server_tls=server_tls, hop_tls=hop_tls,
     )
 
 
@@ -322,9 +335,17 @@ async def _run(process: str, service: Service, ctx: Context) -> None:
         loop.add_signal_handler(sig, ctx.stop.set)
     loop.add_signal_handler(signal.SIGHUP, _hangup, ctx)
     log.info("starting (event loop: %s)", "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio")
-    # Counted in memory, saved for the web program's /metrics (common/counters.py).
-    async with counters.saved(ctx.config.run_dir / "metrics" / f"{process}.json"):
-        await service(ctx)
+    cfg = ctx.config
+    # This node's row for `mailroom status --cluster` (common/node.py).
+    beating = asyncio.create_task(node.keep_beating(
+        ctx.db, ctx.clock, cfg.node, cfg.mailroom.roles, cfg.queue.lease / 3, ctx.stop,
+    ))
+    try:
+        # Counted in memory, saved for the web program's /metrics (common/counters.py).
+        async with counters.saved(ctx.config.run_dir / "metrics" / f"{process}.json"):
+            await service(ctx)
+    finally:
+        beating.cancel()
     log.info("stopped")
 
 

@@ -178,7 +178,13 @@ class Recipient(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     last_reply: Mapped[str] = mapped_column(Text, default="")
-    owner: Mapped[str] = mapped_column(String(100), default="")  # qmgr holding it (active)
+    owner: Mapped[str] = mapped_column(String(100), default="")  # qmgr holding it (active): "node:pid.start"
+    # The claim is a lease: `lease` is its token (new at every claim; a settle
+    # must show it, so a holder that lost the claim cannot settle), valid until
+    # `lease_expires`, which the holder moves on while it works.  After that
+    # any queue manager takes the recipient over.
+    lease: Mapped[str] = mapped_column(String(32), default="", server_default="")
+    lease_expires: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     # RFC 3461 at RCPT: NOTIFY ("" = the default: failures and delays) and
     # ORCPT as "addr-type;address" ("" = not given).
     notify: Mapped[str] = mapped_column(String(24), default="")
@@ -202,6 +208,16 @@ class Event(Base):
     recipient: Mapped[str] = mapped_column(String(320), default="")
     detail: Mapped[str] = mapped_column(Text, default="")
     path: Mapped[str] = mapped_column(Text, default="")
+
+
+class Node(Base):
+    """One row per node sharing the database (docs/cluster.md): its roles, and the
+    last time one of its daemons said it was alive (every third of `[queue] lease`)."""
+
+    __tablename__ = "nodes"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    roles: Mapped[str] = mapped_column(String(200), default="")  # space-separated, as [mailroom] roles
+    heartbeat: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class TLSResult(Base):

@@ -121,6 +121,9 @@ CHUNK_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit; closing c
 HEADER_SENDER_DENIED = Reply(550, "5.7.1", "From: header address not owned by you")
 SENDER_DENIED = Reply(553, "5.7.1", "Sender address not owned by you")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+# A hop between our hosts (common/hop_tls.py) from a certificate whose node is not in [cluster] peers:
+# temporary, so that a node left out by mistake defers its mail until the list is fixed, never bounces it.
+NOT_A_PEER = Reply(421, "4.7.0", "Not a node of this installation, closing connection")
 # The MTA's internal listener takes only our MSA: on its Unix socket, the uid the
 # daemons run as (SO_PEERCRED); over TCP, AUTH with the installation's secret first.
 NOT_OUR_MSA = Reply(554, "5.7.1", "This listener is for Mailroom's MSA only")

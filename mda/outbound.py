@@ -15,6 +15,7 @@ loop (`asyncio.run_coroutine_threadsafe`), and the thread waits for its reply.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -27,8 +28,12 @@ REDIRECT_PARAM = "XREDIRECT"
 
 
 class Outbound:
-    def __init__(self, internal: Endpoint, *, hostname: str, timeout: float, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, internal: Endpoint, *, hostname: str, timeout: float, loop: asyncio.AbstractEventLoop,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.internal = internal
+        self.tls = tls  # an internal listener on another host: TLS from the first byte (common/hop_tls.py)
         self.hostname = hostname
         self.timeout = timeout
         self.loop = loop
@@ -58,7 +63,7 @@ class Outbound:
     async def _send(self, sender: str, recipient: str, content: bytes, params: tuple[str, ...]) -> Reply:
         try:
             client = await Client.connect(self.internal, helo=self.hostname, timeout=self.timeout,
-                                          connect_timeout=self.timeout)
+                                          connect_timeout=self.timeout, tls=self.tls, implicit_tls=self.tls is not None)
         except NextHopError as exc:
             return exc.reply
         try:

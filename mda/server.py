@@ -25,9 +25,11 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
+import dataclasses
 import errno
 import hashlib
 import logging
+import ssl
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from functools import partial
@@ -36,7 +38,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, select
 
-from common import lmtp_ext, message
+from common import hop_tls, lmtp_ext, message
 from common import reply as R
 from common.config import Config
 from common.daemon import Context, serve_until_stopped
@@ -44,6 +46,7 @@ from common.db import Database
 from common.directory import Directory, Snapshot, UserEntry
 from common.endpoint import Endpoint
 from common.events import EventName, Hop
+from common.hop_tls import HopTLS
 from common.log import is_trace_id, new_trace_id, trace_id
 from common.models import Event, User, add_event
 from common.reply import Reply, SMTPError
@@ -85,6 +88,8 @@ class DeliveryPolicy:
     sends_per_hour: int = 500
     internal: Endpoint | None = None
     send_timeout: float = 60.0
+    # The internal listener on another host: TLS with this node's certificate (common/hop_tls.py).
+    internal_tls: ssl.SSLContext | None = None
 
     @classmethod
     def from_config(cls, cfg: Config) -> DeliveryPolicy:
@@ -101,8 +106,13 @@ class LMTPHandler(Handler):
     # A BODY=BINARYMIME message is stored with its body octets as they came.
     offers_binarymime = True
 
-    def __init__(self, policy: DeliveryPolicy, db: Database, directory: Directory | None = None) -> None:
+    def __init__(
+        self, policy: DeliveryPolicy, db: Database, directory: Directory | None = None, *,
+        peers: HopTLS | None = None,
+    ) -> None:
         self.policy = policy
+        # On an address other hosts reach (common/hop_tls.py): which queue managers are ours.
+        self.peers = peers
         self.db = db
         self.directory = directory or Directory(db.read_engine)
         self.mail_root = policy.mail_root
@@ -113,9 +123,14 @@ class LMTPHandler(Handler):
     def reset(self, session: MailSession) -> None:
         self.mailboxes = {}
 
+    async def connect(self, session: MailSession) -> None:
+        if self.peers is not None and not self.peers.admits(session):
+            log.warning("%s: refused, its certificate names no node of [cluster] peers", session.client_ip)
+            raise SMTPError(R.NOT_A_PEER)
+
     async def mail(self, session: MailSession, envelope: MailEnvelope, sender: str) -> None:
-        # The LMTP listener is loopback-only (config check), so the queue
-        # manager's trace id is trusted here.
+        # The LMTP listener is loopback-only, or takes only our own nodes (config
+        # check, common/hop_tls.py), so the queue manager's trace id is trusted here.
         given = envelope.params.get("XTRACE", "")
         envelope.trace_id = given if is_trace_id(given) else new_trace_id()
         trace_id.set(envelope.trace_id)
@@ -265,7 +280,7 @@ class LMTPHandler(Handler):
         p = self.policy
         outbound = None
         if p.internal is not None:
-            outbound = Outbound(p.internal, hostname=p.hostname, timeout=p.send_timeout, loop=loop)
+            outbound = Outbound(p.internal, hostname=p.hostname, timeout=p.send_timeout, loop=loop, tls=p.internal_tls)
         policy = RulesPolicy(p.hostname, p.mail_root, p.lock_timeout, p.sieve_max_size, p.sends_per_hour)
         return Rules(policy, self.db, outbound)
 
@@ -400,14 +415,26 @@ async def run(ctx: Context) -> None:
     cfg = ctx.config
     # Only our own queue manager connects: no per-client cap below the total.
     limits = limits_from(cfg.smtp, max_connections_per_client=cfg.smtp.max_connections)
-    server = await serve(
-        ctx.socket("mda.lmtp"),
-        partial(LMTPHandler, DeliveryPolicy.from_config(cfg), ctx.db, Directory(ctx.db.read_engine)),
-        hostname=cfg.mailroom.hostname, limits=limits, lmtp=True,
-    )
-    log.info("LMTP listening on %s", cfg.mda.lmtp)
+    directory, hops = Directory(ctx.db.read_engine), ctx.hops()
+    policy = DeliveryPolicy.from_config(cfg)
+    if hops is not None and policy.internal is not None:
+        policy = dataclasses.replace(policy, internal_tls=hops.client_for(policy.internal))
+    # With [cluster] on, other hosts' queue managers reach the TCP addresses: TLS, our nodes only.
+    plain, guarded = hop_tls.split(ctx.socket("mda.lmtp"), hops)
+    servers = []
+    if plain:
+        servers.append(await serve(
+            plain, partial(LMTPHandler, policy, ctx.db, directory), hostname=cfg.mailroom.hostname,
+            limits=limits, lmtp=True,
+        ))
+    if guarded and hops is not None:
+        servers.append(await serve(
+            guarded, partial(LMTPHandler, policy, ctx.db, directory, peers=hops), hostname=cfg.mailroom.hostname,
+            limits=limits, lmtp=True, tls_context=hops.server, implicit_tls=True,
+        ))
+    log.info("LMTP listening on %s%s", ", ".join(cfg.mda.lmtp), " (TCP: TLS, our nodes only)" if guarded else "")
     cleaner = asyncio.create_task(_clean_tmp_periodically(ctx))
     try:
-        await serve_until_stopped(ctx, [server])
+        await serve_until_stopped(ctx, servers)
     finally:
         cleaner.cancel()

@@ -25,8 +25,10 @@ saying so rather than failing at the first submission.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
+import ssl
 from dataclasses import dataclass
 
 from sqlalchemy import Connection
@@ -76,6 +78,9 @@ class SubmissionPolicy:
     # Over TCP the MTA's internal listener takes MAIL only after AUTH with this (common/hop_secret.py);
     # its Unix socket knows us by our uid instead.
     next_hop_secret: str = ""
+    # The MTA on another host: TLS from the first byte, with this node's certificate (common/hop_tls.py),
+    # which proves us instead of the secret.
+    next_hop_tls: ssl.SSLContext | None = None
 
     @classmethod
     def from_config(cls, cfg: Config) -> SubmissionPolicy:
@@ -219,7 +224,7 @@ class SubmissionHandler(Handler):
     async def _open_upstream(self, envelope: MailEnvelope) -> Client:
         client = await Client.connect(
             self.policy.next_hop, helo=self.policy.hostname, timeout=self.policy.next_hop_timeout,
-            connect_timeout=10,
+            connect_timeout=10, tls=self.policy.next_hop_tls, implicit_tls=self.policy.next_hop_tls is not None,
         )
         if self.policy.next_hop_secret and "AUTH" in client.extensions:
             # Loopback only (the config allows nothing else): in the clear is safe here.
@@ -334,6 +339,9 @@ async def run(ctx: Context) -> None:
     tls = ctx.tls()
     limits = limits_from(cfg.smtp, max_connections_per_client=cfg.msa.max_connections_per_client)
     policy = SubmissionPolicy.from_config(cfg)
+    if (hops := ctx.hops()) is not None and (hop := hops.client_for(policy.next_hop)) is not None:
+        # The MTA's guarded listener knows us by our certificate and offers no AUTH.
+        policy = dataclasses.replace(policy, next_hop_tls=hop, next_hop_secret="")
     limiters = Limiters(policy, ctx.clock)
 
     def make() -> SubmissionHandler:

@@ -39,9 +39,13 @@ class LocalDelivery:
 
     local = True  # the last hop: see Courier.local
 
-    def __init__(self, lmtp: Endpoint | str, *, hostname: str, sessions: int, timeout: float) -> None:
+    def __init__(
+        self, lmtp: Endpoint | str, *, hostname: str, sessions: int, timeout: float, tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.lmtp = lmtp if isinstance(lmtp, Endpoint) else Endpoint.parse(lmtp)  # the MDA's listener
         self.hostname = hostname
+        # The MDA on another host: TLS from the first byte, with this node's certificate (common/hop_tls.py).
+        self.tls = tls
         self.timeout = timeout
         self.slots = asyncio.Semaphore(sessions)
         self.idle: list[Client] = []
@@ -63,7 +67,8 @@ class LocalDelivery:
                     return delivered
                 log.info("a pooled LMTP session to %s was closed by the MDA; sending on another", pooled.peer)
             try:
-                client = await Client.connect(self.lmtp, lmtp=True, helo=self.hostname, timeout=self.timeout)
+                client = await Client.connect(self.lmtp, lmtp=True, helo=self.hostname, timeout=self.timeout,
+                                              tls=self.tls, implicit_tls=self.tls is not None)
             except NextHopError as exc:
                 return Delivered([exc.reply] * len(attempt.recipients))
             delivered = await self._send(client, attempt, params, reused=False)

@@ -61,6 +61,8 @@ class QueueManager:
         remote: Courier,
         max_in_flight: int = 100,
         sender_for: Callable[[str, str, str], str] | None = None,
+        node: str = "",
+        lease: float = queue.LEASE,
     ) -> None:
         self.db = db
         self.clock = clock
@@ -71,8 +73,11 @@ class QueueManager:
         self.remote = remote
         # (sender, original recipient, recipient) -> the sender to send as (SRS for forwards).
         self.sender_for = sender_for or (lambda sender, original, recipient: sender)
-        self.host = socket.gethostname()
+        # Claims are owned by "node:pid.start": the node tells the hosts sharing the queue apart.
+        self.host = node or socket.gethostname()
         self.owner = queue.owner_id(self.host)
+        # A claim lasts this long unless renewed; renewed a third of it apart (`serve`).
+        self.lease = lease
         self.in_flight = asyncio.Semaphore(max_in_flight)
         self.wake = asyncio.Event()
         # Messages the MTA named in its wake-ups, to claim by id; and whether a
@@ -103,7 +108,12 @@ class QueueManager:
         # both (not fsync'd: no reply rests on a claim; a power cut that loses
         # one leaves the recipient queued or active, and it is delivered again,
         # the MDA's idempotent writes absorbing the repeat).
-        jobs = await self.db.write_batched(self._claim, traces, relaxed=True)
+        try:
+            jobs = await self.db.write_batched(self._claim, traces, relaxed=True)
+        except OperationalError as exc:  # the database is away: the next scan tries again
+            log.warning("cannot claim due mail yet: %s", exc.orig)
+            self.scan_asked = False
+            return 0
         if sum(len(job.recipients) for job in jobs) >= queue.CLAIM_LIMIT:
             self.scan_asked = True  # there may be more: look again at once
         for job in jobs:
@@ -114,7 +124,18 @@ class QueueManager:
         return len(jobs)
 
     def _claim(self, conn: Connection, traces: list[str] | None = None) -> list[queue.Job]:
-        return queue.claim(conn, self.owner, self.clock.now(), queue.CLAIM_LIMIT, traces=traces)
+        return queue.claim(conn, self.owner, self.clock.now(), queue.CLAIM_LIMIT, traces=traces, lease=self.lease)
+
+    async def renew(self) -> None:
+        """Move on the leases of every recipient this queue manager holds (mta/queue.py)."""
+        try:
+            await self.db.write_batched(
+                lambda conn: queue.renew(conn, self.owner, self.clock.now(), self.lease), relaxed=True,
+            )
+        except OperationalError as exc:
+            # Past the lease, other queue managers take the recipients over, and our
+            # settles of them are dropped: nothing is delivered twice without the MDA knowing.
+            log.warning("cannot renew the leases of the recipients in hand: %s", exc.orig)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
@@ -130,6 +151,23 @@ class QueueManager:
         self, stop: asyncio.Event, poll_interval: float, *, every_minute: Callable[[], Awaitable[None]] | None = None
     ) -> None:
         """Deliver until `stop` is set: what the wake-ups name at once, the rest by scans."""
+        # The leases are renewed by a task of their own: this loop may wait long for room
+        # (max_in_flight deliveries to slow hosts), and so does the drain at the end.
+        renewing = asyncio.create_task(self._keep_renewing())
+        try:
+            await self._scan_until(stop, poll_interval, every_minute)
+            await self.drain()
+        finally:
+            renewing.cancel()
+
+    async def _keep_renewing(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            await self.renew()
+
+    async def _scan_until(
+        self, stop: asyncio.Event, poll_interval: float, every_minute: Callable[[], Awaitable[None]] | None,
+    ) -> None:
         loop = asyncio.get_running_loop()
         next_scan = last_minute = loop.time()  # the first scan at once: mail queued while we were down
         while not stop.is_set():
@@ -154,7 +192,6 @@ class QueueManager:
             )
             stop_wait.cancel()
             wake_wait.cancel()
-        await self.drain()
 
     async def drain(self) -> None:
         """Wait for every delivery in progress (tests and shutdown)."""
@@ -259,9 +296,10 @@ async def run(ctx: Context) -> None:
     public = cfg.endpoint("mta.smtp")
     auth = mailauth.Current(lambda: ctx.config, ctx.resolver())  # SRS and signing; built again after a reload
     tls_policy, reporter = _outbound_tls(ctx, auth)
+    lmtp, hops = cfg.endpoint("mda.lmtp"), ctx.hops()
     local = LocalDelivery(
-        cfg.endpoint("mda.lmtp"), hostname=cfg.mailroom.hostname, sessions=mta.lmtp_sessions,
-        timeout=cfg.smtp.idle_timeout,
+        lmtp, hostname=cfg.mailroom.hostname, sessions=mta.lmtp_sessions, timeout=cfg.smtp.idle_timeout,
+        tls=hops.client_for(lmtp) if hops else None,  # the store's MDA over TLS (common/hop_tls.py)
     )
     remote = RemoteDelivery(
         hostname=cfg.mailroom.hostname,
@@ -286,6 +324,7 @@ async def run(ctx: Context) -> None:
         local_domains=cfg.mailroom.domains, hostname=cfg.mailroom.hostname,
         local=local, remote=remote,
         sender_for=lambda sender, original, rcpt: auth().forward_sender(sender, original=original, recipient=rcpt),
+        node=cfg.node, lease=cfg.queue.lease,
     )
     released = await ctx.db.run(_release, ctx.db, qm.host)
     if released:

@@ -6,12 +6,15 @@ move it:
 
     accept          (new)   -> queued      the MTA's listener, before its 250
     enqueue         (new)   -> queued      notices and reports we write ourselves
-    claim           queued  -> active      the queue manager takes it to deliver
+    claim           queued  -> active      the queue manager takes it to deliver, with a
+                                           lease: a token and an expiry (`[queue] lease`)
+    renew           active: the lease's expiry later, while its holder works
     settle          active  -> delivered   2xx from the next hop
                     active  -> bounced     5xx (a notice to the sender)
                     active  -> expired     4xx, and older than max_queue_lifetime (a notice)
                     active  -> queued      4xx: next_attempt later, on the retry schedule
-    release_stale   active  -> queued      its queue manager died mid-delivery
+    take_over       active  -> queued      its lease expired (any queue manager, any node)
+    release_stale   active  -> queued      a dead queue manager of this node held it
     release_restored active -> queued      a database restored from a backup (cli/restore.py)
     bring_forward, make_due  queued: next_attempt now (the MDA is back; a flush)
     hold            a held message's queued recipients are not claimed (release undoes it)
@@ -29,8 +32,12 @@ go in one transaction, committed with synchronous=FULL (the MTA's group
 commit, common/db.py), before the reply is sent.  The queue manager's claims
 and settles share relaxed (not fsync'd) commits: no reply rests on them, and
 a lost one only means a recipient is delivered again.  A crash between claim
-and settle leaves recipients active; the next queue manager start puts them
-back (`release_stale`), so at worst a message is delivered twice, never lost.
+and settle leaves recipients active until their lease expires, then any queue
+manager takes them over; a start puts back its own node's dead claims at once.
+A settle writes only what its claim still holds (`still_held`, fencing): a
+holder that froze or lost the database past its lease drops its results.  So
+at worst a message is delivered twice (the MDA's stores absorb the repeat),
+never lost.
 The operator's actions (`mailroom queue`: flush, hold and release, delete,
 return to sender) are at the end.
 """
@@ -40,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
+import secrets
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -302,17 +310,26 @@ class Job:
     # state) once claimed, these included: when this job holds them all, its
     # settle knows whether the body can go without reading the states again.
     unfinished: int = 0
+    # The token of this claim's lease: the settle must show it (`still_held`).
+    lease: str = ""
 
 
 # How many recipients one claim takes at most.
 CLAIM_LIMIT = 200
+# How long a claim lasts unless renewed, when the caller does not say ([queue] lease).
+LEASE = 60.0
 
 
 def claim(
     conn: Connection | Session, owner: str, now: dt.datetime, limit: int = CLAIM_LIMIT, *,
-    traces: list[str] | None = None,
+    traces: list[str] | None = None, lease: float = LEASE,
 ) -> list[Job]:
     """Take up to `limit` due recipients (grouped per message) and mark them active.
+
+    The claim is a lease: each recipient gets the owner, a new token and an
+    expiry `lease` seconds on, which the owner moves on while it works
+    (`renew`).  A scan (no `traces`) first takes over every recipient whose
+    lease expired, whoever held it (`take_over`), and claims it with the rest.
 
     With `traces`, only those messages' due recipients: the MTA's wake-up
     names the message it just queued, and it is claimed at once, by its id,
@@ -326,12 +343,15 @@ def claim(
     """
     conn = connection_of(conn)
     if traces is None:
+        take_over(conn, now)
         rows = conn.execute(_DUE, {"now": now, "limit": limit}).all()
     else:
         rows = conn.execute(_DUE_OF, {"now": now, "limit": limit, "traces": traces}).all() if traces else []
     if not rows:
         return []
-    conn.execute(_MARK_ACTIVE, {"ids": [r.id for r in rows], "owner": owner})
+    token = secrets.token_hex(8)
+    conn.execute(_MARK_ACTIVE, {"ids": [r.id for r in rows], "owner": owner, "lease": token,
+                                "expires": now + dt.timedelta(seconds=lease)})
     # One query for every claimed message's columns and delivery options, not
     # one per message (py-spy: per-message reads were most of the claim's time,
     # and the options read a fifth of the queue manager's samples).
@@ -346,7 +366,7 @@ def claim(
             job = jobs[r.message_id] = Job(
                 m.id, m.sender, m.body, m.received, m.warned, m.is_bounce, m.message_id, owner,
                 asked=Asked(m.ret, m.envid, m.body_type, bool(m.smtputf8), bool(m.requiretls)),
-                unfinished=m.unfinished,
+                unfinished=m.unfinished, lease=token,
             )
         job.recipients.append(Claimed(r.id, r.address, r.original, r.attempts, r.notify, r.orcpt))
     return list(jobs.values())
@@ -371,7 +391,7 @@ _DUE_OF = (
 _MARK_ACTIVE = (
     update(Recipient)
     .where(Recipient.id.in_(bindparam("ids", expanding=True)), Recipient.state == QUEUED)
-    .values(state=ACTIVE, owner=bindparam("owner"))
+    .values(state=ACTIVE, owner=bindparam("owner"), lease=bindparam("lease"), lease_expires=bindparam("expires"))
 )
 _UNFINISHED = (
     select(func.count())
@@ -384,6 +404,63 @@ _MESSAGES = select(
     Message.message_id, Message.ret, Message.envid, Message.body_type, Message.smtputf8, Message.requiretls,
     _UNFINISHED.label("unfinished"),
 ).where(Message.id.in_(bindparam("ids", expanding=True)))
+
+
+def take_over(conn: Connection, now: dt.datetime) -> int:
+    """Put back in the queue every recipient whose lease expired (its holder died, froze,
+    or lost the database): due now, the cut-short attempt counted (it may have reached
+    the next hop, so the next one is a retry).  Returns how many.
+
+    Rows another transaction holds (a settle in progress, a holder frozen inside its
+    transaction) are skipped, never waited for: they are looked at again next time.
+    """
+    ids = conn.execute(_EXPIRED, {"now": now}).scalars().all()
+    if not ids:
+        return 0
+    result = conn.execute(_PUT_BACK, {"ids": list(ids), "now": now})
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def renew(conn: Connection, owner: str, now: dt.datetime, lease: float = LEASE) -> int:
+    """Move on the expiry of every lease `owner` holds; returns how many.  A lease that
+    another queue manager took over has another owner by then, and stays theirs."""
+    result = conn.execute(_RENEW, {"b_owner": owner, "expires": now + dt.timedelta(seconds=lease)})
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def still_held(conn: Connection, ids: list[int], lease: str) -> set[int]:
+    """Of the recipients `ids` claimed with token `lease`, those the claim still holds,
+    locked until the caller's commit: a settle writes only these (fencing).  The others
+    were taken over (the lease expired) or finished by the operator meanwhile."""
+    if not ids:
+        return set()
+    return set(conn.execute(_HELD, {"ids": ids, "lease": lease}).scalars())
+
+
+# A claim with no expiry was made before claims were leases: expired too.
+_EXPIRED = (
+    select(Recipient.id)
+    .where(Recipient.state == ACTIVE, or_(Recipient.lease_expires < bindparam("now"),
+                                          Recipient.lease_expires.is_(None)))
+    .with_for_update(skip_locked=True)
+)
+_PUT_BACK = (
+    update(Recipient)
+    .where(Recipient.id.in_(bindparam("ids", expanding=True)), Recipient.state == ACTIVE)
+    .values(state=QUEUED, owner="", lease="", lease_expires=None, next_attempt=bindparam("now"),
+            attempts=Recipient.attempts + 1)
+)
+_RENEW = (
+    update(Recipient)
+    .where(Recipient.owner == bindparam("b_owner"), Recipient.state == ACTIVE)
+    .values(lease_expires=bindparam("expires"))
+)
+_HELD = (
+    select(Recipient.id)
+    .where(Recipient.id.in_(bindparam("ids", expanding=True)), Recipient.state == ACTIVE,
+           Recipient.lease == bindparam("lease"))
+    .with_for_update()
+)
 
 
 def owner_id(host: str) -> str:
@@ -422,7 +499,7 @@ def release_stale(session: Session, host: str) -> int:
     result = session.execute(
         update(Recipient)
         .where(Recipient.state == ACTIVE, Recipient.owner.in_(dead))
-        .values(state=QUEUED, owner="", attempts=Recipient.attempts + 1)
+        .values(state=QUEUED, owner="", lease="", lease_expires=None, attempts=Recipient.attempts + 1)
     )
     session.commit()
     return int(getattr(result, "rowcount", 0) or 0)
@@ -435,7 +512,7 @@ def release_restored(session: Session) -> int:
     `release_stale` does."""
     result = session.execute(
         update(Recipient).where(Recipient.state == ACTIVE)
-        .values(state=QUEUED, owner="", attempts=Recipient.attempts + 1)
+        .values(state=QUEUED, owner="", lease="", lease_expires=None, attempts=Recipient.attempts + 1)
     )
     return int(getattr(result, "rowcount", 0) or 0)
 
@@ -510,6 +587,17 @@ def settle(
     batch.
     """
     done = Settlement()
+    # Fencing: only what this claim still holds is ours to settle.  A recipient whose
+    # lease expired while we worked (we froze, or lost the database) belongs to another
+    # queue manager now: our result is dropped, no state, event or notice written.
+    held = still_held(conn, [r.recipient.id for r in results], job.lease)
+    lost = [r for r in results if r.recipient.id not in held]
+    if lost:
+        results = [r for r in results if r.recipient.id in held]
+        done.lines.append(("lease lost on %d recipients (%s): another queue manager has them, our results "
+                           "are dropped", (len(lost), ", ".join(f"<{r.recipient.address}>" for r in lost))))
+        if not results:
+            return done
     if mda_back:
         moved = bring_forward(conn, local_domains, now)
         if moved:
@@ -564,7 +652,7 @@ def settle(
         conn.execute(_WARNED, {"trace": job.trace})
     if not deferred:  # a deferred recipient is still queued: the body must stay
         # Every recipient left was in this job and is final now: no need to read them.
-        drop_body_if_done(conn, job.trace, all_final=job.unfinished == len(job.recipients))
+        drop_body_if_done(conn, job.trace, all_final=job.unfinished == len(job.recipients) and not lost)
     return done
 
 
@@ -620,7 +708,8 @@ def _event(
 _SETTLE = (
     update(Recipient)
     .where(Recipient.id == bindparam("b_id"))
-    .values(state=bindparam("b_state"), attempts=bindparam("b_attempts"), last_reply=bindparam("b_reply"), owner="")
+    .values(state=bindparam("b_state"), attempts=bindparam("b_attempts"), last_reply=bindparam("b_reply"), owner="",
+            lease="", lease_expires=None)
 )
 _DEFER = _SETTLE.values(next_attempt=bindparam("b_next"))
 _EVENT = insert(Event)
@@ -795,7 +884,7 @@ def _unfinished(session: Session, trace: str) -> bool:
 
 
 def _finish(session: Session, trace: str, state: str, reply: str = "") -> int:
-    values: dict[str, object] = {"state": state, "owner": ""}
+    values: dict[str, object] = {"state": state, "owner": "", "lease": "", "lease_expires": None}
     if reply:
         values["last_reply"] = reply
     result = session.execute(

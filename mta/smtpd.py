@@ -29,7 +29,7 @@ from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from common import headers, hop_secret, verdict
+from common import headers, hop_secret, hop_tls, verdict
 from common import reply as R
 from common.address import domain_of
 from common.clock import Clock
@@ -37,6 +37,7 @@ from common.config import Config
 from common.daemon import Context, serve_until_stopped
 from common.db import Database
 from common.directory import Directory
+from common.hop_tls import HopTLS
 from common.log import is_trace_id, new_trace_id, trace_id
 from common.reply import Reply, SMTPError
 from common.smtp import Handler, MailEnvelope, MailSession, in_networks, limits_from, serve
@@ -92,9 +93,11 @@ class SMTPHandler(Handler):
 
     def __init__(
         self, policy: ReceivePolicy, db: Database, clock: Clock, auth: Callable[[], mailauth.MailAuth],
-        directory: Directory | None = None,
+        directory: Directory | None = None, *, peers: HopTLS | None = None,
     ) -> None:
         self.policy = policy
+        # The internal listener on an address other hosts reach: which MSAs are ours (common/hop_tls.py).
+        self.peers = peers
         self.directory = directory or Directory(db.read_engine)
         self.auth = auth  # sender authentication, signing, SRS and the filter: the MailAuth in force
         self.db = db
@@ -103,8 +106,9 @@ class SMTPHandler(Handler):
         # XREDIRECT=<user>: the MDA passes on a message for that user's Sieve redirect (mda/outbound.py).
         self.ehlo_keywords = ("XTRACE", "XREDIRECT") if policy.internal else ()
         self.requiretls_in_clear = policy.internal  # our MSA took it over TLS
-        # Over TCP the MSA logs in with the installation's secret, on loopback (common/hop_secret.py).
-        self.offers_auth = self.auth_in_clear = policy.internal
+        # Over TCP the MSA logs in with the installation's secret, on loopback (common/hop_secret.py);
+        # between hosts (a guarded listener) its node certificate is the proof, and no AUTH is offered.
+        self.offers_auth = self.auth_in_clear = policy.internal and peers is None
         # RCPT address -> what it expands to, for the transaction in progress.
         self.expanded: dict[str, aliases.Expansion] = {}
         # RCPT address -> the "expanded" notice its sender asked for (NOTIFY=SUCCESS).
@@ -116,11 +120,15 @@ class SMTPHandler(Handler):
 
     def from_msa(self, session: MailSession) -> bool:
         """The internal listener's client is our MSA: on a Unix socket it runs as the
-        daemons' uid (SO_PEERCRED); over TCP it logged in with the installation's secret."""
+        daemons' uid (SO_PEERCRED); over TCP between hosts its certificate names one of
+        our nodes (common/hop_tls.py); over TCP on loopback it logged in with the
+        installation's secret."""
         if not self.internal:
             return False
         if session.peer_uid is not None:
             return session.peer_uid == self.policy.msa_uid
+        if self.peers is not None:
+            return self.peers.admits(session)
         return session.user is not None
 
     def may_relay(self, session: MailSession) -> bool:
@@ -129,9 +137,13 @@ class SMTPHandler(Handler):
         )
 
     def needs_login(self, session: MailSession) -> bool:
-        return self.internal and session.peer_uid is None  # over TCP: until the MSA's AUTH
+        # Over TCP on loopback: until the MSA's AUTH.  Between hosts the certificate proved it.
+        return self.internal and session.peer_uid is None and self.peers is None
 
     async def connect(self, session: MailSession) -> None:
+        if self.peers is not None and not self.peers.admits(session):
+            log.warning("%s: refused, its certificate names no node of [cluster] peers", session.client_ip)
+            raise SMTPError(R.NOT_A_PEER)
         if self.internal:
             if session.peer_uid is not None and not self.from_msa(session):
                 log.warning("internal listener: refused a process of uid %d (only uid %d, the MSA's)",
@@ -346,9 +358,10 @@ async def run(ctx: Context) -> None:
     directory = Directory(ctx.db.read_engine)  # one copy for every session of both listeners
     auth = mailauth.Current(lambda: ctx.config, ctx.resolver(), ctx.db)  # built again after a reload
 
-    def handler(internal: bool) -> partial[SMTPHandler]:
+    def handler(internal: bool, peers: HopTLS | None = None) -> partial[SMTPHandler]:
         return partial(
-            SMTPHandler, ReceivePolicy.from_config(cfg, internal=internal), ctx.db, ctx.clock, auth, directory
+            SMTPHandler, ReceivePolicy.from_config(cfg, internal=internal), ctx.db, ctx.clock, auth, directory,
+            peers=peers,
         )
 
     public = await serve(
@@ -357,11 +370,15 @@ async def run(ctx: Context) -> None:
     )
     servers = [public]
     # With [mta] processes > 1, a Unix-socket internal listener is served by the first process alone.
-    if internal_socks := ctx.socket("mta.internal"):
+    # With [cluster] on, MSAs of other hosts reach its TCP addresses: TLS, our nodes only (common/hop_tls.py).
+    plain, guarded = hop_tls.split(ctx.socket("mta.internal"), hops := ctx.hops())
+    internal_limits = limits_from(cfg.smtp, max_connections_per_client=cfg.smtp.max_connections)
+    if plain:
+        servers.append(await serve(plain, handler(True), hostname=cfg.mailroom.hostname, limits=internal_limits))
+    if guarded and hops is not None:
         servers.append(await serve(
-            internal_socks, handler(True),
-            hostname=cfg.mailroom.hostname,
-            limits=limits_from(cfg.smtp, max_connections_per_client=cfg.smtp.max_connections),
+            guarded, handler(True, hops), hostname=cfg.mailroom.hostname, limits=internal_limits,
+            tls_context=hops.server, implicit_tls=True,
         ))
     log.info("SMTP listening on %s, internal on %s", ", ".join(cfg.mta.smtp), ", ".join(cfg.mta.internal))
     await serve_until_stopped(ctx, servers)

@@ -33,6 +33,9 @@ class MailSession:
     tls: bool = False  # the connection is encrypted (STARTTLS done, or implicit TLS)
     listener: str = ""  # the address the client connected to (host:port, unix:/path), for metrics
     user: str | None = None  # the authenticated login, lower-case
+    # The client's certificate (as ssl's getpeercert() gives it), checked in the
+    # handshake against the CA of a listener that asks for one; None elsewhere.
+    peer_certificate: dict[str, Any] | None = None
     peer_uid: int | None = None  # on a Unix socket: the client's uid (SO_PEERCRED); None over TCP
     errors: int = 0  # client errors so far (the engine closes after too many)
 

@@ -500,6 +500,7 @@ class Session(asyncio.Protocol):
             self.session = MailSession(
                 peer=self.session.peer, client_ip=self.session.client_ip, tls=True, errors=self.session.errors,
                 listener=self.session.listener, peer_uid=self.session.peer_uid,
+                peer_certificate=self.session.peer_certificate,
             )
 
     async def _start_tls(self) -> bool:
@@ -525,6 +526,9 @@ class Session(asyncio.Protocol):
         self.transport = new
         self._on_tls = True
         self.session.tls = True
+        ssl_object = new.get_extra_info("ssl_object")
+        # Only a listener that asks for a client's certificate has one, verified by then.
+        self.session.peer_certificate = (ssl_object.getpeercert() or None) if ssl_object is not None else None
         self._last_input = self._loop.time()
         return True
 

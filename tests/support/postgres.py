@@ -71,8 +71,10 @@ def _children(pid: int) -> list[int]:
 class PostgresServer:
     """A private PostgreSQL cluster under `root` (a context manager)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, settings: dict[str, str] | None = None) -> None:
+        """`settings`: server settings beyond the defaults below (name -> value, as `-c name=value`)."""
         require_root("a throwaway PostgreSQL cluster (started as the postgres user)")
+        self.settings = settings or {}
         self.initdb = _bin("initdb")
         self.pg_ctl = _bin("pg_ctl")
         self.psql = _bin("psql")
@@ -118,7 +120,7 @@ class PostgresServer:
         )
         os.chown(hba, entry.pw_uid, entry.pw_gid)
         options = (f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 -c fsync=on"
-                   " -c max_connections=200")
+                   " -c max_connections=200" + "".join(f" -c {k}={v}" for k, v in self.settings.items()))
         self._check(self._run(
             self.pg_ctl, "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "30", "start",
         ), "pg_ctl start")

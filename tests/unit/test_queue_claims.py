@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import socket
 from pathlib import Path
 
@@ -144,7 +145,8 @@ def test_the_claim_counts_each_messages_unfinished_recipients(tmp_path: Path) ->
                               recipients=[queue.QueuedRecipient(a, a) for a in rcpts])
             s.execute(update(Recipient).where(Recipient.address == "c@example.org").values(state=DELIVERED))
             s.execute(update(Recipient).where(Recipient.address == "e@example.org")
-                      .values(state=ACTIVE, owner="mx2:1.1"))  # another queue manager's
+                      .values(state=ACTIVE, owner="mx2:1.1", lease="t2",  # another queue manager's
+                              lease_expires=now + dt.timedelta(seconds=60)))
             s.commit()
         with db.write() as s:
             jobs = {j.trace: j for j in queue.claim(s, "mx1:1.1", now)}
