@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from common import hop_secret
+from mta.auth.mailauth import Current
 from mta.smtpd import ReceivePolicy, SMTPHandler
 from tests.harness.client import Client, logged_in
 from tests.harness.services import Stack, installation, running
@@ -110,7 +111,8 @@ def test_the_peer_uid_is_checked_even_where_the_socket_is_open_to_all(inst: Inst
     try:
         ctx = stack.context()
         policy = ReceivePolicy.from_config(ctx.config, internal=True)
-        stack.listen(partial(SMTPHandler, policy, ctx.db, ctx.clock, ctx), endpoint=f"unix:{path}")
+        auth = Current(lambda: ctx.config, ctx.resolver())  # as mta/smtpd.py's run builds it
+        stack.listen(partial(SMTPHandler, policy, ctx.db, ctx.clock, auth), endpoint=f"unix:{path}")
         os.chmod(path, 0o666)
         before = queued_to(stack, "victim@outside.example")
         r = swaks("--socket", path)
