@@ -69,6 +69,15 @@ class WarpedClock:
         return self.base.monotonic()
 
 
+def rate(clock: Clock) -> float:
+    """Clock seconds per real second: the lab's speed, 1 for any other clock.
+
+    A span measured in real time but written in the clock's time (a queue
+    lease: how long a frozen holder keeps its recipients) is `span * rate`.
+    """
+    return clock.speed if isinstance(clock, WarpedClock) else 1.0
+
+
 def for_lab(speed: float, since: str) -> Clock:
     """The clock a daemon runs on: the system's, or lab time when `speed` is not 1."""
     if speed == 1.0:

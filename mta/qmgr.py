@@ -33,7 +33,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import OperationalError
 
 from common.address import domain_of
-from common.clock import Clock
+from common.clock import Clock, rate
 from common.daemon import Context, resolver_settings
 from common.db import Database
 from common.log import trace_id
@@ -77,7 +77,10 @@ class QueueManager:
         self.host = node or socket.gethostname()
         self.owner = queue.owner_id(self.host)
         # A claim lasts this long unless renewed; renewed a third of it apart (`serve`).
+        # The lease is real time; its expiry is written in the clock's time, which in a
+        # lab runs faster (else a claim would expire before its delivery ends).
         self.lease = lease
+        self.lease_in_clock = lease * rate(clock)
         self.in_flight = asyncio.Semaphore(max_in_flight)
         self.wake = asyncio.Event()
         # Messages the MTA named in its wake-ups, to claim by id; and whether a
@@ -124,13 +127,15 @@ class QueueManager:
         return len(jobs)
 
     def _claim(self, conn: Connection, traces: list[str] | None = None) -> list[queue.Job]:
-        return queue.claim(conn, self.owner, self.clock.now(), queue.CLAIM_LIMIT, traces=traces, lease=self.lease)
+        return queue.claim(
+            conn, self.owner, self.clock.now(), queue.CLAIM_LIMIT, traces=traces, lease=self.lease_in_clock
+        )
 
     async def renew(self) -> None:
         """Move on the leases of every recipient this queue manager holds (mta/queue.py)."""
         try:
             await self.db.write_batched(
-                lambda conn: queue.renew(conn, self.owner, self.clock.now(), self.lease), relaxed=True,
+                lambda conn: queue.renew(conn, self.owner, self.clock.now(), self.lease_in_clock), relaxed=True,
             )
         except OperationalError as exc:
             # Past the lease, other queue managers take the recipients over, and our

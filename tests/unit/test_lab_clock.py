@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from common import config as configmod
-from common.clock import FakeClock, SystemClock, WarpedClock, for_lab
+from common.clock import FakeClock, SystemClock, WarpedClock, for_lab, rate
 
 START = dt.datetime(2026, 12, 1, 18, 0, 0)
 
@@ -31,6 +31,20 @@ def test_two_processes_agree_on_lab_time() -> None:
     received = mta.now()
     base.advance(4 * 60)  # four real minutes at 60x
     assert qmgr.now() - received == dt.timedelta(hours=4)
+
+
+def test_a_queue_managers_lease_lasts_as_long_in_real_time_in_the_lab() -> None:
+    # The lease is real time (how long a frozen holder keeps its recipients); its
+    # expiry is written in lab time.  At the lab's speed a 60 s lease that were not
+    # scaled would expire before any delivery ended, and the queue manager would take
+    # its own recipients over and drop its results, again and again.
+    from mta.qmgr import QueueManager
+
+    lab = WarpedClock(FakeClock(START), 3600, START)
+    assert rate(lab) == 3600 and rate(SystemClock()) == rate(FakeClock(START)) == 1
+    qm = QueueManager(db=None, clock=lab, policy=None, local_domains=[], hostname="mail.test",  # type: ignore[arg-type]
+                      local=None, remote=None, lease=60)  # type: ignore[arg-type]
+    assert qm.lease == 60 and qm.lease_in_clock == 60 * 3600
 
 
 def test_for_lab() -> None:
