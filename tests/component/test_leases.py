@@ -183,6 +183,7 @@ def test_a_running_queue_manager_renews_its_leases_by_itself(db: Database) -> No
         taking.release.set()
         mx1, mx2 = manager(db, clock, "mx1", frozen), manager(db, clock, "mx2", taking)
         mx1.lease = mx2.lease = short
+        mx1.lease_in_clock = mx2.lease_in_clock = short
         stop = asyncio.Event()
         serving = asyncio.create_task(mx1.serve(stop, poll_interval=0.05))
         await frozen.answered.wait()
