@@ -52,6 +52,8 @@ from typing import Any
 from sievelib import commands as sc
 from sievelib.parser import Parser
 
+from common.numbers import decimal
+
 # What `require` may name.
 CAPABILITIES = (
     "fileinto", "envelope", "reject", "ereject", "vacation", "imap4flags", "body", "variables", "copy",
@@ -294,8 +296,8 @@ def _number(value: str) -> int:
     units = {"K": 1024, "M": 1024**2, "G": 1024**3}
     v = value.strip()
     if v and v[-1].upper() in units:
-        return int(v[:-1]) * units[v[-1].upper()]
-    return int(v)
+        return decimal(v[:-1]) * units[v[-1].upper()]
+    return decimal(v)
 
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*|[0-9]+)\}")

@@ -201,7 +201,7 @@ def test_hold_and_release(inst: Installation, qmgr: socket.socket) -> None:
     assert code == 1 and err == f"{'0' * 18}: not in the queue\n"
 
 
-def test_delete_is_silent(inst: Installation) -> None:
+def test_delete_tells_nobody(inst: Installation) -> None:
     trace = _enqueue(inst, ["x@far.test"])
     before = _bounces(inst)
     code, out, _ = _cli(inst, "queue", "delete", trace)
