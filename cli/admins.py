@@ -3,7 +3,8 @@
 An admin account is not a mail user: a name and an argon2id password hash in
 the `admins` table, for logging in to the admin page (`[web] admin`).  Its
 password comes from a prompt or one line of stdin (`--password-stdin`), never
-from the command line.
+from the command line, and must pass the same rule as a mail user's
+(common/passwords.py): the admin page can change every account.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from cli.show import clean
 from common.config import Config
 from common.db import Database
 from common.models import Admin
-from common.users import hash_password
+from common.passwords import WeakPassword
+from common.users import hash_new_password
 
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
@@ -50,7 +52,11 @@ def run(args: argparse.Namespace, cfg: Config, db: Database, password: Callable[
     if exists == (args.action == "add"):
         print(f"{name} exists" if exists else f"{name}: no such admin", file=sys.stderr)
         return 1
-    hashed = hash_password(password(args)) if args.action != "del" else ""
+    try:
+        hashed = hash_new_password(password(args), name) if args.action != "del" else ""
+    except WeakPassword as exc:
+        print(f"{name}: password refused: {exc}", file=sys.stderr)
+        return 1
     with db.write() as s:
         admin = s.scalars(select(Admin).where(Admin.name == name)).first()
         if args.action == "add":

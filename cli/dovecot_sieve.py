@@ -43,9 +43,10 @@ def managesieve_on(cfg: Config) -> bool:
 
 
 def learning_on(cfg: Config) -> bool:
-    """Do IMAP moves into and out of Junk teach the supervised rspamd?"""
-    return (cfg.filter.supervised and rspamd.why_not(cfg) is None and os.path.exists(IMAPSIEVE_PLUGIN)
-            and os.path.exists(EXTPROGRAMS_PLUGIN))
+    """Do IMAP moves into and out of Junk teach the supervised rspamd?  Only where it runs:
+    it goes with the `mta` role, and learning reaches it over a Unix socket of this host."""
+    return (cfg.filter.supervised and "mta" in cfg.mailroom.roles and rspamd.why_not(cfg) is None
+            and os.path.exists(IMAPSIEVE_PLUGIN) and os.path.exists(EXTPROGRAMS_PLUGIN))
 
 
 def why_not(cfg: Config) -> str | None:

@@ -38,6 +38,7 @@ from common.config import Config
 from common.db import Database
 from common.events import EventName, Hop
 from common.message import fields as header_fields
+from common.message import header_of, split
 from common.models import ACTIVE, QUEUED, Event, Message, Recipient, User
 from mta.resubmit import digest
 
@@ -172,7 +173,7 @@ def _index_mbox(path: Path) -> dict[tuple[str, str], bytes]:
         content = entry[entry.index(b"\n") + 1:]
         if content.endswith(b"\n\n"):
             content = content[:-1]  # the blank line that ends an mbox entry
-        head = content.split(b"\n\n", 1)[0]
+        head = header_of(content)
         trace = _OUR_RECEIVED.search(head)
         rcpt = _DELIVERED_TO.search(head)
         if trace and rcpt:
@@ -184,12 +185,12 @@ def _index_mbox(path: Path) -> dict[tuple[str, str], bytes]:
 def same_message(stored: bytes, want: str, body_type: str, *, mbox: bool, quarantine: str = "") -> bool:
     """Is `stored` (as the MDA wrote it: LF line ends, our fields on top) the message whose digest is `want`?"""
     if body_type == "BINARYMIME":  # only its header was turned to LF
-        head, sep, rest = stored.partition(b"\n\n")
-        crlf = head.replace(b"\n", b"\r\n") + b"\r\n\r\n" + rest if sep else stored
+        head, blank, rest = split(stored)
+        crlf = head.replace(b"\n", b"\r\n") + b"\r\n" + rest if blank else stored
     else:
         crlf = stored.replace(b"\n", b"\r\n")
-    end = crlf.find(b"\r\n\r\n")
-    body = crlf[end + 2:] if end >= 0 else b""
+    _, blank, rest = split(crlf)
+    body = blank + rest  # the empty line that ends the header, and the body
     fields = header_fields(crlf)
     drop = {"x-mailroom-quarantine", quarantine.lower()} | OURS
     if mbox:

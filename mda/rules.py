@@ -10,7 +10,12 @@
        inbox.
     3. reject/ereject: the LMTP reply for this recipient is 550 5.7.1 with the
        script's text (RFC 5429); nothing is stored, and the MDA sends no
-       message of its own (the queue manager's DSN, if any, is the only report).
+       message of its own.  The MTA said 250 long before, so that refusal
+       becomes the queue manager's bounce to the envelope sender: it is given
+       only when the sender is known to be real (a local address, or SPF or
+       DKIM passed for its domain at our MTA, common/verdict.py).  For any
+       other sender the bounce could go to a forged address (backscatter):
+       the message is dropped instead, and the trace says so.
     4. redirects go to the MTA before anything is stored (mda/outbound.py),
        so a refusal by the MTA defers the recipient (451) instead of losing
        the copy: a retry sends again, and the MTA's resubmission check absorbs
@@ -67,6 +72,7 @@ class RulesPolicy:
     lock_timeout: float
     sieve_max_size: int
     sends_per_hour: int
+    local_domains: tuple[str, ...] = ()  # lower-case
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,12 @@ class Rules:
         result = self._run_script(trace, box, message, sieve.Envelope(sender, rcpt))
         if result.reject is not None:
             text = " ".join(result.reject.split())[:400] or "Refused by the recipient's filter"
-            self._note(trace, rcpt, f"{'ereject' if result.ereject else 'reject'}: {text}")
+            kind = "ereject" if result.ereject else "reject"
+            if not self._may_bounce_to(sender, body):
+                self._note(trace, rcpt, f"{kind}: {text}; dropped, not refused: the sender <{sender}> is not "
+                                        "verified, and a bounce to a forged sender would be backscatter")
+                return ""
+            self._note(trace, rcpt, f"{kind}: {text}")
             raise SMTPError(Reply(550, "5.7.1", text))
         keep = result.keep
         for target in result.redirects:
@@ -125,6 +136,14 @@ class Rules:
         if not places and not result.redirects:
             self._note(trace, rcpt, "discarded by the user's filter")
         return stored
+
+    def _may_bounce_to(self, sender: str, body: bytes) -> bool:
+        """Can a refusal become a bounce to `sender` without risk of backscatter?"""
+        if not sender:
+            return True  # nobody gets a bounce of a bounce: the refusal is only recorded
+        if sender.rpartition("@")[2].lower() in self.policy.local_domains:
+            return True  # the bounce stays here
+        return verdict.sender_verified(body, sender, self.policy.hostname)
 
     # -- the script ------------------------------------------------------------------
 

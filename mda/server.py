@@ -90,6 +90,8 @@ class DeliveryPolicy:
     send_timeout: float = 60.0
     # The internal listener on another host: TLS with this node's certificate (common/hop_tls.py).
     internal_tls: ssl.SSLContext | None = None
+    # Our own domains: a Sieve refusal may become a bounce to a sender in them (mda/rules.py).
+    local_domains: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, cfg: Config) -> DeliveryPolicy:
@@ -98,6 +100,7 @@ class DeliveryPolicy:
             recipient_delimiter=cfg.mda.recipient_delimiter, lock_timeout=cfg.mda.lock_timeout,
             sieve_max_size=cfg.mda.sieve_max_size, sends_per_hour=cfg.msa.max_messages_per_hour,
             internal=cfg.endpoint("mta.internal"), send_timeout=min(cfg.smtp.idle_timeout, 60.0),
+            local_domains=tuple(d.lower() for d in cfg.mailroom.domains),
         )
 
 
@@ -281,7 +284,8 @@ class LMTPHandler(Handler):
         outbound = None
         if p.internal is not None:
             outbound = Outbound(p.internal, hostname=p.hostname, timeout=p.send_timeout, loop=loop, tls=p.internal_tls)
-        policy = RulesPolicy(p.hostname, p.mail_root, p.lock_timeout, p.sieve_max_size, p.sends_per_hour)
+        policy = RulesPolicy(p.hostname, p.mail_root, p.lock_timeout, p.sieve_max_size, p.sends_per_hour,
+                             p.local_domains)
         return Rules(policy, self.db, outbound)
 
     @staticmethod

@@ -22,12 +22,12 @@ import re
 from sqlalchemy import Connection, bindparam, select, text
 from sqlalchemy.orm import Session
 
+from common import message
 from common.db import connection_of
 from common.models import Message, Recipient
 
 # A Received field (RFC 5322 3.6.7), folded lines included.
 _RECEIVED = re.compile(rb"(?im)^received:[^\n]*\n(?:[ \t][^\n]*\n)*")
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 
 def message_id(header: bytes) -> str:
@@ -43,10 +43,8 @@ def digest(content: bytes) -> str:
     the same message sent twice differs only there; everything the sender
     wrote, Date and Message-ID included, must be the same.
     """
-    end = _HEADER_END.search(content)
-    split = end.end() if end else len(content)
-    header = _RECEIVED.sub(b"", content[:split])
-    return hashlib.sha256(header + content[split:]).hexdigest()
+    header, blank, body = message.split(content)
+    return hashlib.sha256(_RECEIVED.sub(b"", header) + blank + body).hexdigest()
 
 
 def find(

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from common import headers, hop_secret, hop_tls, verdict
+from common import headers, hop_secret, hop_tls, message, verdict
 from common import reply as R
 from common.address import domain_of
 from common.clock import Clock
@@ -46,9 +46,6 @@ from mta.auth import mailauth
 from mta.options import Asked
 
 log = logging.getLogger("smtpd")
-
-_HEADER_END = re.compile(rb"\r\n\r\n|\A\r\n")
-
 
 @dataclass(frozen=True)
 class ReceivePolicy:
@@ -230,7 +227,7 @@ class SMTPHandler(Handler):
 
     async def data(self, session: MailSession, envelope: MailEnvelope) -> Reply:
         assert isinstance(envelope.content, bytes) and envelope.mail_from is not None
-        header = _header_of(envelope.content)
+        header = message.header_of(envelope.content)
         # Before anything parses it (sender checks, DMARC, signing): within the limits,
         # or refused, so no header can hold the loop or a worker (common/headers.py).
         too_big = headers.check(header)
@@ -336,11 +333,6 @@ class SMTPHandler(Handler):
             f" id {envelope.trace_id}{rcpt};\r\n\t{date}\r\n"
         )
         return text.encode("utf-8", "surrogateescape")
-
-
-def _header_of(content: bytes) -> bytes:
-    m = _HEADER_END.search(content)
-    return content[: m.start() + 2] if m else content
 
 
 # The listener settings this daemon serves; the skeleton binds them before the switch.

@@ -23,8 +23,9 @@ means the same message again, at the other MX host.  Meanwhile:
    manager holds claims, every process of mx1 (supervisord too) gets
    SIGKILL: a host that loses its power.  mx2's queue manager must take over
    mx1's claims when their lease runs out, and deliver them;
-2. when every recipient mx1 left undelivered is delivered (at most the lease
-   and 10 s later), mx1 starts again (`mailroom run`), as a host that reboots;
+2. when mx2 has taken over every claim mx1 left (at most the lease and 10 s
+   later), mx1 starts again (`mailroom run`), as a host that reboots (that
+   those recipients are delivered in time is checked at the end: max_delay_s);
 3. once more than half the messages are accepted, at a moment when mx2 holds
    claims, every process of mx2 gets SIGSTOP for twice the lease, then
    SIGCONT: a host that hangs.  mx1 takes its claims over; mx2, when it wakes,

@@ -51,12 +51,18 @@ def test_quota(inst: Installation) -> None:
 
 
 def test_admin_accounts(inst: Installation) -> None:
-    added = inst.cli("admin", "add", "Boss", "--password-stdin", stdin="secret words\n")
+    added = inst.cli("admin", "add", "Boss", "--password-stdin", stdin="secret words of the night\n")
     assert added.returncode == 0 and "added admin boss" in added.stdout
     assert inst.cli("admin", "add", "boss", "--password-stdin", stdin="x\n").returncode == 1
     assert inst.cli("admin", "add", "../x", "--password-stdin", stdin="x\n").returncode == 1
     assert inst.cli("admin", "add", "eve", "--password-stdin", stdin="\n").returncode != 0  # empty password
-    assert inst.cli("admin", "list").stdout.startswith("boss  since ")
-    assert inst.cli("admin", "passwd", "boss", "--password-stdin", stdin="other words\n").returncode == 0
+    # An admin's password passes the rule a mail user's does: long enough, not guessable from the name.
+    for weak in ("secret words", "evelyn-evelyn-evelyn-99"):
+        refused = inst.cli("admin", "add", "evelyn", "--password-stdin", stdin=weak + "\n")
+        assert refused.returncode == 1 and "password refused" in refused.stderr, refused
+    listed = inst.cli("admin", "list").stdout
+    assert listed.startswith("boss  since ") and "evelyn" not in listed
+    assert inst.cli("admin", "passwd", "boss", "--password-stdin", stdin="other words for the day\n").returncode == 0
+    assert inst.cli("admin", "passwd", "boss", "--password-stdin", stdin="too short\n").returncode == 1
     assert inst.cli("admin", "del", "boss").returncode == 0
     assert inst.cli("admin", "list").stdout == "" and inst.cli("admin", "del", "boss").returncode == 1

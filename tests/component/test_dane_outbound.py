@@ -19,7 +19,7 @@ from mta import tlsrpt
 from mta.tlsdns import DNSSECResolver
 from tests.support.tls_world import Rig, World, build, mx_hosts
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
 
 
 @pytest.fixture(scope="module")

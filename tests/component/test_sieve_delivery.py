@@ -160,14 +160,21 @@ def test_fileinto_outside_the_mailbox_goes_to_the_inbox(inst: Installation, stac
     assert not (root / "new").exists() and not (root.parent / "new").exists()
 
 
+def our_results(inst: Installation, result: str) -> str:
+    """An Authentication-Results field as our MTA writes it (under our host name)."""
+    return f"Authentication-Results: {inst.config.mailroom.hostname};\r\n {result}\r\n"
+
+
 @pytest.mark.parametrize("action", ["reject", "ereject"])
 def test_reject_is_a_refusal_in_the_lmtp_reply(inst: Installation, stack: Stack, action: str) -> None:
     script(inst, ALICE, f'require ["{action}"];\nif address :is "from" "pest@example.net" '
                         f'{{ {action} "I do not take mail from you."; }}\n')
+    # SPF passed for the sender's domain at our MTA: the refusal may become a bounce.
+    spf_pass = our_results(inst, "spf=pass (192.0.2.1 for example.net) smtp.mailfrom=pest@example.net; dkim=none")
     c = Client.session(stack.ports["lmtp"])
     try:
         c.cmd("LHLO test")
-        _, replies = c.deliver("pest@example.net", [ALICE, BOB], msg("buy", frm="pest@example.net"))
+        _, replies = c.deliver("pest@example.net", [ALICE, BOB], spf_pass.encode() + msg("buy", frm="pest@example.net"))
         assert replies[0].code == 550 and "5.7.1 I do not take mail from you." in replies[0].text
         assert replies[1].code == 250  # the other recipient is not affected
         # The session carries on: the next message is delivered.
@@ -177,6 +184,32 @@ def test_reject_is_a_refusal_in_the_lmtp_reply(inst: Installation, stack: Stack,
         c.quit()
     assert len(maildir_messages(inst.mailbox(ALICE))) == 1
     assert queued(inst) == []  # no message of our own (no backscatter from the MDA)
+
+
+def test_reject_of_an_unverified_sender_drops_the_message_rather_than_cause_backscatter(
+    inst: Installation, stack: Stack,
+) -> None:
+    script(inst, ALICE, 'require ["reject"];\nif header :contains "subject" "buy" { reject "No."; }\n')
+    unverified = [
+        b"",  # the checks were off: nothing says who sent it
+        our_results(inst, "spf=fail smtp.mailfrom=victim@example.net; dkim=none").encode(),
+        # Another host's word, or a pass for some other domain, proves nothing about this sender.
+        b"Authentication-Results: elsewhere.example; spf=pass smtp.mailfrom=victim@example.net\r\n",
+        our_results(inst, "spf=pass smtp.mailfrom=x@spammer.example; dkim=pass header.d=spammer.example").encode(),
+    ]
+    for n, top in enumerate(unverified):
+        replies = lmtp(stack, "victim@example.net", [ALICE], top + msg(f"buy {n}", frm="victim@example.net"))
+        assert replies[0].startswith("250"), replies  # a 550 here would become a bounce to the victim
+    assert maildir_messages(inst.mailbox(ALICE)) == [] and queued(inst) == []
+    notes = _filter_events(inst)
+    assert len([d for d in notes if "dropped, not refused" in d and "<victim@example.net>" in d]) == 4, notes
+
+    # A DKIM signature of the sender's own domain, or a sender of ours: refused, and bounced.
+    dkim_pass = our_results(inst, "spf=none smtp.mailfrom=victim@example.net; dkim=pass header.d=example.net")
+    replies = lmtp(stack, "victim@example.net", [ALICE], dkim_pass.encode() + msg("buy more"))
+    assert replies[0].startswith("550 5.7.1 No."), replies
+    replies = lmtp(stack, BOB, [ALICE], msg("buy this", frm=BOB))
+    assert replies[0].startswith("550 5.7.1 No."), replies
 
 
 def test_redirect_goes_through_the_mta_as_forwarding(inst: Installation, stack: Stack) -> None:

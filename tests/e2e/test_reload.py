@@ -36,7 +36,7 @@ from tests.support.suite import PASSWORD, Installation, tls_client_context
 from tests.support.suite import running as _running
 from tests.support.tls_probe import IMPLICIT, STARTTLS, fingerprint, served
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(300)]
 
 PROGRAMS = ("mta", "msa", "web", "qmgr", "mda", "imap")
 running = contextlib.contextmanager(_running)  # the suite started, and stopped at the end of the block

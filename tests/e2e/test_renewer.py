@@ -26,7 +26,7 @@ from tests.support.ports import free_port
 from tests.support.suite import Installation
 from tests.support.tls_probe import STARTTLS, fingerprint, served, verified
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
 
 NAMES = ["mail.test", "mta-sts.example.org", "autoconfig.example.org"]
 

@@ -24,7 +24,7 @@ from tests.support.dns_server import DNSServer
 from tests.support.dovecot import imaps, reading_installation
 from tests.support.suite import PASSWORD, Installation, maildir_messages, tls_client_context
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(300)]
 
 ALICE = "alice@example.org"
 LISTED_IP = "192.0.2.10"  # TEST-NET-1: only a header value, never contacted

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from cli import rspamd
+from cli import dovecot_sieve, rspamd
 from common import config as configmod
 from common import verdict
 from mda import folders, sieve, vacation
+from mta.auth.checks import DKIMResult, Verdict
+from mta.auth.dmarc import DMARCResult
+from mta.auth.spf import SPFResult
 
 SPAM_HEAD = b"X-Spam-Flag: YES\r\nX-Spam-Status: Yes, score=9\r\n\tfolded\r\nSubject: x\r\n\r\nX-Spam-Flag: body\r\n"
 
@@ -26,6 +29,33 @@ def test_a_verdict_field_last_in_the_header_goes_with_its_whole_line_end() -> No
     # On the wire (CRLF) a CR was left behind, and the stored message got a second empty line.
     assert verdict.strip(b"Subject: x\r\nX-Spam-Flag: YES\r\n\r\nbody\r\n") == b"Subject: x\r\n\r\nbody\r\n"
     assert verdict.strip(b"Subject: x\nX-Spam-Status : Yes\n\nbody\n") == b"Subject: x\n\nbody\n"
+def _results(spf: str, dkim: list[tuple[str, str]], mail_from: str = "bob@news.example.net") -> bytes:
+    """Our MTA's own Authentication-Results field, as it writes it (mta/auth/checks.py)."""
+    return Verdict(
+        "mx.example.org", SPFResult(spf, "mailfrom", mail_from.rpartition("@")[2]),
+        [DKIMResult(r, d, "s1", "rsa-sha256", "abcdefgh") for r, d in dkim], DMARCResult("none", "example.net"),
+        "none", mail_from=mail_from, helo="mail.example.net", client_ip="192.0.2.1",
+    ).header()
+
+
+@pytest.mark.parametrize(("field", "sender", "verified"), [
+    (_results("pass", []), "bob@news.example.net", True),
+    (_results("pass", []), "BOB@News.Example.NET", True),
+    (_results("softfail", []), "bob@news.example.net", False),
+    (_results("pass", [], "x@other.example"), "bob@news.example.net", False),  # SPF passed for another domain
+    (_results("fail", [("pass", "example.net")]), "bob@news.example.net", True),  # the parent domain signed
+    (_results("fail", [("pass", "mail.news.example.net")]), "bob@news.example.net", True),  # a child signed
+    (_results("fail", [("pass", "ample.net")]), "bob@news.example.net", False),  # not a parent: a suffix only
+    (_results("fail", [("fail", "news.example.net")]), "bob@news.example.net", False),
+    (_results("pass", []).replace(b"mx.example.org", b"mx.elsewhere.example"), "bob@news.example.net", False),
+    (b"", "bob@news.example.net", False),
+    (_results("pass", []), "", False),
+])
+def test_a_sender_is_verified_only_by_our_own_results_for_its_domain(field: bytes, sender: str, verified: bool) -> None:
+    message = field + b"Received: from x\r\nFrom: bob@news.example.net\r\n\r\nhello\r\n"
+    assert verdict.sender_verified(message, sender, "mx.example.org") is verified
+
+
 
 
 @pytest.mark.parametrize("name", ["../..", "..", ".", "a/../b", ".hidden", "Lists..x", "", "a\x00b", "INBOX.sub"])
@@ -119,6 +149,14 @@ def test_generated_rspamd_configuration_passes_configtest(tmp_path: Path) -> Non
     assert "bind 127.0.0.1\n" in redis and f"requirepass {rspamd.secret(cfg, 'redis')}" in redis
     (d / "local.d" / "redis.conf").write_text("servers = {{{\n")
     assert "configtest" in (rspamd.check(cfg) or "")
+
+
+def test_imap_moves_teach_rspamd_only_on_a_node_that_runs_it(tmp_path: Path) -> None:
+    # rspamd goes with the mta role; learning reaches it over a Unix socket of this host.
+    every_role = _cfg(tmp_path, '[filter]\nrspamd = "supervised"\n')
+    store = _cfg(tmp_path, 'roles = ["mda", "imap", "web"]\n[filter]\nrspamd = "supervised"\n')  # in [mailroom]
+    assert dovecot_sieve.learning_on(every_role)  # Debian's rspamd and dovecot-sieve are installed (peers)
+    assert not dovecot_sieve.learning_on(store)
 
 
 def test_init_runs_rspamd_when_it_is_installed() -> None:
