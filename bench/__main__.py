@@ -3,7 +3,7 @@
     python -m bench                    # the full run (`make bench`): 3 runs of every load
     python -m bench --quick            # fewer messages, for development (or BENCH_QUICK=1)
     python -m bench --runs 1 --messages 20 --sessions 2 --idle 5 --rate 10 --duration 2 --listener-messages 100
-    python -m bench --profile bench/results/prof   # also py-spy mta, qmgr, mda during load 1
+    python -m bench --profile bench/results/prof   # also py-spy mta, qmgr, mda during load 1 (and checks on)
 
 Each load runs `--runs` times, the two systems taking turns to go first; the
 table shows the median and the range of each figure.  It also records the
@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                     help="where the throwaway installations live (a real disk, not tmpfs)")
     ap.add_argument("--keep", action="store_true", help="keep the installations' files")
-    ap.add_argument("--profile", type=Path, help="py-spy the Mailroom daemons during load 1 into this folder")
+    ap.add_argument("--profile", type=Path, help="py-spy the Mailroom daemons during load 1 into this folder "
+                    "(and those of the Mailroom with the sender checks on during its load 1, into DIR/checks)")
     ap.add_argument("--mta-processes", type=int, default=1, metavar="N",
                     help="Mailroom's [mta] processes: MTA listener processes sharing the port (default 1)")
     ap.add_argument("--stall-messages", type=int,
@@ -256,7 +257,11 @@ def _run_once(
 
     run["load1"] = _both(order, load1)
     print("load 1 with the sender checks on (a local DNS server publishing SPF and DMARC)", flush=True)
-    run["checks"] = loads.throughput(checks, watch, "checks", messages=args.messages, sessions=args.sessions)
+    prof = _profile_start(checks.program_pids(), args.profile / "checks") if args.profile else []
+    try:
+        run["checks"] = loads.throughput(checks, watch, "checks", messages=args.messages, sessions=args.sessions)
+    finally:
+        _profile_stop(prof)
     print(f"dns stall: {args.stall_messages} messages over {args.sessions} sessions, alone and while"
           f" {args.stall_sessions} sessions send from a domain whose DNS never answers", flush=True)
     run["stall"] = dnsload.stall(checks, watch, messages=args.stall_messages, sessions=args.sessions,

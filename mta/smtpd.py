@@ -374,3 +374,4 @@ async def run(ctx: Context) -> None:
         ))
     log.info("SMTP listening on %s, internal on %s", ", ".join(cfg.mta.smtp), ", ".join(cfg.mta.internal))
     await serve_until_stopped(ctx, servers)
+    await auth().kept()  # the DMARC verdicts still on their way to the database

@@ -33,7 +33,7 @@ from mta.auth import srs
 if TYPE_CHECKING:
     from common.db import Database
     from common.dns import Resolver
-    from mta.auth import contentfilter
+    from mta.auth import checks, contentfilter
     from mta.auth import dkim as dkimmod
 
 # checks.py, dkim.py and contentfilter.py bring dkimpy and the public suffix list
@@ -96,6 +96,7 @@ class MailAuth:
         self.srs_codec = srs_codec
         self.content_filter = content_filter
         self.db = db  # where DMARC verdicts are kept for the reports (None: nowhere)
+        self._keeping: set[asyncio.Task[None]] = set()  # verdicts on their way to the database
 
     @classmethod
     def from_config(cls, cfg: Config, resolver: Resolver, db: Database | None = None) -> MailAuth:
@@ -158,6 +159,29 @@ class MailAuth:
             log.warning("no DKIM key for %s: sending unsigned (mailroom dkim keygen %s)", domain, domain)
         return sig
 
+    def _keep_verdict(self, verdict: checks.Verdict, reply_code: int | None) -> None:
+        """Write the verdict for the DMARC reports beside the session, not in its way: a
+        statistic, written with the next relaxed batch, that no reply waits for (a verdict
+        still on its way when the process stops is missing from that day's report)."""
+        from mta.auth import dmarcreport
+
+        assert self.db is not None
+        task = asyncio.ensure_future(dmarcreport.record(
+            self.db, verdict, reply_code=reply_code, quarantine_header=self.policy.quarantine_header,
+        ))
+        self._keeping.add(task)
+        task.add_done_callback(self._kept)
+
+    async def kept(self) -> None:
+        """Wait (a few seconds at most) for the verdicts still on their way to the database."""
+        if self._keeping:
+            await asyncio.wait(set(self._keeping), timeout=5.0)
+
+    def _kept(self, task: asyncio.Task[None]) -> None:
+        self._keeping.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("could not keep a DMARC verdict for the reports: %s", task.exception())
+
     async def check_inbound(
         self, content: bytes, *, client_ip: str, helo: str, mail_from: str,
         recipients: list[str], trace: str, deliver_to: list[str] | None = None,
@@ -187,12 +211,7 @@ class MailAuth:
             )
             log.info("auth %s", verdict.summary())
             if p.dmarc_reports and self.db is not None:  # kept for the daily DMARC aggregate reports
-                from mta.auth import dmarcreport
-
-                await dmarcreport.record(
-                    self.db, verdict, reply_code=decision.reply.code if decision.reply else None,
-                    quarantine_header=p.quarantine_header,
-                )
+                self._keep_verdict(verdict, decision.reply.code if decision.reply else None)
             if decision.reply is not None:
                 return Inbound(decision.reply, b"", content)
             headers += decision.headers

@@ -111,6 +111,7 @@ def test_dmarc_verdicts_are_kept_in_the_database_it_was_given(key_dir: Path, tmp
             recipients=["bob@example.org"], trace=trace,
         )
         assert inbound.reply is not None and inbound.reply.code == 550
+        await auth.kept()  # the verdict is written beside the session, not before its reply
 
     def kept() -> list[tuple[str, str, str, str]]:
         with db.write() as s:
