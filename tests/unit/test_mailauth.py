@@ -101,7 +101,8 @@ def test_inbound_checks_use_the_resolver_and_policy_given(key_dir: Path) -> None
 
 
 def test_dmarc_verdicts_are_kept_in_the_database_it_was_given(key_dir: Path, tmp_path: Path) -> None:
-    records = {"example.net": {"TXT": ["v=spf1 -all"]}, "_dmarc.example.net": {"TXT": ["v=DMARC1; p=reject"]}}
+    records = {"example.net": {"TXT": ["v=spf1 -all"]},
+               "_dmarc.example.net": {"TXT": ["v=DMARC1; p=reject; rua=mailto:dmarc@example.net"]}}
     db = Database(f"sqlite:///{tmp_path}/m.db", threads=1)
     db.create_schema()
 
@@ -126,6 +127,10 @@ def test_dmarc_verdicts_are_kept_in_the_database_it_was_given(key_dir: Path, tmp
         # Reports on: the refused message's verdict is in the database MailAuth was built with.
         asyncio.run(receive(made(key_dir, FakeResolver(records), db, dmarc_reports=True), "T3"))
         assert kept() == [(SENDER_IP, "example.net", "fail", "reject")]
+        # A record that asks for no aggregate reports (no rua=mailto:): nobody to report to, nothing kept.
+        records["_dmarc.example.net"] = {"TXT": ["v=DMARC1; p=reject"]}
+        asyncio.run(receive(made(key_dir, FakeResolver(records), db, dmarc_reports=True), "T4"))
+        assert len(kept()) == 1
     finally:
         db.close()
 
