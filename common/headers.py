@@ -93,6 +93,17 @@ def without_comments(value: bytes) -> bytes | None:
     return None if _COMMENT.search(value) else value
 
 
+def authserv_id(value: bytes) -> tuple[bytes, bytes] | None:
+    """An Authentication-Results value (RFC 8601 2.2) as (its authserv-id, lower-case and
+    without a final dot; the results after it), comments removed; None when unreadable."""
+    plain = without_comments(value)
+    if plain is None:
+        return None
+    ident, _, results = plain.partition(b";")
+    words = ident.split()  # the id, then perhaps a version
+    return (words[0].lower().rstrip(b".") if words else b""), results
+
+
 def addresses(value: str) -> list[str] | None:
     """The addresses in one address-list value, or None when it cannot be read within
     the limits (too long, too many encoded words, nested too deep for the parser)."""

@@ -17,6 +17,7 @@ finds under our name says what the MTA found of the envelope sender
 from __future__ import annotations
 
 from common import headers
+from common.address import domain_of
 from common.message import fields, remove
 
 # The fields the verdict is written in; a copy from outside never survives the MTA.
@@ -44,26 +45,24 @@ def sender_verified(message: bytes, sender: str, hostname: str) -> bool:
     Read from the first Authentication-Results field under our name (`hostname`):
     a message without one (the checks were off) is not verified.
     """
-    domain = sender.rpartition("@")[2].lower()
+    domain = domain_of(sender)
     if not domain:
         return False
     host = hostname.lower().encode()
     for f in fields(message):
         if f.name.lower() != "authentication-results":
             continue
-        value = headers.without_comments(f.value)
-        if value is None:
+        read = headers.authserv_id(f.value)
+        if read is None or read[0] != host:
             continue
-        ident, _, results = value.partition(b";")
-        if ident.strip().lower().rstrip(b".") != host:
-            continue
+        results = read[1]
         for result in results.split(b";"):
             words = result.decode("ascii", "replace").lower().split()
             if not words:
                 continue
             method, _, outcome = words[0].partition("=")
             props = {k: v.strip('"') for k, _, v in (w.partition("=") for w in words[1:])}
-            if method == "spf" and outcome == "pass" and props.get("smtp.mailfrom", "").rpartition("@")[2] == domain:
+            if method == "spf" and outcome == "pass" and domain_of(props.get("smtp.mailfrom", "")) == domain:
                 return True
             signer = props.get("header.d", "")
             if method == "dkim" and outcome == "pass" and signer and (

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from common import message, verdict
 from common import reply as R
+from common.address import domain_of
 from common.db import Database
 from common.events import EventName, Hop
 from common.log import new_trace_id
@@ -141,7 +142,7 @@ class Rules:
         """Can a refusal become a bounce to `sender` without risk of backscatter?"""
         if not sender:
             return True  # nobody gets a bounce of a bounce: the refusal is only recorded
-        if sender.rpartition("@")[2].lower() in self.policy.local_domains:
+        if domain_of(sender) in self.policy.local_domains:
             return True  # the bounce stays here
         return verdict.sender_verified(body, sender, self.policy.hostname)
 

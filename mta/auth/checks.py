@@ -376,11 +376,8 @@ def strip_own_results(message: bytes, hostname: str) -> bytes:
             return False
         # Comments may precede the authserv-id: removed in linear time (common/headers.py);
         # nested too deep to read, it is not trusted as someone else's, and goes.
-        value = headers.without_comments(f.value)
-        if value is None:
-            return True
-        ident = value.split(b";", 1)[0].strip().split()
-        return bool(ident) and ident[0].lower().rstrip(b".") == host
+        read = headers.authserv_id(f.value)
+        return read is None or read[0] == host
 
     return remove(message, ours)
 

@@ -83,16 +83,17 @@ def verdict_row(verdict: Verdict, *, refused: bool, delivered_as_quarantine: boo
     }
 
 
-async def record(db: Database, verdict: Verdict, *, reply_code: int | None, quarantine_header: str) -> None:
-    """Keep the verdict for the day's report (when the From: domain's DMARC record asks for
-    aggregate reports by mail: a `rua=mailto:` address).
+def wanted(verdict: Verdict, reply_code: int | None) -> bool:
+    """Is this verdict kept for a report?  Only when the From: domain's DMARC record asks for
+    aggregate reports by mail (RFC 7489 7.2: a `rua=mailto:` address), and not for a 4xx (a
+    DNS failure: the sender tries again, and the message would be counted at each try)."""
+    return bool(verdict.dmarc.domain) and bool(destinations(verdict.dmarc.tags)) and (reply_code or 500) >= 500
 
-    `reply_code`: our refusal, if any; a 4xx (a DNS failure: the sender tries again) is not
-    kept, or the message would be counted at each try."""
+
+async def record(db: Database, verdict: Verdict, *, reply_code: int | None, quarantine_header: str) -> None:
+    """Keep a `wanted` verdict for the day's report; `reply_code`: our refusal, if any."""
     from common.models import utcnow
 
-    if not verdict.dmarc.domain or not destinations(verdict.dmarc.tags) or (reply_code or 500) < 500:
-        return  # no record, or nobody to report to (RFC 7489 7.2: reports go to the record's rua)
     row = verdict_row(verdict, refused=reply_code is not None, delivered_as_quarantine=bool(quarantine_header),
                       now=utcnow())
 

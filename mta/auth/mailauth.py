@@ -166,6 +166,8 @@ class MailAuth:
         from mta.auth import dmarcreport
 
         assert self.db is not None
+        if not dmarcreport.wanted(verdict, reply_code):
+            return  # no task for a verdict nobody reports
         task = asyncio.ensure_future(dmarcreport.record(
             self.db, verdict, reply_code=reply_code, quarantine_header=self.policy.quarantine_header,
         ))
