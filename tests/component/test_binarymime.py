@@ -19,22 +19,14 @@ import pytest
 
 from common.reply import Reply
 from common.smtp import Handler, MailEnvelope, MailSession
-from tests.component.test_dsn_delivery import Peer, enqueue, peer_server, state
-from tests.component.test_qmgr import IPS, MX, Rig, dns_server, mx_server, port, rig_args
 from tests.harness.client import Client
+from tests.harness.peers import MX, Peer, mx_server, peer_server
+from tests.harness.qmgr import BINARY, IPS, Rig, dns_server, enqueue, port, rig_args, state
 from tests.harness.services import Stack
 
-__all__ = ["dns_server", "port", "rig_args"]  # the fixtures, shared with test_qmgr
+__all__ = ["dns_server", "port", "rig_args"]  # the harness's fixtures, used here
 
 pytestmark = pytest.mark.timeout(30)
-
-# A header, then octets no DATA could carry: NUL, bare LF, bare CR, a lone dot line, 0xFF.
-BINARY = (
-    b"From: Alice <alice@sender.test>\r\nSubject: bits\r\nMIME-Version: 1.0\r\n"
-    b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: binary\r\n\r\n"
-    + b"\x00\x01bare\nLF\rCR\r\n.\r\nend\xff" + bytes(range(256))
-)
-
 
 class Keep(Handler):
     def __init__(self, *, binarymime: bool) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.component.test_mta_smtpd import MSG, MTA, _queued_id
+from tests.harness.mta import MSG, MTA, queued_id
 from tests.support.suite import Installation
 
 pytestmark = pytest.mark.timeout(30)
@@ -68,7 +68,7 @@ def test_the_options_are_stored_with_the_message_and_each_recipient(mta: MTA) ->
         assert s.rcpt("carol@far.test")[0] == 250
         code, text = s.data(MSG)
         assert code == 250
-    m, rcpts = mta.message(_queued_id(text))
+    m, rcpts = mta.message(queued_id(text))
     assert (m.ret, m.envid, m.body_type, m.smtputf8, m.requiretls) == ("HDRS", "QQ+1=2", "8BITMIME", True, True)
     got = {r.address: (r.notify, r.orcpt) for r in rcpts}
     assert got == {
@@ -80,7 +80,7 @@ def test_the_options_are_stored_with_the_message_and_each_recipient(mta: MTA) ->
         s.mail("a@far.test")
         s.rcpt("alice@example.org")
         code, text = s.data(MSG)
-    m, rcpts = mta.message(_queued_id(text))
+    m, rcpts = mta.message(queued_id(text))
     assert (m.ret, m.envid, m.body_type, m.smtputf8, m.requiretls) == ("", "", "7BIT", False, False)
     assert [(r.notify, r.orcpt) for r in rcpts] == [("", "")]
 

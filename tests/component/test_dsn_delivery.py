@@ -13,17 +13,14 @@ certificate names the MX, to a hop that offers REQUIRETLS, else it bounces
 
 The next hops are real listeners on loopback: our own engine where DSN or
 REQUIRETLS must be offered (aiosmtpd refuses their parameters), scripted
-aiosmtpd hosts (tests/component/test_qmgr.py) where they must not be.
+aiosmtpd hosts where they must not be (tests/harness/peers.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email
 import email.policy
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -34,59 +31,20 @@ from aiosmtpd.smtp import Envelope as AioEnvelope
 from aiosmtpd.smtp import Session as AioSession
 from sqlalchemy import select
 
-from common.log import new_trace_id
 from common.models import Message
 from common.reply import Reply
-from common.smtp import Handler, Limits, MailEnvelope, MailSession, serve
-from common.tls import make_self_signed, server_context
-from mta import queue
+from common.smtp import Limits, serve
+from common.tls import make_self_signed
 from mta.qmgr import Policy
-from tests.component.test_qmgr import IPS, MX, SENDER, Rig, dns_server, mx_server, port, rig_args
+from tests.harness.peers import MX, LMTPScript, Peer, mx_server, peer_server
+from tests.harness.qmgr import BODY, IPS, Rig, dns_server, enqueue, port, rig_args, state
 
-__all__ = ["dns_server", "port", "rig_args"]  # the fixtures, shared with test_qmgr
+__all__ = ["dns_server", "port", "rig_args"]  # the harness's fixtures, used here
 
 pytestmark = pytest.mark.timeout(30)
 
-BODY = b"From: Alice <alice@sender.test>\r\nSubject: the plan\r\nMessage-ID: <p@sender.test>\r\n\r\nhello\r\n"
 BODY_8BIT = BODY.replace(b"hello", "h\u00e9llo".encode())
 BODY_UTF8 = BODY.replace(b"Subject: the plan", "Subject: le plan \u00e9t\u00e9".encode())
-
-
-@dataclass
-class Got:
-    sender: str
-    params: dict[str, str]
-    rcpt_params: dict[str, dict[str, str]]
-    content: bytes
-    tls: bool
-
-
-class Peer(Handler):
-    """A next hop on our own engine, offering DSN / REQUIRETLS as told, keeping what it got."""
-
-    def __init__(self, *, dsn: bool = True, requiretls: bool = False) -> None:
-        self.offers_dsn = dsn
-        self.offers_requiretls = requiretls
-        self.got: list[Got] = []
-
-    async def data(self, session: MailSession, envelope: MailEnvelope) -> Reply:
-        assert envelope.content is not None and envelope.mail_from is not None
-        self.got.append(Got(envelope.mail_from, dict(envelope.params),
-                            {r: dict(envelope.rcpt_params.get(r, {})) for r in envelope.rcpt_tos},
-                            envelope.content, session.tls))
-        return Reply(250, "2.0.0", "Accepted")
-
-
-@contextlib.asynccontextmanager
-async def peer_server(ip: str, port: int, peer: Peer, *, tls: tuple[Path, Path] | None = None,
-                      utf8: bool = True) -> AsyncIterator[Peer]:
-    server = await serve(f"{ip}:{port}", lambda: peer, hostname=f"mx-{ip}", limits=Limits(),
-                         tls_context=server_context(*tls) if tls else None, utf8=utf8)
-    try:
-        yield peer
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 class No8Bit(MX):
@@ -96,19 +54,6 @@ class No8Bit(MX):
                           responses: list[str]) -> list[str]:
         session.host_name = hostname
         return [r for r in responses if "8BITMIME" not in r]
-
-
-def enqueue(rig: Rig, recipients: dict[str, tuple[str, str]], *, body: bytes = BODY, sender: str = SENDER,
-            **options: Any) -> str:
-    """Queue a message; recipients: address -> (NOTIFY, ORCPT); options: Message columns."""
-    trace = new_trace_id()
-    with rig.db.write() as s:
-        queue.enqueue(
-            s, trace=trace, sender=sender, body=body, now=rig.clock.now(), options=options,
-            recipients=[queue.QueuedRecipient(a, a, notify=n, orcpt=o) for a, (n, o) in recipients.items()],
-        )
-        s.commit()
-    return trace
 
 
 def notices(rig: Rig) -> list[EmailMessage]:
@@ -127,11 +72,6 @@ def blocks(msg: EmailMessage) -> list[Any]:
     parts = list(msg.iter_parts())
     assert parts[1].get_content_type() == "message/delivery-status"
     return list(parts[1].get_payload())
-
-
-def state(rig: Rig, trace: str, address: str) -> tuple[str, str]:
-    r = rig.recipients(trace)[address]
-    return r.state, r.last_reply
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +114,6 @@ def test_notify_never_silences_the_bounce_and_success_is_reported_as_relayed(rig
 
 
 def test_local_delivery_success_notice_and_ret_hdrs_bounce(rig_args: Any) -> None:
-    from tests.component.test_qmgr import LMTPScript
-
     async def go() -> None:
         script = LMTPScript({"gone@example.org": Reply(550, "5.1.1", "No such mailbox"),
                              "quiet@example.org": Reply(550, "5.1.1", "No such mailbox")})

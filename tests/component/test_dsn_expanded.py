@@ -22,7 +22,8 @@ import pytest
 from sqlalchemy import select
 
 from common.models import Message, Recipient
-from tests.component.test_mta_smtpd import MSG, MTA, _alias, _queued_id
+from tests.harness.mta import MSG, MTA, queued_id
+from tests.harness.users import add_alias
 from tests.support.suite import Installation
 
 pytestmark = pytest.mark.timeout(30)
@@ -36,8 +37,8 @@ def inst(tmp_path_factory: pytest.TempPathFactory) -> Installation:
     for user in ("alice", "bob", "carol"):
         inst.add_user(f"{user}@example.org", "maildir")
     inst.set("mta", "resubmission_window", "0")  # the same message is sent more than once here
-    _alias(inst, "team@example.org", "alice@example.org", "bob@example.org", "x@far.test")
-    _alias(inst, "solo@example.org", "carol@example.org")
+    add_alias(inst, "team@example.org", "alice@example.org", "bob@example.org", "x@far.test")
+    add_alias(inst, "solo@example.org", "carol@example.org")
     return inst
 
 
@@ -59,7 +60,7 @@ def send(mta: MTA, rcpts: list[tuple[str, list[str]]], mail_params: tuple[str, .
             assert code == 250, (address, text)
         code, text = c.data(MSG)
         assert code == 250, text
-    return _queued_id(text)
+    return queued_id(text)
 
 
 def notices(mta: MTA) -> list[Message]:
@@ -132,5 +133,5 @@ def test_success_alone_leaves_never_an_alias_of_one_is_forwarding_and_nobody_els
         assert c.rcpt("team@example.org", ["NOTIFY=SUCCESS"])[0] == 250
         code, text = c.data(MSG)
         assert code == 250, text
-    assert {v[1] for v in stored(mta, _queued_id(text)).values()} == {"NEVER"}
+    assert {v[1] for v in stored(mta, queued_id(text)).values()} == {"NEVER"}
     assert len(notices(mta)) == before + 1

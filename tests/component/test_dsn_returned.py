@@ -33,11 +33,10 @@ import pytest
 
 from common.reply import Reply
 from common.smtp import Limits, MailEnvelope, MailSession, serve
-from tests.component.test_binarymime import BINARY
-from tests.component.test_dsn_delivery import enqueue, state
-from tests.component.test_qmgr import BODY, IPS, MX, LMTPScript, Rig, dns_server, mx_server, port, rig_args
+from tests.harness.peers import MX, LMTPScript, mx_server
+from tests.harness.qmgr import BINARY, BODY, IPS, Rig, dns_server, enqueue, port, rig_args, state
 
-__all__ = ["dns_server", "port", "rig_args"]  # the fixtures, shared with test_qmgr
+__all__ = ["dns_server", "port", "rig_args"]  # the harness's fixtures, used here
 
 pytestmark = pytest.mark.timeout(30)
 

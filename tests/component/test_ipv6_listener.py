@@ -19,14 +19,18 @@ from common.models import Message
 from common.smtp import limits_from
 from mta.auth.mailauth import Current
 from mta.smtpd import ReceivePolicy, SMTPHandler
-from tests.component.test_delivery_options import shared
-from tests.component.test_mta_smtpd import MSG, _queued_id
-from tests.harness.services import Stack
+from tests.harness.mta import MSG, queued_id
+from tests.harness.services import Stack, installation
 from tests.support.suite import Installation
 
-__all__ = ["shared"]
-
 pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Installation:
+    # The same message goes in more than once here, each time to be queued.
+    return installation(tmp_path_factory.mktemp("ipv6") / "m", users=(("alice@example.org", "maildir"),),
+                        mta={"resubmission_window": 0})
 
 
 class DualStack:
@@ -64,7 +68,7 @@ def test_an_ipv4_client_of_a_dual_stack_listener_is_trusted_as_ipv4(listener: Du
         with socket.create_connection(("127.0.0.1", listener.port), timeout=15) as second:
             assert second.recv(100).startswith(b"421 4.7.0")
     with listener.ctx.db.read() as s:
-        m = s.get(Message, _queued_id(text))
+        m = s.get(Message, queued_id(text))
         assert m is not None and m.body is not None and m.client == "127.0.0.1"
         assert b"([127.0.0.1])" in m.body and b"ffff" not in m.body
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from mda import maildir
-from tests.component.test_mda_lmtp import MDA
 from tests.harness.client import Client, stuff
+from tests.harness.mda import MDA
 from tests.harness.users import add_user
 from tests.support.suite import Installation, maildir_messages
 

@@ -20,8 +20,8 @@ from sqlalchemy import event, select
 
 from common.models import Event, User
 from common.smtp import Limits
-from mda.server import DeliveryPolicy, LMTPHandler
 from tests.harness.client import Client, stuff
+from tests.harness.mda import MDA
 from tests.harness.services import Stack
 from tests.harness.users import add_user
 from tests.support.suite import Installation, maildir_messages, mbox_messages
@@ -29,24 +29,6 @@ from tests.support.suite import Installation, maildir_messages, mbox_messages
 pytestmark = pytest.mark.timeout(30)
 
 TRACE = "0192F3A1B2C3D4E5F6"
-
-
-# --- the listener on the harness's event loop ------------------------------------------------
-
-
-class MDA:
-    """The MDA's LMTP listener and handler (tests.harness.services.Stack.listen)."""
-
-    def __init__(self, inst: Installation, limits: Limits | None = None) -> None:
-        self.limits = limits or Limits(max_message_size=1024 * 1024)
-        self.stack = Stack(inst)
-        self.ctx = ctx = self.stack.context()
-        self.port = self.stack.listen(
-            lambda: LMTPHandler(DeliveryPolicy.from_config(ctx.config), ctx.db), limits=self.limits, lmtp=True
-        )
-
-    def close(self) -> None:
-        self.stack.close()
 
 
 def events(inst: Installation, trace: str | None = None) -> list[Event]:

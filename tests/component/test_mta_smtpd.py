@@ -6,50 +6,21 @@ throwaway installation (real SQLite file) and talks to them with smtplib.
 
 from __future__ import annotations
 
-import re
-import smtplib
 import sqlite3
 import ssl
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from sqlalchemy import select
 
-from cli.main import main as mailroom_main
-from common import hop_secret
-from common.models import Event, Message, Recipient
-from tests.harness.services import Stack
+from common.models import Event, Message
+from tests.harness.mta import MSG, MTA, queued_id
+from tests.harness.users import add_alias
 from tests.support.suite import Installation
 
 pytestmark = pytest.mark.timeout(30)
 
 TRACE = "0192F3A1B2C3D4E5F6"
-
-
-class MTA:
-    """Public and internal listeners on the harness's event loop (Stack.listen_mta)."""
-
-    def __init__(self, inst: Installation, **mta: Any) -> None:
-        self.inst = inst
-        self.stack = Stack(inst)
-        self.ctx, self.public_port, self.internal_port = self.stack.listen_mta(mta=mta)
-
-    def close(self) -> None:
-        self.stack.close()
-
-    def client(self, internal: bool = False) -> smtplib.SMTP:
-        s = smtplib.SMTP("127.0.0.1", self.internal_port if internal else self.public_port, timeout=15)
-        s.ehlo("client.test")
-        if internal:  # over TCP the internal listener takes our MSA only, after AUTH with the secret
-            s.login(hop_secret.LOGIN, hop_secret.load(self.inst.config.run_dir))
-        return s
-
-    def message(self, trace: str) -> tuple[Message, list[Recipient]]:
-        with self.ctx.db.read() as s:
-            m = s.get(Message, trace)
-            assert m is not None, trace
-            return m, list(s.scalars(select(Recipient).where(Recipient.message_id == trace)))
 
 
 @pytest.fixture(scope="module")
@@ -73,19 +44,6 @@ def mta(shared: Installation) -> Iterator[MTA]:
         server.close()
 
 
-MSG = b"From: someone@far.test\r\nSubject: hi\r\nMessage-ID: <m1@far.test>\r\n\r\nhello\r\n"
-
-
-def _alias(inst: Installation, *args: str) -> None:
-    assert mailroom_main(["--config", str(inst.config_path), "alias", "add", *args]) == 0
-
-
-def _queued_id(text: bytes) -> str:
-    m = re.fullmatch(rb"2\.0\.0 Ok: queued as ([0-9A-F]{18})", text)
-    assert m, text
-    return m.group(1).decode()
-
-
 def test_ehlo_advertises_the_extensions_and_starttls_uses_our_certificate(mta: MTA) -> None:
     with mta.client() as c:
         for kw in ("pipelining", "size", "8bitmime", "enhancedstatuscodes", "starttls", "smtputf8"):
@@ -101,7 +59,7 @@ def test_ehlo_advertises_the_extensions_and_starttls_uses_our_certificate(mta: M
         assert c.rcpt("alice@example.org")[0] == 250
         code, text = c.data(MSG)
         assert code == 250
-    m, _ = mta.message(_queued_id(text))
+    m, _ = mta.message(queued_id(text))
     assert m.body is not None and b"with ESMTPS id " in m.body
 
 
@@ -132,7 +90,7 @@ def test_relay_denied_reply_and_trusted_networks(shared: Installation) -> None:
             assert c.rcpt("x@elsewhere.test")[0] == 250
             code, text = c.data(MSG)
             assert code == 250
-        _, rcpts = trusted.message(_queued_id(text))
+        _, rcpts = trusted.message(queued_id(text))
         assert [r.address for r in rcpts] == ["x@elsewhere.test"]
     finally:
         trusted.close()
@@ -146,7 +104,7 @@ def test_unknown_local_recipient_is_refused_at_rcpt(mta: MTA) -> None:
         assert c.rcpt("Bob+tag@Example.ORG")[0] == 250
         code, text = c.data(MSG)
         assert code == 250
-    _, rcpts = mta.message(_queued_id(text))
+    _, rcpts = mta.message(queued_id(text))
     assert sorted(r.address for r in rcpts) == ["alice@example.org", "bob@example.org"]
 
 
@@ -168,7 +126,7 @@ def test_received_header_names_the_trace_id_and_the_queue_is_committed_before_25
         c.mail("someone@far.test")
         c.rcpt("alice@example.org")
         code, text = c.data(MSG)
-        trace = _queued_id(text)
+        trace = queued_id(text)
         # Read with a separate connection while the session is still open: the
         # commit happened before the 250 reached us.
         con = sqlite3.connect(mta.inst.config.database_url.removeprefix("sqlite:///"))
@@ -194,7 +152,7 @@ def test_internal_listener_relays_anywhere_and_keeps_the_trace_id(mta: MTA) -> N
         assert c.rcpt("someone@far.test")[0] == 250
         assert c.rcpt("bob@example.org")[0] == 250
         code, text = c.data(MSG)
-    assert _queued_id(text) == TRACE
+    assert queued_id(text) == TRACE
     m, rcpts = mta.message(TRACE)
     assert sorted(r.address for r in rcpts) == ["bob@example.org", "someone@far.test"]
     assert m.body is not None and f"id {TRACE}".encode() in m.body
@@ -205,7 +163,7 @@ def test_internal_listener_relays_anywhere_and_keeps_the_trace_id(mta: MTA) -> N
         assert c.mail("alice@example.org")[0] == 250  # no XTRACE: a fresh id is made
         c.rcpt("bob@example.org")
         code, text = c.data(MSG)
-    assert code == 250 and _queued_id(text) != TRACE
+    assert code == 250 and queued_id(text) != TRACE
 
 
 def test_public_listener_refuses_xtrace(mta: MTA) -> None:
@@ -215,22 +173,22 @@ def test_public_listener_refuses_xtrace(mta: MTA) -> None:
         assert c.mail("someone@far.test")[0] == 250
         c.rcpt("alice@example.org")
         code, text = c.data(MSG)
-    assert code == 250 and _queued_id(text) != TRACE
+    assert code == 250 and queued_id(text) != TRACE
 
 
 def test_aliases_are_expanded_when_queued(mta: MTA) -> None:
-    _alias(mta.inst, "team@example.org", "alice@example.org", "bob@example.org", "x@far.test")
+    add_alias(mta.inst, "team@example.org", "alice@example.org", "bob@example.org", "x@far.test")
     with mta.client() as c:
         c.mail("someone@far.test")
         assert c.rcpt("team@example.org")[0] == 250  # the outside target is no relay: it is our alias
         code, text = c.data(MSG)
-    _, rcpts = mta.message(_queued_id(text))
+    _, rcpts = mta.message(queued_id(text))
     assert sorted((r.address, r.original) for r in rcpts) == [
         ("alice@example.org", "team@example.org"), ("bob@example.org", "team@example.org"),
         ("x@far.test", "team@example.org"),
     ]
-    _alias(mta.inst, "loop1@example.org", "loop2@example.org")
-    _alias(mta.inst, "loop2@example.org", "loop1@example.org")
+    add_alias(mta.inst, "loop1@example.org", "loop2@example.org")
+    add_alias(mta.inst, "loop2@example.org", "loop1@example.org")
     with mta.client() as c:
         c.mail("someone@far.test")
         code, text = c.rcpt("loop1@example.org")

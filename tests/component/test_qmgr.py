@@ -2,7 +2,7 @@
 
 Remote MX hosts are scripted aiosmtpd servers on 127.0.0.x loopback addresses
 (all on one port, `[mta] remote_port`), found through a real DNS server on a
-loopback port (tests/support/dns_server.py).  They answer 250, 4xx or 5xx,
+loopback port (the rig and its peers: tests/harness/qmgr.py, peers.py).  They answer 250, 4xx or 5xx,
 drop the connection after DATA, or stall.  The local hop is an LMTP server on
 a socket.  Bounces travel back over SMTP to the sender's own scripted MX and
 are parsed with Python's `email` package.
@@ -11,75 +11,31 @@ are parsed with Python's `email` package.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
-import email
-import email.policy
-import socket
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
-from sqlalchemy import select, update
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from sqlalchemy import update
 
-from common.clock import FakeClock
-from common.db import Database
-from common.dns import Wire
-from common.models import Event, Message, Recipient
+from common.models import Message, Recipient
 from common.reply import Reply
-from common.smtp import Handler, Limits, MailEnvelope, MailSession, serve
-from common.tls import make_self_signed, server_context
+from common.smtp import Limits, MailEnvelope, MailSession, serve
+from common.tls import make_self_signed
 from mta import queue, wakeup
 from mta.courier import Attempt, Delivered
-from mta.delivery import LocalDelivery, RemoteDelivery
-from mta.qmgr import Policy, QueueManager
-from tests.support.dns_server import DNSServer
+from mta.delivery import LocalDelivery
+from mta.qmgr import Policy
+from tests.harness.peers import MX, LMTPScript, mx_server
+from tests.harness.qmgr import BODY, IPS, SENDER, Rig, dns_server, port, rig_args
 from tests.support.ports import free_port
 
+__all__ = ["dns_server", "port", "rig_args"]  # the harness's fixtures, used here
+
 pytestmark = pytest.mark.timeout(30)
-
-IPS = {
-    "ok": "127.0.0.2", "soft": "127.0.0.3", "hard": "127.0.0.4", "drop": "127.0.0.5", "stall": "127.0.0.6",
-    "down": "127.0.0.7", "sender": "127.0.0.8", "backup": "127.0.0.9", "transport": "127.0.0.10",
-}
-RECORDS: dict[str, Any] = {
-    **{f"{name}.test": {"MX": [(10, f"mx.{name}.test")]} for name in IPS},
-    **{f"mx.{name}.test": {"A": [ip]} for name, ip in IPS.items()},
-    "twomx.test": {"MX": [(10, "mx.down.test"), (20, "mx.backup.test")]},
-    "nomx.test": {"A": [IPS["ok"]]},
-    "nullmx.test": {"MX": [(0, ".")]},
-    "servfail.test": "SERVFAIL",
-    "loop.test": {"MX": [(10, "mail.test")]},
-}
-SENDER = "alice@sender.test"
-BODY = b"From: Alice <alice@sender.test>\r\nSubject: the plan\r\nMessage-ID: <p@sender.test>\r\n\r\nhello\r\n"
-
-
-@pytest.fixture(scope="module")
-def dns_server() -> Iterator[DNSServer]:
-    with DNSServer(RECORDS) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def port() -> int:
-    """One port free on every 127.0.0.x we use (the MX hosts all listen on it)."""
-    for _ in range(50):
-        with contextlib.ExitStack() as stack:
-            socks = [stack.enter_context(socket.socket()) for _ in IPS]
-            try:
-                p = free_port(IPS["ok"])
-                socks[0].bind((IPS["ok"], p))
-                for s, ip in zip(socks[1:], list(IPS.values())[1:], strict=True):
-                    s.bind((ip, p))
-                return p
-            except OSError:
-                continue
-    raise AssertionError("no common free port")
 
 
 @pytest.fixture(scope="module")
@@ -89,110 +45,7 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return d / "cert.pem", d / "key.pem"
 
 
-# --- scripted remote MX servers --------------------------------------------------------
-
-
-@dataclass
-class Received:
-    sender: str
-    recipients: list[str]
-    content: bytes
-    tls: bool
-    login: str = ""
-
-    def parsed(self) -> EmailMessage:
-        msg = email.message_from_bytes(self.content, policy=email.policy.default)
-        assert isinstance(msg, EmailMessage)
-        return msg
-
-
-@dataclass
-class MX:
-    """An aiosmtpd handler that plays one remote host's part."""
-
-    mode: str = "ok"  # ok | soft | hard | drop | stall
-    refuse: dict[str, str] = field(default_factory=dict)  # RCPT address -> reply
-    delay: float = 0.0
-    received: list[Received] = field(default_factory=list)
-    connections: int = 0
-    in_data: int = 0
-    most_in_data: int = 0
-    logins: list[bytes] = field(default_factory=list)  # every AUTH attempt's user name, good or bad
-
-    async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
-    ) -> str:
-        if address in self.refuse:
-            return self.refuse[address]
-        if self.mode == "soft":
-            return "451 4.3.0 Try again later"
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 OK"
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        self.in_data += 1
-        self.most_in_data = max(self.most_in_data, self.in_data)
-        try:
-            if self.delay:
-                await asyncio.sleep(self.delay)
-            if self.mode == "stall":
-                await asyncio.sleep(3600)
-            if self.mode == "drop":
-                assert server.transport is not None
-                server.transport.close()
-                return "250 never seen"
-            if self.mode == "hard":
-                return "554 5.6.0 Content refused"
-            assert isinstance(envelope.content, bytes) and envelope.mail_from is not None
-            login = session.auth_data.login.decode() if isinstance(session.auth_data, LoginPassword) else ""
-            self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.content,
-                                          session.ssl is not None, login))
-            return "250 2.0.0 Accepted"
-        finally:
-            self.in_data -= 1
-
-
-def _authenticator(server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:
-    if isinstance(server.event_handler, MX) and isinstance(data, LoginPassword):
-        server.event_handler.logins.append(data.login)
-    ok = isinstance(data, LoginPassword) and data.login == b"relayuser" and data.password == b"s3cret"
-    return AuthResult(success=ok, handled=False, auth_data=data)
-
-
-@contextlib.asynccontextmanager
-async def mx_server(
-    ip: str, port: int, handler: MX, tls: tuple[Path, Path] | None = None, auth: bool = False,
-    idle_timeout: float = 300.0,
-) -> AsyncIterator[MX]:
-    loop = asyncio.get_running_loop()
-    ctx = server_context(*tls) if tls else None
-
-    def factory() -> SMTP:
-        handler.connections += 1
-        return SMTP(handler, hostname=f"mx-{ip}", tls_context=ctx, authenticator=_authenticator if auth else None,
-                    auth_require_tls=True, timeout=idle_timeout)
-
-    server = await loop.create_server(factory, ip, port)
-    try:
-        yield handler
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
-# --- a scripted LMTP server (the MDA's role) ---------------------------------------------
-
-
-class LMTPScript(Handler):
-    ehlo_keywords = ("XTRACE",)  # the queue manager names the trace id, as to the real MDA
-
-    def __init__(self, outcomes: dict[str, Reply]) -> None:
-        self.outcomes = outcomes
-        self.transactions: list[list[str]] = []
-
-    async def data(self, session: MailSession, envelope: MailEnvelope) -> list[Reply]:
-        self.transactions.append(list(envelope.rcpt_tos))
-        return [self.outcomes.get(r, Reply(250, "2.0.0", "Saved")) for r in envelope.rcpt_tos]
+# --- the MDA's part, as it answers XRECORD ----------------------------------------------
 
 
 class RecordingMDA(LMTPScript):
@@ -205,68 +58,6 @@ class RecordingMDA(LMTPScript):
         self.transactions.append(list(envelope.rcpt_tos))
         return [self.outcomes.get(r, Reply(250, "2.0.0", f"Ok: delivered to maildir path=/mail/{r}"))
                 for r in envelope.rcpt_tos]
-
-
-# --- the queue manager under test --------------------------------------------------------
-
-
-class Rig:
-    def __init__(self, tmp: Path, dns: DNSServer, port: int, *, lmtp: str = "127.0.0.1:9", policy: Policy | None = None,
-                 **remote: Any) -> None:
-        self.db = Database(f"sqlite:///{tmp / 'q.db'}", threads=2)
-        self.db.create_schema()
-        self.clock = FakeClock(dt.datetime(2030, 1, 1, 12, 0, 0))
-        args: dict[str, Any] = {
-            "hostname": "mail.test", "resolver": Wire([dns.address], 1.0), "relayhost": "",
-            "relayhost_auth": None, "transport": {}, "remote_port": port, "per_destination": 10,
-            "connect_timeout": 2.0, "timeout": 2.0,
-        }
-        args.update(remote)
-        self.remote = RemoteDelivery(**args)
-        self.local = LocalDelivery(lmtp, hostname="mail.test", sessions=2, timeout=5)
-        self.qm = QueueManager(
-            db=self.db, clock=self.clock,
-            policy=policy or Policy([300.0, 600.0, 1200.0, 2400.0, 3600.0], 5 * 86400.0, 4 * 3600.0),
-            local_domains=["example.org"], hostname="mail.test", local=self.local, remote=self.remote,
-        )
-
-    def enqueue(self, recipients: list[str], sender: str = SENDER, body: bytes = BODY) -> str:
-        from common.log import new_trace_id
-
-        trace = new_trace_id()
-        with self.db.write() as s:
-            queue.enqueue(s, trace=trace, sender=sender, body=body, now=self.clock.now(),
-                          recipients=[queue.QueuedRecipient(r, r) for r in recipients])
-            s.commit()
-        return trace
-
-    async def run(self) -> int:
-        """One queue manager round, waited for."""
-        n = await self.qm.run_once()
-        await self.qm.drain()
-        return n
-
-    def recipients(self, trace: str) -> dict[str, Recipient]:
-        with self.db.read() as s:
-            return {r.address: r for r in s.scalars(select(Recipient).where(Recipient.message_id == trace))}
-
-    def events(self, trace: str) -> list[Event]:
-        with self.db.read() as s:
-            return list(s.scalars(select(Event).where(Event.trace_id == trace).order_by(Event.id)))
-
-    def dsns(self) -> list[Message]:
-        with self.db.read() as s:
-            return list(s.scalars(select(Message).where(Message.is_bounce.is_(True)).order_by(Message.id)))
-
-    async def close(self) -> None:
-        await self.remote.close()
-        await self.local.close()
-        self.db.close()
-
-
-@pytest.fixture
-def rig_args(tmp_path: Path, dns_server: DNSServer, port: int) -> tuple[Path, DNSServer, int]:
-    return tmp_path, dns_server, port
 
 
 def _status_blocks(msg: EmailMessage) -> list[Any]:

@@ -232,6 +232,16 @@ class Stack:
             ))
         return ctx, ports[0], ports[1]
 
+    def listen_mda(self, *, limits: Limits | None = None, **serve_args: Any) -> tuple[Context, int]:
+        """The MDA's LMTP listener with the real handler on 127.0.0.1:0 (the installation's
+        delivery settings, `limits` for this listener).  Returns (context, port)."""
+        from mda.server import DeliveryPolicy, LMTPHandler
+
+        ctx = self.context()
+        port = self.listen(lambda: LMTPHandler(DeliveryPolicy.from_config(ctx.config), ctx.db),
+                           limits=limits, lmtp=True, **serve_args)
+        return ctx, port
+
     def stop(self, ctx: Context) -> None:
         """Stop one service and wait for it to end (its failure is raised here)."""
         i = self.contexts.index(ctx)

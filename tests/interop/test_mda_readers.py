@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from mda import mbox
-from tests.component.test_mda_lmtp import MDA
 from tests.harness.client import Client
+from tests.harness.mda import MDA
 from tests.harness.users import add_user
 from tests.support import dovecot, peers
 from tests.support.suite import Installation

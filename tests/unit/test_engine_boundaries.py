@@ -8,7 +8,7 @@ import tomllib
 
 import pytest
 
-from tests.unit.test_layers import ROOT, imported_packages
+from tests.support.source import ROOT, imported_packages
 
 
 @pytest.mark.parametrize("package", ["common", "msa", "mta", "mda", "cli"])

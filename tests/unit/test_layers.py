@@ -6,26 +6,11 @@ command may use any of them.)
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.source import ROOT, imported_modules, imported_packages
+
 DAEMONS = ("msa", "mta", "mda", "web", "lab")
-
-
-def imported_packages(package: str) -> dict[str, set[str]]:
-    found: dict[str, set[str]] = {}
-    for path in (ROOT / package).rglob("*.py"):
-        names: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names.update(a.name.split(".")[0] for a in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names.add(node.module.split(".")[0])
-        found[str(path.relative_to(ROOT))] = names
-    return found
 
 
 def test_common_imports_no_daemon() -> None:
@@ -44,17 +29,7 @@ def _module_imports(package: str) -> dict[str, set[str]]:
     """Each module of `package` ("web.live") and the modules of the package it imports,
     at the top or inside a function alike."""
     modules = {".".join(p.relative_to(ROOT).with_suffix("").parts): p for p in (ROOT / package).rglob("*.py")}
-    found: dict[str, set[str]] = {}
-    for name, path in modules.items():
-        names: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names.add(node.module)
-                names.update(f"{node.module}.{a.name}" for a in node.names)
-            elif isinstance(node, ast.Import):
-                names.update(a.name for a in node.names)
-        found[name] = {n for n in names if n in modules and n != name}
-    return found
+    return {name: {n for n in imported_modules(path) if n in modules and n != name} for name, path in modules.items()}
 
 
 # The packages whose modules import one another in one direction only, so each
