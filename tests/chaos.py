@@ -56,8 +56,9 @@ from supervisor.xmlrpc import SupervisorTransport
 
 from cli import supervise
 from common.models import FINAL_STATES, Recipient
-from tests.harness.client import PASSWORD, Client, stuff
-from tests.support.suite import Installation, maildir_messages, mbox_messages
+from tests.harness.client import Client, stuff
+from tests.harness.users import add_user
+from tests.support.suite import PASSWORD, Installation, maildir_messages, mbox_messages
 
 PROGRAMS = ("msa", "mta", "qmgr", "mda")
 RECIPIENTS = ("alice@example.org", "bob@example.org")  # Maildir, mbox
@@ -178,8 +179,8 @@ def prepare(root: Path, database: str = "") -> Installation:
     inst.set("mta", "poll_interval", '"0.5s"')
     inst.set("msa", "max_messages_per_hour", "1000000")
     inst.set("msa", "max_recipients_per_hour", "1000000")
-    inst.add_user("alice@example.org", "maildir")
-    inst.add_user("bob@example.org", "mbox")
+    add_user(inst, "alice@example.org", "maildir")
+    add_user(inst, "bob@example.org", "mbox")
     return inst
 
 

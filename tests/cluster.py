@@ -67,6 +67,7 @@ from common.db import Database
 from common.models import ACTIVE, FINAL_STATES, Event, Message, Recipient
 from tests.chaos import _Forgetful, body_hash, make_message
 from tests.harness.client import Client, stuff
+from tests.harness.users import add_user
 from tests.support.cluster import Node, Pki
 from tests.support.suite import maildir_messages, mbox_messages
 
@@ -176,8 +177,8 @@ class Cluster:
             node.use_store(self.store)
             node.set("mailroom", "hostname", f'"{node.name}.test"')
             node.set("queue", "lease", f'"{lease:g}s"')
-        self.store.add_user("alice@example.org", "maildir")
-        self.store.add_user("bob@example.org", "mbox")
+        add_user(self.store, "alice@example.org", "maildir")
+        add_user(self.store, "bob@example.org", "mbox")
         self.db = Database(database, threads=2)
 
     @property

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.users import add_user
 from tests.support.suite import Installation, running
 
 
@@ -25,8 +26,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def installation(tmp_path: Path) -> Installation:
     """Initialised (config, database, certificate, alice=Maildir, bob=mbox); not running."""
     inst = Installation(tmp_path / "mailroom")
-    inst.add_user("alice@example.org", "maildir")
-    inst.add_user("bob@example.org", "mbox")
+    add_user(inst, "alice@example.org", "maildir")
+    add_user(inst, "bob@example.org", "mbox")
     return inst
 
 

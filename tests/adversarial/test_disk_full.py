@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.users import add_user
 from tests.support.suite import Installation, maildir_messages, mbox_messages, running
 
 pytestmark = pytest.mark.timeout(300)
@@ -70,8 +71,8 @@ def test_disk_full_during_traffic(inst: Installation, small_disk: Path) -> None:
     # Below 1 MiB free on the queue's disk, MAIL gets 452 4.3.1 (the 3 MiB left
     # below fill up part-way through the run).
     inst.set("mta", "min_free_disk", '"1m"')
-    inst.add_user("alice@example.org", "maildir")
-    inst.add_user("bob@example.org", "mbox")
+    add_user(inst, "alice@example.org", "maildir")
+    add_user(inst, "bob@example.org", "mbox")
     body = b"Subject: %d\r\n\r\n" + (b"z" * 76 + b"\r\n") * 1300  # about 100 KB
     accepted: list[int] = []
     replies: set[tuple[int, str]] = set()

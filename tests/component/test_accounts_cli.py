@@ -6,6 +6,7 @@ import pytest
 
 from common.db import Database
 from common.users import check_password, find_user
+from tests.harness.users import add_user
 from tests.support.suite import Installation
 
 pytestmark = pytest.mark.timeout(120)
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 def inst(tmp_path_factory: pytest.TempPathFactory) -> Installation:
     i = Installation(tmp_path_factory.mktemp("accounts") / "m")
-    i.add_user("alice@example.org")
+    add_user(i, "alice@example.org")
     return i
 
 
@@ -28,7 +29,7 @@ def _password_ok(inst: Installation, password: str) -> bool:
 
 
 def test_logins_off_and_on_keep_the_password(inst: Installation) -> None:
-    from tests.harness.client import PASSWORD
+    from tests.support.suite import PASSWORD
 
     users = inst.config.run_dir / "dovecot" / "users"
     assert _password_ok(inst, PASSWORD) and "alice@example.org:" in users.read_text()

@@ -19,6 +19,7 @@ from cli.show import public_config
 from common import config as configmod
 from common.models import add_event
 from mta import queue
+from tests.harness.users import add_user
 from tests.support.suite import Installation
 
 pytestmark = pytest.mark.timeout(90)
@@ -85,7 +86,7 @@ def test_json_output_stays_json_with_the_raw_values(installation: Installation) 
 
 def test_user_and_alias_lists_show_control_characters_escaped(installation: Installation) -> None:
     evil_user = "m\x1b[8mallory@example.org"  # \x1b[8m hides what follows
-    installation.add_user(evil_user)
+    add_user(installation, evil_user)
     r = installation.cli("alias", "add", "h\x1b[8mr@example.org", "alice@example.org", f"out{ESC_CLEAR}@remote.test")
     assert r.returncode == 0, r.stderr
     _no_raw_controls(r.stdout)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.harness.mta import MSG, MTA, queued_id
+from tests.harness.users import add_user
 from tests.support.suite import Installation
 
 pytestmark = pytest.mark.timeout(30)
@@ -24,8 +25,8 @@ pytestmark = pytest.mark.timeout(30)
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Installation:
     inst = Installation(tmp_path_factory.mktemp("opts") / "m")
-    inst.add_user("alice@example.org", "maildir")
-    inst.add_user("bob@example.org", "maildir")
+    add_user(inst, "alice@example.org", "maildir")
+    add_user(inst, "bob@example.org", "maildir")
     inst.set("mta", "resubmission_window", "0")
     return inst
 

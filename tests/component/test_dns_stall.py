@@ -22,6 +22,7 @@ import pytest
 from common.daemon import Context
 from common.models import Message
 from tests.harness.services import Stack
+from tests.harness.users import add_user
 from tests.support.dns_server import DNSServer
 from tests.support.suite import Installation
 
@@ -53,7 +54,7 @@ def inst(tmp_path_factory: pytest.TempPathFactory, dns_server: DNSServer) -> Ins
     inst.set("dns", "nameservers", f'["{dns_server.address}"]')
     inst.set("dns", "timeout", f'"{TIMEOUT:g}s"')
     inst.set("mailauth", "check", "true")
-    inst.add_user("alice@example.org", "maildir")
+    add_user(inst, "alice@example.org", "maildir")
     return inst
 
 

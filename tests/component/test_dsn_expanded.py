@@ -23,7 +23,7 @@ from sqlalchemy import select
 
 from common.models import Message, Recipient
 from tests.harness.mta import MSG, MTA, queued_id
-from tests.harness.users import add_alias
+from tests.harness.users import add_alias, add_user
 from tests.support.suite import Installation
 
 pytestmark = pytest.mark.timeout(30)
@@ -35,7 +35,7 @@ SENDER = "someone@far.test"
 def inst(tmp_path_factory: pytest.TempPathFactory) -> Installation:
     inst = Installation(tmp_path_factory.mktemp("expanded") / "m")
     for user in ("alice", "bob", "carol"):
-        inst.add_user(f"{user}@example.org", "maildir")
+        add_user(inst, f"{user}@example.org", "maildir")
     inst.set("mta", "resubmission_window", "0")  # the same message is sent more than once here
     add_alias(inst, "team@example.org", "alice@example.org", "bob@example.org", "x@far.test")
     add_alias(inst, "solo@example.org", "carol@example.org")

@@ -19,9 +19,9 @@ import pytest
 
 from common import headers
 from mta.auth.dkim import from_domain
-from tests.harness.client import PASSWORD, Client, logged_in, stuff
+from tests.harness.client import Client, logged_in, stuff
 from tests.harness.services import Stack, installation, running
-from tests.support.suite import Installation
+from tests.support.suite import PASSWORD, Installation
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -25,10 +25,9 @@ from common.log import new_trace_id
 from mta import options
 from mta.courier import Attempt
 from mta.delivery import LocalDelivery
-from tests.harness.client import PASSWORD
 from tests.harness.services import Stack, installation
 from tests.support.ports import free_port
-from tests.support.suite import Installation, maildir_messages, wait_port
+from tests.support.suite import PASSWORD, Installation, maildir_messages, wait_port
 
 pytestmark = pytest.mark.timeout(60)
 

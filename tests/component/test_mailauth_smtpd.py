@@ -25,6 +25,7 @@ from common.dns import Wire
 from common.models import Message, Recipient
 from mta.auth import checks, dkim
 from tests.harness.services import Stack
+from tests.harness.users import add_user
 from tests.support.dns_server import DNSServer
 from tests.support.ports import free_port
 from tests.support.suite import Installation
@@ -105,7 +106,7 @@ def inst(tmp_path_factory: pytest.TempPathFactory, dns_server: DNSServer,
     inst.set("dns", "nameservers", f'["{dns_server.address}"]')
     inst.set("dns", "timeout", '"3s"')
     inst.set("mailauth", "check", "true")
-    inst.add_user("alice@example.org", "maildir")
+    add_user(inst, "alice@example.org", "maildir")
     assert mailroom_main(["--config", str(inst.config_path), "alias", "add", "fwd@example.org",
                           "carol@elsewhere.test"]) == 0
     return inst

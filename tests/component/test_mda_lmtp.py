@@ -242,7 +242,7 @@ def test_a_stored_mailbox_outside_the_root_is_refused(inst: Installation, mda: M
 
 def test_the_mailbox_path_comes_from_the_database(inst: Installation, client: Client) -> None:
     # A real user whose address has a '/': `user add` chose a safe folder name.
-    inst.add_user("a/b@example.org", "maildir")
+    add_user(inst, "a/b@example.org", "maildir")
     box = inst.mailbox("a/b@example.org")
     assert box == inst.config.mail_root / "example.org" / "a_b"
     _, data = client.deliver("carol@example.net", ["a/b@example.org"], MESSAGE)

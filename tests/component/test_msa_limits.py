@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.client import PASSWORD, Client, auth_plain, logged_in, submission, submissions
+from tests.harness.client import Client, auth_plain, logged_in, submission, submissions
 from tests.harness.services import installation, running
-from tests.support.suite import Installation
+from tests.support.suite import PASSWORD, Installation
 
 pytestmark = pytest.mark.timeout(60)
 

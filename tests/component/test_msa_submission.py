@@ -25,9 +25,9 @@ from common import reply as R
 from common.models import Event, Message
 from common.reply import Reply, SMTPError
 from common.smtp import Connections, Handler, MailEnvelope, MailSession
-from tests.harness.client import PASSWORD, Client, auth_plain, logged_in, submission, submissions
+from tests.harness.client import Client, auth_plain, logged_in, submission, submissions
 from tests.harness.services import Stack, installation, running
-from tests.support.suite import Installation
+from tests.support.suite import PASSWORD, Installation
 
 pytestmark = pytest.mark.timeout(30)
 

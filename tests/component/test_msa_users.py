@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from common.models import User
-from tests.harness.client import PASSWORD, auth_plain, submission
+from tests.harness.client import auth_plain, submission
 from tests.harness.services import Stack, running
-from tests.support.suite import Installation
+from tests.support.suite import PASSWORD, Installation
 
 pytestmark = pytest.mark.timeout(60)
 

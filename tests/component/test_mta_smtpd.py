@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from common.models import Event, Message
 from tests.harness.mta import MSG, MTA, queued_id
-from tests.harness.users import add_alias
+from tests.harness.users import add_alias, add_user
 from tests.support.suite import Installation
 
 pytestmark = pytest.mark.timeout(30)
@@ -27,8 +27,8 @@ TRACE = "0192F3A1B2C3D4E5F6"
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Installation:
     """One installation for the module (making one costs seconds); tests only add to it."""
     inst = Installation(tmp_path_factory.mktemp("mta") / "m")
-    inst.add_user("alice@example.org", "maildir")
-    inst.add_user("bob@example.org", "mbox")
+    add_user(inst, "alice@example.org", "maildir")
+    add_user(inst, "bob@example.org", "mbox")
     # These tests send the same message again and again on purpose, each expecting
     # it queued: resubmission is tested in tests/e2e/test_resubmission.py.
     inst.set("mta", "resubmission_window", "0")

@@ -25,7 +25,7 @@ from common import reply as R
 from common.reply import Reply
 from common.smtp import Handler, Limits, MailEnvelope, MailSession, serve
 from common.tls import ServerTLS, make_self_signed
-from tests.harness.client import tls_client_context
+from tests.support.suite import tls_client_context
 
 pytestmark = pytest.mark.timeout(60)
 

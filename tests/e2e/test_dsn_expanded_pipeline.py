@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy import select
 
 from common.models import Message, Recipient
+from tests.harness.users import add_user
 from tests.support.suite import (
     PASSWORD,
     Installation,
@@ -36,7 +37,7 @@ BODY = b"Subject: to the team\r\nFrom: alice@example.org\r\nTo: team@example.org
 
 @pytest.fixture
 def team(installation: Installation) -> Iterator[Installation]:
-    installation.add_user("carol@example.org", "maildir")
+    add_user(installation, "carol@example.org", "maildir")
     r = installation.cli("alias", "add", "team@example.org", "bob@example.org", "carol@example.org")
     assert r.returncode == 0, r.stderr
     yield from running(installation)

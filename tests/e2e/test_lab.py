@@ -28,6 +28,7 @@ import dns.resolver
 import pytest
 
 from lab import scenarios
+from tests.harness.users import add_user
 from tests.support.suite import PASSWORD, Installation, free_port, maildir_messages
 
 pytestmark = pytest.mark.timeout(180)
@@ -103,7 +104,7 @@ class Lab:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     inst = Installation(tmp_path_factory.mktemp("lab") / "mailroom")
-    inst.add_user("alice@example.org", "maildir")
+    add_user(inst, "alice@example.org", "maildir")
     dns_port = free_port(udp=True)
     mx_port = free_port()
     dnssec_port = free_port(udp=True)

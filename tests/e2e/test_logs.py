@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.client import Client, tls_client_context
+from tests.harness.client import Client
 from tests.support import peers
-from tests.support.suite import PASSWORD, Installation, maildir_messages
+from tests.support.suite import PASSWORD, Installation, maildir_messages, tls_client_context
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from common.models import Message
+from tests.harness.users import add_user
 from tests.support import peers
 from tests.support.suite import PASSWORD, Daemons, Installation, ids, tls_client_context, wait_port
 
@@ -44,7 +45,7 @@ def wait_tcp(host: str, port: int, timeout: float = 20.0) -> None:
 def production(tmp_path: Path) -> Iterator[tuple[Installation, Daemons, str]]:
     peers.require_root("the privilege-drop test")
     inst = Installation(tmp_path / "mailroom")
-    inst.add_user(ALICE)  # as root, as an operator would
+    add_user(inst, ALICE)  # as root, as an operator would
     host = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
     inst.set("msa", "submission", f'"{host}:587"')
     inst.set("msa", "submissions", f'"{host}:465"')

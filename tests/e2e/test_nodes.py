@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.users import add_user
 from tests.support.cluster import Node, Pki
 from tests.support.suite import maildir_messages
 
@@ -29,7 +30,7 @@ def test_each_node_runs_its_roles_and_the_cluster_status_lists_them(tmp_path: Pa
     for node in (store, mx):
         pki.give(node)
         node.use_store(store)
-    store.add_user("alice@example.org", "maildir")
+    add_user(store, "alice@example.org", "maildir")
     store.start()
     try:
         mx.start()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.users import add_user
 from tests.support import peers
 from tests.support.ports import free_port
 from tests.support.suite import Daemons, Installation, ids, maildir_messages, wait_port
@@ -249,7 +250,7 @@ def test_a_mail_group_reads_the_mail_root_and_nothing_else(inst: Installation, d
 
     mail = grp.getgrnam("mail")  # Debian's; Dovecot's group would do the same
     inst.set("mailroom", "mail_group", '"mail"')
-    inst.add_user(ALICE)
+    add_user(inst, ALICE)
     daemons.start("mda")
     wait_port(inst.ports["lmtp"], 60)
     with smtplib.LMTP("127.0.0.1", inst.ports["lmtp"], timeout=30) as lmtp:

@@ -18,6 +18,7 @@ import pytest
 from common import config as configmod
 from common.daemon import resolver_settings
 from common.dns import Wire
+from tests.harness.users import add_user
 from tests.support.dns_server import DNSServer
 from tests.support.ports import free_port
 from tests.support.suite import Installation, maildir_messages
@@ -39,7 +40,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Installa
         inst.set("dns", "unbound_listen", f'"{listen}"')
         inst.set("dns", "nameservers", f'["{server.address}"]')
         inst.set("mailauth", "check", "true")
-        inst.add_user("alice@example.org", "maildir")
+        add_user(inst, "alice@example.org", "maildir")
         inst.start()
         try:
             yield inst, listen, server

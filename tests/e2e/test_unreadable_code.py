@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.users import add_user
 from tests.support import peers
 from tests.support.suite import Installation, maildir_messages, wait_port
 
@@ -107,7 +108,7 @@ def test_a_daemon_started_alone_from_such_a_copy_reads_its_migrations_before_the
         wait_port(inst.ports["lmtp"], 60)
         import smtplib
 
-        inst.add_user("alice@example.org")
+        add_user(inst, "alice@example.org")
         with smtplib.LMTP("127.0.0.1", inst.ports["lmtp"], timeout=30) as lmtp:
             assert lmtp.sendmail("bob@example.net", ["alice@example.org"], b"Subject: closed\r\n\r\nhi\r\n") == {}
         assert len(maildir_messages(inst.mailbox("alice@example.org"))) == 1

@@ -33,24 +33,16 @@ import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from tests.support.suite import PASSWORD, tls_client_context
+
 if TYPE_CHECKING:
     from tests.support.suite import Installation
-
-# The password of the users the harness makes (tests.harness.users).
-PASSWORD = "purple otter kettle mirror"  # long enough, on no list (common/passwords.py)
 
 CLOSED = "<closed>"
 STARTTLS_HANDSHAKE = b"<tls handshake>"
 
 Expect = str | list[str] | None
 Step = tuple[bytes | None, Expect]
-
-
-def tls_client_context() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE  # test installations have self-signed certificates
-    return ctx
 
 
 class Reply(NamedTuple):

@@ -9,7 +9,7 @@ side by side, so this writer cannot drift from the command.  It differs in
 speed only: many users in one transaction, and each password hashed once per
 test process (argon2 takes most of a second here, on purpose), where the
 command starts Python, opens and migrates the database and hashes for every
-user.  `Installation.add_user` is this writer too.
+user.
 
 A test that needs a row the command would never write (a mailbox path that
 escapes the mail root: a damaged or hostile database) says so with `mailbox=`;

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.users import add_user
 from tests.support.postgres import PostgresServer
 from tests.support.suite import Installation, _reachable
 
@@ -28,7 +29,7 @@ def test_a_postgresql_installation_is_backed_up_with_pg_dump(tmp_path: Path, pos
     inst.set("mailroom", "database", json.dumps(postgres.url))
     for leftover in inst.root.glob("mailroom.db*"):
         leftover.unlink()
-    inst.add_user("alice@example.org")
+    add_user(inst, "alice@example.org")
     assert inst.cli("backup", "init").returncode == 0
     made = inst.cli("backup")
     assert made.returncode == 0, made.stderr

@@ -32,6 +32,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mta.auth import dkim
+from tests.harness.users import add_user
 from tests.support import peers
 from tests.support.dns_server import DNSServer
 from tests.support.rspamd import RspamdServer
@@ -126,7 +127,7 @@ def world(
             inst.set("mta", "retry_schedule", '["1s"]')
             for domain in ("remote.test", "elsewhere.test", "example.net"):
                 inst.set("mta.transport", f'"{domain}"', f'"127.0.0.1:{sink_port}"')
-            inst.add_user("alice@example.org", "maildir")
+            add_user(inst, "alice@example.org", "maildir")
             r = inst.cli("alias", "add", "fwd@example.org", "carol@elsewhere.test")
             assert r.returncode == 0, r.stderr
             for running_inst in running(inst):

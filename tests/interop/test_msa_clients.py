@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.users import add_user
 from tests.support import peers
 from tests.support.suite import PASSWORD, Installation, maildir_messages, running, tls_client_context
 
@@ -29,8 +30,8 @@ TRACE = re.compile(r"queued as ([0-9A-F]{18})")
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installation]:
     inst = Installation(tmp_path_factory.mktemp("clients") / "mailroom")
-    inst.add_user(ALICE, "maildir")
-    inst.add_user("bob@example.org", "mbox")
+    add_user(inst, ALICE, "maildir")
+    add_user(inst, "bob@example.org", "mbox")
     yield from running(inst)
 
 

@@ -32,6 +32,7 @@ from mta import queue, resubmit
 from mta.courier import Attempt, Delivered
 from mta.delivery import RemoteDelivery
 from mta.qmgr import Policy, QueueManager
+from tests.harness.users import add_user
 from tests.support.postgres import PostgresServer
 from tests.support.suite import Installation, maildir_messages, mbox_messages
 
@@ -70,8 +71,8 @@ def tables(pg: PostgresServer) -> set[str]:
 def test_the_pipeline_runs_end_to_end_on_postgresql(tmp_path: Path, postgres: PostgresServer) -> None:
     inst = on_postgres(tmp_path, postgres)
     assert "users" not in tables(postgres)  # the schema comes from the CLI's alembic upgrade below
-    inst.add_user("alice@example.org", "maildir")
-    inst.add_user("bob@example.org", "mbox")
+    add_user(inst, "alice@example.org", "maildir")
+    add_user(inst, "bob@example.org", "mbox")
     assert {"alembic_version", "users", "messages", "recipients", "events"} <= tables(postgres)
     assert not list(inst.root.glob("*.db*"))  # nothing went to a SQLite file
 
@@ -241,8 +242,8 @@ def test_the_mailroom_command_manages_users_and_queue_on_postgresql(
     tmp_path: Path, postgres: PostgresServer
 ) -> None:
     inst = on_postgres(tmp_path, postgres)
-    inst.add_user("alice@example.org", "maildir")
-    inst.add_user("bob@example.org", "mbox")
+    add_user(inst, "alice@example.org", "maildir")
+    add_user(inst, "bob@example.org", "mbox")
     r = inst.cli("user", "add", "alice@example.org", "--password-stdin", stdin="x\n")
     assert r.returncode == 1 and "exists" in r.stderr
     r = inst.cli("user", "list")

@@ -21,6 +21,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from tests.harness.users import add_user
 from tests.support.dns_server import DNSServer
 from tests.support.postfix import PostfixInstance
 from tests.support.suite import Installation, free_port, running
@@ -46,7 +47,7 @@ def world(tmp_path: Path) -> Iterator[tuple[Installation, PostfixInstance, Sink]
     controller = Controller(sink, hostname="127.0.0.1", port=sink_port)
     controller.start()
     inst = Installation(tmp_path / "mailroom")
-    inst.add_user("alice@example.org", "maildir")
+    add_user(inst, "alice@example.org", "maildir")
     assert inst.cli("alias", "add", "fwd@example.org", "carol@elsewhere.test").returncode == 0
     transport = tmp_path / "postfix-transport"
     postfix = PostfixInstance(

@@ -17,6 +17,7 @@ import shutil
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -30,8 +31,6 @@ from common import config as configmod
 from common.clock import Clock, SystemClock
 from common.daemon import Context
 from common.db import Database
-from tests.harness.client import PASSWORD as PASSWORD
-from tests.harness.client import tls_client_context as tls_client_context
 from tests.support.ports import free_port as free_port
 
 LISTENERS = {
@@ -49,10 +48,20 @@ LISTENERS = {
     ("filter", "redis"): "127.0.0.1:2785",
     ("web", "admin"): "127.0.0.1:8443",
 }
+# The password of the users tests make (tests/harness/users.py).
+PASSWORD = "purple otter kettle mirror"  # long enough, on no list (common/passwords.py)
 # Served by Dovecot, which `mailroom run` starts only when it can (cli/dovecot.py).
 DOVECOT_PORTS = ("imap", "imaps", "pop3s", "sieve")
 # Served by the supervised rspamd and its Redis, only with [filter] rspamd = "supervised".
 FILTER_PORTS = ("scanner", "controller", "redis")
+
+
+def tls_client_context() -> ssl.SSLContext:
+    """A client's TLS context that takes any certificate: test installations' are self-signed."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 def wait_port(port: int | str, timeout: float = 20.0) -> None:
@@ -148,12 +157,6 @@ class Installation:
             input=stdin, capture_output=True, text=True, timeout=60,
             cwd=Path(__file__).resolve().parents[2],
         )
-
-    def add_user(self, address: str, store: str = "maildir", password: str = PASSWORD) -> None:
-        """A user as `mailroom user add` makes it, Dovecot's users file included (tests/harness/users.py)."""
-        from tests.harness.users import add_user
-
-        add_user(self, address, store, password=password)
 
     def mailbox(self, address: str) -> Path:
         r = self.cli("user", "list")

@@ -16,7 +16,7 @@ import ssl
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from tests.harness.client import tls_client_context
+from tests.support.suite import tls_client_context
 
 STARTTLS = "starttls"  # SMTP on the 25 and 587 roles
 IMPLICIT = "implicit"  # 465, 993, 995, 443: TLS from the first byte

@@ -11,6 +11,7 @@ import pytest
 
 from cli.main import main as mailroom_main
 from mta import aliases
+from tests.harness.users import add_user
 from tests.support.suite import Installation
 
 pytestmark = pytest.mark.timeout(60)
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.timeout(60)
 def inst(tmp_path_factory: pytest.TempPathFactory) -> Installation:
     inst = Installation(tmp_path_factory.mktemp("aliases") / "m")
     for user in ("alice@example.org", "bob@example.org"):
-        inst.add_user(user)
+        add_user(inst, user)
     return inst
 
 

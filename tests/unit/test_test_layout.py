@@ -1,7 +1,8 @@
 """The tests' own layers: shared test code lives in tests/harness and tests/support, never in a test module.
 
 A test module that imports another drags the other's fixtures and tests into
-its own and hides what is shared.
+its own and hides what is shared.  tests/support (installations, real peers,
+ports) is the ground the harness stands on, so it never imports the harness.
 """
 
 from __future__ import annotations
@@ -23,3 +24,11 @@ def test_no_test_module_imports_another() -> None:
     }
     assert bad == {}
 
+
+
+def test_support_does_not_import_the_harness() -> None:
+    bad = {
+        str(p.relative_to(ROOT)): sorted(n for n in imported_modules(p) if n.split(".")[:2] == ["tests", "harness"])
+        for p in (TESTS / "support").rglob("*.py")
+    }
+    assert {f: names for f, names in bad.items() if names} == {}
