@@ -3,7 +3,7 @@
 Each test hands an `Attempt` to LocalDelivery, whose next hop is our real MDA
 (its LMTP handler on a loopback port, with a real SQLite file and mail root),
 and to RemoteDelivery, whose next hop is an aiosmtpd server on a loopback port
-reached through the transport map, and compares the `Delivered` values the
+reached through the transport map (tests/harness/peers.py), and compares the `Delivered` values the
 two give back.
 """
 
@@ -13,10 +13,8 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import pytest
-from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import select
 
 from common.dns import Wire
@@ -27,6 +25,7 @@ from mda.server import DeliveryPolicy, LMTPHandler
 from mta import options, queue
 from mta.courier import Attempt, Courier, Delivered
 from mta.delivery import LocalDelivery, RemoteDelivery
+from tests.harness.peers import MX, mx_server
 from tests.support.ports import free_port
 from tests.support.suite import Installation, maildir_messages
 
@@ -36,45 +35,32 @@ SENDER = "carol@example.net"
 BODY = b"From: Carol <carol@example.net>\r\nSubject: both ways\r\n\r\nOne message, two hops.\r\n"
 
 
-@dataclass
-class Peer:
-    """An aiosmtpd handler in a remote host's part: takes everything, keeps what it got."""
-
-    received: list[tuple[str, list[str], bytes]] = field(default_factory=list)
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        assert envelope.mail_from is not None and isinstance(envelope.content, bytes)
-        self.received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
-        return "250 2.0.0 Taken"
-
-
 @contextlib.asynccontextmanager
-async def next_hops(inst: Installation) -> AsyncIterator[tuple[LocalDelivery, RemoteDelivery, Peer]]:
+async def next_hops(inst: Installation) -> AsyncIterator[tuple[LocalDelivery, RemoteDelivery, MX]]:
     """Our MDA and a remote SMTP peer listening on loopback, and a courier for each."""
     ctx = inst.context()
     mda = await serve(
         "127.0.0.1:0", lambda: LMTPHandler(DeliveryPolicy.from_config(ctx.config), ctx.db), hostname="mda.test",
         limits=Limits(), lmtp=True,
     )
-    peer = Peer()
-    mx = await asyncio.get_running_loop().create_server(lambda: SMTP(peer, hostname="mx.remote.test"), "127.0.0.1", 0)
     local = LocalDelivery(
         f"127.0.0.1:{mda.sockets[0].getsockname()[1]}", hostname="mail.test", sessions=1, timeout=5,
     )
-    remote = RemoteDelivery(
-        hostname="mail.test", resolver=Wire(["127.0.0.1"], 1.0), relayhost="", relayhost_auth=None,
-        transport={"remote.test": f"127.0.0.1:{mx.sockets[0].getsockname()[1]}"}, remote_port=25,
-        per_destination=2, connect_timeout=2.0, timeout=5.0,
-    )
     try:
-        yield local, remote, peer
+        async with mx_server("127.0.0.1", 0, MX()) as peer:
+            remote = RemoteDelivery(
+                hostname="mail.test", resolver=Wire(["127.0.0.1"], 1.0), relayhost="", relayhost_auth=None,
+                transport={"remote.test": f"127.0.0.1:{peer.port}"}, remote_port=25,
+                per_destination=2, connect_timeout=2.0, timeout=5.0,
+            )
+            try:
+                yield local, remote, peer
+            finally:
+                await remote.close()
     finally:
-        couriers: list[Courier] = [local, remote]  # close() is part of the interface
-        for courier in couriers:
-            await courier.close()
-        for server in (mda, mx):
-            server.close()
-            await server.wait_closed()
+        await local.close()
+        mda.close()
+        await mda.wait_closed()
         ctx.db.close()
 
 
@@ -85,7 +71,7 @@ def attempt(trace: str, recipients: list[str], *, sender: str = SENDER, body: by
 
 
 def test_both_couriers_take_one_attempt_and_answer_with_one_delivered(installation: Installation) -> None:
-    async def go() -> tuple[Delivered, Delivered, str, str, Peer]:
+    async def go() -> tuple[Delivered, Delivered, str, str, MX]:
         async with next_hops(installation) as (local, remote, peer):
             trace = new_trace_id()
             couriers: list[Courier] = [local, remote]
@@ -98,9 +84,8 @@ def test_both_couriers_take_one_attempt_and_answer_with_one_delivered(installati
     by_lmtp, by_smtp, trace, mda, peer = asyncio.run(go())
     [stored] = maildir_messages(installation.mailbox("alice@example.org"))
     assert b"One message, two hops." in stored.read_bytes()
-    assert [(s, r, c.replace(b"\r\n", b"\n").endswith(b"One message, two hops.\n")) for s, r, c in peer.received] == [
-        (SENDER, ["dave@remote.test"], True)
-    ]
+    assert [(g.sender, g.recipients, g.content.replace(b"\r\n", b"\n").endswith(b"One message, two hops.\n"))
+            for g in peer.received] == [(SENDER, ["dave@remote.test"], True)]
     # The same result type from both hops, one reply per recipient.
     assert isinstance(by_lmtp, Delivered) and isinstance(by_smtp, Delivered)
     assert [r.code for r in by_lmtp.replies] == [250] and [r.code for r in by_smtp.replies] == [250]
@@ -149,7 +134,7 @@ def test_each_courier_declares_what_its_hop_can_take(installation: Installation)
     utf8_body = "From: Jörg <jörg@example.net>\r\nSubject: grüße\r\n\r\nhallo\r\n".encode()
     asked = options.Asked(smtputf8=True)
 
-    async def go() -> tuple[Delivered, Delivered, Peer]:
+    async def go() -> tuple[Delivered, Delivered, MX]:
         async with next_hops(installation) as (local, remote, peer):
             trace = new_trace_id()
             by_lmtp = await local.deliver(attempt(trace, ["alice@example.org"], body=utf8_body, asked=asked))

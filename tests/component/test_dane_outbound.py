@@ -3,7 +3,7 @@
 unbound validates zones the test signed itself (ldns-signzone) against their
 own keys; the queue manager believes its AD bit because it listens on
 loopback.  MX hosts are aiosmtpd servers whose certificates the TLSA records
-name, or do not (tests/support/tls_world.py).
+name, or do not (tests/harness/tls_world.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 from mta import tlsrpt
 from mta.tlsdns import DNSSECResolver
-from tests.support.tls_world import Rig, World, build, mx_hosts
+from tests.harness.tls_world import Rig, World, build, mx_hosts
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
 

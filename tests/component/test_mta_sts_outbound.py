@@ -2,7 +2,7 @@
 
 Real peers: unbound answering the `_mta-sts` TXT records, an HTTPS policy
 host with a certificate from the test's CA, aiosmtpd MX hosts with good,
-wrong, self-signed or no certificates (tests/support/tls_world.py).
+wrong, self-signed or no certificates (tests/harness/tls_world.py).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from mta import mtasts, tlsrpt
+from tests.harness.tls_world import Rig, World, build, mx_hosts
 from tests.support.https_host import Page
-from tests.support.tls_world import Rig, World, build, mx_hosts
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,25 +1,23 @@
 """`[outbound_tls.policy]`: the operator's TLS rule per destination, over what DANE and MTA-STS say.
 
-The same small Internet as the MTA-STS and DANE tests (tests/support/tls_world.py).
+The same small Internet as the MTA-STS and DANE tests (tests/harness/tls_world.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aiosmtpd.smtp import SMTP
 
-from common.tls import server_context
 from mta import tlsrpt
 from mta.routing import Route
 from mta.tlspolicy import Level, Planner, Table
+from tests.harness.peers import MX, mx_server
+from tests.harness.tls_world import Rig, World, build, mx_hosts
 from tests.support.pki import self_signed
 from tests.support.ports import free_port
-from tests.support.tls_world import MXHost, Rig, World, build, mx_hosts
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -92,19 +90,13 @@ def test_the_relayhost_keeps_its_verified_tls_whatever_the_table_says(world: Wor
         good = world.ca.issue("127.0.0.67", label="relay-good")
         bad = self_signed(tmp_path, "127.0.0.67")
         for cert, expected in ((good, "delivered"), (bad, "queued")):
-            relay = MXHost("relay")
-            ctx = server_context(cert.cert, cert.key)
-            server = await asyncio.get_running_loop().create_server(
-                lambda relay=relay, ctx=ctx: SMTP(relay, hostname="relay", tls_context=ctx), "127.0.0.67", port)
-            rig = Rig(world, tmp_path / expected, table={"enforce.sts.test": "none"},
-                      relayhost=f"127.0.0.67:{port}", relayhost_ca_file=str(world.ca.ca_file))
-            try:
-                r = await rig.send("bob@enforce.sts.test")
-            finally:
-                await rig.close()
-                server.close()
-                with contextlib.suppress(Exception):
-                    await server.wait_closed()
+            async with mx_server("127.0.0.67", port, MX(), tls=(cert.cert, cert.key)) as relay:
+                rig = Rig(world, tmp_path / expected, table={"enforce.sts.test": "none"},
+                          relayhost=f"127.0.0.67:{port}", relayhost_ca_file=str(world.ca.ca_file))
+                try:
+                    r = await rig.send("bob@enforce.sts.test")
+                finally:
+                    await rig.close()
             assert r.state == expected, r.last_reply
             assert [m.tls for m in relay.received] == ([True] if expected == "delivered" else [])
             assert rig.recorder.pending == {}  # the relayhost is no MX: nothing for TLS-RPT

@@ -1,6 +1,6 @@
 """TLS-RPT (RFC 8460): every outbound TLS session counted, one report a day to each domain that asks.
 
-Sessions are real (tests/support/tls_world.py); the reports travel through our
+Sessions are real (tests/harness/tls_world.py); the reports travel through our
 own queue to the reporting domain's MX host (mailto:) and are POSTed to its
 HTTPS endpoint (https:), and are read back there.
 """
@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 
 from common.models import TLSResult
 from mta import tlsrpt
-from tests.support.tls_world import REPORT_PATH, Rig, World, build, mx_hosts
+from tests.harness.tls_world import REPORT_PATH, Rig, World, build, mx_hosts
 
 pytestmark = pytest.mark.timeout(60)
 

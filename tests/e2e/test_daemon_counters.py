@@ -14,42 +14,24 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
 from prometheus_client.parser import text_string_to_metric_families
 
 from common import counters
 from common.tls import server_context
-from tests.support.suite import Installation, free_port, tls_client_context
+from tests.harness.peers import MX, mx_thread
+from tests.support.suite import Installation, tls_client_context
 
 pytestmark = pytest.mark.timeout(120)
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-class Remote:
-    """The remote host's side: what it received, and whether over TLS."""
-
-    def __init__(self) -> None:
-        self.received: list[tuple[list[str], bool]] = []
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        self.received.append((list(envelope.rcpt_tos), session.ssl is not None))
-        return "250 2.0.0 Ok: taken"
-
-
 @pytest.fixture
-def remote(installation: Installation) -> Iterator[tuple[Remote, int]]:
+def remote(installation: Installation) -> Iterator[MX]:
+    """The remote host's side (STARTTLS with the installation's certificate): what it received."""
     cfg = installation.config
-    handler = Remote()
-    port = free_port()
-    tls = server_context(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key))
-    ctl = Controller(handler, hostname="127.0.0.1", port=port, tls_context=tls, server_hostname="mx.remote.test")
-    ctl.start()
-    try:
-        yield handler, port
-    finally:
-        ctl.stop()
+    with mx_thread(MX(), tls=server_context(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key))) as peer:
+        yield peer
 
 
 def scrape(inst: Installation) -> Samples:
@@ -67,16 +49,16 @@ def smtp_connection(port: int) -> socket.socket:
 
 
 def test_login_failures_connections_and_tls_out_reach_metrics(
-    installation: Installation, remote: tuple[Remote, int]
+    installation: Installation, remote: MX
 ) -> None:
     inst = installation
-    peer, peer_port = remote
+    peer = remote
     text = inst.config_path.read_text()
     text += "\n[smtp]\nmax_connections_per_client = 2\n"
-    text = text.replace("[mta.transport]\n", f'[mta.transport]\n"remote.test" = "127.0.0.1:{peer_port}"\n', 1)
+    text = text.replace("[mta.transport]\n", f'[mta.transport]\n"remote.test" = "127.0.0.1:{peer.port}"\n', 1)
     inst.config_path.write_text(text)
     assert inst.config.smtp.max_connections_per_client == 2
-    assert inst.config.mta.transport == {"remote.test": f"127.0.0.1:{peer_port}"}
+    assert inst.config.mta.transport == {"remote.test": f"127.0.0.1:{peer.port}"}
     inst.start()
     try:
         # A wrong password at the submission port (587 role).
@@ -94,7 +76,7 @@ def test_login_failures_connections_and_tls_out_reach_metrics(
         code, _ = inst.submit("alice@example.org", ["someone@remote.test"], b"Subject: out\r\n\r\nhi\r\n")
         assert code == 250
         inst.wait_for(lambda: len(peer.received) == 1, what="the remote delivery")
-        assert peer.received == [(["someone@remote.test"], True)]
+        assert [(g.recipients, g.tls) for g in peer.received] == [(["someone@remote.test"], True)]
 
         got: Samples = {}
 

@@ -1,14 +1,18 @@
-"""Scripted next hops for the queue manager's tests: remote MX hosts and the MDA's part.
+"""Scripted next hops: remote MX hosts (aiosmtpd) and hosts on our own engine (the MDA's part, a DSN hop).
 
-- `MX` with `mx_server`: an aiosmtpd host (a real, foreign SMTP implementation)
-  that answers 250, 4xx or 5xx, drops the connection after DATA or stalls, takes
-  AUTH (relayuser / s3cret) after STARTTLS when asked, and keeps what it got.
+- `MX`: an aiosmtpd handler (a real, foreign SMTP implementation) in a remote
+  host's part: answers 250, 4xx or 5xx, drops the connection after DATA or
+  stalls, takes AUTH (relayuser / s3cret) after STARTTLS when asked, and keeps
+  what it got.  `mx_server` serves it on the caller's event loop (the queue
+  manager's in-process tests); `mx_thread` serves it on a thread of its own, for
+  tests whose mail comes from real processes (the daemons, Postfix).
 - `Peer` with `peer_server`: a next hop on our own engine, for what aiosmtpd
   cannot offer (DSN, REQUIRETLS); it keeps the parameters it was given.
 - `LMTPScript`: the MDA's part on our engine, one scripted reply per recipient.
 
-They run on the caller's event loop (the queue manager's tests drive it with
-`asyncio.run`), on 127.0.0.x addresses the caller picks (tests/harness/qmgr.py).
+`mx_server` and `peer_server` listen on the address the caller picks (127.0.0.x
+for the MX hosts of tests/harness/qmgr.py; port 0 for any free one, then
+`MX.port` says which).  (tests/support/peers.py finds the real peer programs.)
 """
 
 from __future__ import annotations
@@ -17,17 +21,20 @@ import asyncio
 import contextlib
 import email
 import email.policy
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from common.reply import Reply
 from common.smtp import Handler, Limits, MailEnvelope, MailSession, serve
 from common.tls import server_context
+from tests.support.ports import free_port
 
 # --- aiosmtpd remote MX hosts ---------------------------------------------------------------
 
@@ -58,6 +65,7 @@ class MX:
     in_data: int = 0
     most_in_data: int = 0
     logins: list[bytes] = field(default_factory=list)  # every AUTH attempt's user name, good or bad
+    port: int = 0  # where mx_server or mx_thread listens
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -92,6 +100,9 @@ class MX:
             self.in_data -= 1
 
 
+AnyMX = TypeVar("AnyMX", bound=MX)
+
+
 def authenticator(server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:
     if isinstance(server.event_handler, MX) and isinstance(data, LoginPassword):
         server.event_handler.logins.append(data.login)
@@ -101,9 +112,9 @@ def authenticator(server: SMTP, session: Session, envelope: Envelope, mechanism:
 
 @contextlib.asynccontextmanager
 async def mx_server(
-    ip: str, port: int, handler: MX, tls: tuple[Path, Path] | None = None, auth: bool = False,
+    ip: str, port: int, handler: AnyMX, tls: tuple[Path, Path] | None = None, auth: bool = False,
     idle_timeout: float = 300.0,
-) -> AsyncIterator[MX]:
+) -> AsyncIterator[AnyMX]:
     loop = asyncio.get_running_loop()
     ctx = server_context(*tls) if tls else None
 
@@ -113,11 +124,28 @@ async def mx_server(
                     auth_require_tls=True, timeout=idle_timeout)
 
     server = await loop.create_server(factory, ip, port)
+    handler.port = server.sockets[0].getsockname()[1]
     try:
         yield handler
     finally:
         server.close()
         await server.wait_closed()
+
+
+@contextlib.contextmanager
+def mx_thread(
+    handler: AnyMX, *, tls: ssl.SSLContext | None = None, hostname: str = "mx.remote.test"
+) -> Iterator[AnyMX]:
+    """`handler` on 127.0.0.1 (a free port: `handler.port`), served by aiosmtpd's Controller
+    on a thread of its own; STARTTLS with `tls` when given."""
+    handler.port = free_port()  # Controller(port=0) cannot say which port it got
+    controller = Controller(handler, hostname="127.0.0.1", port=handler.port, server_hostname=hostname,
+                            tls_context=tls)
+    controller.start()
+    try:
+        yield handler
+    finally:
+        controller.stop()
 
 
 # --- next hops on our own engine ------------------------------------------------------------

@@ -21,22 +21,21 @@ from __future__ import annotations
 import re
 import smtplib
 import subprocess
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mta.auth import dkim
+from tests.harness.peers import MX, Received, mx_thread
 from tests.harness.users import add_user
 from tests.support import peers
 from tests.support.dns_server import DNSServer
 from tests.support.rspamd import RspamdServer
-from tests.support.suite import Installation, free_port, maildir_messages, running
+from tests.support.suite import Installation, maildir_messages, running
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(300)]
 
@@ -44,45 +43,28 @@ GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
 
 @dataclass
-class Received:
-    sender: str
-    rcpts: list[str]
-    data: bytes
+class Sink(MX):
+    """The outside hosts: an aiosmtpd host that keeps what it got, and defers a recipient's first attempt when told."""
 
-
-@dataclass
-class Sink:
-    got: list[Received] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
     defer_once: set[str] = field(default_factory=set)  # recipients whose first attempt gets 451
     deferred: list[bytes] = field(default_factory=list)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        content = envelope.original_content or b""
-        with self.lock:
-            for r in envelope.rcpt_tos:
-                if r in self.defer_once:
-                    self.defer_once.discard(r)
-                    self.deferred.append(content)
-                    return "451 4.3.0 Try again later"
-            self.got.append(Received(envelope.mail_from or "", list(envelope.rcpt_tos), content))
-        return "250 2.0.0 Ok: taken"
+        for r in envelope.rcpt_tos:
+            if r in self.defer_once:
+                self.defer_once.discard(r)
+                self.deferred.append(envelope.original_content or b"")
+                return "451 4.3.0 Try again later"
+        return await super().handle_DATA(server, session, envelope)
 
     def find(self, rcpt: str) -> list[Received]:
-        with self.lock:
-            return [r for r in self.got if rcpt in r.rcpts]
+        return [r for r in self.received if rcpt in r.recipients]
 
 
 @pytest.fixture(scope="module")
 def sink() -> Iterator[tuple[Sink, int]]:
-    handler = Sink()
-    port = free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        yield handler, port
-    finally:
-        controller.stop()
+    with mx_thread(Sink()) as handler:
+        yield handler, handler.port
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +155,8 @@ def test_rspamd_and_opendkim_verify_what_mailroom_signs(
     code, text = inst.submit("alice@example.org", ["x@remote.test"], msg)
     assert code == 250, text
     [got] = _wait(inst, sink[0], "x@remote.test")
-    assert got.data.count(b"DKIM-Signature:") == 2
-    data = got.data.replace(b"\n", b"\r\n") if b"\r\n" not in got.data else got.data
+    assert got.content.count(b"DKIM-Signature:") == 2
+    data = got.content.replace(b"\n", b"\r\n") if b"\r\n" not in got.content else got.content
     res = rsp.scan(data, ip="127.0.0.1", helo="mail.test", mail_from="alice@example.org", rcpt="x@remote.test")
     symbols = res["symbols"]
     assert "R_DKIM_ALLOW" in symbols and "R_DKIM_REJECT" not in symbols, sorted(symbols)
@@ -209,7 +191,7 @@ def test_a_retry_sends_the_same_signed_bytes(
     [got] = _wait(inst, sink[0], "retry@remote.test")
     [first] = sink[0].deferred
     # Signed once, at queue time: the retry carries the very same two signatures.
-    assert got.data == first and got.data.count(b"DKIM-Signature:") == 2
+    assert got.content == first and got.content.count(b"DKIM-Signature:") == 2
 
 
 def _opendkim_sign(key: Path, msg: bytes) -> bytes:
@@ -293,7 +275,7 @@ def test_srs_round_trip_through_an_outside_forward(
     [fwd] = _wait(inst, sink[0], "carol@elsewhere.test")
     assert re.fullmatch(r"SRS0=[^=]{4}=[A-Z2-7]{2}=example\.net=alice@example\.org", fwd.sender), fwd.sender
     # The next hop (rspamd standing in for it) sees SPF pass for the SRS sender and our ARC seal.
-    seen = rsp.scan(fwd.data, ip="127.0.0.1", helo="mail.test", mail_from=fwd.sender, rcpt="carol@elsewhere.test")
+    seen = rsp.scan(fwd.content, ip="127.0.0.1", helo="mail.test", mail_from=fwd.sender, rcpt="carol@elsewhere.test")
     assert "R_SPF_ALLOW" in seen["symbols"] and "ARC_ALLOW" in seen["symbols"], sorted(seen["symbols"])
     # elsewhere.test cannot deliver and bounces to the SRS address, as a real MTA does.
     dsn = (b"From: MAILER-DAEMON@elsewhere.test\r\nTo: " + fwd.sender.encode() +
@@ -302,7 +284,7 @@ def test_srs_round_trip_through_an_outside_forward(
     code, text = _send_public(inst, "", fwd.sender, dsn, helo="elsewhere.test")
     assert code == 250, text
     [back] = _wait(inst, sink[0], "alice@example.net")
-    assert back.sender in ("", "<>") and b"<dsn1@elsewhere.test>" in back.data
+    assert back.sender in ("", "<>") and b"<dsn1@elsewhere.test>" in back.content
     # A made-up SRS address is refused at RCPT.
     forged = fwd.sender.replace("=example.net=alice@", "=victim.test=bob@")
     code, text = _send_public(inst, "", forged, dsn, helo="elsewhere.test")

@@ -13,9 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from tests.harness.peers import MX, mx_thread
 from tests.support import dovecot, peers
 from tests.support.dovecot import DovecotLMTP
 from tests.support.peers import free_port, session_members
@@ -28,27 +27,10 @@ def _message(subject: str, body: str = "hello\r\n") -> bytes:
     return f"From: a@sender.test\r\nSubject: {subject}\r\n\r\n{body}".encode()
 
 
-class _CountingSink:
-    """aiosmtpd handler that only counts what it accepts."""
-
-    def __init__(self) -> None:
-        self.recipients: list[str] = []
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        self.recipients.extend(envelope.rcpt_tos)
-        return "250 2.0.0 OK"
-
-
 @pytest.fixture
-def aiosmtpd_sink() -> Iterator[tuple[Controller, _CountingSink]]:
-    handler = _CountingSink()
-    # Controller(port=0) cannot report the port it got, so pick one first.
-    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    try:
-        yield controller, handler
-    finally:
-        controller.stop()
+def aiosmtpd_sink() -> Iterator[MX]:
+    with mx_thread(MX()) as sink:
+        yield sink
 
 
 def test_require_fails_with_install_hint() -> None:
@@ -73,18 +55,18 @@ def test_postfix_virtual_delivery_and_stop(tmp_path: Path) -> None:
     assert session_members(master) == []
 
 
-def test_postfix_relays_and_smtp_source(tmp_path: Path, aiosmtpd_sink: tuple[Controller, _CountingSink]) -> None:
-    controller, handler = aiosmtpd_sink
-    relay_to = f"127.0.0.1:{controller.port}"
+def test_postfix_relays_and_smtp_source(tmp_path: Path, aiosmtpd_sink: MX) -> None:
+    sink = aiosmtpd_sink
+    relay_to = f"127.0.0.1:{sink.port}"
     with PostfixInstance(tmp_path / "pf", relay_to=relay_to) as pf:
         with smtplib.SMTP("127.0.0.1", pf.smtp_port) as client:
             client.sendmail("a@sender.test", ["x@far.test"], _message("relayed"))
         pf.wait_queue_empty(10)
-        assert handler.recipients == ["x@far.test"]
+        assert [r for g in sink.received for r in g.recipients] == ["x@far.test"]
         run = smtp_source(pf.address, count=200, sessions=10, size=1024, recipient="y@far.test")
         assert run.elapsed > 0
         pf.wait_queue_empty(30)
-    assert len(handler.recipients) == 201
+    assert sum(len(g.recipients) for g in sink.received) == 201
 
 
 def test_smtp_source_into_virtual_maildir(tmp_path: Path) -> None:

@@ -13,39 +13,22 @@ from __future__ import annotations
 
 import re
 import smtplib
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from tests.harness.peers import MX, mx_thread
 from tests.harness.users import add_user
 from tests.support.dns_server import DNSServer
 from tests.support.postfix import PostfixInstance
-from tests.support.suite import Installation, free_port, running
+from tests.support.suite import Installation, running
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.got: list[tuple[str, list[str], bytes]] = []
-        self.lock = threading.Lock()
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        with self.lock:
-            self.got.append((envelope.mail_from or "", list(envelope.rcpt_tos), envelope.original_content or b""))
-        return "250 2.0.0 Ok"
-
-
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[tuple[Installation, PostfixInstance, Sink]]:
-    sink = Sink()
-    sink_port = free_port()
-    controller = Controller(sink, hostname="127.0.0.1", port=sink_port)
-    controller.start()
+def world(tmp_path: Path) -> Iterator[tuple[Installation, PostfixInstance, MX]]:
     inst = Installation(tmp_path / "mailroom")
     add_user(inst, "alice@example.org", "maildir")
     assert inst.cli("alias", "add", "fwd@example.org", "carol@elsewhere.test").returncode == 0
@@ -65,21 +48,18 @@ def world(tmp_path: Path) -> Iterator[tuple[Installation, PostfixInstance, Sink]
         "example.net": {"TXT": ['"v=spf1 ip4:127.0.0.1 -all"']},
         "_dmarc.example.net": {"TXT": ['"v=DMARC1; p=reject"']},
     }
-    try:
-        with DNSServer(records) as dns_server, postfix:
-            inst.set("dns", "nameservers", f'["{dns_server.address}"]')
-            inst.set("mailauth", "check", "true")
-            inst.set("mta", "retry_schedule", '["1s"]')
-            inst.set("mta.transport", '"elsewhere.test"', f'"{postfix.address}"')
-            inst.set("mta.transport", '"example.net"', f'"127.0.0.1:{sink_port}"')
-            for running_inst in running(inst):
-                yield running_inst, postfix, sink
-    finally:
-        controller.stop()
+    with mx_thread(MX()) as sink, DNSServer(records) as dns_server, postfix:
+        inst.set("dns", "nameservers", f'["{dns_server.address}"]')
+        inst.set("mailauth", "check", "true")
+        inst.set("mta", "retry_schedule", '["1s"]')
+        inst.set("mta.transport", '"elsewhere.test"', f'"{postfix.address}"')
+        inst.set("mta.transport", '"example.net"', f'"127.0.0.1:{sink.port}"')
+        for running_inst in running(inst):
+            yield running_inst, postfix, sink
 
 
 def test_bounce_from_postfix_to_the_srs_sender_reaches_the_original_sender(
-    world: tuple[Installation, PostfixInstance, Sink],
+    world: tuple[Installation, PostfixInstance, MX],
 ) -> None:
     inst, postfix, sink = world
     msg = (b"From: Alice <alice@example.net>\r\nTo: fwd@example.org\r\nSubject: for Carol\r\n"
@@ -92,8 +72,7 @@ def test_bounce_from_postfix_to_the_srs_sender_reaches_the_original_sender(
         assert code == 250, text
 
     def returned() -> bool:
-        with sink.lock:
-            return any("alice@example.net" in rcpts for _, rcpts, _ in sink.got)
+        return any("alice@example.net" in g.recipients for g in sink.received)
 
     inst.wait_for(returned, timeout=90, what="the DSN back at example.net\n" + postfix.log_text()[-2000:])
     log = postfix.log_text()
@@ -101,8 +80,8 @@ def test_bounce_from_postfix_to_the_srs_sender_reaches_the_original_sender(
     m = re.search(r"from=<(SRS0=[^>]+@example\.org)>", log)
     assert m, log[-3000:]
     assert "to=<carol@elsewhere.test>" in log and "status=bounced" in log
-    with sink.lock:
-        [(sender, rcpts, data)] = [g for g in sink.got if "alice@example.net" in g[1]]
+    [got] = [g for g in sink.received if "alice@example.net" in g.recipients]
+    sender, rcpts, data = got.sender, got.recipients, got.content
     assert sender in ("", "<>") and rcpts == ["alice@example.net"]
     assert b"carol has left this company" in data
     # Postfix's own DSN, not one Mailroom made up.

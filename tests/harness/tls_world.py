@@ -7,8 +7,8 @@
   The queue manager uses it for routing and as its trusted validating resolver.
 - MX hosts: aiosmtpd servers on 127.0.0.6x/7x, all on one port (`[mta]
   remote_port`), each with a certificate from the test's CA (tests/support/pki.py)
-  or a wrong one, or no STARTTLS at all (`MXHost`; started inside the test's
-  event loop with `mx_hosts()`).
+  or a wrong one, or no STARTTLS at all (tests/harness/peers.py's `MX`; started
+  inside the test's event loop with `mx_hosts()`).
 - Policy hosts: one HTTPS server (tests/support/https_host.py) on 127.0.0.60
   answering for every `mta-sts.<domain>`, and one speaking plain HTTP on
   127.0.0.65, both on one port (`[outbound_tls] mta_sts_port`).
@@ -41,7 +41,6 @@ The domains (each with its MX host and what it shows):
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import hashlib
@@ -51,20 +50,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import select
 
 from common.clock import FakeClock
 from common.db import Database
 from common.log import new_trace_id
 from common.models import Recipient
-from common.tls import server_context
 from mta import mtasts, queue, tlsrpt
 from mta.delivery import LocalDelivery, RemoteDelivery
 from mta.qmgr import Policy, QueueManager
 from mta.routing import make_resolver
 from mta.tlsdns import DNSSECResolver
 from mta.tlspolicy import Planner, Table
+from tests.harness.peers import MX, mx_server
 from tests.support.https_host import HTTPSHost, Page
 from tests.support.pki import Issued, TestCA, self_signed
 from tests.support.ports import free_port
@@ -90,29 +88,6 @@ REPORT_PATH = "/tlsrpt"
 
 
 @dataclass
-class Got:
-    sender: str
-    recipients: list[str]
-    content: bytes
-    tls: bool
-
-
-@dataclass
-class MXHost:
-    """An aiosmtpd handler: accepts everything and remembers it."""
-
-    name: str
-    received: list[Got] = field(default_factory=list)
-    connections: int = 0
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        assert isinstance(envelope.content, bytes) and envelope.mail_from is not None
-        self.received.append(Got(envelope.mail_from, list(envelope.rcpt_tos), envelope.content,
-                                 session.ssl is not None))
-        return "250 2.0.0 Accepted"
-
-
-@dataclass
 class World:
     folder: Path
     ca: TestCA
@@ -122,7 +97,7 @@ class World:
     mx_port: int
     https_port: int
     certs: dict[str, Issued | None]  # MX key -> certificate (None: no STARTTLS)
-    hosts: dict[str, MXHost] = field(default_factory=dict)
+    hosts: dict[str, MX] = field(default_factory=dict)
 
     def policy_url(self, domain: str) -> str:
         return f"https://mta-sts.{domain}:{self.https_port}{REPORT_PATH}"
@@ -223,28 +198,16 @@ def build(folder: Path) -> Iterator[World]:
 
 
 @contextlib.asynccontextmanager
-async def mx_hosts(world: World) -> AsyncIterator[dict[str, MXHost]]:
+async def mx_hosts(world: World) -> AsyncIterator[dict[str, MX]]:
     """Every MX host of the world listening, in the running event loop."""
-    loop = asyncio.get_running_loop()
-    servers = []
-    hosts: dict[str, MXHost] = {}
-    for key, ip in MX_IPS.items():
-        handler = hosts[key] = MXHost(key)
-        cert = world.certs[key]
-        ctx = server_context(cert.cert, cert.key) if cert is not None else None
-
-        def factory(handler: MXHost = handler, ctx: Any = ctx) -> SMTP:
-            handler.connections += 1
-            return SMTP(handler, hostname=f"mx-{handler.name}", tls_context=ctx)
-
-        servers.append(await loop.create_server(factory, ip, world.mx_port))
-    world.hosts = hosts
-    try:
+    hosts: dict[str, MX] = {}
+    async with contextlib.AsyncExitStack() as servers:
+        for key, ip in MX_IPS.items():
+            cert = world.certs[key]
+            tls = (cert.cert, cert.key) if cert is not None else None
+            hosts[key] = await servers.enter_async_context(mx_server(ip, world.mx_port, MX(), tls=tls))
+        world.hosts = hosts
         yield hosts
-    finally:
-        for server in servers:
-            server.close()
-            await server.wait_closed()
 
 
 class Rig:
