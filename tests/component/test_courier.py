@@ -20,12 +20,12 @@ from sqlalchemy import select
 from common.dns import Wire
 from common.log import new_trace_id
 from common.models import Event
-from common.smtp import Limits, serve
-from mda.server import DeliveryPolicy, LMTPHandler
+from common.smtp import Limits
 from mta import options, queue
 from mta.courier import Attempt, Courier, Delivered
 from mta.delivery import LocalDelivery, RemoteDelivery
 from tests.harness.peers import MX, mx_server
+from tests.harness.services import Stack
 from tests.support.ports import free_port
 from tests.support.suite import Installation, maildir_messages
 
@@ -37,15 +37,11 @@ BODY = b"From: Carol <carol@example.net>\r\nSubject: both ways\r\n\r\nOne messag
 
 @contextlib.asynccontextmanager
 async def next_hops(inst: Installation) -> AsyncIterator[tuple[LocalDelivery, RemoteDelivery, MX]]:
-    """Our MDA and a remote SMTP peer listening on loopback, and a courier for each."""
-    ctx = inst.context()
-    mda = await serve(
-        "127.0.0.1:0", lambda: LMTPHandler(DeliveryPolicy.from_config(ctx.config), ctx.db), hostname="mda.test",
-        limits=Limits(), lmtp=True,
-    )
-    local = LocalDelivery(
-        f"127.0.0.1:{mda.sockets[0].getsockname()[1]}", hostname="mail.test", sessions=1, timeout=5,
-    )
+    """Our MDA (on the harness's loop) and a remote SMTP peer (on this one) listening on loopback,
+    and a courier for each."""
+    stack = Stack(inst)
+    _, mda_port = stack.listen_mda(limits=Limits(), hostname="mda.test")
+    local = LocalDelivery(f"127.0.0.1:{mda_port}", hostname="mail.test", sessions=1, timeout=5)
     try:
         async with mx_server("127.0.0.1", 0, MX()) as peer:
             remote = RemoteDelivery(
@@ -59,9 +55,7 @@ async def next_hops(inst: Installation) -> AsyncIterator[tuple[LocalDelivery, Re
                 await remote.close()
     finally:
         await local.close()
-        mda.close()
-        await mda.wait_closed()
-        ctx.db.close()
+        stack.close()
 
 
 def attempt(trace: str, recipients: list[str], *, sender: str = SENDER, body: bytes = BODY,

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 from collections.abc import Iterator
 
 import pytest
 
 from common import reply as R
 from common.reply import Reply
-from common.smtp import Handler, Limits, MailEnvelope, MailSession, serve
+from common.smtp import Handler, Limits, MailEnvelope, MailSession
 from tests.harness.client import CLOSED, Client, line, play
+from tests.harness.services import Stack
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -32,26 +32,11 @@ class Slow(Handler):
 
 @pytest.fixture
 def port() -> Iterator[int]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def start() -> asyncio.Server:
-        return await serve("127.0.0.1:0", Slow, hostname="engine.test", limits=Limits(idle_timeout=1.0))
-
-    server = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    stack = Stack()
     try:
-        yield int(server.sockets[0].getsockname()[1])
+        yield stack.listen(Slow, hostname="engine.test", limits=Limits(idle_timeout=1.0))
     finally:
-        async def stop() -> None:
-            server.close()
-            await server.wait_closed()
-            await asyncio.sleep(0.1)
-
-        asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+        stack.close()
 
 
 def _open(port: int) -> Client:

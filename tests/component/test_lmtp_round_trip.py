@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from common.smtp import Limits, serve
+from common.smtp import Limits
 from common.smtp_client import Client
-from mda.server import DeliveryPolicy, LMTPHandler
+from tests.harness.services import Stack
 from tests.harness.users import add_users
 from tests.support.suite import Installation, maildir_messages, mbox_messages
 
@@ -37,21 +37,17 @@ SMUGGLED = (
 
 @asynccontextmanager
 async def mda_client(inst: Installation, limits: Limits | None = None) -> AsyncIterator[Client]:
-    ctx = inst.context()
-    server = await serve(
-        "127.0.0.1:0", lambda: LMTPHandler(DeliveryPolicy.from_config(ctx.config), ctx.db), hostname="mda.test",
-        limits=limits or Limits(), lmtp=True,
-    )
-    client = await Client.connect(
-        "127.0.0.1", server.sockets[0].getsockname()[1], lmtp=True, helo="mail.test", timeout=10,
-    )
+    """Our LMTP client, on the test's loop, connected to the MDA's listener (on the harness's)."""
+    stack = Stack(inst)
     try:
-        yield client
+        _, port = stack.listen_mda(limits=limits or Limits(), hostname="mda.test")
+        client = await Client.connect("127.0.0.1", port, lmtp=True, helo="mail.test", timeout=10)
+        try:
+            yield client
+        finally:
+            await client.quit()
     finally:
-        await client.quit()
-        server.close()
-        await server.wait_closed()
-        ctx.db.close()
+        stack.close()
 
 
 def count_writes(client: Client) -> list[bytes]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import ssl
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,9 @@ from cryptography.hazmat.primitives import hashes
 
 from common import reply as R
 from common.reply import Reply
-from common.smtp import Handler, Limits, MailEnvelope, MailSession, serve
+from common.smtp import Handler, Limits, MailEnvelope, MailSession
 from common.tls import ServerTLS, make_self_signed
+from tests.harness.services import Stack
 from tests.support.suite import tls_client_context
 
 pytestmark = pytest.mark.timeout(60)
@@ -35,49 +35,18 @@ class Accept(Handler):
         return R.OK.with_text("kept")
 
 
-class LoopThread:
-    def __init__(self, new_loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
-        self.loop = new_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.servers: list[asyncio.Server] = []
-
-    def run(self, fn: Callable[[], Any]) -> Any:
-        async def call() -> Any:
-            return fn()
-
-        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(10)
-
-    def serve(self, tls: ServerTLS, **kwargs: Any) -> int:
-        async def start() -> asyncio.Server:
-            return await serve("127.0.0.1:0", Accept, hostname="engine.test",
-                               limits=Limits(idle_timeout=15, session_timeout=30),
-                               tls_context=tls.context, **kwargs)
-
-        server = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
-        self.servers.append(server)
-        return int(server.sockets[0].getsockname()[1])
-
-    def close(self) -> None:
-        async def stop() -> None:
-            for s in self.servers:
-                s.close()
-            for s in self.servers:
-                await s.wait_closed()
-
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+def listen(stack: Stack, tls: ServerTLS, **kwargs: Any) -> int:
+    return stack.listen(Accept, hostname="engine.test", limits=Limits(idle_timeout=15, session_timeout=30),
+                        tls_context=tls.context, **kwargs)
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
-def loop(request: pytest.FixtureRequest) -> Iterator[LoopThread]:
-    lt = LoopThread(asyncio.SelectorEventLoop if request.param == "asyncio" else uvloop.new_event_loop)
+def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    s = Stack(loop=asyncio.SelectorEventLoop() if request.param == "asyncio" else uvloop.new_event_loop())
     try:
-        yield lt
+        yield s
     finally:
-        lt.close()
+        s.close()
 
 
 def _subject(client: smtplib.SMTP) -> str:
@@ -103,12 +72,12 @@ def _starttls(port: int) -> smtplib.SMTP:
 
 
 def test_new_handshakes_get_the_new_certificate_and_open_sessions_keep_theirs(
-    loop: LoopThread, tmp_path: Path
+    stack: Stack, tmp_path: Path
 ) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     make_self_signed(cert, key, "old.test")
     tls = ServerTLS(cert, key)
-    implicit, starttls = loop.serve(tls, implicit_tls=True), loop.serve(tls)
+    implicit, starttls = listen(stack, tls, implicit_tls=True), listen(stack, tls)
 
     with _implicit(implicit) as before:
         first = _subject(before)
@@ -117,7 +86,7 @@ def test_new_handshakes_get_the_new_certificate_and_open_sessions_keep_theirs(
         assert before.rcpt("b@engine.test")[0] == 250  # a transaction in progress
 
         make_self_signed(cert, key, "new.test")  # a renewal writes the same files
-        loop.run(tls.reload)
+        stack.call(tls.reload)
 
         connects: list[Callable[[], smtplib.SMTP]] = [lambda: _implicit(implicit), lambda: _starttls(starttls)]
         for connect in connects:
@@ -132,11 +101,11 @@ def test_new_handshakes_get_the_new_certificate_and_open_sessions_keep_theirs(
         assert _subject(before) == first
 
 
-def test_a_pair_that_does_not_load_changes_nothing(loop: LoopThread, tmp_path: Path) -> None:
+def test_a_pair_that_does_not_load_changes_nothing(stack: Stack, tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     make_self_signed(cert, key, "kept.test")
     tls = ServerTLS(cert, key)
-    port = loop.serve(tls, implicit_tls=True)
+    port = listen(stack, tls, implicit_tls=True)
     other = tmp_path / "other"
     make_self_signed(other / "cert.pem", other / "key.pem", "other.test")
 
@@ -144,9 +113,9 @@ def test_a_pair_that_does_not_load_changes_nothing(loop: LoopThread, tmp_path: P
         tls.reload(cert, other / "key.pem")  # a key that is not the certificate's
 
     with pytest.raises(ssl.SSLError):
-        loop.run(reload_mismatched)
+        stack.call(reload_mismatched)
     with pytest.raises(FileNotFoundError):
-        loop.run(lambda: tls.reload(tmp_path / "missing.pem", key))
+        stack.call(lambda: tls.reload(tmp_path / "missing.pem", key))
     with _implicit(port) as client:
         assert _subject(client).startswith("CN=kept.test")
     assert tls.cert == cert and tls.key == key

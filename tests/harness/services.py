@@ -86,9 +86,10 @@ class Queued:
 class Stack:
     """Services (of one installation, if given) on a private event loop in a thread."""
 
-    def __init__(self, inst: Installation | None = None) -> None:
+    def __init__(self, inst: Installation | None = None, *, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """`loop`: another event loop than asyncio's default kind (uvloop's), which the stack then runs and closes."""
         self.inst = inst
-        self.loop = asyncio.new_event_loop()
+        self.loop = loop or asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="stack", daemon=True)
         self.contexts: list[Context] = []
         self.tasks: list[Any] = []  # concurrent futures of the running services
