@@ -63,25 +63,6 @@ def test_lmtp_bdat_gives_one_reply_per_recipient(stack: Stack) -> None:
     assert len(stack.mailbox("alice@example.org")) == 1 and len(stack.mailbox("bob@example.org")) == 1
 
 
-def test_bdat_rules(stack: Stack) -> None:
-    run(stack.ports["smtp"], [
-        *smtp_hello(),
-        # No transaction: the chunk is read and dropped, the session stays in step.
-        (line("BDAT 5") + b"hello", "503 5.5.1"),
-        (line("MAIL FROM:<a@remote.example>"), "250 2.1.0"), (line("RCPT TO:<alice@example.org>"), "250 2.1.5"),
-        (line("BDAT 4") + b"Sub:", "250 2.0.0"),
-        (line("DATA"), "503 5.5.1"),  # no DATA in the middle of a BDAT transaction
-        (line("BDAT 9 LAST") + b" x\n\r\n\r\nhi", "550 5.6.0"),  # a bare LF: refused, nothing stored
-        (line("NOOP"), "250 2.0.0"),
-        (line("MAIL FROM:<a@remote.example>"), "250 2.1.0"), (line("RCPT TO:<alice@example.org>"), "250 2.1.5"),
-        (line("BDAT 5") + b"ab\r\nc", "250 2.0.0"),
-        (line("RSET"), "250 2.0.0"),  # drops the chunks so far
-        (line("BDAT x"), "501 5.5.4"),  # no size: nothing after it can be framed, so the session ends
-        (None, CLOSED),
-    ]).close()
-    assert stack.queued() == []
-
-
 def test_a_chunk_over_the_size_limit_is_552_at_once_and_the_session_ends(stack: Stack) -> None:
     # Its octets are not read (RFC 3030 2 would have them read): a size beyond any
     # message is refused before them, and what follows can no longer be framed.

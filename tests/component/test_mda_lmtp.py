@@ -20,7 +20,7 @@ from sqlalchemy import event, select
 
 from common.models import Event, User
 from common.smtp import Limits
-from tests.harness.client import Client, stuff
+from tests.harness.client import Client
 from tests.harness.mda import MDA
 from tests.harness.services import Stack
 from tests.harness.users import add_user
@@ -79,7 +79,7 @@ def client(mda: MDA) -> Iterator[Client]:
 MESSAGE = b"Subject: hello\r\nFrom: carol@example.net\r\n\r\nHello.\r\n"
 
 
-# --- the dialogue --------------------------------------------------------------------------
+# --- the dialogue (pipelining, RSET, a recipient twice: tests/dialogues/lmtp-*.txt) -----------
 
 
 def test_lhlo_advertises_the_extensions_and_helo_ehlo_are_refused(mda: MDA) -> None:
@@ -105,22 +105,6 @@ def test_size_parameter_over_the_limit_is_refused_at_mail(client: Client, mda: M
     assert code == 552 and "5.3.4" in text
     code, text = client.cmd("MAIL FROM:<a@example.net> SIZE=100 BODY=8BITMIME")
     assert code == 250 and "2.1.0" in text
-
-
-def test_pipelined_transaction_gets_every_reply_in_order(client: Client, alice: Path, bob: Path) -> None:
-    client.send(
-        b"MAIL FROM:<carol@example.net>\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<nobody@example.org>\r\n"
-        b"RCPT TO:<bob@example.org>\r\nDATA\r\n"
-    )
-    replies = [client.reply() for _ in range(5)]
-    assert [code for code, _ in replies] == [250, 250, 550, 250, 354], replies
-    assert "5.1.1" in replies[2][1]
-    client.send(stuff(MESSAGE))
-    after = [client.reply() for _ in range(2)]  # one per accepted recipient: alice, bob
-    assert [code for code, _ in after] == [250, 250]
-    assert all("2.0.0" in t for _, t in after)
-    assert "maildir" in after[0][1] and "mbox" in after[1][1]  # in RCPT order
-    assert len(maildir_messages(alice)) == 1 and len(mbox_messages(bob)) == 1
 
 
 def test_two_recipients_where_one_fails_get_two_replies(inst: Installation, mda: MDA, client: Client,
@@ -182,13 +166,6 @@ def test_data_without_an_accepted_recipient_is_503(client: Client, inst: Install
     assert data[0][0] == 503 and "5.5.1" in data[0][1]
     refused = [e for e in events(inst) if e.recipient == "nobody@example.org"]
     assert [(e.event, e.detail[:9]) for e in refused] == [("refused", "550 5.1.1")]
-
-
-def test_rset_forgets_the_recipients(client: Client) -> None:
-    assert client.cmd("MAIL FROM:<carol@example.net>")[0] == 250
-    assert client.cmd("RCPT TO:<alice@example.org>")[0] == 250
-    assert client.cmd("RSET")[0] == 250
-    assert client.cmd("DATA")[0] == 503
 
 
 # --- where mail goes: the database, never the address ------------------------------------
@@ -342,12 +319,6 @@ def test_redelivery_of_the_same_trace_id_stores_nothing_twice(client: Client, in
     # Another message is another file.
     client.deliver("carol@example.net", ["alice@example.org"], MESSAGE, trace="0192F3A1B2C3D4E5F7")
     assert len(maildir_messages(alice)) == 2
-
-
-def test_the_same_recipient_twice_in_one_transaction(client: Client, bob: Path) -> None:
-    _, data = client.deliver("carol@example.net", ["bob@example.org", "bob@example.org"], MESSAGE)
-    assert [c for c, _ in data] == [250, 250]
-    assert len(mbox_messages(bob)) == 1
 
 
 # --- quota ---------------------------------------------------------------------------------

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
 from cli.dovecot import users_file
+from common import reply as R
 from common.models import Alias, User
+from common.reply import Reply
+from common.smtp import Handler, Limits, MailEnvelope, MailSession
 from common.users import check_password
+from tests.harness import dialogue
+from tests.harness.client import Client
+from tests.harness.services import Stack
 from tests.harness.users import add_alias, add_user
 from tests.support.suite import PASSWORD, Installation
 
@@ -83,3 +90,76 @@ def test_the_user_writer_writes_what_mailroom_user_add_writes(tmp_path: Path) ->
     assert _dovecot_users(by_harness).count("HASH") == 2  # both users can log in to IMAP
     assert users[0] == ("alice@example.org", "maildir", "example.org/alice", 0, True)
     assert ("postmaster@example.org", "alice@example.org") in aliases  # the first user is postmaster
+
+
+# --- the dialogue runner (tests/harness/dialogue.py) ---------------------------------------------
+
+
+class _Accept(Handler):
+    async def data(self, session: MailSession, envelope: MailEnvelope) -> Reply:
+        return R.OK.with_text("kept")
+
+
+GOOD = """# A whole transaction, pipelined, against an engine listener that keeps everything.
+listener: mta
+S: 220 engine.test
+C: EHLO client.example
+S: 250-PIPELINING
+S: 250
+C: MAIL FROM:<a@remote.example>
+C: RCPT TO:<x@example.org>
+C: DATA
+S: 250 2.1.0
+S: 250 2.1.5
+S: 354
+C: Subject: s
+C:
+C: hi
+C: .
+S: 250 2.0.0 kept
+C: QUIT
+S: 221 2.0.0
+S: <closed>
+"""
+
+
+@pytest.fixture(scope="module")
+def engine_port() -> Iterator[int]:
+    stack = Stack()
+    try:
+        yield stack.listen(_Accept, hostname="engine.test", limits=Limits(idle_timeout=10))
+    finally:
+        stack.close()
+
+
+def _play(port: int, text: str) -> None:
+    c = Client.connect(port)
+    try:
+        dialogue.play(c, dialogue.parse(text, "t.txt"))
+    finally:
+        c.close()
+
+
+def test_a_transcript_that_matches_the_server_passes(engine_port: int) -> None:
+    _play(engine_port, GOOD)
+
+
+@pytest.mark.parametrize(("right", "wrong", "why"), [
+    ("S: 250 2.1.5", "S: 550 2.1.5", "a wrong code"),
+    ("S: 250 2.1.5", "S: 250 2.1.0", "a wrong enhanced code"),
+    ("S: 250 2.0.0 kept", "S: 250 2.0.0 lost", "a wrong text"),
+    ("S: 250-PIPELINING", "S: 250-CHUNKING", "a keyword the reply lacks"),
+    ("S: <closed>", "S: 220", "a reply where the server hangs up"),
+    ("S: 221 2.0.0\n", "S: 221 2.0.0\nS: 221\n", "a reply that never comes"),
+])
+def test_a_transcript_that_expects_a_wrong_reply_fails(engine_port: int, right: str, wrong: str, why: str) -> None:
+    assert right in GOOD
+    with pytest.raises(AssertionError, match=r"t\.txt:\d+: expected"):
+        _play(engine_port, GOOD.replace(right, wrong, 1))
+
+
+def test_a_transcript_must_name_a_listener_the_runner_knows() -> None:
+    with pytest.raises(ValueError, match="no listener 'imap'"):
+        dialogue.parse("listener: imap\nS: 220\n")
+    with pytest.raises(ValueError, match="no `listener:` line"):
+        dialogue.parse("S: 220\n", "t.txt")
