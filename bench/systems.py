@@ -15,6 +15,7 @@ import sqlite3
 from pathlib import Path
 
 from bench import procmem
+from tests.harness.users import add_users
 from tests.support.peers import session_members
 from tests.support.postfix import PostfixInstance
 from tests.support.suite import Installation
@@ -34,8 +35,7 @@ class MailroomSystem:
         self.inst = Installation(root, domain=DOMAIN, extra=extra)
         self.inst.set("mta", "processes", str(mta_processes))
         self.users = users
-        for u in users:
-            self.inst.add_user(f"{u}@{DOMAIN}")
+        add_users(self.inst, *(f"{u}@{DOMAIN}" for u in users))
         self._boxes: dict[str, Path] = {}
 
     def start(self) -> None:

@@ -6,15 +6,32 @@ it draws from for the local end of every outgoing connection.  Between the
 moment a test picks such a port and the moment a daemon binds it, any client
 connection in the run may take it, and the daemon fails with "address already
 in use".  So ports come from below the ephemeral range, at random, and never
-twice in one test process.
+twice in one test process.  When pytest-xdist runs the tests in several worker
+processes, each worker draws from its own slice of that range, so two workers
+never pick the same port between checking it and binding it.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 
-_LOW, _HIGH = 20000, 32000
+_BOTTOM, _TOP = 20000, 32000
+_SLICES = 8  # more than the workers `make test` starts
+
+
+def _worker_range() -> tuple[int, int]:
+    """This process's share of the range: all of it, or one slice per xdist worker ("gw0", "gw1", ...)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return _BOTTOM, _TOP
+    width = (_TOP - _BOTTOM) // _SLICES
+    low = _BOTTOM + (int(worker[2:]) % _SLICES) * width
+    return low, low + width - 1
+
+
+_LOW, _HIGH = _worker_range()
 _given: set[int] = set()
 
 
