@@ -80,6 +80,17 @@ def port() -> int:
 
 
 
+def queue_message(db: Database, clock: FakeClock, recipients: list[str], sender: str, body: bytes,
+                  trace: str | None = None) -> str:
+    """Put a message in the queue as the MTA's accept would, due now; returns its trace id."""
+    trace = trace or new_trace_id()
+    with db.write() as s:
+        queue.enqueue(s, trace=trace, sender=sender, body=body, now=clock.now(),
+                      recipients=[queue.QueuedRecipient(r, r) for r in recipients])
+        s.commit()
+    return trace
+
+
 class Rig:
     def __init__(self, tmp: Path, dns: DNSServer, port: int, *, lmtp: str = "127.0.0.1:9", policy: Policy | None = None,
                  **remote: Any) -> None:
@@ -101,12 +112,7 @@ class Rig:
         )
 
     def enqueue(self, recipients: list[str], sender: str = SENDER, body: bytes = BODY) -> str:
-        trace = new_trace_id()
-        with self.db.write() as s:
-            queue.enqueue(s, trace=trace, sender=sender, body=body, now=self.clock.now(),
-                          recipients=[queue.QueuedRecipient(r, r) for r in recipients])
-            s.commit()
-        return trace
+        return queue_message(self.db, self.clock, recipients, sender, body)
 
     async def run(self) -> int:
         """One queue manager round, waited for."""

@@ -56,13 +56,14 @@ from common.clock import FakeClock
 from common.db import Database
 from common.log import new_trace_id
 from common.models import Recipient
-from mta import mtasts, queue, tlsrpt
+from mta import mtasts, tlsrpt
 from mta.delivery import LocalDelivery, RemoteDelivery
 from mta.qmgr import Policy, QueueManager
 from mta.routing import make_resolver
 from mta.tlsdns import DNSSECResolver
 from mta.tlspolicy import Planner, Table
 from tests.harness.peers import MX, mx_server
+from tests.harness.qmgr import queue_message
 from tests.support.https_host import HTTPSHost, Page
 from tests.support.pki import Issued, TestCA, self_signed
 from tests.support.ports import free_port
@@ -246,11 +247,7 @@ class Rig:
         trace = new_trace_id()
         body = (b"From: alice@example.org\r\nSubject: over TLS\r\nMessage-ID: <" + trace.encode()
                 + b"@example.org>\r\n\r\nhello\r\n")
-        with self.db.write() as s:
-            queue.enqueue(s, trace=trace, sender=sender, body=body, now=self.clock.now(),
-                          recipients=[queue.QueuedRecipient(r, r) for r in recipients])
-            s.commit()
-        return trace
+        return queue_message(self.db, self.clock, list(recipients), sender, body, trace)
 
     async def run(self) -> int:
         n = await self.qm.run_once()
