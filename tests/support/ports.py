@@ -5,10 +5,11 @@ A port the kernel hands out for `bind(0)` lies in the ephemeral range
 it draws from for the local end of every outgoing connection.  Between the
 moment a test picks such a port and the moment a daemon binds it, any client
 connection in the run may take it, and the daemon fails with "address already
-in use".  So ports come from below the ephemeral range, at random, and never
-twice in one test process.  When pytest-xdist runs the tests in several worker
-processes, each worker draws from its own slice of that range, so two workers
-never pick the same port between checking it and binding it.
+in use".  So ports come from below the ephemeral range, at random, and not again
+in one test process until half of its range has been given out since (by then the
+test that had it is long over).  When pytest-xdist runs the tests in several
+worker processes, each worker draws from its own slice of that range, so two
+workers never pick the same port between checking it and binding it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import random
 import socket
 
 _BOTTOM, _TOP = 20000, 32000
-_SLICES = 8  # more than the workers `make test` starts
 
 
 def _worker_range() -> tuple[int, int]:
@@ -26,13 +26,14 @@ def _worker_range() -> tuple[int, int]:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     if not worker.startswith("gw"):
         return _BOTTOM, _TOP
-    width = (_TOP - _BOTTOM) // _SLICES
-    low = _BOTTOM + (int(worker[2:]) % _SLICES) * width
+    slices = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "8")))
+    width = (_TOP - _BOTTOM) // slices
+    low = _BOTTOM + (int(worker[2:]) % slices) * width
     return low, low + width - 1
 
 
 _LOW, _HIGH = _worker_range()
-_given: set[int] = set()
+_given: dict[int, None] = {}  # in the order given: the oldest are let go first
 
 
 def free_port(host: str = "127.0.0.1", *, udp: bool = False) -> int:
@@ -49,6 +50,8 @@ def free_port(host: str = "127.0.0.1", *, udp: bool = False) -> int:
                     s.bind((host, port))
         except OSError:
             continue
-        _given.add(port)
+        _given[port] = None
+        if len(_given) > (_HIGH - _LOW) // 2:
+            del _given[next(iter(_given))]
         return port
     raise RuntimeError(f"no free port on {host} between {_LOW} and {_HIGH}")
