@@ -31,7 +31,7 @@ import email.utils
 import re
 
 from common.message import header_of, values
-from common.reply import Reply
+from common.reply import MESSAGE_TOO_BIG, Reply
 
 MAX_HEADER = 256 * 1024
 MAX_FIELDS = 1000
@@ -41,10 +41,10 @@ MAX_ENCODED_WORDS = 128
 ORIGINATOR_FIELDS = ("From", "Sender", "Resent-From", "Resent-Sender")
 
 # RFC 3463 X.3.4: a size limit; 552 as for a message over the SIZE limit (RFC 5321 4.2.2).
-HEADER_TOO_BIG = Reply(552, "5.3.4", f"Message header too big (over {MAX_HEADER} octets)")
-TOO_MANY_FIELDS = Reply(552, "5.3.4", f"Message header has too many fields (over {MAX_FIELDS})")
-FIELD_TOO_LONG = Reply(552, "5.3.4", "{name}: field too long (over {limit} octets)")
-TOO_MANY_ENCODED_WORDS = Reply(552, "5.3.4", "{name}: too many encoded words (over {limit})")
+HEADER_TOO_BIG = MESSAGE_TOO_BIG.with_text(f"Message header too big (over {MAX_HEADER} octets)")
+TOO_MANY_FIELDS = MESSAGE_TOO_BIG.with_text(f"Message header has too many fields (over {MAX_FIELDS})")
+FIELD_TOO_LONG = MESSAGE_TOO_BIG.with_text("{name}: field too long (over {limit} octets)")
+TOO_MANY_ENCODED_WORDS = MESSAGE_TOO_BIG.with_text("{name}: too many encoded words (over {limit})")
 
 _ORIGINATOR = re.compile(rb"(from|sender|resent-from|resent-sender)[ \t]*:", re.I)
 _NAMES = {n.lower(): n for n in ORIGINATOR_FIELDS}

@@ -68,6 +68,10 @@ READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")  # RFC 3207 4
 HELP = Reply(250, "2.0.0", "Supported commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS AUTH")
 CANNOT_VRFY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message")  # RFC 5321 3.5.3
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")  # RFC 5321 4.1.1.4
+# Always said with a text of their own (our host name, the challenge), given where they are said.
+GREETING = Reply(220, "", "Service ready")  # RFC 5321 3.1, 4.2: the text begins with our host name
+HELLO = Reply(250, "", "Hello")  # RFC 5321 4.1.1.1: our host name, then one EHLO keyword a line
+AUTH_CHALLENGE = Reply(334, "", "")  # RFC 4954 4: the challenge in base64, "" for none
 
 # 4xx: temporary, the client keeps the message and tries again.
 # 421 always closes the session (RFC 5321 3.8).
@@ -80,6 +84,16 @@ TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, 
 MAILBOX_LOCKED = Reply(451, "4.2.0", "Mailbox busy, try again later")
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 NEXT_HOP_UNAVAILABLE = Reply(451, "4.4.1", "Next hop unavailable, try again later")
+# What our client side reports for a hop that failed: kept on the queue and put in
+# DSNs, each with the RFC 3463 code that names the failure.
+CONNECTION_LOST = Reply(451, "4.4.2", "Connection to the next hop lost")  # X.4.2 bad connection
+DNS_FAILED = Reply(451, "4.4.3", "DNS lookup failed, try again later")  # X.4.3 directory server failure
+PEER_PROTOCOL_ERROR = Reply(451, "4.5.0", "The next hop broke the protocol")  # X.5.0
+# X.7.5 cryptographic failure: STARTTLS missing or failed where RFC 3207, DANE (RFC 7672)
+# or MTA-STS (RFC 8461) require it.
+TLS_FAILED = Reply(451, "4.7.5", "TLS with the next hop failed")
+# X.7.0: our own relayhost refusing our password is our misconfiguration, so the mail waits.
+RELAY_AUTH_REFUSED = Reply(451, "4.7.0", "relayhost refused authentication")
 RATE_LIMITED = Reply(451, "4.7.1", "Sending rate limit exceeded, try again later")
 DISK_LOW = Reply(452, "4.3.1", "Insufficient system storage")  # RFC 5321 4.2.2, RFC 3463 X.3.1
 # Not a client error: the recipients accepted so far are kept (RFC 5321 4.5.3.1.10).
@@ -89,6 +103,7 @@ TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 SYNTAX_ERROR = Reply(500, "5.5.2", "Syntax error, command unrecognized")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")  # RFC 5321 4.5.3.1.4/6
 PARAM_SYNTAX = Reply(501, "5.5.4", "Syntax error in parameters")
+USE_LHLO = Reply(500, "5.5.2", "This is LMTP: use LHLO")  # RFC 2033 4.1: no HELO or EHLO in LMTP
 # RFC 5321 4.1.1.1: a domain or an address literal (RFC 6531 3.3: or U-labels); RFC 3463 X.5.4.
 BAD_HELLO = Reply(501, "5.5.4", "Invalid HELO/EHLO name: a domain name or an address literal is needed")
 AUTH_SYNTAX = Reply(501, "5.5.2", "Cannot decode the AUTH response")  # RFC 4954 4
@@ -100,6 +115,7 @@ STARTTLS_FIRST = Reply(530, "5.7.0", "Must issue a STARTTLS command first")  # R
 BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax")
 BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")  # RFC 5321 4.1.4: RCPT and DATA follow MAIL
 BINARYMIME_NEEDS_BDAT = Reply(503, "5.5.1", "BODY=BINARYMIME needs BDAT, not DATA")  # RFC 3030 3
 NO_VALID_RECIPIENTS = Reply(503, "5.5.1", "No valid recipients")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")  # RFC 4954 6
@@ -113,6 +129,12 @@ BARE_LINE_IN_MESSAGE = Reply(550, "5.6.0", "Bare CR or LF in message (use CRLF)"
 # command: the session ends after this reply (RFC 3030 2).
 BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT size [LAST], the size in ASCII digits; closing connection")
 UNKNOWN_USER = Reply(550, "5.1.1", "Recipient address rejected: user unknown")
+NO_SUCH_DOMAIN = Reply(550, "5.1.2", "Host or domain name not found")  # RFC 3463 X.1.2
+NULL_MX = Reply(556, "5.1.10", "Domain does not accept mail (null MX)")  # RFC 7505 3, RFC 7504 3
+# A Sieve reject (RFC 5429 2.1.1): the script's reason is the text, this when it gives none.
+SIEVE_REJECT = Reply(550, "5.7.1", "Refused by the recipient's filter")
+# The operator bounced the message by hand; RFC 3463 X.0.0, as no other code says why.
+RETURNED_BY_ADMIN = Reply(550, "5.0.0", "Returned to sender by the mail administrator")
 OVER_QUOTA = Reply(552, "5.2.2", "Mailbox full")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 # A BDAT chunk over the limit is refused before its octets are read, so they cannot be

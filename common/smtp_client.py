@@ -34,6 +34,7 @@ import re
 import ssl
 from dataclasses import dataclass, field
 
+from common import reply as R
 from common.endpoint import Endpoint
 from common.numbers import is_decimal
 from common.reply import Reply, parse_reply
@@ -127,7 +128,7 @@ class Client:
                 )
             reader, writer = await asyncio.wait_for(opened, connect_timeout)
         except (OSError, TimeoutError) as exc:
-            raise NextHopError(Reply(451, "4.4.1", f"Cannot connect to {peer}: {exc}")) from exc
+            raise NextHopError(R.NEXT_HOP_UNAVAILABLE.with_text(f"Cannot connect to {peer}: {exc}")) from exc
         client = cls(reader, writer, lmtp, timeout, peer, tls=implicit_tls)
         try:
             greeting = await client.read_reply()
@@ -138,7 +139,7 @@ class Client:
                 await client.starttls(tls, tls_name or name)
                 await client.hello(helo)
             elif require_tls and not client.tls:
-                raise NoStartTLS(Reply(451, "4.7.5", f"{peer} does not offer STARTTLS"))
+                raise NoStartTLS(R.TLS_FAILED.with_text(f"{peer} does not offer STARTTLS"))
         except BaseException:
             client.close()
             raise
@@ -164,14 +165,14 @@ class Client:
             try:
                 raw = await asyncio.wait_for(self.reader.readline(), self.timeout)
             except TimeoutError as exc:
-                raise NextHopError(Reply(451, "4.4.2", f"Timeout waiting for {self.peer}")) from exc
+                raise NextHopError(R.CONNECTION_LOST.with_text(f"Timeout waiting for {self.peer}")) from exc
             except (OSError, ValueError) as exc:
-                raise NextHopError(Reply(451, "4.4.2", f"Lost {self.peer}: {exc}")) from exc
+                raise NextHopError(R.CONNECTION_LOST.with_text(f"Lost {self.peer}: {exc}")) from exc
             if not raw:
-                raise NextHopError(Reply(451, "4.4.2", f"{self.peer} closed the connection"))
+                raise NextHopError(R.CONNECTION_LOST.with_text(f"{self.peer} closed the connection"))
             text = raw.decode("utf-8", "replace").rstrip("\r\n")
             if len(text) < 3 or not is_decimal(text[:3]):  # "²²⁰" is no reply code
-                raise NextHopError(Reply(451, "4.5.0", f"{self.peer} sent garbage: {text[:60]!r}"))
+                raise NextHopError(R.PEER_PROTOCOL_ERROR.with_text(f"{self.peer} sent garbage: {text[:60]!r}"))
             code = int(text[:3])
             lines.append(text[4:])
             if text[3:4] != "-":
@@ -186,12 +187,12 @@ class Client:
         # Asked first: uvloop raises RuntimeError for a write to a closed transport
         # where asyncio's own loop drops it and the drain reports the loss.
         if self.writer.transport.is_closing():
-            raise NextHopError(Reply(451, "4.4.2", f"Lost {self.peer}: connection closed"))
+            raise NextHopError(R.CONNECTION_LOST.with_text(f"Lost {self.peer}: connection closed"))
         try:
             self.writer.write(data)
             await asyncio.wait_for(self.writer.drain(), self.timeout)
         except (OSError, TimeoutError) as exc:
-            raise NextHopError(Reply(451, "4.4.2", f"Lost {self.peer}: {exc}")) from exc
+            raise NextHopError(R.CONNECTION_LOST.with_text(f"Lost {self.peer}: {exc}")) from exc
 
     async def hello(self, name: str) -> None:
         await self._write(f"{'LHLO' if self.lmtp else 'EHLO'} {name}\r\n".encode())
@@ -216,13 +217,13 @@ class Client:
         try:
             await self.writer.start_tls(ctx, server_hostname=host)
         except (OSError, ssl.SSLError) as exc:
-            raise NextHopError(Reply(451, "4.7.5", f"TLS with {self.peer} failed: {exc}")) from exc
+            raise NextHopError(R.TLS_FAILED.with_text(f"TLS with {self.peer} failed: {exc}")) from exc
         self.tls = True
 
     async def auth_plain(self, user: str, password: str, *, clear_ok: bool = False) -> Reply:
         """AUTH PLAIN; never without TLS unless `clear_ok` (our own internal hop, on loopback)."""
         if not self.tls and not clear_ok:
-            return Reply(530, "5.7.0", "Refusing to send a password without TLS")
+            return R.STARTTLS_FIRST.with_text("Refusing to send a password without TLS")
         token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
         await self._write(f"AUTH PLAIN {token}\r\n".encode())
         return await self.read_reply()

@@ -19,6 +19,7 @@ import ssl
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
+from common import reply as R
 from common.endpoint import Endpoint
 from common.reply import Reply
 from common.smtp_client import Client, NextHopError
@@ -58,7 +59,7 @@ class Outbound:
             return future.result(self.timeout * 2)
         except FutureTimeout:
             future.cancel()
-            return Reply(451, "4.4.2", "The MTA did not answer in time")
+            return R.CONNECTION_LOST.with_text("The MTA did not answer in time")
 
     async def _send(self, sender: str, recipient: str, content: bytes, params: tuple[str, ...]) -> Reply:
         try:
@@ -72,7 +73,7 @@ class Outbound:
         except NextHopError as exc:
             return exc.reply
         except (OSError, TimeoutError) as exc:
-            return Reply(451, "4.4.2", f"The MTA's session failed: {exc}")
+            return R.CONNECTION_LOST.with_text(f"The MTA's session failed: {exc}")
         finally:
             client.close()
         return replies[0]

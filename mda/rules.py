@@ -45,7 +45,7 @@ from common.db import Database
 from common.events import EventName, Hop
 from common.log import new_trace_id
 from common.models import add_event
-from common.reply import Reply, SMTPError
+from common.reply import SMTPError
 from common.users import active_sieve, sieve_dir
 from mda import folders, maildir, mbox, sieve, vacation
 from mda.outbound import Outbound
@@ -109,14 +109,14 @@ class Rules:
         message = sieve.Message(body)
         result = self._run_script(trace, box, message, sieve.Envelope(sender, rcpt))
         if result.reject is not None:
-            text = " ".join(result.reject.split())[:400] or "Refused by the recipient's filter"
+            text = " ".join(result.reject.split())[:400] or R.SIEVE_REJECT.text
             kind = "ereject" if result.ereject else "reject"
             if not self._may_bounce_to(sender, body):
                 self._note(trace, rcpt, f"{kind}: {text}; dropped, not refused: the sender <{sender}> is not "
                                         "verified, and a bounce to a forged sender would be backscatter")
                 return ""
             self._note(trace, rcpt, f"{kind}: {text}")
-            raise SMTPError(Reply(550, "5.7.1", text))
+            raise SMTPError(R.SIEVE_REJECT.with_text(text))
         keep = result.keep
         for target in result.redirects:
             if not self._redirect(trace, sender, rcpt, box, body, target, spam=spam):

@@ -267,8 +267,7 @@ class LMTPHandler(Handler):
                 continue
             try:
                 path = self._deliver_one(trace, sender, rcpt, box, body, earlier.get(rcpt), retry=retry, auto=auto)
-                text = f"Ok: delivered to {box.store} ({trace})"
-                reply = Reply(250, "2.0.0", text)
+                reply = R.OK.with_text(f"Ok: delivered to {box.store} ({trace})")
                 if path_in_reply:
                     reply = lmtp_ext.with_path(reply, path)
                 log.info("delivered to=<%s> %s=%s", rcpt, box.store, path)

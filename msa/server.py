@@ -296,7 +296,7 @@ class SubmissionHandler(Handler):
             # client send it a second time.
             if not await self.db.run(self._was_queued, envelope.trace_id):
                 raise SMTPError(R.NEXT_HOP_UNAVAILABLE) from None
-            reply = Reply(250, "2.0.0", f"Ok: queued as {envelope.trace_id}")
+            reply = R.OK.with_text(f"Ok: queued as {envelope.trace_id}")
             log.info("the MTA had queued it before the connection broke")
         if reply.code == 250:
             try:

@@ -15,6 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from common import counters, lmtp_ext
+from common import reply as R
 from common.dns import Resolver
 from common.endpoint import Endpoint
 from common.events import Hop
@@ -251,7 +252,7 @@ class RemoteDelivery:
         (RFC 8689 4.2.1); when no host offers one the message bounces (5.7.10).
         Each host's TLS keeps the rule `tls_policy` gives it, if any.
         """
-        last = Reply(451, "4.4.1", "No reachable host")
+        last = R.NEXT_HOP_UNAVAILABLE.with_text("No reachable host")
         relay = r.via == "relayhost"
         tls = self.relay_tls if relay else self.verified_tls if requiretls else self.tls
         if requiretls and tls.verify_mode != ssl.CERT_REQUIRED:
@@ -359,4 +360,4 @@ class _Cached:
 def _as_temporary(reply: Reply) -> Reply:
     # Our own relayhost refusing our password is our misconfiguration: keep the
     # mail and let the operator fix it, rather than bouncing everything.
-    return Reply(451, "4.7.0", f"relayhost refused authentication: {reply}")
+    return R.RELAY_AUTH_REFUSED.with_text(f"relayhost refused authentication: {reply}")

@@ -32,12 +32,12 @@ from pathlib import Path
 from sqlalchemy import Connection
 from sqlalchemy.exc import OperationalError
 
+from common import reply as R
 from common.address import domain_of
 from common.clock import Clock, rate
 from common.daemon import Context, resolver_settings
 from common.db import Database
 from common.log import trace_id
-from common.reply import Reply
 from mta import mtasts, options, queue, tlsrpt, wakeup
 from mta.auth import mailauth
 from mta.courier import Attempt, Courier, Delivered
@@ -276,7 +276,7 @@ class QueueManager:
             got = await courier.deliver(attempt)
         except Exception as exc:  # noqa: BLE001 - every recipient gets it as its reply
             log.exception("delivery attempt failed")
-            reply = Reply(451, "4.3.0", f"Delivery attempt failed: {type(exc).__name__}")
+            reply = R.LOCAL_ERROR.with_text(f"Delivery attempt failed: {type(exc).__name__}")
             got = Delivered([reply] * len(attempt.recipients))
         # Our own MDA is no remote host: its name goes in neither the trace detail nor a DSN.
         remote = "" if courier.local else got.host

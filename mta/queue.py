@@ -57,6 +57,7 @@ from sqlalchemy import Connection, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from common import dsn
+from common import reply as R
 from common.address import domain_of
 from common.db import connection_of
 from common.events import EventName, Hop
@@ -862,7 +863,7 @@ def delete(session: Session, trace: str) -> int:
 
 def return_to_sender(session: Session, trace: str, *, hostname: str, now: dt.datetime) -> int:
     """Bounce a message's unfinished recipients now, with a DSN to its sender."""
-    reply = Reply(550, "5.0.0", "Returned to sender by the mail administrator")
+    reply = R.RETURNED_BY_ADMIN
     msg = session.get(Message, trace)
     if msg is None or msg.body is None:
         return 0

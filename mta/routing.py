@@ -13,6 +13,7 @@ import random
 import socket
 from dataclasses import dataclass, field
 
+from common import reply as R
 from common.config import parse_hostport
 from common.dns import DNSTempError, Resolver, Wire
 from common.reply import Reply
@@ -75,21 +76,21 @@ async def route(
     try:
         answer = await resolver.lookup(domain, "MX")
     except DNSTempError as exc:
-        return Route(error=Reply(451, "4.4.3", f"DNS lookup failed for {domain}: {exc}"))
+        return Route(error=R.DNS_FAILED.with_text(f"DNS lookup failed for {domain}: {exc}"))
     if answer.nxdomain:
-        return Route(error=Reply(550, "5.1.2", f"Host or domain name not found: {domain}"))
+        return Route(error=R.NO_SUCH_DOMAIN.with_text(f"Host or domain name not found: {domain}"))
     # No MX at all: the domain's own address is its implicit MX (RFC 5321 5.1).
     mxs = sorted((pref, random.random(), name) for pref, name in answer.mx()) if answer.records else [(0, 0.0, domain)]
     names = [name for _, _, name in mxs]
     if names == [""] or (len(mxs) == 1 and mxs[0][2] in ("", ".")):
-        return Route(error=Reply(556, "5.1.10", f"Domain {domain} does not accept mail (null MX)"))
+        return Route(error=R.NULL_MX.with_text(f"Domain {domain} does not accept mail (null MX)"))
     # RFC 5321 5.1: when we are one of the MX hosts, only hosts preferred to us
     # may be tried (we are their backup); when we are the best, it is a loop.
     ours = [i for i, n in enumerate(names) if n.lower() in own_names]
     if ours:
         names = [n for (pref, _, n) in mxs if pref < mxs[ours[0]][0]]
         if not names:
-            return Route(error=Reply(554, "5.4.6", f"MX for {domain} points back to this host: mail loop"))
+            return Route(error=R.MAIL_LOOP.with_text(f"MX for {domain} points back to this host: mail loop"))
     preference = {n: pref for pref, _, n in reversed(mxs)}
     found: list[tuple[int, str]] = []  # (MX preference, address), in trying order
     names_of: dict[str, str] = {}
@@ -109,10 +110,10 @@ async def route(
     if mine:
         found = [(pref, ip) for pref, ip in found if pref < min(mine)]
         if not found:
-            return Route(error=Reply(554, "5.4.6", f"MX for {domain} points back to this host: mail loop"))
+            return Route(error=R.MAIL_LOOP.with_text(f"MX for {domain} points back to this host: mail loop"))
     hosts = [(ip, port) for _, ip in found]
     if not hosts:
         if failures:
-            return Route(error=Reply(451, "4.4.3", f"DNS lookup failed for the MX of {domain}"))
-        return Route(error=Reply(550, "5.1.2", f"No address for any MX of {domain}"))
+            return Route(error=R.DNS_FAILED.with_text(f"DNS lookup failed for the MX of {domain}"))
+        return Route(error=R.NO_SUCH_DOMAIN.with_text(f"No address for any MX of {domain}"))
     return Route(hosts, via="mx", names=names_of)

@@ -213,7 +213,7 @@ class SMTPHandler(Handler):
         # What the targets are stored with (data() reads it): failures and delays still reported.
         params["NOTIFY"] = ",".join(n for n in notify if n != "SUCCESS") or "NEVER"
         self.notices[given] = bounce.Failure(
-            recipient, given, Reply(250, "2.0.0", "Alias expanded"), orcpt=params.get("ORCPT", ""),
+            recipient, given, R.OK.with_text("Alias expanded"), orcpt=params.get("ORCPT", ""),
             action="expanded",
         )
 
@@ -307,14 +307,14 @@ class SMTPHandler(Handler):
             # The client never saw our first 250 and sent the same message again:
             # it gets the same answer, and nothing is queued twice.
             log.info("resubmission of %s from=<%s> client=%s", queued, envelope.mail_from, session.client_ip)
-            return Reply(250, "2.0.0", f"Ok: queued as {queued}")
+            return R.OK.with_text(f"Ok: queued as {queued}")
         log.info(
             "queued from=<%s> size=%d nrcpt=%d client=%s",
             envelope.mail_from, len(body), len(recipients), session.client_ip,
         )
         # Naming the message: the queue manager claims it at once, by its id.
         wakeup.send(self.policy.qmgr_socket, envelope.trace_id)
-        return Reply(250, "2.0.0", f"Ok: queued as {envelope.trace_id}")
+        return R.OK.with_text(f"Ok: queued as {envelope.trace_id}")
 
     def _received_header(self, session: MailSession, envelope: MailEnvelope, now: dt.datetime) -> bytes:
         # RFC 5321 4.4: who we heard from, who we are, how, the id, and when.

@@ -44,6 +44,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
+from common import reply as R
 from common.reply import Reply
 from common.smtp_client import Client, NextHopError, NoStartTLS
 from common.tls import client_context
@@ -102,7 +103,7 @@ class Rule:
 
 
 def _refused(name: str, source: str, report: tlsrpt.PolicyRef | None, result: str, text: str) -> Rule:
-    return Rule(Level.VERIFY, name, source, report, refusal=Reply(451, "4.7.5", text), failure=result, reason=text)
+    return Rule(Level.VERIFY, name, source, report, refusal=R.TLS_FAILED.with_text(text), failure=result, reason=text)
 
 
 # An ssl verify code -> its TLS-RPT result type (OpenSSL's X509_V_ERR_* numbers).
@@ -249,7 +250,7 @@ class Planner:
                 result = tlsrpt.EXPIRED if "not valid at validation time" in problem else tlsrpt.HOST_MISMATCH
                 self._count(rule, result, ip, client.local_address(), problem)
                 client.close()
-                raise NextHopError(Reply(451, "4.7.5", text))
+                raise NextHopError(R.TLS_FAILED.with_text(text))
         if rule.failure:
             self._count(rule, rule.failure, ip, client.local_address(), rule.reason)
         elif not client.tls and rule.level is not Level.NONE:

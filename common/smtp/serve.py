@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from common import reply as R
 from common.config import SMTPSection
 from common.endpoint import Endpoint
 from common.reply import Reply
@@ -71,8 +72,8 @@ class Listener:
 
     def __post_init__(self) -> None:
         kind = "LMTP" if self.lmtp else "ESMTP"
-        object.__setattr__(self, "greeting", Reply(220, "", f"{self.hostname} {kind} Mailroom"))
-        object.__setattr__(self, "helo_reply", Reply(250, "", self.hostname))
+        object.__setattr__(self, "greeting", R.GREETING.with_text(f"{self.hostname} {kind} Mailroom"))
+        object.__setattr__(self, "helo_reply", R.HELLO.with_text(self.hostname))
 
     def admit(self, member: Member, ip: str) -> bool:
         """Count a new connection from `ip` in, or False when a cap is reached."""

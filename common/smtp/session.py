@@ -444,7 +444,7 @@ class Session(asyncio.Protocol):
 
     async def _helo(self, arg: str) -> None:
         if self.listener.lmtp:
-            raise SMTPError(R.SYNTAX_ERROR.with_text("This is LMTP: use LHLO"))
+            raise SMTPError(R.USE_LHLO)
         name = self._hello_name("HELO", arg)
         self._reset_transaction()
         self.session.host_name, self.session.extended_smtp = name, False
@@ -452,7 +452,7 @@ class Session(asyncio.Protocol):
 
     async def _ehlo(self, arg: str) -> None:
         if self.listener.lmtp:
-            raise SMTPError(R.SYNTAX_ERROR.with_text("This is LMTP: use LHLO"))
+            raise SMTPError(R.USE_LHLO)
         await self._extended_hello("EHLO", arg)
 
     async def _lhlo(self, arg: str) -> None:
@@ -482,7 +482,7 @@ class Session(asyncio.Protocol):
         if self._requiretls_offered():
             lines.append("REQUIRETLS")
         lines.extend(self.handler.ehlo_keywords)
-        self._reply(Reply(250, "", lines[-1]), tuple(lines[:-1]))
+        self._reply(R.HELLO.with_text(lines[-1]), tuple(lines[:-1]))
 
     # --- TLS and AUTH -----------------------------------------------------------------------------
 
@@ -572,7 +572,7 @@ class Session(asyncio.Protocol):
 
     async def _challenge(self, prompt: str) -> bytes | None:
         """Send a 334 challenge and read the answer line; None when the exchange ended."""
-        self._reply(Reply(334, "", prompt))
+        self._reply(R.AUTH_CHALLENGE.with_text(prompt))
         item = await self._next()
         if item is None:
             return None
@@ -618,7 +618,7 @@ class Session(asyncio.Protocol):
     async def _rcpt(self, arg: str) -> None:
         session, envelope = self.session, self.envelope
         if envelope.mail_from is None:
-            raise SMTPError(R.BAD_SEQUENCE.with_text("Need MAIL command first"))
+            raise SMTPError(R.NEED_MAIL)
         if arg[:3].upper() != "TO:":
             raise SMTPError(R.PARAM_SYNTAX.with_text("Syntax: RCPT TO:<address>"))
         recipient, params = addr.parse_path(arg[3:], sender=False, utf8=self.listener.utf8)
@@ -640,7 +640,7 @@ class Session(asyncio.Protocol):
     def _ready_for_message(self) -> None:
         envelope = self.envelope
         if envelope.mail_from is None:
-            raise SMTPError(R.BAD_SEQUENCE.with_text("Need MAIL command first"))
+            raise SMTPError(R.NEED_MAIL)
         if not envelope.rcpt_tos:
             raise SMTPError(R.NO_VALID_RECIPIENTS)
 

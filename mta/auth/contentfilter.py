@@ -30,9 +30,11 @@ from common.reply import Reply
 
 log = logging.getLogger("filter")
 
+# RFC 3463 X.7.1: delivery not authorized, message refused (4.7.1: for now).
 SPAM_REJECT = Reply(550, "5.7.1", "Message rejected as spam")
 SPAM_SOFT_REJECT = Reply(451, "4.7.1", "Message deferred by the content filter, try again later")
 FILTER_DOWN = Reply(451, "4.7.1", "Content filter unavailable, try again later")
+# Said instead of the greeting, with 554 as RFC 5321 3.1 allows.
 DNSBL_LISTED = Reply(554, "5.7.1", "Client address {ip} is listed at {zone}")
 # Headers the filter's verdict is written in: a copy from outside must not survive.
 VERDICT_HEADERS = verdict.HEADERS

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from common.reply import Reply
 
+# RFC 3463 X.7.1: a bounce address we did not sign (or signed too long ago) is not ours to relay.
 FORGED = Reply(550, "5.7.1", "Invalid or expired SRS address")
 _B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 _DAYS = 1024
