@@ -27,6 +27,13 @@ A failure in 1-6 is one line on stderr (and in the log file, once it is open)
 and a non-zero exit, never a traceback: supervisord passes stderr on to
 `mailroom run`'s output and its watcher (cli/watch.py), so the operator sees
 why at once.  A daemon's __main__ is a few lines.
+
+The web program runs on this skeleton too, as a *helper* (`main(helper=True)`):
+it only reads what the daemons keep, so it leaves the schema to them (step 6's
+creation and migration; until they have made it, its feed waits), writes no
+heartbeat and no counters, and, started as root with no `[mailroom] user`, stays
+root and logs to stderr (privileges.helper_account).  Its listeners are bound in
+step 3 by a hook of its own (`bind`: see Binder).
 """
 
 from __future__ import annotations
@@ -127,6 +134,22 @@ class Context:
 Service = Callable[[Context], Awaitable[None]]
 
 
+@dataclass(frozen=True)
+class Bound:
+    """What a program's `bind` hook prepared before the switch: its sockets by setting key
+    (they join Context.sockets) and the certificate they serve (Context.server_tls)."""
+
+    sockets: dict[str, list[socket.socket]]
+    tls: ServerTLS | None = None
+
+
+# A hook for a program whose listeners are more than listener settings, run as root in
+# step 3: the web program's public http and https and its admin page are each on or
+# off, share one certificate, and each has its own line (and exit status: cannot_start)
+# when it cannot start, which the skeleton's one BindError line and status cannot say.
+Binder = Callable[[Config], Bound]
+
+
 def resolver_settings(cfg: Config) -> dnsmod.Settings:
     """What the resolver is built from: `[dns]`, pointed at the supervised unbound
     when `[dns] resolver = "unbound"` (cli/unbound.py starts it)."""
@@ -193,13 +216,16 @@ def main(
     writes_mail: bool = False,
     preload: Sequence[str] = (),
     shares_listeners: bool = False,
+    helper: bool = False,
+    bind: Binder | None = None,
 ) -> None:
     """Run `service` as daemon `process`, serving on the listener settings `listeners`
     ("mta.smtp", ...); `tls` loads the certificate before the switch; `writes_mail`
     lets `[mailroom] mail_group` read what it writes; `preload` names modules the
     service imports late (on first use), loaded before the switch all the same;
     `shares_listeners`: several processes of this daemon may serve the same
-    addresses, each started with `--instance K`."""
+    addresses, each started with `--instance K`; `helper`: a program beside the
+    daemons (see the module docstring); `bind`: its own listeners (Binder)."""
     parser = argparse.ArgumentParser(prog=f"python -m {process}")
     parser.add_argument("--config", help="config file (default $MAILROOM_CONFIG or ./var/mailroom.toml)")
     if shares_listeners:
@@ -221,16 +247,16 @@ def main(
     try:
         new_loop = loop_factory()
         ctx = _prepare(cfg, listeners, tls=tls, writes_mail=writes_mail, preload=preload, instance=instance,
-                       process=process)
+                       process=process, helper=helper, bind=bind)
     except BindError as exc:
-        _cannot_start(str(exc), EXIT_BIND)
+        cannot_start(str(exc), EXIT_BIND)
     except StartError as exc:
-        _cannot_start(f"{process}: {exc}", EXIT_CONFIG)
+        cannot_start(f"{process}: {exc}", EXIT_CONFIG)
     try:
         # Each process of a shared daemon keeps its own counters file; the web program sums them.
         name = process if instance is None else f"{process}_{instance}"
         with asyncio.Runner(loop_factory=new_loop) as runner:
-            runner.run(_run(name, service, ctx))
+            runner.run(_run(name, service, ctx, helper=helper))
     finally:
         ctx.db.close()
 
@@ -261,7 +287,7 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
-def _cannot_start(line: str, status: int) -> NoReturn:
+def cannot_start(line: str, status: int) -> NoReturn:
     """Say why in one line and exit: on stderr (under supervisord, `mailroom run`'s
     watcher keeps a program's last line of stderr), and in the log file if open."""
     if logmod.file_path() is not None:
@@ -273,11 +299,13 @@ def _cannot_start(line: str, status: int) -> NoReturn:
 
 def _prepare(
     cfg: Config, listeners: Sequence[str], *, tls: bool, writes_mail: bool, preload: Sequence[str],
-    instance: int | None = None, process: str = "daemon",
+    instance: int | None = None, process: str = "daemon", helper: bool = False, bind: Binder | None = None,
 ) -> Context:
-    acct = privileges.account(cfg)
-    privileges.open_log(cfg, acct, process)  # every process of one program appends to one file
-    privileges.secure(cfg, acct)
+    # None: a helper started as root with no [mailroom] user, which stays root.
+    acct = privileges.helper_account(cfg) if helper else privileges.account(cfg)
+    if acct is not None:
+        privileges.open_log(cfg, acct, process)  # every process of one program appends to one file
+        privileges.secure(cfg, acct)
     endpoints = {key: cfg.endpoints(key) for key in listeners}  # each setting parsed once
     if instance:
         # A Unix socket cannot be shared: process 0 serves it, the others TCP alone.
@@ -285,9 +313,10 @@ def _prepare(
     sockets = bind_all(endpoints, reuse_port=instance is not None)
     for addresses in endpoints.values():
         for endpoint in addresses:
-            if endpoint.is_unix:
+            if endpoint.is_unix and acct is not None:
                 privileges.hand_over(endpoint.path, acct)
-    server_tls = None
+    own = bind(cfg) if bind is not None else Bound({})
+    server_tls = own.tls
     if tls:
         try:
             server_tls = ServerTLS(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key))
@@ -303,11 +332,13 @@ def _prepare(
     make_url(cfg.database_url).get_dialect().import_dbapi()
     for name in preload:
         importlib.import_module(name)
-    from common import schema  # (alembic: loaded here, not by every command that imports this module)
+    if not helper:
+        from common import schema  # (alembic: loaded here, not by every command that imports this module)
 
-    schema.scripts()  # the migration scripts, read while the code is surely readable
-    mail_group = writes_mail and acct.mail_gid is not None
-    privileges.become(acct, umask=privileges.MAIL_UMASK if mail_group else privileges.UMASK)
+        schema.scripts()  # the migration scripts, read while the code is surely readable
+    if acct is not None:
+        mail_group = writes_mail and acct.mail_gid is not None
+        privileges.become(acct, umask=privileges.MAIL_UMASK if mail_group else privileges.UMASK)
     # Only now can a client connect: the first byte it sends reaches the Mailroom user.
     for key, socks in sockets.items():
         for endpoint, sock in zip(endpoints[key], socks, strict=True):
@@ -315,26 +346,35 @@ def _prepare(
                 endpoint.listen(sock)
             except BindError as exc:
                 raise BindError(f"{setting_name(key)} = {exc}") from None
-    problem = privileges.writable_problem(cfg, acct)
+    problem = privileges.writable_problem(cfg, acct) if acct is not None else None
     if problem:
         raise StartError(problem)
     db = Database(cfg.database_url)
-    db.create_schema()
+    if not helper:
+        db.create_schema()
     clock = for_lab(cfg.lab.time_warp, cfg.lab.time_warp_since)
     use_clock(clock)  # for the times written without one (column defaults)
     return Context(
         config=cfg, db=db, clock=clock, stop=asyncio.Event(),
-        sockets=sockets, server_tls=server_tls, hop_tls=hop_tls,
+        sockets={**sockets, **own.sockets}, server_tls=server_tls, hop_tls=hop_tls,
     )
 
 
-async def _run(process: str, service: Service, ctx: Context) -> None:
+async def _run(process: str, service: Service, ctx: Context, *, helper: bool = False) -> None:
     # The Event was made outside the loop; asyncio binds it to the running loop at first use.
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, ctx.stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _hangup, ctx)
+    loop.add_signal_handler(signal.SIGHUP, hangup, ctx)
     log.info("starting (event loop: %s)", "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio")
+    if helper:  # no heartbeat, no counters (see the module docstring)
+        await service(ctx)
+    else:
+        await _serve_as_daemon(process, service, ctx)
+    log.info("stopped")
+
+
+async def _serve_as_daemon(process: str, service: Service, ctx: Context) -> None:
     cfg = ctx.config
     # This node's row for `mailroom status --cluster` (common/node.py).
     beating = asyncio.create_task(node.keep_beating(
@@ -346,10 +386,9 @@ async def _run(process: str, service: Service, ctx: Context) -> None:
             await service(ctx)
     finally:
         beating.cancel()
-    log.info("stopped")
 
 
-def _hangup(ctx: Context) -> None:
+def hangup(ctx: Context) -> None:
     """`mailroom reload`: the settings that can change safely, and the certificate (common/reload.py)."""
     ctx.config = reloadmod.reread(ctx.config)
     if ctx.server_tls is not None:

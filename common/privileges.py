@@ -200,11 +200,20 @@ def open_log(cfg: Config, acct: Account, program: str) -> None:
         raise StartError(f"[mailroom] log_dir = {cfg.mailroom.log_dir}: {exc.strerror or exc} ({folder})") from None
 
 
-def open_helper_log(cfg: Config, program: str) -> None:
-    """open_log for the programs beside the daemons (web, renew, schedule), which may
-    stay root when no `[mailroom] user` is set: then they log to standard error."""
+def helper_account(cfg: Config) -> Account | None:
+    """account() for the programs beside the daemons (web, renew, schedule), which may
+    stay root when no `[mailroom] user` is set: then None (nothing to switch to)."""
     if cfg.mailroom.user or os.getuid() != 0:
-        open_log(cfg, account(cfg), program)
+        return account(cfg)
+    return None
+
+
+def open_helper_log(cfg: Config, program: str) -> None:
+    """open_log for the programs beside the daemons; one that stays root (helper_account)
+    logs to standard error."""
+    acct = helper_account(cfg)
+    if acct is not None:
+        open_log(cfg, acct, program)
 
 
 def hand_over(path: str, acct: Account) -> None:

@@ -17,9 +17,12 @@ trace id `ADMIN` (`mailroom trace ADMIN` lists them), with who made it.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import re
 import secrets
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -33,7 +36,6 @@ from cli import backup as backupcmd
 from cli import queue as queuecmd
 from cli import trace as tracecmd
 from common import privileges
-from common import reload as reloadmod
 from common.config import Config
 from common.daemon import bind_all
 from common.db import Database
@@ -67,13 +69,34 @@ class Route:
     kind: str  # who may: "admin", "user" (a mail user, on their own page) or "any"
 
 
+@functools.cache
+def stylesheet() -> bytes:
+    """The pages' CSS, read once (by bind, as root perhaps: the package may not be readable later)."""
+    return resources.files("web").joinpath("static/admin.css").read_bytes()
+
+
+def bind(cfg: Config) -> list[socket.socket]:
+    """Before the switch to the Mailroom user: bind `[web] admin` (it may need root; BindError
+    names the address) and load what the pages import or read late."""
+    socks = bind_all({"web.admin": cfg.endpoints("web.admin")})["web.admin"]
+    for name in PRELOAD:
+        importlib.import_module(name)
+    privileges.preload()
+    stylesheet()
+    return socks
+
+
 class AdminSite:
-    def __init__(self, cfg: Config, db: Database) -> None:
+    """The pages, served over TLS on the sockets bind() made, with the certificate the web
+    program loaded before the switch (a reload replaces it for the next handshakes)."""
+
+    def __init__(self, cfg: Config, db: Database, socks: list[socket.socket], tls: ServerTLS) -> None:
         self.cfg = cfg
         self.db = db
+        self.socks, self.tls = socks, tls
         self.sessions = Sessions()
         self.lockout = Lockout()
-        self.css = resources.files("web").joinpath("static/admin.css").read_bytes()
+        self.css = stylesheet()
 
     # --- the way in ---------------------------------------------------------------------
 
@@ -397,26 +420,8 @@ class AdminSite:
 
     # --- serving ----------------------------------------------------------------------------
 
-    def prepare(self) -> None:
-        """Before the switch to the Mailroom user: bind `[web] admin` and load the TLS key
-        (both may need root), and load what the pages import late."""
-        self.socks = bind_all({"web.admin": self.cfg.endpoints("web.admin")})["web.admin"]
-        for sock in self.socks:
-            sock.setblocking(False)
-        # Replaceable while it serves: a renewed certificate is served after `mailroom reload`.
-        self.tls = ServerTLS(self.cfg.resolve(self.cfg.tls.cert), self.cfg.resolve(self.cfg.tls.key))
-        import importlib
-
-        for name in PRELOAD:
-            importlib.import_module(name)
-        privileges.preload()
-
     async def serve(self) -> list[Any]:
         return [await adminhttp.serve(sock, self.tls.context, self.respond, self.error) for sock in self.socks]
-
-    def reload(self, cfg: Config) -> None:
-        """SIGHUP (`mailroom reload`): the certificate again, for the next handshakes."""
-        reloadmod.certificate(self.tls, cfg)
 
 
 def _quota(r: Request) -> int:
@@ -441,13 +446,4 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/account"): Route(AdminSite.account, "user"),
     ("POST", "/account"): Route(AdminSite.change_own_password, "user"),
 }
-
-
-def site(cfg: Config, db: Database) -> AdminSite | None:
-    """The admin page of `cfg`, bound and ready to serve; None when `[web] admin` is off."""
-    if not cfg.web.admin:
-        return None
-    admin = AdminSite(cfg, db)
-    admin.prepare()
-    return admin
 

@@ -9,6 +9,7 @@ change) and asks `/trace?id=` for a message's whole journey when it is clicked.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import AsyncGenerator
 from http import HTTPStatus
@@ -26,7 +27,10 @@ from web.metrics import Metrics
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 
 
+@functools.cache
 def page() -> bytes:
+    """The live page, read once (by web/server.py's bind, as root perhaps: the package may
+    not be readable after the switch)."""
     return resources.files("web").joinpath("static/live.html").read_bytes()
 
 
@@ -51,7 +55,7 @@ class Live:
         self.db = db
         self.metrics = Metrics(db)
         self.feed = Feed(db, self.metrics)
-        self.page = page()  # read now, as root perhaps: the package may not be readable later
+        self.page = page()
 
     def routes(self) -> dict[str, Handler]:
         return {"/": self.index, "/live": self.live, "/trace": self.trace, "/metrics": self.scrape}

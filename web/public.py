@@ -27,10 +27,9 @@ import socket
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from http import HTTPStatus
 
-from common import reload as reloadmod
 from common.config import Config
-from common.daemon import bind_all, setting_name
-from common.endpoint import BindError, Endpoint
+from common.daemon import bind_all
+from common.endpoint import Endpoint
 from common.tls import ServerTLS
 from web import mta_sts
 from web.http import MAX_HEAD, Handler, Request, Response, handle
@@ -87,43 +86,27 @@ class Routes(Mapping[str, "Handler"]):
         return len(self.exact)
 
 
+def bind(cfg: Config) -> dict[str, list[socket.socket]]:
+    """Bind `[web] http` and `[web] https`, each when on (before the web program drops root);
+    BindError names the setting.  Their certificate is the web program's (web/server.py)."""
+    wanted = {key: [Endpoint.parse(value)] for key, value in
+              (("web.http", cfg.web.http), ("web.https", cfg.web.https)) if value}
+    bound = bind_all(wanted)
+    return {key: bound.get(key, []) for key in ("web.http", "web.https")}
+
+
 class Public:
     """The http and https listeners (bound and with the certificate loaded before the web
-    program drops root), the config they answer with, and the reload."""
+    program drops root), and the config they answer with."""
 
     def __init__(self, cfg: Config, http: list[socket.socket], https: list[socket.socket],
                  tls: ServerTLS | None) -> None:
         self.config = cfg
         self.http, self.https, self.tls = http, https, tls
 
-    @classmethod
-    def prepare(cls, cfg: Config) -> Public:
-        """Bind `[web] http` and `[web] https` (those not empty) and load the certificate;
-        BindError names the setting, OSError/ssl.SSLError a certificate that does not load."""
-        wanted = {key: [Endpoint.parse(value)] for key, value in
-                  (("web.http", cfg.web.http), ("web.https", cfg.web.https)) if value}
-        bound = bind_all(wanted)
-        try:
-            tls = None
-            if cfg.web.https:
-                cert, key = cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key)
-                try:
-                    tls = ServerTLS(cert, key)
-                except OSError as exc:
-                    raise BindError(f"{setting_name('web.https')}: cannot load {cert} with {key}: {exc}") from None
-        except BaseException:
-            for socks in bound.values():
-                for s in socks:
-                    s.close()
-            raise
-        for socks in bound.values():
-            for s in socks:
-                s.setblocking(False)
-        return cls(cfg, bound.get("web.http", []), bound.get("web.https", []), tls)
-
     async def serve(self, base: Mapping[str, Handler]) -> list[asyncio.Server]:
-        """Start serving (with `base`, the program's public routes: autoconfig); SIGHUP
-        calls `reload` (web/server.py)."""
+        """Start serving (with `base`, the program's public routes: autoconfig); after a
+        SIGHUP, `reloaded` (web/server.py)."""
         plain = Routes(base, challenges=True)
         secure = Routes({**base, mta_sts.PATH: mta_sts_policy})
 
@@ -143,8 +126,7 @@ class Public:
             log.info("public http on %s, https on %s", self.config.web.http or "-", self.config.web.https or "-")
         return servers
 
-    def reload(self) -> None:
-        self.config = reloadmod.reread(self.config)
-        if self.tls is not None:
-            reloadmod.certificate(self.tls, self.config)
-        log.info("reloaded (MTA-STS policy id %s)", mta_sts.policy_id(self.config))
+    def reloaded(self, cfg: Config) -> None:
+        """After SIGHUP's reload (common/daemon.py hangup): answer with `cfg` from now on."""
+        self.config = cfg
+        log.info("reloaded (MTA-STS policy id %s)", mta_sts.policy_id(cfg))

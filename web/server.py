@@ -8,38 +8,28 @@ passing a table to `serve`).  It only reads the config and the database: it
 never talks to the MSA, MTA or MDA, and never writes; the admin page, on a
 listener of its own over TLS (web/admin.py), is the one part that changes things.
 
+It runs on the daemons' skeleton (common/daemon.py, web/__main__.py) as a helper
+that leaves the schema to the daemons: `bind` prepares its listeners before the
+switch to the Mailroom user, `run` serves on them.
+
 The HTTP exchange itself (request, response, limits) is web/http.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import codecs
 import logging
-import os
-import pwd
 import signal
 import socket
-import ssl
-import sys
 from collections.abc import Mapping
 from http import HTTPStatus
-from typing import TYPE_CHECKING
 
-from common import clock, privileges
-from common import config as configmod
-from common import log as logmod
 from common.config import Config
-from common.daemon import bind_all
+from common.daemon import Bound, Context, bind_all, cannot_start, hangup
 from common.endpoint import BindError
-from web import autoconfig, autodiscover, mobileconfig
+from common.tls import ServerTLS
+from web import admin, autoconfig, autodiscover, live, mobileconfig, public
 from web.http import MAX_HEAD, Handler, Request, Response, handle
-from web.public import Public
-
-if TYPE_CHECKING:
-    from web.admin import AdminSite
-    from web.live import Live
 
 log = logging.getLogger("web")
 
@@ -103,13 +93,43 @@ ROUTES: dict[str, Handler] = {
     "/Autodiscover/Autodiscover.xml": autodiscover_xml,
     "/mail.mobileconfig": apple_profile,
 }
-def bind(cfg: Config) -> list[socket.socket]:
-    """Every address of `[web] listen` (one or a list, as the daemons' listener
-    settings), bound alike; BindError names the one that cannot be."""
-    socks = bind_all({"web.listen": cfg.endpoints("web.listen")})["web.listen"]
-    for sock in socks:
-        sock.setblocking(False)
-    return socks
+
+
+# A listener that cannot be bound or a certificate that does not load: status 1, not
+# the daemons' 73 or 78, which supervisord takes for "cannot start, do not retry"
+# (cli/supervise.py) and which stop the whole suite for the four daemons
+# (cli/watch.py); the web program is retried like any program beside them.
+EXIT_LISTENER = 1
+
+
+def bind(cfg: Config) -> Bound:
+    """Before the switch (the skeleton's Binder, common/daemon.py): bind `[web] listen`, the
+    public `[web] http` and `[web] https` (web/public.py) and the admin page's `[web] admin`
+    (web/admin.py), load the certificate the two TLS listeners share, and read what is read
+    late; a problem is one line naming the setting, and status 1."""
+    try:
+        sockets = bind_all({"web.listen": cfg.endpoints("web.listen")})
+        sockets.update(public.bind(cfg))
+        cert, key = cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key)
+        tls = _certificate(cfg, f"[web] https: cannot load {cert} with {key}") if cfg.web.https else None
+        if cfg.web.admin:
+            sockets.update({"web.admin": admin.bind(cfg)})
+            tls = tls or _certificate(cfg, f"[web] admin needs TLS: [tls] cert = {cfg.tls.cert}, key = {cfg.tls.key}")
+    except BindError as exc:  # names the setting and the address: "[web] listen = 127.0.0.1:8025: ..."
+        cannot_start(f"web: {exc}", EXIT_LISTENER)
+    for socks in sockets.values():
+        for sock in socks:
+            sock.setblocking(False)
+    live.page()  # read now, as root perhaps: the package may not be readable later
+    return Bound(sockets, tls)
+
+
+def _certificate(cfg: Config, what: str) -> ServerTLS:
+    """The `[tls]` certificate, replaceable while it serves (SIGHUP)."""
+    try:
+        return ServerTLS(cfg.resolve(cfg.tls.cert), cfg.resolve(cfg.tls.key))
+    except OSError as exc:  # ssl.SSLError is an OSError
+        cannot_start(f"web: {what}: {exc}", EXIT_LISTENER)
 
 
 async def serve(cfg: Config, sock: socket.socket, routes: Mapping[str, Handler] = ROUTES) -> asyncio.Server:
@@ -119,89 +139,34 @@ async def serve(cfg: Config, sock: socket.socket, routes: Mapping[str, Handler] 
     return await asyncio.start_server(client, sock=sock, limit=MAX_HEAD)
 
 
-def drop_privileges(user: str) -> None:
-    """After binding (port 80 perhaps) as root, become [mailroom] user, as every daemon does."""
-    if os.getuid() != 0 or not user:
-        return
-    pw = pwd.getpwnam(user)
-    codecs.lookup("idna")  # codecs load lazily, maybe from a folder the user cannot read
-    os.setgroups([])
-    os.setgid(pw.pw_gid)
-    os.setuid(pw.pw_uid)
-    log.info("dropped privileges to %s", user)
+async def run(ctx: Context) -> None:
+    """Serve on what `bind` prepared until the skeleton says stop.  Read only: the daemons
+    create and migrate the schema; until they have, the live feed retries."""
+    cfg = ctx.config
+    pages = live.Live(ctx.db)
+    routes = {**ROUTES, **pages.routes()}
+    servers = [await serve(cfg, sock, routes) for sock in ctx.sockets["web.listen"]]
+    # [web] http and https (the Internet's, web/public.py).
+    internet = public.Public(cfg, ctx.sockets["web.http"], ctx.sockets["web.https"], ctx.server_tls)
+    servers += await internet.serve(ROUTES)
+    site = None
+    if "web.admin" in ctx.sockets and ctx.server_tls is not None:  # the admin page, TLS only (web/admin.py)
+        site = admin.AdminSite(cfg, ctx.db, ctx.sockets["web.admin"], ctx.server_tls)
+        servers += await site.serve()
 
+    def reload() -> None:
+        # `mailroom reload`: the skeleton's (the config, and the certificate of both TLS
+        # listeners), then the public listeners answer with that config (the MTA-STS policy).
+        hangup(ctx)
+        internet.reloaded(ctx.config)
 
-async def run(cfg: Config, socks: list[socket.socket], live: Live, public: Public | None = None,
-              admin: AdminSite | None = None) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    routes = {**ROUTES, **live.routes()}
-    servers = [await serve(cfg, sock, routes) for sock in socks]
-    # [web] http and https (the Internet's), and SIGHUP's reload (web/public.py).
-    public = public or Public(cfg, [], [], None)
-    servers += await public.serve(ROUTES)
-    servers += await admin.serve() if admin is not None else []  # the admin page, TLS only (web/admin.py)
-
-    def reload() -> None:  # `mailroom reload`: the MTA-STS policy, and the certificate for both TLS listeners
-        public.reload()
-        if admin is not None:
-            admin.reload(public.config)
-
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    tail = asyncio.create_task(live.feed.run(stop))
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)  # in place of the skeleton's
+    tail = asyncio.create_task(pages.feed.run(ctx.stop))
     log.info("http on %s%s", ", ".join(cfg.web.listen),
-             f"; admin page (https) on {', '.join(cfg.web.admin)}" if admin is not None else "")
-    await stop.wait()
+             f"; admin page (https) on {', '.join(cfg.web.admin)}" if site is not None else "")
+    await ctx.stop.wait()
     for server in servers:
         server.close()
     await tail  # ends the live pages' streams
     for server in servers:
         await server.wait_closed()
-    log.info("stopped")
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m web`: not the daemons' skeleton, which migrates the database at
-    start (most of a daemon's start-up time); the web program only reads it."""
-    parser = argparse.ArgumentParser(prog="python -m web")
-    parser.add_argument("--config", help="config file (default $MAILROOM_CONFIG or ./var/mailroom.toml)")
-    args = parser.parse_args(argv)
-    try:
-        cfg = configmod.load(args.config)
-    except configmod.ConfigError as exc:
-        print(f"web: config error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    logmod.setup("web", cfg.mailroom.log_level, cfg.mailroom.log_format)
-    try:  # its own log file, as every daemon's
-        privileges.open_helper_log(cfg, "web")
-    except privileges.StartError as exc:
-        print(f"web: {exc}", file=sys.stderr)
-        raise SystemExit(78) from None
-    # The daemons' now (lab time in a lab): the queue's ages are measured against it.
-    clock.use(clock.for_lab(cfg.lab.time_warp, cfg.lab.time_warp_since))
-    try:
-        socks = bind(cfg)
-        public = Public.prepare(cfg)
-    except BindError as exc:  # names the setting and the address: "[web] listen = 127.0.0.1:8025: ..."
-        print(f"web: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    # Before dropping privileges: the imports behind it (sqlite3 and the rest of
-    # the standard library) may live where only root can read.  Read only: the
-    # daemons create and migrate the schema; until they have, the feed retries.
-    from common.db import Database
-    from web.admin import site
-    from web.live import Live
-
-    live = Live(Database(cfg.database_url, threads=2))
-    try:
-        admin = site(cfg, live.db)  # binds [web] admin and loads the TLS key, before the switch
-    except BindError as exc:
-        print(f"web: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except (OSError, ssl.SSLError) as exc:
-        print(f"web: [web] admin needs TLS: [tls] cert = {cfg.tls.cert}, key = {cfg.tls.key}: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    drop_privileges(cfg.mailroom.user)
-    asyncio.run(run(cfg, socks, live, public, admin))
