@@ -274,7 +274,7 @@ class Stack:
                 t.cancel()
             await asyncio.gather(*left, return_exceptions=True)
             # TLS sessions end with a close_notify exchange: a few rounds more.
-            for _ in range(25):
+            for _ in range(5):
                 await asyncio.sleep(0.02)
 
         self.run(settle())
