@@ -26,17 +26,6 @@ from common.users import hash_new_password
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("admin", help="accounts of the admin page ([web] admin)")
-    act = p.add_subparsers(dest="action", required=True)
-    for name in ("add", "passwd", "del"):
-        a = act.add_parser(name)
-        a.add_argument("name")
-        if name != "del":
-            a.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-    act.add_parser("list")
-
-
 def run(args: argparse.Namespace, cfg: Config, db: Database, password: Callable[[argparse.Namespace], str]) -> int:
     if args.action == "list":
         with db.read() as s:

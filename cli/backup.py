@@ -65,13 +65,6 @@ class BackupError(Exception):
     """The backup cannot be made; the text says why."""
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("backup", help="an encrypted snapshot of the installation while mail flows (init: the key)")
-    p.add_argument("action", nargs="?", choices=("init", "list"),
-                   help="init: make the backup key; list: the snapshots; none: make a snapshot")
-    p.add_argument("--to", metavar="DIR", help="the backup folder (default [backup] dir)")
-
-
 def run(args: argparse.Namespace, cfg: Config) -> int:
     if args.action == "init":
         return init(cfg)

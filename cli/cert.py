@@ -51,19 +51,6 @@ if TYPE_CHECKING:
 # the server: `status`, `mailroom status` and the renewer's schedule do without it.
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("cert", help="the TLS certificate: request and renew it by ACME, or show it")
-    act = p.add_subparsers(dest="action", required=True)
-    req = act.add_parser("request", help="get a certificate from the ACME server now, and reload the daemons")
-    ren = act.add_parser("renew", help="renew the ACME certificate when two thirds of its lifetime have passed")
-    ren.add_argument("--force", action="store_true", help="renew now, however young the certificate")
-    ren.add_argument("--new-key", action="store_true",
-                     help="move to the next key (publish its TLSA record first: `mailroom dns DOMAIN`)")
-    for sp in (req, ren):
-        sp.add_argument("--no-reload", action="store_true", help="write the files only (the renewer reloads itself)")
-    act.add_parser("status", help="the certificate's names, expiry, renewal and TLSA records")
-
-
 # --- what the files are --------------------------------------------------------
 
 

@@ -489,11 +489,6 @@ def run_all(cfg: Config) -> Report:
 # --- `mailroom status-checks` ---------------------------------------------------------
 
 
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser("status-checks", help="every status check: DNS of each domain, the host, certificate, backup")
-    p.add_argument("--json", action="store_true", help="the report as JSON (what the admin page shows)")
-
-
 def run(args: Any, cfg: Config, resolver: Resolver | None = None) -> int:
     import json
 

@@ -23,20 +23,6 @@ CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("cluster", help="several hosts on one database: the installation's CA and node certificates")
-    act = p.add_subparsers(dest="action", required=True)
-    ca = act.add_parser("ca", help="make the installation's own CA (its key stays here; ca.pem goes to every node)")
-    ca.add_argument("--dir", default="cluster", help="folder for ca.pem and ca.key (default: cluster/ by the config)")
-    cert = act.add_parser("cert", help="sign a certificate for NODE with the installation's CA")
-    cert.add_argument("node")
-    cert.add_argument("--name", action="append", default=[], metavar="HOST_OR_ADDRESS",
-                      help="a host name or address other nodes dial to reach NODE (repeat for more)")
-    cert.add_argument("--dir", default="cluster", help="folder of the CA (default: cluster/ beside the config)")
-    cert.add_argument("--out", default="", help="where NODE.pem and NODE.key go (default: the CA's folder; "
-                      "for this node itself, [cluster] cert and key)")
-
-
 def run(args: argparse.Namespace, cfg: Config) -> int:
     folder = cfg.resolve(args.dir)
     ca_cert, ca_key = folder / CA_CERT, folder / CA_KEY

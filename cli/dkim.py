@@ -17,15 +17,6 @@ from common import config as configmod
 from mta.auth import dkim
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("dkim", help="DKIM signing keys")
-    act = p.add_subparsers(dest="action", required=True)
-    k = act.add_parser("keygen", help="make a new RSA-2048 + Ed25519 key set and print its DNS records")
-    k.add_argument("domain")
-    k.add_argument("--selector", help="name of the key set (default: mrYYYYMM)")
-    act.add_parser("list", help="the key sets and their DNS records")
-
-
 def zone_lines(keys: list[dkim.Key]) -> list[str]:
     """The TXT records, in zone-file form, split into strings of at most 255 octets."""
     out = []

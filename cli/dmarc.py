@@ -33,14 +33,6 @@ from mta.auth.dmarc import org_domain
 KEEP = dt.timedelta(days=7)
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("dmarc", help="DMARC aggregate reports (RFC 7489) about the mail received")
-    act = p.add_subparsers(dest="action", required=True)
-    r = act.add_parser("report", help="send the reports of the UTC days that have ended")
-    r.add_argument("--before", metavar="YYYY-MM-DD", help="report the days before this one (default: today, UTC)")
-    r.add_argument("--dry-run", action="store_true", help="say what would be sent; send and forget nothing")
-
-
 def run(args: argparse.Namespace, cfg: Config, db: Database, resolver: Resolver | None = None) -> int:
     before = dt.date.fromisoformat(args.before) if args.before else utcnow().date()
     lines = report(cfg, db, resolver or SyncResolver(cfg.dns.nameservers, cfg.dns.timeout),

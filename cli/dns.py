@@ -31,14 +31,6 @@ from mta.auth.authdns import Resolver, SyncResolver
 from web import mta_sts
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("dns", help="the DNS records to publish for a domain (--check: compare with DNS)")
-    p.add_argument("domain")
-    p.add_argument("--check", action="store_true",
-                   help="ask DNS: present / weak / missing / different (exit 1; 2 when DNS cannot be reached)")
-    p.add_argument("--json", action="store_true", help="with --check: the report as JSON")
-
-
 @dataclass(frozen=True)
 class Record:
     kind: str  # MX, SPF, DKIM, DMARC, MTA-STS, TLS-RPT, PTR

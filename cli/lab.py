@@ -22,13 +22,10 @@ import re
 import secrets
 import shlex
 import shutil
-import smtplib
-import ssl
 import subprocess
 import sys
 from pathlib import Path
 
-from cli import supervise
 from cli.show import clean
 from common import config as configmod
 from lab import scenarios
@@ -50,45 +47,10 @@ LAB_POLL = 300.0
 MIN_POLL = 0.1  # real seconds: the scans cost little, but not nothing
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "lab", help="a lab Internet for learning: start Mailroom in it, send a scenario's message",
-        description="Mailroom in a lab Internet on loopback addresses (docs/lab.md).  Scenarios:\n"
-        + scenarios.help_text(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    act = p.add_subparsers(dest="action")
-    create = act.add_parser("create", help="make a lab installation, without starting it")
-    start = act.add_parser("start", help="create the lab installation if needed, and run it (the default)")
-    for sp in (create, start):
-        sp.add_argument("--dir", help=f"the lab installation's folder (default {LAB_DIR}, or --config's)")
-        sp.add_argument("--warp", type=float, default=None,
-                        help=f"lab time speed for a new installation (default {DEFAULT_WARP:g}x)")
-        sp.add_argument("--dns-port", type=_port, default=None,
-                        help=f"a new lab's DNS server port on 127.0.0.1 (default {LAB_DNS_PORT})")
-        sp.add_argument("--mx-port", type=_port, default=None,
-                        help=f"the port every lab MX host of a new lab listens on (default {LAB_MX_PORT})")
-        sp.add_argument("--port-offset", type=int, default=None,
-                        help="added to each of Mailroom's own development ports in a new lab (2587, 2525, ... "
-                        "and the web's 8025), to run it beside another Mailroom (default 0)")
-    act.add_parser("env", help="the lab's ports and sender as shell variables: eval \"$(mailroom lab env)\"")
-    send = act.add_parser("send", help="submit one scenario's message through the MSA",
-                          description="Scenarios:\n" + scenarios.help_text(),
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    send.add_argument("scenario", choices=[s.name for s in scenarios.SCENARIOS], metavar="SCENARIO")
-    act.add_parser("list", help="the scenarios, their addresses and what to expect")
-
-
 def config_path(args: argparse.Namespace) -> Path:
     if getattr(args, "dir", None):
         return (Path(args.dir) / "mailroom.toml").absolute()
     return Path(args.config or os.environ.get("MAILROOM_CONFIG") or Path(LAB_DIR) / "mailroom.toml").absolute()
-
-
-def _port(text: str) -> int:
-    if not (text.isascii() and text.isdigit() and 0 < int(text) < 65536):
-        raise argparse.ArgumentTypeError(f"not a port: {text!r}")
-    return int(text)
 
 
 # What a creation option sets, and where it lives in the config afterwards.
@@ -134,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"lab Internet: DNS at {cfg.lab.dns}, MX hosts on 127.0.0.11-21 port {cfg.mta.remote_port}, "
           f"lab time {cfg.lab.time_warp:g}x; send with `mailroom --config {path} lab send SCENARIO`", flush=True)
+    from cli import supervise  # late, as every heavy import of a command (cli/main.py says why)
+
     return supervise.run(cfg)
 
 
@@ -245,6 +209,9 @@ def env(cfg: configmod.Config) -> str:
 
 def send(cfg: configmod.Config, s: scenarios.Scenario) -> int:
     """Submit the scenario's message as [lab] sender, over STARTTLS and AUTH, as a mail client does."""
+    import smtplib
+    import ssl
+
     sender = cfg.lab.sender
     if not sender:
         print("mailroom lab send: [lab] sender is not set", file=sys.stderr)

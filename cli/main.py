@@ -5,6 +5,16 @@ User, alias, queue and trace commands work on the database directly, so they
 work whether or not the daemons are running.
 """
 
+# Why most imports below are inside functions: every `mailroom` command starts a
+# new Python, and the test suite runs hundreds of them.  Importing every command's
+# module up front (SQLAlchemy, cryptography, dnspython, alembic, argon2...) cost
+# most of a second before anything ran, even for `mailroom --help`.  So the parser
+# (cli/parser.py) imports nothing heavy, and each branch of `_main` imports the
+# module of the command it runs, when it runs it.  Each command module still
+# imports what it needs at its top, so it is whole before the command starts:
+# what runs as root and then switches to the Mailroom user (`mailroom backup`)
+# has its code loaded before the switch, as before.
+
 from __future__ import annotations
 
 import argparse
@@ -13,39 +23,33 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlalchemy import select
-
-from cli import accounts, admins, dovecot, dovecot_sieve, postmaster, rspamd, setup, storecheck, supervise, trace
-from cli import backup as backupcmd
-from cli import cert as certcmd
-from cli import checks as statuschecks
-from cli import cluster as clustercmd
-from cli import dkim as dkimcmd
-from cli import dmarc as dmarccmd
-from cli import dns as dnscmd
-from cli import lab as labcmd
-from cli import queue as queuecmd
-from cli import restore as restorecmd
+from cli.parser import build_parser
 from cli.show import clean, public_config
 from common import config as configmod
-from common import privileges
 from common.clock import for_lab
 from common.clock import use as use_clock
-from common.db import Database
-from common.models import Alias, Domain, User
-from common.tls import make_self_signed
-from common.users import find_user, is_disabled
-from web import autoconfig
+
+if TYPE_CHECKING:
+    from common.db import Database
 
 
 def _db(cfg: configmod.Config) -> Database:
+    from common.db import Database
+
     db = Database(cfg.database_url, threads=1)
     db.create_schema()
     return db
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from cli import dkim as dkimcmd
+    from cli import postmaster, rspamd, setup
+    from common import privileges
+    from common.models import Domain
+    from common.tls import make_self_signed
+
     if args.postmaster is not None and not _full_address(args.postmaster):
         print(f"--postmaster {clean(args.postmaster)}: expected a full address (user@domain)", file=sys.stderr)
         return 1
@@ -100,10 +104,18 @@ def _full_address(text: str) -> bool:
 
 
 def _has_dovecot() -> bool:
+    from cli import dovecot
+
     return dovecot.find_program(configmod.IMAPSection().dovecot) is not None
 
 
 def cmd_user(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    from sqlalchemy import select
+
+    from cli import accounts, dovecot
+    from common.models import User
+    from common.users import is_disabled
+
     db = _db(cfg)
     if args.action == "list":
         with db.read() as s:
@@ -161,6 +173,11 @@ def _password(args: argparse.Namespace) -> str:
 
 
 def cmd_alias(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    from sqlalchemy import select
+
+    from cli import accounts
+    from common.models import Alias
+
     db = _db(cfg)
     if args.action == "list":
         with db.read() as s:
@@ -183,6 +200,8 @@ def cmd_alias(args: argparse.Namespace, cfg: configmod.Config) -> int:
 
 
 def cmd_trace(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    from cli import trace
+
     if args.follow:
         return trace.run_follow(_db(cfg), args.id, as_json=args.json)
     if args.id is None:
@@ -197,6 +216,8 @@ def cmd_trace(args: argparse.Namespace, cfg: configmod.Config) -> int:
 
 
 def cmd_queue(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    from cli import queue as queuecmd
+
     db = _db(cfg)
     action, ident = args.action or "list", args.id
     if action in ("list", "show"):
@@ -222,6 +243,10 @@ def cmd_queue(args: argparse.Namespace, cfg: configmod.Config) -> int:
 
 
 def cmd_client_config(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    from cli import dovecot_sieve
+    from common.users import find_user
+    from web import autoconfig
+
     address = args.address.lower()
     domain = address.rsplit("@", 1)[1] if "@" in address else ""
     if not cfg.is_local_domain(domain):
@@ -255,91 +280,6 @@ def cmd_config(args: argparse.Namespace, cfg: configmod.Config) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mailroom", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="config file (default $MAILROOM_CONFIG or ./var/mailroom.toml)")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    init = sub.add_parser("init", help="create a config, database and TLS certificate")
-    init.add_argument("--dir", default="./var")
-    init.add_argument("--domain", required=True)
-    init.add_argument("--hostname", default="localhost")
-    init.add_argument("--postmaster", metavar="ADDRESS",
-                      help="where postmaster@ and abuse@ the domain go (default: the first user added)")
-    init.add_argument("--user", default=setup.SYSTEM_USER,
-                      help="as root: the account the daemons serve as, created when missing "
-                      f"(default {setup.SYSTEM_USER}); otherwise the current user")
-
-    sub.add_parser("run", help="run every daemon under supervisord, in the foreground")
-    status = sub.add_parser("status", help="each daemon's state")
-    status.add_argument("--cluster", action="store_true",
-                        help="every node sharing the database: its roles, last heartbeat and leases")
-    sub.add_parser("reload", help="every daemon takes a new certificate and the settings that can change "
-                   "safely (SIGHUP), without a restart")
-    for name in ("stop", "start", "restart"):
-        sp = sub.add_parser(name, help=f"{name} a daemon (or all)")
-        sp.add_argument("program", nargs="?", default="all", choices=(*supervise.PROGRAMS, "all"))
-
-    user = sub.add_parser("user", help="mail users")
-    uact = user.add_subparsers(dest="action", required=True)
-    for name in ("add", "passwd", "del"):
-        u = uact.add_parser(name)
-        u.add_argument("address")
-        if name != "del":
-            u.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-        if name == "add":
-            u.add_argument("--store", choices=("maildir", "mbox"))
-            u.add_argument("--quota", type=int, default=0, help="bytes; 0 is unlimited")
-    uq = uact.add_parser("quota", help="set a user's quota")
-    uq.add_argument("address")
-    uq.add_argument("bytes", type=int, help="0 is unlimited")
-    for name, text in (("disable", "turn a user's logins off (mail is still delivered)"),
-                       ("enable", "turn a user's logins on again")):
-        uact.add_parser(name, help=text).add_argument("address")
-    uact.add_parser("list")
-    uact.add_parser("sync", help="rewrite the users file Dovecot reads (after changing users by other means)")
-
-    alias = sub.add_parser("alias", help="aliases and forwarding (SOURCE may be @domain)")
-    aact = alias.add_subparsers(dest="action", required=True)
-    for name in ("add", "del"):
-        a = aact.add_parser(name)
-        a.add_argument("source")
-        a.add_argument("targets", nargs="*")
-    aact.add_parser("list")
-
-    q = sub.add_parser("queue", help="list and steer the queue")
-    q.add_argument("action", nargs="?", choices=("list", "show", "flush", "hold", "release", "delete", "bounce"))
-    q.add_argument("id", nargs="?")
-    q.add_argument("--json", action="store_true")
-
-    t = sub.add_parser("trace", help="one message's journey (trace id or Message-ID)")
-    t.add_argument("id", nargs="?")
-    t.add_argument("--json", action="store_true")
-    t.add_argument("--follow", "-f", action="store_true",
-                   help="print each hop as it happens (without ID: every message's, until Ctrl-C; with ID: "
-                   "until every recipient has its final outcome; an unknown ID is waited for 10 s)")
-
-    cc = sub.add_parser("client-config", help="the settings a mail client needs for ADDRESS")
-    cc.add_argument("address")
-    cc.add_argument("--xml", action="store_true", help="the autoconfig XML the web program serves")
-    dkimcmd.add_parser(sub)
-    certcmd.add_parser(sub)
-    clustercmd.add_parser(sub)
-    dnscmd.add_parser(sub)
-    statuschecks.add_parser(sub)
-    backupcmd.add_parser(sub)
-    restorecmd.add_parser(sub)
-    storecheck.add_parser(sub)
-    admins.add_parser(sub)
-    dmarccmd.add_parser(sub)
-    labcmd.add_parser(sub)
-
-    c = sub.add_parser("config", help="the effective configuration")
-    c.add_argument("action", choices=("show",))
-    c.add_argument("--json", action="store_true")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         code = _main(argv)
@@ -359,8 +299,12 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "init":
         return cmd_init(args)
     if args.command == "lab":  # may make its installation first
+        from cli import lab as labcmd
+
         return labcmd.run(args)
     if args.command == "restore":  # needs no installation: it makes one
+        from cli import restore as restorecmd
+
         return restorecmd.run(args)
     try:
         cfg = configmod.load(args.config)
@@ -371,21 +315,37 @@ def _main(argv: list[str] | None) -> int:
     use_clock(for_lab(cfg.lab.time_warp, cfg.lab.time_warp_since))
     match args.command:
         case "run":
+            from cli import supervise
+
             return supervise.run(cfg)
         case "status" if args.cluster:
+            from cli import cluster as clustercmd
+
             return clustercmd.status(cfg)
         case "status":
+            from cli import backup as backupcmd
+            from cli import cert as certcmd
+            from cli import supervise
+
             code = supervise.ctl(cfg, "status")
             print(certcmd.expiry_line(cfg))
             print(backupcmd.status_line(cfg))
             return code
         case "reload":
+            from cli import supervise
+
             return supervise.reload(cfg)
         case "cert":
+            from cli import cert as certcmd
+
             return certcmd.run(args, cfg)
         case "cluster":
+            from cli import cluster as clustercmd
+
             return clustercmd.run(args, cfg)
         case "stop" | "start" | "restart":
+            from cli import supervise
+
             return supervise.ctl(cfg, args.command, supervise.program_spec(cfg, args.program))
         case "user":
             return cmd_user(args, cfg)
@@ -400,18 +360,32 @@ def _main(argv: list[str] | None) -> int:
         case "client-config":
             return cmd_client_config(args, cfg)
         case "dkim":
+            from cli import dkim as dkimcmd
+
             return dkimcmd.run(args, cfg)
         case "dns":
+            from cli import dns as dnscmd
+
             return dnscmd.run(args, cfg)
         case "status-checks":
+            from cli import checks as statuschecks
+
             return statuschecks.run(args, cfg)
         case "backup":
+            from cli import backup as backupcmd
+
             return backupcmd.run(args, cfg)
         case "check":
+            from cli import storecheck
+
             return storecheck.run(args, cfg, _db(cfg))
         case "admin":
+            from cli import admins
+
             return admins.run(args, cfg, _db(cfg), _password)
         case "dmarc":
+            from cli import dmarc as dmarccmd
+
             return dmarccmd.run(args, cfg, _db(cfg))
     return 2
 

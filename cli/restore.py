@@ -36,14 +36,6 @@ class RestoreError(Exception):
     """The restore cannot be done; the text says why."""
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("restore", help="a whole installation back from a backup, into an empty folder")
-    p.add_argument("source", metavar="FROM", help="a backup folder (its newest snapshot) or a snapshot file")
-    p.add_argument("--into", metavar="DIR", required=True, help="an empty or new folder")
-    p.add_argument("--key", metavar="FILE", help="the backup key (default: [backup] key of --config)")
-    p.add_argument("--snapshot", metavar="NAME", help="which snapshot of the folder (default: the newest)")
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         key = _key(args)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from cli import watch
+
 # The supervised programs of each role.  The content filter (rspamd and its Redis)
 # scans what the public listener takes, so it runs where the MTA does; the
 # certificate renewer answers its HTTP challenges through the web program.  The daily
@@ -25,6 +27,11 @@ PROGRAMS = {
     "imap": ("imap",),
     "web": ("web", "renew"),
 }
+
+# Every program of supervisord.conf (what `mailroom stop/start/restart` may name): the four
+# daemons (cli/watch.py stops the suite when one cannot start), the web program, Dovecot, the
+# certificate renewer, the supervised content filter and the daily jobs.
+SUPERVISED = (*watch.PROGRAMS, "web", "imap", "renew", "redis", "rspamd", "schedule")
 
 # A program section of supervisord.conf, up to the next section.
 _SECTION = re.compile(r"(?ms)^\[program:([^\]]+)\]\n.*?(?=^\[|\Z)")

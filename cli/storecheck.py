@@ -62,11 +62,6 @@ class Finding:
     detail: str = ""
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("check", help="do the database and the mailboxes agree (every delivery has its file)?")
-    p.add_argument("--json", action="store_true")
-
-
 def run(args: argparse.Namespace, cfg: Config, db: Database) -> int:
     checked, findings = check(cfg, db)
     bad = [f for f in findings if f.state != "unchecked"]

@@ -15,7 +15,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from cli import dovecot, roles, rspamd, unbound, watch
+from cli import dovecot, roles, rspamd, unbound
 from cli.watch import failure_file
 from common import config as configmod
 from common import privileges
@@ -24,9 +24,6 @@ from common.daemon import bind_all
 from common.db import Database
 from common.endpoint import BindError
 
-# The four daemons (cli/watch.py stops the suite when one cannot start), the web
-# program, Dovecot, the certificate renewer, the supervised content filter and the daily jobs.
-PROGRAMS = (*watch.PROGRAMS, "web", "imap", "renew", "redis", "rspamd", "schedule")
 # Package data, so an installed Mailroom (a wheel, not a checkout) finds it too.
 TEMPLATE = "supervisord.conf.in"
 
@@ -231,7 +228,7 @@ def run(cfg: Config) -> int:
               "and what a program prints when it cannot start or crashes", flush=True)
     conf = render(cfg, with_imap=why_not is None, with_filter=filter_down is None)
     run_dir = cfg.run_dir.resolve()
-    for old in (run_dir / "stopped", *(failure_file(run_dir, p) for p in PROGRAMS)):
+    for old in (run_dir / "stopped", *(failure_file(run_dir, p) for p in roles.SUPERVISED)):
         with contextlib.suppress(FileNotFoundError):
             old.unlink()
     _append_only_output()

@@ -7,6 +7,7 @@ callers in an event loop run it in a thread (`Database.run`).
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -20,8 +21,17 @@ from common.address import lookup_key, split
 from common.models import Alias, User
 
 _hasher = PasswordHasher()
-# Verifying against this keeps an unknown user as slow as a wrong password.
-_DUMMY_HASH = _hasher.hash("not a password")
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verifying against this keeps an unknown user as slow as a wrong password.
+
+    Made on first use, not at import: hashing takes as long as verifying, and every
+    process that imports this module (each `mailroom` command) would pay for it.
+    Both checks below ask for it before they verify, whoever the login is for, so
+    the first check in a process is as slow for a known user as for an unknown one."""
+    return _hasher.hash("not a password")
 
 
 def hash_password(password: str) -> str:
@@ -36,8 +46,9 @@ def hash_new_password(password: str, address: str) -> str:
 
 
 def check_password(user: User | None, password: str) -> bool:
+    dummy = _dummy_hash()
     try:
-        return _hasher.verify(user.password_hash if user else _DUMMY_HASH, password) and (
+        return _hasher.verify(user.password_hash if user else dummy, password) and (
             user is not None
         )
     except (VerificationError, InvalidHashError):
@@ -46,8 +57,9 @@ def check_password(user: User | None, password: str) -> bool:
 
 def verify_hash(password_hash: str | None, password: str) -> bool:
     """Does `password` match the argon2 hash (None: no such account, checked as slowly as a wrong password)?"""
+    dummy = _dummy_hash()
     try:
-        return _hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+        return _hasher.verify(password_hash or dummy, password) and password_hash is not None
     except (VerificationError, InvalidHashError):
         return False
 
