@@ -61,7 +61,7 @@ stdout_events_enabled = {events}"""
 _IMAP = """\
 [program:imap]
 command = {dovecot} -F -c {conf}
-priority = 5
+priority = 40
 {common}"""
 
 
@@ -69,7 +69,7 @@ priority = 5
 _RENEW = """\
 [program:renew]
 command = {python} -m cli.renewer --config {config}
-priority = 60
+priority = 40
 {common}"""
 
 
