@@ -1,11 +1,11 @@
-# Mailroom: `make run` starts the whole suite, `make test` runs every test.
+# Mailroom: `make run` starts the whole suite, `make test` runs every test but the soaks (`make soak`).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 VAR    := ./var
 DOMAIN ?= example.org
 
-.PHONY: run test lint typecheck peers bench chaos cluster clean venv
+.PHONY: run test soak lint typecheck peers bench chaos cluster clean venv
 
 venv: $(BIN)/.installed
 
@@ -26,8 +26,16 @@ run: venv $(VAR)/mailroom.toml
 peers:
 	@if [ "$$(id -u)" = 0 ]; then ./.ci/install-peers; else echo "not root: not installing peers"; fi
 
+# Every test but the soaks, in $(WORKERS) processes (pytest-xdist: a test file runs
+# whole in one of them; each draws its ports from its own share, tests/support/ports.py).
+WORKERS ?= 2
 test: venv peers
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(WORKERS) --dist loadfile -m "not slow"
+
+# The soaks (marked `slow`: chaos, the cluster, ten reloads and a backup under load,
+# a thousand deliveries), one at a time: each wants the machine to itself.
+soak: venv peers
+	$(BIN)/pytest -m slow
 
 # Mailroom and Postfix side by side under the same loads, each load three times
 # with the two taking turns (as root: Postfix runs only as root), then the

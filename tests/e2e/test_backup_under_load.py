@@ -28,7 +28,7 @@ from tests.support import suite as suite_module
 from tests.support.postfix import smtp_source
 from tests.support.suite import Installation, _reachable, free_port, wait_port
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]  # a soak: `make soak`
 
 ALICE, BOB = "alice@example.org", "bob@example.org"
 

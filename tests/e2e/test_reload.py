@@ -119,6 +119,7 @@ class TLSClients:
             return print_, 250
 
 
+@pytest.mark.slow  # a soak: `make soak`
 def test_ten_reloads_under_load_refuse_nothing_and_restart_nothing(installation: Installation) -> None:
     inst = installation
     cert, key = inst.root / "tls" / "cert.pem", inst.root / "tls" / "key.pem"
