@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.adversarial.scripts import LISTENERS, auth_plain, lmtp_hello, msa_login, smtp_hello, transaction
 from tests.harness.client import CLOSED, STARTTLS_HANDSHAKE, Step, line, run
+from tests.harness.openings import LISTENERS, auth_plain, lmtp_hello, msa_login, smtp_hello, transaction
 from tests.harness.services import Stack, listeners
 from tests.harness.users import add_users
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.adversarial.scripts import LISTENERS, lmtp_hello, msa_login, smtp_hello
 from tests.harness.client import CLOSED, line, play, run
+from tests.harness.openings import LISTENERS, lmtp_hello, msa_login, smtp_hello
 from tests.harness.services import Stack
 
 pytestmark = pytest.mark.timeout(30)

@@ -25,8 +25,8 @@ from collections.abc import Iterator
 import pytest
 
 from common.log import trace_id
-from tests.adversarial.scripts import auth_plain, lmtp_hello, msa_login, smtp_hello
 from tests.harness.client import CLOSED, STARTTLS_HANDSHAKE, Client, Step, line, play, run
+from tests.harness.openings import auth_plain, lmtp_hello, msa_login, smtp_hello
 from tests.harness.services import Stack
 from tests.harness.users import add_users
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.adversarial.scripts import LISTENERS, smtp_hello, transaction
 from tests.harness.client import CLOSED, Client, line, play, run
+from tests.harness.openings import LISTENERS, smtp_hello, transaction
 from tests.harness.services import Stack, listeners
 
 pytestmark = pytest.mark.timeout(30)

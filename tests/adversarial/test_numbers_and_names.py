@@ -17,8 +17,8 @@ from common.endpoint import Endpoint
 from common.smtp import params
 from common.smtp_client import Client as NextHop
 from common.smtp_client import NextHopError
-from tests.adversarial.scripts import LISTENERS, smtp_hello
 from tests.harness.client import CLOSED, Client, line, play, run
+from tests.harness.openings import LISTENERS, smtp_hello
 from tests.harness.services import Stack
 
 pytestmark = pytest.mark.timeout(30)

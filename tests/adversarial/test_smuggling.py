@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.adversarial.scripts import LISTENERS, transaction
 from tests.harness.client import CLOSED, line, run
+from tests.harness.openings import LISTENERS, transaction
 from tests.harness.services import Stack
 
 pytestmark = pytest.mark.timeout(30)

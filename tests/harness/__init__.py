@@ -13,6 +13,8 @@
   pipelining, STARTTLS, a transcript), scripts of (send, expect) steps played
   through it, and smtplib sessions with the MSA (`submission`, `submissions`,
   `logged_in`).
+- `openings`: the first lines of the adversarial tests' dialogues (hello, STARTTLS
+  and AUTH on the MSA, LHLO) and the listeners they are played against.
 - `dialogue`: the runner of the transcripts in tests/dialogues/ (send this
   line, expect that reply), played through `Client` against `listeners()`.
 - `peers`: scripted next hops: `MX`, an aiosmtpd host in a remote MX's part,

@@ -1,4 +1,4 @@
-"""Openings shared by the dialogue tests: greeting, hello, and for the MSA TLS and AUTH."""
+"""Openings of the adversarial dialogues (hello; TLS and AUTH on the MSA) and the listeners they run against."""
 
 from __future__ import annotations
 
