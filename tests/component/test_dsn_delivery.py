@@ -33,10 +33,9 @@ from sqlalchemy import select
 
 from common.models import Message
 from common.reply import Reply
-from common.smtp import Limits, serve
 from common.tls import make_self_signed
 from mta.qmgr import Policy
-from tests.harness.peers import MX, LMTPScript, Peer, mx_server, peer_server
+from tests.harness.peers import MX, LMTPScript, Peer, lmtp_server, mx_server, peer_server
 from tests.harness.qmgr import BODY, IPS, Rig, dns_server, enqueue, port, rig_args, state
 
 __all__ = ["dns_server", "port", "rig_args"]  # the harness's fixtures, used here
@@ -117,17 +116,15 @@ def test_local_delivery_success_notice_and_ret_hdrs_bounce(rig_args: Any) -> Non
     async def go() -> None:
         script = LMTPScript({"gone@example.org": Reply(550, "5.1.1", "No such mailbox"),
                              "quiet@example.org": Reply(550, "5.1.1", "No such mailbox")})
-        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(), lmtp=True)
-        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
-        trace = enqueue(rig, {
-            "here@example.org": ("SUCCESS,FAILURE", ""),
-            "gone@example.org": ("FAILURE", "rfc822;old-gone@example.org"),
-            "quiet@example.org": ("NEVER", ""),
-        }, ret="HDRS", envid="E 7")
-        await rig.run()
-        await rig.close()
-        lmtp.close()
-        await lmtp.wait_closed()
+        async with lmtp_server(script) as lmtp:
+            rig = Rig(*rig_args, lmtp=lmtp)
+            trace = enqueue(rig, {
+                "here@example.org": ("SUCCESS,FAILURE", ""),
+                "gone@example.org": ("FAILURE", "rfc822;old-gone@example.org"),
+                "quiet@example.org": ("NEVER", ""),
+            }, ret="HDRS", envid="E 7")
+            await rig.run()
+            await rig.close()
         assert state(rig, trace, "here@example.org")[0] == "delivered"
         bounce, success = sorted(notices(rig), key=lambda m: str(m["Subject"]))[::-1]
         assert "Undelivered" in bounce["Subject"] and "Successful" in success["Subject"]

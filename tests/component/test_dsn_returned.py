@@ -32,8 +32,8 @@ from typing import Any
 import pytest
 
 from common.reply import Reply
-from common.smtp import Limits, MailEnvelope, MailSession, serve
-from tests.harness.peers import MX, LMTPScript, mx_server
+from common.smtp import MailEnvelope, MailSession
+from tests.harness.peers import MX, LMTPScript, lmtp_server, mx_server
 from tests.harness.qmgr import BINARY, BODY, IPS, Rig, dns_server, enqueue, port, rig_args, state
 
 __all__ = ["dns_server", "port", "rig_args"]  # the harness's fixtures, used here
@@ -75,22 +75,20 @@ def third_part(notice: bytes) -> tuple[bytes, bytes]:
 def test_a_binary_message_comes_back_whole_to_a_local_sender_over_bdat(rig_args: Any) -> None:
     async def go() -> None:
         mda = KeepingMDA()
-        lmtp = await serve("127.0.0.1:0", lambda: mda, hostname="mda.test", limits=Limits(), lmtp=True)
-        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
-        try:
-            async with mx_server(IPS["hard"], rig_args[2], MX(mode="hard")):
-                trace = enqueue(rig, {"x@hard.test": ("", "")}, sender="bob@example.org", body=BINARY,
-                                body_type="BINARYMIME", ret="FULL")
-                await rig.run()  # the original bounces (5.6.3: the host has no BINARYMIME)
-                await rig.run()  # the bounce goes to bob, over LMTP
-            [dsn] = rig.dsns()
-            assert state(rig, trace, "x@hard.test")[0] == "bounced"
-            assert dsn.body_type == "BINARYMIME"
-            assert state(rig, dsn.id, "bob@example.org")[0] == "delivered"
-        finally:
-            await rig.close()
-            lmtp.close()
-            await lmtp.wait_closed()
+        async with lmtp_server(mda) as lmtp:
+            rig = Rig(*rig_args, lmtp=lmtp)
+            try:
+                async with mx_server(IPS["hard"], rig_args[2], MX(mode="hard")):
+                    trace = enqueue(rig, {"x@hard.test": ("", "")}, sender="bob@example.org", body=BINARY,
+                                    body_type="BINARYMIME", ret="FULL")
+                    await rig.run()  # the original bounces (5.6.3: the host has no BINARYMIME)
+                    await rig.run()  # the bounce goes to bob, over LMTP
+                [dsn] = rig.dsns()
+                assert state(rig, trace, "x@hard.test")[0] == "bounced"
+                assert dsn.body_type == "BINARYMIME"
+                assert state(rig, dsn.id, "bob@example.org")[0] == "delivered"
+            finally:
+                await rig.close()
         [(sender, body_type, content)] = mda.got
         assert (sender, body_type) == ("", "BINARYMIME")
         head, body = third_part(content)
@@ -173,21 +171,19 @@ def test_a_requiretls_message_comes_back_to_a_local_sender_as_its_header_flagged
 
     async def go() -> None:
         mda = KeepingMDA()
-        lmtp = await serve("127.0.0.1:0", lambda: mda, hostname="mda.test", limits=Limits(), lmtp=True)
-        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
-        try:
-            async with mx_server(IPS["hard"], rig_args[2], MX(mode="hard")):
-                enqueue(rig, {"x@hard.test": ("", "")}, sender="bob@example.org", body=BODY, requiretls=True,
-                        ret="FULL")
-                await rig.run()
-                await rig.run()
-            [dsn] = rig.dsns()
-            assert dsn.requiretls
-            assert state(rig, dsn.id, "bob@example.org")[0] == "delivered"
-        finally:
-            await rig.close()
-            lmtp.close()
-            await lmtp.wait_closed()
+        async with lmtp_server(mda) as lmtp:
+            rig = Rig(*rig_args, lmtp=lmtp)
+            try:
+                async with mx_server(IPS["hard"], rig_args[2], MX(mode="hard")):
+                    enqueue(rig, {"x@hard.test": ("", "")}, sender="bob@example.org", body=BODY, requiretls=True,
+                            ret="FULL")
+                    await rig.run()
+                    await rig.run()
+                [dsn] = rig.dsns()
+                assert dsn.requiretls
+                assert state(rig, dsn.id, "bob@example.org")[0] == "delivered"
+            finally:
+                await rig.close()
         [(_, _, content)] = mda.got
         head, body = third_part(content)
         assert b"Content-Type: text/rfc822-headers" in head  # RET=FULL disregarded

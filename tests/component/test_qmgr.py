@@ -23,13 +23,13 @@ from sqlalchemy import update
 
 from common.models import Message, Recipient
 from common.reply import Reply
-from common.smtp import Limits, MailEnvelope, MailSession, serve
+from common.smtp import Limits, MailEnvelope, MailSession
 from common.tls import make_self_signed
 from mta import queue, wakeup
 from mta.courier import Attempt, Delivered
 from mta.delivery import LocalDelivery
 from mta.qmgr import Policy
-from tests.harness.peers import MX, LMTPScript, mx_server
+from tests.harness.peers import MX, LMTPScript, lmtp_server, mx_server
 from tests.harness.qmgr import BODY, IPS, SENDER, Rig, dns_server, port, rig_args
 from tests.support.ports import free_port
 
@@ -134,31 +134,28 @@ def test_local_recipients_in_one_lmtp_transaction_with_one_outcome_each(rig_args
             "bob@example.org": Reply(452, "4.2.2", "Mailbox full, try later"),
             "carol@example.org": Reply(550, "5.1.1", "No such mailbox"),
         })
-        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(), lmtp=True)
-        lmtp_port = lmtp.sockets[0].getsockname()[1]
-        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp_port}")
-        async with mx_server(IPS["sender"], rig_args[2], MX()) as sender_mx:
-            trace = rig.enqueue(["alice@example.org", "bob@example.org", "carol@example.org"])
-            await rig.run()
-            assert script.transactions == [["alice@example.org", "bob@example.org", "carol@example.org"]]
-            rcpts = rig.recipients(trace)
-            assert rcpts["alice@example.org"].state == "delivered"
-            assert rcpts["bob@example.org"].state == "queued"
-            assert rcpts["bob@example.org"].next_attempt == rig.clock.now() + dt.timedelta(seconds=300)
-            assert rcpts["bob@example.org"].last_reply == "452 4.2.2 Mailbox full, try later"
-            assert rcpts["carol@example.org"].state == "bounced"
-            await rig.run()  # the bounce for carol goes out
-            assert len(sender_mx.received) == 1
-            blocks = _status_blocks(sender_mx.received[0].parsed())
-            assert [b["Final-Recipient"] for b in blocks[1:]] == ["rfc822; carol@example.org"]
-            rig.clock.advance(300)
-            script.outcomes.clear()
-            await rig.run()  # bob's retry, alone
-            assert script.transactions[-1] == ["bob@example.org"]
-            assert rig.recipients(trace)["bob@example.org"].state == "delivered"
-            await rig.close()
-        lmtp.close()
-        await lmtp.wait_closed()
+        async with lmtp_server(script) as lmtp:
+            rig = Rig(*rig_args, lmtp=lmtp)
+            async with mx_server(IPS["sender"], rig_args[2], MX()) as sender_mx:
+                trace = rig.enqueue(["alice@example.org", "bob@example.org", "carol@example.org"])
+                await rig.run()
+                assert script.transactions == [["alice@example.org", "bob@example.org", "carol@example.org"]]
+                rcpts = rig.recipients(trace)
+                assert rcpts["alice@example.org"].state == "delivered"
+                assert rcpts["bob@example.org"].state == "queued"
+                assert rcpts["bob@example.org"].next_attempt == rig.clock.now() + dt.timedelta(seconds=300)
+                assert rcpts["bob@example.org"].last_reply == "452 4.2.2 Mailbox full, try later"
+                assert rcpts["carol@example.org"].state == "bounced"
+                await rig.run()  # the bounce for carol goes out
+                assert len(sender_mx.received) == 1
+                blocks = _status_blocks(sender_mx.received[0].parsed())
+                assert [b["Final-Recipient"] for b in blocks[1:]] == ["rfc822; carol@example.org"]
+                rig.clock.advance(300)
+                script.outcomes.clear()
+                await rig.run()  # bob's retry, alone
+                assert script.transactions[-1] == ["bob@example.org"]
+                assert rig.recipients(trace)["bob@example.org"].state == "delivered"
+                await rig.close()
 
     asyncio.run(go())
 
@@ -418,23 +415,20 @@ def test_a_pooled_lmtp_session_the_mda_closed_when_idle_does_not_delay_mail(rig_
     """After a quiet spell longer than the MDA's idle timeout, the next message goes at once."""
     async def go() -> None:
         script = LMTPScript({})
-        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(idle_timeout=0.3),
-                           lmtp=True)
-        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
-        first = rig.enqueue(["alice@example.org"])
-        await rig.run()
-        assert rig.recipients(first)["alice@example.org"].state == "delivered"
-        assert len(rig.local.idle) == 1  # the session is pooled...
-        await asyncio.sleep(1.0)  # ...and the MDA closes it (421 4.4.2 idle timeout)
-        second = rig.enqueue(["bob@example.org"])
-        await rig.run()  # the clock has not moved: a deferral would wait for the next retry
-        r = rig.recipients(second)["bob@example.org"]
-        assert (r.state, r.last_reply) == ("delivered", "250 2.0.0 Saved"), r.last_reply
-        assert script.transactions == [["alice@example.org"], ["bob@example.org"]]
-        assert not any(e.event == "deferred" for e in rig.events(second))
-        await rig.close()
-        lmtp.close()
-        await lmtp.wait_closed()
+        async with lmtp_server(script, limits=Limits(idle_timeout=0.3)) as lmtp:
+            rig = Rig(*rig_args, lmtp=lmtp)
+            first = rig.enqueue(["alice@example.org"])
+            await rig.run()
+            assert rig.recipients(first)["alice@example.org"].state == "delivered"
+            assert len(rig.local.idle) == 1  # the session is pooled...
+            await asyncio.sleep(1.0)  # ...and the MDA closes it (421 4.4.2 idle timeout)
+            second = rig.enqueue(["bob@example.org"])
+            await rig.run()  # the clock has not moved: a deferral would wait for the next retry
+            r = rig.recipients(second)["bob@example.org"]
+            assert (r.state, r.last_reply) == ("delivered", "250 2.0.0 Saved"), r.last_reply
+            assert script.transactions == [["alice@example.org"], ["bob@example.org"]]
+            assert not any(e.event == "deferred" for e in rig.events(second))
+            await rig.close()
 
     asyncio.run(go())
 
@@ -501,14 +495,12 @@ def test_the_mdas_outcomes_are_recorded_with_the_settle_when_it_leaves_them_to_u
     async def go() -> None:
         outcomes = {"bob@example.org": Reply(552, "5.2.2", "Mailbox full")}
         script = RecordingMDA(outcomes) if records else LMTPScript(outcomes)
-        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(), lmtp=True)
-        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
-        trace = rig.enqueue(["alice@example.org", "bob@example.org"], sender="")
-        await rig.run()
-        got = [(e.hop, e.event, e.recipient, e.path, e.detail) for e in rig.events(trace) if e.hop != "mta"]
-        await rig.close()
-        lmtp.close()
-        await lmtp.wait_closed()
+        async with lmtp_server(script) as lmtp:
+            rig = Rig(*rig_args, lmtp=lmtp)
+            trace = rig.enqueue(["alice@example.org", "bob@example.org"], sender="")
+            await rig.run()
+            got = [(e.hop, e.event, e.recipient, e.path, e.detail) for e in rig.events(trace) if e.hop != "mta"]
+            await rig.close()
         if records:
             assert got == [
                 ("mda", "delivered", "alice@example.org", "/mail/alice@example.org",
@@ -530,19 +522,17 @@ def test_a_success_notice_for_a_local_delivery_names_no_mailbox_path(rig_args: A
         from common.log import new_trace_id
 
         script = RecordingMDA({})
-        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(), lmtp=True)
-        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
-        trace = new_trace_id()
-        with rig.db.write() as s:
-            queue.enqueue(s, trace=trace, sender=SENDER, body=BODY, now=rig.clock.now(), recipients=[
-                queue.QueuedRecipient("alice@example.org", "alice@example.org", notify="SUCCESS")])
-            s.commit()
-        await rig.run()
-        [notice] = rig.dsns()
-        stored = [e.path for e in rig.events(trace) if e.hop == "mda"]
-        await rig.close()
-        lmtp.close()
-        await lmtp.wait_closed()
+        async with lmtp_server(script) as lmtp:
+            rig = Rig(*rig_args, lmtp=lmtp)
+            trace = new_trace_id()
+            with rig.db.write() as s:
+                queue.enqueue(s, trace=trace, sender=SENDER, body=BODY, now=rig.clock.now(), recipients=[
+                    queue.QueuedRecipient("alice@example.org", "alice@example.org", notify="SUCCESS")])
+                s.commit()
+            await rig.run()
+            [notice] = rig.dsns()
+            stored = [e.path for e in rig.events(trace) if e.hop == "mda"]
+            await rig.close()
         assert stored == ["/mail/alice@example.org"]  # the trace has it
         assert notice.body is not None and b"Diagnostic-Code: smtp; 250 2.0.0 Ok: delivered to maildir\n" in (
             notice.body.replace(b"\r\n", b"\n"))
@@ -582,17 +572,15 @@ def test_a_local_error_of_our_own_mda_is_retried_on_the_short_local_schedule(rig
             "alice@example.org": Reply(451, "4.3.0", "Local error in processing, try again later"),
             "bob@example.org": Reply(452, "4.2.2", "Mailbox full"),
         })
-        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(), lmtp=True)
-        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
-        trace = rig.enqueue(["alice@example.org", "bob@example.org"])
-        await rig.run()
-        got = rig.recipients(trace)
-        now = rig.clock.now()
-        assert got["alice@example.org"].next_attempt == now + dt.timedelta(seconds=1)
-        assert got["bob@example.org"].next_attempt == now + dt.timedelta(seconds=300)
-        await rig.close()
-        lmtp.close()
-        await lmtp.wait_closed()
+        async with lmtp_server(script) as lmtp:
+            rig = Rig(*rig_args, lmtp=lmtp)
+            trace = rig.enqueue(["alice@example.org", "bob@example.org"])
+            await rig.run()
+            got = rig.recipients(trace)
+            now = rig.clock.now()
+            assert got["alice@example.org"].next_attempt == now + dt.timedelta(seconds=1)
+            assert got["bob@example.org"].next_attempt == now + dt.timedelta(seconds=300)
+            await rig.close()
 
     asyncio.run(go())
 
@@ -614,21 +602,19 @@ def test_a_hand_off_after_a_crash_cut_an_attempt_short_says_it_is_a_retry(rig_ar
     # and its 250 was lost): the next hand-off says XRETRY, so the MDA looks harder.
     async def go() -> None:
         script = _RetryAwareMDA()
-        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(), lmtp=True)
-        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
-        first = rig.enqueue(["alice@example.org"])
-        with rig.db.write() as s:
-            queue.claim(s, "mail.test:999999999.1", rig.clock.now())  # a queue manager since killed
-            assert queue.release_stale(s, "mail.test") == 1
-        await rig.run()
-        second = rig.enqueue(["bob@example.org"])
-        await rig.run()
-        assert [rig.recipients(t)[a].state for t, a in ((first, "alice@example.org"), (second, "bob@example.org"))] \
-            == ["delivered", "delivered"]
-        assert ["XRETRY" in p for p in script.params] == [True, False]
-        await rig.close()
-        lmtp.close()
-        await lmtp.wait_closed()
+        async with lmtp_server(script) as lmtp:
+            rig = Rig(*rig_args, lmtp=lmtp)
+            first = rig.enqueue(["alice@example.org"])
+            with rig.db.write() as s:
+                queue.claim(s, "mail.test:999999999.1", rig.clock.now())  # a queue manager since killed
+                assert queue.release_stale(s, "mail.test") == 1
+            await rig.run()
+            second = rig.enqueue(["bob@example.org"])
+            await rig.run()
+            pairs = ((first, "alice@example.org"), (second, "bob@example.org"))
+            assert [rig.recipients(t)[a].state for t, a in pairs] == ["delivered", "delivered"]
+            assert ["XRETRY" in p for p in script.params] == [True, False]
+            await rig.close()
 
     asyncio.run(go())
 
@@ -638,37 +624,35 @@ def test_a_message_named_by_the_mtas_wake_up_is_claimed_at_once_without_a_scan(r
     # time, and it claims the message it names, not everything due.
     async def go() -> None:
         script = LMTPScript({})
-        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(), lmtp=True)
-        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
-        sock = rig_args[0] / "qmgr.sock"
-        transport = await rig.qm.listen(sock)
-        stop = asyncio.Event()
-        serving = asyncio.create_task(rig.qm.serve(stop, poll_interval=3600.0))
-        try:
-            await asyncio.sleep(0.3)  # the scan at start has found the queue empty
-            unnamed = rig.enqueue(["alice@example.org"])  # queued, but nobody said so
-            named = rig.enqueue(["bob@example.org"])
-            wakeup.send(sock, named)
-            for _ in range(100):
-                if rig.recipients(named)["bob@example.org"].state == "delivered":
-                    break
-                await asyncio.sleep(0.05)
-            assert rig.recipients(named)["bob@example.org"].state == "delivered"
-            assert script.transactions == [["bob@example.org"]]
-            assert rig.recipients(unnamed)["alice@example.org"].state == "queued"
-            wakeup.send(sock)  # a wake-up naming nothing (`mailroom queue flush`): a scan
-            for _ in range(100):
-                if rig.recipients(unnamed)["alice@example.org"].state == "delivered":
-                    break
-                await asyncio.sleep(0.05)
-            assert rig.recipients(unnamed)["alice@example.org"].state == "delivered"
-        finally:
-            stop.set()
-            await asyncio.wait_for(serving, 10)
-            transport.close()
-            await rig.close()
-            lmtp.close()
-            await lmtp.wait_closed()
+        async with lmtp_server(script) as lmtp:
+            rig = Rig(*rig_args, lmtp=lmtp)
+            sock = rig_args[0] / "qmgr.sock"
+            transport = await rig.qm.listen(sock)
+            stop = asyncio.Event()
+            serving = asyncio.create_task(rig.qm.serve(stop, poll_interval=3600.0))
+            try:
+                await asyncio.sleep(0.3)  # the scan at start has found the queue empty
+                unnamed = rig.enqueue(["alice@example.org"])  # queued, but nobody said so
+                named = rig.enqueue(["bob@example.org"])
+                wakeup.send(sock, named)
+                for _ in range(100):
+                    if rig.recipients(named)["bob@example.org"].state == "delivered":
+                        break
+                    await asyncio.sleep(0.05)
+                assert rig.recipients(named)["bob@example.org"].state == "delivered"
+                assert script.transactions == [["bob@example.org"]]
+                assert rig.recipients(unnamed)["alice@example.org"].state == "queued"
+                wakeup.send(sock)  # a wake-up naming nothing (`mailroom queue flush`): a scan
+                for _ in range(100):
+                    if rig.recipients(unnamed)["alice@example.org"].state == "delivered":
+                        break
+                    await asyncio.sleep(0.05)
+                assert rig.recipients(unnamed)["alice@example.org"].state == "delivered"
+            finally:
+                stop.set()
+                await asyncio.wait_for(serving, 10)
+                transport.close()
+                await rig.close()
 
     asyncio.run(go())
 
@@ -676,28 +660,26 @@ def test_a_message_named_by_the_mtas_wake_up_is_claimed_at_once_without_a_scan(r
 def test_a_bounce_queued_by_the_settle_goes_out_without_waiting_for_a_scan(rig_args: Any) -> None:
     async def go() -> None:
         script = LMTPScript({"carol@example.org": Reply(550, "5.1.1", "No such mailbox")})
-        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(), lmtp=True)
-        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
-        sock = rig_args[0] / "qmgr.sock"
-        transport = await rig.qm.listen(sock)
-        stop = asyncio.Event()
-        async with mx_server(IPS["sender"], rig_args[2], MX()) as sender_mx:
-            serving = asyncio.create_task(rig.qm.serve(stop, poll_interval=3600.0))
-            try:
-                await asyncio.sleep(0.3)
-                wakeup.send(sock, rig.enqueue(["carol@example.org"]))
-                for _ in range(100):
-                    if sender_mx.received:
-                        break
-                    await asyncio.sleep(0.05)
-                assert len(sender_mx.received) == 1  # the bounce, claimed by its id after the settle
-            finally:
-                stop.set()
-                await asyncio.wait_for(serving, 10)
-                transport.close()
-                await rig.close()
-        lmtp.close()
-        await lmtp.wait_closed()
+        async with lmtp_server(script) as lmtp:
+            rig = Rig(*rig_args, lmtp=lmtp)
+            sock = rig_args[0] / "qmgr.sock"
+            transport = await rig.qm.listen(sock)
+            stop = asyncio.Event()
+            async with mx_server(IPS["sender"], rig_args[2], MX()) as sender_mx:
+                serving = asyncio.create_task(rig.qm.serve(stop, poll_interval=3600.0))
+                try:
+                    await asyncio.sleep(0.3)
+                    wakeup.send(sock, rig.enqueue(["carol@example.org"]))
+                    for _ in range(100):
+                        if sender_mx.received:
+                            break
+                        await asyncio.sleep(0.05)
+                    assert len(sender_mx.received) == 1  # the bounce, claimed by its id after the settle
+                finally:
+                    stop.set()
+                    await asyncio.wait_for(serving, 10)
+                    transport.close()
+                    await rig.close()
 
     asyncio.run(go())
 
@@ -707,24 +689,22 @@ def test_the_body_stays_while_a_recipient_outside_the_round_is_unfinished(rig_ar
     # body without reading the states again; one that does not must leave it.
     async def go() -> None:
         script = LMTPScript({})
-        lmtp = await serve("127.0.0.1:0", lambda: script, hostname="mda.test", limits=Limits(), lmtp=True)
-        rig = Rig(*rig_args, lmtp=f"127.0.0.1:{lmtp.sockets[0].getsockname()[1]}")
-        trace = rig.enqueue(["alice@example.org", "bob@example.org"])
-        with rig.db.write() as s:  # bob is not due yet: this round takes alice alone
-            s.execute(update(Recipient).where(Recipient.address == "bob@example.org")
-                      .values(next_attempt=rig.clock.now() + dt.timedelta(seconds=60)))
-            s.commit()
-        await rig.run()
-        assert script.transactions == [["alice@example.org"]]
-        with rig.db.read() as s:
-            assert s.get(Message, trace).body is not None  # type: ignore[union-attr]
-        rig.clock.advance(60)
-        await rig.run()
-        assert script.transactions == [["alice@example.org"], ["bob@example.org"]]
-        with rig.db.read() as s:
-            assert s.get(Message, trace).body is None  # type: ignore[union-attr]
-        await rig.close()
-        lmtp.close()
-        await lmtp.wait_closed()
+        async with lmtp_server(script) as lmtp:
+            rig = Rig(*rig_args, lmtp=lmtp)
+            trace = rig.enqueue(["alice@example.org", "bob@example.org"])
+            with rig.db.write() as s:  # bob is not due yet: this round takes alice alone
+                s.execute(update(Recipient).where(Recipient.address == "bob@example.org")
+                          .values(next_attempt=rig.clock.now() + dt.timedelta(seconds=60)))
+                s.commit()
+            await rig.run()
+            assert script.transactions == [["alice@example.org"]]
+            with rig.db.read() as s:
+                assert s.get(Message, trace).body is not None  # type: ignore[union-attr]
+            rig.clock.advance(60)
+            await rig.run()
+            assert script.transactions == [["alice@example.org"], ["bob@example.org"]]
+            with rig.db.read() as s:
+                assert s.get(Message, trace).body is None  # type: ignore[union-attr]
+            await rig.close()
 
     asyncio.run(go())

@@ -19,7 +19,8 @@
   line, expect that reply), played through `Client` against `listeners()`.
 - `peers`: scripted next hops: `MX`, an aiosmtpd host in a remote MX's part,
   on the test's event loop (`mx_server`) or a thread (`mx_thread`); `Peer` and
-  `LMTPScript` on our own engine (a DSN hop, the MDA's part).
+  `LMTPScript` on our own engine (a DSN hop, the MDA's part), the latter served
+  over LMTP on the test's event loop by `lmtp_server`.
 - `qmgr`: `Rig`, the queue manager in process with a FakeClock, its MX hosts
   on 127.0.0.x found through a real DNS server, and their fixtures.
 - `tls_world`: a small Internet for the outbound TLS tests (signed and

@@ -8,11 +8,14 @@
   tests whose mail comes from real processes (the daemons, Postfix).
 - `Peer` with `peer_server`: a next hop on our own engine, for what aiosmtpd
   cannot offer (DSN, REQUIRETLS); it keeps the parameters it was given.
-- `LMTPScript`: the MDA's part on our engine, one scripted reply per recipient.
+- `LMTPScript`: the MDA's part on our engine, one scripted reply per recipient;
+  `lmtp_server` serves it (or any handler) over LMTP on the caller's event loop
+  and yields its address, for the queue manager's `Rig(lmtp=...)`.
 
 `mx_server` and `peer_server` listen on the address the caller picks (127.0.0.x
 for the MX hosts of tests/harness/qmgr.py; port 0 for any free one, then
-`MX.port` says which).  (tests/support/peers.py finds the real peer programs.)
+`MX.port` says which); `lmtp_server` on a free port of 127.0.0.1.
+(tests/support/peers.py finds the real peer programs.)
 """
 
 from __future__ import annotations
@@ -163,6 +166,19 @@ class LMTPScript(Handler):
     async def data(self, session: MailSession, envelope: MailEnvelope) -> list[Reply]:
         self.transactions.append(list(envelope.rcpt_tos))
         return [self.outcomes.get(r, Reply(250, "2.0.0", "Saved")) for r in envelope.rcpt_tos]
+
+
+@contextlib.asynccontextmanager
+async def lmtp_server(handler: Handler, *, limits: Limits | None = None) -> AsyncIterator[str]:
+    """`handler` in the MDA's part, served over LMTP by our engine on a free port of
+    127.0.0.1 on the running loop; yields its address, "127.0.0.1:PORT"."""
+    server = await serve("127.0.0.1:0", lambda: handler, hostname="mda.test",
+                         limits=Limits() if limits is None else limits, lmtp=True)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 @dataclass
