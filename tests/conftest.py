@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,3 +36,18 @@ def installation(tmp_path: Path) -> Installation:
 def suite(installation: Installation) -> Iterator[Installation]:
     """The installation with all four daemons running under supervisord."""
     yield from running(installation)
+
+
+@pytest.fixture
+def log_setup_undone() -> Iterator[None]:
+    """For a test that calls common.log.setup: the handler it installs writes to the
+    sys.stderr of that moment, pytest's capture of this test, which is closed after
+    it; a later test's log line through it would fail.  So it goes at the end."""
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    yield
+    for handler in root.handlers[:]:
+        if handler not in before:
+            root.removeHandler(handler)
+            handler.close()  # a log file's; a stream handler leaves its stream open
+    root.setLevel(level)

@@ -11,6 +11,7 @@ import pytest
 from common import config, log
 
 
+@pytest.mark.usefixtures("log_setup_undone")
 def test_json_lines_carry_the_trace_id_as_a_field(capsys: pytest.CaptureFixture[str]) -> None:
     log.setup("mta", "info", "json")
     token = log.trace_id.set("0123456789ABCDEF01")
@@ -27,7 +28,6 @@ def test_json_lines_carry_the_trace_id_as_a_field(capsys: pytest.CaptureFixture[
     assert first["logger"] == "mta.queue" and isinstance(first["pid"], int)
     assert first["time"].endswith("Z") and "T" in first["time"]
     assert "trace_id" not in second and second["level"] == "warning"
-    log.setup("test", "info")  # back to text for the tests that follow
 
 
 def test_log_format_is_text_or_json(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,10 +21,7 @@ from common import log
 FORGED = "2030-01-01 00:00:00.000 mda[1] 012345678901234567: delivered to=<mallory@example.org>"
 
 
-@pytest.fixture(autouse=True)
-def _back_to_stderr() -> Iterator[None]:
-    yield
-    log.setup("test", "info")  # the tests that follow log to stderr again, as text
+pytestmark = pytest.mark.usefixtures("log_setup_undone")
 
 
 def test_every_control_character_of_a_message_becomes_an_escape(capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
+import pytest
+
 from common import log
 from common.reply import Reply, parse_reply
 
@@ -24,6 +26,7 @@ def test_only_well_formed_ids_are_trusted() -> None:
         assert not log.is_trace_id(bad)
 
 
+@pytest.mark.usefixtures("log_setup_undone")
 def test_every_log_line_carries_the_trace_id(capsys: object) -> None:
     log.setup("test", "info")
     token = log.trace_id.set("0123456789ABCDEF01")
