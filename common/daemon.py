@@ -339,19 +339,20 @@ def _prepare(
     if acct is not None:
         mail_group = writes_mail and acct.mail_gid is not None
         privileges.become(acct, umask=privileges.MAIL_UMASK if mail_group else privileges.UMASK)
-    # Only now can a client connect: the first byte it sends reaches the Mailroom user.
-    for key, socks in sockets.items():
-        for endpoint, sock in zip(endpoints[key], socks, strict=True):
-            try:
-                endpoint.listen(sock)
-            except BindError as exc:
-                raise BindError(f"{setting_name(key)} = {exc}") from None
     problem = privileges.writable_problem(cfg, acct) if acct is not None else None
     if problem:
         raise StartError(problem)
     db = Database(cfg.database_url)
     if not helper:
         db.create_schema()
+    # Only now can a client connect: the first byte it sends reaches the Mailroom
+    # user, and a process that answers can also serve (its tables exist).
+    for key, socks in sockets.items():
+        for endpoint, sock in zip(endpoints[key], socks, strict=True):
+            try:
+                endpoint.listen(sock)
+            except BindError as exc:
+                raise BindError(f"{setting_name(key)} = {exc}") from None
     clock = for_lab(cfg.lab.time_warp, cfg.lab.time_warp_since)
     use_clock(clock)  # for the times written without one (column defaults)
     return Context(
