@@ -30,7 +30,7 @@ peers:
 # whole in one of them; each draws its ports from its own share, tests/support/ports.py).
 WORKERS ?= 2
 test: venv peers
-	$(BIN)/pytest -n $(WORKERS) --dist loadfile -m "not slow"
+	$(BIN)/pytest -n $(WORKERS) --dist loadfile -m "not slow" --durations=25
 
 # The soaks (marked `slow`: chaos, the cluster, ten reloads and a backup under load,
 # a thousand deliveries), one at a time: each wants the machine to itself.

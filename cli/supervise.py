@@ -235,7 +235,7 @@ def run(cfg: Config) -> int:
     # The rest of `mailroom run`'s life is spent waiting: a small process of the standard
     # library only (cli/watch.py) stays as supervisord's parent, not this one.
     argv = [sys.executable, "-m", "cli.watch", "run", str(run_dir), "relay" if not _stdout_reopens() else "direct",
-            sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)]
+            sys.executable, "-m", "cli.supervisord", "-n", "-c", str(conf)]
     os.execv(sys.executable, argv)
 
 

@@ -203,7 +203,7 @@ def test_an_mta_process_that_cannot_start_stops_the_suite_with_its_line(installa
     run_dir = cfg.run_dir.resolve()
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli.watch", "run", str(run_dir), "relay",
-         sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)],
+         sys.executable, "-m", "cli.supervisord", "-n", "-c", str(conf)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
         start_new_session=True,
     )
