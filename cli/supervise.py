@@ -20,7 +20,7 @@ from cli.watch import failure_file
 from common import config as configmod
 from common import privileges
 from common.config import Config
-from common.daemon import bind_all
+from common.daemon import SUPERVISOR_STARTSECS, bind_all
 from common.db import Database
 from common.endpoint import BindError
 
@@ -34,7 +34,7 @@ autorestart = unexpected
 ; 2, 73 and 78: the daemon could not start (a port, the user, a folder) and said why in
 ; one line; starting it again cannot help, so the watcher below stops the suite.
 exitcodes = 0,2,73,78
-startsecs = 1
+startsecs = {startsecs}
 startretries = 10
 stopsignal = TERM
 stopwaitsecs = 15
@@ -88,7 +88,8 @@ def render(cfg: Config, *, output: str = "/dev/stdout", with_imap: bool = False,
     run_dir.mkdir(parents=True, exist_ok=True)
     template = resources.files("cli").joinpath(TEMPLATE).read_text()
     events = "true" if cfg.log_dir is not None else "false"
-    common = _COMMON.format(base=cfg.base, output=_OUTPUT.format(output=output, events=events))
+    common = _COMMON.format(base=cfg.base, startsecs=SUPERVISOR_STARTSECS,
+                            output=_OUTPUT.format(output=output, events=events))
     text = template.format(
         run_dir=run_dir, python=sys.executable, config=cfg.path, common=common,
         password=secrets.token_urlsafe(24),

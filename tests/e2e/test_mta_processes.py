@@ -26,7 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cli import supervise
-from common import counters
+from common import counters, daemon
 from tests.support.suite import Installation, free_port, maildir_messages
 
 pytestmark = pytest.mark.timeout(180)
@@ -189,13 +189,15 @@ def test_a_killed_process_comes_back_while_the_other_serves_and_sigterm_stops_bo
 
 def test_an_mta_process_that_cannot_start_stops_the_suite_with_its_line(installation: Installation) -> None:
     # The real template for two processes, where the MTA's command only says why it cannot
-    # start, the way the skeleton does (status 78, after one line on stderr).
+    # start, the way the skeleton does (status 78, after one line on stderr, once it has
+    # been up for supervisord's startsecs: common.daemon.cannot_start).
     inst = installation
     inst.set("mta", "processes", "2")
     cfg = inst.config
     conf = supervise.render(cfg)
     line = "mta: cannot start: a line from the test"
-    fail = f"import sys; sys.stderr.write('{line}\\n'); sys.stderr.flush(); sys.exit(78)"
+    fail = (f"import sys, time; sys.stderr.write('{line}\\n'); sys.stderr.flush(); "
+            f"time.sleep({daemon.SUPERVISOR_STARTSECS} + 0.1); sys.exit(78)")
     text = conf.read_text()
     mta_command = f"{sys.executable} -m mta --config {cfg.path} --instance %(process_num)d"
     assert mta_command in text
