@@ -310,8 +310,21 @@ class IMAPClient(imaplib.IMAP4):
         return socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
 
 
-def imaps(port: int) -> imaplib.IMAP4_SSL:
-    return imaplib.IMAP4_SSL("127.0.0.1", port, ssl_context=tls_client_context(), timeout=30)
+class _IMAPS(imaplib.IMAP4_SSL):
+    def __init__(self, port: int, source: str) -> None:
+        self.source = source
+        super().__init__("127.0.0.1", port, ssl_context=tls_client_context(), timeout=30)
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
+        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+
+
+def imaps(port: int, source: str = "127.0.0.1") -> imaplib.IMAP4_SSL:
+    """An IMAPS client from loopback address `source`.  Dovecot holds back every login,
+    right or wrong, from an address that has just failed one (up to 15 s: its auth
+    penalty), so a test that tries a wrong password and then a right one uses two."""
+    return _IMAPS(port, source)
 
 
 def imap_starttls(port: int, source: str = "127.0.0.1") -> IMAPClient:
@@ -320,5 +333,16 @@ def imap_starttls(port: int, source: str = "127.0.0.1") -> IMAPClient:
     return client
 
 
-def pop3s(port: int) -> poplib.POP3_SSL:
-    return poplib.POP3_SSL("127.0.0.1", port, context=tls_client_context(), timeout=30)
+class _POP3S(poplib.POP3_SSL):
+    def __init__(self, port: int, source: str) -> None:
+        self.source = source
+        super().__init__("127.0.0.1", port, context=tls_client_context(), timeout=30)
+
+    def _create_socket(self, timeout: float) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
+        return self.context.wrap_socket(sock, server_hostname=self.host)
+
+
+def pop3s(port: int, source: str = "127.0.0.1") -> poplib.POP3_SSL:
+    """A POP3S client from loopback address `source` (see imaps)."""
+    return _POP3S(port, source)
