@@ -28,7 +28,9 @@ peers:
 
 # Every test but the soaks, in $(WORKERS) processes (pytest-xdist: a test file runs
 # whole in one of them; each draws its ports from its own share, tests/support/ports.py).
-WORKERS ?= 2
+# Three on two cores: most tests wait on real daemons and peers more than they compute,
+# and with two workers the cores stood idle for 40% of the run.
+WORKERS ?= 3
 test: venv peers
 	$(BIN)/pytest -n $(WORKERS) --dist loadfile -m "not slow" --durations=25
 
