@@ -21,14 +21,13 @@ import logging
 import socket
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from common.log import trace_id
 from tests.harness.client import CLOSED, STARTTLS_HANDSHAKE, Client, Step, line, play, run
 from tests.harness.openings import auth_plain, lmtp_hello, msa_login, smtp_hello
-from tests.harness.services import Queued, Stack, listeners
+from tests.harness.services import Since, Stack, listeners
 from tests.harness.users import add_users
 
 pytestmark = pytest.mark.timeout(60)
@@ -41,44 +40,15 @@ USERS = [f"user{i:03}@example.org" for i in range(150)]
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One installation's listeners for the whole module: making an installation and
     starting its four listeners cost more than most of these tests, and none of them
-    changes a listener (each test sees only what arrived since it began, `_Since`)."""
+    changes a listener (each test sees only what arrived since it began, `Since`)."""
     with listeners(tmp_path_factory.mktemp("closing") / "mailroom") as stack:
         add_users(stack.inst, *USERS)
         yield stack
 
 
-class _Since:
-    """The shared stack as one test sees it: the queue and the mailboxes hold only
-    what arrived after the test began, so "nothing was stored" still means nothing."""
-
-    def __init__(self, stack: Stack) -> None:
-        self._stack = stack
-        self._queued = {q.trace for q in stack.queued()}
-        self._boxes: dict[str, list[bytes]] = {}
-        self.watch("alice@example.org", "bob@example.org")
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stack, name)
-
-    def watch(self, *addresses: str) -> None:
-        """From now on, these mailboxes hold only what arrives after this (for
-        alice and bob, at the start of every test: the others cost to read)."""
-        for a in addresses:
-            self._boxes[a] = self._stack.mailbox(a)
-
-    def queued(self) -> list[Queued]:
-        return [q for q in self._stack.queued() if q.trace not in self._queued]
-
-    def mailbox(self, address: str) -> list[bytes]:
-        new = self._stack.mailbox(address)
-        for old in self._boxes[address]:  # a multiset difference: Maildir and mbox alike
-            new.remove(old)
-        return new
-
-
 @pytest.fixture
-def stack(shared: Stack) -> _Since:
-    return _Since(shared)
+def stack(shared: Stack) -> Since:
+    return Since(shared)
 
 
 def _starttls_hello() -> list[Step]:
