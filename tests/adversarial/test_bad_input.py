@@ -9,16 +9,36 @@ listener and the MDA (LMTP), running in-process on loopback (tests/harness/servi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness.client import CLOSED, STARTTLS_HANDSHAKE, Step, line, run
 from tests.harness.openings import LISTENERS, auth_plain, lmtp_hello, msa_login, smtp_hello, transaction
-from tests.harness.services import Stack, listeners
+from tests.harness.services import Since, Stack, listeners
 from tests.harness.users import add_users
 
 pytestmark = pytest.mark.timeout(30)
+
+USERS = [f"user{i:03}@example.org" for i in range(105)]  # for the recipient limits
+QUOTING = "quoting@example.org"  # an mbox only the mboxrd test writes to
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One installation's listeners for the module: starting them cost more than most of
+    these dialogues.  None changes a listener (the AUTH lockout test has its own), and
+    each sees only what arrived since it began (`Since`)."""
+    with listeners(tmp_path_factory.mktemp("bad_input") / "mailroom") as stack:
+        add_users(stack.inst, *USERS)
+        add_users(stack.inst, QUOTING, store="mbox")
+        yield stack
+
+
+@pytest.fixture
+def stack(shared: Stack) -> Since:
+    return Since(shared)
 
 
 def nothing_got_through(stack: Stack) -> None:
@@ -141,9 +161,9 @@ def test_address_limits_and_control_characters(stack: Stack, listener: str) -> N
 
 
 @pytest.mark.parametrize("listener", ["mta", "mda"])
-def test_more_than_100_recipients_get_452_and_the_first_100_are_kept(stack: Stack, listener: str) -> None:
-    users = [f"user{i:03}@example.org" for i in range(105)]
-    add_users(stack.inst, *users)
+def test_more_than_100_recipients_get_452_and_the_first_100_are_kept(stack: Since, listener: str) -> None:
+    users = USERS
+    stack.watch(*users)
     key, hello, sender, _ = LISTENERS[listener]
     envelope = line(f"MAIL FROM:<{sender}>") + b"".join(line(f"RCPT TO:<{u}>") for u in users)
     after_data = ["250 2.0.0"] * (100 if listener == "mda" else 1)  # LMTP: one per recipient
@@ -161,8 +181,7 @@ def test_more_than_100_recipients_get_452_and_the_first_100_are_kept(stack: Stac
 
 
 def test_the_msa_also_stops_at_100_recipients(stack: Stack) -> None:
-    users = [f"user{i:03}@example.org" for i in range(101)]
-    add_users(stack.inst, *users)
+    users = USERS[:101]
     run(stack.ports["submission"], [
         *msa_login(), (line("MAIL FROM:<alice@example.org>"), "250 2.1.0"),
         *[(line(f"RCPT TO:<{u}>"), "250 2.1.5") for u in users[:100]],
@@ -216,15 +235,16 @@ def test_addresses_that_look_like_paths_name_no_mailbox(stack: Stack, listener: 
 # --- mboxrd -----------------------------------------------------------------------------
 
 
-def test_from_lines_are_quoted_in_mbox(stack: Stack) -> None:
+def test_from_lines_are_quoted_in_mbox(stack: Since) -> None:
+    stack.watch(QUOTING)
     body = b"Subject: quoting\r\n\r\nFrom x\r\n>From y\r\nFromage\r\n.\r\n"
     run(stack.ports["lmtp"], [
-        *lmtp_hello(), *transaction("a@remote.example", "bob@example.org"), (body, "250 2.0.0"),
+        *lmtp_hello(), *transaction("a@remote.example", QUOTING), (body, "250 2.0.0"),
     ]).close()
-    raw = (stack.config.mail_root / "example.org" / "bob.mbox").read_bytes()
+    raw = (stack.config.mail_root / "example.org" / "quoting.mbox").read_bytes()
     assert b"\n>From x\n>>From y\nFromage\n" in raw
     assert raw.count(b"\nFrom ") + raw.startswith(b"From ") == 1  # one message
-    (stored,) = stack.mailbox("bob@example.org")
+    (stored,) = stack.mailbox(QUOTING)
     assert stored.endswith(b"\n>From x\n>>From y\nFromage\n")  # as mbox readers see it (they do not unquote)
 
 

@@ -27,10 +27,28 @@ import pytest
 from common.log import trace_id
 from tests.harness.client import CLOSED, STARTTLS_HANDSHAKE, Client, Step, line, play, run
 from tests.harness.openings import auth_plain, lmtp_hello, msa_login, smtp_hello
-from tests.harness.services import Stack
+from tests.harness.services import Since, Stack, listeners
 from tests.harness.users import add_users
 
 pytestmark = pytest.mark.timeout(60)
+
+# The 150 pipelined recipients, users of the shared installation.
+USERS = [f"user{i:03}@example.org" for i in range(150)]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One installation's listeners for the whole module: making an installation and
+    starting its four listeners cost more than most of these tests, and none of them
+    changes a listener (each test sees only what arrived since it began, `Since`)."""
+    with listeners(tmp_path_factory.mktemp("closing") / "mailroom") as stack:
+        add_users(stack.inst, *USERS)
+        yield stack
+
+
+@pytest.fixture
+def stack(shared: Stack) -> Since:
+    return Since(shared)
 
 
 def _starttls_hello() -> list[Step]:
@@ -132,8 +150,8 @@ def test_nothing_after_too_many_errors_is_executed(stack: Stack, name: str, clie
 
 @pytest.mark.parametrize("name", ["587-starttls", "public-plain", "lmtp-plain"])
 def test_150_pipelined_recipients_deliver_to_the_first_100(stack: Stack, name: str) -> None:
-    users = [f"user{i:03}@example.org" for i in range(150)]
-    add_users(stack.inst, *users)
+    users = USERS
+    stack.watch(*users)
     s, sender, _ = _open(stack, name)
     lmtp = name.startswith("lmtp")
     try:

@@ -7,13 +7,22 @@ import logging
 import random
 import socket
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from tests.harness.client import Client, line, play
-from tests.harness.services import Stack
+from tests.harness.services import Stack, listeners
 
 pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One installation's listeners for the module: starting them cost more than
+    each test's sessions; a listener the noise had hurt fails its own test, whichever came first."""
+    with listeners(tmp_path_factory.mktemp("random_bytes") / "mailroom") as stack:
+        yield stack
 
 WORDS = [b"EHLO x", b"HELO x", b"LHLO x", b"MAIL FROM:<a@b.example>", b"RCPT TO:<alice@example.org>",
          b"DATA", b"BDAT 10", b"RSET", b"NOOP", b"STARTTLS", b"AUTH PLAIN", b"AUTH LOGIN", b"VRFY x",

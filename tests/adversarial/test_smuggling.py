@@ -9,13 +9,28 @@ queue or deliver the smuggled one.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from tests.harness.client import CLOSED, line, run
 from tests.harness.openings import LISTENERS, transaction
-from tests.harness.services import Stack
+from tests.harness.services import Since, Stack, listeners
 
 pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One installation's listeners for the module: starting them cost more than each
+    variant's session; each test sees only what arrived since it began (`Since`)."""
+    with listeners(tmp_path_factory.mktemp("smuggling") / "mailroom") as stack:
+        yield stack
+
+
+@pytest.fixture
+def stack(shared: Stack) -> Since:
+    return Since(shared)
 
 ENDINGS = {
     "LF.LF": b"\n.\n",

@@ -3,12 +3,27 @@ STARTTLS in plaintext is thrown away, never answered inside the TLS session."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from tests.harness.client import STARTTLS_HANDSHAKE, line, run
-from tests.harness.services import Stack
+from tests.harness.services import Since, Stack, listeners
 
 pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One installation's listeners for the module: starting them cost more than
+    each test's session; each sees only what was queued since it began (`Since`)."""
+    with listeners(tmp_path_factory.mktemp("starttls") / "mailroom") as stack:
+        yield stack
+
+
+@pytest.fixture
+def stack(shared: Stack) -> Since:
+    return Since(shared)
 
 
 @pytest.mark.parametrize("key", ["submission", "smtp"])

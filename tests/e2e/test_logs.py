@@ -13,13 +13,15 @@ from __future__ import annotations
 import re
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness.client import Client
+from tests.harness.users import add_user
 from tests.support import peers
-from tests.support.suite import PASSWORD, Installation, maildir_messages, tls_client_context
+from tests.support.suite import PASSWORD, Installation, maildir_messages, running, tls_client_context
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -28,6 +30,18 @@ ALICE = "alice@example.org"
 BEGIN = "<!--XSUPERVISOR:BEGIN-->"
 # What every line of a daemon's log starts with (the text format).
 RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} (msa|mta|qmgr|mda|web|lab)\[\d+\] ([0-9A-F]{18}|-): ")
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installation]:
+    """One running suite for the module: starting and stopping it took longer than the
+    tests.  What each test looks for in the logs is its own (its trace ids, its tags and
+    forgeries), and what the others logged before it only adds lines that must be whole
+    records too; the rotation test finds whatever came before in the moved files."""
+    inst = Installation(tmp_path_factory.mktemp("logs") / "mailroom")
+    add_user(inst, ALICE, "maildir")
+    add_user(inst, "bob@example.org", "mbox")
+    yield from running(inst)
 
 
 def submit(inst: Installation, subject: str) -> str:

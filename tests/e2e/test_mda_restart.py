@@ -8,11 +8,12 @@ the first hand-off that succeeds again brings all waiting local mail forward.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
 
-from tests.support.suite import Installation, maildir_messages, wait_port
+from tests.support.suite import Installation, maildir_messages, running, wait_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -45,19 +46,19 @@ def test_mail_waiting_for_a_restarting_mda_is_delivered_within_seconds(suite: In
     assert time.monotonic() - back < 70
 
 
-def test_the_first_hand_off_that_succeeds_brings_waiting_local_mail_forward(suite: Installation) -> None:
-    suite.stop()
-    suite.set("mta", "local_retry_schedule", '["10m"]')  # so only the bring-forward can deliver it soon
-    suite.start()
-    assert suite.cli("stop", "mda").returncode == 0
-    code, text = suite.submit(ALICE, [ALICE], _message("waited"))
-    assert code == 250
-    suite.wait_for(lambda: _deferred(suite, text), what="the hand-off to fail")
-    assert suite.cli("start", "mda").returncode == 0
-    wait_port(suite.ports["lmtp"])
-    box = suite.mailbox(ALICE)
-    assert len(maildir_messages(box)) == 0
-    # New mail goes through at once, and the waiting message comes with it.
-    code, _ = suite.submit(ALICE, [ALICE], _message("fresh"))
-    assert code == 250
-    suite.wait_for(lambda: len(maildir_messages(box)) == 2, timeout=30, what="both messages")
+def test_the_first_hand_off_that_succeeds_brings_waiting_local_mail_forward(installation: Installation) -> None:
+    # Set before the suite starts: stopping a running suite to change it cost seconds.
+    installation.set("mta", "local_retry_schedule", '["10m"]')  # so only the bring-forward can deliver it soon
+    with contextlib.contextmanager(running)(installation) as suite:
+        assert suite.cli("stop", "mda").returncode == 0
+        code, text = suite.submit(ALICE, [ALICE], _message("waited"))
+        assert code == 250
+        suite.wait_for(lambda: _deferred(suite, text), what="the hand-off to fail")
+        assert suite.cli("start", "mda").returncode == 0
+        wait_port(suite.ports["lmtp"])
+        box = suite.mailbox(ALICE)
+        assert len(maildir_messages(box)) == 0
+        # New mail goes through at once, and the waiting message comes with it.
+        code, _ = suite.submit(ALICE, [ALICE], _message("fresh"))
+        assert code == 250
+        suite.wait_for(lambda: len(maildir_messages(box)) == 2, timeout=30, what="both messages")

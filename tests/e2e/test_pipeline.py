@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 import re
 import time
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import select
@@ -13,11 +14,24 @@ from sqlalchemy import select
 from common.db import Database
 from common.events import EventName, Hop
 from common.models import ACTIVE, QUEUED, Event, Recipient
+from tests.harness.users import add_user
 from tests.support.admin import AdminClient, add_admin
 from tests.support.ports import free_port
 from tests.support.suite import PASSWORD, Installation, maildir_messages, mbox_messages, running
 
 pytestmark = pytest.mark.timeout(120)
+IMPLICIT = "implicit@example.org"  # the recipient of the test on 465, whose mailbox no other test fills
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installation]:
+    """One running suite for the tests that only send through it: starting and stopping
+    the suite took longer than they do.  Each counts the messages in a mailbox of its own."""
+    inst = Installation(tmp_path_factory.mktemp("pipeline") / "mailroom")
+    add_user(inst, "alice@example.org", "maildir")
+    add_user(inst, "bob@example.org", "mbox")
+    add_user(inst, IMPLICIT, "maildir")
+    yield from running(inst)
 
 
 def test_submission_reaches_maildir_and_mbox_with_a_full_trace(suite: Installation) -> None:
@@ -76,10 +90,10 @@ def test_submission_reaches_maildir_and_mbox_with_a_full_trace(suite: Installati
 
 def test_submission_on_the_implicit_tls_port(suite: Installation) -> None:
     code, text = suite.submit(
-        "alice@example.org", ["alice@example.org"], b"Subject: via 465\r\n\r\nhi\r\n", implicit_tls=True
+        "alice@example.org", [IMPLICIT], b"Subject: via 465\r\n\r\nhi\r\n", implicit_tls=True
     )
     assert code == 250, text
-    box = suite.mailbox("alice@example.org")
+    box = suite.mailbox(IMPLICIT)
     suite.wait_for(lambda: len(maildir_messages(box)) == 1, what="delivery")
 
 

@@ -74,8 +74,10 @@ class Page:
 
 
 class AdminClient:
-    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
-        self.port, self.host = port, host
+    def __init__(self, port: int, host: str = "127.0.0.1", *, source: str | None = None) -> None:
+        """`source`: the loopback address to connect from (127.0.0.2, ...), for a client the
+        page must tell apart from the others (its failed logins lock only it out)."""
+        self.port, self.host, self.source = port, host, source
         self.cookies: dict[str, str] = {}
         self.last: Page | None = None
         self.tls = ssl.create_default_context()
@@ -84,7 +86,8 @@ class AdminClient:
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> Page:
-        conn = http.client.HTTPSConnection(self.host, self.port, timeout=60, context=self.tls)
+        conn = http.client.HTTPSConnection(self.host, self.port, timeout=60, context=self.tls,
+                                           source_address=(self.source, 0) if self.source else None)
         try:
             sent = dict(headers or {})
             if self.cookies:
