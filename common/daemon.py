@@ -10,9 +10,10 @@ One order for every daemon, so no daemon can get it wrong:
    (a setting may hold several addresses) and bind them all (an address that
    cannot be bound: one line naming the setting);
 4. load the TLS certificate and key (while the key may be root's);
-5. drop privileges for good, umask 077; only then listen, so no client can
-   even connect to a process that is still root;
-6. open the database, check it is writable, bring its schema up to date;
+5. drop privileges for good, umask 077;
+6. open the database, check it is writable, bring its schema up to date; only
+   then listen, so no client can even connect to a process that is still root,
+   or that would answer before it can serve;
 7. run the service (it serves on the bound sockets) until SIGTERM/SIGINT,
    then let it drain.  SIGHUP (`mailroom reload`) reads the certificate and
    the settings that can change safely again, without closing a listener
