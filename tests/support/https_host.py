@@ -60,10 +60,13 @@ class HTTPSHost:
                     self.send_header("Location", page.location)
                 self.end_headers()
                 if page.dribble:
-                    for i in range(len(page.body)):
-                        self.wfile.write(page.body[i:i + 1])
-                        self.wfile.flush()
-                        time.sleep(page.dribble)
+                    try:
+                        for i in range(len(page.body)):
+                            self.wfile.write(page.body[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(page.dribble)
+                    except OSError:
+                        return  # the client gave up on the slow page, as it should: no traceback
                 else:
                     self.wfile.write(page.body)
 
