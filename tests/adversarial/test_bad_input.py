@@ -41,7 +41,7 @@ def stack(shared: Stack) -> Since:
     return Since(shared)
 
 
-def nothing_got_through(stack: Stack) -> None:
+def nothing_got_through(stack: Since) -> None:
     assert stack.queued() == []
     assert stack.mailbox("alice@example.org") == [] and stack.mailbox("bob@example.org") == []
 
@@ -50,7 +50,7 @@ def nothing_got_through(stack: Stack) -> None:
 # lmtp-unknown-recipients.txt) -----------------------------------------------------------
 
 
-def test_the_msa_relays_nothing_without_authentication(stack: Stack) -> None:
+def test_the_msa_relays_nothing_without_authentication(stack: Since) -> None:
     port = stack.ports["submission"]
     run(port, [
         (None, "220 "), (line("EHLO client.example"), "250 "),
@@ -74,7 +74,7 @@ BARE = [
 
 @pytest.mark.parametrize("listener", ["msa", "mta", "mda"])
 @pytest.mark.parametrize("bad", BARE)
-def test_bare_line_endings_in_commands_end_the_session(stack: Stack, listener: str, bad: bytes) -> None:
+def test_bare_line_endings_in_commands_end_the_session(stack: Since, listener: str, bad: bytes) -> None:
     key, hello, _, _ = LISTENERS[listener]
     run(stack.ports[key], [*hello(), (bad, "521 5.5.2"), (None, CLOSED)]).close()
 
@@ -82,7 +82,7 @@ def test_bare_line_endings_in_commands_end_the_session(stack: Stack, listener: s
 @pytest.mark.parametrize("listener", ["msa", "mta", "mda"])
 @pytest.mark.parametrize("body", [b"Subject: x\r\n\r\nline one\nline two\r\n.\r\n",
                                   b"Subject: x\r\n\r\nline one\rline two\r\n.\r\n"], ids=["LF", "CR"])
-def test_bare_line_endings_in_data_refuse_the_message(stack: Stack, listener: str, body: bytes) -> None:
+def test_bare_line_endings_in_data_refuse_the_message(stack: Since, listener: str, body: bytes) -> None:
     key, hello, sender, rcpt = LISTENERS[listener]
     run(stack.ports[key], [*hello(), *transaction(sender, rcpt), (body, "521 5.5.2"), (None, CLOSED)]).close()
     nothing_got_through(stack)
@@ -94,7 +94,7 @@ def test_bare_line_endings_in_data_refuse_the_message(stack: Stack, listener: st
 
 
 @pytest.mark.parametrize("listener", ["msa", "mta", "mda"])
-def test_command_line_limit_is_512_octets(stack: Stack, listener: str) -> None:
+def test_command_line_limit_is_512_octets(stack: Since, listener: str) -> None:
     key, hello, _, _ = LISTENERS[listener]
     # NOOP takes any argument (RFC 5321 4.1.1.9); a HELO name this long would be no domain.
     run(stack.ports[key], [
@@ -107,7 +107,7 @@ def test_command_line_limit_is_512_octets(stack: Stack, listener: str) -> None:
 
 
 @pytest.mark.parametrize("listener", ["msa", "mta", "mda"])
-def test_text_line_limit_is_1000_octets(stack: Stack, listener: str) -> None:
+def test_text_line_limit_is_1000_octets(stack: Since, listener: str) -> None:
     key, hello, sender, rcpt = LISTENERS[listener]
     ok_body = b"Subject: fits\r\n\r\n" + b"a" * 998 + b"\r\n" + b"." * 999 + b"\r\n.\r\n"
     long_body = b"Subject: too long\r\n\r\n" + b"b" * 999 + b"\r\n.\r\n"
@@ -132,7 +132,7 @@ LONG_DOMAIN = "x@" + ".".join(["d" * 63] * 4) + ".example"  # 263 octets
 
 
 @pytest.mark.parametrize("listener", ["msa", "mta", "mda"])
-def test_address_limits_and_control_characters(stack: Stack, listener: str) -> None:
+def test_address_limits_and_control_characters(stack: Since, listener: str) -> None:
     key, hello, sender, rcpt = LISTENERS[listener]
     ok_local = "l" * 64 + "@example.org"
     script: list[Step] = [*hello()]
@@ -180,7 +180,7 @@ def test_more_than_100_recipients_get_452_and_the_first_100_are_kept(stack: Sinc
         assert list(queued.recipients) == users[:100]
 
 
-def test_the_msa_also_stops_at_100_recipients(stack: Stack) -> None:
+def test_the_msa_also_stops_at_100_recipients(stack: Since) -> None:
     users = USERS[:101]
     run(stack.ports["submission"], [
         *msa_login(), (line("MAIL FROM:<alice@example.org>"), "250 2.1.0"),
@@ -218,7 +218,7 @@ def test_auth_rules(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("listener", ["mta", "mda"])
-def test_addresses_that_look_like_paths_name_no_mailbox(stack: Stack, listener: str) -> None:
+def test_addresses_that_look_like_paths_name_no_mailbox(stack: Since, listener: str) -> None:
     key, hello, sender, _ = LISTENERS[listener]
     run(stack.ports[key], [
         *hello(), (line(f"MAIL FROM:<{sender}>"), "250 2.1.0"),
@@ -252,7 +252,7 @@ def test_from_lines_are_quoted_in_mbox(stack: Since) -> None:
 
 
 @pytest.mark.parametrize("listener", ["msa", "mta"])
-def test_too_many_received_headers_is_a_loop(stack: Stack, listener: str) -> None:
+def test_too_many_received_headers_is_a_loop(stack: Since, listener: str) -> None:
     key, hello, sender, rcpt = LISTENERS[listener]
     hops = b"".join(b"Received: from hop%d.example by hop%d.example; Mon, 1 Jan 2024 00:00:00 +0000\r\n" % (i, i)
                     for i in range(51))  # max_hops is 50
@@ -273,7 +273,7 @@ def test_too_many_received_headers_is_a_loop(stack: Stack, listener: str) -> Non
 
 
 @pytest.mark.parametrize("listener", ["msa", "mta", "mda"])
-def test_data_without_an_accepted_recipient(stack: Stack, listener: str) -> None:
+def test_data_without_an_accepted_recipient(stack: Since, listener: str) -> None:
     key, hello, sender, _ = LISTENERS[listener]
     run(stack.ports[key], [
         *hello(),
@@ -289,7 +289,7 @@ def test_data_without_an_accepted_recipient(stack: Stack, listener: str) -> None
     nothing_got_through(stack)
 
 
-def files_outside_mail_root(stack: Stack) -> list[Path]:
+def files_outside_mail_root(stack: Since) -> list[Path]:
     """Files that appeared in the installation folder, but not where they belong."""
     assert stack.inst is not None
     root, config = stack.inst.root, stack.config

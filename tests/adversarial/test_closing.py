@@ -80,18 +80,18 @@ def _transaction(sender: str, rcpt: str, subject: str) -> bytes:
     )
 
 
-def _nothing_stored(stack: Stack) -> None:
+def _nothing_stored(stack: Since) -> None:
     time.sleep(1.0)  # what the listener would still execute, it executes within this
     assert stack.queued() == []
     assert stack.mailbox("alice@example.org") == [] and stack.mailbox("bob@example.org") == []
 
 
-def _open(stack: Stack, name: str) -> tuple[Client, str, str]:
+def _open(stack: Since, name: str) -> tuple[Client, str, str]:
     key, implicit, opening, sender, rcpt = LISTENERS[name]
     return run(stack.address(key), opening(), tls=implicit), sender, rcpt
 
 
-def _hang_up_and_wait(s: Client, stack: Stack) -> None:
+def _hang_up_and_wait(s: Client, stack: Since) -> None:
     """The client closes at once; give the listener time to do whatever it would do."""
     s.close()
     time.sleep(0.5)
@@ -99,7 +99,7 @@ def _hang_up_and_wait(s: Client, stack: Stack) -> None:
 
 @pytest.mark.parametrize("client", ["silent", "closes"])
 @pytest.mark.parametrize("name", list(LISTENERS))
-def test_nothing_after_a_bare_lf_is_executed(stack: Stack, name: str, client: str) -> None:
+def test_nothing_after_a_bare_lf_is_executed(stack: Since, name: str, client: str) -> None:
     s, sender, rcpt = _open(stack, name)
     try:
         first = (
@@ -119,7 +119,7 @@ def test_nothing_after_a_bare_lf_is_executed(stack: Stack, name: str, client: st
         s.close()
 
 
-def _nothing_smuggled(stack: Stack) -> None:
+def _nothing_smuggled(stack: Since) -> None:
     time.sleep(1.0)  # what the listener would still execute, it executes within this
     stored = [q.body for q in stack.queued()] + stack.mailbox("alice@example.org") + stack.mailbox("bob@example.org")
     assert not [m for m in stored if b"must never be stored" in m]
@@ -127,7 +127,7 @@ def _nothing_smuggled(stack: Stack) -> None:
 
 @pytest.mark.parametrize("client", ["silent", "closes"])
 @pytest.mark.parametrize("name", list(LISTENERS))
-def test_nothing_after_too_many_errors_is_executed(stack: Stack, name: str, client: str) -> None:
+def test_nothing_after_too_many_errors_is_executed(stack: Since, name: str, client: str) -> None:
     s, sender, rcpt = _open(stack, name)
     errors = stack.config.smtp.max_errors
     good = (
@@ -149,7 +149,7 @@ def test_nothing_after_too_many_errors_is_executed(stack: Stack, name: str, clie
 
 
 @pytest.mark.parametrize("name", ["587-starttls", "public-plain", "lmtp-plain"])
-def test_150_pipelined_recipients_deliver_to_the_first_100(stack: Stack, name: str) -> None:
+def test_150_pipelined_recipients_deliver_to_the_first_100(stack: Since, name: str) -> None:
     users = USERS
     stack.watch(*users)
     s, sender, _ = _open(stack, name)
@@ -173,7 +173,7 @@ def test_150_pipelined_recipients_deliver_to_the_first_100(stack: Stack, name: s
     "bad", [b"\x00", b"\x1b[31m", b"\x07", b"\x7f", b"\t"], ids=["NUL", "ESC", "BEL", "DEL", "TAB"]
 )
 @pytest.mark.parametrize("key", ["submission", "submissions", "smtp", "internal", "lmtp"])
-def test_hello_names_with_control_characters_get_501(stack: Stack, key: str, bad: bytes) -> None:
+def test_hello_names_with_control_characters_get_501(stack: Since, key: str, bad: bytes) -> None:
     verbs = ["LHLO"] if key == "lmtp" else ["HELO", "EHLO"]
     s = run(stack.address(key), [(None, "220 ")], tls=key == "submissions")
     try:
@@ -234,7 +234,7 @@ def _garbage_handshake(port: int, starttls: bool) -> None:
 
 
 @pytest.mark.parametrize("key", ["submission", "submissions", "smtp"])
-def test_a_failed_tls_handshake_is_one_log_line(stack: Stack, key: str, records: _Records) -> None:
+def test_a_failed_tls_handshake_is_one_log_line(stack: Since, key: str, records: _Records) -> None:
     # A delivery first, so a trace id was in force on this listener's loop.
     run(stack.ports["smtp"], [
         *smtp_hello(), (_transaction("a@remote.example", "alice@example.org", "first"),

@@ -49,7 +49,7 @@ BARE = {"NUL-before-dot": False, "NUL-after-dot": False}  # the others contain a
 
 @pytest.mark.parametrize("listener", ["msa", "mta", "mda"])
 @pytest.mark.parametrize("ending", list(ENDINGS))
-def test_no_ending_variant_smuggles_a_second_message(stack: Stack, listener: str, ending: str) -> None:
+def test_no_ending_variant_smuggles_a_second_message(stack: Since, listener: str, ending: str) -> None:
     key, hello, sender, rcpt = LISTENERS[listener]
     smuggled = (
         b"MAIL FROM:<" + sender.encode() + b">\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"

@@ -31,7 +31,7 @@ def stack(shared: Stack) -> Since:
     "injected", [b"RSET\r\n", b"MAIL FROM:<evil@remote.example>\r\nRCPT TO:<alice@example.org>\r\n"],
     ids=["RSET", "envelope"],
 )
-def test_commands_pipelined_after_starttls_are_discarded(stack: Stack, key: str, injected: bytes) -> None:
+def test_commands_pipelined_after_starttls_are_discarded(stack: Since, key: str, injected: bytes) -> None:
     s = run(stack.ports[key], [
         (None, "220 "), (line("EHLO client.example"), "250 "),
         (b"STARTTLS\r\n" + injected, "220 "),  # one packet
