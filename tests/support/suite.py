@@ -165,7 +165,8 @@ class Installation:
 
         from common.models import User
 
-        db = Database(self.config.database_url, threads=1)
+        config = self.config  # read from the file at each use: once here
+        db = Database(config.database_url, threads=1)
         try:
             with db.read() as s:
                 box = s.scalar(select(User.mailbox).where(User.address == address))
@@ -173,7 +174,7 @@ class Installation:
             db.close()
         if box is None:
             raise KeyError(address)
-        return self.config.mail_root / box
+        return config.mail_root / box
 
     def give(self, path: Path | None = None) -> None:
         """As root: files a test made (mailboxes, say) become the Mailroom user's, as
