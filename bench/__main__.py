@@ -78,7 +78,9 @@ def _profile_start(pids: dict[str, int], out: Path) -> list[tuple[subprocess.Pop
         raw = out / f"{name}.txt"
         p = subprocess.Popen(
             [spy, "record", "--pid", str(pids.get(name) or pids[f"{name}_0"]), "--format", "raw", "--rate", "200",
-             "--nonblocking", "-o", str(raw)],
+             # Only the thread holding the GIL: the samples count Python's CPU, not waits
+             # (uvloop's poll and fsync release it) that would drown it.
+             "--gil", "--nonblocking", "-o", str(raw)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         procs.append((p, raw))

@@ -90,3 +90,16 @@ def test_bench_runs_a_tiny_load_and_prints_its_summary_line(tmp_path: Path) -> N
     # for supervisord's Unix socket path) are gone afterwards.
     where = re.search(r"installations under (\S+)", proc.stdout)
     assert where and not Path(where.group(1)).exists()
+
+
+def test_the_maildir_bench_compares_the_unnamed_and_named_tmp_file(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.maildir", "--messages", "30", "--runs", "2", "--threads", "2",
+         "--workdir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"tmp/ file unnamed .* CPU \d", done.stdout)
+    assert re.search(r"tmp/ file named .* CPU \d", done.stdout)
+    assert re.search(r"^unnamed_vs_named_cpu=\d+\.\d\d$", done.stdout, re.M)
+    assert list(tmp_path.iterdir()) == []  # its Maildirs removed

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 
 from sqlalchemy import delete, update
 
 from common.db import Database
-from common.directory import Directory
+from common.directory import Directory, Snapshot
 from common.models import Alias, User
 from mta import aliases
 
@@ -75,4 +77,47 @@ def test_expansion_from_memory_agrees_with_the_database(tmp_path: Path) -> None:
                 mem = aliases.expand_from(snapshot, address, local_domains=["example.org"], delimiter="+")
                 assert mem == aliases.expand(s, address, local_domains=["example.org"], delimiter="+"), address
     finally:
+        db.close()
+
+
+def test_if_current_answers_from_the_copy_only_while_it_is_current(tmp_path: Path) -> None:
+    # The MTA's RCPT asks this on its event loop, with no thread hop.
+    db = _db(tmp_path)
+    try:
+        directory = Directory(db.read_engine)
+        assert directory.if_current() is None  # nothing loaded yet: ask current() in a thread
+        first = directory.current()
+        assert directory.if_current() is first
+        with db.write() as s:
+            s.add(User(address="alice@example.org", mailbox="example.org/alice"))
+            s.commit()
+        assert directory.if_current() is None  # a user was added: the copy is behind
+        now = directory.current()
+        assert now.user("alice@example.org") is not None and directory.if_current() is now
+    finally:
+        db.close()
+
+
+def test_if_current_never_waits_for_a_lock(tmp_path: Path) -> None:
+    # Another process holds the database file exclusively: the event loop must get
+    # None at once (and go to a thread), not wait out the busy timeout.
+    db = _db(tmp_path)
+    with db.write() as s:
+        s.add(User(address="alice@example.org", mailbox="example.org/alice"))
+        s.commit()
+    generation = Directory(db.read_engine).current().generation
+    db.close()
+    holder = sqlite3.connect(tmp_path / "d.db", isolation_level=None)
+    try:
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute("UPDATE users SET quota = 5")
+        db = Database(f"sqlite:///{tmp_path}/d.db", threads=1)
+        directory = Directory(db.read_engine)
+        directory._snapshot = Snapshot(generation, {}, {})  # as if loaded before the lock was taken
+        started = time.monotonic()
+        assert directory.if_current() is None
+        assert time.monotonic() - started < 1.0
+    finally:
+        holder.close()
         db.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -38,6 +39,34 @@ def test_deliver_links_into_new_and_leaves_tmp_empty(tmp_path: Path) -> None:
     assert path.read_bytes() == b"Subject: x\n\nbody\n"
     assert list((box / "tmp").iterdir()) == [] and list((box / "cur").iterdir()) == []
     assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize("how", ["unnamed", "refused", "named"])
+def test_the_file_in_tmp_unnamed_or_named_ends_in_new_whole_and_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str,
+) -> None:
+    # Linux: an unnamed O_TMPFILE file linked through /proc/self/fd.  A filesystem
+    # that refuses O_TMPFILE, or no /proc: a named file in tmp/, as qmail does.
+    box = tmp_path / "box"
+    opened: list[int] = []
+    real_open = os.open
+
+    def watch_open(path: os.PathLike[str] | str, flags: int, mode: int = 0o777) -> int:
+        unnamed = flags & os.O_TMPFILE == os.O_TMPFILE
+        opened.append(unnamed)
+        if unnamed and how == "refused":
+            raise OSError(errno.EOPNOTSUPP, "not on this filesystem")
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(maildir.os, "open", watch_open)
+    monkeypatch.setattr(maildir, "_unnamed_tmp", how != "named")
+    path, stored = maildir.deliver(box, b"Subject: x\n\nbody\n", "1.M1R1.host")
+    again, stored_again = maildir.deliver(box, b"other\n", "1.M1R1.host", look_in_cur=False)
+    assert stored and not stored_again and again == path
+    assert path.read_bytes() == b"Subject: x\n\nbody\n"
+    assert os.listdir(box / "tmp") == [] and os.listdir(box / "new") == ["1.M1R1.host"]
+    assert (True in opened) == (how != "named")
+    assert maildir._unnamed_tmp == (how == "unnamed")  # a refusal is remembered
 
 
 def test_a_second_delivery_under_the_same_name_stores_nothing(tmp_path: Path) -> None:
