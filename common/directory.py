@@ -13,6 +13,13 @@ microseconds) rather than through SQLAlchemy's connection checkout, BEGIN and
 ROLLBACK, which cost the MDA a fifth of its Python time (py-spy, load 1).
 Only when it moved are the tables read, through SQLAlchemy, in one
 transaction with the generation.
+
+`if_current()` spares the MTA's RCPT even the thread hop: on SQLite it reads
+the integer on the event loop itself, over a connection that never waits for
+a lock (a busy database answers None at once, and the caller asks `current()`
+in a thread).  A WAL reader takes no lock a writer holds, and the one row is
+always in the page cache, so the read costs microseconds and cannot stall the
+loop behind a slow disk or another process's transaction.
 """
 
 from __future__ import annotations
@@ -101,17 +108,28 @@ class Directory:
                     self._snapshot = snapshot
                 return snapshot
 
-    def _read_generation(self) -> int | None:
+    def if_current(self) -> Snapshot | None:
+        """The copy, if it is current (SQLite only; never waits: call it on the event loop).
+        None: not known to be current, ask `current()` in a thread."""
+        snapshot = self._snapshot
+        if snapshot is None or self._sqlite_file is None:
+            return None
+        return snapshot if self._read_generation(timeout=0) == snapshot.generation else None
+
+    def _read_generation(self, timeout: float = 30) -> int | None:
         """The generation, read over this thread's own sqlite3 connection (None if it cannot be)."""
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        # Per thread, and per timeout: the event loop's connection waits for no lock.
+        kind = "waiting" if timeout else "quick"
+        conn: sqlite3.Connection | None = getattr(self._local, kind, None)
         try:
             if conn is None:
                 assert self._sqlite_file is not None
                 # Autocommit (no BEGIN of ours): each SELECT reads the newest committed state.
-                conn = sqlite3.connect(self._sqlite_file, timeout=30, isolation_level=None, check_same_thread=False)
-                self._local.conn = conn
+                conn = sqlite3.connect(self._sqlite_file, timeout=timeout, isolation_level=None,
+                                       check_same_thread=False)
+                setattr(self._local, kind, conn)
             row = conn.execute(_GENERATION_SQL).fetchone()
         except sqlite3.Error:
-            self._local.conn = None
+            setattr(self._local, kind, None)
             return None  # the table is missing, the file moved: the SQLAlchemy path decides
         return None if row is None or row[0] is None else int(row[0])

@@ -36,7 +36,7 @@ from common.clock import Clock
 from common.config import Config
 from common.daemon import Context, serve_until_stopped
 from common.db import Database
-from common.directory import Directory
+from common.directory import Directory, Snapshot
 from common.hop_tls import HopTLS
 from common.log import is_trace_id, new_trace_id, trace_id
 from common.reply import Reply, SMTPError
@@ -188,7 +188,10 @@ class SMTPHandler(Handler):
             log.info("relay denied to=<%s> client=%s", recipient, session.client_ip)
             raise SMTPError(R.RELAY_DENIED)
         try:
-            found = await self.db.run(self._expand, recipient)
+            # The copy, when it is known current without a thread hop; else asked in a thread.
+            snapshot = self.directory.if_current()
+            found = (self._expand(recipient, snapshot) if snapshot is not None
+                     else await self.db.run(self._expand, recipient))
         except aliases.AliasLoop:
             raise SMTPError(R.MAIL_LOOP.with_text("Alias loop for this recipient")) from None
         if found is None:
@@ -217,11 +220,11 @@ class SMTPHandler(Handler):
             action="expanded",
         )
 
-    def _expand(self, recipient: str) -> aliases.Expansion | None:
+    def _expand(self, recipient: str, snapshot: Snapshot | None = None) -> aliases.Expansion | None:
         # From the in-memory copy of users and aliases (one integer read to
         # know it is current), not a read transaction of ORM loads per RCPT.
         return aliases.expand_from(
-            self.directory.current(), recipient, local_domains=list(self.policy.local_domains),
+            snapshot or self.directory.current(), recipient, local_domains=list(self.policy.local_domains),
             delimiter=self.policy.recipient_delimiter,
         )
 
