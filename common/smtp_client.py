@@ -163,7 +163,10 @@ class Client:
         code = 0
         while True:
             try:
-                raw = await asyncio.wait_for(self.reader.readline(), self.timeout)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for makes a task of every
+                # read, and this runs for every reply line of every hop (py-spy, queue manager).
+                async with asyncio.timeout(self.timeout):
+                    raw = await self.reader.readline()
             except TimeoutError as exc:
                 raise NextHopError(R.CONNECTION_LOST.with_text(f"Timeout waiting for {self.peer}")) from exc
             except (OSError, ValueError) as exc:
@@ -190,7 +193,8 @@ class Client:
             raise NextHopError(R.CONNECTION_LOST.with_text(f"Lost {self.peer}: connection closed"))
         try:
             self.writer.write(data)
-            await asyncio.wait_for(self.writer.drain(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await self.writer.drain()
         except (OSError, TimeoutError) as exc:
             raise NextHopError(R.CONNECTION_LOST.with_text(f"Lost {self.peer}: {exc}")) from exc
 

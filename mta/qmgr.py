@@ -23,6 +23,7 @@ runs at start, when a datagram names no message, and every poll_interval.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections import defaultdict
@@ -175,28 +176,30 @@ class QueueManager:
     ) -> None:
         loop = asyncio.get_running_loop()
         next_scan = last_minute = loop.time()  # the first scan at once: mail queued while we were down
-        while not stop.is_set():
-            self.wake.clear()
-            if self.woken:
-                traces, self.woken = list(self.woken), {}
-                await self.run_once(traces)
-            if self.scan_asked or loop.time() >= next_scan:
-                self.scan_asked = False
-                await self.run_once()
-                next_scan = loop.time() + poll_interval
-            if every_minute is not None and loop.time() - last_minute > 60:
-                await every_minute()
-                last_minute = loop.time()
-            if self.woken or self.scan_asked:
-                continue
-            stop_wait = asyncio.create_task(stop.wait())
-            wake_wait = asyncio.create_task(self.wake.wait())
-            await asyncio.wait(
-                [stop_wait, wake_wait], timeout=max(0.0, next_scan - loop.time()),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            stop_wait.cancel()
-            wake_wait.cancel()
+        # A stop wakes the loop as a wake-up does: one task for the whole run, rather
+        # than two tasks and an asyncio.wait per wake-up (one per message, in one session).
+        stopping = asyncio.create_task(stop.wait())
+        stopping.add_done_callback(lambda _: self.wake.set())
+        try:
+            while not stop.is_set():
+                self.wake.clear()
+                if self.woken:
+                    traces, self.woken = list(self.woken), {}
+                    await self.run_once(traces)
+                if self.scan_asked or loop.time() >= next_scan:
+                    self.scan_asked = False
+                    await self.run_once()
+                    next_scan = loop.time() + poll_interval
+                if every_minute is not None and loop.time() - last_minute > 60:
+                    await every_minute()
+                    last_minute = loop.time()
+                if self.woken or self.scan_asked or stop.is_set():
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, next_scan - loop.time())):
+                        await self.wake.wait()
+        finally:
+            stopping.cancel()
 
     async def drain(self) -> None:
         """Wait for every delivery in progress (tests and shutdown)."""
