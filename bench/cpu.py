@@ -21,16 +21,17 @@ from pathlib import Path
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def times(pid: int) -> tuple[float, float]:
-    """(own CPU seconds, CPU seconds of waited-for children) of `pid`; zeros when it is gone."""
+def times(pid: int) -> tuple[float, float, float]:
+    """(own CPU seconds, CPU seconds of waited-for children, own seconds in the kernel)
+    of `pid`; zeros when it is gone."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     # Fields after the parenthesised command name start at field 3 (state);
     # utime stime cutime cstime are fields 14-17.
     f = text[text.rindex(")") + 2 :].split()
-    return (int(f[11]) + int(f[12])) / TICK, (int(f[13]) + int(f[14])) / TICK
+    return (int(f[11]) + int(f[12])) / TICK, (int(f[13]) + int(f[14])) / TICK, int(f[12]) / TICK
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Snapshot:
 
     own: dict[str, float] = field(default_factory=dict)
     children: dict[str, float] = field(default_factory=dict)
+    kernel: dict[str, float] = field(default_factory=dict)  # the part of `own` spent in system calls
 
     @property
     def total(self) -> float:
@@ -48,9 +50,10 @@ class Snapshot:
 def snapshot(processes: Callable[[], dict[int, str]]) -> Snapshot:
     snap = Snapshot()
     for pid, name in processes().items():
-        own, kids = times(pid)
+        own, kids, kernel = times(pid)
         snap.own[name] = snap.own.get(name, 0.0) + own
         snap.children[name] = snap.children.get(name, 0.0) + kids
+        snap.kernel[name] = snap.kernel.get(name, 0.0) + kernel
     return snap
 
 
@@ -63,6 +66,9 @@ class CpuUse:
     # Own CPU per process name; "exited children of X" holds what processes that
     # ended during the load used (for Postfix: most smtpd, cleanup, virtual).
     per_process_ms_per_msg: dict[str, float]
+    # Of each process's own CPU, the part in the kernel (system calls: fsync, send,
+    # link...): what no change to our Python can remove, only fewer calls.
+    kernel_ms_per_msg: dict[str, float] = field(default_factory=dict)
 
 
 def use(before: Snapshot, after: Snapshot, delivered: int) -> CpuUse:
@@ -76,5 +82,6 @@ def use(before: Snapshot, after: Snapshot, delivered: int) -> CpuUse:
             per[f"exited children of {name}"] = d * 1000 / n
     # A process that ended during the load leaves a negative own delta that its
     # parent's children delta makes up: the total stays right either way.
+    kernel = {name: (after.kernel.get(name, 0.0) - before.kernel.get(name, 0.0)) * 1000 / n for name in after.kernel}
     return CpuUse(delivered=delivered, total_ms_per_msg=(after.total - before.total) * 1000 / n,
-                  per_process_ms_per_msg=per)
+                  per_process_ms_per_msg=per, kernel_ms_per_msg=kernel)

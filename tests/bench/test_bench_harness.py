@@ -76,12 +76,15 @@ def test_bench_runs_a_tiny_load_and_prints_its_summary_line(tmp_path: Path) -> N
     assert re.fullmatch(r"[0-9a-f]{40}", machine["commit"])
     assert figures["listener"]["median_per_s"]["engine"] > 0
     assert abs(figures["summary"]["p99_ms"] - float(m.group(3))) < 0.1
-    # CPU per message by process, in the JSON summary and on the line before the last,
+    # CPU per message by process (and its part in the kernel), in the JSON summary and on the lines before the last,
     # for load 1 and for the one-session load 2: a cost moved between processes shows.
     by_process = figures["summary"]["cpu_ms_per_msg_by_process"]
     assert {"mta", "qmgr", "mda"} <= set(by_process) and all(v > 0 for v in by_process.values())
     assert {"mta", "qmgr", "mda"} <= set(figures["summary"]["cpu_ms_per_msg_one_session_by_process"])
     assert figures["summary"]["cpu_ms_per_msg_one_session"] > 0
+    assert lines[-4].startswith("cpu_kernel_ms_per_msg_by_process ") and " mda=" in lines[-4]
+    kernel = figures["summary"]["cpu_kernel_ms_per_msg_by_process"]
+    assert all(0 < kernel[n] <= by_process[n] for n in ("mta", "mda"))
     assert lines[-3].startswith("cpu_ms_per_msg_by_process ") and " mda=" in lines[-3]
     assert lines[-2].startswith("one_session_cpu_ms_per_msg_by_process ") and " qmgr=" in lines[-2]
     for run in figures["runs"]:
