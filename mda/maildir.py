@@ -14,8 +14,8 @@ mounted, the named file in tmp/ is used.
 
 System calls.  A delivery makes only the calls the promise needs: open in
 tmp/, write, fsync, close, link into new/ (and, for a named tmp/ file, unlink
-it), and the fsync of new/ that concurrent deliveries share.  What a Maildir looked like
-is remembered per process (its folders exist, the device of tmp/, an
+it), and the fsync of new/ that concurrent deliveries share.  What a Maildir
+looked like is remembered per process (its folders exist, the device of tmp/, an
 unlimited quota's file is gone): a Maildir removed behind our back shows as
 FileNotFoundError, and the delivery then makes its folders again and goes
 once more.
@@ -36,7 +36,6 @@ link() refuses to overwrite it, so the message is never stored twice.
 from __future__ import annotations
 
 import errno
-import functools
 import hashlib
 import itertools
 import os
@@ -193,10 +192,19 @@ def _link(source: str | Path, new_path: Path, source_dir: int | None = None) -> 
         return False
 
 
-@functools.cache
+_proc_fd: tuple[int, int] | None = None  # (pid, descriptor) of /proc/self/fd, as opened
+
+
 def _proc_fds() -> int:
-    """/proc/self/fd, open: plain link() would not follow its entries (linkat does)."""
-    return os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+    """/proc/self/fd, open: plain link() would not follow its entries (linkat does).
+
+    Opened again in a forked child: "self" was resolved when it was opened, and
+    the parent's descriptor N is another file."""
+    global _proc_fd
+    pid = os.getpid()
+    if _proc_fd is None or _proc_fd[0] != pid:
+        _proc_fd = (pid, os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY))
+    return _proc_fd[1]
 
 
 # Whether open(O_TMPFILE) may be tried: Linux with /proc, until a filesystem refuses it.

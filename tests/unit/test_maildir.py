@@ -185,3 +185,21 @@ def test_a_maildir_removed_behind_our_back_is_made_again(tmp_path: Path) -> None
     assert stored and path.read_bytes() == b"third\n"
     assert list((box / "tmp").iterdir()) == []
 
+
+
+def test_a_forked_child_links_its_own_unnamed_file(tmp_path: Path) -> None:
+    # /proc/self/fd is opened once per process: a child must not link through its
+    # parent's, where its descriptor number names another file (or none).
+    box = tmp_path / "box"
+    maildir.deliver(box, b"parent\n", "1.M1R1.host")  # the parent has opened its /proc/self/fd
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            path, stored = maildir.deliver(box, b"child\n", "2.M1R2.host")
+            code = 0 if stored and path.read_bytes() == b"child\n" else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert (box / "new" / "2.M1R2.host").read_bytes() == b"child\n"
