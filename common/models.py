@@ -253,13 +253,24 @@ def add_event(
     # A plain Core INSERT, run at once: cheaper than an ORM object waiting for
     # the flush, or the ORM's bulk-insert path.  The per-message paths (group
     # commit) pass a Connection; the operator's commands and tests a Session.
+    add_events(conn, [event_row(trace_id, hop, event, recipient=recipient, detail=detail, path=path, time=time)])
+
+
+def event_row(
+    trace_id: str, hop: Hop, event: EventName, *, recipient: str = "", detail: str = "", path: str = "",
+    time: dt.datetime | None = None,
+) -> dict[str, object]:
+    """One event, as `add_events` inserts it."""
+    return {"trace_id": trace_id, "hop": hop, "event": event, "recipient": recipient, "detail": detail,
+            "path": path, "time": time or utcnow()}
+
+
+def add_events(conn: Connection | Session, rows: list[dict[str, object]]) -> None:
+    """Several events in one statement, in order (executemany): a statement costs the
+    MTA about a tenth of a millisecond per message, on the path its 250 waits for."""
     if isinstance(conn, Session):
         conn = conn.connection()
-    conn.execute(
-        _INSERT_EVENT,
-        {"trace_id": trace_id, "hop": hop, "event": event, "recipient": recipient, "detail": detail, "path": path,
-         "time": time or utcnow()},
-    )
+    conn.execute(_INSERT_EVENT, rows)
 
 
 _INSERT_EVENT = insert(Event)

@@ -74,6 +74,8 @@ from common.models import (
     Message,
     Recipient,
     add_event,
+    add_events,
+    event_row,
 )
 from common.reply import Reply
 from mta import bounce, resubmit
@@ -190,7 +192,8 @@ def accept(conn: Connection, msg: Incoming, hostname: str, local_domains: Collec
     # events and fail the insert.  Asked in this write transaction, so no race.
     if msg.named and conn.execute(_QUEUED, {"trace": msg.trace}).first() is not None:
         raise TraceTaken(msg.trace)
-    add_event(conn, msg.trace, Hop.MTA, EventName.RECEIVED, time=msg.received, detail=msg.arrival)
+    # Inserted with the next events, in one statement.
+    received = event_row(msg.trace, Hop.MTA, EventName.RECEIVED, time=msg.received, detail=msg.arrival)
     earlier = None
     if window > 0:
         earlier = resubmit.find(
@@ -198,10 +201,13 @@ def accept(conn: Connection, msg: Incoming, hostname: str, local_domains: Collec
             digest=msg.digest, since=msg.received - dt.timedelta(seconds=window),
         )
     if earlier is not None:
-        add_event(conn, msg.trace, Hop.MTA, EventName.RESUBMITTED, time=msg.received,
-                  detail=f"the same message as {earlier}: not queued")
-        add_event(conn, earlier, Hop.MTA, EventName.RESUBMITTED, time=msg.received,
-                  detail=f"sent again from {msg.client} as {msg.trace}: answered with this trace id")
+        add_events(conn, [
+            received,
+            event_row(msg.trace, Hop.MTA, EventName.RESUBMITTED, time=msg.received,
+                      detail=f"the same message as {earlier}: not queued"),
+            event_row(earlier, Hop.MTA, EventName.RESUBMITTED, time=msg.received,
+                      detail=f"sent again from {msg.client} as {msg.trace}: answered with this trace id"),
+        ])
         return earlier
     a = msg.asked
     enqueue(
@@ -209,6 +215,7 @@ def accept(conn: Connection, msg: Incoming, hostname: str, local_domains: Collec
         client=msg.client, message_id=msg.message_id, digest=msg.digest,
         options={"ret": a.ret, "envid": a.envid, "body_type": a.body_type, "smtputf8": a.smtputf8,
                  "requiretls": a.requiretls},
+        events_before=[received],
     )
     if msg.notices and msg.sender:  # never to <>
         enqueue_dsn(
@@ -237,11 +244,13 @@ def enqueue(
     is_bounce: bool = False,
     digest: str = "",
     options: dict[str, object] | None = None,
+    events_before: list[dict[str, object]] | None = None,
 ) -> None:
     """Add a message to the queue (the caller commits).
 
     `options` are what the sender asked of delivery (columns of Message: ret,
-    envid, body_type, smtputf8, requiretls).
+    envid, body_type, smtputf8, requiretls).  `events_before` (`event_row`s)
+    go into the trace before its `queued` event, in the same statement.
 
     Plain Core INSERTs rather than ORM objects (or the ORM's bulk path): this
     runs for every message, and the ORM's unit of work cost the MTA about a
@@ -265,11 +274,11 @@ def enqueue(
                 for r in recipients
             ],
         )
-    add_event(
-        conn, trace, hop, EventName.QUEUED, time=now,
+    add_events(conn, [*(events_before or []), event_row(
+        trace, hop, EventName.QUEUED, time=now,
         detail=f"from=<{sender}> size={len(body)} nrcpt={len(recipients)}"
         + (f" client={client}" if client else ""),
-    )
+    )])
 
 
 _INSERT_MESSAGE = insert(Message)

@@ -311,12 +311,13 @@ class SMTPHandler(Handler):
             # it gets the same answer, and nothing is queued twice.
             log.info("resubmission of %s from=<%s> client=%s", queued, envelope.mail_from, session.client_ip)
             return R.OK.with_text(f"Ok: queued as {queued}")
+        # Naming the message: the queue manager claims it at once, by its id (before
+        # our log line: the delivery need not wait for it).
+        wakeup.send(self.policy.qmgr_socket, envelope.trace_id)
         log.info(
             "queued from=<%s> size=%d nrcpt=%d client=%s",
             envelope.mail_from, len(body), len(recipients), session.client_ip,
         )
-        # Naming the message: the queue manager claims it at once, by its id.
-        wakeup.send(self.policy.qmgr_socket, envelope.trace_id)
         return R.OK.with_text(f"Ok: queued as {envelope.trace_id}")
 
     def _received_header(self, session: MailSession, envelope: MailEnvelope, now: dt.datetime) -> bytes:
