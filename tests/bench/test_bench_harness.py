@@ -107,3 +107,17 @@ def test_the_maildir_bench_compares_the_unnamed_and_named_tmp_file(tmp_path: Pat
     assert re.search(r"tmp/ file named .* CPU \d", done.stdout)
     assert re.search(r"^unnamed_vs_named_cpu=\d+\.\d\d$", done.stdout, re.M)
     assert list(tmp_path.iterdir()) == []  # its Maildirs removed
+
+
+def test_the_chain_bench_splits_a_message_s_way_at_the_250(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.chain", "--messages", "10", "--rate", "20", "--workdir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=200,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert re.search(r"^10 messages at 20/s", done.stdout, re.M), done.stdout
+    for part in ("dot -> 250 at the client", "250 -> file in new/", "dot -> file in new/"):
+        line = next(x for x in done.stdout.splitlines() if x.strip().startswith(part))
+        p50, p90, p99 = (float(v) for v in re.findall(r"p\d\d +(\d+\.\d+)", line))
+        assert 0 < p50 <= p90 <= p99, line
+    assert list(tmp_path.iterdir()) == []  # its installation removed
