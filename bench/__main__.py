@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench: commit {about['commit'][:12]} ({about['branch']}{dirty});"
           f" Mailroom with [mta] processes = {args.mta_processes}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="mailroom-bench-", dir=args.workdir))
+    # Searchable by the Mailroom user before its installation is made here: else the
+    # test support would put that installation under /tmp instead (possibly tmpfs).
+    root.chmod(0o711)
     watch = MaildirWatch()
     mailroom: MailroomSystem | None = None
     postfix: PostfixSystem | None = None
