@@ -17,53 +17,20 @@ process; the file's arrival is seen by inotify (bench/inotify.py).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import re
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # tests.support lives outside the installed packages
 
+from bench import sender  # noqa: E402
 from bench.inotify import MaildirWatch  # noqa: E402
-from bench.sender import _expect, message  # noqa: E402
 from bench.systems import MailroomSystem  # noqa: E402
 
 USER = "chain"
-
-
-async def _one(port: int, seq: int, stamps: dict[int, tuple[float, float]]) -> None:
-    data = message(seq, "load@source.test", f"{USER}@example.org", 5120)
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        await _expect(reader, b"220")
-        for cmd, code in ((b"EHLO bench.test", b"250"), (b"MAIL FROM:<load@source.test>", b"250"),
-                          (f"RCPT TO:<{USER}@example.org>".encode(), b"250"), (b"DATA", b"354")):
-            writer.write(cmd + b"\r\n")
-            await _expect(reader, code)
-        writer.write(data + b".\r\n")
-        await writer.drain()
-        dot = time.monotonic()
-        await _expect(reader, b"250")
-        stamps[seq] = (dot, time.monotonic())
-        writer.write(b"QUIT\r\n")
-    finally:
-        writer.close()
-
-
-async def _paced(port: int, seqs: range, rate: float) -> dict[int, tuple[float, float]]:
-    stamps: dict[int, tuple[float, float]] = {}
-    start, tasks = time.monotonic(), []
-    for i, seq in enumerate(seqs):
-        delay = start + i / rate - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(_one(port, seq, stamps)))
-    await asyncio.gather(*tasks)
-    return stamps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,17 +47,18 @@ def main(argv: list[str] | None = None) -> int:
             folder = system.new_folder(USER)
             watch = MaildirWatch()
             watch.add(folder)
-            warm_up = asyncio.run(_paced(system.port, range(-20, 0), 20))  # numbered apart from the load
-            watch.wait_for(folder, len(warm_up), 60)
+            # A warm-up, delivered before the count starts (its numbers repeat the load's).
+            warm_up = _send(system.port, 20.0, 1.0)  # 20 messages
+            watch.wait_for(folder, warm_up.accepted, 60)
             before = watch.count(folder)
-            stamps = asyncio.run(_paced(system.port, range(args.messages), args.rate))
-            watch.wait_for(folder, before + len(stamps), 60)
+            run = _send(system.port, args.rate, args.messages / args.rate)
+            watch.wait_for(folder, before + run.accepted, 60)
             parts: list[tuple[float, float, float]] = []
             for arrived, name in watch.times(folder)[before:]:
                 seq = re.search(rb"X-Bench-Seq: (\d+)", (folder / name).read_bytes()[:2000])
-                if seq is None or int(seq[1]) not in stamps:
+                if seq is None or int(seq[1]) not in run.accepted_at:
                     continue
-                dot, ok = stamps[int(seq[1])]
+                dot, ok = run.sent_at[int(seq[1])], run.accepted_at[int(seq[1])]
                 parts.append((ok - dot, arrived - ok, arrived - dot))
         finally:
             system.stop()
@@ -102,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         ms = sorted(p[i] * 1000 for p in parts)
         print(f"  {title:74} p50 {statistics.median(ms):5.2f}  p90 {_at(ms, 0.9):5.2f}  p99 {_at(ms, 0.99):5.2f}")
     return 0
+
+
+def _send(port: int, rate: float, duration: float) -> sender.PacedRun:
+    return sender.paced("127.0.0.1", port, rate=rate, duration=duration, sender="load@source.test",
+                        recipient=f"{USER}@example.org", size=5120)
 
 
 def _at(ordered: list[float], q: float) -> float:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 @dataclass
 class PacedRun:
     sent_at: dict[int, float] = field(default_factory=dict)  # seq -> monotonic time of the dot
+    accepted_at: dict[int, float] = field(default_factory=dict)  # seq -> monotonic time of the 250
     accepted: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -57,6 +58,7 @@ async def _one(host: str, port: int, seq: int, sender: str, recipient: str, size
         await writer.drain()
         run.sent_at[seq] = time.monotonic()
         await _expect(reader, b"250")
+        run.accepted_at[seq] = time.monotonic()
         run.accepted += 1
         writer.write(b"QUIT\r\n")
         await writer.drain()
