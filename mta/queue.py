@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from sqlalchemy import Connection, bindparam, func, insert, or_, select, update
+from sqlalchemy import Connection, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from common import dsn
@@ -70,13 +70,13 @@ from common.models import (
     EXPIRED,
     FINAL_STATES,
     QUEUED,
-    Event,
     Message,
     Recipient,
     add_event,
     add_events,
     event_row,
 )
+from common.prepared import Prepared, insert_all
 from common.reply import Reply
 from mta import bounce, resubmit
 from mta.options import Asked
@@ -190,7 +190,7 @@ def accept(conn: Connection, msg: Incoming, hostname: str, local_domains: Collec
     """
     # A trace id the client named (XTRACE) and already taken would mix two messages'
     # events and fail the insert.  Asked in this write transaction, so no race.
-    if msg.named and conn.execute(_QUEUED, {"trace": msg.trace}).first() is not None:
+    if msg.named and _QUEUED.rows(conn, {"trace": msg.trace}):
         raise TraceTaken(msg.trace)
     # Inserted with the next events, in one statement.
     received = event_row(msg.trace, Hop.MTA, EventName.RECEIVED, time=msg.received, detail=msg.arrival)
@@ -227,7 +227,7 @@ def accept(conn: Connection, msg: Incoming, hostname: str, local_domains: Collec
     return msg.trace
 
 
-_QUEUED = select(Message.id).where(Message.id == bindparam("trace"))
+_QUEUED = Prepared(select(Message.id).where(Message.id == bindparam("trace")))
 
 
 def enqueue(
@@ -258,19 +258,19 @@ def enqueue(
     Connection; a Session (the operator's commands, tests) works too.
     """
     conn = connection_of(conn)
-    conn.execute(
-        _INSERT_MESSAGE,
+    _INSERT_MESSAGE.run(
+        conn,
         {"id": trace, "sender": sender, "size": len(body), "body": body, "received": now, "client": client,
          "message_id": message_id, "is_bounce": is_bounce, "digest": digest, "held": False, "warned": False,
-         **(options or {})},
+         **_NO_OPTIONS, **(options or {})},
     )
     if recipients:
-        conn.execute(
-            _INSERT_RECIPIENT,
+        _INSERT_RECIPIENT.run(
+            conn,
             [
                 {"message_id": trace, "address": r.address, "original": r.original, "state": QUEUED,
-                 "next_attempt": now, "attempts": 0, "last_reply": "", "owner": "",
-                 "notify": r.notify, "orcpt": r.orcpt}
+                 "next_attempt": now, "attempts": 0, "last_reply": "", "owner": "", "lease": "",
+                 "lease_expires": None, "notify": r.notify, "orcpt": r.orcpt}
                 for r in recipients
             ],
         )
@@ -281,8 +281,10 @@ def enqueue(
     )])
 
 
-_INSERT_MESSAGE = insert(Message)
-_INSERT_RECIPIENT = insert(Recipient)
+_INSERT_MESSAGE = Prepared(insert_all(Message))
+# What a message asked of delivery when nothing was asked (the INSERT names every column).
+_NO_OPTIONS = {"ret": "", "envid": "", "body_type": "7BIT", "smtputf8": False, "requiretls": False}
+_INSERT_RECIPIENT = Prepared(insert_all(Recipient, leave_out=("id",)))
 
 
 # --- claim: the queue manager takes due recipients ------------------------------------------------
@@ -356,17 +358,25 @@ def claim(
         take_over(conn, now)
         rows = conn.execute(_DUE, {"now": now, "limit": limit}).all()
     else:
-        rows = conn.execute(_DUE_OF, {"now": now, "limit": limit, "traces": traces}).all() if traces else []
+        # The woken path: one message (or the few woken together), each by its id,
+        # in short statements run on the driver's cursor (common/prepared.py).
+        rows = []
+        for trace in dict.fromkeys(traces):
+            if len(rows) < limit:
+                rows += _DUE_OF.rows(conn, {"now": now, "limit": limit - len(rows), "trace": trace})
     if not rows:
         return []
     token = secrets.token_hex(8)
-    conn.execute(_MARK_ACTIVE, {"ids": [r.id for r in rows], "owner": owner, "lease": token,
-                                "expires": now + dt.timedelta(seconds=lease)})
-    # One query for every claimed message's columns and delivery options, not
-    # one per message (py-spy: per-message reads were most of the claim's time,
-    # and the options read a fifth of the queue manager's samples).
-    message_ids = list(dict.fromkeys(r.message_id for r in rows))
-    messages = {m.id: m for m in conn.execute(_MESSAGES, {"ids": message_ids})}
+    expires = now + dt.timedelta(seconds=lease)
+    if traces is None:
+        conn.execute(_MARK_ACTIVE, {"ids": [r.id for r in rows], "owner": owner, "lease": token, "expires": expires})
+    else:
+        _MARK_ONE_ACTIVE.run(conn, [{"b_id": r.id, "owner": owner, "lease": token, "expires": expires} for r in rows])
+    # Every claimed message's columns and delivery options in the claim
+    # (py-spy: per-message reads were most of the claim's time, and the
+    # options read a fifth of the queue manager's samples).
+    messages = {m.id: m for mid in dict.fromkeys(r.message_id for r in rows)
+                for m in _MESSAGE.rows(conn, {"id": mid})}
     jobs: dict[str, Job] = {}
     for r in rows:
         job = jobs.get(r.message_id)
@@ -393,15 +403,19 @@ _DUE = (
     _CLAIMABLE.order_by(Recipient.next_attempt).limit(bindparam("limit"))
     .with_for_update(of=Recipient, skip_locked=True)
 )
-_DUE_OF = (
-    _CLAIMABLE.where(Recipient.message_id.in_(bindparam("traces", expanding=True)))
+_DUE_OF = Prepared(
+    _CLAIMABLE.where(Recipient.message_id == bindparam("trace"))
     .order_by(Recipient.id).limit(bindparam("limit"))
     .with_for_update(of=Recipient, skip_locked=True)
 )
+_ACTIVE = dict(state=ACTIVE, owner=bindparam("owner"), lease=bindparam("lease"), lease_expires=bindparam("expires"))
 _MARK_ACTIVE = (
     update(Recipient)
     .where(Recipient.id.in_(bindparam("ids", expanding=True)), Recipient.state == QUEUED)
-    .values(state=ACTIVE, owner=bindparam("owner"), lease=bindparam("lease"), lease_expires=bindparam("expires"))
+    .values(**_ACTIVE)
+)
+_MARK_ONE_ACTIVE = Prepared(
+    update(Recipient).where(Recipient.id == bindparam("b_id"), Recipient.state == QUEUED).values(**_ACTIVE)
 )
 _UNFINISHED = (
     select(func.count())
@@ -409,11 +423,11 @@ _UNFINISHED = (
     .correlate(Message)
     .scalar_subquery()
 )
-_MESSAGES = select(
+_MESSAGE = Prepared(select(
     Message.id, Message.sender, Message.body, Message.received, Message.warned, Message.is_bounce,
     Message.message_id, Message.ret, Message.envid, Message.body_type, Message.smtputf8, Message.requiretls,
     _UNFINISHED.label("unfinished"),
-).where(Message.id.in_(bindparam("ids", expanding=True)))
+).where(Message.id == bindparam("id")))
 
 
 def take_over(conn: Connection, now: dt.datetime) -> int:
@@ -438,13 +452,13 @@ def renew(conn: Connection, owner: str, now: dt.datetime, lease: float = LEASE) 
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-def still_held(conn: Connection, ids: list[int], lease: str) -> set[int]:
-    """Of the recipients `ids` claimed with token `lease`, those the claim still holds,
-    locked until the caller's commit: a settle writes only these (fencing).  The others
-    were taken over (the lease expired) or finished by the operator meanwhile."""
+def still_held(conn: Connection, trace: str, ids: list[int], lease: str) -> set[int]:
+    """Of message `trace`'s recipients `ids` claimed with token `lease`, those the claim
+    still holds, locked until the caller's commit: a settle writes only these (fencing).
+    The others were taken over (the lease expired) or finished by the operator meanwhile."""
     if not ids:
         return set()
-    return set(conn.execute(_HELD, {"ids": ids, "lease": lease}).scalars())
+    return set(_HELD.scalars(conn, {"trace": trace, "lease": lease})).intersection(ids)
 
 
 # A claim with no expiry was made before claims were leases: expired too.
@@ -465,9 +479,10 @@ _RENEW = (
     .where(Recipient.owner == bindparam("b_owner"), Recipient.state == ACTIVE)
     .values(lease_expires=bindparam("expires"))
 )
-_HELD = (
+# By message (its index), not by a list of ids: a Prepared statement takes no IN list.
+_HELD = Prepared(
     select(Recipient.id)
-    .where(Recipient.id.in_(bindparam("ids", expanding=True)), Recipient.state == ACTIVE,
+    .where(Recipient.message_id == bindparam("trace"), Recipient.state == ACTIVE,
            Recipient.lease == bindparam("lease"))
     .with_for_update()
 )
@@ -600,7 +615,7 @@ def settle(
     # Fencing: only what this claim still holds is ours to settle.  A recipient whose
     # lease expired while we worked (we froze, or lost the database) belongs to another
     # queue manager now: our result is dropped, no state, event or notice written.
-    held = still_held(conn, [r.recipient.id for r in results], job.lease)
+    held = still_held(conn, job.trace, [r.recipient.id for r in results], job.lease)
     lost = [r for r in results if r.recipient.id not in held]
     if lost:
         results = [r for r in results if r.recipient.id in held]
@@ -691,16 +706,16 @@ def record_outcomes(conn: Connection, trace: str, settled: list[Settled], now: d
     done = [_settle_row(x) for x in settled if x.next_attempt is None]
     deferred = [{**_settle_row(x), "b_next": x.next_attempt} for x in settled if x.next_attempt is not None]
     if done:
-        conn.execute(_SETTLE, done)
+        _SETTLE.run(conn, done)
     if deferred:
-        conn.execute(_DEFER, deferred)
+        _DEFER.run(conn, deferred)
     events: list[dict[str, object]] = []
     for x in settled:
         if x.mda_event:
             events.append(_event(trace, Hop.MDA, x.mda_event, x.address, x.mda_detail, x.mda_path, now))
         events.append(_event(trace, Hop.QMGR, EventName(x.outcome), x.address, x.detail, "", now))
     if events:
-        conn.execute(_EVENT, events)
+        add_events(conn, events)
 
 
 def _settle_row(x: Settled) -> dict[str, object]:
@@ -714,15 +729,15 @@ def _event(
             "path": path, "time": now}
 
 
-# Plain Core executemany on the batch's Connection, no ORM bulk-update machinery.
-_SETTLE = (
+# Executemany on the driver's cursor (common/prepared.py).
+_SETTLE_SQL = (
     update(Recipient)
     .where(Recipient.id == bindparam("b_id"))
     .values(state=bindparam("b_state"), attempts=bindparam("b_attempts"), last_reply=bindparam("b_reply"), owner="",
             lease="", lease_expires=None)
 )
-_DEFER = _SETTLE.values(next_attempt=bindparam("b_next"))
-_EVENT = insert(Event)
+_SETTLE = Prepared(_SETTLE_SQL)
+_DEFER = Prepared(_SETTLE_SQL.values(next_attempt=bindparam("b_next")))
 _WARNED = update(Message).where(Message.id == bindparam("trace")).values(warned=True)
 
 
@@ -801,17 +816,17 @@ def drop_body_if_done(conn: Connection | Session, trace: str, *, all_final: bool
     # recipients.message_id had no index then, so each EXISTS scanned the table.
     conn = connection_of(conn)
     if all_final:
-        conn.execute(_DROP_BODY, {"trace": trace})
+        _DROP_BODY.run(conn, {"trace": trace})
         return True
-    states = conn.execute(_STATES, {"trace": trace}).scalars().all()
+    states = _STATES.scalars(conn, {"trace": trace})
     if states and all(s in FINAL_STATES for s in states):
-        conn.execute(_DROP_BODY, {"trace": trace})
+        _DROP_BODY.run(conn, {"trace": trace})
         return True
     return False
 
 
-_STATES = select(Recipient.state).where(Recipient.message_id == bindparam("trace"))
-_DROP_BODY = update(Message).where(Message.id == bindparam("trace")).values(body=None)
+_STATES = Prepared(select(Recipient.state).where(Recipient.message_id == bindparam("trace")))
+_DROP_BODY = Prepared(update(Message).where(Message.id == bindparam("trace")).values(body=None))
 
 
 # The operator's actions (`mailroom queue`, Postfix's postsuper): each changes

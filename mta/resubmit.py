@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from common import message
 from common.db import connection_of
 from common.models import Message, Recipient
+from common.prepared import Prepared
 
 # A Received field (RFC 5322 3.6.7), folded lines included.
 _RECEIVED = re.compile(rb"(?im)^received:[^\n]*\n(?:[ \t][^\n]*\n)*")
@@ -67,20 +68,19 @@ def find(
         # see the first (each statement reads what is committed by then).
         key = int.from_bytes(hashlib.sha256(message_id.encode()).digest()[:8], "big", signed=True)
         conn.execute(_LOCK_MESSAGE_ID, {"key": key})
-    candidates = conn.execute(
-        _RESUBMISSIONS, {"mid": message_id, "sender": sender, "digest": digest, "since": since}
-    ).scalars().all()
+    candidates = _RESUBMISSIONS.scalars(conn, {"mid": message_id, "sender": sender, "digest": digest, "since": since})
     wanted = {a.lower() for a in originals}
     for trace in candidates:
-        had = conn.execute(_ORIGINALS, {"trace": trace}).scalars().all()
+        had = _ORIGINALS.scalars(conn, {"trace": trace})
         if {a.lower() for a in had} == wanted:
-            return trace
+            return str(trace)
     return None
 
 
-_RESUBMISSIONS = select(Message.id).where(
+# Asked for every message the MTA accepts: on the driver's cursor (common/prepared.py).
+_RESUBMISSIONS = Prepared(select(Message.id).where(
     Message.message_id == bindparam("mid"), Message.sender == bindparam("sender"),
     Message.digest == bindparam("digest"), Message.received >= bindparam("since"),
-)
-_ORIGINALS = select(Recipient.original).where(Recipient.message_id == bindparam("trace"))
+))
+_ORIGINALS = Prepared(select(Recipient.original).where(Recipient.message_id == bindparam("trace")))
 _LOCK_MESSAGE_ID = text("SELECT pg_advisory_xact_lock(:key)")

@@ -35,6 +35,7 @@ from mta.qmgr import Policy, QueueManager
 from tests.harness.users import add_user
 from tests.support.postgres import PostgresServer
 from tests.support.suite import Installation, maildir_messages, mbox_messages
+from tests.unit.test_prepared import check_like_core
 
 pytestmark = pytest.mark.interop
 
@@ -309,5 +310,16 @@ def test_the_same_message_checked_by_two_sessions_at_once_is_queued_once(
             first.commit()
         t.join(10)
         assert seen == ["0192F3A1B2C3D4E5F6"]  # ...and then finds its message
+    finally:
+        db.close()
+
+
+@pytest.mark.timeout(60)
+def test_statements_on_the_drivers_cursor_store_and_read_as_core_does(postgres: PostgresServer) -> None:
+    # common/prepared.py on psycopg: its named parameters, casts, and errors.
+    db = Database(postgres.url, threads=1)
+    db.create_schema()
+    try:
+        check_like_core(db)
     finally:
         db.close()
