@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, exc
 from sqlalchemy.orm import Session, sessionmaker
 
 T = TypeVar("T")
@@ -148,21 +148,31 @@ def _sqlite_engine(url: str, immediate: bool, synchronous: str = "FULL") -> Engi
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        if not immediate:
-            conn.exec_driver_sql("BEGIN")
-            return
         dbapi = conn.connection.dbapi_connection
+        if not immediate:
+            _begin(conn, dbapi, "BEGIN")
+            return
         gated = gate is not None and isinstance(dbapi, _GatedConnection) and not dbapi.holds_gate
         if gated and gate is not None and gate.acquire():
             dbapi.gate, dbapi.holds_gate = gate, True
         try:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            _begin(conn, dbapi, "BEGIN IMMEDIATE")
         except BaseException:
             if isinstance(dbapi, _GatedConnection):
                 dbapi._let_go()
             raise
 
     return engine
+
+
+def _begin(conn: Connection, dbapi: sqlite3.Connection, sql: str) -> None:
+    """BEGIN on the driver's connection: once per transaction, so without the
+    execution context of SQLAlchemy's own statements (common/prepared.py says
+    why); a failure comes out as SQLAlchemy's error, as it would from there."""
+    try:
+        dbapi.execute(sql)
+    except sqlite3.Error as error:
+        raise exc.DBAPIError.instance(sql, (), error, sqlite3.Error, dialect=conn.dialect) from error
 
 
 class Database:

@@ -7,6 +7,7 @@ write at once, as the MTA, queue manager and MDA do.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Connection, event, func, select
+from sqlalchemy.exc import OperationalError
 
 from common.db import Database
 from common.models import Event, add_event
@@ -198,3 +200,27 @@ def test_checkpoint_runs_outside_a_transaction(tmp_path: Path) -> None:
     db.checkpoint()
     assert _count(db) == 1
     db.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_begin_that_finds_the_database_locked_fails_with_sqlalchemys_error(tmp_path: Path) -> None:
+    # BEGIN runs on the driver's connection (common/db.py); callers still catch
+    # SQLAlchemy's OperationalError when the database stays locked.
+    db = Database(f"sqlite:///{tmp_path}/q.db")
+    db.create_schema()
+    other = sqlite3.connect(tmp_path / "q.db", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # another program's write, without our write gate
+    try:
+        with db.engine.connect() as conn:
+            driver = conn.connection.dbapi_connection
+            assert driver is not None
+            driver.execute("PRAGMA busy_timeout=50")
+            with pytest.raises(OperationalError, match="locked"):
+                conn.begin()
+        other.rollback()
+        with db.engine.begin() as conn:  # and the next transaction goes through
+            add_event(conn, "T1", "mta", "received")
+        assert _count(db, "received") == 1
+    finally:
+        other.close()
+        db.close()
