@@ -193,8 +193,11 @@ class Client:
             raise NextHopError(R.CONNECTION_LOST.with_text(f"Lost {self.peer}: connection closed"))
         try:
             self.writer.write(data)
-            async with asyncio.timeout(self.timeout):
-                await self.writer.drain()
+            # Usually the kernel took it all at once: then there is nothing to wait
+            # for, and no timer to set (a lost connection shows at the next read).
+            if self.writer.transport.get_write_buffer_size():
+                async with asyncio.timeout(self.timeout):
+                    await self.writer.drain()
         except (OSError, TimeoutError) as exc:
             raise NextHopError(R.CONNECTION_LOST.with_text(f"Lost {self.peer}: {exc}")) from exc
 
