@@ -8,6 +8,7 @@ the local part, where they can only ever name a user that does not exist.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from common.reply import BAD_RECIPIENT_SYNTAX, BAD_SENDER_SYNTAX, Reply, SMTPError
@@ -32,6 +33,8 @@ def domain_of(address: str) -> str:
     return split(address)[1].lower()
 
 
+# Most mail names a few domains again and again: each is checked once (a bounded cache).
+@functools.lru_cache(maxsize=4096)
 def _valid_domain(domain: str, utf8: bool) -> bool:
     if domain.startswith("[") and domain.endswith("]"):
         return bool(re.fullmatch(r"\[(?:IPv6:)?[0-9A-Fa-f:.]+\]", domain))

@@ -18,6 +18,7 @@ UTF-8, spaces and control characters are never a name.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import unicodedata
@@ -71,6 +72,8 @@ def is_u_label(label: str) -> bool:
     return ascii_label.startswith(b"xn--") and len(ascii_label) <= MAX_LABEL
 
 
+# A client says the same HELO name in every session: each is parsed once (a bounded cache).
+@functools.lru_cache(maxsize=4096)
 def is_address_literal(text: str) -> bool:
     """`[IPv4]`, `[IPv6:address]` or a general `[tag:content]` (RFC 5321 4.1.3)."""
     if len(text) < 3 or text[0] != "[" or text[-1] != "]":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from random import Random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -89,6 +91,23 @@ def test_text_line_limit_is_1000_octets_plus_a_stuffed_dot() -> None:
     assert got == [Message(b"x" * 998 + b"\r\n" + b"y" * 998 + b"\r\n")]
     r.start_data()
     assert items(r, b"x" * 999 + b"\r\n.\r\n") == [Message(b"", line_too_long=True)]
+
+
+def test_a_long_line_anywhere_among_many_is_found() -> None:
+    # The check jumps a window of the limit at a time (wire._has_long_line): it must
+    # agree with measuring every line, wherever the long one sits, dot-stuffed or not.
+    random = Random(5321)
+    sizes = [0, 1, 997, 998, 999, 1000, 1500]
+    for _ in range(3000):
+        # (A dot alone would end the message: a stuffed dot comes before at least one x.)
+        lines = [random.choice([b"", b"."]) + b"x" * random.choice(sizes[1:]) for _ in range(random.randint(1, 9))]
+        region = b"\r\n".join(lines) + b"\r\n"
+        over = any(len(line) > wire.TEXT_LINE_LIMIT - 2 + line.startswith(b".") for line in lines)
+        assert wire._has_long_line(region) is over, [len(line) for line in lines]
+        r = Reader(max_message_size=100_000)
+        r.start_data()
+        [message] = items(r, region + b".\r\n")
+        assert isinstance(message, Message) and message.line_too_long is over
 
 
 def test_an_oversized_message_is_read_to_its_end_but_not_kept() -> None:
