@@ -32,10 +32,10 @@ from mta import queue, resubmit
 from mta.courier import Attempt, Delivered
 from mta.delivery import RemoteDelivery
 from mta.qmgr import Policy, QueueManager
+from tests.harness.prepared import check_like_core
 from tests.harness.users import add_user
 from tests.support.postgres import PostgresServer
 from tests.support.suite import Installation, maildir_messages, mbox_messages
-from tests.unit.test_prepared import check_like_core
 
 pytestmark = pytest.mark.interop
 
