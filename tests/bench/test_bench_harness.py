@@ -124,3 +124,15 @@ def test_the_chain_bench_splits_a_message_s_way_at_the_250(tmp_path: Path) -> No
         p50, p90, p99 = (float(v) for v in re.findall(r"p\d\d +(\d+\.\d+)", line))
         assert 0 < p50 <= p90 <= p99, line
     assert list(tmp_path.iterdir()) == []  # its installation removed
+
+
+def test_the_queue_bench_times_each_step_of_a_message(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.queue", "--messages", "20", "--runs", "2", "--workdir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    steps = {m[0]: float(m[1]) for m in re.findall(r"^  (accept|claim|settle) +(\d+\.\d+)$", done.stdout, re.M)}
+    assert set(steps) == {"accept", "claim", "settle"} and all(v > 0 for v in steps.values()), done.stdout
+    assert re.search(r"^queue_cpu_ms_per_msg=\d+\.\d+$", done.stdout, re.M)
+    assert list(tmp_path.iterdir()) == []  # its database removed
