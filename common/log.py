@@ -164,6 +164,11 @@ def setup(process: str, level: str = "info", log_format: str = "text") -> None:
         if isinstance(h, LogFile):
             h.close()
     root.setLevel(level.upper())
+    # What every record would look up and none of our formats prints: the caller's
+    # file and line (a walk up the stack), its thread and process (the logging
+    # HOWTO's "Optimization"; the JSON format reads the pid itself).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     # aiosmtpd logs every command at INFO under "mail.log"; our transcripts are
     # at DEBUG with AUTH redacted, so keep its chatter down.
     # (Its deprecation notice about login_data is its own business too.)
