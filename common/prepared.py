@@ -117,10 +117,10 @@ def insert_all(model: type[Any], *, leave_out: tuple[str, ...] = ()) -> Insert:
 
 
 def _args(form: _Form, params: Params) -> Any:
-    values = form.fixed | dict(params) if form.fixed else dict(params)
+    values = {**form.fixed, **params}  # the fixed values are converted already
     for name, convert in form.convert.items():
-        value = values.get(name)
-        if value is not None and name in params:  # fixed values are converted already
+        value = params.get(name)
+        if value is not None:
             values[name] = convert(value)
     if form.positional:
         return tuple(values[n] for n in form.names)
@@ -142,18 +142,14 @@ def _compile(statement: ClauseElement, dialect: Dialect) -> _Form:
     # states) spelled out as one parameter per value, and those values.
     expanded = compiled.construct_expanded_state({name: None for name in given})
     names = tuple(expanded.positiontup or ()) if dialect.positional else tuple(expanded.parameters)
-    convert: dict[str, Callable[[Any], Any]] = {}
-    for name in given:
-        process = binds[name].type.dialect_impl(dialect).bind_processor(dialect)
-        if process is not None:
-            convert[name] = process
+    # Each parameter's conversion to the driver's form, if it needs one.
+    processors = {name: b.type.dialect_impl(dialect).bind_processor(dialect) for name, b in binds.items()}
+    convert: dict[str, Callable[[Any], Any]] = {name: p for name in given if (p := processors[name]) is not None}
     fixed: dict[str, Any] = {}
     for name, value in expanded.parameters.items():
-        if name in given:
-            continue
-        bind = binds.get(name)
-        process = bind.type.dialect_impl(dialect).bind_processor(dialect) if bind is not None else None
-        fixed[name] = process(value) if process is not None and value is not None else value
+        if name not in given:
+            process = processors.get(name)
+            fixed[name] = process(value) if process is not None and value is not None else value
     if not isinstance(statement, Select):
         return _Form(expanded.statement, names, dialect.positional, fixed, convert, (), None)
     selected = list(statement.selected_columns)

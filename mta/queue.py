@@ -704,21 +704,15 @@ def record_outcomes(conn: Connection, trace: str, settled: list[Settled], now: d
     events: list[dict[str, object]] = []
     for x in settled:
         if x.mda_event:
-            events.append(_event(trace, Hop.MDA, x.mda_event, x.address, x.mda_detail, x.mda_path, now))
-        events.append(_event(trace, Hop.QMGR, EventName(x.outcome), x.address, x.detail, "", now))
+            events.append(event_row(trace, Hop.MDA, x.mda_event, recipient=x.address, detail=x.mda_detail,
+                                    path=x.mda_path, time=now))
+        events.append(event_row(trace, Hop.QMGR, EventName(x.outcome), recipient=x.address, detail=x.detail, time=now))
     if events:
         add_events(conn, events)
 
 
 def _settle_row(x: Settled) -> dict[str, object]:
     return {"b_id": x.recipient_id, "b_state": STATE_AFTER[x.outcome], "b_attempts": x.attempts, "b_reply": x.reply}
-
-
-def _event(
-    trace: str, hop: Hop, event: EventName, recipient: str, detail: str, path: str, now: dt.datetime
-) -> dict[str, object]:
-    return {"trace_id": trace, "hop": hop, "event": event, "recipient": recipient, "detail": detail,
-            "path": path, "time": now}
 
 
 # Executemany on the driver's cursor (common/prepared.py).
