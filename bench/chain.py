@@ -8,7 +8,9 @@ datagram, the queue manager's claim, LMTP, the MDA's write, fsync and link).
 It starts a throwaway Mailroom (as `make bench` does: run as root), sends
 `--messages` at `--rate` per second, a new connection each, and prints the
 p50/p90/p99 of each part.  Both stamps come from time.monotonic() in this
-process; the file's arrival is seen by inotify (bench/inotify.py).
+process; the file's arrival is seen by inotify (bench/inotify.py).  On a
+busy machine the second part can be below zero: the MTA sends its wake-up
+before its 250, and the delivery may beat this process's reading of the 250.
 
     sudo .venv/bin/python -m bench.chain                 # 500 messages at 50/s
     sudo .venv/bin/python -m bench.chain --messages 100 --rate 20

@@ -121,8 +121,11 @@ def test_the_chain_bench_splits_a_message_s_way_at_the_250(tmp_path: Path) -> No
     assert re.search(r"^10 messages at 20/s", done.stdout, re.M), done.stdout
     for part in ("dot -> 250 at the client", "250 -> file in new/", "dot -> file in new/"):
         line = next(x for x in done.stdout.splitlines() if x.strip().startswith(part))
-        p50, p90, p99 = (float(v) for v in re.findall(r"p\d\d +(\d+\.\d+)", line))
-        assert 0 < p50 <= p90 <= p99, line
+        p50, p90, p99 = (float(v) for v in re.findall(r"p\d\d +(-?\d+\.\d+)", line))
+        assert p50 <= p90 <= p99, line
+        # The second part alone may be below zero on a busy machine: the wake-up leaves
+        # before the 250, and the delivery can beat the client's reading of it.
+        assert part.startswith("250") or p50 > 0, line
     assert list(tmp_path.iterdir()) == []  # its installation removed
 
 

@@ -43,10 +43,17 @@ def _published(inst: Installation) -> dict[str, Any]:
 @pytest.fixture
 def blackhole() -> Iterator[str]:
     """A UDP and TCP port on loopback where nothing ever answers (an unreachable resolver)."""
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(("127.0.0.1", 0))
-    tcp = socket.socket()
-    tcp.bind(("127.0.0.1", udp.getsockname()[1]))
+    # The kernel picks a free UDP port; the same TCP port may be taken: try another.
+    for _ in range(50):
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        tcp = socket.socket()
+        try:
+            tcp.bind(("127.0.0.1", udp.getsockname()[1]))
+            break
+        except OSError:
+            udp.close()
+            tcp.close()
     tcp.listen(1)
     yield f"127.0.0.1:{udp.getsockname()[1]}"
     udp.close()
